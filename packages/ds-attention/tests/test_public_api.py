@@ -1,0 +1,14 @@
+"""The public API of ds_attention is its __all__, and its version matches the installed metadata."""
+
+import importlib.metadata
+
+import ds_attention
+
+
+def test_all_names_resolve():
+    missing = [name for name in ds_attention.__all__ if not hasattr(ds_attention, name)]
+    assert not missing, f"__all__ names that do not exist: {missing}"
+
+
+def test_version_matches_metadata():
+    assert ds_attention.__version__ == importlib.metadata.version("ds-attention")
