@@ -1,7 +1,29 @@
-"""ds-attention: flash-attention kernels for dense, windowed and block-sparse attention."""
+"""ds-attention: flash-attention kernels for dense, windowed and block-sparse attention.
 
+Layout everywhere: ``(batch, seqlen, heads, head_dim)``, as in flash-attn.
+"""
+
+from ds_attention.api import attention
+from ds_attention.backends import ReferenceBackend, SDPABackend, TritonBackend, get_backend
+from ds_attention.masks import dynamic_attention_mask, dynamic_window
 from ds_attention.protocol import AttentionBackend, MaskSpec
+from ds_attention.reference import attention_reference, paged_decode_reference
+from ds_attention.validate import make_mask_spec
 
 __version__ = "0.1.0"
 
-__all__ = ["AttentionBackend", "MaskSpec", "__version__"]
+__all__ = [
+    "AttentionBackend",
+    "MaskSpec",
+    "ReferenceBackend",
+    "SDPABackend",
+    "TritonBackend",
+    "__version__",
+    "attention",
+    "attention_reference",
+    "dynamic_attention_mask",
+    "dynamic_window",
+    "get_backend",
+    "make_mask_spec",
+    "paged_decode_reference",
+]

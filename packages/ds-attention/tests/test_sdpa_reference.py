@@ -1,0 +1,92 @@
+"""The SDPA path (the CPU default) against the float32 reference, forward and backward."""
+
+import ds_attention
+import pytest
+import torch
+from attn_testutils import attn, check_close, rand_qkv, reference
+
+CASES = [
+    # (b, sq, sk, h, h_kv, d_qk, d_v, mask kwargs)
+    (2, 7, 7, 4, 4, 16, 16, {"causal": False}),
+    (2, 9, 9, 4, 2, 16, 16, {"causal": True}),
+    (1, 5, 12, 4, 1, 8, 8, {"causal": True}),  # bottom-right causal against a cache
+    (1, 12, 5, 2, 2, 8, 8, {"causal": True}),  # first rows fully masked
+    (2, 20, 20, 2, 1, 24, 16, {"causal": True, "window": 3}),
+    (1, 20, 20, 2, 2, 16, 16, {"causal": False, "window": (2, 5)}),
+    (1, 1, 9, 2, 2, 16, 16, {"causal": True}),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[str(c[-1]) + str(c[:3]) for c in CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sdpa_matches_reference(case, dtype):
+    b, sq, sk, h, h_kv, d_qk, d_v, kw = case
+    q, k, v = rand_qkv(b, sq, sk, h, h_kv, d_qk, d_v, dtype)
+    # torch's own CPU kernels are held to 4x: the 2x rule is for this package's kernels,
+    # and SDPA's bf16 CPU path accumulates dv less precisely than the eager reference.
+    check_close(attn("sdpa", **kw), q, k, v, kw, dtype, factor=4.0)
+
+
+def test_sdpa_block_mask_and_varlen():
+    q, k, v = rand_qkv(1, 40, 40, 2, 1, 16, 8, torch.float32)
+    cu = torch.tensor([0, 17, 17, 40], dtype=torch.int32)
+    bm = torch.rand(3, 2, 2, 2, generator=torch.Generator().manual_seed(0)) > 0.4
+    kw = {"causal": True, "cu_seqlens": cu, "block_mask": bm, "block_size": 16}
+    check_close(attn("sdpa", **kw), q, k, v, kw, torch.float32)
+
+
+def test_default_backend_on_cpu_is_sdpa():
+    assert ds_attention.get_backend(None, torch.device("cpu")).name == "sdpa"
+
+
+def test_return_lse_matches_logsumexp():
+    q, k, v = rand_qkv(1, 6, 6, 2, 2, 8, 8, torch.float32)
+    for backend in ("sdpa", "reference"):
+        out, lse = ds_attention.attention(q, k, v, return_lse=True, backend=backend)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * 8**-0.5
+        scores = scores.masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))
+        torch.testing.assert_close(lse, torch.logsumexp(scores, -1))
+        assert out.shape == (1, 6, 2, 8)
+
+
+def test_window_boundary_exact():
+    """causal + window w: query p sees exactly keys p-w..p (w + 1 keys)."""
+    s, w = 10, 3
+    q = torch.zeros(1, s, 1, 4)
+    k = torch.zeros(1, s, 1, 4)
+    v = torch.eye(s)[None, :, None, :4].repeat(1, 1, 1, 1)
+    v = torch.arange(s, dtype=torch.float32).view(1, s, 1, 1).expand(1, s, 1, 4).contiguous()
+    for backend in ("sdpa", "reference"):
+        out = ds_attention.attention(q, k, v, causal=True, window=w, backend=backend)
+        for p in range(s):
+            visible = list(range(max(0, p - w), p + 1))
+            assert out[0, p, 0, 0].item() == pytest.approx(sum(visible) / len(visible))
+
+
+def test_dynamic_mask_matches_seed_and_window():
+    for s in (1, 2, 3, 8, 33):
+        ids = torch.zeros(2, s, dtype=torch.long)
+        mask = ds_attention.dynamic_attention_mask(ids, max_length=64)
+        # The seed's loop, verbatim in meaning.
+        seed = torch.tril(torch.ones(s, s)).bool()
+        w = min(512, s // 2)
+        local = torch.zeros(s, s)
+        for i in range(s):
+            local[i, max(0, i - w) : min(s, i + w)] = 1
+        expected = (seed & local.bool()).unsqueeze(0).expand(2, -1, -1)
+        assert torch.equal(mask, expected)
+        if s >= 2:
+            q, k, v = rand_qkv(1, s, s, 2, 2, 8, 8, torch.float32)
+            win = ds_attention.dynamic_window(s)
+            with_mask = reference(q, k, v, causal=False, block_mask=None)  # dense, then mask
+            spec_out = ds_attention.attention(q, k, v, causal=True, window=win)
+            scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * 8**-0.5
+            scores = scores.masked_fill(~mask[:1, None], float("-inf"))
+            explicit = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
+            torch.testing.assert_close(spec_out, explicit)
+            assert with_mask[0].shape == explicit.shape
+
+
+def test_dynamic_mask_rejects_too_long():
+    with pytest.raises(ValueError, match="max_length"):
+        ds_attention.dynamic_attention_mask(torch.zeros(1, 10, dtype=torch.long), 8)
