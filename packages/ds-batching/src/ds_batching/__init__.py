@@ -1,7 +1,53 @@
-"""ds-batching: a pure-Python continuous-batching scheduler with a paged KV block pool."""
+"""ds-batching: a pure-Python continuous-batching scheduler with a paged KV block pool.
 
+``Scheduler`` (continuous batching, chunked prefill, preemption by recompute, prefix
+caching) over ``BlockManager`` (the paged KV pool), and the seed's static
+``DynamicBatchScheduler``. No torch: it schedules token ids and block ids.
+"""
+
+from ds_batching.block_manager import BlockManager
+from ds_batching.config import SchedulerConfig
+from ds_batching.errors import (
+    DuplicateRequestError,
+    NoFreeBlocksError,
+    QueueFull,
+    UnknownRequestError,
+)
+from ds_batching.hashing import hash_block_tokens
+from ds_batching.outputs import (
+    FinishedRequest,
+    ScheduledRequest,
+    SchedulerOutput,
+    SchedulerStats,
+    slot_of,
+)
 from ds_batching.protocol import BlockManagerProtocol, SchedulerProtocol
+from ds_batching.request import FinishReason, Request, RequestStatus
+from ds_batching.scheduler import Scheduler
+from ds_batching.static import Batch, DynamicBatchScheduler
 
 __version__ = "0.1.0"
 
-__all__ = ["BlockManagerProtocol", "SchedulerProtocol", "__version__"]
+__all__ = [
+    "Batch",
+    "BlockManager",
+    "BlockManagerProtocol",
+    "DuplicateRequestError",
+    "DynamicBatchScheduler",
+    "FinishReason",
+    "FinishedRequest",
+    "NoFreeBlocksError",
+    "QueueFull",
+    "Request",
+    "RequestStatus",
+    "ScheduledRequest",
+    "Scheduler",
+    "SchedulerConfig",
+    "SchedulerOutput",
+    "SchedulerProtocol",
+    "SchedulerStats",
+    "UnknownRequestError",
+    "__version__",
+    "hash_block_tokens",
+    "slot_of",
+]

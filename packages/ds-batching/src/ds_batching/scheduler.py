@@ -1,0 +1,410 @@
+"""The continuous-batching scheduler: one ``schedule()`` / ``update()`` pair per model step.
+
+The rule, as in vLLM V1, is that every running request's computed tokens catch up
+with its tokens (prompt + sampled). A step gives each request
+``num_tokens - num_computed_tokens`` more, capped by the token budget (and the long
+prefill threshold), so a decode gets 1 token, a prefill a chunk, and a request that
+was preempted recomputes its prompt *and* its output so far, with no special case.
+
+Order of one ``schedule()``:
+
+1. Running requests, oldest first. When one needs a new KV block and the pool is
+   empty, the lowest-priority running request (the newest under FCFS) is preempted:
+   its blocks are freed, it goes back to the front of the waiting queue, and it will be
+   recomputed. If the request itself is the lowest, it is the one preempted.
+2. Waiting requests, in policy order, while the budget, ``max_num_seqs`` and the pool
+   allow, each starting past its longest prefix-cache hit. None is admitted in a step
+   that preempted (it would take the blocks just freed for the running ones). The head
+   of the queue is never skipped, so FCFS cannot starve anyone.
+
+``update(sampled)`` then appends one token per request that sampled, publishes newly
+full blocks in the prefix cache, and finishes requests on EOS / stop ids / max_tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+from collections.abc import Mapping
+
+from ds_batching.block_manager import BlockManager
+from ds_batching.config import SchedulerConfig
+from ds_batching.errors import DuplicateRequestError, QueueFull, UnknownRequestError
+from ds_batching.hashing import hash_full_blocks
+from ds_batching.outputs import FinishedRequest, ScheduledRequest, SchedulerOutput, SchedulerStats
+from ds_batching.queues import make_waiting_queue
+from ds_batching.request import FinishReason, Request, RequestStatus
+
+__all__ = ["Scheduler"]
+
+_RUNNING = RequestStatus.RUNNING
+_FINISHED = RequestStatus.FINISHED
+
+
+class Scheduler:
+    """Continuous batching over a paged KV pool with prefix caching (pure Python).
+
+    Drive it from the engine loop::
+
+        out = scheduler.schedule()          # SchedulerOutput: what to run this step
+        sampled = run_model_and_sample(out) # {request_id: token_id} for s.sample
+        finished = scheduler.update(sampled)
+
+    ``schedule`` and ``update`` alternate; ``add`` and ``abort`` may come at any time.
+    """
+
+    def __init__(self, config: SchedulerConfig | None = None) -> None:
+        if config is None:
+            config = SchedulerConfig()
+        if not isinstance(config, SchedulerConfig):
+            raise TypeError(f"config must be a SchedulerConfig, got {type(config).__name__}")
+        self.config = config
+        self.block_manager = BlockManager(
+            config.num_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.waiting = make_waiting_queue(config.policy)
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}  # every waiting or running request
+        self._seq = itertools.count()
+        self._pending: list[tuple[Request, ScheduledRequest]] | None = None
+        self._finished_since_schedule: list[str] = []
+        self._aborted_since_update: list[FinishedRequest] = []
+        self._num_preemptions = 0
+        self._num_steps = 0
+        self._prefix_queried = 0
+        self._prefix_hits = 0
+
+    # ---- requests in and out -------------------------------------------------------
+
+    def add(self, request: Request) -> None:
+        """Queue a request. Raises ``QueueFull`` when ``max_waiting`` requests wait, and a
+        ``ValueError`` for a request that could never run under this config."""
+        if not isinstance(request, Request):
+            raise TypeError(f"request must be a ds_batching.Request, got {type(request).__name__}")
+        if request.request_id in self.requests:
+            raise DuplicateRequestError(
+                f"request_id {request.request_id!r} is already waiting or running"
+            )
+        if request.status is not RequestStatus.WAITING or request.num_computed_tokens:
+            raise ValueError(f"request {request.request_id!r} was already scheduled once")
+        cfg = self.config
+        # The last sampled token is never fed back, so it needs no KV slot.
+        max_slots = request.num_tokens + request.max_tokens - 1
+        capacity = cfg.num_blocks * cfg.block_size
+        if max_slots > capacity:
+            raise ValueError(
+                f"request {request.request_id!r} needs up to {max_slots} KV slots "
+                f"(prompt {request.num_tokens} + max_tokens {request.max_tokens} - 1), "
+                f"the pool holds {capacity} (num_blocks={cfg.num_blocks} x "
+                f"block_size={cfg.block_size}); lower max_tokens or enlarge the pool"
+            )
+        if not cfg.enable_chunked_prefill and request.num_tokens > cfg.max_num_batched_tokens:
+            raise ValueError(
+                f"request {request.request_id!r} has a {request.num_tokens}-token prompt, more "
+                f"than max_num_batched_tokens={cfg.max_num_batched_tokens}, and chunked "
+                "prefill is off; enable_chunked_prefill=True or raise the budget"
+            )
+        if cfg.max_waiting is not None and len(self.waiting) >= cfg.max_waiting:
+            raise QueueFull(len(self.waiting), cfg.max_waiting)
+        request.seq_no = next(self._seq)
+        self.requests[request.request_id] = request
+        self.waiting.push(request)
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request at any point and free its blocks.
+
+        Returns False when the id is unknown or already finished (a benign race for a
+        server). The abort is reported by the next ``update`` (reason ``"abort"``) and in
+        the next ``SchedulerOutput.finished_request_ids``.
+        """
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return False
+        if request.status is _RUNNING:
+            self.running.remove(request)
+            self._release_blocks(request)
+        else:
+            self.waiting.remove(request)
+        self._finish(request, FinishReason.ABORT)
+        self._aborted_since_update.append(self._finished_record(request))
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- one step ------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """The next model step's batch (possibly empty)."""
+        if self._pending is not None:
+            raise RuntimeError("schedule() called twice: call update() with the last step's tokens")
+        cfg = self.config
+        bm = self.block_manager
+        block_size = cfg.block_size
+        threshold = cfg.long_prefill_threshold if cfg.enable_chunked_prefill else 0
+        budget = cfg.max_num_batched_tokens
+        running = self.running
+        pending: list[tuple[Request, ScheduledRequest]] = []
+        preempted: list[str] = []
+
+        i = 0
+        while i < len(running) and budget > 0:
+            req = running[i]
+            start = req.num_computed_tokens
+            num_new = len(req.all_token_ids) - start
+            if threshold and num_new > threshold:
+                num_new = threshold
+            if num_new > budget:
+                num_new = budget
+            end = start + num_new
+            table = req.block_table
+            if end > len(table) * block_size:
+                while not bm.can_append_slot(table, end):
+                    victim = self._pick_victim()
+                    victim_index = running.index(victim)
+                    if victim_index < i:  # already scheduled this step: take it back
+                        for k, (scheduled_req, item) in enumerate(pending):
+                            if scheduled_req is victim:
+                                budget += item.num_tokens
+                                del pending[k]
+                                break
+                        i -= 1
+                    self._preempt(victim)
+                    preempted.append(victim.request_id)
+                    if victim is req:
+                        break
+                if req.status is not _RUNNING:
+                    continue  # req was preempted; running[i] is now the next request
+                bm.append_slot(table, end)
+                req.table_snapshot = None
+            pending.append((req, self._emit(req, start, end)))
+            budget -= num_new
+            i += 1
+
+        if not preempted:
+            budget = self._admit_waiting(budget, pending)
+
+        self._num_steps += 1 if pending else 0
+        finished_ids = self._finished_since_schedule
+        self._finished_since_schedule = []
+        output = SchedulerOutput(
+            scheduled=[item for _, item in pending],
+            num_scheduled_tokens=cfg.max_num_batched_tokens - budget,
+            preempted_request_ids=preempted,
+            finished_request_ids=finished_ids,
+            block_size=block_size,
+        )
+        self._pending = pending if pending else None
+        return output
+
+    def update(self, sampled: Mapping[str, int]) -> list[FinishedRequest]:
+        """Hand back one sampled token per request the last step marked ``sample``.
+
+        Returns the requests that finished in this step ("stop" / "length") followed by
+        those aborted since the previous ``update`` ("abort"). Tokens for requests
+        aborted in between are ignored.
+        """
+        if not isinstance(sampled, Mapping):
+            raise TypeError(
+                f"sampled must map request_id -> token id, got {type(sampled).__name__}"
+            )
+        pending = self._pending or []
+        self._pending = None
+        expected = 0
+        for req, item in pending:
+            if item.sample and req.status is _RUNNING:
+                expected += 1
+                if item.request_id not in sampled:
+                    self._pending = pending
+                    raise UnknownRequestError(
+                        f"sampled has no token for request {item.request_id!r}, which the "
+                        "last step scheduled to sample"
+                    )
+        if len(sampled) != expected:
+            asked = {item.request_id for _, item in pending if item.sample}
+            extra = [rid for rid in sampled if rid not in asked]
+            if extra:
+                self._pending = pending or None
+                raise UnknownRequestError(
+                    f"sampled has tokens for {extra!r}, which the last step did not schedule "
+                    "to sample"
+                )
+        block_size = self.config.block_size
+        caching = self.config.enable_prefix_caching
+        finished: list[FinishedRequest] = []
+        for req, item in pending:
+            if req.status is not _RUNNING:
+                continue  # aborted after schedule()
+            if caching and req.num_computed_tokens >= (req.num_registered_blocks + 1) * block_size:
+                self._publish_full_blocks(req)
+            if not item.sample:
+                continue
+            token = sampled[item.request_id]
+            if type(token) is not int:
+                token = self._check_token(item.request_id, token)
+            elif token < 0:
+                self._check_token(item.request_id, token)
+            req.all_token_ids.append(token)
+            if token == req.eos_token_id or token in req.stop_token_ids:
+                reason = FinishReason.STOP
+            elif len(req.all_token_ids) - req.num_prompt_tokens >= req.max_tokens:
+                reason = FinishReason.LENGTH
+            else:
+                continue
+            del self.requests[req.request_id]
+            self._release_blocks(req)
+            self._finish(req, reason)
+            finished.append(self._finished_record(req))
+        if finished:
+            self.running = [r for r in self.running if r.status is _RUNNING]
+        if self._aborted_since_update:
+            finished.extend(self._aborted_since_update)
+            self._aborted_since_update = []
+        return finished
+
+    # ---- figures -------------------------------------------------------------------
+
+    def stats(self) -> SchedulerStats:
+        bm = self.block_manager
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            num_preempted_waiting=sum(
+                1 for r in self.waiting if r.status is RequestStatus.PREEMPTED
+            ),
+            num_preemptions_total=self._num_preemptions,
+            kv_usage=bm.usage,
+            num_free_blocks=bm.num_uncached_free_blocks,
+            num_cached_blocks=bm.num_cached_blocks,
+            prefix_cache_queried_tokens=self._prefix_queried,
+            prefix_cache_hit_tokens=self._prefix_hits,
+            num_steps=self._num_steps,
+        )
+
+    # ---- internals -----------------------------------------------------------------
+
+    def _emit(self, req: Request, start: int, end: int) -> ScheduledRequest:
+        snapshot = req.table_snapshot
+        if snapshot is None:
+            snapshot = req.table_snapshot = tuple(req.block_table)
+        req.num_computed_tokens = end
+        return ScheduledRequest(
+            req.request_id,
+            req.all_token_ids[start:end],
+            start,
+            snapshot,
+            end == len(req.all_token_ids),
+            req.sampling_params,
+            req.lora_name,
+        )
+
+    def _admit_waiting(self, budget: int, pending: list[tuple[Request, ScheduledRequest]]) -> int:
+        cfg = self.config
+        bm = self.block_manager
+        block_size = cfg.block_size
+        waiting = self.waiting
+        running = self.running
+        while waiting and budget > 0 and len(running) < cfg.max_num_seqs:
+            req = waiting.peek()
+            num_tokens = len(req.all_token_ids)
+            hits: list[int] = []
+            if cfg.enable_prefix_caching:
+                # At least the last token is recomputed: its logits give the next token.
+                max_hit_blocks = (num_tokens - 1) // block_size
+                hash_full_blocks(
+                    req.all_token_ids,
+                    block_size,
+                    req.block_hashes,
+                    req.lora_name,
+                    limit_tokens=max_hit_blocks * block_size,
+                )
+                hits = bm.find_cached_prefix(req.block_hashes[:max_hit_blocks])
+            num_cached = len(hits) * block_size
+            num_new = num_tokens - num_cached
+            can_chunk = cfg.enable_chunked_prefill or req.status is RequestStatus.PREEMPTED
+            if num_new > budget and not can_chunk:
+                break  # the head waits for a whole budget rather than being skipped
+            if can_chunk and cfg.long_prefill_threshold and num_new > cfg.long_prefill_threshold:
+                num_new = cfg.long_prefill_threshold
+            if num_new > budget:
+                num_new = budget
+            end = num_cached + num_new
+            if not bm.can_allocate(end, hits):
+                break
+            waiting.pop()
+            req.block_table = bm.allocate(end, hits)
+            req.table_snapshot = None
+            req.num_registered_blocks = len(hits)
+            req.num_computed_tokens = num_cached
+            if req.status is RequestStatus.WAITING:
+                req.num_cached_tokens = num_cached
+            req.status = _RUNNING
+            self._prefix_queried += num_tokens
+            self._prefix_hits += num_cached
+            running.append(req)
+            pending.append((req, self._emit(req, num_cached, end)))
+            budget -= num_new
+        return budget
+
+    def _pick_victim(self) -> Request:
+        if self.config.policy == "priority":
+            return max(self.running, key=lambda r: (r.priority, r.seq_no))
+        return self.running[-1]
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self._release_blocks(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self._num_preemptions += 1
+        self.waiting.push_front(req)
+
+    def _release_blocks(self, req: Request) -> None:
+        self.block_manager.free(req.block_table)
+        req.block_table = []
+        req.table_snapshot = None
+        req.num_registered_blocks = 0
+
+    def _publish_full_blocks(self, req: Request) -> None:
+        block_size = self.config.block_size
+        num_full = req.num_computed_tokens // block_size
+        hashes = hash_full_blocks(
+            req.all_token_ids,
+            block_size,
+            req.block_hashes,
+            req.lora_name,
+            limit_tokens=num_full * block_size,
+        )
+        table = req.block_table
+        for k in range(req.num_registered_blocks, num_full):
+            self.block_manager.cache_block(table[k], hashes[k])
+        req.num_registered_blocks = num_full
+
+    def _finish(self, req: Request, reason: FinishReason) -> None:
+        req.status = _FINISHED
+        req.finish_reason = reason
+        self._finished_since_schedule.append(req.request_id)
+
+    @staticmethod
+    def _finished_record(req: Request) -> FinishedRequest:
+        return FinishedRequest(
+            request_id=req.request_id,
+            finish_reason=req.finish_reason or FinishReason.ABORT,
+            output_token_ids=req.output_token_ids,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_cached_tokens=req.num_cached_tokens,
+            num_preemptions=req.num_preemptions,
+        )
+
+    @staticmethod
+    def _check_token(request_id: str, token: object) -> int:
+        try:
+            value = operator.index(token)
+        except TypeError:
+            raise TypeError(
+                f"sampled[{request_id!r}] must be an int token id, got {type(token).__name__}"
+            ) from None
+        if value < 0:
+            raise ValueError(f"sampled[{request_id!r}] must be a token id >= 0, got {value}")
+        return value
