@@ -1,0 +1,135 @@
+"""W4A16 linear: 4-bit grouped weights, float activations.
+
+Buffers (the checkpoint layout): ``weight`` uint8 (out, in_padded // 2), two 4-bit
+values per byte (see ``primitives``); ``weight_scale`` and ``weight_zero`` float32
+(out, in_padded // group_size) with W = (q - zero) * scale; optionally
+``input_scale`` float32 (in,) from activation-aware calibration, in which case the
+layer computes ``(x / input_scale) @ Wq^T`` and Wq approximates ``W * input_scale``.
+
+``in_features`` not a multiple of ``group_size`` (MLA has such dims): handled, never
+skipped. The weight is padded to the next multiple (the last group is partial), the
+padding never meets a non-zero activation, and ``dequantize()`` crops it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ds_quant.config import Int4WeightOnlyConfig
+from ds_quant.kernels.cpu import prepack_int4_cpu, w4a16_matmul_cpu
+from ds_quant.kernels.reference import w4a16_matmul_reference
+from ds_quant.kernels.select import choose_w4a16_backend
+from ds_quant.linear import QuantizedLinear
+from ds_quant.primitives import dequantize_int4, pack_int4, padded_in_features, quantize_int4
+
+
+class Int4WeightOnlyLinear(QuantizedLinear):
+    """See the module doc. ``backend`` ("auto", "triton", "cpu_packed", "reference")
+    picks the kernel; "auto" decides per call from the input's device and dtype."""
+
+    config_type = Int4WeightOnlyConfig
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+    weight_zero: torch.Tensor
+    input_scale: torch.Tensor | None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.backend = "auto"
+        self.register_buffer("input_scale", None)
+        # torch's CPU op wants its own weight layout: built on first CPU call, kept out
+        # of the state dict, rebuilt if the buffers change (keyed on their versions).
+        self._cpu_cache: tuple[Any, ...] | None = None
+
+    @classmethod
+    def _from_float(cls, linear: nn.Linear, config: Any) -> QuantizedLinear:
+        return cls.from_weight(linear.weight, linear.bias, config)
+
+    @classmethod
+    def from_weight(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        config: Int4WeightOnlyConfig,
+        input_scale: torch.Tensor | None = None,
+    ) -> Int4WeightOnlyLinear:
+        """Quantize a float (out, in) ``weight`` by round to nearest. With ``input_scale``
+        (in,), quantize ``weight * input_scale`` and divide inputs by it at run time."""
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features, bias, config, weight.dtype)
+        w = weight.detach().to(torch.float32)
+        if input_scale is not None:
+            if tuple(input_scale.shape) != (in_features,):
+                raise ValueError(
+                    f"input_scale must have shape ({in_features},), got {tuple(input_scale.shape)}"
+                )
+            input_scale = input_scale.detach().to(torch.float32).to(w.device)
+            w = w * input_scale
+            layer.input_scale = input_scale
+        q, scale, zero = quantize_int4(w, config.group_size, config.symmetric)
+        layer.register_buffer("weight", pack_int4(q))
+        layer.register_buffer("weight_scale", scale)
+        layer.register_buffer("weight_zero", zero)
+        return layer
+
+    def _allocate(self, device: torch.device | str | None) -> None:
+        n = self.out_features
+        k_pad = padded_in_features(self.in_features, self.config.group_size)
+        groups = k_pad // self.config.group_size
+        self.register_buffer("weight", torch.empty(n, k_pad // 2, dtype=torch.uint8, device=device))
+        self.register_buffer(
+            "weight_scale", torch.empty(n, groups, dtype=torch.float32, device=device)
+        )
+        self.register_buffer("weight_zero", torch.empty(n, groups, dtype=torch.float32, device=device))
+
+    def recipe(self) -> dict[str, Any]:
+        return {**super().recipe(), "input_scale": self.input_scale is not None}
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        w = dequantize_int4(
+            self.weight,
+            self.weight_scale,
+            self.weight_zero,
+            self.config.group_size,
+            self.in_features,
+            torch.float32,
+        )
+        if self.input_scale is not None:
+            w = w / self.input_scale.to(torch.float32)
+        return w.to(dtype or self.orig_dtype)
+
+    def _cpu_operands(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (
+            dtype,
+            self.weight.data_ptr(),
+            self.weight._version,
+            self.weight_scale._version,
+            self.weight_zero._version,
+        )
+        if self._cpu_cache is None or self._cpu_cache[0] != key:
+            packed = prepack_int4_cpu(self.weight, self.weight_scale, self.weight_zero, dtype)
+            self._cpu_cache = (key, *packed)
+        return self._cpu_cache[1], self._cpu_cache[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:
+            x = x / self.input_scale.to(x.dtype)
+        gs = self.config.group_size
+        backend = choose_w4a16_backend(x, self.out_features, gs, self.backend)
+        if backend == "cpu_packed":
+            cpu_weight, scales_and_zeros = self._cpu_operands(x.dtype)
+            y = w4a16_matmul_cpu(x, cpu_weight, scales_and_zeros, gs, self.in_features)
+        elif backend == "triton":
+            from ds_quant.kernels.triton_w4a16 import w4a16_matmul_triton
+
+            y = w4a16_matmul_triton(
+                x, self.weight, self.weight_scale, self.weight_zero, gs, self.in_features
+            )
+        else:
+            y = w4a16_matmul_reference(
+                x, self.weight, self.weight_scale, self.weight_zero, gs, self.in_features
+            )
+        return self._add_bias(y)

@@ -1,0 +1,89 @@
+"""INT8 layers: weight-only (W8A16) and dynamic W8A8, both per-output-channel weights."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ds_quant.config import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
+from ds_quant.kernels.cpu import int8_cpu_supported, int8_weight_matmul_cpu
+from ds_quant.kernels.reference import int8_weight_matmul_reference
+from ds_quant.linear import QuantizedLinear
+from ds_quant.primitives import (
+    dequantize_int8,
+    quantize_int8_per_channel,
+    quantize_int8_per_token,
+)
+
+
+class _Int8Base(QuantizedLinear):
+    """Buffers: ``weight`` int8 (out, in); ``weight_scale`` float32 (out,)."""
+
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+
+    @classmethod
+    def _from_float(cls, linear: nn.Linear, config: Any) -> QuantizedLinear:
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, linear.bias, config, w.dtype)
+        q, scale = quantize_int8_per_channel(w)
+        layer.register_buffer("weight", q)
+        layer.register_buffer("weight_scale", scale)
+        return layer
+
+    def _allocate(self, device: torch.device | str | None) -> None:
+        n, k = self.out_features, self.in_features
+        self.register_buffer("weight", torch.empty(n, k, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.empty(n, dtype=torch.float32, device=device))
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize_int8(self.weight, self.weight_scale, dtype or self.orig_dtype)
+
+
+class Int8WeightOnlyLinear(_Int8Base):
+    """W8A16: activations stay float; on CPU torch's ``_weight_int8pack_mm`` runs it."""
+
+    config_type = Int8WeightOnlyConfig
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if int8_cpu_supported(x):
+            y = int8_weight_matmul_cpu(x, self.weight, self.weight_scale)
+        else:
+            y = int8_weight_matmul_reference(x, self.weight, self.weight_scale)
+        return self._add_bias(y)
+
+
+def _int8_matmul(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+    """(M, K) int8 @ (N, K) int8 ^T -> (M, N) int32 (exact)."""
+    if hasattr(torch, "_int_mm") and xq.device.type in ("cpu", "cuda"):
+        try:
+            return torch._int_mm(xq, wq.t())
+        except RuntimeError:  # shape limits of the CUDA path (e.g. M <= 16)
+            pass
+    # float64 holds every int32 accumulator exactly.
+    return (xq.to(torch.float64) @ wq.to(torch.float64).t()).to(torch.int32)
+
+
+class Int8DynamicActivationInt8WeightLinear(_Int8Base):
+    """W8A8: each token is quantized to INT8 with its own scale at run time, then an
+    exact int8 x int8 -> int32 matmul, rescaled by token scale x channel scale."""
+
+    config_type = Int8DynamicActivationInt8WeightConfig
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        xq, x_scale = quantize_int8_per_token(x2)
+        acc = _int8_matmul(xq.contiguous(), self.weight)
+        y = acc.to(torch.float32) * x_scale * self.weight_scale.to(torch.float32)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return self._add_bias(y)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same math in float32, without integer kernels (the kernel's ground truth)."""
+        xq, x_scale = quantize_int8_per_token(x.reshape(-1, self.in_features))
+        xd = xq.to(torch.float32) * x_scale
+        y = F.linear(xd, dequantize_int8(self.weight, self.weight_scale, torch.float32))
+        return self._add_bias(y.to(x.dtype).reshape(*x.shape[:-1], self.out_features))
