@@ -1,7 +1,67 @@
-"""ds-lora: exact, PEFT-compatible LoRA over any linear layer."""
+"""ds-lora: exact, PEFT-compatible LoRA (and DoRA) over any linear layer, float or
+quantized, with mixed-adapter batches for serving."""
 
-from ds_lora.protocol import LinearLike
+from ds_lora.config import LoraConfig
+from ds_lora.errors import (
+    AdapterNotFoundError,
+    AdapterShapeError,
+    AdapterStateError,
+    LoraConfigError,
+    QuantizedMergeWarning,
+    TargetModulesError,
+)
+from ds_lora.layer import LoraLinear
+from ds_lora.lora_model import LoraModel, get_peft_model
+from ds_lora.modules_to_save import ModulesToSaveWrapper
+from ds_lora.peft_format import load_adapter, save_adapter
+from ds_lora.protocol import LinearLike, QuantizedLinearLike, Requantizable
+from ds_lora.tuner import (
+    active_adapter,
+    adapter_batch,
+    adapter_names,
+    delete_adapter,
+    disable_adapters,
+    inject,
+    merge_adapter,
+    merge_and_unload,
+    print_trainable_parameters,
+    set_adapter,
+    trainable_parameters,
+    unload,
+    unmerge_adapter,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["LinearLike", "__version__"]
+__all__ = [
+    "AdapterNotFoundError",
+    "AdapterShapeError",
+    "AdapterStateError",
+    "LinearLike",
+    "LoraConfig",
+    "LoraConfigError",
+    "LoraLinear",
+    "LoraModel",
+    "ModulesToSaveWrapper",
+    "QuantizedLinearLike",
+    "QuantizedMergeWarning",
+    "Requantizable",
+    "TargetModulesError",
+    "__version__",
+    "active_adapter",
+    "adapter_batch",
+    "adapter_names",
+    "delete_adapter",
+    "disable_adapters",
+    "get_peft_model",
+    "inject",
+    "load_adapter",
+    "merge_adapter",
+    "merge_and_unload",
+    "print_trainable_parameters",
+    "save_adapter",
+    "set_adapter",
+    "trainable_parameters",
+    "unload",
+    "unmerge_adapter",
+]

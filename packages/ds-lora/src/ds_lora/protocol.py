@@ -1,4 +1,10 @@
-"""The stable interface of ds-lora: what a layer must offer to carry an adapter."""
+"""The stable interface of ds-lora: what a layer must offer to carry an adapter.
+
+``LinearLike`` is what LoRA wraps. A float layer (``nn.Linear``) exposes its weight as
+``.weight``; a quantized layer instead offers ``dequantize()`` (``QuantizedLinearLike``),
+and if it also offers ``requantize(weight)`` (``Requantizable``) adapters can be merged into
+it. ds-quant's quantized linear satisfies these structurally, without importing ds-lora.
+"""
 
 from __future__ import annotations
 
@@ -19,3 +25,30 @@ class LinearLike(Protocol):
     out_features: int
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class QuantizedLinearLike(LinearLike, Protocol):
+    """A linear layer whose weight is stored in some non-float form.
+
+    ``dequantize()`` returns the weight as a float tensor of shape
+    ``(out_features, in_features)`` on the layer's device. ds-lora calls it for DoRA's weight
+    norm and for merging; the forward pass only calls the layer itself. An optional ``bias``
+    attribute (a tensor of shape ``(out_features,)`` or ``None``) is honoured when present.
+    """
+
+    def dequantize(self) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Requantizable(QuantizedLinearLike, Protocol):
+    """A quantized linear that can take a new float weight: the hook merging uses.
+
+    ``requantize(weight)`` receives a float tensor of shape ``(out_features, in_features)``
+    and replaces the layer's stored quantized weight in place, keeping its own format
+    (bit width, group size, scales dtype, device). Afterwards ``dequantize()`` returns the
+    quantization of ``weight`` and the layer's forward uses it. It returns nothing.
+    Without this method, ``merge`` on a quantized base raises ``TypeError``.
+    """
+
+    def requantize(self, weight: torch.Tensor) -> None: ...

@@ -1,0 +1,264 @@
+"""``LoraLinear``: a LoRA/DoRA wrapper around one ``LinearLike`` layer, put in its place.
+
+Module names follow PEFT (``base_layer``, ``lora_A.<adapter>``, ``lora_B.<adapter>``,
+``lora_dropout.<adapter>``, ``lora_magnitude_vector.<adapter>``), so parameter names and
+checkpoint keys are the same in both libraries.
+
+Shapes: ``x`` is ``(..., in_features)``; ``lora_A.weight`` ``(r, in_features)``;
+``lora_B.weight`` ``(out_features, r)``; output ``(..., out_features)``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from ds_lora.base import base_weight, device_of, is_quantized
+from ds_lora.config import LoraConfig
+from ds_lora.dora import DoraMagnitude, dora_delta, weight_row_norm
+from ds_lora.errors import AdapterNotFoundError, AdapterStateError, QuantizedMergeWarning
+from ds_lora.mixed import StackedAdapters, mixed_lora_delta, stack_adapters
+
+
+class LoraLinear(nn.Module):
+    """LoRA adapters around ``base_layer``: ``y = base(x) + s * B(A(dropout(x)))`` for the
+    active adapter (DoRA: see ``ds_lora.dora``). Several named adapters can live side by side;
+    one is active at a time, or each batch row picks its own (``set_row_adapters``)."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features = int(base_layer.in_features)
+        self.out_features = int(base_layer.out_features)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.active_adapter: str | None = None
+        self.disabled = False
+        self.merged_adapters: list[str] = []
+        self._merge_norms: dict[str, torch.Tensor] = {}
+        self._base_generation = 0
+        self._row_index: torch.Tensor | None = None
+        self._row_names: tuple[str, ...] = ()
+        self._stack_cache: tuple[tuple, StackedAdapters] | None = None
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    def add_adapter(self, name: str, config: LoraConfig) -> None:
+        """Create adapter ``name`` so that it starts as a no-op (B = 0)."""
+        if name in self.lora_A:
+            raise AdapterStateError(f"adapter {name!r} already exists on this layer")
+        device = device_of(self.base_layer)
+        weight = getattr(self.base_layer, "weight", None)
+        quantized = is_quantized(self.base_layer)
+        dtype = (
+            weight.dtype
+            if not quantized and isinstance(weight, torch.Tensor) and weight.is_floating_point()
+            else torch.float32
+        )
+        r = config.r
+        # nn.Linear's own init is PEFT's default for A: kaiming_uniform_(a=sqrt(5)).
+        lora_a = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        if config.init == "gaussian":
+            nn.init.normal_(lora_a.weight, std=1.0 / r)
+        # B starts at zero; skip the random init it would get and overwrite.
+        lora_b = nn.Linear(r, self.out_features, bias=False, device="meta", dtype=dtype)
+        lora_b = lora_b.to_empty(device=device)
+        nn.init.zeros_(lora_b.weight)
+        self.lora_A[name] = lora_a
+        self.lora_B[name] = lora_b
+        self.lora_dropout[name] = (
+            nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        )
+        self.scaling[name] = config.scaling
+        if config.use_dora:
+            with torch.no_grad():
+                norm = torch.linalg.vector_norm(base_weight(self.base_layer).to(dtype), dim=1)
+            self.lora_magnitude_vector[name] = DoraMagnitude(norm.detach().clone())
+        self._stack_cache = None
+
+    def delete_adapter(self, name: str) -> None:
+        self._require(name)
+        if name in self.merged_adapters:
+            raise AdapterStateError(f"adapter {name!r} is merged; unmerge before deleting it")
+        for table in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
+            if name in table:
+                del table[name]
+        self.scaling.pop(name, None)
+        if self.active_adapter == name:
+            self.active_adapter = None
+        self._stack_cache = None
+
+    def _require(self, name: str) -> None:
+        if name not in self.lora_A:
+            raise AdapterNotFoundError(
+                f"adapter {name!r} is not on this layer; it has {self.adapter_names}"
+            )
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``scaling * B @ A``: (out_features, in_features), in float32 (merging precision)."""
+        self._require(name)
+        a = self.lora_A[name].weight.float()
+        b = self.lora_B[name].weight.float()
+        return (b @ a) * self.scaling[name]
+
+    # --- forward -------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self._row_index is not None:
+            return self._mixed_forward(x, result)
+        name = self.active_adapter
+        if self.disabled or name is None or name in self.merged_adapters or name not in self.lora_A:
+            return result
+        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+        dropout = self.lora_dropout[name]
+        scaling = self.scaling[name]
+        x_lora = x.to(lora_a.weight.dtype)
+        if name not in self.lora_magnitude_vector:
+            return result + (lora_b(lora_a(dropout(x_lora))) * scaling).to(result.dtype)
+        weight = base_weight(self.base_layer).to(lora_a.weight.dtype)
+        with torch.no_grad():
+            norm = weight_row_norm(weight, lora_b.weight @ lora_a.weight, scaling)
+        if isinstance(dropout, nn.Identity) or not self.training:
+            base_result = result.to(x_lora.dtype)
+            bias = getattr(self.base_layer, "bias", None)
+            if bias is not None:
+                base_result = base_result - bias.to(base_result.dtype)
+        else:  # PEFT's choice: under dropout, the base term sees the dropped input too
+            x_lora = dropout(x_lora)
+            base_result = nn.functional.linear(x_lora, weight)
+        lora_result = lora_b(lora_a(x_lora))
+        magnitude = self.lora_magnitude_vector[name].weight
+        delta = dora_delta(base_result, lora_result, magnitude, norm, scaling)
+        return result + delta.to(result.dtype)
+
+    # --- mixed-adapter batches -----------------------------------------------------------
+
+    def set_row_adapters(self, names: tuple[str, ...], row_index: torch.Tensor | None) -> None:
+        """Serve one batch with a different adapter per row.
+
+        ``names``: the adapter vocabulary; ``row_index``: (batch,) int64, ``row_index[i]`` in
+        ``[0, len(names)]`` picks ``names[row_index[i]]`` for row ``i`` and ``len(names)``
+        means no adapter. Adapters of ``names`` absent from this layer act as no adapter here.
+        ``None`` switches back to the single active adapter.
+        """
+        if row_index is not None and self.merged_adapters:
+            raise AdapterStateError(
+                f"cannot serve a mixed-adapter batch while {self.merged_adapters} are merged "
+                "into the base weight; unmerge first"
+            )
+        self._row_names = tuple(names)
+        self._row_index = row_index
+
+    def _stacked(self) -> StackedAdapters:
+        names = self._row_names
+        key_parts: list = [names, self._base_generation]
+        for name in names:
+            if name in self.lora_A:
+                tensors = [self.lora_A[name].weight, self.lora_B[name].weight]
+                if name in self.lora_magnitude_vector:
+                    tensors.append(self.lora_magnitude_vector[name].weight)
+                key_parts.append(name)
+                key_parts.append(self.scaling[name])
+                key_parts.extend((t.data_ptr(), t._version) for t in tensors)
+        if any(n in self.lora_magnitude_vector for n in names) and not is_quantized(
+            self.base_layer
+        ):
+            weight = self.base_layer.weight
+            key_parts.append((weight.data_ptr(), weight._version))
+        key = tuple(key_parts)
+        if self._stack_cache is not None and self._stack_cache[0] == key:
+            return self._stack_cache[1]
+        stacked = stack_adapters(self, names)
+        self._stack_cache = (key, stacked)
+        return stacked
+
+    def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        row_index = self._row_index
+        if x.shape[0] != row_index.shape[0]:
+            raise ValueError(
+                f"mixed-adapter batch: {row_index.shape[0]} row adapters were given but this "
+                f"layer's input has {x.shape[0]} rows (x.shape={tuple(x.shape)}); give one "
+                "adapter per leading row of the input"
+            )
+        bias = getattr(self.base_layer, "bias", None)
+        delta = mixed_lora_delta(x, result, self._stacked(), row_index.to(x.device), bias)
+        return result + delta.to(result.dtype)
+
+    # --- merging -------------------------------------------------------------------------
+
+    def _write_weight(self, weight: torch.Tensor) -> None:
+        base = self.base_layer
+        if is_quantized(base):
+            base.requantize(weight)
+        else:
+            base.weight.data.copy_(weight.to(base.weight.dtype))
+        self._base_generation += 1
+        self._stack_cache = None
+
+    def _check_mergeable(self) -> None:
+        base = self.base_layer
+        if is_quantized(base):
+            if not callable(getattr(base, "requantize", None)):
+                raise TypeError(
+                    f"cannot merge into {type(base).__name__}: a quantized base must offer "
+                    "requantize(weight) (see ds_lora.Requantizable) to take the merged weight"
+                )
+            warnings.warn(
+                f"merging a LoRA adapter into quantized {type(base).__name__}: the weight is "
+                "dequantized, updated and re-quantized, so the merged layer differs from "
+                "base + adapter by the quantization error",
+                QuantizedMergeWarning,
+                stacklevel=4,
+            )
+        else:
+            base_weight(base)  # raises a clear TypeError when there is no float weight
+
+    def merge(self, names: list[str]) -> None:
+        """Fold adapters into the base weight (in order); already merged ones are skipped."""
+        todo = [n for n in names if n in self.lora_A and n not in self.merged_adapters]
+        if not todo:
+            return
+        self._check_mergeable()
+        with torch.no_grad():
+            weight = base_weight(self.base_layer).float()
+            for name in todo:
+                updated = weight + self.delta_weight(name)
+                if name in self.lora_magnitude_vector:
+                    norm = torch.linalg.vector_norm(updated, dim=1)
+                    magnitude = self.lora_magnitude_vector[name].weight.float()
+                    self._merge_norms[name] = norm
+                    updated = (magnitude / norm).unsqueeze(1) * updated
+                weight = updated
+                self.merged_adapters.append(name)
+            self._write_weight(weight)
+
+    def unmerge(self) -> None:
+        """Undo every merge, newest first; exact up to float rounding on a float base."""
+        if not self.merged_adapters:
+            return
+        self._check_mergeable()
+        with torch.no_grad():
+            weight = base_weight(self.base_layer).float()
+            while self.merged_adapters:
+                name = self.merged_adapters.pop()
+                if name in self.lora_magnitude_vector:
+                    norm = self._merge_norms.pop(name)
+                    magnitude = self.lora_magnitude_vector[name].weight.float()
+                    weight = weight / (magnitude / norm).unsqueeze(1)
+                weight = weight - self.delta_weight(name)
+            self._write_weight(weight)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"adapters={self.adapter_names}, active={self.active_adapter!r}, "
+            f"merged={self.merged_adapters}"
+        )
