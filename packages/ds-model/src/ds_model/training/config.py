@@ -1,0 +1,113 @@
+"""``TrainingConfig``: every knob of a training run in one validated value object.
+
+The field names follow Hugging Face ``TrainingArguments`` where one exists
+(``per_device_train_batch_size``, ``num_train_epochs``, ``gradient_accumulation_steps``)
+so that the seed's keyword call form works unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+STRATEGIES = ("none", "ddp", "fsdp", "3d_parallel")
+QUANTIZATIONS = ("none", "int4")
+OPTIMIZERS = ("grouped_adamw", "adamw")
+
+
+@dataclass
+class TrainingConfig:
+    """Hyper-parameters and run settings. Every field is validated in ``__post_init__``.
+
+    Sizes: ``max_seq_len`` is the packed sequence length in tokens; the global batch of
+    one optimizer step is ``per_device_train_batch_size * gradient_accumulation_steps
+    * world_size`` sequences.
+    """
+
+    output_dir: str = "ds-train-output"
+    num_train_epochs: int = 1
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    precision: str = "fp32"
+    max_seq_len: int = 512
+    packing: bool = True
+    skip_bad_records: bool = False
+    shuffle: bool = True
+    seed: int = 0
+    logging_steps: int = 1
+    eval_steps: int = 0  # 0: evaluate only at the end (when an eval set is given)
+    save_steps: int = 0  # 0: save only at the end
+    save_total_limit: int | None = 2
+    save_final: bool = True
+    distributed_strategy: str = "none"
+    compress_gradients: bool = False  # ddp only: ds-optim's 4-bit all-reduce hook
+    tp_size: int = 0  # 3d_parallel: tensor-parallel degree (0: all ranks)
+    quantization: str = "none"
+    optimizer: str = "grouped_adamw"
+    progress_bar: bool = True
+    plot: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _positive("num_train_epochs", self.num_train_epochs)
+        _positive("per_device_train_batch_size", self.per_device_train_batch_size)
+        _positive("per_device_eval_batch_size", self.per_device_eval_batch_size)
+        _positive("gradient_accumulation_steps", self.gradient_accumulation_steps)
+        _positive("max_seq_len", self.max_seq_len)
+        _positive("logging_steps", self.logging_steps)
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps={self.max_steps!r}: expected -1 (use epochs) or > 0")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate={self.learning_rate!r}: expected > 0")
+        for name in ("warmup_steps", "eval_steps", "save_steps", "tp_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio={self.min_lr_ratio!r}: expected in [0, 1]")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm={self.max_grad_norm!r}: expected > 0 or None")
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("distributed_strategy", self.distributed_strategy, STRATEGIES)
+        _choice("quantization", self.quantization, QUANTIZATIONS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ValueError(f"save_total_limit={self.save_total_limit!r}: expected >= 1 or None")
+        self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def replace(self, **changes: Any) -> TrainingConfig:
+        unknown = sorted(set(changes) - set(self.field_names()))
+        if unknown:
+            raise TypeError(
+                f"unknown training option(s) {unknown}; allowed: {sorted(self.field_names())}"
+            )
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["adam_betas"] = list(self.adam_betas)
+        return out
+
+
+def _positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r}: expected an integer >= 1")
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r}: expected one of {list(allowed)}")

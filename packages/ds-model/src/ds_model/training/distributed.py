@@ -1,0 +1,222 @@
+"""torch.distributed plumbing: process groups, device meshes and model wrapping.
+
+Strategies (``TrainingConfig.distributed_strategy``):
+
+* ``none``: one process.
+* ``ddp``: ``DistributedDataParallel``; ``compress_gradients=True`` registers ds-optim's
+  4-bit all-reduce communication hook.
+* ``fsdp``: FSDP2 ``fully_shard`` on every transformer block, then on the root
+  (parameters, gradients and optimizer state sharded: ZeRO-3).
+* ``3d_parallel``: a 2-D ``(dp, tp)`` device mesh; tensor parallelism with DTensor
+  ``parallelize_module`` on the ``tp`` axis, then FSDP2 on the ``dp`` axis. Pipeline
+  parallelism is not implemented (see docs/ds-model.md).
+
+Ranks of one tensor-parallel group must see the same data, so data is sharded by the
+data-parallel rank (``dp_rank`` of ``dp_size``), not by the global rank.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["DistContext", "default_tp_plan", "init_distributed", "unwrap", "wrap_model"]
+
+_COLWISE = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "w1", "w3")
+_ROWWISE = ("o_proj", "down_proj", "w2")
+_MLP_COLWISE = ("gate_proj", "up_proj", "w1", "w3")
+_MLP_ROWWISE = ("down_proj", "w2")
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits: global rank/world, its data-parallel coordinates, device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    dp_rank: int = 0
+    dp_size: int = 1
+    tp_size: int = 1
+    device: torch.device = torch.device("cpu")
+    mesh: Any = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        """Sum floats over all ranks (values are identical within a TP group, so the
+        data-parallel sum is the global sum divided by ``tp_size``)."""
+        if not self.distributed:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return [v / self.tp_size for v in t.tolist()]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def init_distributed(strategy: str, tp_size: int = 0, device: str | None = None) -> DistContext:
+    """Join the process group torchrun describes in the environment (gloo on CPU,
+    NCCL on CUDA). Without ``WORLD_SIZE`` > 1 this is a single process, whatever the
+    strategy."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if world <= 1 or strategy == "none":
+        if world > 1:
+            raise ValueError(
+                f"distributed_strategy='none' but WORLD_SIZE={world}: choose ddp, fsdp "
+                "or 3d_parallel when launching several processes"
+            )
+        return DistContext(device=dev)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    tp = 1
+    mesh = None
+    if strategy == "3d_parallel":
+        tp = tp_size or world
+        if world % tp:
+            raise ValueError(f"tp_size={tp} does not divide the world size {world}")
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(dev.type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
+    return DistContext(
+        rank=rank,
+        world_size=world,
+        local_rank=local_rank,
+        dp_rank=rank // tp,
+        dp_size=world // tp,
+        tp_size=tp,
+        device=dev,
+        mesh=mesh,
+    )
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks: the largest ``nn.ModuleList`` in the model."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def default_tp_plan(model: nn.Module) -> dict[str, str]:
+    """``{module name: "colwise" | "rowwise"}``. A model may declare its own
+    ``tp_plan`` (same format); otherwise the MLP projections (``gate_proj``/``up_proj``
+    column-wise, ``down_proj`` row-wise) are sharded, which is valid for any model.
+    Attention projections are sharded only through a model's own plan, since that
+    needs attention code that infers the local head count from the sharded width."""
+    declared = getattr(model, "tp_plan", None)
+    if declared:
+        return dict(declared)
+    plan = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in _MLP_COLWISE:
+            plan[name] = "colwise"
+        elif leaf in _MLP_ROWWISE:
+            plan[name] = "rowwise"
+    return plan
+
+
+def wrap_model(model: nn.Module, strategy: str, ctx: DistContext, config: Any) -> nn.Module:
+    """Wrap ``model`` (already on ``ctx.device``) for ``strategy``."""
+    if not ctx.distributed or strategy == "none":
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
+        )
+        if config.compress_gradients:
+            _register_int4_hook(ddp)
+        return ddp
+    from torch.distributed.fsdp import fully_shard
+
+    if strategy == "3d_parallel":
+        from torch.distributed.tensor.parallel import (
+            ColwiseParallel,
+            RowwiseParallel,
+            parallelize_module,
+        )
+
+        styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+        plan = default_tp_plan(model)
+        if not plan:
+            raise ValueError("3d_parallel: the model has no layer the tensor-parallel plan shards")
+        parallelize_module(model, ctx.mesh["tp"], {k: styles[v]() for k, v in plan.items()})
+        dp_mesh = ctx.mesh["dp"]
+    else:
+        dp_mesh = None
+    for block in _blocks(model):
+        fully_shard(block, mesh=dp_mesh)
+    fully_shard(model, mesh=dp_mesh)
+    return model
+
+
+def _register_int4_hook(ddp: nn.Module) -> None:
+    try:
+        from ds_optim import int4_allreduce_hook  # type: ignore[attr-defined]
+    except ImportError as e:
+        raise ValueError(
+            "compress_gradients=True needs ds-optim's int4_allreduce_hook, which this "
+            "ds-optim does not provide"
+        ) from e
+    state = None
+    try:
+        from ds_optim import Int4HookState  # type: ignore[attr-defined]
+
+        state = Int4HookState()
+    except ImportError:
+        pass
+    ddp.register_comm_hook(state, int4_allreduce_hook)  # type: ignore[operator]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and hasattr(model, "no_sync") else model
+
+
+@contextmanager
+def no_grad_sync(model: nn.Module, strategy: str, enabled: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce on micro-batches before the last of a step."""
+    if not enabled:
+        yield
+        return
+    if strategy == "ddp" and hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+        return
+    if strategy in ("fsdp", "3d_parallel") and hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+        return
+    with nullcontext():
+        yield
+
+
+def is_sharded(strategy: str, ctx: DistContext) -> bool:
+    return ctx.distributed and strategy in ("fsdp", "3d_parallel")

@@ -1,0 +1,204 @@
+"""How the trainer meets the rest of the stack: loading a model and its tokenizer
+(ds-model), LoRA (ds-lora), QLoRA's 4-bit base (ds-quant) and the optimizer (ds-optim).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from ds_model.training.config import TrainingConfig
+from ds_model.training.tokenize import ByteTokenizer
+
+__all__ = [
+    "apply_lora",
+    "build_optimizer",
+    "load_adapter_state",
+    "load_model",
+    "quantize_for_qlora",
+    "resolve_tokenizer",
+    "save_adapter",
+]
+
+
+def load_model(source: Any) -> nn.Module:
+    """A checkpoint directory or preset name through ``ds_model.from_pretrained``."""
+    if isinstance(source, nn.Module):
+        return source
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(
+            f"model must be an nn.Module, a checkpoint path or a preset name, got "
+            f"{type(source).__name__}"
+        )
+    import ds_model
+
+    loader = getattr(ds_model, "from_pretrained", None)
+    if loader is None:
+        raise ValueError(f"model={source!r}: this ds-model has no from_pretrained to load it")
+    return loader(os.fspath(source), dtype=torch.float32)
+
+
+def resolve_tokenizer(tokenizer: Any, source: Any, model: nn.Module) -> Any:
+    """The tokenizer given, else the model's own (``model.tokenizer``), else one loaded
+    from the checkpoint directory, else (random-weight models only) bytes."""
+    if tokenizer is not None:
+        return tokenizer
+    own = getattr(model, "tokenizer", None)
+    if own is not None:
+        return own
+    if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+        import ds_model
+
+        loader = getattr(ds_model, "load_tokenizer", None)
+        if loader is not None:
+            return loader(os.fspath(source))
+        raise ValueError(
+            f"model={source!r} has no tokenizer ds-model can load; pass tokenizer="
+        )
+    vocab = _vocab_size(model)
+    if vocab is not None and vocab >= ByteTokenizer.vocab_size:
+        warnings.warn(
+            "no tokenizer given and the model has none: using ByteTokenizer (UTF-8 bytes); "
+            "pass tokenizer= to train with a real one",
+            stacklevel=3,
+        )
+        return ByteTokenizer()
+    raise ValueError(
+        "no tokenizer: pass tokenizer= (anything with encode(text) -> list[int]); the model's "
+        f"vocabulary ({vocab}) is too small for the byte fallback ({ByteTokenizer.vocab_size})"
+    )
+
+
+def _vocab_size(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None:
+        return int(vocab)
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            return int(module.num_embeddings)
+    return None
+
+
+# ------------------------------------------------------------------ LoRA / QLoRA
+def _lora():
+    try:
+        import ds_lora
+    except ImportError as e:  # pragma: no cover - ds-lora is a dependency
+        raise ValueError("LoRA training needs ds-lora") from e
+    return ds_lora
+
+
+def apply_lora(model: nn.Module, lora_config: Any) -> nn.Module:
+    """Inject the adapter in place; only adapter parameters stay trainable."""
+    ds_lora = _lora()
+    if not isinstance(lora_config, ds_lora.LoraConfig):
+        raise TypeError(
+            f"lora_config must be a ds_model.LoraConfig (ds_lora.LoraConfig), got "
+            f"{type(lora_config).__name__}"
+        )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    inject = getattr(ds_lora, "get_peft_model", None) or ds_lora.inject
+    wrapped = inject(model, lora_config)
+    if not any(p.requires_grad for p in wrapped.parameters()):
+        raise ValueError(
+            f"lora_config.target_modules={lora_config.target_modules!r} matched no layer"
+        )
+    return wrapped
+
+
+def quantize_for_qlora(model: nn.Module, group_size: int = 64) -> nn.Module:
+    """QLoRA's frozen base: every linear layer except the output head to INT4 (W4A16)."""
+    from ds_quant import Int4WeightOnlyConfig, quantize_
+
+    head = _output_head(model)
+
+    def keep_float(module: nn.Module, name: str) -> bool:
+        return isinstance(module, nn.Linear) and module is not head
+
+    quantize_(model, Int4WeightOnlyConfig(group_size=group_size), filter_fn=keep_float)
+    return model
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    getter = getattr(model, "get_output_embeddings", None)
+    if callable(getter):
+        return getter()
+    return getattr(model, "lm_head", None)
+
+
+def _adapter_keys(model: nn.Module) -> dict[str, str]:
+    """{PEFT checkpoint key: this model's parameter name} for the default adapter."""
+    from ds_lora.peft_format import adapter_tensors
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = {}
+    for key, tensor in adapter_tensors(model, "default").items():
+        if id(tensor) in names:
+            out[key] = names[id(tensor)]
+    return out
+
+
+def save_adapter(model: nn.Module, directory: str, state: dict[str, torch.Tensor] | None) -> None:
+    """The adapter in PEFT's format (``adapter_model.safetensors`` + ``adapter_config.json``).
+
+    ``state`` maps parameter names to (gathered, full) tensors when the live parameters
+    are sharded; ``None`` reads the live model."""
+    from safetensors.torch import save_file
+
+    from ds_lora.tuner import adapter_configs
+
+    config = adapter_configs(model)["default"]
+    live = dict(model.named_parameters())
+    tensors = {}
+    for key, name in _adapter_keys(model).items():
+        t = state[name] if state is not None else live[name]
+        tensors[key] = t.detach().to("cpu").contiguous().clone()
+    save_file(tensors, os.path.join(directory, "adapter_model.safetensors"), {"format": "pt"})
+    with open(os.path.join(directory, "adapter_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config.to_peft_dict(), f, indent=2, sort_keys=True)
+
+
+def load_adapter_state(model: nn.Module, directory: str) -> dict[str, torch.Tensor]:
+    """{parameter name: tensor} from a PEFT-format adapter saved by :func:`save_adapter`."""
+    from safetensors.torch import load_file
+
+    saved = load_file(os.path.join(directory, "adapter_model.safetensors"))
+    keys = _adapter_keys(model)
+    missing = sorted(set(keys) - set(saved))
+    extra = sorted(set(saved) - set(keys))
+    if missing or extra:
+        raise ValueError(
+            f"{directory}: adapter does not fit the model (missing {missing[:3]}, "
+            f"unexpected {extra[:3]})"
+        )
+    return {keys[k]: v for k, v in saved.items()}
+
+
+# -------------------------------------------------------------------- optimizer
+def build_optimizer(model: nn.Module, args: TrainingConfig) -> torch.optim.Optimizer:
+    """ds-optim's ``GroupedAdamW`` over its static parameter groups (no weight decay on
+    biases, norms and embeddings), or ``torch.optim.AdamW`` over the same split."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no trainable parameters")
+    kwargs = {
+        "lr": args.learning_rate,
+        "betas": tuple(args.adam_betas),
+        "eps": args.adam_eps,
+        "weight_decay": args.weight_decay,
+    }
+    if args.optimizer == "grouped_adamw":
+        from ds_optim import GroupedAdamW, group_parameters
+
+        return GroupedAdamW(group_parameters(model), **kwargs)
+    decay = [p for _, p in trainable if p.ndim >= 2]
+    no_decay = [p for _, p in trainable if p.ndim < 2]
+    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], **kwargs)

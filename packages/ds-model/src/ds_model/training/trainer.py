@@ -1,0 +1,549 @@
+"""``Trainer``: full training and LoRA / QLoRA fine-tuning of a causal LM.
+
+One optimizer step = ``gradient_accumulation_steps`` micro-batches of
+``per_device_train_batch_size`` sequences on each data-parallel rank. The loss of a
+step is the sum of token losses over that whole global batch divided by its number of
+trained tokens, exactly as one process with the same global batch would compute it.
+
+Subclasses (``DPOTrainer``, ``DistillationTrainer``) change what a batch is and how its
+loss is computed by overriding ``build_dataset``, ``loss_weight`` and ``compute_loss``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ds_model.training import checkpoint as ckpt
+from ds_model.training.config import TrainingConfig
+from ds_model.training.data import DataReport, build_lm_dataset, collate_lm, micro_batch_indices
+from ds_model.training.distributed import (
+    DistContext,
+    init_distributed,
+    is_sharded,
+    no_grad_sync,
+    unwrap,
+    wrap_model,
+)
+from ds_model.training.loss import causal_lm_loss_sum
+from ds_model.training.modeling import (
+    apply_lora,
+    build_optimizer,
+    load_model,
+    quantize_for_qlora,
+    resolve_tokenizer,
+    save_adapter,
+)
+from ds_model.training.plot import write_loss_png
+from ds_model.training.schedule import warmup_cosine
+
+__all__ = ["TrainResult", "Trainer"]
+
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainResult:
+    """What a finished ``train()`` returns. ``losses[i]`` is the loss of step ``i + 1``
+    (steps before a resume included, from the checkpoint's history)."""
+
+    global_step: int
+    losses: list[float]
+    eval_history: list[dict[str, float]] = field(default_factory=list)
+    checkpoint: str | None = None
+    metrics_path: str | None = None
+    plot_path: str | None = None
+    data_report: DataReport | None = None
+
+
+class Trainer:
+    """Train a causal LM whose ``forward(input_ids)`` returns an object with ``.logits``
+    of shape (batch, seqlen, vocab).
+
+    Both seed call forms work::
+
+        Trainer(model_path="deepseek-7b", config=lora_config).train(data_path="d.json", epochs=3)
+        Trainer(model=model, train_dataset=data, lora_config=lora_config,
+                per_device_train_batch_size=8, num_train_epochs=3).train()
+
+    ``model`` is an ``nn.Module``, a checkpoint directory or a preset name;
+    ``config`` is a ``LoraConfig`` (the seed's meaning) or a :class:`TrainingConfig`;
+    any :class:`TrainingConfig` field may also be passed as a keyword. Data is a path
+    to a .json/.jsonl file, an iterable of records or strings, or a ready dataset.
+    """
+
+    record_kinds = ("text", "prompt_completion", "chat")
+
+    def __init__(
+        self,
+        model: nn.Module | str | None = None,
+        *,
+        model_path: str | None = None,
+        config: Any = None,
+        args: TrainingConfig | None = None,
+        lora_config: Any = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        tokenizer: Any = None,
+        device: str | None = None,
+        **options: Any,
+    ) -> None:
+        if model is not None and model_path is not None:
+            raise ValueError("pass either model= or model_path=, not both")
+        if model is None and model_path is None:
+            raise ValueError("no model: pass model= (a module, path or preset) or model_path=")
+        if isinstance(config, TrainingConfig):
+            if args is not None:
+                raise ValueError("config= is a TrainingConfig and args= is given too")
+            args = config
+        elif config is not None:
+            if lora_config is not None:
+                raise ValueError("config= (a LoRA config) and lora_config= are both given")
+            lora_config = config
+        args = args or TrainingConfig()
+        self.args = args.replace(**options) if options else args
+        self.lora_config = lora_config
+        self.train_dataset = train_dataset
+        self.eval_dataset = eval_dataset
+        self._model_source = model if model is not None else model_path
+        self._tokenizer = tokenizer
+        self._device = device
+        self.model: nn.Module | None = model if isinstance(model, nn.Module) else None
+        self.log_history: list[dict[str, Any]] = []
+
+    # ----------------------------------------------------------------- hooks
+    def build_dataset(self, source: Any, tokenizer: Any) -> tuple[Any, DataReport]:
+        return build_lm_dataset(
+            source,
+            tokenizer,
+            max_seq_len=self.args.max_seq_len,
+            packing=self.args.packing,
+            skip_bad_records=self.args.skip_bad_records,
+        )
+
+    def collate(self, dataset: Any, items: list[Any]) -> dict[str, torch.Tensor]:
+        collate = getattr(dataset, "collate", None)
+        return collate(items) if callable(collate) else collate_lm(items)
+
+    def loss_weight(self, batch: dict[str, torch.Tensor]) -> float:
+        """How many units (trained tokens here) the batch's loss sum covers."""
+        return float((batch["labels"][:, 1:] != -100).sum())
+
+    def compute_loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """(loss summed over the batch's units, extra metric sums to log)."""
+        logits = forward_logits(model, batch["input_ids"])
+        total, _ = causal_lm_loss_sum(logits, batch["labels"])
+        return total, {}
+
+    def prepare_models(self, ctx: DistContext) -> None:
+        """Move auxiliary models (reference, teacher) to the device; for subclasses."""
+
+    # ------------------------------------------------------------- training
+    def train(
+        self,
+        data_path: Any = None,
+        epochs: int | None = None,
+        *,
+        resume_from: str | None = None,
+        max_steps: int | None = None,
+        eval_data: Any = None,
+    ) -> TrainResult:
+        """Run training; ``resume_from`` is a checkpoint or an output directory (its
+        newest checkpoint is used) and continues the run exactly."""
+        changes: dict[str, Any] = {}
+        if epochs is not None:
+            changes["num_train_epochs"] = epochs
+        if max_steps is not None:
+            changes["max_steps"] = max_steps
+        args = self.args.replace(**changes) if changes else self.args
+        self.args = args
+        source = data_path if data_path is not None else self.train_dataset
+        if source is None:
+            raise ValueError("no training data: pass train_dataset= or train(data_path=...)")
+        if eval_data is not None:
+            self.eval_dataset = eval_data
+        _check_output_dir(args.output_dir)
+        resume_dir = ckpt.find_latest_checkpoint(resume_from) if resume_from else None
+
+        ctx = init_distributed(args.distributed_strategy, args.tp_size, self._device)
+        torch.manual_seed(args.seed)
+        model = self._materialize_model()
+        tokenizer = resolve_tokenizer(self._tokenizer, self._model_source, model)
+        dataset, report = self.build_dataset(source, tokenizer)
+        eval_set = None
+        if self.eval_dataset is not None:
+            eval_set, _ = self.build_dataset(self.eval_dataset, tokenizer)
+
+        model.to(ctx.device)
+        self.prepare_models(ctx)
+        wrapped = wrap_model(model, args.distributed_strategy, ctx, args)
+        self.model = model
+        self._wrapped = wrapped
+        self._ctx = ctx
+        self._tokenizer = tokenizer
+        optimizer = build_optimizer(model, args)
+        n = len(dataset)
+        micro_per_epoch = math.ceil(n / (args.per_device_train_batch_size * ctx.dp_size))
+        steps_per_epoch = math.ceil(micro_per_epoch / args.gradient_accumulation_steps)
+        total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.num_train_epochs
+        scheduler = warmup_cosine(optimizer, args.warmup_steps, total_steps, args.min_lr_ratio)
+        scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.precision == "fp16")
+
+        step, epoch, micro, losses, evals = 0, 0, 0, [], []
+        if resume_dir is not None:
+            state = self._load_checkpoint(resume_dir, wrapped, optimizer, scheduler, scaler, ctx)
+            step, epoch, micro = state["global_step"], state["epoch"], state["micro_in_epoch"]
+            losses, evals = list(state["losses"]), list(state["eval_history"])
+        metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+        if ctx.is_main:
+            os.makedirs(args.output_dir, exist_ok=True)
+            _truncate_metrics(metrics_path, step)
+        order = _epoch_order(n, args.seed, epoch, args.shuffle)
+
+        progress = _progress(total_steps, step, ctx.is_main and args.progress_bar)
+        started, tokens_seen, last_ckpt = time.perf_counter(), 0, None
+        wrapped.train()
+        while step < total_steps:
+            if micro >= micro_per_epoch:
+                epoch, micro = epoch + 1, 0
+                order = _epoch_order(n, args.seed, epoch, args.shuffle)
+            count = min(args.gradient_accumulation_steps, micro_per_epoch - micro)
+            batches = []
+            for m in range(micro, micro + count):
+                idx = micro_batch_indices(
+                    order, m, args.per_device_train_batch_size, ctx.dp_size, ctx.dp_rank
+                )
+                batches.append(self._batch(dataset, idx, order, ctx))
+            weights = [0.0 if "zero_weight" in b else self.loss_weight(b) for b in batches]
+            sums = ctx.all_reduce_sum([sum(weights), float(sum(_tokens(b) for b in batches))])
+            global_weight, global_tokens = sums
+            if global_weight <= 0:
+                raise ValueError(f"step {step + 1}: the global batch has no trained tokens")
+            loss_total, extra_total = 0.0, {}
+            for i, batch in enumerate(batches):
+                with no_grad_sync(wrapped, args.distributed_strategy, i < count - 1):
+                    with _autocast(ctx.device, args.precision):
+                        loss_sum, extra = self.compute_loss(wrapped, batch)
+                    if "zero_weight" in batch:
+                        loss_sum, extra = loss_sum * 0.0, {}
+                    scaler.scale(loss_sum * (ctx.dp_size / global_weight)).backward()
+                loss_total += float(loss_sum.detach())
+                for k, v in extra.items():
+                    extra_total[k] = extra_total.get(k, 0.0) + v
+            grad_norm = self._optimizer_step(wrapped, optimizer, scheduler, scaler)
+            reduced = ctx.all_reduce_sum([loss_total, *extra_total.values()])
+            loss = reduced[0] / global_weight
+            micro += count
+            step += 1
+            tokens_seen += int(global_tokens)
+            losses.append(loss)
+            elapsed = time.perf_counter() - started
+            record = {
+                "step": step,
+                "epoch": epoch,
+                "loss": loss,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+            }
+            record.update(
+                {k: v / global_weight for k, v in zip(extra_total, reduced[1:], strict=True)}
+            )
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if step % args.logging_steps == 0 or step == total_steps:
+                self._log(metrics_path, record, ctx)
+            if eval_set is not None and (
+                (args.eval_steps and step % args.eval_steps == 0) or step == total_steps
+            ):
+                result = self.evaluate(eval_set)
+                result["step"] = step
+                evals.append(result)
+                self._log(metrics_path, result, ctx)
+                wrapped.train()
+            is_save_step = args.save_steps and step % args.save_steps == 0
+            if is_save_step or (step == total_steps and args.save_final):
+                state = {
+                    "global_step": step,
+                    "epoch": epoch,
+                    "micro_in_epoch": micro,
+                    "losses": losses,
+                    "eval_history": evals,
+                }
+                last_ckpt = self._save_checkpoint(
+                    step, wrapped, optimizer, scheduler, scaler, ctx, state
+                )
+        progress.close()
+        plot_path = None
+        if ctx.is_main and args.plot and losses:
+            plot_path = os.path.join(args.output_dir, "loss.png")
+            write_loss_png(
+                plot_path,
+                list(enumerate(losses, start=1)),
+                [(e["step"], e["eval_loss"]) for e in evals],
+            )
+        return TrainResult(
+            global_step=step,
+            losses=losses,
+            eval_history=evals,
+            checkpoint=last_ckpt,
+            metrics_path=metrics_path,
+            plot_path=plot_path,
+            data_report=report,
+        )
+
+    def _materialize_model(self) -> nn.Module:
+        if self.model is not None and getattr(self, "_prepared", False):
+            return self.model
+        model = self.model if self.model is not None else load_model(self._model_source)
+        if self.args.quantization == "int4":
+            if self.lora_config is None:
+                raise ValueError("quantization='int4' (QLoRA) needs a lora_config")
+            quantize_for_qlora(model)
+        if self.lora_config is not None:
+            model = apply_lora(model, self.lora_config)
+        self.model = model
+        self._prepared = True
+        return model
+
+    def _batch(
+        self, dataset: Any, idx: list[int], order: list[int], ctx: DistContext
+    ) -> dict[str, torch.Tensor]:
+        if idx:
+            batch = self.collate(dataset, [dataset[i] for i in idx])
+        else:
+            # This rank's share of the epoch's last micro-batch is empty; it still has
+            # to join the collectives, so it runs one sample whose loss weight is zero.
+            batch = self.collate(dataset, [dataset[order[0]]])
+            batch["labels"] = torch.full_like(batch["labels"], -100)
+            batch["zero_weight"] = torch.ones(1)
+        return {k: v.to(ctx.device) for k, v in batch.items()}
+
+    def _optimizer_step(self, wrapped, optimizer, scheduler, scaler) -> float:
+        args = self.args
+        scaler.unscale_(optimizer)
+        grad_norm = float("nan")
+        if args.max_grad_norm is not None:
+            params = [p for p in wrapped.parameters() if p.requires_grad]
+            norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    # ------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, dataset: Any = None) -> dict[str, float]:
+        """Loss (per unit) and perplexity over ``dataset`` (default: the eval set)."""
+        if dataset is None:
+            if self.eval_dataset is None:
+                raise ValueError("no evaluation data: pass eval_dataset= or evaluate(dataset)")
+            dataset, _ = self.build_dataset(self.eval_dataset, self._tokenizer)
+        model = getattr(self, "_wrapped", None) or self.model
+        ctx = getattr(self, "_ctx", DistContext())
+        if model is None:
+            raise ValueError("evaluate() needs a model: call train() first or pass model=")
+        model.eval()
+        bs = self.args.per_device_eval_batch_size
+        order = list(range(len(dataset)))
+        total, weight = 0.0, 0.0
+        for m in range(math.ceil(len(order) / (bs * ctx.dp_size))):
+            idx = micro_batch_indices(order, m, bs, ctx.dp_size, ctx.dp_rank)
+            batch = self._batch(dataset, idx, order, ctx)
+            with _autocast(ctx.device, self.args.precision):
+                loss_sum, _ = self.compute_loss(model, batch)
+            if "zero_weight" not in batch:
+                total += float(loss_sum)
+                weight += self.loss_weight(batch)
+        total, weight = ctx.all_reduce_sum([total, weight])
+        loss = total / max(weight, 1e-9)
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0))}
+
+    # ----------------------------------------------------------- checkpoints
+    def _save_checkpoint(self, step, wrapped, optimizer, scheduler, scaler, ctx, state) -> str:
+        args = self.args
+        sharded = is_sharded(args.distributed_strategy, ctx)
+        if ctx.is_main:
+            ckpt.prepare_tmp(args.output_dir, step)
+        ctx.barrier()
+        tmp = ckpt.tmp_dir_for(args.output_dir, step)
+        torch.save(ckpt.capture_rng(), os.path.join(tmp, f"rng_state_{ctx.rank}.pt"))
+        model_state, optim_state = self._gather_states(wrapped, optimizer, sharded)
+        ctx.barrier()
+        final = os.path.join(args.output_dir, f"checkpoint-{step}")
+        if ctx.is_main:
+
+            def write(tmp_dir: str) -> None:
+                if self.lora_config is not None:
+                    save_adapter(unwrap(wrapped), tmp_dir, model_state)
+                else:
+                    ckpt.save_weights(model_state, os.path.join(tmp_dir, "model.safetensors"))
+                torch.save(optim_state, os.path.join(tmp_dir, "optimizer.pt"))
+                torch.save(
+                    {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()},
+                    os.path.join(tmp_dir, "training_state.pt"),
+                )
+
+            full_state = {
+                **state,
+                "world_size": ctx.world_size,
+                "config": args.to_dict(),
+                "adapter_only": self.lora_config is not None,
+            }
+            final = ckpt.write_checkpoint(
+                args.output_dir, step, write, full_state, args.save_total_limit, prepare=False
+            )
+        ctx.barrier()
+        return final
+
+    def _gather_states(self, wrapped, optimizer, sharded: bool):
+        if sharded:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_state = get_model_state_dict(wrapped, options=opts)
+            optim_state = get_optimizer_state_dict(wrapped, optimizer, options=opts)
+        else:
+            model_state = unwrap(wrapped).state_dict()
+            optim_state = optimizer.state_dict()
+        if self.lora_config is not None:
+            trainable = {n for n, p in unwrap(wrapped).named_parameters() if p.requires_grad}
+            model_state = {k: v for k, v in model_state.items() if k in trainable}
+        return model_state, optim_state
+
+    def _load_checkpoint(self, path, wrapped, optimizer, scheduler, scaler, ctx) -> dict:
+        with open(os.path.join(path, ckpt.STATE_FILE), encoding="utf-8") as f:
+            state = json.load(f)
+        model = unwrap(wrapped)
+        if state.get("adapter_only"):
+            from ds_model.training.modeling import load_adapter_state
+
+            weights = load_adapter_state(model, path)
+        else:
+            weights = ckpt.load_weights(os.path.join(path, "model.safetensors"))
+        optim_state = torch.load(os.path.join(path, "optimizer.pt"), weights_only=False)
+        if is_sharded(self.args.distributed_strategy, ctx):
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            opts = StateDictOptions(full_state_dict=True, strict=not state.get("adapter_only"))
+            set_model_state_dict(wrapped, weights, options=opts)
+            set_optimizer_state_dict(wrapped, optimizer, optim_state, options=opts)
+        else:
+            missing, unexpected = model.load_state_dict(weights, strict=False)
+            if unexpected:
+                raise ckpt.CheckpointError(f"{path}: unexpected weights {unexpected[:5]}")
+            if not state.get("adapter_only") and missing:
+                raise ckpt.CheckpointError(f"{path}: missing weights {missing[:5]}")
+            optimizer.load_state_dict(optim_state)
+        extra = torch.load(os.path.join(path, "training_state.pt"), weights_only=False)
+        scheduler.load_state_dict(extra["scheduler"])
+        scaler.load_state_dict(extra["scaler"])
+        rng_file = os.path.join(path, f"rng_state_{ctx.rank}.pt")
+        if os.path.exists(rng_file):
+            ckpt.restore_rng(torch.load(rng_file, weights_only=False))
+        else:
+            warnings.warn(f"{path} has no RNG state for rank {ctx.rank}", stacklevel=2)
+        return state
+
+    def save_model(self, path: str) -> None:
+        """The trained weights: the adapter (PEFT format) for LoRA, else the model
+        through its own ``save_pretrained`` when it has one, else ``model.safetensors``."""
+        if self.model is None:
+            raise ValueError("save_model() needs a model: call train() first")
+        os.makedirs(path, exist_ok=True)
+        if self.lora_config is not None:
+            save_adapter(self.model, path, None)
+        elif hasattr(self.model, "save_pretrained"):
+            self.model.save_pretrained(path)
+        else:
+            ckpt.save_weights(self.model.state_dict(), os.path.join(path, "model.safetensors"))
+
+    def _log(self, path: str, record: dict[str, Any], ctx: DistContext) -> None:
+        self.log_history.append(record)
+        if ctx.is_main:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def forward_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Run the model; batches are right-padded, so under causal attention padding never
+    reaches a trained position and no attention mask is needed."""
+    out = model(input_ids)
+    logits = getattr(out, "logits", out)
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return logits
+
+
+def _tokens(batch: dict[str, torch.Tensor]) -> int:
+    if "zero_weight" in batch:
+        return 0
+    return int(batch["attention_mask"].sum())
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=_AUTOCAST[precision])
+
+
+def _epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    if not shuffle:
+        return list(range(n))
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def _check_output_dir(path: str) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"output_dir={path!r} exists and is not a directory")
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """On resume, drop metric lines a killed run wrote after its last checkpoint."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+class _NoBar:
+    def update(self, n: int) -> None: ...
+
+    def set_postfix(self, **kw: Any) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _progress(total: int, initial: int, enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
