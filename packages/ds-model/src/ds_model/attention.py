@@ -1,0 +1,50 @@
+"""Multi-head / grouped-query attention for the llama family (DeepSeek-LLM, Coder v1)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ds_model.attend import attend
+from ds_model.config import ModelConfig
+from ds_model.context import ForwardContext
+from ds_model.rope import apply_rotary
+
+__all__ = ["Attention"]
+
+
+class Attention(nn.Module):
+    """``x``: (batch, seqlen, hidden) -> (batch, seqlen, hidden). Caches key and value,
+    (kv_heads, head_dim) each per token."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.softmax_scale = config.softmax_scale
+        bias, hidden = config.attention_bias, config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        q = apply_rotary(q, ctx.cos, ctx.sin, interleaved=False)
+        k = apply_rotary(k, ctx.cos, ctx.sin, interleaved=False)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(self.layer_idx, [k, v])
+        out = attend(
+            q,
+            k,
+            v,
+            softmax_scale=self.softmax_scale,
+            mask=ctx.mask,
+            cu_seqlens=ctx.cu_seqlens,
+            window=ctx.window,
+        )
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))

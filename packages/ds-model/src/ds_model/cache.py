@@ -1,0 +1,142 @@
+"""KV caches: a static contiguous one for ``generate`` and a paged block pool for serving.
+
+What a layer caches depends on its attention (``cache_entry_shapes``):
+
+- MLA (V2/V3): one tensor per token, ``(kv_lora_rank + qk_rope_head_dim,)``: the
+  normalised compressed latent followed by the rotated shared rope key. Nothing else.
+- MHA/GQA (llama): key and value, ``(kv_heads, head_dim)`` each.
+
+A forward pass talks to a cache through a small writer object built for that pass:
+``update(layer_idx, new)`` stores the new tokens' entries and returns everything the
+new tokens may attend to, in the layout the attention call needs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ds_model.config import ModelConfig
+
+__all__ = [
+    "ContiguousWriter",
+    "PagedKVCache",
+    "PagedWriter",
+    "StaticKVCache",
+    "cache_entry_shapes",
+]
+
+
+def cache_entry_shapes(config: ModelConfig) -> list[tuple[int, ...]]:
+    """Per-token shapes of the tensors one layer caches."""
+    if config.is_mla:
+        return [(config.kv_lora_rank + config.qk_rope_head_dim,)]
+    return [(config.num_key_value_heads, config.head_dim)] * 2
+
+
+class StaticKVCache:
+    """Preallocated (batch, max_len, ...) tensors per layer; positions fill left to right.
+
+    Rows of a left-padded batch share slot indices, so one write per layer serves the
+    whole batch and the decode loop allocates nothing per step.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        shapes = cache_entry_shapes(config)
+        self.layers = [
+            [torch.zeros(batch_size, max_len, *s, dtype=dtype, device=device) for s in shapes]
+            for _ in range(config.num_hidden_layers)
+        ]
+        self.batch_size, self.max_len = batch_size, max_len
+        self.length = 0  # tokens written so far
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer)
+
+    def bytes_per_token(self) -> int:
+        """Bytes one token of one sequence occupies over all layers."""
+        return self.nbytes // (self.batch_size * self.max_len)
+
+    def writer(self, num_new: int) -> ContiguousWriter:
+        if self.length + num_new > self.max_len:
+            raise ValueError(
+                f"the KV cache holds max_len={self.max_len} tokens; {self.length} are used "
+                f"and {num_new} more do not fit"
+            )
+        return ContiguousWriter(self, self.length, num_new)
+
+
+class ContiguousWriter:
+    def __init__(self, cache: StaticKVCache, start: int, num_new: int) -> None:
+        self.cache, self.start, self.end = cache, start, start + num_new
+
+    def update(self, layer_idx: int, new: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``new``: (batch, num_new, ...) each -> (batch, start + num_new, ...) each."""
+        stores = self.cache.layers[layer_idx]
+        for store, t in zip(stores, new):
+            store[:, self.start : self.end] = t
+        return [store[:, : self.end] for store in stores]
+
+
+class PagedKVCache:
+    """A pool of fixed-size blocks per layer: (num_blocks, block_size, ...) tensors.
+
+    A sequence's token at position ``p`` lives in slot
+    ``block_table[p // block_size] * block_size + p % block_size`` of the flattened pool.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError(
+                f"num_blocks={num_blocks} and block_size={block_size} must be positive"
+            )
+        self.shapes = cache_entry_shapes(config)
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.layers = [
+            [
+                torch.zeros(num_blocks, block_size, *s, dtype=dtype, device=device)
+                for s in self.shapes
+            ]
+            for _ in range(config.num_hidden_layers)
+        ]
+
+    @staticmethod
+    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        per_token = sum(int(torch.Size(s).numel()) for s in cache_entry_shapes(config))
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return per_token * itemsize * block_size * config.num_hidden_layers
+
+
+class PagedWriter:
+    """Packed new tokens (1, N, ...) in; packed contexts (1, sum(context_lens), ...) out.
+
+    ``write_slots`` (N,): pool slot of each new token; ``read_slots``
+    (sum(context_lens),): pool slots of every sequence's context, sequence after sequence.
+    """
+
+    def __init__(
+        self, cache: PagedKVCache, write_slots: torch.Tensor, read_slots: torch.Tensor
+    ) -> None:
+        self.cache, self.write_slots, self.read_slots = cache, write_slots, read_slots
+
+    def update(self, layer_idx: int, new: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for pool, t, shape in zip(self.cache.layers[layer_idx], new, self.cache.shapes):
+            flat = pool.view(-1, *shape)
+            flat.index_copy_(0, self.write_slots, t.reshape(-1, *shape).to(pool.dtype))
+            out.append(flat.index_select(0, self.read_slots).unsqueeze(0))
+        return out

@@ -1,0 +1,30 @@
+"""What every layer of one forward pass shares: rotary tables at each token's
+position, the attention pattern, and the cache writer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["ForwardContext"]
+
+
+@dataclass
+class ForwardContext:
+    """``cos``/``sin``: (batch, seqlen, 1, rope_dim / 2), gathered at each token's position.
+
+    Exactly one attention pattern applies: ``mask`` (batch, 1, seqlen_q, seqlen_k) bool
+    for padded batches, ``cu_seqlens`` (cu_q, cu_k) for packed ragged batches (the
+    runner), or neither (plain causal, bottom-right aligned). ``cache`` is a writer
+    from ``ds_model.cache`` or ``None``.
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor | None = None
+    cu_seqlens: tuple[torch.Tensor, torch.Tensor] | None = None
+    window: tuple[int | None, int | None] | None = None
+    cache: Any = None
+    history: bool = False  # True when some key precedes the new tokens (decode)

@@ -1,0 +1,288 @@
+"""Autoregressive generation with a static KV cache: greedy, sampled, streamed, batched.
+
+A batch of prompts is left-padded to one length, so every row writes the same cache
+slot at every step and one mask view (``key_valid[:, None, None, :length]``) hides the
+padding; positions count real tokens only, so a padded prompt produces exactly what it
+produces alone. The decode loop allocates no cache and no mask per step.
+
+Prompts: a string or list of strings (needs ``model.tokenizer``), a list of token ids,
+a list of lists, or a 1-D/2-D tensor. Results mirror the input: text for text, new
+token ids for ids. End-of-sequence and ``stop`` token ids end a row and are not
+returned; a ``stop`` string ends a row once the generated text contains it (text
+results are cut before it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ds_model.cache import StaticKVCache
+
+__all__ = ["SamplingParams", "generate", "sample_next", "stream"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """``temperature=0`` is greedy; ``top_k=0`` and ``top_p=1`` disable those filters."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature!r} must be a number >= 0")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k!r} must be an int >= 0 (0 disables it)")
+
+
+def sample_next(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``logits``: (batch, vocab) -> next token ids (batch,)."""
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already cover top_p.
+        drop = probs.cumsum(dim=-1) - probs > params.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class _Prompt:
+    rows: list[list[int]]
+    kind: str  # "text", "texts", "ids", "batch"
+
+
+def _normalise(model, prompt: Any) -> _Prompt:
+    tok = model.tokenizer
+    if isinstance(prompt, str) or (
+        isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt)
+    ):
+        if tok is None:
+            raise ValueError(
+                "a text prompt needs model.tokenizer (load a directory with tokenizer.json "
+                "or tokenizer.model, or pass token ids)"
+            )
+        if isinstance(prompt, str):
+            return _Prompt([tok.encode(prompt)], "text")
+        return _Prompt([tok.encode(p) for p in prompt], "texts")
+    if isinstance(prompt, torch.Tensor):
+        if prompt.dim() == 1:
+            return _Prompt([prompt.tolist()], "ids")
+        if prompt.dim() == 2:
+            return _Prompt(prompt.tolist(), "batch")
+        raise ValueError(f"prompt tensor must be 1-D or 2-D, got shape {tuple(prompt.shape)}")
+    if isinstance(prompt, Sequence) and prompt:
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return _Prompt([list(prompt)], "ids")
+        if all(isinstance(r, Sequence) and not isinstance(r, str) for r in prompt):
+            return _Prompt([list(r) for r in prompt], "batch")
+    raise TypeError(
+        "prompt must be a str, a list of str, a list of token ids, a list of such lists or "
+        f"a 1-D/2-D tensor; got {type(prompt).__name__}"
+    )
+
+
+def _stop_sets(model, stop: Any) -> tuple[set[int], list[str]]:
+    ids = set(model.config.eos_token_ids)
+    if model.tokenizer is not None and model.tokenizer.eos_token_id is not None:
+        ids.add(model.tokenizer.eos_token_id)
+    strings: list[str] = []
+    items = [] if stop is None else [stop] if isinstance(stop, (int, str)) else list(stop)
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (int, str)):
+            raise TypeError(f"stop items must be token ids or strings, got {item!r}")
+        if isinstance(item, int):
+            ids.add(item)
+        elif item:
+            if model.tokenizer is None:
+                raise ValueError(f"stop string {item!r} needs model.tokenizer")
+            strings.append(item)
+    return ids, strings
+
+
+def _steps(
+    model,
+    rows: list[list[int]],
+    max_new_tokens: int,
+    params: SamplingParams,
+    stop_ids: set[int],
+    stop_strings: list[str],
+    seed: int | None,
+) -> Iterator[list[int | None]]:
+    """Yields, per decode step, each row's new token (``None`` once the row is done)."""
+    config = model.config
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        raise TypeError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    lengths = [len(r) for r in rows]
+    if min(lengths) == 0:
+        raise ValueError("every prompt needs at least one token")
+    longest = max(lengths)
+    context = config.max_position_embeddings
+    if longest > context:
+        raise ValueError(
+            f"prompt of {longest} tokens is longer than the model's context "
+            f"(max_position_embeddings={context})"
+        )
+    if longest + max_new_tokens > context:
+        raise ValueError(
+            f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the "
+            f"model's context (max_position_embeddings={context})"
+        )
+    for r in rows:
+        bad = [t for t in r if not 0 <= t < config.vocab_size]
+        if bad:
+            raise ValueError(
+                f"token ids {bad[:5]} are outside the vocabulary [0, {config.vocab_size})"
+            )
+    if max_new_tokens == 0:
+        return
+    device, batch = model.device, len(rows)
+    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    ids = torch.full((batch, longest), pad, dtype=torch.long, device=device)
+    key_valid = torch.ones(batch, longest + max_new_tokens, dtype=torch.bool, device=device)
+    for b, r in enumerate(rows):
+        ids[b, longest - len(r) :] = torch.tensor(r, dtype=torch.long)
+        key_valid[b, : longest - len(r)] = False
+    padded = any(n != longest for n in lengths)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    cache = StaticKVCache(config, batch, longest + max_new_tokens, model.dtype, device)
+    positions = torch.tensor(lengths, dtype=torch.long, device=device)[:, None]
+    done = [False] * batch
+    texts = [""] * batch
+    generated: list[list[int]] = [[] for _ in rows]
+    stop_tensor = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    with torch.inference_mode():
+        out = model(
+            ids,
+            attention_mask=key_valid[:, :longest] if padded else None,
+            cache=cache,
+            logits_to_keep=1,
+        )
+        logits = out.logits[:, -1]
+        for i in range(max_new_tokens):
+            token = sample_next(logits, params, generator)
+            token_list = token.tolist()
+            is_stop = torch.isin(token, stop_tensor).tolist() if stop_ids else [False] * batch
+            step: list[int | None] = []
+            for b in range(batch):
+                if done[b] or is_stop[b]:
+                    done[b] = True
+                    step.append(None)
+                    continue
+                step.append(token_list[b])
+                generated[b].append(token_list[b])
+                if stop_strings:
+                    texts[b] = model.tokenizer.decode(generated[b])
+                    if any(s in texts[b] for s in stop_strings):
+                        done[b] = True
+            yield step
+            if all(done) or i == max_new_tokens - 1:
+                return
+            writer = cache.writer(1)
+            hidden = model.model(
+                token[:, None],
+                positions,
+                mask=key_valid[:, None, None, : cache.length + 1] if padded else None,
+                cache=writer,
+                history=True,
+            )
+            cache.length += 1
+            positions += 1
+            logits = model.lm_head(hidden[:, -1])
+
+
+def _params(temperature: float, top_p: float, top_k: int) -> SamplingParams:
+    return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+
+
+def generate(
+    model,
+    prompt: Any,
+    max_new_tokens: int = 32,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    stop: int | str | Sequence[int | str] | None = None,
+    seed: int | None = None,
+) -> Any:
+    """Generate up to ``max_new_tokens`` per prompt. Returns text for text prompts
+    (a list for a list), else new token ids (a list of lists for a batch)."""
+    p = _normalise(model, prompt)
+    stop_ids, stop_strings = _stop_sets(model, stop)
+    params = _params(temperature, top_p, top_k)
+    outs: list[list[int]] = [[] for _ in p.rows]
+    for step in _steps(model, p.rows, max_new_tokens, params, stop_ids, stop_strings, seed):
+        for b, t in enumerate(step):
+            if t is not None:
+                outs[b].append(t)
+    if p.kind in ("text", "texts"):
+        texts = [_cut(model.tokenizer.decode(o), stop_strings) for o in outs]
+        return texts[0] if p.kind == "text" else texts
+    return outs[0] if p.kind == "ids" else outs
+
+
+def _cut(text: str, stop_strings: list[str]) -> str:
+    cut = min((text.find(s) for s in stop_strings if s in text), default=-1)
+    return text if cut < 0 else text[:cut]
+
+
+def stream(
+    model,
+    prompt: Any,
+    max_new_tokens: int = 32,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    stop: int | str | Sequence[int | str] | None = None,
+    seed: int | None = None,
+) -> Iterator[Any]:
+    """Like ``generate`` but yields as it goes: text pieces for one text prompt, token
+    ids for one id prompt, and per-step lists (``None`` for finished rows) for batches."""
+    p = _normalise(model, prompt)
+    stop_ids, stop_strings = _stop_sets(model, stop)
+    params = _params(temperature, top_p, top_k)
+    steps = _steps(model, p.rows, max_new_tokens, params, stop_ids, stop_strings, seed)
+    if p.kind != "text":
+        single = p.kind == "ids"
+        for step in steps:
+            if single:
+                if step[0] is not None:
+                    yield step[0]
+            else:
+                yield step
+        return
+    tokens: list[int] = []
+    sent = ""
+    for step in steps:
+        if step[0] is None:
+            continue
+        tokens.append(step[0])
+        text = _cut(model.tokenizer.decode(tokens), stop_strings)
+        if text.endswith("\ufffd"):
+            continue  # an incomplete UTF-8 sequence: wait for the next token
+        if len(text) > len(sent):
+            yield text[len(sent) :]
+            sent = text

@@ -1,0 +1,450 @@
+"""Load checkpoints from a local directory and write them back in the same layout.
+
+A checkpoint directory holds ``config.json`` and either ``model.safetensors`` or
+shards listed by ``model.safetensors.index.json``. The model is built on the meta
+device (no memory), then each tensor is read from its memory-mapped shard, converted
+once to the target dtype/device and put in place, so weights are never held twice.
+
+Key conversions (both directions):
+
+- routed experts: DeepSeek's per-expert ``mlp.experts.{e}.{gate,up,down}_proj.weight``
+  (also transformers 5's fused ``mlp.experts.gate_up_proj`` / ``down_proj``) <-> our
+  stacked ``mlp.experts.gate_up`` / ``mlp.experts.down``.
+- FP8 (DeepSeek-V3): ``weight`` float8_e4m3fn with ``weight_scale_inv`` block scales is
+  dequantized through ds-quant's ``dequantize_fp8_block`` to the target dtype.
+- layers past ``num_hidden_layers`` (V3's multi-token-prediction module) are skipped
+  with a warning: generation here predicts one token at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ds_model.config import ModelConfig
+from ds_model.model import DeepSeekForCausalLM
+
+__all__ = [
+    "CheckpointError",
+    "MissingShardError",
+    "ShapeMismatchError",
+    "from_pretrained",
+    "load_state",
+    "save_pretrained",
+]
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+_FUSED_EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CheckpointError(ValueError):
+    """The checkpoint does not fit the model its config describes."""
+
+
+class MissingShardError(CheckpointError):
+    """A shard named by the index is not in the directory."""
+
+
+class ShapeMismatchError(CheckpointError):
+    """A checkpoint tensor's shape differs from the model parameter's."""
+
+
+def _torch_dtype(value: Any) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    name = str(value).removeprefix("torch.")
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype={value!r} is not a torch floating dtype (e.g. 'bfloat16')")
+    return dtype
+
+
+def checkpoint_files(path: Path) -> dict[str, Path]:
+    """Map every tensor key to the shard file that holds it."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no 'weight_map' object")
+        files = {}
+        for key, name in weight_map.items():
+            shard = path / name
+            if not shard.is_file():
+                raise MissingShardError(
+                    f"shard {name!r} listed in {INDEX_FILE} (for tensor {key!r}) is missing "
+                    f"from {path}"
+                )
+            files[key] = shard
+        return files
+    single = path / SINGLE_FILE
+    if not single.is_file():
+        raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}")
+    with safe_open(single, framework="pt") as f:
+        return dict.fromkeys(f.keys(), single)
+
+
+class _Target:
+    """Where one checkpoint tensor goes: a parameter/buffer, or a slice of stacked experts."""
+
+    def __init__(self, module: nn.Module, attr: str, shape: torch.Size, index=None) -> None:
+        self.module, self.attr, self.shape, self.index = module, attr, shape, index
+
+
+def _targets(model: DeepSeekForCausalLM) -> dict[str, _Target]:
+    """Checkpoint key -> target, for every tensor the model needs."""
+    out: dict[str, _Target] = {}
+    for mod_name, module in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        tensors = {**module._parameters, **module._buffers}
+        for attr, t in tensors.items():
+            if t is None or attr in module._non_persistent_buffers_set:
+                continue
+            if attr in ("gate_up", "down") and mod_name.endswith("mlp.experts"):
+                n, inter = t.shape[0], module.intermediate
+                for e in range(n):
+                    if attr == "gate_up":
+                        shape = torch.Size((inter, t.shape[2]))
+                        out[f"{prefix}{e}.gate_proj.weight"] = _Target(
+                            module, attr, shape, (e, slice(0, inter))
+                        )
+                        out[f"{prefix}{e}.up_proj.weight"] = _Target(
+                            module, attr, shape, (e, slice(inter, 2 * inter))
+                        )
+                    else:
+                        out[f"{prefix}{e}.down_proj.weight"] = _Target(
+                            module, attr, t.shape[1:], (e,)
+                        )
+                continue
+            out[f"{prefix}{attr}"] = _Target(module, attr, t.shape)
+    if model.config.tie_word_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def load_state(
+    model: DeepSeekForCausalLM,
+    files: dict[str, Path],
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> list[str]:
+    """Fill a (meta) model from checkpoint files. Returns notes on skipped keys."""
+    config = model.config
+    targets = _targets(model)
+    block = tuple(
+        (config.extra.get("quantization_config") or {}).get("weight_block_size", (128, 128))
+    )
+    stacked: dict[tuple[int, str], torch.Tensor] = {}
+    filled: set[str] = set()
+    skipped_layers: set[int] = set()
+    unexpected: list[str] = []
+    by_file: dict[Path, list[str]] = {}
+    for key, file in files.items():
+        by_file.setdefault(file, []).append(key)
+    for file, keys in by_file.items():
+        with safe_open(file, framework="pt") as f:
+            present = set(f.keys())
+            for key in keys:
+                if key.endswith("weight_scale_inv") or key.endswith(_IGNORED_SUFFIXES):
+                    continue
+                m = _LAYER_KEY.match(key)
+                if m and int(m.group(1)) >= config.num_hidden_layers:
+                    skipped_layers.add(int(m.group(1)))
+                    continue
+                if key not in present:
+                    raise CheckpointError(f"tensor {key!r} is indexed in {file.name} but absent")
+                fused = _FUSED_EXPERT_KEY.match(key)
+                if fused:
+                    _load_fused_experts(model, fused, f.get_tensor(key), dtype, device, filled)
+                    continue
+                target = targets.get(key)
+                if target is None:
+                    unexpected.append(key)
+                    continue
+                tensor = f.get_tensor(key)
+                scale_key = key.removesuffix("weight") + "weight_scale_inv"
+                if tensor.dtype == torch.float8_e4m3fn:
+                    tensor = _dequantize_fp8(key, tensor, files, scale_key, block, dtype)
+                if tuple(tensor.shape) != tuple(target.shape):
+                    raise ShapeMismatchError(
+                        f"checkpoint tensor {key!r} has shape {tuple(tensor.shape)} but the "
+                        f"model expects {tuple(target.shape)}"
+                    )
+                _place(target, tensor, dtype, device, stacked)
+                filled.add(key)
+    missing = sorted(set(targets) - filled)
+    if missing:
+        shown = ", ".join(missing[:8]) + (
+            f" ... ({len(missing)} in all)" if len(missing) > 8 else ""
+        )
+        raise CheckpointError(f"checkpoint is missing tensors the model needs: {shown}")
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.reset_rope()
+    notes = []
+    if skipped_layers:
+        notes.append(
+            f"skipped layers {sorted(skipped_layers)} beyond num_hidden_layers="
+            f"{config.num_hidden_layers} (multi-token-prediction module; unused for "
+            "next-token generation)"
+        )
+    if unexpected:
+        notes.append(f"ignored {len(unexpected)} unexpected tensors, e.g. {unexpected[:3]}")
+    return notes
+
+
+def _place(target: _Target, tensor: torch.Tensor, dtype, device, stacked) -> None:
+    module, attr = target.module, target.attr
+    keep_fp32 = attr == "e_score_correction_bias"
+    tensor = tensor.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
+    if target.index is None:
+        if attr in module._buffers:
+            module._buffers[attr] = tensor
+        else:
+            module._parameters[attr] = nn.Parameter(
+                tensor, requires_grad=tensor.is_floating_point()
+            )
+        return
+    key = (id(module), attr)
+    if key not in stacked:
+        meta = getattr(module, attr)
+        full = torch.empty(meta.shape, dtype=dtype, device=device)
+        module._parameters[attr] = nn.Parameter(full)
+        stacked[key] = full
+    with torch.no_grad():
+        stacked[key][target.index].copy_(tensor)
+
+
+def _load_fused_experts(model, match, tensor, dtype, device, filled: set[str]) -> None:
+    """transformers 5 layout: experts.gate_up_proj (E, 2I, H), experts.down_proj (E, H, I)."""
+    module = model.get_submodule(match.group(1))
+    attr = "gate_up" if match.group(2) == "gate_up_proj" else "down"
+    expected = tuple(getattr(module, attr).shape)
+    key = f"{match.group(1)}.{match.group(2)}"
+    if tuple(tensor.shape) != expected:
+        raise ShapeMismatchError(
+            f"checkpoint tensor {key!r} has shape {tuple(tensor.shape)} but the model "
+            f"expects {expected}"
+        )
+    module._parameters[attr] = nn.Parameter(tensor.to(device=device, dtype=dtype))
+    names = ("gate_proj", "up_proj") if attr == "gate_up" else ("down_proj",)
+    for e in range(module.num_experts):
+        filled.update(f"{match.group(1)}.{e}.{n}.weight" for n in names)
+
+
+def _dequantize_fp8(key, tensor, files, scale_key, block, dtype) -> torch.Tensor:
+    from ds_quant.fp8 import dequantize_fp8_block
+
+    if scale_key not in files:
+        raise CheckpointError(f"FP8 tensor {key!r} has no {scale_key!r} in the checkpoint")
+    with safe_open(files[scale_key], framework="pt") as f:
+        scale = f.get_tensor(scale_key)
+    return dequantize_fp8_block(tensor, scale, block_size=block, dtype=dtype)
+
+
+def from_pretrained(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str = "cpu",
+    quantization: Any = None,
+    adapter: str | os.PathLike | None = None,
+    tokenizer: bool = True,
+) -> DeepSeekForCausalLM:
+    """Load a model from a local checkpoint directory (never the network).
+
+    ``dtype``: the weights' dtype; ``None`` uses ``config.json``'s ``torch_dtype``
+    (``dtype`` in transformers 5) when it names a float type, else float32; FP8
+    checkpoints load as bfloat16. ``quantization``: a ds-quant config applied after
+    loading with ``ds_quant.quantize_``. ``adapter``: a PEFT-format LoRA directory
+    attached through ds-lora. ``tokenizer``: attach ``model.tokenizer`` when the
+    directory has tokenizer files.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{str(path)!r} is not a local checkpoint directory (ds-model never downloads)"
+        )
+    config = ModelConfig.from_file(path)
+    files = checkpoint_files(path)
+    dtype = _torch_dtype(dtype) or _default_dtype(config)
+    with torch.device("meta"):
+        model = DeepSeekForCausalLM(config)
+    for note in load_state(model, files, dtype=dtype, device=device):
+        warnings.warn(f"{path.name}: {note}", stacklevel=2)
+    model.eval()
+    if quantization is not None:
+        _quantize(model, quantization)
+    if adapter is not None:
+        _attach_adapter(model, Path(adapter))
+    if tokenizer:
+        from ds_model.tokenizer import Tokenizer
+
+        if Tokenizer.available(path):
+            model.tokenizer = Tokenizer.from_dir(path)
+    return model
+
+
+def _default_dtype(config: ModelConfig) -> torch.dtype:
+    if config.extra.get("quantization_config"):
+        return torch.bfloat16
+    for name in ("torch_dtype", "dtype"):
+        value = config.extra.get(name)
+        if isinstance(value, str):
+            try:
+                return _torch_dtype(value)
+            except ValueError:
+                continue
+    return torch.float32
+
+
+def _quantize(model: nn.Module, config: Any) -> None:
+    import ds_quant
+
+    quantize_ = getattr(ds_quant, "quantize_", None)
+    if quantize_ is None:
+        raise RuntimeError("the installed ds-quant has no quantize_(); upgrade ds-quant")
+    # The LM head and router stay in full precision, as DeepSeek's own FP8 model keeps them.
+    quantize_(model, config, filter_fn=_quantizable)
+
+
+def _quantizable(module: nn.Module, name: str) -> bool:
+    return isinstance(module, nn.Linear) and not name.endswith("lm_head")
+
+
+def _attach_adapter(model: nn.Module, adapter: Path) -> None:
+    import ds_lora
+
+    load = getattr(ds_lora, "load_adapter", None) or getattr(ds_lora, "from_pretrained", None)
+    if load is None:
+        raise RuntimeError("the installed ds-lora has no adapter loader; upgrade ds-lora")
+    if not adapter.is_dir():
+        raise FileNotFoundError(f"LoRA adapter directory {str(adapter)!r} does not exist")
+    load(model, adapter)
+
+
+# -- saving ----------------------------------------------------------------------------
+
+
+def export_state_dict(model: DeepSeekForCausalLM) -> dict[str, torch.Tensor]:
+    """The checkpoint layout: per-expert keys, no tied LM head, contiguous unshared tensors."""
+    out: dict[str, torch.Tensor] = {}
+    for key, t in model.state_dict().items():
+        if "lora_" in key or key.endswith((".qweight", ".scales", ".zeros")):
+            raise CheckpointError(
+                f"cannot save {key!r}: merge adapters / dequantize before save_pretrained"
+            )
+        if key == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        if key.endswith("mlp.experts.gate_up"):
+            base, inter = key.removesuffix("gate_up"), t.shape[1] // 2
+            for e in range(t.shape[0]):
+                out[f"{base}{e}.gate_proj.weight"] = t[e, :inter].clone()
+                out[f"{base}{e}.up_proj.weight"] = t[e, inter:].clone()
+        elif key.endswith("mlp.experts.down"):
+            base = key.removesuffix("down")
+            for e in range(t.shape[0]):
+                out[f"{base}{e}.down_proj.weight"] = t[e].clone()
+        else:
+            out[key] = t.detach().contiguous().clone()
+    return out
+
+
+def save_pretrained(
+    model: DeepSeekForCausalLM,
+    path: str | os.PathLike,
+    *,
+    max_shard_bytes: int = 4 * 1024**3,
+) -> None:
+    """Write ``config.json`` and safetensors (sharded with an index above
+    ``max_shard_bytes``) loadable here and by transformers. Every file is written to a
+    temporary name and moved into place with ``os.replace``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.to("cpu") for k, v in export_state_dict(model).items()}
+    shards = _split(state, max_shard_bytes)
+    config = model.config.to_hf_dict()
+    config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    written = []
+    if len(shards) == 1:
+        _atomic(path / SINGLE_FILE, lambda p: save_file(shards[0], p, metadata={"format": "pt"}))
+        written.append(SINGLE_FILE)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            _atomic(path / name, lambda p, s=shard: save_file(s, p, metadata={"format": "pt"}))
+            weight_map.update(dict.fromkeys(shard, name))
+            written.append(name)
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        _atomic_text(path / INDEX_FILE, json.dumps(index, indent=2))
+    stale = [path / SINGLE_FILE] if len(shards) > 1 else [path / INDEX_FILE]
+    for old in stale:
+        old.unlink(missing_ok=True)
+    _atomic_text(path / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(path)
+
+
+def _split(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    return shards
+
+
+def _atomic(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_text(target: Path, text: str) -> None:
+    _atomic(target, lambda p: Path(p).write_text(text))
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(total parameters, parameters active per token): routed experts count k of E."""
+    total = sum(p.numel() for p in _unique(model.parameters()))
+    inactive = 0
+    config: ModelConfig = model.config
+    if config.is_moe:
+        per_expert = 3 * config.hidden_size * config.moe_intermediate_size
+        moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+        inactive = moe_layers * per_expert * (config.n_routed_experts - config.num_experts_per_tok)
+    return total, total - inactive
+
+
+def _unique(params: Iterable[torch.Tensor]) -> Iterable[torch.Tensor]:
+    seen = set()
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            yield p

@@ -1,0 +1,125 @@
+"""Multi-head Latent Attention (DeepSeek V2/V3).
+
+Keys and values are compressed into one ``kv_lora_rank`` latent per token plus a
+``qk_rope_head_dim`` rope key shared by all heads; only those two are cached.
+
+- naive path: expand the cached latents with ``kv_b_proj`` into per-head keys
+  (nope + rope) and values, then attend. Cheapest for a prompt without history.
+- absorbed path (decode): fold ``kv_b_proj``'s key half into the query and its value
+  half into the output, so attention runs directly on the cached latents as
+  multi-query attention with ``d_qk = kv_lora_rank + qk_rope_head_dim`` and
+  ``d_v = kv_lora_rank``; nothing per-head is ever materialised for the history.
+
+Both give the same result (tested); ``impl`` picks one: ``"auto"`` (naive for a pass
+with no cached history, absorbed otherwise), ``"naive"`` or ``"absorb"``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ds_model.attend import attend
+from ds_model.config import ModelConfig
+from ds_model.context import ForwardContext
+from ds_model.norm import RMSNorm
+from ds_model.rope import apply_rotary
+
+__all__ = ["MLAttention"]
+
+MLA_IMPLS = ("auto", "naive", "absorb")
+
+
+class MLAttention(nn.Module):
+    """``x``: (batch, seqlen, hidden) -> (batch, seqlen, hidden). Caches
+    (kv_lora_rank + qk_rope_head_dim,) per token: the normalised latent, then the
+    rotated rope key."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.q_lora_rank, self.kv_lora_rank = config.q_lora_rank, config.kv_lora_rank
+        self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
+        self.v_dim = config.v_head_dim
+        self.qk_dim = self.nope_dim + self.rope_dim
+        self.softmax_scale = config.softmax_scale
+        self.interleaved = config.interleaved_rope
+        self.impl = "auto"
+        hidden, bias = config.hidden_size, config.attention_bias
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(hidden, self.num_heads * self.qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(hidden, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * self.qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_lora_rank + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(
+            self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False
+        )
+        self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        b, t, _ = x.shape
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(b, t, self.num_heads, self.qk_dim)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], -1)
+        q_pe = apply_rotary(q_pe, ctx.cos, ctx.sin, self.interleaved)
+        k_pe = apply_rotary(k_pe.unsqueeze(2), ctx.cos, ctx.sin, self.interleaved).squeeze(2)
+        kv = torch.cat((self.kv_a_layernorm(latent), k_pe), dim=-1)
+        if ctx.cache is not None:
+            (kv,) = ctx.cache.update(self.layer_idx, [kv])
+        if self._absorb(ctx):
+            out = self._absorbed(q_nope, q_pe, kv, ctx)
+        else:
+            out = self._naive(q_nope, q_pe, kv, ctx)
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.v_dim))
+
+    def _absorb(self, ctx: ForwardContext) -> bool:
+        if self.impl not in MLA_IMPLS:
+            raise ValueError(f"MLA impl={self.impl!r} is not one of {MLA_IMPLS}")
+        # The absorbed path reads kv_b_proj's weight; a wrapped projection (LoRA,
+        # quantized) keeps the naive path, which calls the module as it is.
+        if self.impl == "naive" or type(self.kv_b_proj) is not nn.Linear:
+            return False
+        return self.impl == "absorb" or ctx.history
+
+    def _naive(self, q_nope, q_pe, kv, ctx: ForwardContext) -> torch.Tensor:
+        b, s, _ = kv.shape
+        latent, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv_heads = self.kv_b_proj(latent).view(b, s, self.num_heads, self.nope_dim + self.v_dim)
+        k_nope, v = kv_heads.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat((k_nope, k_pe[:, :, None, :].expand(-1, -1, self.num_heads, -1)), dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        return attend(
+            q,
+            k,
+            v,
+            softmax_scale=self.softmax_scale,
+            mask=ctx.mask,
+            cu_seqlens=ctx.cu_seqlens,
+            window=ctx.window,
+        )
+
+    def _absorbed(self, q_nope, q_pe, kv, ctx: ForwardContext) -> torch.Tensor:
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, -1)
+        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]
+        q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)
+        q = torch.cat((q_latent, q_pe), dim=-1)
+        k = kv.unsqueeze(2)  # (batch, seqlen_k, 1, kv_lora_rank + rope_dim): MQA
+        v = k[..., : self.kv_lora_rank]
+        out = attend(
+            q,
+            k,
+            v,
+            softmax_scale=self.softmax_scale,
+            mask=ctx.mask,
+            cu_seqlens=ctx.cu_seqlens,
+            window=ctx.window,
+        )
+        return torch.einsum("bthr,hvr->bthv", out, w_uv)

@@ -1,0 +1,23 @@
+"""RMSNorm, computed in fp32 and cast back, as DeepSeek and transformers do."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["RMSNorm"]
+
+
+class RMSNorm(nn.Module):
+    """``x / rms(x) * weight`` over the last dim. ``x``: (..., dim)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
