@@ -1,7 +1,31 @@
-"""ds-serve: an OpenAI-compatible server with continuous batching on the DeepSeek stack."""
+"""ds-serve: an OpenAI-compatible server with continuous batching on the DeepSeek stack.
 
+``create_app(model_path, **engine_options)`` returns an ASGI app with ``.run(host, port)``;
+``ds-serve [MODEL_PATH]`` is the same from the command line.
+"""
+
+from ds_serve.app import App
+from ds_serve.default_model import DefaultModelNotFound, find_default_model
+from ds_serve.engine import Delta, Engine, EngineClosed
+from ds_serve.errors import APIError
 from ds_serve.protocol import EngineProtocol
+from ds_serve.sampling import SamplingParams
+from ds_serve.server import EngineOptions, build_engine, create_app
 
 __version__ = "0.1.0"
 
-__all__ = ["EngineProtocol", "__version__"]
+__all__ = [
+    "APIError",
+    "App",
+    "DefaultModelNotFound",
+    "Delta",
+    "Engine",
+    "EngineClosed",
+    "EngineOptions",
+    "EngineProtocol",
+    "SamplingParams",
+    "__version__",
+    "build_engine",
+    "create_app",
+    "find_default_model",
+]

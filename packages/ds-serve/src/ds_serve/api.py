@@ -1,0 +1,257 @@
+"""The OpenAI wire format as msgspec Structs: decoded, validated and encoded by msgspec.
+
+Requests forbid unknown fields, so a misspelt or unsupported argument is a 400 naming
+the field rather than a silently ignored option (OpenAI itself answers "Unrecognized
+request argument supplied"). Numeric ranges are msgspec ``Meta`` constraints, so the
+decoder reports the offending field's path (``$.temperature``) in its error.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from msgspec import Meta, Struct
+
+__all__ = [
+    "ChatChoice",
+    "ChatChunkChoice",
+    "ChatCompletionChunk",
+    "ChatCompletionRequest",
+    "ChatCompletionResponse",
+    "ChatDelta",
+    "ChatMessage",
+    "ChatResponseMessage",
+    "CompletionChoice",
+    "CompletionChunk",
+    "CompletionChunkChoice",
+    "CompletionRequest",
+    "CompletionResponse",
+    "ContentPart",
+    "DetokenizeRequest",
+    "DetokenizeResponse",
+    "ErrorBody",
+    "ErrorResponse",
+    "HealthResponse",
+    "ModelCard",
+    "ModelList",
+    "StreamOptions",
+    "TokenizeRequest",
+    "TokenizeResponse",
+    "Usage",
+]
+
+Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
+TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
+# top_k is a vLLM extension; -1 (or 0) means "no top-k filter", as in vLLM.
+TopK = Annotated[int, Meta(ge=-1)]
+MaxTokens = Annotated[int, Meta(ge=1)]
+NumChoices = Annotated[int, Meta(ge=1, le=16)]
+Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
+TokenId = Annotated[int, Meta(ge=0, lt=2**31)]
+StopList = Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(max_length=16)]
+Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
+
+
+class StreamOptions(Struct, forbid_unknown_fields=True):
+    include_usage: bool = False
+
+
+class _SamplingFields(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Fields shared by completions and chat completions."""
+
+    model: str | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    n: NumChoices = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | StopList | None = None
+    seed: Seed | None = None
+    user: str | None = None
+    # Accepted so that clients which always send them work; only the neutral value
+    # is supported, anything else is a 400 naming the field (see validation.py).
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logprobs: bool | int | None = None
+    logit_bias: dict[str, float] | None = None
+
+
+class CompletionRequest(_SamplingFields, kw_only=True):
+    """``POST /v1/completions``. ``prompt`` is text, token ids, or a list of either.
+
+    msgspec allows one array type per union, so the list's items are a union and
+    ``validation.prompts`` checks that they are all of one kind.
+    """
+
+    prompt: str | Annotated[list[str | TokenId | list[TokenId]], Meta(min_length=1)]
+    max_tokens: MaxTokens | None = 16
+    echo: bool = False
+    best_of: NumChoices | None = None
+    suffix: str | None = None
+
+
+class ContentPart(Struct, forbid_unknown_fields=True):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Struct, forbid_unknown_fields=True, kw_only=True):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_SamplingFields, kw_only=True):
+    """``POST /v1/chat/completions``; the prompt is the tokenizer's chat template."""
+
+    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
+    add_generation_prompt: bool = True
+
+
+class Usage(Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(Struct):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class CompletionResponse(Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    object: str = "text_completion"
+
+
+class CompletionChunkChoice(Struct):
+    index: int
+    text: str
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class CompletionChunk(Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    object: str = "text_completion"
+    usage: Usage | None = None
+
+
+class ChatResponseMessage(Struct):
+    content: str
+    role: str = "assistant"
+
+
+class ChatChoice(Struct):
+    index: int
+    message: ChatResponseMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletionResponse(Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    object: str = "chat.completion"
+
+
+class ChatDelta(Struct, omit_defaults=True):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(Struct):
+    index: int
+    delta: ChatDelta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    object: str = "chat.completion.chunk"
+    usage: Usage | None = None
+
+
+class ModelCard(Struct):
+    id: str
+    created: int
+    owned_by: str = "deepseek-stack"
+    object: str = "model"
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(Struct):
+    data: list[ModelCard]
+    object: str = "list"
+
+
+class TokenizeRequest(Struct, forbid_unknown_fields=True, kw_only=True):
+    """vLLM's ``POST /tokenize``: either ``prompt`` or chat ``messages``."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class TokenizeResponse(Struct):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeRequest(Struct, forbid_unknown_fields=True, kw_only=True):
+    tokens: list[TokenId]
+    model: str | None = None
+
+
+class DetokenizeResponse(Struct):
+    prompt: str
+
+
+class HealthResponse(Struct):
+    status: str
+    model: str
+    running: int
+    waiting: int
+    kv_cache_usage: float
+
+
+class ErrorBody(Struct):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(Struct):
+    error: ErrorBody

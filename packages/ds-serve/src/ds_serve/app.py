@@ -1,0 +1,408 @@
+"""The HTTP layer: an ASGI app (Starlette routing, uvicorn serving) over an ``Engine``.
+
+Bodies are msgspec Structs both ways. Every error is an OpenAI error body: 400 for an
+invalid request (naming the field), 401 for a missing or wrong API key, 404 for an
+unknown model or route, 413 for an oversized body, 429 when the waiting queue is full,
+503 while shutting down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import msgspec
+from ds_batching import QueueFull
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from ds_serve.api import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatResponseMessage,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionChunkChoice,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    HealthResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    Usage,
+)
+from ds_serve.engine import Delta, Engine, EngineClosed
+from ds_serve.errors import APIError, error_from_msgspec
+from ds_serve.sse import SSEResponse, watch_disconnect
+from ds_serve.validation import ModelInfo, Prepared, prepare_chat, prepare_completion, tokenize_ids
+
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "App"]
+
+log = logging.getLogger("ds_serve.app")
+
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+_encode = msgspec.json.encode
+
+
+def _json(obj: Any, status: int = 200) -> Response:
+    return Response(_encode(obj), status_code=status, media_type="application/json")
+
+
+def _error(exc: APIError) -> Response:
+    headers = {"retry-after": "1"} if exc.status == 429 else None
+    return Response(
+        exc.body(), status_code=exc.status, media_type="application/json", headers=headers
+    )
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + _encode(obj) + b"\n\n"
+
+
+class _Choices:
+    """The n choices of one HTTP request: engine ids, shared output queue, running totals."""
+
+    def __init__(self, engine: Engine, prepared: Prepared) -> None:
+        self.engine = engine
+        self.queue: asyncio.Queue[Delta] = asyncio.Queue()
+        self.index: dict[str, int] = {}
+        self.prompt_tokens = sum(len(p) for p in prepared.prompts)
+        self.completion_tokens = 0
+        n = len(prepared.params)
+        try:
+            for p, prompt in enumerate(prepared.prompts):
+                for j, params in enumerate(prepared.params):
+                    rid = engine.submit(prompt, params, adapter=prepared.adapter, queue=self.queue)
+                    self.index[rid] = p * n + j
+        except BaseException:
+            self.abort()  # all or nothing: a 429 leaves no half-submitted choices behind
+            raise
+        self.unfinished = set(self.index)
+
+    def abort(self) -> None:
+        for rid in self.index:
+            self.engine.abort(rid)
+
+    async def deltas(self) -> AsyncIterator[tuple[int, Delta]]:
+        while self.unfinished:
+            delta = await self.queue.get()
+            self.completion_tokens += len(delta.token_ids)
+            if delta.finish_reason is not None:
+                self.unfinished.discard(delta.request_id)
+            yield self.index[delta.request_id], delta
+
+    def usage(self) -> Usage:
+        return Usage(
+            self.prompt_tokens, self.completion_tokens, self.prompt_tokens + self.completion_tokens
+        )
+
+
+class App:
+    """The server: ``app.run(host, port)`` or any ASGI server on ``app`` itself."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        api_key: str | None = None,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    ) -> None:
+        if max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes!r}")
+        self.engine = engine
+        self.api_key = api_key
+        self.max_body_bytes = max_body_bytes
+        self.info = ModelInfo(
+            name=engine.model_name,
+            adapters=tuple(engine.adapters),
+            vocab_size=engine.vocab_size,
+            max_model_len=engine.max_model_len,
+            eos_token_ids=tuple(engine.eos_token_ids),
+        )
+        self.created = int(time.time())
+        routes = [
+            Route("/health", self._guard(self.health), methods=["GET"]),
+            Route("/metrics", self._guard(self.metrics), methods=["GET"]),
+            Route("/v1/models", self._guard(self.models), methods=["GET"]),
+            Route("/v1/completions", self._guard(self.completions), methods=["POST"]),
+            Route("/v1/chat/completions", self._guard(self.chat), methods=["POST"]),
+            Route("/tokenize", self._guard(self.tokenize), methods=["POST"]),
+            Route("/detokenize", self._guard(self.detokenize), methods=["POST"]),
+        ]
+        self.starlette = Starlette(
+            routes=routes,
+            exception_handlers={HTTPException: self._http_exception},
+            lifespan=self._lifespan,
+        )
+
+    # ---- ASGI --------------------------------------------------------------------------
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and self.api_key and scope["path"].startswith("/v1/"):
+            headers = dict(scope["headers"])
+            given = headers.get(b"authorization", b"").decode("latin-1")
+            expected = f"Bearer {self.api_key}"
+            if not hmac.compare_digest(given.encode(), expected.encode()):
+                error = APIError(
+                    401,
+                    "Missing or incorrect API key: send 'Authorization: Bearer <key>'",
+                    code="invalid_api_key",
+                )
+                await _error(error)(scope, receive, send)
+                return
+        await self.starlette(scope, receive, send)
+
+    def run(self, host: str = "127.0.0.1", port: int = 8000, **uvicorn_options: Any) -> None:
+        """Serve until SIGINT/SIGTERM; in-flight requests get ``timeout_graceful_shutdown``
+        seconds (default 30) to finish, then the engine aborts the rest."""
+        import uvicorn
+
+        uvicorn_options.setdefault("timeout_graceful_shutdown", 30)
+        uvicorn_options.setdefault("log_level", "info")
+        uvicorn.run(self, host=host, port=port, **uvicorn_options)
+
+    async def _lifespan(self, _app):
+        self.engine.start(asyncio.get_running_loop())
+        try:
+            yield
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.shutdown)
+
+    # ---- plumbing ----------------------------------------------------------------------
+
+    def _guard(self, handler: Callable[[Request], Awaitable[Any]]):
+        async def endpoint(request: Request):
+            try:
+                return await handler(request)
+            except APIError as exc:
+                return _error(exc)
+            except msgspec.DecodeError as exc:
+                return _error(error_from_msgspec(exc))
+            except QueueFull as exc:
+                return _error(
+                    APIError(
+                        429,
+                        f"The server is at capacity: {exc}",
+                        type="rate_limit_error",
+                        code="queue_full",
+                    )
+                )
+            except EngineClosed as exc:
+                return _error(APIError(503, str(exc), type="server_error", code="shutting_down"))
+            except Exception:
+                log.exception("unexpected error in %s", request.url.path)
+                return _error(
+                    APIError(
+                        500,
+                        "Internal server error; see the server log",
+                        type="server_error",
+                        code="internal_error",
+                    )
+                )
+
+        return endpoint
+
+    async def _http_exception(self, request: Request, exc: HTTPException) -> Response:
+        messages = {
+            404: f"No route {request.url.path}",
+            405: f"Method {request.method} not allowed on {request.url.path}",
+        }
+        message = messages.get(exc.status_code, str(exc.detail))
+        return _error(APIError(exc.status_code, message, code=str(exc.status_code)))
+
+    async def _body(self, request: Request, kind: type) -> Any:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise self._too_large()
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise self._too_large()
+            chunks.append(chunk)
+        return msgspec.json.decode(b"".join(chunks), type=kind)
+
+    def _too_large(self) -> APIError:
+        return APIError(
+            413,
+            f"Request body exceeds the limit of {self.max_body_bytes} bytes",
+            code="request_too_large",
+        )
+
+    async def _collect(self, request: Request, choices: _Choices) -> list[tuple[str, str | None]]:
+        """All choices' text and finish reasons; a disconnect aborts them at once."""
+        texts: list[list[str]] = [[] for _ in choices.index]
+        reasons: list[str | None] = [None] * len(choices.index)
+        watcher = watch_disconnect(request.receive, choices.abort)
+        try:
+            async for i, delta in choices.deltas():
+                texts[i].append(delta.text)
+                if delta.finish_reason is not None:
+                    reasons[i] = delta.finish_reason
+        finally:
+            watcher.cancel()
+            choices.abort()
+        return [("".join(t), r) for t, r in zip(texts, reasons)]
+
+    # ---- endpoints ---------------------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        stats = self.engine.stats()
+        healthy = self.engine.error is None and not self.engine.closing
+        body = HealthResponse(
+            status="ok" if healthy else "unavailable",
+            model=self.info.name,
+            running=int(stats["running"]),
+            waiting=int(stats["waiting"]),
+            kv_cache_usage=float(stats["kv_usage"]),
+        )
+        return _json(body, 200 if healthy else 503)
+
+    async def metrics(self, request: Request) -> Response:
+        text = self.engine.metrics.render(self.engine.stats())
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def models(self, request: Request) -> Response:
+        cards = [
+            ModelCard(
+                id=self.info.name,
+                created=self.created,
+                root=self.info.name,
+                max_model_len=self.info.max_model_len,
+            )
+        ]
+        cards += [
+            ModelCard(
+                id=name,
+                created=self.created,
+                root=name,
+                parent=self.info.name,
+                max_model_len=self.info.max_model_len,
+            )
+            for name in self.info.adapters
+        ]
+        return _json(ModelList(data=cards))
+
+    async def completions(self, request: Request):
+        req = await self._body(request, CompletionRequest)
+        prepared = prepare_completion(req, self.info, self.engine.tokenizer)
+        choices = _Choices(self.engine, prepared)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        echo = [self.engine.tokenizer.decode(p) if req.echo else "" for p in prepared.prompts]
+        n = len(prepared.params)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+            async def events() -> AsyncIterator[bytes]:
+                try:
+                    if req.echo:
+                        for i in range(len(choices.index)):
+                            yield _sse(
+                                CompletionChunk(
+                                    rid,
+                                    created,
+                                    prepared.model,
+                                    [CompletionChunkChoice(i, echo[i // n])],
+                                )
+                            )
+                    async for i, delta in choices.deltas():
+                        if delta.text or delta.finish_reason:
+                            choice = CompletionChunkChoice(i, delta.text, delta.finish_reason)
+                            yield _sse(CompletionChunk(rid, created, prepared.model, [choice]))
+                    if include_usage:
+                        yield _sse(
+                            CompletionChunk(rid, created, prepared.model, [], usage=choices.usage())
+                        )
+                    yield b"data: [DONE]\n\n"
+                finally:
+                    choices.abort()
+
+            return SSEResponse(events(), choices.abort)
+        results = await self._collect(request, choices)
+        body = CompletionResponse(
+            id=rid,
+            created=created,
+            model=prepared.model,
+            usage=choices.usage(),
+            choices=[
+                CompletionChoice(i, echo[i // n] + text, reason)
+                for i, (text, reason) in enumerate(results)
+            ],
+        )
+        return _json(body)
+
+    async def chat(self, request: Request):
+        req = await self._body(request, ChatCompletionRequest)
+        prepared = prepare_chat(req, self.info, self.engine.tokenizer)
+        choices = _Choices(self.engine, prepared)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+            def chunk(choice_list: list[ChatChunkChoice], usage: Usage | None = None) -> bytes:
+                return _sse(
+                    ChatCompletionChunk(rid, created, prepared.model, choice_list, usage=usage)
+                )
+
+            async def events() -> AsyncIterator[bytes]:
+                try:
+                    for i in range(len(choices.index)):
+                        yield chunk([ChatChunkChoice(i, ChatDelta(role="assistant", content=""))])
+                    async for i, delta in choices.deltas():
+                        if delta.text:
+                            yield chunk([ChatChunkChoice(i, ChatDelta(content=delta.text))])
+                        if delta.finish_reason:
+                            yield chunk([ChatChunkChoice(i, ChatDelta(), delta.finish_reason)])
+                    if include_usage:
+                        yield chunk([], usage=choices.usage())
+                    yield b"data: [DONE]\n\n"
+                finally:
+                    choices.abort()
+
+            return SSEResponse(events(), choices.abort)
+        results = await self._collect(request, choices)
+        body = ChatCompletionResponse(
+            id=rid,
+            created=created,
+            model=prepared.model,
+            usage=choices.usage(),
+            choices=[
+                ChatChoice(i, ChatResponseMessage(text), reason)
+                for i, (text, reason) in enumerate(results)
+            ],
+        )
+        return _json(body)
+
+    async def tokenize(self, request: Request) -> Response:
+        req = await self._body(request, TokenizeRequest)
+        ids = tokenize_ids(req, self.info, self.engine.tokenizer)
+        return _json(
+            TokenizeResponse(tokens=ids, count=len(ids), max_model_len=self.info.max_model_len)
+        )
+
+    async def detokenize(self, request: Request) -> Response:
+        req = await self._body(request, DetokenizeRequest)
+        bad = [t for t in req.tokens if t >= self.info.vocab_size]
+        if bad:
+            raise APIError(
+                400,
+                f"Token id {bad[0]} is out of range: the vocabulary has "
+                f"{self.info.vocab_size} tokens",
+                param="tokens",
+            )
+        return _json(DetokenizeResponse(prompt=self.engine.tokenizer.decode(list(req.tokens))))

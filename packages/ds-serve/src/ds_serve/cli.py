@@ -1,0 +1,151 @@
+"""``ds-serve [MODEL_PATH] [options]``: serve a model over the OpenAI API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+__all__ = ["main", "parse_args"]
+
+_UNITS = {
+    "": 1,
+    "k": 1 << 10,
+    "m": 1 << 20,
+    "g": 1 << 30,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+}
+
+
+def parse_bytes(text: str) -> int:
+    """``512MiB``, ``2G``, ``1000000`` -> bytes (K/M/G and KiB/MiB/GiB are binary)."""
+    lowered = text.strip().lower()
+    for unit in sorted(_UNITS, key=len, reverse=True):
+        if unit and lowered.endswith(unit):
+            number, factor = lowered[: -len(unit)], _UNITS[unit]
+            break
+    else:
+        number, factor = lowered, 1
+    try:
+        value = float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--kv-cache-memory: cannot read {text!r}; use bytes or a size like 256MiB or 2G"
+        ) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"--kv-cache-memory must be > 0, got {text!r}")
+    return int(value * factor)
+
+
+def parse_lora(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--lora expects NAME=PATH, got {text!r}")
+    return name, path
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ds-serve",
+        description="Serve a DeepSeek-architecture model over the OpenAI API with continuous "
+        "batching. With no MODEL_PATH, serves the built-in models/ds-tiny-coder, found from "
+        "the current directory upward.",
+    )
+    parser.add_argument("model_path", nargs="?", default=None, metavar="MODEL_PATH")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*"
+    )
+    parser.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the name /v1/models reports (default: the directory name)",
+    )
+    parser.add_argument("--max-num-seqs", type=_positive, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=_positive, default=2048)
+    parser.add_argument(
+        "--max-waiting",
+        type=_positive,
+        default=256,
+        help="waiting requests beyond this get HTTP 429",
+    )
+    parser.add_argument("--block-size", type=_positive, default=16)
+    parser.add_argument(
+        "--kv-cache-memory",
+        type=parse_bytes,
+        default=None,
+        help="KV-cache budget, e.g. 512MiB (default: 25%% of free memory)",
+    )
+    parser.add_argument("--max-model-len", type=_positive, default=None)
+    parser.add_argument("--quantization", choices=["int8", "int4"], default=None)
+    parser.add_argument(
+        "--lora",
+        type=parse_lora,
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a PEFT adapter; repeatable",
+    )
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
+    )
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--max-body-bytes", type=_positive, default=4 * 1024 * 1024)
+    parser.add_argument("--log-level", default="info")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    from ds_serve.default_model import DefaultModelNotFound
+    from ds_serve.server import create_app
+
+    try:
+        app = create_app(
+            args.model_path,
+            api_key=args.api_key,
+            max_body_bytes=args.max_body_bytes,
+            served_model_name=args.served_model_name,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_waiting=args.max_waiting,
+            block_size=args.block_size,
+            kv_cache_memory=args.kv_cache_memory,
+            max_model_len=args.max_model_len,
+            quantization=args.quantization,
+            lora=dict(args.lora),
+            dtype=args.dtype,
+            device=args.device,
+            enable_prefix_caching=not args.no_prefix_caching,
+        )
+    except (DefaultModelNotFound, FileNotFoundError, ValueError) as exc:
+        print(f"ds-serve: error: {exc}", file=sys.stderr)
+        return 2
+    app.run(host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

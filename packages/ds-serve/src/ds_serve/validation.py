@@ -1,0 +1,205 @@
+"""Turning a decoded request into engine inputs, or a 400 that names the field.
+
+msgspec has already checked types and ranges; this checks what depends on the model
+(vocabulary, context length, adapter names) and the options we accept but do not
+implement, which are refused rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ds_serve.api import ChatCompletionRequest, CompletionRequest, TokenizeRequest
+from ds_serve.errors import APIError
+from ds_serve.sampling import SamplingParams
+
+__all__ = ["MAX_PROMPTS_PER_REQUEST", "ModelInfo", "Prepared", "prepare_chat", "prepare_completion"]
+
+MAX_PROMPTS_PER_REQUEST = 64
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What validation needs to know about the served model."""
+
+    name: str
+    adapters: tuple[str, ...]
+    vocab_size: int
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated request: token prompts, one ``SamplingParams`` per choice, the adapter."""
+
+    prompts: list[list[int]]
+    params: list[SamplingParams]  # n entries; choice j of every prompt uses params[j]
+    adapter: str | None
+    model: str
+
+
+def resolve_model(requested: str | None, info: ModelInfo) -> tuple[str, str | None]:
+    """(model name to report, adapter to use). The base model's name means no adapter."""
+    if requested is None or requested == info.name:
+        return info.name, None
+    if requested in info.adapters:
+        return requested, requested
+    known = [info.name, *info.adapters]
+    raise APIError(
+        404,
+        f"The model `{requested}` does not exist. Available models: {known}",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def _refuse_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
+    unsupported = {
+        "logprobs": bool(req.logprobs) if not isinstance(req.logprobs, int) else req.logprobs,
+        "presence_penalty": req.presence_penalty not in (None, 0.0),
+        "frequency_penalty": req.frequency_penalty not in (None, 0.0),
+        "logit_bias": bool(req.logit_bias),
+    }
+    if isinstance(req, CompletionRequest):
+        unsupported["suffix"] = req.suffix is not None
+        unsupported["best_of"] = req.best_of is not None and req.best_of != req.n
+    for name, refused in unsupported.items():
+        if refused:
+            raise APIError(
+                400,
+                f"`{name}` is not supported by this server; omit it or use its default",
+                param=name,
+                code="unsupported_parameter",
+            )
+    if req.stream_options is not None and not req.stream:
+        raise APIError(
+            400, "`stream_options` is only allowed when `stream` is true", param="stream_options"
+        )
+
+
+def _check_ids(ids: list[int], info: ModelInfo, param: str) -> list[int]:
+    if not ids:
+        raise APIError(400, "The prompt is empty after tokenization", param=param)
+    bad = [t for t in ids if t >= info.vocab_size]
+    if bad:
+        raise APIError(
+            400,
+            f"Token id {bad[0]} is out of range: the vocabulary has {info.vocab_size} tokens "
+            f"(ids 0 to {info.vocab_size - 1})",
+            param=param,
+        )
+    return ids
+
+
+def _check_length(ids: list[int], max_tokens: int, info: ModelInfo, param: str) -> None:
+    if len(ids) >= info.max_model_len:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {info.max_model_len} tokens; the prompt "
+            f"has {len(ids)} tokens, which leaves no room for a completion",
+            param=param,
+            code="context_length_exceeded",
+        )
+    if len(ids) + max_tokens > info.max_model_len:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {info.max_model_len} tokens. However, you "
+            f"requested {len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} "
+            "in the completion). Reduce the prompt or max_tokens.",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+
+
+def _sampling(req, max_tokens: int, info: ModelInfo) -> list[SamplingParams]:
+    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    params = []
+    for choice in range(req.n):
+        # Choice j of a seeded request uses seed + j, so n > 1 gives n different samples
+        # that are each reproducible.
+        seed = None if req.seed is None else (req.seed + choice) % (2**63)
+        params.append(
+            SamplingParams(
+                temperature=1.0 if req.temperature is None else req.temperature,
+                top_p=1.0 if req.top_p is None else req.top_p,
+                top_k=-1 if req.top_k is None else req.top_k,
+                max_tokens=max_tokens,
+                seed=seed,
+                stop=stop,
+                stop_token_ids=info.eos_token_ids,
+            )
+        )
+    return params
+
+
+def completion_prompts(req: CompletionRequest, tokenizer) -> list[list[int]]:
+    """The request's prompts as token id lists (a str, a list of str, ids, or lists of ids)."""
+    prompt = req.prompt
+    if isinstance(prompt, str):
+        return [tokenizer.encode(prompt)]
+    kinds = {type(item) for item in prompt}
+    if kinds == {str}:
+        prompts = [tokenizer.encode(item) for item in prompt]
+    elif kinds == {int}:
+        prompts = [list(prompt)]
+    elif kinds == {list}:
+        prompts = [list(item) for item in prompt]
+    else:
+        raise APIError(
+            400,
+            "`prompt` must be a string, a list of strings, a list of token ids or a list of "
+            "token-id lists, not a mixture",
+            param="prompt",
+        )
+    if len(prompts) > MAX_PROMPTS_PER_REQUEST:
+        raise APIError(
+            400,
+            f"At most {MAX_PROMPTS_PER_REQUEST} prompts per request, got {len(prompts)}",
+            param="prompt",
+        )
+    return prompts
+
+
+def prepare_completion(req: CompletionRequest, info: ModelInfo, tokenizer) -> Prepared:
+    model, adapter = resolve_model(req.model, info)
+    _refuse_unsupported(req)
+    prompts = [_check_ids(p, info, "prompt") for p in completion_prompts(req, tokenizer)]
+    max_tokens = 16 if req.max_tokens is None else req.max_tokens
+    for ids in prompts:
+        _check_length(ids, max_tokens, info, "prompt")
+    return Prepared(prompts, _sampling(req, max_tokens, info), adapter, model)
+
+
+def chat_prompt(messages, tokenizer, add_generation_prompt: bool) -> list[int]:
+    rendered = [{"role": m.role, "content": m.text()} for m in messages]
+    try:
+        return tokenizer.apply_chat_template(rendered, add_generation_prompt=add_generation_prompt)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise APIError(
+            400, f"The chat template rejected the messages: {exc}", param="messages"
+        ) from exc
+
+
+def prepare_chat(req: ChatCompletionRequest, info: ModelInfo, tokenizer) -> Prepared:
+    model, adapter = resolve_model(req.model, info)
+    _refuse_unsupported(req)
+    ids = _check_ids(
+        chat_prompt(req.messages, tokenizer, req.add_generation_prompt), info, "messages"
+    )
+    requested = (
+        req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    )
+    # Chat has no default cap in the OpenAI API: the rest of the context is the limit.
+    max_tokens = requested if requested is not None else max(1, info.max_model_len - len(ids))
+    _check_length(ids, max_tokens, info, "messages")
+    return Prepared([ids], _sampling(req, max_tokens, info), adapter, model)
+
+
+def tokenize_ids(req: TokenizeRequest, info: ModelInfo, tokenizer) -> list[int]:
+    resolve_model(req.model, info)
+    if (req.prompt is None) == (req.messages is None):
+        raise APIError(400, "Give exactly one of `prompt` and `messages`", param="prompt")
+    if req.prompt is not None:
+        return tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+    return chat_prompt(req.messages, tokenizer, req.add_generation_prompt)

@@ -1,0 +1,55 @@
+"""Fixtures: a tiny SentencePiece tokenizer trained here (no downloads)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+
+# A few KB of code and prose, with multi-byte text so byte-fallback pieces occur.
+CORPUS = [
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n    def push(self, x):",
+    "for i in range(10):\n    print(i, i * i)  # squares",
+    "import os\nimport sys\nprint(sys.argv, os.getcwd())",
+    "The quick brown fox jumps over the lazy dog. Stop here. END of text.",
+    "深度求索 的 模型 可以 写 代码。 你好，世界！ café naïve résumé",
+    "while True:\n    line = input()\n    if not line:\n        break",
+    "return {'key': [1, 2, 3], 'value': None}",
+] * 20
+
+
+def train_tokenizer(directory: Path, vocab_size: int = 512) -> Path:
+    """Trains a byte-fallback BPE SentencePiece model into ``directory/tokenizer.model``."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+        pad_id=-1,
+        remove_extra_whitespaces=False,
+        minloglevel=2,
+        num_threads=1,
+    )
+    path = directory / "tokenizer.model"
+    path.write_bytes(model.getvalue())
+    return path
+
+
+@pytest.fixture(scope="session")
+def sp_model_path(tmp_path_factory) -> Path:
+    return train_tokenizer(tmp_path_factory.mktemp("spm"))
+
+
+@pytest.fixture(scope="session")
+def sp(sp_model_path) -> spm.SentencePieceProcessor:
+    return spm.SentencePieceProcessor(model_file=str(sp_model_path))
