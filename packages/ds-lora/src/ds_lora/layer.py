@@ -15,7 +15,7 @@ import warnings
 import torch
 from torch import nn
 
-from ds_lora.base import base_weight, device_of, is_quantized
+from ds_lora.base import base_weight, device_of, is_quantized, rebuild_quantized
 from ds_lora.config import LoraConfig
 from ds_lora.dora import DoraMagnitude, dora_delta, weight_row_norm
 from ds_lora.errors import AdapterNotFoundError, AdapterStateError, QuantizedMergeWarning
@@ -194,32 +194,42 @@ class LoraLinear(nn.Module):
 
     # --- merging -------------------------------------------------------------------------
 
-    def _write_weight(self, weight: torch.Tensor) -> None:
+    def _write_weight(self, weight: torch.Tensor, dtype: torch.dtype) -> None:
         base = self.base_layer
-        if is_quantized(base):
+        if not is_quantized(base):
+            base.weight.data.copy_(weight.to(base.weight.dtype))
+        elif callable(getattr(base, "requantize", None)):
             base.requantize(weight)
         else:
-            base.weight.data.copy_(weight.to(base.weight.dtype))
+            self.base_layer = rebuild_quantized(base, weight.to(dtype))
         self._base_generation += 1
         self._stack_cache = None
 
     def _check_mergeable(self) -> None:
         base = self.base_layer
-        if is_quantized(base):
-            if not callable(getattr(base, "requantize", None)):
-                raise TypeError(
-                    f"cannot merge into {type(base).__name__}: a quantized base must offer "
-                    "requantize(weight) (see ds_lora.Requantizable) to take the merged weight"
-                )
-            warnings.warn(
-                f"merging a LoRA adapter into quantized {type(base).__name__}: the weight is "
-                "dequantized, updated and re-quantized, so the merged layer differs from "
-                "base + adapter by the quantization error",
-                QuantizedMergeWarning,
-                stacklevel=4,
+        if not is_quantized(base):
+            base_weight(base)  # raises a clear TypeError when there is no float weight
+            return
+        if callable(getattr(base, "requantize", None)):
+            how = "re-quantized in place through requantize(weight)"
+        elif callable(getattr(type(base), "from_float", None)) and hasattr(base, "config"):
+            how = (
+                f"re-quantized into a new {type(base).__name__} through from_float(linear, "
+                "config) (state beyond the config, such as calibration scales, is not kept)"
             )
         else:
-            base_weight(base)  # raises a clear TypeError when there is no float weight
+            raise TypeError(
+                f"cannot merge into {type(base).__name__}: a quantized base must offer "
+                "requantize(weight), or a from_float(linear, config) classmethod and a "
+                "config attribute, to take the merged weight (see ds_lora.Requantizable)"
+            )
+        warnings.warn(
+            f"merging LoRA into quantized {type(base).__name__}: the weight is dequantized, "
+            f"updated and {how}, so the result differs from base + adapter by the "
+            "quantization error",
+            QuantizedMergeWarning,
+            stacklevel=4,
+        )
 
     def merge(self, names: list[str]) -> None:
         """Fold adapters into the base weight (in order); already merged ones are skipped."""
@@ -228,7 +238,8 @@ class LoraLinear(nn.Module):
             return
         self._check_mergeable()
         with torch.no_grad():
-            weight = base_weight(self.base_layer).float()
+            original = base_weight(self.base_layer)
+            weight = original.float()
             for name in todo:
                 updated = weight + self.delta_weight(name)
                 if name in self.lora_magnitude_vector:
@@ -238,7 +249,7 @@ class LoraLinear(nn.Module):
                     updated = (magnitude / norm).unsqueeze(1) * updated
                 weight = updated
                 self.merged_adapters.append(name)
-            self._write_weight(weight)
+            self._write_weight(weight, original.dtype)
 
     def unmerge(self) -> None:
         """Undo every merge, newest first; exact up to float rounding on a float base."""
@@ -246,7 +257,8 @@ class LoraLinear(nn.Module):
             return
         self._check_mergeable()
         with torch.no_grad():
-            weight = base_weight(self.base_layer).float()
+            original = base_weight(self.base_layer)
+            weight = original.float()
             while self.merged_adapters:
                 name = self.merged_adapters.pop()
                 if name in self.lora_magnitude_vector:
@@ -254,7 +266,7 @@ class LoraLinear(nn.Module):
                     magnitude = self.lora_magnitude_vector[name].weight.float()
                     weight = weight / (magnitude / norm).unsqueeze(1)
                 weight = weight - self.delta_weight(name)
-            self._write_weight(weight)
+            self._write_weight(weight, original.dtype)
 
     def extra_repr(self) -> str:
         return (

@@ -48,7 +48,11 @@ class Requantizable(QuantizedLinearLike, Protocol):
     and replaces the layer's stored quantized weight in place, keeping its own format
     (bit width, group size, scales dtype, device). Afterwards ``dequantize()`` returns the
     quantization of ``weight`` and the layer's forward uses it. It returns nothing.
-    Without this method, ``merge`` on a quantized base raises ``TypeError``.
+    Without this method ds-lora falls back to a ``from_float(linear, config)`` classmethod
+    plus a ``config`` attribute (ds-quant's ``QuantizedLinear`` offers these): it builds a
+    new layer from an ``nn.Linear`` holding the merged weight and puts it in place of the
+    old one; anything the config does not describe (e.g. calibration scales) is lost.
+    With neither, ``merge`` on a quantized base raises ``TypeError``.
     """
 
     def requantize(self, weight: torch.Tensor) -> None: ...

@@ -1,0 +1,243 @@
+"""LoraLinear and injection on float layers: no-op at init, exact merge, gradients,
+mixed-adapter batches equal to one adapter per row."""
+
+import ds_lora
+import pytest
+import torch
+from ds_lora import LoraConfig, LoraLinear
+from ds_lora.mixed import mixed_lora_delta, mixed_lora_delta_reference, stack_adapters
+from ds_lora_testing import TinyModel, randomize_adapters
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+TARGETS = st.sampled_from(
+    [
+        ["q_proj"],
+        ["q_proj", "v_proj"],
+        ["up_proj", "down_proj"],
+        "all-linear",
+        r"layers\.1\..*_proj",
+        r".*\.(q|v)_proj",
+    ]
+)
+
+
+def _lora_config(draw, use_dora=None):
+    return LoraConfig(
+        r=draw(st.integers(1, 6)),
+        lora_alpha=draw(st.sampled_from([1, 4, 8.0, 16])),
+        target_modules=draw(TARGETS),
+        lora_dropout=0.0,
+        use_rslora=draw(st.booleans()),
+        use_dora=draw(st.booleans()) if use_dora is None else use_dora,
+        init=draw(st.sampled_from(["default", "gaussian"])),
+    )
+
+
+@st.composite
+def model_and_configs(draw, max_adapters=3):
+    dim = draw(st.sampled_from([8, 16]))
+    model = TinyModel(
+        dim=dim, hidden=draw(st.sampled_from([8, 12])), layers=2, bias=draw(st.booleans())
+    )
+    n = draw(st.integers(1, max_adapters))
+    return model, [_lora_config(draw) for _ in range(n)]
+
+
+def _inputs(model, batch=3, seq=4, seed=0):
+    dim = model.layers[0].q_proj.in_features
+    return torch.randn(batch, seq, dim, generator=torch.Generator().manual_seed(seed))
+
+
+@settings(max_examples=15)
+@given(model_and_configs())
+def test_untrained_adapters_change_nothing(model_configs):
+    model, configs = model_configs
+    x = _inputs(model)
+    expected = model(x)
+    for i, config in enumerate(configs):
+        ds_lora.inject(model, config, f"a{i}")
+        ds_lora.set_adapter(model, f"a{i}")
+        assert torch.equal(model(x), expected)
+
+
+@settings(max_examples=15)
+@given(model_and_configs(max_adapters=2))
+def test_merge_unmerge_exact(model_configs):
+    model, configs = model_configs
+    x = _inputs(model)
+    for i, config in enumerate(configs):
+        ds_lora.inject(model, config, f"a{i}")
+    randomize_adapters(model, seed=1)
+    original = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+    for name in ds_lora.adapter_names(model):
+        ds_lora.set_adapter(model, name)
+        unmerged = model(x)
+        ds_lora.merge_adapter(model)
+        torch.testing.assert_close(model(x), unmerged, atol=1e-5, rtol=0)
+        ds_lora.unmerge_adapter(model)
+        for n, p in model.named_parameters():
+            if "base_layer" in n:
+                torch.testing.assert_close(p, original[n], atol=1e-6, rtol=0)
+        torch.testing.assert_close(model(x), unmerged, atol=1e-5, rtol=0)
+
+
+def test_merge_several_adapters_stacks_them():
+    torch.manual_seed(0)
+    model = TinyModel()
+    x = _inputs(model)
+    ds_lora.inject(model, LoraConfig(r=2, lora_dropout=0.0), "a")
+    ds_lora.inject(model, LoraConfig(r=3, lora_dropout=0.0, target_modules=["q_proj"]), "b")
+    randomize_adapters(model, seed=3)
+    base = model.layers[0].q_proj.base_layer.weight.detach().clone()
+    ds_lora.merge_adapter(model, ["a", "b"])
+    layer = model.layers[0].q_proj
+    expected = base + layer.delta_weight("a") + layer.delta_weight("b")
+    torch.testing.assert_close(layer.base_layer.weight, expected, atol=1e-6, rtol=0)
+    ds_lora.unmerge_adapter(model)
+    torch.testing.assert_close(layer.base_layer.weight, base, atol=1e-6, rtol=0)
+    del x
+
+
+@settings(max_examples=15)
+@given(model_and_configs(max_adapters=2), st.sampled_from(["none", "all", "lora_only"]))
+def test_gradient_flows_only_to_the_active_adapter(model_configs, bias):
+    model, configs = model_configs
+    for i, config in enumerate(configs):
+        ds_lora.inject(model, LoraConfig(**{**config.__dict__, "bias": bias}), f"a{i}")
+    randomize_adapters(model, seed=2)
+    active = ds_lora.active_adapter(model)
+    assert active == "a0"
+    model(_inputs(model)).square().mean().backward()
+    carriers = {
+        n for n, m in model.named_modules() if isinstance(m, LoraLinear) and active in m.lora_A
+    }
+    for name, param in model.named_parameters():
+        is_active_lora = "lora_" in name and f".{active}." in name
+        wrapped_bias = (
+            name.endswith("base_layer.bias")
+            and bias != "none"
+            and (bias == "all" or name.removesuffix(".base_layer.bias") in carriers)
+        )
+        base_bias = name.endswith(".bias") and bias == "all" and "lora_" not in name
+        if is_active_lora or wrapped_bias or base_bias:
+            assert param.requires_grad, name
+            assert param.grad is not None, name
+        else:
+            assert not param.requires_grad, name
+            assert param.grad is None, name
+
+
+def test_default_init_is_kaiming_uniform_a_and_zero_b():
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(64, 32))
+    layer.add_adapter("x", LoraConfig(r=8))
+    a = layer.lora_A["x"].weight
+    bound = 1 / 64**0.5  # kaiming_uniform_(a=sqrt(5)) on fan_in 64
+    assert a.abs().max() <= bound and a.abs().max() > 0.8 * bound
+    assert torch.count_nonzero(layer.lora_B["x"].weight) == 0
+    layer.add_adapter("g", LoraConfig(r=8, init="gaussian"))
+    assert 0.08 < layer.lora_A["g"].weight.std() < 0.17  # std 1/r
+
+
+def test_lora_forward_matches_formula():
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10)
+    layer = LoraLinear(base)
+    config = LoraConfig(r=4, lora_alpha=6, lora_dropout=0.0)
+    layer.add_adapter("x", config)
+    layer.active_adapter = "x"
+    randomize_adapters(layer, seed=5)
+    x = torch.randn(5, 12)
+    a, b = layer.lora_A["x"].weight, layer.lora_B["x"].weight
+    expected = base(x) + (x @ a.T @ b.T) * 1.5
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_dora_forward_matches_weight_decomposition():
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10)
+    layer = LoraLinear(base)
+    layer.add_adapter("x", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, use_dora=True))
+    layer.active_adapter = "x"
+    randomize_adapters(layer, seed=6)
+    x = torch.randn(5, 12)
+    updated = base.weight + 2.0 * layer.lora_B["x"].weight @ layer.lora_A["x"].weight
+    m = layer.lora_magnitude_vector["x"].weight
+    w = (m / updated.norm(dim=1)).unsqueeze(1) * updated
+    torch.testing.assert_close(layer(x), x @ w.T + base.bias, atol=1e-5, rtol=1e-5)
+
+
+@st.composite
+def mixed_case(draw):
+    model = TinyModel(dim=16, hidden=12, layers=2, bias=draw(st.booleans()))
+    n = draw(st.integers(1, 4))
+    configs = [_lora_config(draw) for _ in range(n)]
+    names = [f"a{i}" for i in range(n)]
+    rows = draw(st.lists(st.sampled_from([*names, None]), min_size=1, max_size=6))
+    return model, configs, rows
+
+
+@settings(max_examples=20)
+@given(mixed_case())
+def test_mixed_batch_equals_each_row_alone(case):
+    model, configs, rows = case
+    for i, config in enumerate(configs):
+        ds_lora.inject(model, config, f"a{i}")
+    randomize_adapters(model, seed=7)
+    model.eval()
+    x = _inputs(model, batch=len(rows), seq=3, seed=1)
+    with ds_lora.adapter_batch(model, rows):
+        mixed = model(x)
+    for i, name in enumerate(rows):
+        if name is None:
+            with ds_lora.disable_adapters(model):
+                alone = model(x[i : i + 1])
+        else:
+            ds_lora.set_adapter(model, name)
+            alone = model(x[i : i + 1])
+        torch.testing.assert_close(mixed[i : i + 1], alone, atol=2e-5, rtol=1e-5)
+    # Leaving the block restores the single active adapter.
+    ds_lora.set_adapter(model, "a0")
+    with torch.no_grad():
+        single = model(x)
+    with ds_lora.adapter_batch(model, ["a0"] * len(rows)):
+        torch.testing.assert_close(model(x), single, atol=2e-5, rtol=1e-5)
+
+
+def test_mixed_delta_matches_row_loop_reference():
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(16, 8))
+    for i, (r, dora) in enumerate([(2, False), (5, True), (3, False)]):
+        layer.add_adapter(f"a{i}", LoraConfig(r=r, lora_dropout=0.0, use_dora=dora))
+    randomize_adapters(layer, seed=8)
+    names = ("a0", "a1", "a2", "absent")
+    stacked = stack_adapters(layer, names)
+    row_index = torch.tensor([0, 4, 1, 2, 3, 1, 0])
+    x = torch.randn(7, 5, 16)
+    base = layer.base_layer(x)
+    got = mixed_lora_delta(x, base, stacked, row_index, layer.base_layer.bias)
+    want = mixed_lora_delta_reference(x, base, stacked, row_index, layer.base_layer.bias)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.count_nonzero(got[1]) == 0 and torch.count_nonzero(got[4]) == 0
+
+
+def test_mixed_batch_refuses_bad_use():
+    model = TinyModel()
+    ds_lora.inject(model, LoraConfig(r=2, lora_dropout=0.1), "a")
+    x = _inputs(model, batch=2)
+    with pytest.raises(ds_lora.AdapterStateError, match="training mode"):
+        with ds_lora.adapter_batch(model, ["a", None]):
+            pass
+    model.eval()
+    with pytest.raises(ds_lora.AdapterNotFoundError, match="'zz'"):
+        with ds_lora.adapter_batch(model, ["a", "zz"]):
+            pass
+    with pytest.raises(ValueError, match="3 row adapters"):
+        with ds_lora.adapter_batch(model, ["a", None, "a"]):
+            model(x)
+    ds_lora.merge_adapter(model)
+    with pytest.raises(ds_lora.AdapterStateError, match="merged"):
+        with ds_lora.adapter_batch(model, ["a", None]):
+            model(x)
