@@ -2,10 +2,6 @@
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from torch import nn
-
 from ds_quant import (
     Fp8BlockConfig,
     Fp8BlockLinear,
@@ -13,6 +9,9 @@ from ds_quant import (
     quantize_,
     quantize_fp8_block,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
 
 FP8 = torch.float8_e4m3fn
 
@@ -64,7 +63,7 @@ def test_quantize_then_dequantize_is_within_fp8_precision(rows, cols, br, bc, ma
 
 
 def test_dequantize_rejects_wrong_scale_shape():
-    with pytest.raises(ValueError, match="weight_scale_inv must have shape"):
+    with pytest.raises(ValueError, match=r"weight_scale_inv must have shape"):
         dequantize_fp8_block(torch.zeros(130, 128, dtype=FP8), torch.ones(1, 1))
 
 
@@ -83,7 +82,7 @@ def test_from_fp8_runs_a_checkpoint_weight():
 
 
 def test_from_fp8_rejects_non_fp8_weight():
-    with pytest.raises(TypeError, match="float8_e4m3fn"):
+    with pytest.raises(TypeError, match=r"float8_e4m3fn"):
         Fp8BlockLinear.from_fp8(torch.zeros(4, 4), torch.ones(1, 1))
 
 

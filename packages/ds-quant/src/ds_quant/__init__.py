@@ -4,6 +4,7 @@
 activation-aware INT4; ``save_quantized`` / ``load_quantized`` round-trip safetensors.
 """
 
+from ds_quant.calibrate import calibrate
 from ds_quant.config import (
     Fp8BlockConfig,
     Int4WeightOnlyConfig,
@@ -19,6 +20,7 @@ from ds_quant.linear_int8 import Int8DynamicActivationInt8WeightLinear, Int8Weig
 from ds_quant.primitives import pack_int4, unpack_int4
 from ds_quant.protocol import QuantConfig, QuantizedLinearProtocol
 from ds_quant.quantize import AlreadyQuantizedError, quantize_, register_quant_handler
+from ds_quant.serialization import load_quantized, quantization_recipe, read_recipe, save_quantized
 
 __version__ = "0.1.0"
 
@@ -36,11 +38,16 @@ __all__ = [
     "QuantizedLinear",
     "QuantizedLinearProtocol",
     "__version__",
+    "calibrate",
     "config_from_dict",
     "dequantize_fp8_block",
+    "load_quantized",
     "pack_int4",
+    "quantization_recipe",
     "quantize_",
     "quantize_fp8_block",
+    "read_recipe",
     "register_quant_handler",
+    "save_quantized",
     "unpack_int4",
 ]

@@ -83,7 +83,9 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         self.register_buffer(
             "weight_scale", torch.empty(n, groups, dtype=torch.float32, device=device)
         )
-        self.register_buffer("weight_zero", torch.empty(n, groups, dtype=torch.float32, device=device))
+        self.register_buffer(
+            "weight_zero", torch.empty(n, groups, dtype=torch.float32, device=device)
+        )
 
     def recipe(self) -> dict[str, Any]:
         return {**super().recipe(), "input_scale": self.input_scale is not None}

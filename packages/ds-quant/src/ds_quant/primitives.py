@@ -36,7 +36,9 @@ def padded_in_features(in_features: int, group_size: int) -> int:
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """(rows, 2 * m) integers in 0..15 -> (rows, m) uint8, two values per byte."""
     if q.dim() != 2 or q.shape[-1] % 2:
-        raise ValueError(f"pack_int4 needs a 2-D tensor with an even last dim, got {tuple(q.shape)}")
+        raise ValueError(
+            f"pack_int4 needs a 2-D tensor with an even last dim, got {tuple(q.shape)}"
+        )
     if q.numel() and (int(q.min()) < 0 or int(q.max()) > 15):
         raise ValueError(
             f"pack_int4 values must lie in 0..15, got [{int(q.min())}, {int(q.max())}]"

@@ -82,9 +82,7 @@ def _replace(model: nn.Module, fqn: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def quantize_(
-    model: nn.Module, config: Any, filter_fn: FilterFn | None = None
-) -> nn.Module:
+def quantize_(model: nn.Module, config: Any, filter_fn: FilterFn | None = None) -> nn.Module:
     """Quantize ``model`` in place and return it.
 
     Every submodule for which ``filter_fn(module, fully_qualified_name)`` is true (by

@@ -39,6 +39,7 @@ def _w4a16_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -66,8 +67,11 @@ def _w4a16_kernel(
         s_off = offs_n[None, :] * stride_sn + group[:, None] * stride_sg
         s = tl.load(s_ptr + s_off, mask=wk_mask, other=0.0)
         z = tl.load(z_ptr + s_off, mask=wk_mask, other=0.0)
-        w = ((q - z) * s).to(x.dtype)  # (BLOCK_K, BLOCK_N)
-        acc += tl.dot(x, w, input_precision=PRECISION)
+        w = (q - z) * s  # (BLOCK_K, BLOCK_N) float32
+        if UPCAST:
+            acc += tl.dot(x.to(tl.float32), w, input_precision=PRECISION)
+        else:
+            acc += tl.dot(x, w.to(x.dtype), input_precision=PRECISION)
     y = acc.to(y_ptr.dtype.element_ty)
     tl.store(
         y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
@@ -119,6 +123,8 @@ def w4a16_matmul_triton(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if x.dtype == torch.float32 or not x.is_cuda else "tf32",
+        # The interpreter (CPU) mishandles half-precision dots; it gets float32 operands.
+        UPCAST=not x.is_cuda,
     )
     return y.reshape(*x.shape[:-1], n)

@@ -1,0 +1,136 @@
+"""Quantized checkpoints in safetensors, with the recipe in the metadata.
+
+The file holds the model's ``state_dict`` (quantized buffers as stored, float params
+as they are) and two metadata keys: ``ds_quant.format`` ("1") and ``ds_quant.recipe``,
+JSON mapping each quantized layer's name to its config, shapes, bias and float dtype.
+Loading rebuilds those layers empty from the recipe and assigns the stored tensors:
+nothing is re-quantized and no float weight of a quantized layer is ever allocated
+(build the float skeleton under ``torch.device("meta")``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ds_quant.config import config_from_dict
+from ds_quant.linear import DTYPE_NAMES, QuantizedLinear
+from ds_quant.quantize import LAYER_FOR_CONFIG_NAME, _replace
+
+FORMAT_KEY = "ds_quant.format"
+RECIPE_KEY = "ds_quant.recipe"
+FORMAT_VERSION = "1"
+
+
+def quantization_recipe(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Each quantized layer's name -> its recipe (config, shapes, bias, float dtype)."""
+    return {
+        name: module.recipe()
+        for name, module in model.named_modules()
+        if isinstance(module, QuantizedLinear)
+    }
+
+
+def save_quantized(
+    model: nn.Module, path: str | os.PathLike[str], metadata: dict[str, str] | None = None
+) -> None:
+    """Write ``model``'s state dict and quantization recipe to ``path`` atomically
+    (a temp file in the same directory, then ``os.replace``)."""
+    recipe = quantization_recipe(model)
+    if not recipe:
+        raise ValueError("model has no quantized layers: run quantize_ or calibrate first")
+    tensors: dict[str, torch.Tensor] = {}
+    seen: dict[int, str] = {}
+    for key, value in model.state_dict().items():
+        if value.device.type == "meta":
+            raise ValueError(f"tensor {key!r} is on the meta device: nothing to save")
+        ptr = value.untyped_storage().data_ptr() if value.numel() else None
+        if ptr is not None and ptr in seen:
+            raise ValueError(
+                f"tensor {key!r} shares memory with {seen[ptr]!r} (tied weights); "
+                "safetensors cannot store shared tensors: untie them before saving"
+            )
+        if ptr is not None:
+            seen[ptr] = key
+        tensors[key] = value.detach().contiguous().cpu()
+    meta = dict(metadata or {})
+    meta[FORMAT_KEY] = FORMAT_VERSION
+    meta[RECIPE_KEY] = json.dumps(recipe, sort_keys=True)
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_recipe(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """The recipe stored in a checkpoint written by ``save_quantized``."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get(FORMAT_KEY) != FORMAT_VERSION or RECIPE_KEY not in meta:
+        raise ValueError(
+            f"{path} is not a ds-quant checkpoint (metadata {FORMAT_KEY!r} = "
+            f"{meta.get(FORMAT_KEY)!r}, expected {FORMAT_VERSION!r})"
+        )
+    return json.loads(meta[RECIPE_KEY])
+
+
+def load_quantized(
+    model: nn.Module, path: str | os.PathLike[str], device: torch.device | str = "cpu"
+) -> nn.Module:
+    """Load a ``save_quantized`` checkpoint into ``model`` (the float architecture,
+    ideally built on the meta device) in place and return it.
+
+    Quantized layers named in the recipe are replaced by empty quantized layers, then
+    every tensor of the file is assigned (strictly: missing or unexpected keys raise).
+    """
+    recipe = read_recipe(path)
+    for name, entry in recipe.items():
+        try:
+            current = model.get_submodule(name)
+        except AttributeError as err:
+            raise KeyError(f"checkpoint quantizes {name!r}, which the model does not have") from err
+        if not isinstance(current, nn.Linear):
+            raise TypeError(
+                f"checkpoint quantizes {name!r} but the model has a {type(current).__name__} there"
+            )
+        if (current.in_features, current.out_features) != (
+            entry["in_features"],
+            entry["out_features"],
+        ):
+            raise ValueError(
+                f"layer {name!r}: checkpoint shape (in={entry['in_features']}, "
+                f"out={entry['out_features']}) does not match the model's "
+                f"(in={current.in_features}, out={current.out_features})"
+            )
+        config = config_from_dict(entry["config"])
+        layer_cls = LAYER_FOR_CONFIG_NAME[config.name]
+        layer = layer_cls.empty(
+            entry["in_features"],
+            entry["out_features"],
+            entry["bias"],
+            config,
+            DTYPE_NAMES[entry["dtype"]],
+            device="meta",
+        )
+        if entry.get("input_scale"):
+            layer.input_scale = torch.empty(entry["in_features"], device="meta")
+        _replace(model, name, layer)
+    tensors: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        for key in f.keys():
+            tensors[key] = f.get_tensor(key)
+    model.load_state_dict(tensors, strict=True, assign=True)
+    return model

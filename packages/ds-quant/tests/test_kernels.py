@@ -1,0 +1,174 @@
+"""Every kernel against the dequantize-then-matmul reference (mean relative error < 1e-3).
+
+The Triton kernel runs in the interpreter on CPU when there is no CUDA (conftest sets
+TRITON_INTERPRET=1), at small shapes; the GPU test runs it at larger shapes.
+"""
+
+import importlib.util
+
+import pytest
+import torch
+from ds_quant import Int4WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig, quantize_
+from ds_quant.kernels import choose_w4a16_backend, w4a16_matmul_reference
+from ds_quant.kernels.cpu import (
+    HAS_INT4_CPU,
+    HAS_INT8_CPU,
+    int8_weight_matmul_cpu,
+    prepack_int4_cpu,
+    w4a16_matmul_cpu,
+)
+from ds_quant.kernels.reference import int8_weight_matmul_reference
+from ds_quant.primitives import pack_int4, quantize_int4, quantize_int8_per_channel
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="triton is not installed"
+)
+
+
+def mean_rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    got, ref = got.detach().float(), ref.detach().float()
+    return float((got - ref).abs().mean() / ref.abs().mean())
+
+
+def int4_operands(out_features, in_features, group_size, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_features, in_features, generator=g)
+    q, scale, zero = quantize_int4(w, group_size)
+    return pack_int4(q).to(device), scale.to(device), zero.to(device)
+
+
+def fp32_reference(x, packed, scale, zero, group_size, in_features):
+    return w4a16_matmul_reference(x.float(), packed, scale, zero, group_size, in_features)
+
+
+@needs_triton
+@settings(max_examples=6)
+@given(
+    m=st.integers(1, 20),
+    n=st.integers(1, 40),
+    k=st.integers(2, 80),
+    group_size=st.sampled_from([16, 32, 64]),
+)
+def test_triton_w4a16_matches_reference_fp32(m, n, k, group_size):
+    from ds_quant.kernels.triton_w4a16 import w4a16_matmul_triton
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    packed, scale, zero = int4_operands(n, k, group_size, seed=m * 7 + n, device=device)
+    x = torch.randn(m, k, device=device)
+    got = w4a16_matmul_triton(x, packed, scale, zero, group_size, k)
+    ref = fp32_reference(x, packed, scale, zero, group_size, k)
+    assert got.shape == (m, n)
+    assert mean_rel_err(got, ref) < 1e-3
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_w4a16_half_precision_within_twice_torch_error(dtype):
+    from ds_quant.kernels.triton_w4a16 import w4a16_matmul_triton
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    packed, scale, zero = int4_operands(48, 96, 32, device=device)
+    x = torch.randn(3, 96, device=device)
+    ref = fp32_reference(x, packed, scale, zero, 32, 96)
+    got = w4a16_matmul_triton(x.to(dtype), packed, scale, zero, 32, 96)
+    torch_same_dtype = w4a16_matmul_reference(x.to(dtype), packed, scale, zero, 32, 96)
+    assert got.dtype == dtype
+    err, torch_err = mean_rel_err(got, ref), mean_rel_err(torch_same_dtype, ref)
+    assert err <= 2 * torch_err + 1e-6
+
+
+@needs_triton
+def test_layer_forced_to_triton_backend():
+    torch.manual_seed(0)
+    linear = nn.Linear(72, 40)  # 72 is not a multiple of the group size
+    q = quantize_(linear, Int4WeightOnlyConfig(group_size=32))
+    q.backend = "triton"
+    x = torch.randn(2, 3, 72)
+    if torch.cuda.is_available():
+        q, x = q.cuda(), x.cuda()
+    ref = x @ q.dequantize().T + q.bias
+    assert mean_rel_err(q(x), ref) < 1e-3
+
+
+@pytest.mark.gpu
+def test_triton_w4a16_large_shapes_on_gpu():
+    from ds_quant.kernels.triton_w4a16 import w4a16_matmul_triton
+
+    packed, scale, zero = int4_operands(4096, 4096, 128, device="cuda")
+    for m in (1, 16, 100):
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+        got = w4a16_matmul_triton(x, packed, scale, zero, 128, 4096)
+        ref = fp32_reference(x, packed, scale, zero, 128, 4096)
+        same = w4a16_matmul_reference(x, packed, scale, zero, 128, 4096)
+        assert mean_rel_err(got, ref) <= 2 * mean_rel_err(same, ref) + 1e-6
+
+
+@pytest.mark.skipif(not HAS_INT4_CPU, reason="torch has no packed INT4 CPU op")
+@settings(max_examples=15)
+@given(
+    m=st.integers(1, 9),
+    n=st.sampled_from([16, 32, 48, 64, 80, 128]),
+    k=st.integers(1, 300),
+    group_size=st.sampled_from([32, 64, 128, 256]),
+)
+def test_cpu_packed_int4_matches_reference(m, n, k, group_size):
+    packed, scale, zero = int4_operands(n, k, group_size, seed=k)
+    x = torch.randn(m, k)
+    cpu_weight, sz = prepack_int4_cpu(packed, scale, zero, torch.float32)
+    got = w4a16_matmul_cpu(x, cpu_weight, sz, group_size, k)
+    assert mean_rel_err(got, fp32_reference(x, packed, scale, zero, group_size, k)) < 1e-3
+
+
+@pytest.mark.skipif(not HAS_INT4_CPU, reason="torch has no packed INT4 CPU op")
+def test_cpu_packed_int4_bfloat16_within_twice_torch_error():
+    packed, scale, zero = int4_operands(64, 256, 128)
+    x = torch.randn(4, 256)
+    ref = fp32_reference(x, packed, scale, zero, 128, 256)
+    cpu_weight, sz = prepack_int4_cpu(packed, scale, zero, torch.bfloat16)
+    got = w4a16_matmul_cpu(x.bfloat16(), cpu_weight, sz, 128, 256)
+    same = w4a16_matmul_reference(x.bfloat16(), packed, scale, zero, 128, 256)
+    assert mean_rel_err(got, ref) <= 2 * mean_rel_err(same, ref) + 1e-6
+
+
+@pytest.mark.skipif(not HAS_INT8_CPU, reason="torch has no packed INT8 CPU op")
+@settings(max_examples=15)
+@given(m=st.integers(1, 9), n=st.integers(1, 70), k=st.integers(1, 130))
+def test_cpu_int8_weight_only_matches_reference(m, n, k):
+    g = torch.Generator().manual_seed(n * 131 + k)
+    q, scale = quantize_int8_per_channel(torch.randn(n, k, generator=g))
+    x = torch.randn(m, k, generator=g)
+    got = int8_weight_matmul_cpu(x, q, scale)
+    assert mean_rel_err(got, int8_weight_matmul_reference(x, q, scale)) < 1e-3
+
+
+def test_int8_dynamic_integer_matmul_matches_float_reference():
+    torch.manual_seed(0)
+    q = quantize_(nn.Linear(160, 48), Int8DynamicActivationInt8WeightConfig())
+    x = torch.randn(5, 160)
+    assert mean_rel_err(q(x), q.reference_forward(x)) < 1e-5
+
+
+def test_auto_backend_selection():
+    x = torch.randn(2, 64)
+    assert choose_w4a16_backend(x, 64, 128) == ("cpu_packed" if HAS_INT4_CPU else "reference")
+    assert choose_w4a16_backend(x, 40, 128) == "reference"  # out_features % 16 != 0
+    assert choose_w4a16_backend(x, 64, 16) == "reference"  # group size the op lacks
+    assert choose_w4a16_backend(x.double(), 64, 128) == "reference"
+    with pytest.raises(ValueError, match=r"backend must be one of"):
+        choose_w4a16_backend(x, 64, 128, "fastest")
+    with pytest.raises(ValueError, match=r"cpu_packed"):
+        choose_w4a16_backend(x, 40, 128, "cpu_packed")
+
+
+def test_cpu_cache_follows_weight_updates():
+    torch.manual_seed(0)
+    q = quantize_(nn.Linear(128, 32), Int4WeightOnlyConfig(group_size=32))
+    x = torch.randn(2, 128)
+    first = q(x)
+    new = quantize_(nn.Linear(128, 32), Int4WeightOnlyConfig(group_size=32))
+    q.load_state_dict(new.state_dict())
+    torch.testing.assert_close(q(x), new(x))
+    assert not torch.equal(first, q(x))

@@ -1,0 +1,124 @@
+"""Quantized layers against the float layer (SQNR) and their public semantics."""
+
+import pytest
+import torch
+from ds_quant import (
+    Fp8BlockConfig,
+    Int4WeightOnlyConfig,
+    Int4WeightOnlyLinear,
+    Int8DynamicActivationInt8WeightConfig,
+    Int8WeightOnlyConfig,
+    QuantizedLinearProtocol,
+    quantize_,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+
+def sqnr(ref: torch.Tensor, got: torch.Tensor) -> float:
+    ref, got = ref.detach(), got.detach()
+    return float(10 * torch.log10(ref.pow(2).mean() / (got - ref).pow(2).mean()))
+
+
+def layer_sqnr(config, in_features=1024, out_features=512, seed=0) -> float:
+    torch.manual_seed(seed)
+    linear = nn.Linear(in_features, out_features)
+    x = torch.randn(64, in_features)
+    with torch.no_grad():
+        ref = linear(x)
+        q = quantize_(linear, config)
+        return sqnr(ref, q(x))
+
+
+def test_int8_weight_only_sqnr_at_least_35_db():
+    assert layer_sqnr(Int8WeightOnlyConfig()) >= 35
+
+
+def test_int8_dynamic_sqnr_at_least_30_db():
+    assert layer_sqnr(Int8DynamicActivationInt8WeightConfig()) >= 30
+
+
+def test_int4_g128_sqnr_at_least_20_db():
+    assert layer_sqnr(Int4WeightOnlyConfig(group_size=128)) >= 20
+
+
+def test_int4_symmetric_and_smaller_groups_also_pass():
+    assert layer_sqnr(Int4WeightOnlyConfig(group_size=128, symmetric=True)) >= 18
+    assert layer_sqnr(Int4WeightOnlyConfig(group_size=32)) > layer_sqnr(Int4WeightOnlyConfig())
+
+
+CONFIGS = [
+    Int8WeightOnlyConfig(),
+    Int8DynamicActivationInt8WeightConfig(),
+    Int4WeightOnlyConfig(group_size=32),
+    Int4WeightOnlyConfig(group_size=128, symmetric=True),
+    Fp8BlockConfig(block=(16, 32)),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
+def test_layer_satisfies_the_protocol_and_forward_matches_dequantize(config):
+    torch.manual_seed(1)
+    linear = nn.Linear(96, 48)
+    q = quantize_(linear, config)
+    assert isinstance(q, QuantizedLinearProtocol)
+    assert (q.in_features, q.out_features) == (96, 48)
+    w = q.dequantize()
+    assert w.shape == (48, 96) and w.dtype == torch.float32
+    assert not w.is_floating_point() or w.dtype != q.weight.dtype  # weight is the stored form
+    x = torch.randn(2, 5, 96)
+    y = q(x)
+    assert y.shape == (2, 5, 48) and y.dtype == x.dtype
+    if config.name != "int8_dynamic_activation_int8_weight":  # W8A8 also rounds x
+        torch.testing.assert_close(y, x @ w.T + linear.bias, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=15)
+@given(
+    in_features=st.integers(1, 300),
+    out_features=st.sampled_from([1, 16, 48]),
+    group_size=st.sampled_from([32, 64, 128]),
+)
+def test_int4_in_features_not_a_multiple_of_group_size(in_features, out_features, group_size):
+    torch.manual_seed(in_features)
+    linear = nn.Linear(in_features, out_features)
+    q = quantize_(linear, Int4WeightOnlyConfig(group_size=group_size))
+    assert q.weight.shape == (out_features, -(-in_features // group_size) * group_size // 2)
+    x = torch.randn(3, in_features)
+    with torch.no_grad():
+        ref = x @ q.dequantize().T + linear.bias
+        torch.testing.assert_close(q(x), ref, rtol=1e-4, atol=1e-4)
+        # The partial last group is quantized like any other: within half its step.
+        step = q.weight_scale.repeat_interleave(group_size, dim=1)[:, :in_features]
+        assert torch.all((q.dequantize() - linear.weight).abs() <= 0.5 * step * (1 + 1e-5))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model(dtype):
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 64).to(dtype)
+    x = torch.randn(4, 256, dtype=dtype)
+    ref = linear(x).float()
+    for config in (Int8WeightOnlyConfig(), Int4WeightOnlyConfig()):
+        q = quantize_(linear, config)
+        y = q(x)
+        assert y.dtype == dtype and q.dequantize().dtype == dtype
+        assert sqnr(ref, y.float()) > 18
+
+
+def test_weight_is_the_stored_quantized_tensor_and_bias_stays_float():
+    q = quantize_(nn.Linear(64, 32), Int4WeightOnlyConfig(group_size=32))
+    assert isinstance(q, Int4WeightOnlyLinear)
+    assert q.weight.dtype == torch.uint8 and q.weight.shape == (32, 32)
+    assert "weight" in dict(q.named_buffers()) and q.bias.dtype == torch.float32
+    assert [n for n, _ in q.named_parameters()] == ["bias"]
+
+
+def test_layer_without_bias():
+    linear = nn.Linear(64, 32, bias=False)
+    for config in CONFIGS:
+        q = quantize_(linear, config)
+        assert q.bias is None
+        x = torch.randn(2, 64)
+        assert q(x).shape == (2, 32)
