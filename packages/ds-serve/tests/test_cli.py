@@ -1,0 +1,73 @@
+"""Command-line parsing of ds-serve."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+from ds_serve.cli import main, parse_args, parse_bytes
+
+
+def test_defaults_bind_to_localhost():
+    args = parse_args([])
+    assert args.model_path is None
+    assert (args.host, args.port) == ("127.0.0.1", 8000)
+    assert args.api_key is None and args.lora == []
+
+
+def test_all_options():
+    args = parse_args(
+        [
+            "m",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "9000",
+            "--api-key",
+            "k",
+            "--max-num-seqs",
+            "8",
+            "--max-num-batched-tokens",
+            "256",
+            "--kv-cache-memory",
+            "64MiB",
+            "--quantization",
+            "int8",
+            "--lora",
+            "a=/x",
+            "--lora",
+            "b=/y",
+        ]
+    )
+    assert args.model_path == "m" and args.port == 9000 and args.api_key == "k"
+    assert args.max_num_seqs == 8 and args.max_num_batched_tokens == 256
+    assert args.kv_cache_memory == 64 << 20 and args.quantization == "int8"
+    assert args.lora == [("a", "/x"), ("b", "/y")]
+
+
+@pytest.mark.parametrize(("text", "value"), [("1000", 1000), ("2G", 2 << 30), ("1.5kb", 1500)])
+def test_sizes(text, value):
+    assert parse_bytes(text) == value
+
+
+@pytest.mark.parametrize("text", ["lots", "-1M", "0"])
+def test_bad_sizes_are_refused(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="kv-cache-memory"):
+        parse_bytes(text)
+
+
+@pytest.mark.parametrize(
+    "argv", [["--lora", "nopath"], ["--max-num-seqs", "0"], ["--quantization", "fp3"]]
+)
+def test_bad_options_exit_with_usage(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_args(argv)
+    assert info.value.code == 2
+
+
+def test_missing_default_model_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DS_SERVE_DEFAULT_MODEL", raising=False)
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert "models/ds-tiny-coder" in err and str(tmp_path) in err
