@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import io
+import sys
 from pathlib import Path
 
 import pytest
 import sentencepiece as spm
+
+# The helpers next to this file (serve_checkpoints.py, serve_live.py) import as top-level modules.
+sys.path.insert(0, str(Path(__file__).parent))
 
 # A few KB of code and prose, with multi-byte text so byte-fallback pieces occur.
 CORPUS = [
@@ -53,3 +57,34 @@ def sp_model_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def sp(sp_model_path) -> spm.SentencePieceProcessor:
     return spm.SentencePieceProcessor(model_file=str(sp_model_path))
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory, sp_model_path) -> Path:
+    from serve_checkpoints import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-coder", sp_model_path)
+
+
+@pytest.fixture(scope="session")
+def reference_model(checkpoint):
+    """The same checkpoint loaded for ``ds_model.generate`` (fp32): the parity reference."""
+    import ds_model
+
+    return ds_model.from_pretrained(checkpoint, dtype="float32")
+
+
+def greedy_reference(model, prompt: str, max_tokens: int) -> tuple[str, str]:
+    """(text, finish_reason) that ``ds_model.generate`` produces greedily for ``prompt``,
+    decoded in the prompt's context as a streaming server must."""
+    import ds_model
+
+    tok = model.tokenizer
+    prompt_ids = tok.encode(prompt)
+    out = list(ds_model.generate(model, prompt_ids, max_new_tokens=max_tokens))
+    eos = {*model.config.eos_token_ids, tok.eos_token_id}
+    reason = "length"
+    if out and out[-1] in eos:
+        out, reason = out[:-1], "stop"
+    head = tok.decode(prompt_ids)
+    return tok.decode(prompt_ids + out)[len(head) :], reason

@@ -9,6 +9,7 @@ unknown model or route, 413 for an oversized body, 429 when the waiting queue is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import time
@@ -176,6 +177,7 @@ class App:
         uvicorn_options.setdefault("log_level", "info")
         uvicorn.run(self, host=host, port=port, **uvicorn_options)
 
+    @contextlib.asynccontextmanager
     async def _lifespan(self, _app):
         self.engine.start(asyncio.get_running_loop())
         try:

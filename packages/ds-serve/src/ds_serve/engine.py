@@ -273,12 +273,10 @@ class Engine:
             self._post(posts)
 
     def _step(self, batch: Any) -> None:
-        logits = self.runner.step(
-            [s.token_ids for s in batch.scheduled],
-            [s.start_position for s in batch.scheduled],
-            [s.block_table for s in batch.scheduled],
-            adapters=[s.lora_name for s in batch.scheduled],
-        )
+        adapters = [s.lora_name for s in batch.scheduled]
+        # Only a batch that uses an adapter passes them, so a runner without LoRA works.
+        extra = {"adapters": adapters} if any(adapters) else {}
+        logits = self.runner.step(batch.token_ids, batch.positions, batch.block_tables, **extra)
         rows = [i for i, s in enumerate(batch.scheduled) if s.sample]
         sampled: dict[str, int] = {}
         if rows:

@@ -96,7 +96,9 @@ def build_engine(model_path: str | os.PathLike | None = None, **engine_options: 
     num_blocks = options["num_blocks"]
     if num_blocks is None:
         budget = options["kv_cache_memory"] or _default_kv_memory(device)
-        num_blocks = ds_model.num_kv_blocks(model, budget, block_size=block_size)
+        num_blocks = ds_model.num_blocks_for_memory(config, budget, block_size, model.dtype)
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory={budget} bytes is smaller than one KV block")
     runner = ds_model.ModelRunner(model, num_blocks=num_blocks, block_size=block_size)
     scheduler = Scheduler(
         SchedulerConfig(

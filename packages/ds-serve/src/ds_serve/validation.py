@@ -174,8 +174,12 @@ def prepare_completion(req: CompletionRequest, info: ModelInfo, tokenizer) -> Pr
 def chat_prompt(messages, tokenizer, add_generation_prompt: bool) -> list[int]:
     rendered = [{"role": m.role, "content": m.text()} for m in messages]
     try:
-        return tokenizer.apply_chat_template(rendered, add_generation_prompt=add_generation_prompt)
-    except (ValueError, TypeError, KeyError) as exc:
+        return list(
+            tokenizer.apply_chat_template(
+                rendered, add_generation_prompt=add_generation_prompt, tokenize=True
+            )
+        )
+    except (ValueError, TypeError, KeyError, LookupError) as exc:
         raise APIError(
             400, f"The chat template rejected the messages: {exc}", param="messages"
         ) from exc
