@@ -1,0 +1,1 @@
+"""nn.Modules built on :func:`ds_attention.attention`; inputs are (batch, seqlen, dim)."""
