@@ -101,12 +101,14 @@ class TinyModel(nn.Module):
         return self.lm_head(x)
 
 
-def randomize_adapters(model: nn.Module, seed: int, std: float = 0.2) -> None:
-    """Give every LoRA parameter non-zero values (a trained adapter), deterministically."""
+def randomize_adapters(
+    model: nn.Module, seed: int, std: float = 0.2, only: str | None = None
+) -> None:
+    """Give LoRA parameters (of adapter ``only``, or all) non-zero values, deterministically."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "lora_" in name:
+            if "lora_" in name and (only is None or f".{only}." in name):
                 noise = torch.randn(param.shape, generator=gen) * std
                 if "magnitude" in name:
                     param.mul_(1 + noise.to(param.dtype))

@@ -26,6 +26,7 @@ from ds_lora.tuner import (
     _require,
     bias_parameters,
     delete_adapter,
+    frozen_adapters,
     inject,
     set_adapter,
     unwrap,
@@ -133,12 +134,11 @@ def load_adapter(
     except BaseException:
         delete_adapter(model, adapter_name)
         raise
+    if not is_trainable:
+        frozen_adapters(model).add(adapter_name)
     active = unwrap(model).__dict__.get("_ds_lora_active")
     if active == adapter_name:
         set_adapter(model, adapter_name)
-    if not is_trainable:
-        for tensor in adapter_tensors(model, adapter_name).values():
-            tensor.requires_grad_(False)
     return model
 
 

@@ -110,9 +110,16 @@ def active_adapter(model: nn.Module) -> str | None:
     return unwrap(model).__dict__.get("_ds_lora_active")
 
 
+def frozen_adapters(model: nn.Module) -> set[str]:
+    """Adapters loaded for inference (``load_adapter(..., is_trainable=False)``): they never
+    get ``requires_grad=True``, even when active."""
+    return unwrap(model).__dict__.setdefault("_ds_lora_frozen", set())
+
+
 def set_adapter(model: nn.Module, adapter_name: str) -> None:
     """Make ``adapter_name`` the adapter the forward uses, and the only one that trains: every
-    other parameter gets ``requires_grad=False`` except the biases its ``bias`` setting opens."""
+    other parameter gets ``requires_grad=False`` except the biases its ``bias`` setting opens.
+    An adapter loaded for inference stays frozen."""
     config = _require(model, adapter_name)
     root = unwrap(model)
     root.__dict__["_ds_lora_active"] = adapter_name
@@ -120,6 +127,8 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
         module.active_adapter = adapter_name
     for param in root.parameters():
         param.requires_grad_(False)
+    if adapter_name in frozen_adapters(root):
+        return
     for _, module in iter_modules(root):
         if isinstance(module, LoraLinear) and adapter_name in module.lora_A:
             for table in (module.lora_A, module.lora_B, module.lora_magnitude_vector):
@@ -163,6 +172,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
                 _replace(root, name, module.original_module)
     configs = adapter_configs(root)
     del configs[adapter_name]
+    frozen_adapters(root).discard(adapter_name)
     if active_adapter(root) == adapter_name:
         root.__dict__["_ds_lora_active"] = None
         if configs:
@@ -230,6 +240,7 @@ def unload(model: nn.Module, merge: bool = False, adapter_names: Sequence[str] |
             _replace(root, name, keep)
     root.__dict__.pop(_CONFIGS, None)
     root.__dict__.pop("_ds_lora_active", None)
+    root.__dict__.pop("_ds_lora_frozen", None)
     return root
 
 
