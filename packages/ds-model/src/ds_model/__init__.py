@@ -1,7 +1,50 @@
 """ds-model: the DeepSeek model family (LLM/Coder, V2, V3) for loading, generation and training."""
 
+from ds_model.auto import AutoModel, from_config, from_pretrained
+from ds_model.cache import PagedKVCache, StaticKVCache
+from ds_model.config import PRESETS, SUPPORTED_MODEL_TYPES, ConfigError, ModelConfig, RopeScaling
+from ds_model.generation import SamplingParams, generate, stream
+from ds_model.loading import (
+    CheckpointError,
+    MissingShardError,
+    ShapeMismatchError,
+    parameter_counts,
+    save_pretrained,
+)
+from ds_model.model import CausalLMOutput, DeepSeekForCausalLM
 from ds_model.protocol import CausalLM, ModelRunnerProtocol
+from ds_model.runner import ModelRunner, SequenceBatch, num_blocks_for_memory
+from ds_model.tokenizer import Tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
 
-__all__ = ["CausalLM", "ModelRunnerProtocol", "__version__"]
+__all__ = [
+    "PRESETS",
+    "SUPPORTED_MODEL_TYPES",
+    "AutoModel",
+    "CausalLM",
+    "CausalLMOutput",
+    "CheckpointError",
+    "ConfigError",
+    "DeepSeekForCausalLM",
+    "MissingShardError",
+    "ModelConfig",
+    "ModelRunner",
+    "ModelRunnerProtocol",
+    "PagedKVCache",
+    "RopeScaling",
+    "SamplingParams",
+    "SequenceBatch",
+    "ShapeMismatchError",
+    "StaticKVCache",
+    "Tokenizer",
+    "__version__",
+    "from_config",
+    "from_pretrained",
+    "generate",
+    "load_tokenizer",
+    "num_blocks_for_memory",
+    "parameter_counts",
+    "save_pretrained",
+    "stream",
+]

@@ -20,7 +20,7 @@ def from_config(
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
-    seed: int | None = None,
+    seed: int | None = 0,
 ) -> DeepSeekForCausalLM:
     """A randomly initialised model from a config, a ``config.json`` dict or a preset
     name (``"standard"``, ``"light"``, ``"tiny"``)."""

@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ds_model.config import ModelConfig
+from ds_model.config import PRESETS, ModelConfig
 from ds_model.model import DeepSeekForCausalLM
 
 __all__ = [
@@ -248,7 +248,7 @@ def _load_fused_experts(model, match, tensor, dtype, device, filled: set[str]) -
 
 
 def _dequantize_fp8(key, tensor, files, scale_key, block, dtype) -> torch.Tensor:
-    from ds_quant.fp8 import dequantize_fp8_block
+    from ds_quant import dequantize_fp8_block
 
     if scale_key not in files:
         raise CheckpointError(f"FP8 tensor {key!r} has no {scale_key!r} in the checkpoint")
@@ -268,6 +268,9 @@ def from_pretrained(
 ) -> DeepSeekForCausalLM:
     """Load a model from a local checkpoint directory (never the network).
 
+    A preset name (``"standard"``, ``"light"``, ``"tiny"``) that is not a directory gives
+    a randomly initialised model of that shape (seed 0).
+
     ``dtype``: the weights' dtype; ``None`` uses ``config.json``'s ``torch_dtype``
     (``dtype`` in transformers 5) when it names a float type, else float32; FP8
     checkpoints load as bfloat16. ``quantization``: a ds-quant config applied after
@@ -276,6 +279,10 @@ def from_pretrained(
     directory has tokenizer files.
     """
     path = Path(path)
+    if not path.is_dir() and str(path) in PRESETS:
+        from ds_model.auto import from_config
+
+        return from_config(str(path), dtype=_torch_dtype(dtype) or torch.float32, device=device)
     if not path.is_dir():
         raise FileNotFoundError(
             f"{str(path)!r} is not a local checkpoint directory (ds-model never downloads)"

@@ -16,7 +16,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Tokenizer"]
+__all__ = ["Tokenizer", "load_tokenizer"]
 
 TOKENIZER_JSON = "tokenizer.json"
 SENTENCEPIECE = "tokenizer.model"
@@ -105,6 +105,8 @@ class Tokenizer:
         post-processor (tokenizer.json) or prepends BOS when ``add_bos_token``."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
+        if add_special_tokens and self.bos_token and text.startswith(self.bos_token):
+            add_special_tokens = False  # a rendered chat template already wrote BOS
         if self.kind == "hf":
             ids = self._backend.encode(text, add_special_tokens=add_special_tokens).ids
             if (
@@ -201,3 +203,12 @@ def _compile(template: str) -> Any:
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         _TEMPLATES[template] = env.from_string(template)
     return _TEMPLATES[template]
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer of a checkpoint directory (tokenizer.json or tokenizer.model), or a
+    SentencePiece ``.model`` file."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".model":
+        return Tokenizer.from_sentencepiece(path)
+    return Tokenizer.from_dir(path)

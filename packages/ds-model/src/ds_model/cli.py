@@ -1,0 +1,113 @@
+"""``ds-model generate PATH "prompt"`` and ``ds-model info PATH``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ds-model", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text from a prompt")
+    gen.add_argument("path", help="a local checkpoint directory (or a preset name)")
+    gen.add_argument("prompt")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    gen.add_argument("--dtype", default=None, help="e.g. float32, bfloat16")
+    gen.add_argument("--device", default="cpu")
+    info = sub.add_parser("info", help="parameters, active parameters, KV bytes per token")
+    info.add_argument("path")
+    info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def _info(path: str, as_json: bool) -> int:
+    from ds_model.config import ModelConfig
+    from ds_model.loading import parameter_counts
+    from ds_model.model import DeepSeekForCausalLM
+
+    config = ModelConfig.from_preset(path) if _is_preset(path) else ModelConfig.from_file(path)
+    with torch.device("meta"):  # shapes only: nothing is read or allocated
+        model = DeepSeekForCausalLM(config)
+    total, active = parameter_counts(model)
+    facts = {
+        "model_type": config.model_type,
+        "layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "attention": "MLA" if config.is_mla else "MHA/GQA",
+        "moe": bool(config.is_moe),
+        "parameters": total,
+        "active_parameters_per_token": active,
+        "kv_cache_bytes_per_token_bf16": config.kv_cache_bytes_per_token(2),
+        "kv_cache_bytes_per_token_fp32": config.kv_cache_bytes_per_token(4),
+        "max_position_embeddings": config.max_position_embeddings,
+    }
+    if as_json:
+        print(json.dumps(facts, indent=2))
+    else:
+        width = max(map(len, facts))
+        for key, value in facts.items():
+            shown = (
+                f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else value
+            )
+            print(f"{key:<{width}}  {shown}")
+    return 0
+
+
+def _is_preset(path: str) -> bool:
+    from pathlib import Path
+
+    from ds_model.config import PRESETS
+
+    return path in PRESETS and not Path(path).is_dir()
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from ds_model.loading import from_pretrained
+
+    model = from_pretrained(args.path, dtype=args.dtype, device=args.device)
+    if model.tokenizer is None:
+        print(f"error: {args.path} has no tokenizer.json or tokenizer.model", file=sys.stderr)
+        return 2
+    prompt = args.prompt
+    if args.chat:
+        prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    for piece in model.stream(
+        prompt,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=args.stop,
+    ):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "info":
+            return _info(args.path, args.json)
+        return _generate(args)
+    except (ValueError, TypeError, KeyError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""The serving step: one mixed prefill/decode forward over a paged KV cache.
+
+A serving engine (ds-serve, with ds-batching's scheduler) owns the block tables; the
+runner owns the block pool and does the math. They meet through plain data, as
+vLLM's scheduler and model runner do, so ds-model never imports ds-batching:
+
+- ``token_ids[s]``: the tokens sequence ``s`` feeds this step (its whole prompt or a
+  chunk of it for a prefill, one token for a decode);
+- ``positions[s]``: the position of the first of them (tokens before it are cached);
+- ``block_tables[s]``: the physical blocks holding the sequence, in order. Position
+  ``p`` lives in slot ``block_tables[s][p // block_size] * block_size + p % block_size``.
+
+All new tokens are packed into one (1, N) batch, so every linear layer runs once per
+step; attention runs through ds-attention's varlen API (``cu_seqlens`` for the new
+tokens and for each sequence's gathered context).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ds_model.cache import PagedKVCache, PagedWriter
+from ds_model.config import ModelConfig
+
+__all__ = ["ModelRunner", "SequenceBatch", "num_blocks_for_memory"]
+
+
+def num_blocks_for_memory(
+    config: ModelConfig,
+    memory_bytes: int,
+    block_size: int = 16,
+    dtype: torch.dtype = torch.bfloat16,
+) -> int:
+    """How many KV blocks fit in ``memory_bytes``: budget // bytes per block, where a
+    block holds ``block_size`` tokens of every layer (MLA: latent + rope key)."""
+    if memory_bytes <= 0 or block_size <= 0:
+        raise ValueError(
+            f"memory_bytes={memory_bytes} and block_size={block_size} must be positive"
+        )
+    return memory_bytes // PagedKVCache.bytes_per_block(config, block_size, dtype)
+
+
+@dataclass(frozen=True)
+class SequenceBatch:
+    """The plain data of one step (what ``step`` takes), as one value for engines that
+    prefer to pass an object: ``runner.step(*batch)``."""
+
+    token_ids: Sequence[Sequence[int]]
+    positions: Sequence[int]
+    block_tables: Sequence[Sequence[int]]
+
+    def __iter__(self):
+        return iter((self.token_ids, self.positions, self.block_tables))
+
+
+class ModelRunner:
+    """Satisfies ``ModelRunnerProtocol``. Give ``num_blocks`` or ``memory_bytes``."""
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        num_blocks: int | None = None,
+        memory_bytes: int | None = None,
+        block_size: int = 16,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.config: ModelConfig = model.config
+        dtype = dtype or model.dtype
+        if (num_blocks is None) == (memory_bytes is None):
+            raise ValueError("give exactly one of num_blocks= or memory_bytes=")
+        if num_blocks is None:
+            num_blocks = num_blocks_for_memory(self.config, memory_bytes, block_size, dtype)
+            if num_blocks == 0:
+                need = PagedKVCache.bytes_per_block(self.config, block_size, dtype)
+                raise ValueError(
+                    f"memory_bytes={memory_bytes} is smaller than one KV block ({need} bytes)"
+                )
+        self.block_size = block_size
+        self.device = model.device
+        self.cache = PagedKVCache(self.config, num_blocks, block_size, dtype, self.device)
+        self._offsets = torch.arange(block_size, device=self.device)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.cache.num_blocks
+
+    def step(
+        self,
+        token_ids: Sequence[Sequence[int]],
+        positions: Sequence[int],
+        block_tables: Sequence[Sequence[int]],
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Run one step; returns each sequence's last-position logits (num_seqs, vocab)."""
+        if kwargs:
+            raise TypeError(f"step() got unexpected arguments: {', '.join(sorted(kwargs))}")
+        n_seqs = len(token_ids)
+        if n_seqs == 0:
+            raise ValueError("token_ids is empty: a step needs at least one sequence")
+        if len(positions) != n_seqs or len(block_tables) != n_seqs:
+            raise ValueError(
+                f"token_ids, positions and block_tables must have one entry per sequence; "
+                f"got {n_seqs}, {len(positions)} and {len(block_tables)}"
+            )
+        flat_tokens: list[int] = []
+        flat_pos: list[int] = []
+        new_lens, ctx_lens = [], []
+        for s, (toks, start, table) in enumerate(zip(token_ids, positions, block_tables)):
+            self._check(s, toks, start, table)
+            flat_tokens.extend(toks)
+            flat_pos.extend(range(start, start + len(toks)))
+            new_lens.append(len(toks))
+            ctx_lens.append(start + len(toks))
+        dev, bs = self.device, self.block_size
+        write, read = [], []
+        for s, table in enumerate(block_tables):
+            blocks = torch.as_tensor(list(table), dtype=torch.long, device=dev)
+            slots = (blocks[:, None] * bs + self._offsets).reshape(-1)
+            read.append(slots[: ctx_lens[s]])
+            write.append(slots[positions[s] : ctx_lens[s]])
+        cu_q = torch.tensor([0, *_cumsum(new_lens)], dtype=torch.int32, device=dev)
+        cu_k = torch.tensor([0, *_cumsum(ctx_lens)], dtype=torch.int32, device=dev)
+        writer = PagedWriter(self.cache, torch.cat(write), torch.cat(read))
+        ids = torch.tensor(flat_tokens, dtype=torch.long, device=dev)[None]
+        pos = torch.tensor(flat_pos, dtype=torch.long, device=dev)[None]
+        with torch.inference_mode():
+            hidden = self.model.model(
+                ids,
+                pos,
+                cu_seqlens=(cu_q, cu_k),
+                cache=writer,
+                history=any(p > 0 for p in positions),
+            )
+            last = hidden[0, cu_q[1:].long() - 1]
+            return self.model.lm_head(last)
+
+    def _check(self, s: int, toks: Sequence[int], start: int, table: Sequence[int]) -> None:
+        if len(toks) == 0:
+            raise ValueError(f"sequence {s}: token_ids is empty")
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise ValueError(f"sequence {s}: position={start!r} must be an int >= 0")
+        end = start + len(toks)
+        if end > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence {s}: position {end - 1} is beyond the model's context "
+                f"(max_position_embeddings={self.config.max_position_embeddings})"
+            )
+        need = -(-end // self.block_size)
+        if len(table) < need:
+            raise ValueError(
+                f"sequence {s}: block table has {len(table)} blocks but positions up to "
+                f"{end - 1} need {need} (block_size={self.block_size})"
+            )
+        bad = [b for b in table if not 0 <= b < self.cache.num_blocks]
+        if bad:
+            raise ValueError(
+                f"sequence {s}: block ids {bad[:5]} are outside the pool "
+                f"[0, {self.cache.num_blocks})"
+            )
+        vocab = self.config.vocab_size
+        if any(not 0 <= t < vocab for t in toks):
+            raise ValueError(f"sequence {s}: token ids must be in [0, {vocab})")
+
+
+def _cumsum(values: list[int]) -> list[int]:
+    out, total = [], 0
+    for v in values:
+        total += v
+        out.append(total)
+    return out
