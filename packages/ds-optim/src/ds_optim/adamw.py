@@ -193,7 +193,7 @@ class GroupedAdamW(Optimizer):
 
     def _init_state(self, p: torch.Tensor, dtype: torch.dtype) -> dict[str, Any]:
         st = self.state[p]
-        if not st:
+        if "step" not in st:  # a regrouper may have stored statistics already
             st["step"] = torch.tensor(0.0, dtype=torch.float32)
             st["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
             st["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
