@@ -38,7 +38,7 @@ class DataReport:
 
     records: int = 0
     skipped: list[str] = field(default_factory=list)
-    tokens: int = 0
+    tokens: int = 0  # in the examples (packing's one-token block overlaps not counted twice)
     trained_tokens: int = 0
     truncated_tokens: int = 0
 
@@ -127,7 +127,7 @@ def build_lm_dataset(
         input_ids[i, : len(ids)] = torch.tensor(ids)
         labels[i, : len(lab)] = torch.tensor(lab)
         mask[i, : len(ids)] = 1
-    report.tokens = int(mask.sum())
+    report.tokens = sum(len(e[0]) for e in examples)
     # The first position of a block is never a target of the shifted loss.
     report.trained_tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
     if not packing:

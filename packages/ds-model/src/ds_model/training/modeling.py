@@ -57,9 +57,7 @@ def resolve_tokenizer(tokenizer: Any, source: Any, model: nn.Module) -> Any:
         loader = getattr(ds_model, "load_tokenizer", None)
         if loader is not None:
             return loader(os.fspath(source))
-        raise ValueError(
-            f"model={source!r} has no tokenizer ds-model can load; pass tokenizer="
-        )
+        raise ValueError(f"model={source!r} has no tokenizer ds-model can load; pass tokenizer=")
     vocab = _vocab_size(model)
     if vocab is not None and vocab >= ByteTokenizer.vocab_size:
         warnings.warn(
@@ -104,8 +102,9 @@ def apply_lora(model: nn.Module, lora_config: Any) -> nn.Module:
         )
     for p in model.parameters():
         p.requires_grad_(False)
-    inject = getattr(ds_lora, "get_peft_model", None) or ds_lora.inject
-    wrapped = inject(model, lora_config)
+    # In place (not the LoraModel wrapper), so parameter names, the model's own
+    # save_pretrained and the tensor-parallel plan's layer names stay as they were.
+    wrapped = ds_lora.inject(model, lora_config)
     if not any(p.requires_grad for p in wrapped.parameters()):
         raise ValueError(
             f"lora_config.target_modules={lora_config.target_modules!r} matched no layer"
@@ -150,9 +149,8 @@ def save_adapter(model: nn.Module, directory: str, state: dict[str, torch.Tensor
 
     ``state`` maps parameter names to (gathered, full) tensors when the live parameters
     are sharded; ``None`` reads the live model."""
-    from safetensors.torch import save_file
-
     from ds_lora.tuner import adapter_configs
+    from safetensors.torch import save_file
 
     config = adapter_configs(model)["default"]
     live = dict(model.named_parameters())

@@ -71,7 +71,9 @@ def write_loss_png(
                     put(cx + dx, cy + dy, _EVAL)
     raw = b"".join(b"\x00" + bytes(row) for row in pixels)
     text = {"y_min": f"{y_lo:.6g}", "y_max": f"{y_hi:.6g}", "x_max": f"{x_hi:.6g}"}
-    png = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    png = b"\x89PNG\r\n\x1a\n" + _chunk(
+        b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    )
     for key, value in text.items():
         png += _chunk(b"tEXt", key.encode() + b"\x00" + value.encode())
     png += _chunk(b"IDAT", zlib.compress(raw, 6)) + _chunk(b"IEND", b"")

@@ -196,7 +196,9 @@ class Trainer:
         n = len(dataset)
         micro_per_epoch = math.ceil(n / (args.per_device_train_batch_size * ctx.dp_size))
         steps_per_epoch = math.ceil(micro_per_epoch / args.gradient_accumulation_steps)
-        total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.num_train_epochs
+        total_steps = (
+            args.max_steps if args.max_steps > 0 else steps_per_epoch * args.num_train_epochs
+        )
         scheduler = warmup_cosine(optimizer, args.warmup_steps, total_steps, args.min_lr_ratio)
         scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.precision == "fp16")
 
@@ -546,4 +548,3 @@ def _progress(total: int, initial: int, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
-

@@ -1,0 +1,199 @@
+"""``deepseek-train`` (alias ``ds_train``): the Trainer from the command line.
+
+    deepseek-train --model tiny --data train.jsonl --batch_size 8 --learning_rate 2e-4 \\
+        --lora_rank 8 --epochs 3 --output runs/tiny-lora
+
+``--gpus N`` (N > 1) relaunches the same command under ``torch.distributed.run`` with N
+local processes (one per GPU; on a machine without CUDA, N CPU processes on gloo). Under
+an outer ``torchrun`` the command just joins the process group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from ds_model.training.config import PRECISIONS, QUANTIZATIONS, STRATEGIES
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="deepseek-train",
+        description="Train or fine-tune a DeepSeek model (full, LoRA or QLoRA).",
+    )
+    p.add_argument("--model", required=True, help="checkpoint directory or preset name")
+    p.add_argument(
+        "--data", "--dataset", dest="data", required=True, help="training .json/.jsonl file"
+    )
+    p.add_argument("--eval_data", help="evaluation .json/.jsonl file")
+    p.add_argument("--output", default="ds-train-output", help="output directory")
+    p.add_argument("--resume", help="checkpoint or output directory to resume from")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max_steps", type=int, default=-1, help="> 0 overrides --epochs")
+    p.add_argument("--batch_size", type=int, default=8, help="sequences per process per micro-batch")
+    p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--learning_rate", type=float, default=2e-4)
+    p.add_argument("--weight_decay", type=float, default=0.0)
+    p.add_argument("--warmup_steps", type=int, default=0)
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--seq_len", type=int, default=512, help="packed sequence length")
+    p.add_argument("--no_packing", action="store_true", help="one example per sequence")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--lora_rank", type=int, default=0, help="0: full training")
+    p.add_argument("--lora_alpha", type=float, default=None, help="default: 2 * rank")
+    p.add_argument("--lora_dropout", type=float, default=0.0)
+    p.add_argument(
+        "--lora_targets", default="all-linear", help="comma-separated module names or all-linear"
+    )
+    p.add_argument("--quantization", choices=QUANTIZATIONS, default="none", help="int4: QLoRA")
+    p.add_argument("--gpus", type=int, default=1, help="local processes to launch")
+    p.add_argument("--distributed_strategy", choices=STRATEGIES, default=None)
+    p.add_argument("--tp_size", type=int, default=0, help="3d_parallel: tensor-parallel degree")
+    p.add_argument("--compress_gradients", action="store_true", help="ddp: 4-bit all-reduce")
+    p.add_argument("--optimizer", choices=("grouped_adamw", "adamw"), default="grouped_adamw")
+    p.add_argument("--save_steps", type=int, default=0)
+    p.add_argument("--eval_steps", type=int, default=0)
+    p.add_argument("--logging_steps", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip_bad_records", action="store_true")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _without_gpus(argv: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--gpus":
+            skip = True
+            continue
+        if arg.startswith("--gpus="):
+            continue
+        out.append(arg)
+    return out
+
+
+def _launch(nproc: int, argv: Sequence[str], strategy: str) -> int:
+    rest = _without_gpus(argv)
+    if not any(a.split("=")[0] == "--distributed_strategy" for a in rest):
+        rest += ["--distributed_strategy", strategy]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        "-m",
+        "ds_model.training.cli",
+        *rest,
+    ]
+    return subprocess.call(cmd)
+
+
+def _lora_config(args: argparse.Namespace) -> Any:
+    if args.lora_rank <= 0:
+        if args.quantization != "none":
+            raise SystemExit("--quantization int4 (QLoRA) needs --lora_rank > 0")
+        return None
+    from ds_lora import LoraConfig
+
+    targets = args.lora_targets
+    target_modules: Any = (
+        targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    )
+    alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
+    return LoraConfig(
+        r=args.lora_rank,
+        lora_alpha=alpha,
+        target_modules=target_modules,
+        lora_dropout=args.lora_dropout,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.gpus < 1:
+        raise SystemExit(f"--gpus {args.gpus}: expected >= 1")
+    under_torchrun = "LOCAL_RANK" in os.environ
+    strategy = args.distributed_strategy
+    if args.gpus > 1 and not under_torchrun:
+        return _launch(args.gpus, argv, strategy or "ddp")
+    if strategy is None:
+        strategy = "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "none"
+
+    from ds_model.training.config import TrainingConfig
+    from ds_model.training.trainer import Trainer
+
+    config = TrainingConfig(
+        output_dir=args.output,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        max_grad_norm=args.max_grad_norm if args.max_grad_norm > 0 else None,
+        max_seq_len=args.seq_len,
+        packing=not args.no_packing,
+        precision=args.precision,
+        quantization=args.quantization,
+        distributed_strategy=strategy,
+        tp_size=args.tp_size,
+        compress_gradients=args.compress_gradients,
+        optimizer=args.optimizer,
+        save_steps=args.save_steps,
+        eval_steps=args.eval_steps,
+        logging_steps=args.logging_steps,
+        seed=args.seed,
+        skip_bad_records=args.skip_bad_records,
+        progress_bar=not args.no_progress,
+    )
+    trainer = Trainer(model_path=args.model, args=config, lora_config=_lora_config(args))
+    result = trainer.train(data_path=args.data, resume_from=args.resume, eval_data=args.eval_data)
+    if int(os.environ.get("RANK", "0")) == 0:
+        summary = {
+            "steps": result.global_step,
+            "first_loss": result.losses[0] if result.losses else None,
+            "final_loss": result.losses[-1] if result.losses else None,
+            "checkpoint": result.checkpoint,
+            "metrics": result.metrics_path,
+            "plot": result.plot_path,
+        }
+        if result.eval_history:
+            summary.update(result.eval_history[-1])
+        print(json.dumps(summary))
+    _shutdown()
+    return 0
+
+
+def _shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
