@@ -1,0 +1,214 @@
+"""Model behaviour: MLA's cache and absorbed decode, the paged runner, and invariants
+(padding, prompt-at-once vs token-by-token) over generated small configs."""
+
+from __future__ import annotations
+
+import random
+
+import ds_model
+import pytest
+import torch
+from ds_model import ModelConfig, ModelRunner, StaticKVCache
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors on a shared 2-core machine: one thread avoids scheduler stalls.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(**overrides) -> ds_model.DeepSeekForCausalLM:
+    return ds_model.from_config(ModelConfig.from_preset("tiny", **overrides), seed=0)
+
+
+LLAMA = {
+    "model_type": "llama",
+    "vocab_size": 128,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mla_cache_holds_only_latent_and_rope_key(dtype):
+    config = ModelConfig.from_preset("tiny")
+    cache = StaticKVCache(config, batch_size=3, max_len=10, dtype=dtype, device="cpu")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    expected = (config.kv_lora_rank + config.qk_rope_head_dim) * config.num_hidden_layers
+    assert cache.bytes_per_token() == expected * itemsize
+    assert config.kv_cache_bytes_per_token(itemsize) == expected * itemsize
+    bytes_per_block = ds_model.PagedKVCache.bytes_per_block(config, 16, dtype)
+    assert bytes_per_block == expected * itemsize * 16
+
+
+def test_mha_cache_holds_keys_and_values():
+    config = ModelConfig.from_dict(LLAMA)
+    cache = StaticKVCache(config, 1, 4, torch.float32, "cpu")
+    assert cache.bytes_per_token() == 2 * 2 * 8 * 2 * 4  # k+v, kv heads, head dim, layers, fp32
+
+
+@pytest.mark.parametrize("q_lora_rank", [None, 32])
+def test_absorbed_decode_equals_naive(q_lora_rank):
+    model = tiny(q_lora_rank=q_lora_rank)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 512, (2, 9), generator=gen)
+    steps = torch.randint(0, 512, (2, 4), generator=gen)
+    results = {}
+    for impl in ("naive", "absorb"):
+        for layer in model.model.layers:
+            layer.self_attn.impl = impl
+        cache = StaticKVCache(model.config, 2, 16, torch.float32, "cpu")
+        with torch.no_grad():
+            logits = [model(prompt, cache=cache).logits[:, -1]]
+            for t in range(steps.shape[1]):
+                logits.append(model(steps[:, t : t + 1], cache=cache).logits[:, -1])
+        results[impl] = torch.stack(logits)
+    torch.testing.assert_close(results["absorb"], results["naive"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("config", ["tiny", "llama"])
+def test_runner_step_matches_plain_forward(config):
+    model = tiny() if config == "tiny" else ds_model.from_config(LLAMA, seed=0)
+    vocab = model.config.vocab_size
+    runner = ModelRunner(model, num_blocks=24, block_size=4)
+    rng = random.Random(0)
+    seqs = [[rng.randrange(vocab) for _ in range(n)] for n in (9, 5, 13)]
+    free = list(range(24))
+    rng.shuffle(free)
+    tables = [[free.pop() for _ in range(5)] for _ in seqs]
+    # Step 1: prefill seq 0 whole and the first chunk of seq 2.
+    first = runner.step([seqs[0], seqs[2][:6]], [0, 0], [tables[0], tables[2]])
+    # Step 2: mixed: decode seq 0, prefill seq 1, the rest of seq 2.
+    seqs[0].append(3)
+    second = runner.step([[3], seqs[1], seqs[2][6:]], [9, 0, 6], [tables[0], tables[1], tables[2]])
+    with torch.no_grad():
+
+        def last(tokens):
+            return model(torch.tensor([tokens])).logits[0, -1]
+
+        expected = [
+            last(seqs[0][:9]),
+            last(seqs[2][:6]),
+            last(seqs[0]),
+            last(seqs[1]),
+            last(seqs[2]),
+        ]
+    got = [first[0], first[1], second[0], second[1], second[2]]
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+def test_runner_is_a_model_runner_protocol_and_sizes_its_pool():
+    model = tiny()
+    per_block = ds_model.PagedKVCache.bytes_per_block(model.config, 16, torch.float32)
+    runner = ModelRunner(model, memory_bytes=per_block * 7 + 5, block_size=16)
+    assert isinstance(runner, ds_model.ModelRunnerProtocol)
+    assert runner.num_blocks == 7
+    assert ds_model.num_blocks_for_memory(model.config, per_block * 7, 16, torch.float32) == 7
+
+
+def test_runner_rejects_bad_input():
+    runner = ModelRunner(tiny(), num_blocks=4, block_size=4)
+    with pytest.raises(ValueError, match="block table has 1 blocks"):
+        runner.step([[1] * 5], [0], [[0]])
+    with pytest.raises(ValueError, match="outside the pool"):
+        runner.step([[1]], [0], [[9]])
+    with pytest.raises(ValueError, match="one entry per sequence"):
+        runner.step([[1]], [0, 1], [[0]])
+    with pytest.raises(ValueError, match="context"):
+        runner.step([[1]], [600], [[0] * 200])
+
+
+def test_labels_give_shifted_cross_entropy_ignoring_minus_100():
+    model = tiny()
+    ids = torch.randint(0, 512, (2, 6))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    out = model(ids, labels=labels)
+    logits = out.logits[:, :-1].reshape(-1, 512)
+    target = labels[:, 1:].reshape(-1)
+    keep = target != -100
+    expected = torch.nn.functional.cross_entropy(logits[keep], target[keep])
+    torch.testing.assert_close(out.loss, expected)
+    out.loss.backward()
+    assert model.model.embed_tokens.weight.grad is not None
+
+
+small_configs = st.fixed_dictionaries(
+    {
+        "q_lora_rank": st.sampled_from([None, 16]),
+        "kv_lora_rank": st.sampled_from([8, 16]),
+        "qk_rope_head_dim": st.sampled_from([4, 8]),
+        "n_routed_experts": st.sampled_from([4, 8]),
+        "num_experts_per_tok": st.integers(1, 3),
+        "first_k_dense_replace": st.integers(0, 2),
+        "tie_word_embeddings": st.booleans(),
+        "rope_interleave": st.booleans(),
+    }
+)
+
+
+def _config(params) -> ModelConfig:
+    return ModelConfig.from_preset(
+        "tiny", n_group=2, topk_group=2, num_hidden_layers=2, vocab_size=64, **params
+    )
+
+
+@settings(max_examples=6, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    params=small_configs,
+    prompt_len=st.integers(1, 7),
+    pad=st.integers(1, 5),
+    seed=st.integers(0, 99),
+)
+def test_output_does_not_depend_on_padding(params, prompt_len, pad, seed):
+    model = ds_model.from_config(_config(params), seed=seed)
+    rng = random.Random(seed)
+    prompt = [rng.randrange(64) for _ in range(prompt_len)]
+    longer = [rng.randrange(64) for _ in range(prompt_len + pad)]
+    alone = model.generate(prompt, 5)
+    batched = model.generate([longer, prompt], 5)
+    assert batched[1] == alone
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt])).logits[0]
+        ids = torch.tensor([[0] * pad + prompt])
+        mask = torch.tensor([[0] * pad + [1] * prompt_len])
+        padded = model(ids, attention_mask=mask).logits[0, pad:]
+    torch.testing.assert_close(padded, ref, atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=6, suppress_health_check=[HealthCheck.too_slow])
+@given(params=small_configs, prompt_len=st.integers(2, 10), seed=st.integers(0, 99))
+def test_prompt_at_once_equals_token_by_token(params, prompt_len, seed):
+    model = ds_model.from_config(_config(params), seed=seed)
+    ids = torch.randint(0, 64, (1, prompt_len), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        at_once = model(ids).logits[0]
+        cache = StaticKVCache(model.config, 1, prompt_len, torch.float32, "cpu")
+        stepwise = torch.cat(
+            [model(ids[:, i : i + 1], cache=cache).logits[0] for i in range(prompt_len)]
+        )
+    torch.testing.assert_close(stepwise, at_once, atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_window_limits_what_a_token_sees():
+    config = ModelConfig.from_dict({**LLAMA, "sliding_window": 3})
+    model = ds_model.from_config(config, seed=0)
+    ids = torch.randint(0, 128, (1, 8))
+    changed = ids.clone()
+    changed[0, 0] = (ids[0, 0] + 1) % 128
+    with torch.no_grad():
+        a, b = model(ids).logits[0], model(changed).logits[0]
+    # Token 0 is outside the 3-token window of positions >= 3, in every layer up to
+    # 2 layers of receptive field: positions >= 5 cannot be affected at all.
+    torch.testing.assert_close(a[5:], b[5:])
+    assert not torch.allclose(a[1], b[1])
