@@ -286,3 +286,6 @@ def stream(
         if len(text) > len(sent):
             yield text[len(sent) :]
             sent = text
+    final = _cut(model.tokenizer.decode(tokens), stop_strings) if tokens else ""
+    if len(final) > len(sent):
+        yield final[len(sent) :]  # bytes that never completed a character
