@@ -38,6 +38,7 @@ def _lora_config(draw, use_dora=None):
 @st.composite
 def model_and_configs(draw, max_adapters=3):
     dim = draw(st.sampled_from([8, 16]))
+    torch.manual_seed(draw(st.integers(0, 2**16)))
     model = TinyModel(
         dim=dim, hidden=draw(st.sampled_from([8, 12])), layers=2, bias=draw(st.booleans())
     )
@@ -75,12 +76,13 @@ def test_merge_unmerge_exact(model_configs):
         ds_lora.set_adapter(model, name)
         unmerged = model(x)
         ds_lora.merge_adapter(model)
-        torch.testing.assert_close(model(x), unmerged, atol=1e-5, rtol=0)
+        # 1e-5 absolute, plus float32 rounding relative to outputs that reach O(10) here.
+        torch.testing.assert_close(model(x), unmerged, atol=1e-5, rtol=1e-5)
         ds_lora.unmerge_adapter(model)
         for n, p in model.named_parameters():
             if "base_layer" in n:
                 torch.testing.assert_close(p, original[n], atol=1e-6, rtol=0)
-        torch.testing.assert_close(model(x), unmerged, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model(x), unmerged, atol=1e-5, rtol=1e-5)
 
 
 def test_merge_several_adapters_stacks_them():
@@ -171,6 +173,7 @@ def test_dora_forward_matches_weight_decomposition():
 
 @st.composite
 def mixed_case(draw):
+    torch.manual_seed(draw(st.integers(0, 2**16)))
     model = TinyModel(dim=16, hidden=12, layers=2, bias=draw(st.booleans()))
     n = draw(st.integers(1, 4))
     configs = [_lora_config(draw) for _ in range(n)]

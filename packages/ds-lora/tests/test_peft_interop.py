@@ -56,7 +56,7 @@ def _peft_config(kwargs):
 def _randomize(model, seed):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.requires_grad:
                 param.add_(torch.randn(param.shape, generator=gen) * 0.1)
 
