@@ -12,3 +12,33 @@ def test_all_names_resolve():
 
 def test_version_matches_metadata():
     assert ds_attention.__version__ == importlib.metadata.version("ds-attention")
+
+
+def test_backends_satisfy_the_protocol_and_agree():
+    import pytest
+    import torch
+    from ds_attention import AttentionBackend, KVCache, MaskSpec, get_backend
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 6, 2, 8) for _ in range(3))
+    names = ["sdpa", "reference"]
+    try:
+        import triton  # noqa: F401
+
+        names.append("triton")
+    except ImportError:
+        pass
+    outs = []
+    for name in names:
+        backend = get_backend(name, q.device)
+        assert isinstance(backend, AttentionBackend) and backend.name == name
+        spec = MaskSpec(causal=True, window=(2, None))
+        cache = KVCache(8)
+        backend.forward(q[:, :4], k[:, :4], v[:, :4], mask_spec=spec, cache=cache)
+        # The cache supplies the first 4 keys; the last 2 queries align to its end.
+        outs.append(backend.forward(q[:, 4:], k[:, 4:], v[:, 4:], mask_spec=spec, cache=cache))
+    full = get_backend("reference", q.device).forward(q, k, v, mask_spec=MaskSpec(window=(2, None)))
+    for out in outs:
+        torch.testing.assert_close(out, full[:, 4:], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        get_backend("cuda", q.device)

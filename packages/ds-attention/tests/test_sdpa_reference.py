@@ -35,6 +35,31 @@ def test_sdpa_block_mask_and_varlen():
     check_close(attn("sdpa", **kw), q, k, v, kw, torch.float32)
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"causal": True, "window": 40},
+        {"causal": False, "window": (30, 9)},
+        {"causal": True, "block_mask": "layout", "block_size": 64},
+        {"causal": False, "window": (100, 0), "block_mask": "layout", "block_size": 64},
+    ],
+    ids=["causal-window", "two-sided", "block-sparse", "block+window"],
+)
+def test_sdpa_chunked_long_inputs(kw):
+    """Long windowed / block-sparse inputs take the chunked SDPA path (only visible keys)."""
+    from ds_attention.sdpa import _worth_chunking
+
+    q, k, v = rand_qkv(1, 700, 690, 4, 2, 16, 8, torch.float32)
+    kw = dict(kw)
+    if kw.get("block_mask") == "layout":
+        layout = torch.rand(1, 4, 11, 11, generator=torch.Generator().manual_seed(5)) < 0.3
+        layout[..., 3] = False  # a key block nobody visits: gathered around, not sliced
+        kw["block_mask"] = layout
+    spec = ds_attention.make_mask_spec(q, k, v, **kw)
+    assert _worth_chunking(700, 690, spec, spec.block_mask)
+    check_close(attn("sdpa", **kw), q, k, v, kw, torch.float32)
+
+
 def test_default_backend_on_cpu_is_sdpa():
     assert ds_attention.get_backend(None, torch.device("cpu")).name == "sdpa"
 

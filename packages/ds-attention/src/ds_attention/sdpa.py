@@ -3,6 +3,10 @@
 A mask is passed only where the pattern needs one: dense non-causal attention and causal
 attention whose bottom-right alignment equals SDPA's top-left one (``seqlen_q ==
 seqlen_k``, or a single query row) go through SDPA's fused paths without any mask.
+Sliding windows and block-sparse layouts on long inputs run chunk by chunk: each chunk
+of queries calls SDPA on only the keys some of its rows can see (a slice for a window,
+a gather of the visited key blocks for a layout), so the work shrinks with the pattern
+as it does in the kernel, instead of masking a full seqlen_q x seqlen_k product.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ def _sdpa_one(
     if simple and sq == sk:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, **kwargs)
         return out.transpose(1, 2)
+    if _worth_chunking(sq, sk, spec, block_mask):
+        return _sdpa_chunked(q, k, v, spec, block_mask, scale, kwargs)
     mask = dense_mask(
         sq,
         sk,
@@ -63,6 +69,85 @@ def _sdpa_one(
     if not all_rows:
         out = out * row_any.to(out.dtype)
     return out.transpose(1, 2)
+
+
+CHUNK = 256
+
+
+def _bounds(spec: MaskSpec) -> tuple[int | None, int | None]:
+    left, right = spec.window if spec.window is not None else (None, None)
+    if spec.causal:
+        right = 0 if right is None else min(right, 0)
+    return left, right
+
+
+def _worth_chunking(sq: int, sk: int, spec: MaskSpec, block_mask) -> bool:
+    left, right = _bounds(spec)
+    if block_mask is not None:
+        return sq >= 2 * max(CHUNK, spec.block_size)
+    if left is None or right is None:
+        return False
+    return sq >= 2 * CHUNK and left + right + CHUNK < sk // 2
+
+
+def _sub_mask(rows, cols, sq, sk, spec: MaskSpec, block_mask):
+    """The visibility predicate on a (rows x cols) sub-rectangle, (B|1, H|1, R, C)."""
+    pos = rows[:, None] + (sk - sq)
+    key = cols[None, :]
+    mask = torch.ones(rows.numel(), cols.numel(), dtype=torch.bool, device=rows.device)
+    left, right = _bounds(spec)
+    if left is not None:
+        mask &= key >= pos - left
+    if right is not None:
+        mask &= key <= pos + right
+    mask = mask[None, None]
+    if block_mask is not None:
+        bs = spec.block_size
+        mask = mask & block_mask[:, :, rows // bs][:, :, :, cols // bs]
+    return mask
+
+
+def _sdpa_chunked(q, k, v, spec: MaskSpec, block_mask, scale, kwargs):
+    sq, sk = q.shape[1], k.shape[1]
+    left, right = _bounds(spec)
+    chunk = CHUNK if block_mask is None else -(-CHUNK // spec.block_size) * spec.block_size
+    dev = q.device
+    if q.shape[2] != k.shape[2] and "enable_gqa" not in kwargs:
+        k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+        v = v.repeat_interleave(q.shape[2] // v.shape[2], dim=2)
+    outs = []
+    for i0 in range(0, sq, chunk):
+        i1 = min(i0 + chunk, sq)
+        lo = 0 if left is None else max(0, i0 + sk - sq - left)
+        hi = sk if right is None else min(sk, i1 - 1 + sk - sq + right + 1)
+        cols = torch.arange(max(lo, 0), max(hi, lo), device=dev)
+        if block_mask is not None and cols.numel():
+            bs = spec.block_size
+            visited = block_mask[:, :, i0 // bs : -(-i1 // bs)].any(dim=(0, 1, 2))
+            cols = cols[visited[cols // bs]]
+        rows = torch.arange(i0, i1, device=dev)
+        if cols.numel() == 0:
+            outs.append(q.new_zeros(q.shape[0], i1 - i0, q.shape[2], v.shape[-1]))
+            continue
+        contiguous = cols.numel() == int(cols[-1] - cols[0]) + 1
+        if contiguous:
+            kc, vc = k[:, int(cols[0]) : int(cols[-1]) + 1], v[:, int(cols[0]) : int(cols[-1]) + 1]
+        else:
+            kc, vc = k.index_select(1, cols), v.index_select(1, cols)
+        mask = _sub_mask(rows, cols, sq, sk, spec, block_mask)
+        row_any = mask.any(dim=-1, keepdim=True)
+        all_rows = bool(row_any.all())
+        if not all_rows:
+            mask = mask.clone()
+            mask[..., :1] |= ~row_any
+        out = F.scaled_dot_product_attention(
+            q[:, i0:i1].transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2),
+            attn_mask=mask, **kwargs,
+        )  # fmt: skip
+        if not all_rows:
+            out = out * row_any.to(out.dtype)
+        outs.append(out.transpose(1, 2))
+    return torch.cat(outs, dim=1)
 
 
 def sdpa_attention(
