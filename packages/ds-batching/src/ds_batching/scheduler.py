@@ -209,29 +209,32 @@ class Scheduler:
                 f"sampled must map request_id -> token id, got {type(sampled).__name__}"
             )
         pending = self._pending or []
-        self._pending = None
-        expected = 0
+        # Check everything before changing anything, so a bad call can be retried.
+        tokens: list[int] = []
         for req, item in pending:
             if item.sample and req.status is _RUNNING:
-                expected += 1
-                if item.request_id not in sampled:
-                    self._pending = pending
+                token = sampled.get(item.request_id)
+                if token is None:
                     raise UnknownRequestError(
                         f"sampled has no token for request {item.request_id!r}, which the "
                         "last step scheduled to sample"
                     )
-        if len(sampled) != expected:
+                if type(token) is not int or token < 0:
+                    token = self._check_token(item.request_id, token)
+                tokens.append(token)
+        if len(sampled) != len(tokens):
             asked = {item.request_id for _, item in pending if item.sample}
             extra = [rid for rid in sampled if rid not in asked]
             if extra:
-                self._pending = pending or None
                 raise UnknownRequestError(
                     f"sampled has tokens for {extra!r}, which the last step did not schedule "
                     "to sample"
                 )
+        self._pending = None
         block_size = self.config.block_size
         caching = self.config.enable_prefix_caching
         finished: list[FinishedRequest] = []
+        next_token = iter(tokens).__next__
         for req, item in pending:
             if req.status is not _RUNNING:
                 continue  # aborted after schedule()
@@ -239,11 +242,7 @@ class Scheduler:
                 self._publish_full_blocks(req)
             if not item.sample:
                 continue
-            token = sampled[item.request_id]
-            if type(token) is not int:
-                token = self._check_token(item.request_id, token)
-            elif token < 0:
-                self._check_token(item.request_id, token)
+            token = next_token()
             req.all_token_ids.append(token)
             if token == req.eos_token_id or token in req.stop_token_ids:
                 reason = FinishReason.STOP
