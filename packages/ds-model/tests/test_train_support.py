@@ -78,6 +78,27 @@ def tiny_lm(seed: int = 0, **kw) -> TinyLM:
     return TinyLM(**kw)
 
 
+LLAMA_TINY = {
+    "model_type": "llama",
+    "vocab_size": 259,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 128,
+    "bos_token_id": 256,
+    "eos_token_id": 257,
+}
+
+
+def real_lm(seed: int = 0, **overrides):
+    """ds-model's own DeepSeekForCausalLM (llama-shaped), small enough for CPU tests,
+    with the byte tokenizer's vocabulary."""
+    import ds_model
+
+    return ds_model.from_config({**LLAMA_TINY, **overrides}, seed=seed)
+
+
 WORDS = "the cat sat on a mat and dog ran to big red ball".split()
 
 

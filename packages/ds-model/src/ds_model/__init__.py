@@ -1,5 +1,7 @@
 """ds-model: the DeepSeek model family (LLM/Coder, V2, V3) for loading, generation and training."""
 
+from ds_lora import LoraConfig
+
 from ds_model.auto import AutoModel, from_config, from_pretrained
 from ds_model.cache import PagedKVCache, StaticKVCache
 from ds_model.config import PRESETS, SUPPORTED_MODEL_TYPES, ConfigError, ModelConfig, RopeScaling
@@ -15,6 +17,13 @@ from ds_model.model import CausalLMOutput, DeepSeekForCausalLM
 from ds_model.protocol import CausalLM, ModelRunnerProtocol
 from ds_model.runner import ModelRunner, SequenceBatch, num_blocks_for_memory
 from ds_model.tokenizer import Tokenizer, load_tokenizer
+from ds_model.training import (
+    DistillationTrainer,
+    DPOTrainer,
+    Trainer,
+    TrainingConfig,
+    TrainResult,
+)
 
 __version__ = "0.1.0"
 
@@ -26,7 +35,10 @@ __all__ = [
     "CausalLMOutput",
     "CheckpointError",
     "ConfigError",
+    "DPOTrainer",
     "DeepSeekForCausalLM",
+    "DistillationTrainer",
+    "LoraConfig",
     "MissingShardError",
     "ModelConfig",
     "ModelRunner",
@@ -38,6 +50,9 @@ __all__ = [
     "ShapeMismatchError",
     "StaticKVCache",
     "Tokenizer",
+    "TrainResult",
+    "Trainer",
+    "TrainingConfig",
     "__version__",
     "from_config",
     "from_pretrained",

@@ -58,11 +58,13 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_p
     if not messages and not add_generation_prompt:
         return ""
     apply = getattr(tokenizer, "apply_chat_template", None)
-    if callable(apply):
+    template = getattr(tokenizer, "chat_template", None)
+    if callable(apply) and (template or not hasattr(tokenizer, "chat_template")):
         return apply(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     import jinja2
 
-    template = getattr(tokenizer, "chat_template", None) or _DEFAULT_CHAT_TEMPLATE
+    # No template of its own (a base model): a plain role-tagged format.
+    template = template or _DEFAULT_CHAT_TEMPLATE
     env = jinja2.Environment(undefined=jinja2.StrictUndefined)
     return env.from_string(template).render(
         messages=messages,
