@@ -62,10 +62,10 @@ class Int4LinearFromFloat(Int4LinearNoHook):
         return cls(linear.weight, linear.bias, config["group_size"])
 
 
-def quantize_model(model: nn.Module, cls=Int4Linear) -> nn.Module:
+def quantize_model(model: nn.Module, cls=Int4Linear, skip: tuple[str, ...] = ()) -> nn.Module:
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
+            if isinstance(child, nn.Linear) and child_name not in skip:
                 setattr(module, child_name, cls(child.weight, child.bias))
     return model
 
@@ -114,3 +114,12 @@ def randomize_adapters(
                     param.mul_(1 + noise.to(param.dtype))
                 else:
                     param.copy_(noise.to(param.dtype))
+
+
+class Int4LinearNoGrad(Int4Linear):
+    """Like kernels without a derivative (torch's int4 CPU matmul): the forward is opaque
+    to autograd, so gradients must come from ds-lora's dequantize() route."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return super().forward(x.detach())

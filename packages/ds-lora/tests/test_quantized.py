@@ -1,5 +1,7 @@
 """LoRA over quantized bases (QLoRA), through the protocol only, with an INT4 test double."""
 
+import copy
+
 import ds_lora
 import pytest
 import torch
@@ -7,6 +9,7 @@ from ds_lora import LoraConfig, LoraLinear, QuantizedMergeWarning
 from ds_lora_testing import (
     Int4Linear,
     Int4LinearFromFloat,
+    Int4LinearNoGrad,
     Int4LinearNoHook,
     TinyModel,
     quantize_model,
@@ -138,3 +141,31 @@ def test_mixed_batch_over_quantized_base():
     torch.testing.assert_close(mixed[2:3], model(x[2:3]), atol=2e-5, rtol=1e-5)
     with ds_lora.disable_adapters(model):
         torch.testing.assert_close(mixed[1:2], model(x[1:2]), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bias", ["none", "lora_only"])
+def test_gradients_through_an_opaque_quantized_kernel_match_float(bias):
+    """QLoRA gradients reach earlier adapters even when the quantized forward has no
+    derivative; they equal those of a float model holding the dequantized weights."""
+    torch.manual_seed(0)
+    float_model = TinyModel(dim=16, hidden=16)
+    quant_model = quantize_model(
+        copy.deepcopy(float_model), cls=Int4LinearNoGrad, skip=("lm_head",)
+    )
+    with torch.no_grad():  # make the float twin hold exactly the dequantized weights
+        for name, module in quant_model.named_modules():
+            if isinstance(module, Int4LinearNoGrad):
+                float_model.get_submodule(name).weight.copy_(module.dequantize())
+    config = LoraConfig(r=2, lora_dropout=0.0, target_modules="all-linear", bias=bias)
+    for model in (float_model, quant_model):
+        ds_lora.inject(model, config)
+        randomize_adapters(model, seed=3)
+    x = torch.randn(2, 3, 16)
+    grads = []
+    for model in (float_model, quant_model):
+        model(x).square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    assert any("layers.0.q_proj.lora_A" in n for n in grads[1])
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-5, rtol=1e-4)

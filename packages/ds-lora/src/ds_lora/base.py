@@ -45,3 +45,42 @@ def rebuild_quantized(layer: nn.Module, weight: torch.Tensor) -> nn.Module:
     if bias is not None and isinstance(getattr(new, "bias", None), nn.Parameter):
         new.bias.requires_grad_(bias.requires_grad)
     return new
+
+
+class _QuantizedBaseCall(torch.autograd.Function):
+    """``layer(x)`` for a frozen quantized linear, with the input gradient taken through
+    ``dequantize()``: ``dx = dy @ W`` (and ``db = sum(dy)`` for a trainable bias).
+
+    Quantized kernels often have no derivative (torch's int4 CPU matmul has none), yet
+    QLoRA needs ``dx`` to reach the adapters of earlier layers. This relies on the
+    ``LinearLike`` contract, ``y = x @ W.T + b`` with ``W = dequantize()``, and saves no
+    activations: the weight is dequantized again in the backward, as QLoRA does.
+    x: (..., in_features) -> (..., out_features).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None):
+        ctx.layer = layer
+        with torch.no_grad():
+            return layer(x)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_y @ ctx.layer.dequantize().to(grad_y.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+        return grad_x, None, grad_bias
+
+
+def call_base(layer: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Run the wrapped layer; a quantized one goes through ``_QuantizedBaseCall`` when a
+    gradient is wanted, so training never needs the quantized kernel's own derivative."""
+    if not is_quantized(layer) or not torch.is_grad_enabled() or args or kwargs:
+        return layer(x, *args, **kwargs)
+    bias = getattr(layer, "bias", None)
+    wants_bias_grad = isinstance(bias, torch.Tensor) and bias.requires_grad
+    if not x.requires_grad and not wants_bias_grad:
+        return layer(x)
+    return _QuantizedBaseCall.apply(x, layer, bias if wants_bias_grad else None)

@@ -15,7 +15,7 @@ import warnings
 import torch
 from torch import nn
 
-from ds_lora.base import base_weight, device_of, is_quantized, rebuild_quantized
+from ds_lora.base import base_weight, call_base, device_of, is_quantized, rebuild_quantized
 from ds_lora.config import LoraConfig
 from ds_lora.dora import DoraMagnitude, dora_delta, weight_row_norm
 from ds_lora.errors import AdapterNotFoundError, AdapterStateError, QuantizedMergeWarning
@@ -111,7 +111,7 @@ class LoraLinear(nn.Module):
     # --- forward -------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
+        result = call_base(self.base_layer, x, *args, **kwargs)
         if self._row_index is not None:
             return self._mixed_forward(x, result)
         name = self.active_adapter
