@@ -66,7 +66,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}  # every waiting or running request
         self._seq = itertools.count()
-        self._pending: list[tuple[Request, ScheduledRequest]] | None = None
+        # (requests, their ScheduledRequest, ids that must sample) of the step in flight
+        self._pending: tuple[list[Request], list[ScheduledRequest], set[str]] | None = None
         self._finished_since_schedule: list[str] = []
         self._aborted_since_update: list[FinishedRequest] = []
         self._num_preemptions = 0
@@ -144,18 +145,23 @@ class Scheduler:
         threshold = cfg.long_prefill_threshold if cfg.enable_chunked_prefill else 0
         budget = cfg.max_num_batched_tokens
         running = self.running
-        pending: list[tuple[Request, ScheduledRequest]] = []
+        reqs: list[Request] = []  # parallel to items
+        items: list[ScheduledRequest] = []
         preempted: list[str] = []
+        new_item = ScheduledRequest
 
         i = 0
         while i < len(running) and budget > 0:
             req = running[i]
+            tokens = req.all_token_ids
+            num_tokens = len(tokens)
             start = req.num_computed_tokens
-            num_new = len(req.all_token_ids) - start
-            if threshold and num_new > threshold:
-                num_new = threshold
-            if num_new > budget:
-                num_new = budget
+            num_new = num_tokens - start
+            if num_new > 1:  # a prefill chunk (a decode is 1 and always fits)
+                if threshold and num_new > threshold:
+                    num_new = threshold
+                if num_new > budget:
+                    num_new = budget
             end = start + num_new
             table = req.block_table
             if end > len(table) * block_size:
@@ -163,11 +169,9 @@ class Scheduler:
                     victim = self._pick_victim()
                     victim_index = running.index(victim)
                     if victim_index < i:  # already scheduled this step: take it back
-                        for k, (scheduled_req, item) in enumerate(pending):
-                            if scheduled_req is victim:
-                                budget += item.num_tokens
-                                del pending[k]
-                                break
+                        k = reqs.index(victim)
+                        budget += len(items[k].token_ids)
+                        del reqs[k], items[k]
                         i -= 1
                     self._preempt(victim)
                     preempted.append(victim.request_id)
@@ -177,24 +181,40 @@ class Scheduler:
                     continue  # req was preempted; running[i] is now the next request
                 bm.append_slot(table, end)
                 req.table_snapshot = None
-            pending.append((req, self._emit(req, start, end)))
+            snapshot = req.table_snapshot
+            if snapshot is None:
+                snapshot = req.table_snapshot = tuple(table)
+            req.num_computed_tokens = end
+            reqs.append(req)
+            items.append(
+                new_item(
+                    req.request_id,
+                    tokens[start:end],
+                    start,
+                    snapshot,
+                    end == num_tokens,
+                    req.sampling_params,
+                    req.lora_name,
+                )
+            )
             budget -= num_new
             i += 1
 
         if not preempted:
-            budget = self._admit_waiting(budget, pending)
+            budget = self._admit_waiting(budget, reqs, items)
 
-        self._num_steps += 1 if pending else 0
+        self._num_steps += 1 if items else 0
         finished_ids = self._finished_since_schedule
         self._finished_since_schedule = []
         output = SchedulerOutput(
-            scheduled=[item for _, item in pending],
+            scheduled=items,
             num_scheduled_tokens=cfg.max_num_batched_tokens - budget,
             preempted_request_ids=preempted,
             finished_request_ids=finished_ids,
             block_size=block_size,
         )
-        self._pending = pending if pending else None
+        if items:
+            self._pending = (reqs, list(items), {it.request_id for it in items if it.sample})
         return output
 
     def update(self, sampled: Mapping[str, int]) -> list[FinishedRequest]:
@@ -208,41 +228,27 @@ class Scheduler:
             raise TypeError(
                 f"sampled must map request_id -> token id, got {type(sampled).__name__}"
             )
-        pending = self._pending or []
+        reqs, items, sample_ids = self._pending or ((), (), frozenset())
         # Check everything before changing anything, so a bad call can be retried.
-        tokens: list[int] = []
-        for req, item in pending:
-            if item.sample and req.status is _RUNNING:
-                token = sampled.get(item.request_id)
-                if token is None:
-                    raise UnknownRequestError(
-                        f"sampled has no token for request {item.request_id!r}, which the "
-                        "last step scheduled to sample"
-                    )
-                if type(token) is not int or token < 0:
-                    token = self._check_token(item.request_id, token)
-                tokens.append(token)
-        if len(sampled) != len(tokens):
-            asked = {item.request_id for _, item in pending if item.sample}
-            extra = [rid for rid in sampled if rid not in asked]
-            if extra:
-                raise UnknownRequestError(
-                    f"sampled has tokens for {extra!r}, which the last step did not schedule "
-                    "to sample"
-                )
+        if sampled.keys() != sample_ids:
+            self._check_sampled_ids(sampled, reqs, items, sample_ids)
+        for rid, token in sampled.items():
+            if type(token) is not int or token < 0:
+                self._check_token(rid, token)
         self._pending = None
         block_size = self.config.block_size
         caching = self.config.enable_prefix_caching
         finished: list[FinishedRequest] = []
-        next_token = iter(tokens).__next__
-        for req, item in pending:
+        for req, item in zip(reqs, items):
             if req.status is not _RUNNING:
                 continue  # aborted after schedule()
             if caching and req.num_computed_tokens >= (req.num_registered_blocks + 1) * block_size:
                 self._publish_full_blocks(req)
             if not item.sample:
                 continue
-            token = next_token()
+            token = sampled[item.request_id]
+            if type(token) is not int:
+                token = operator.index(token)
             req.all_token_ids.append(token)
             if token == req.eos_token_id or token in req.stop_token_ids:
                 reason = FinishReason.STOP
@@ -297,7 +303,9 @@ class Scheduler:
             req.lora_name,
         )
 
-    def _admit_waiting(self, budget: int, pending: list[tuple[Request, ScheduledRequest]]) -> int:
+    def _admit_waiting(
+        self, budget: int, reqs: list[Request], items: list[ScheduledRequest]
+    ) -> int:
         cfg = self.config
         bm = self.block_manager
         block_size = cfg.block_size
@@ -341,7 +349,8 @@ class Scheduler:
             self._prefix_queried += num_tokens
             self._prefix_hits += num_cached
             running.append(req)
-            pending.append((req, self._emit(req, num_cached, end)))
+            reqs.append(req)
+            items.append(self._emit(req, num_cached, end))
             budget -= num_new
         return budget
 
@@ -395,6 +404,21 @@ class Scheduler:
             num_cached_tokens=req.num_cached_tokens,
             num_preemptions=req.num_preemptions,
         )
+
+    @staticmethod
+    def _check_sampled_ids(sampled, reqs, items, sample_ids) -> None:
+        """Tokens must cover every live request that samples; others only if aborted."""
+        for req, item in zip(reqs, items):
+            if item.sample and req.status is _RUNNING and item.request_id not in sampled:
+                raise UnknownRequestError(
+                    f"sampled has no token for request {item.request_id!r}, which the "
+                    "last step scheduled to sample"
+                )
+        extra = [rid for rid in sampled if rid not in sample_ids]
+        if extra:
+            raise UnknownRequestError(
+                f"sampled has tokens for {extra!r}, which the last step did not schedule to sample"
+            )
 
     @staticmethod
     def _check_token(request_id: str, token: object) -> int:

@@ -1,0 +1,130 @@
+"""Scheduler overhead: wall time of one ``schedule()`` + ``update()`` in steady decode.
+
+N requests are running (prefilled, decoding one token per step, never finishing
+during the measurement, prefix caching on so full blocks get hashed and published as
+in production). We time ``schedule()`` plus ``update()`` per step with
+``perf_counter_ns``; each repeat runs ``--iters`` steps on a fresh scheduler and
+reports the mean and p99, plus this thread's CPU time per step (``thread_time``,
+which a busy shared machine inflates far less than wall time); the table shows the
+median over ``--repeats`` repeats.
+
+Baseline, measured in the same run: the bare Python floor of the same step, a loop
+that only slices each request's last token out and appends a sampled one.
+
+    uv run --frozen python packages/ds-batching/benchmarks/bench_overhead.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+
+from ds_batching import Request, Scheduler, SchedulerConfig
+
+GOAL_US = 100.0  # the issue's goal at 256 running requests
+
+
+def make_running(n: int, prompt_len: int, steps: int, seed: int) -> Scheduler:
+    block_size = 16
+    per_request = prompt_len + steps + 64
+    config = SchedulerConfig(
+        max_num_seqs=n,
+        max_num_batched_tokens=max(8192, n * prompt_len),
+        block_size=block_size,
+        num_blocks=n * (-(-per_request // block_size)) + 8,
+    )
+    sched = Scheduler(config)
+    rng = random.Random(seed)
+    for i in range(n):
+        prompt = [rng.randrange(32000) for _ in range(prompt_len)]
+        sched.add(Request(f"req-{i}", prompt, max_tokens=steps + 32))
+    out = sched.schedule()  # every prompt in one step
+    assert len(out.scheduled) == n, "setup: all prompts should prefill in one step"
+    sched.update(dict.fromkeys(out.sample_request_ids, 7))
+    return sched
+
+
+def time_scheduler(n: int, iters: int, prompt_len: int, seed: int) -> tuple[list[float], float]:
+    """Per-step wall times (us) and the mean CPU time of this thread per step (us)."""
+    sched = make_running(n, prompt_len, iters + 10, seed)
+    sampled = {f"req-{i}": 11 for i in range(n)}
+    for _ in range(5):  # warm up
+        sched.update(dict(sampled) if sched.schedule() else {})
+    samples = []
+    clock = time.perf_counter_ns
+    cpu0 = time.thread_time_ns()
+    for _ in range(iters):
+        t0 = clock()
+        out = sched.schedule()
+        sched.update(sampled)
+        samples.append((clock() - t0) / 1000)
+        if len(out.scheduled) != n:
+            raise RuntimeError(f"expected {n} decodes, got {len(out.scheduled)}")
+    return samples, (time.thread_time_ns() - cpu0) / 1000 / iters
+
+
+def time_floor(n: int, iters: int, prompt_len: int) -> list[float]:
+    streams = [[1] * prompt_len for _ in range(n)]
+    samples = []
+    clock = time.perf_counter_ns
+    for _ in range(iters):
+        t0 = clock()
+        fed = [s[len(s) - 1 :] for s in streams]
+        for s in streams:
+            s.append(11)
+        samples.append((clock() - t0) / 1000)
+    assert len(fed) == n
+    return samples
+
+
+def p99(samples: list[float]) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 256, 1024])
+    parser.add_argument("--iters", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    args = parser.parse_args()
+
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, "
+        f"Python {sys.version.split()[0]} ({platform.python_implementation()})"
+    )
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"load average at start: {load:.2f} (other processes share these cores)")
+    print(
+        f"steady decode, prompt {args.prompt_len} tokens, block_size 16, prefix caching on; "
+        f"{args.iters} steps x {args.repeats} repeats, medians of per-repeat figures\n"
+    )
+    print(
+        "| running | schedule+update wall mean (us) | wall p99 (us) | CPU mean (us) "
+        "| CPU per request (us) | Python floor wall mean (us) | wall ratio to floor "
+        "| wall vs 100 us goal |"
+    )
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for n in args.sizes:
+        means, p99s, cpus, floors = [], [], [], []
+        for r in range(args.repeats):
+            samples, cpu = time_scheduler(n, args.iters, args.prompt_len, seed=r)
+            cpus.append(cpu)
+            means.append(statistics.fmean(samples))
+            p99s.append(p99(samples))
+            floors.append(statistics.fmean(time_floor(n, args.iters, args.prompt_len)))
+        mean, tail, cpu, floor = (statistics.median(x) for x in (means, p99s, cpus, floors))
+        print(
+            f"| {n} | {mean:.1f} | {tail:.1f} | {cpu:.1f} | {cpu / n:.2f} | {floor:.1f} | "
+            f"{mean / floor:.1f}x | {mean / GOAL_US:.2f}x |"
+        )
+
+
+if __name__ == "__main__":
+    main()
