@@ -6,8 +6,6 @@ import socket
 import threading
 import time
 
-import uvicorn
-
 
 class LiveServer:
     def __init__(self, app, *, graceful_timeout: float = 5.0) -> None:
@@ -17,15 +15,14 @@ class LiveServer:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            app,
+        self.server = app.make_server(
+            "127.0.0.1",
+            self.port,
+            shutdown_grace=graceful_timeout,
             log_level="warning",
             lifespan="on",
-            timeout_graceful_shutdown=graceful_timeout,
-            limit_concurrency=None,
             backlog=512,
         )
-        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
         )

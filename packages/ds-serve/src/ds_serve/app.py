@@ -168,14 +168,56 @@ class App:
                 return
         await self.starlette(scope, receive, send)
 
-    def run(self, host: str = "127.0.0.1", port: int = 8000, **uvicorn_options: Any) -> None:
-        """Serve until SIGINT/SIGTERM; in-flight requests get ``timeout_graceful_shutdown``
-        seconds (default 30) to finish, then the engine aborts the rest."""
+    def run(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        *,
+        shutdown_grace: float = 30.0,
+        **uvicorn_options: Any,
+    ) -> None:
+        """Serve until SIGINT/SIGTERM. On shutdown, new requests get 503, in-flight ones
+        get ``shutdown_grace`` seconds to finish, and the rest end with finish_reason
+        ``abort`` (streams still get their final chunk and ``[DONE]``)."""
+        self.make_server(host, port, shutdown_grace=shutdown_grace, **uvicorn_options).run()
+
+    def make_server(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        *,
+        shutdown_grace: float = 30.0,
+        **uvicorn_options: Any,
+    ):
+        """A ``uvicorn.Server`` for this app whose shutdown drains the engine first."""
         import uvicorn
 
-        uvicorn_options.setdefault("timeout_graceful_shutdown", 30)
         uvicorn_options.setdefault("log_level", "info")
-        uvicorn.run(self, host=host, port=port, **uvicorn_options)
+        uvicorn_options.setdefault("timeout_graceful_shutdown", 5)
+        config = uvicorn.Config(self, host=host, port=port, **uvicorn_options)
+        app = self
+
+        class DrainingServer(uvicorn.Server):
+            async def shutdown(self, sockets=None) -> None:
+                await app.drain(shutdown_grace)
+                await super().shutdown(sockets=sockets)
+
+        return DrainingServer(config)
+
+    async def drain(self, grace: float) -> None:
+        """Refuse new requests, let in-flight ones finish for ``grace`` s, abort the rest."""
+        engine = self.engine
+        engine.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while engine.num_in_flight() and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        if engine.num_in_flight():
+            log.info("shutdown: aborting %d requests still in flight", engine.num_in_flight())
+            engine.abort_all()
+            while engine.num_in_flight() and loop.time() < deadline + 5:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # let the handlers send their final chunks
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, _app):

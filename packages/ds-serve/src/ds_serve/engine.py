@@ -148,6 +148,20 @@ class Engine:
     def closing(self) -> bool:
         return self._closing
 
+    def close(self) -> None:
+        """Take no new requests (``submit`` raises ``EngineClosed``); in-flight ones go on."""
+        with self._lock:
+            self._closing = True
+
+    def abort_all(self) -> None:
+        with self._lock:
+            self._pending_aborts.update(self._tracked)
+            self._wake.notify()
+
+    def num_in_flight(self) -> int:
+        with self._lock:
+            return len(self._tracked)
+
     # ---- the EngineProtocol ------------------------------------------------------------
 
     def submit(
