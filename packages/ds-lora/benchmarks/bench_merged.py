@@ -1,0 +1,51 @@
+"""Inference cost of an adapter: the base model, the adapter kept separate (unmerged), and
+the adapter merged and unloaded (goal: merged costs nothing over the base). Same run.
+
+    uv run --frozen python packages/ds-lora/benchmarks/bench_merged.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import ds_lora
+import torch
+from _common import llama, machine, median_time
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    hidden, layers, repeat = (64, 2, 3) if args.quick else (256, 4, 9)
+    base = llama(hidden, layers).to(device).eval()
+    lora = ds_lora.inject(
+        copy.deepcopy(base),
+        ds_lora.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"),
+    )
+    lora.eval()
+    merged = ds_lora.merge_and_unload(copy.deepcopy(lora))
+    print(f"machine: {machine()}")
+    print(
+        f"model: random Llama, hidden {hidden}, {layers} layers, adapter r=16 on all "
+        f"linear layers; median of {repeat}\n"
+    )
+    print("| batch x seq | base (ms) | unmerged LoRA (ms) | merged (ms) | merged / base |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for batch, seq in ((1, 1), (8, 1), (4, 128)):
+        ids = torch.randint(0, base.config.vocab_size, (batch, seq), device=device)
+        times = []
+        for model in (base, lora, merged):
+            with torch.no_grad():
+                times.append(median_time(lambda model=model, ids=ids: model(ids), repeat, warmup=2))
+        t_base, t_lora, t_merged = (t * 1e3 for t in times)
+        print(
+            f"| {batch} x {seq} | {t_base:.2f} | {t_lora:.2f} | {t_merged:.2f} | "
+            f"{t_merged / t_base:.2f}x |"
+        )
+
+
+if __name__ == "__main__":
+    main()
