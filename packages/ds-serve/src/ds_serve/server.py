@@ -8,6 +8,7 @@ paged KV pool from a memory budget, builds ds-batching's ``Scheduler`` and ds-mo
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from pathlib import Path
@@ -64,6 +65,40 @@ def _default_kv_memory(device: torch.device) -> int:
     return min(free // 4, 4 << 30)
 
 
+def _load_model(path: Path, dtype, device: torch.device, quantization: str | None):
+    """The model through ds-model. Quantization is named ("int8" / "int4"), never a ds-quant
+    object: ds-serve reaches the leaves only through ds-model."""
+    import ds_model
+
+    if quantization is None:
+        return ds_model.from_pretrained(path, dtype=dtype, device=device)
+    try:
+        return ds_model.from_pretrained(path, dtype=dtype, device=device, quantization=quantization)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ValueError(
+            f"quantization={quantization!r}: the installed ds-model could not apply it by name "
+            f"({exc}); ds-serve needs ds_model.from_pretrained(quantization='int8'|'int4')"
+        ) from exc
+
+
+def _load_adapters(model, lora: dict[str, str | os.PathLike]) -> None:
+    """Each PEFT-format adapter under its own name, through ds-model."""
+    if not lora:
+        return
+    import ds_model
+
+    load = getattr(ds_model, "load_adapter", None)
+    if load is None:
+        raise ValueError(
+            f"--lora {sorted(lora)}: the installed ds-model has no load_adapter(model, path, "
+            "adapter_name=...), which ds-serve needs to load named adapters"
+        )
+    for name, adapter_path in lora.items():
+        if not Path(adapter_path).is_dir():
+            raise FileNotFoundError(f"--lora {name}={adapter_path}: no such adapter directory")
+        load(model, adapter_path, adapter_name=name)
+
+
 def build_engine(model_path: str | os.PathLike | None = None, **engine_options: Any) -> Engine:
     """The engine for ``model_path`` (None: the built-in model, see ``default_model``)."""
     import ds_model
@@ -74,17 +109,14 @@ def build_engine(model_path: str | os.PathLike | None = None, **engine_options: 
         raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
     device = torch.device(options["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = None if options["dtype"] == "auto" else options["dtype"]
-    model = ds_model.from_pretrained(
-        path, dtype=dtype, device=device, quantization=options["quantization"]
-    )
+    model = _load_model(path, dtype, device, options["quantization"])
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise FileNotFoundError(
             f"{path} has no tokenizer (tokenizer.json or tokenizer.model): a server needs one"
         )
     adapters = tuple(options["lora"] or {})
-    for name, adapter_path in (options["lora"] or {}).items():
-        ds_model.load_adapter(model, adapter_path, adapter_name=name)
+    _load_adapters(model, options["lora"] or {})
     config = model.config
     max_model_len = options["max_model_len"] or config.max_position_embeddings
     if max_model_len > config.max_position_embeddings:
@@ -100,6 +132,12 @@ def build_engine(model_path: str | os.PathLike | None = None, **engine_options: 
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory={budget} bytes is smaller than one KV block")
     runner = ds_model.ModelRunner(model, num_blocks=num_blocks, block_size=block_size)
+    if adapters and "adapters" not in inspect.signature(runner.step).parameters:
+        raise ValueError(
+            f"--lora {list(adapters)}: serving adapters needs ds-model's ModelRunner.step to "
+            "take adapters=[name or None per sequence] (a mixed-adapter batch through "
+            "ds-lora); the installed ds-model's step does not"
+        )
     scheduler = Scheduler(
         SchedulerConfig(
             max_num_seqs=options["max_num_seqs"],
