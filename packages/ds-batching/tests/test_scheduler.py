@@ -263,8 +263,10 @@ def test_update_checks_what_it_gets():
         sched.update({})
     with pytest.raises(UnknownRequestError, match="zzz"):
         sched.update({"a": 1, "zzz": 1})
-    with pytest.raises(ValueError, match="token id >= 0"):
+    with pytest.raises(ValueError, match=r"token id in \[0, 2\*\*63\)"):
         sched.update({"a": -1})
+    with pytest.raises(ValueError, match="got 9223372036854775808"):
+        sched.update({"a": 2**63})
     with pytest.raises(TypeError, match="sampled"):
         sched.update([("a", 1)])
     assert sched.update({"a": 1}) == []
@@ -303,6 +305,7 @@ def test_bad_config_is_named(kwargs, match):
         (("a", [], 1), {}, ValueError, "empty"),
         (("a", "hello", 1), {}, TypeError, "prompt_token_ids"),
         (("a", [1, -2], 1), {}, ValueError, r"prompt_token_ids\[1\]"),
+        (("a", [2**63], 1), {}, ValueError, r"prompt_token_ids\[0\]"),
         (("a", [1, 2.5], 1), {}, TypeError, r"prompt_token_ids\[1\]"),
         (("a", [1], 0), {}, ValueError, "max_tokens"),
         (("a", [1], 1), {"lora_name": 3}, TypeError, "lora_name"),

@@ -12,8 +12,9 @@ while ``hash`` of a tuple is only 64 bits and structured.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from array import array
+import struct
 from collections.abc import Sequence
 
 __all__ = ["BlockHash", "hash_block_tokens", "hash_full_blocks"]
@@ -21,17 +22,27 @@ __all__ = ["BlockHash", "hash_block_tokens", "hash_full_blocks"]
 BlockHash = bytes
 
 _ROOT = b"ds-batching-root"
+MAX_TOKEN_ID = 2**63 - 1  # token ids are hashed as signed 64-bit integers
+
+
+@functools.lru_cache(maxsize=64)
+def _packer(num_tokens: int):
+    return struct.Struct(f"<{num_tokens}q").pack
+
+
+@functools.lru_cache(maxsize=256)
+def _extra_bytes(extra_key: str | None) -> bytes:
+    return b"" if extra_key is None else b"\x00lora:" + extra_key.encode()
 
 
 def hash_block_tokens(
     parent_hash: BlockHash | None, token_ids: Sequence[int], extra_key: str | None = None
 ) -> BlockHash:
     """Hash of one full block: ``H(parent_hash, token_ids, extra_key)``."""
-    h = hashlib.blake2b(parent_hash if parent_hash is not None else _ROOT, digest_size=16)
-    h.update(array("q", token_ids).tobytes())
-    if extra_key is not None:
-        h.update(b"\x00lora:" + extra_key.encode())
-    return h.digest()
+    payload = (parent_hash if parent_hash is not None else _ROOT) + _packer(len(token_ids))(
+        *token_ids
+    )
+    return hashlib.blake2b(payload + _extra_bytes(extra_key), digest_size=16).digest()
 
 
 def hash_full_blocks(

@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from ds_batching.hashing import BlockHash
+from ds_batching.hashing import MAX_TOKEN_ID, BlockHash
 
 __all__ = ["FinishReason", "Request", "RequestStatus"]
 
@@ -42,8 +42,8 @@ def _token_list(name: str, tokens: object) -> list[int]:
             raise TypeError(
                 f"{name}[{i}] must be an int token id, got {type(token).__name__} {token!r}"
             ) from None
-        if value < 0:
-            raise ValueError(f"{name}[{i}] must be a token id >= 0, got {value}")
+        if not 0 <= value <= MAX_TOKEN_ID:
+            raise ValueError(f"{name}[{i}] must be a token id in [0, 2**63), got {value}")
         out.append(value)
     return out
 
@@ -70,6 +70,8 @@ class Request:
         "finish_reason",
         "lora_name",
         "max_tokens",
+        "max_total_tokens",
+        "next_publish_at",
         "num_cached_tokens",
         "num_computed_tokens",
         "num_preemptions",
@@ -80,6 +82,7 @@ class Request:
         "sampling_params",
         "seq_no",
         "status",
+        "stop_set",
         "stop_token_ids",
         "table_snapshot",
     )
@@ -132,6 +135,10 @@ class Request:
         self.block_hashes: list[BlockHash] = []  # chain over full blocks of all_token_ids
         self.num_registered_blocks = 0  # leading blocks of block_table published in the cache
         self.seq_no = -1  # arrival order, set by the scheduler
+        # Fixed by the scheduler at add(): what update() checks per token, precomputed.
+        self.stop_set: frozenset[int] = frozenset()  # stop_token_ids + eos_token_id
+        self.max_total_tokens = 0  # num_prompt_tokens + max_tokens
+        self.next_publish_at = 0  # computed tokens at which the next full block is published
 
     @property
     def num_tokens(self) -> int:

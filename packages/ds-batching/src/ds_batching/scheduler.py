@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import itertools
 import operator
+import sys
 from collections.abc import Mapping
 
 from ds_batching.block_manager import BlockManager
 from ds_batching.config import SchedulerConfig
 from ds_batching.errors import DuplicateRequestError, QueueFull, UnknownRequestError
-from ds_batching.hashing import hash_full_blocks
+from ds_batching.hashing import MAX_TOKEN_ID, hash_full_blocks
 from ds_batching.outputs import FinishedRequest, ScheduledRequest, SchedulerOutput, SchedulerStats
 from ds_batching.queues import make_waiting_queue
 from ds_batching.request import FinishReason, Request, RequestStatus
@@ -38,6 +39,8 @@ from ds_batching.request import FinishReason, Request, RequestStatus
 __all__ = ["Scheduler"]
 
 _RUNNING = RequestStatus.RUNNING
+_INT_ONLY = {int}
+_NEVER = sys.maxsize  # next_publish_at when prefix caching is off
 _FINISHED = RequestStatus.FINISHED
 
 
@@ -70,6 +73,7 @@ class Scheduler:
         self._pending: tuple[list[Request], list[ScheduledRequest], set[str]] | None = None
         self._finished_since_schedule: list[str] = []
         self._aborted_since_update: list[FinishedRequest] = []
+        self._aborted_in_flight = False  # an abort came between schedule() and update()
         self._num_preemptions = 0
         self._num_steps = 0
         self._prefix_queried = 0
@@ -108,6 +112,11 @@ class Scheduler:
         if cfg.max_waiting is not None and len(self.waiting) >= cfg.max_waiting:
             raise QueueFull(len(self.waiting), cfg.max_waiting)
         request.seq_no = next(self._seq)
+        stops = request.stop_token_ids
+        request.stop_set = (
+            stops | {request.eos_token_id} if request.eos_token_id is not None else stops
+        )
+        request.max_total_tokens = request.num_prompt_tokens + request.max_tokens
         self.requests[request.request_id] = request
         self.waiting.push(request)
 
@@ -127,6 +136,8 @@ class Scheduler:
         else:
             self.waiting.remove(request)
         self._finish(request, FinishReason.ABORT)
+        if self._pending is not None:
+            self._aborted_in_flight = True
         self._aborted_since_update.append(self._finished_record(request))
         return True
 
@@ -232,27 +243,31 @@ class Scheduler:
         # Check everything before changing anything, so a bad call can be retried.
         if sampled.keys() != sample_ids:
             self._check_sampled_ids(sampled, reqs, items, sample_ids)
-        for rid, token in sampled.items():
-            if type(token) is not int or token < 0:
+        values = sampled.values()
+        if values and (
+            set(map(type, values)) != _INT_ONLY or min(values) < 0 or max(values) > MAX_TOKEN_ID
+        ):
+            for rid, token in sampled.items():
                 self._check_token(rid, token)
         self._pending = None
-        block_size = self.config.block_size
-        caching = self.config.enable_prefix_caching
+        skip_aborted = self._aborted_in_flight
+        self._aborted_in_flight = False
         finished: list[FinishedRequest] = []
         for req, item in zip(reqs, items):
-            if req.status is not _RUNNING:
+            if skip_aborted and req.status is not _RUNNING:
                 continue  # aborted after schedule()
-            if caching and req.num_computed_tokens >= (req.num_registered_blocks + 1) * block_size:
+            if req.num_computed_tokens >= req.next_publish_at:
                 self._publish_full_blocks(req)
             if not item.sample:
                 continue
             token = sampled[item.request_id]
-            if type(token) is not int:
+            if type(token) is not int:  # e.g. a numpy integer: keep plain ints
                 token = operator.index(token)
-            req.all_token_ids.append(token)
-            if token == req.eos_token_id or token in req.stop_token_ids:
+            tokens = req.all_token_ids
+            tokens.append(token)
+            if token in req.stop_set:
                 reason = FinishReason.STOP
-            elif len(req.all_token_ids) - req.num_prompt_tokens >= req.max_tokens:
+            elif len(tokens) >= req.max_total_tokens:
                 reason = FinishReason.LENGTH
             else:
                 continue
@@ -342,6 +357,9 @@ class Scheduler:
             req.block_table = bm.allocate(end, hits)
             req.table_snapshot = None
             req.num_registered_blocks = len(hits)
+            req.next_publish_at = (
+                (len(hits) + 1) * block_size if cfg.enable_prefix_caching else _NEVER
+            )
             req.num_computed_tokens = num_cached
             if req.status is RequestStatus.WAITING:
                 req.num_cached_tokens = num_cached
@@ -373,6 +391,7 @@ class Scheduler:
         req.block_table = []
         req.table_snapshot = None
         req.num_registered_blocks = 0
+        req.next_publish_at = _NEVER
 
     def _publish_full_blocks(self, req: Request) -> None:
         block_size = self.config.block_size
@@ -388,6 +407,7 @@ class Scheduler:
         for k in range(req.num_registered_blocks, num_full):
             self.block_manager.cache_block(table[k], hashes[k])
         req.num_registered_blocks = num_full
+        req.next_publish_at = (num_full + 1) * block_size
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
         req.status = _FINISHED
@@ -428,6 +448,8 @@ class Scheduler:
             raise TypeError(
                 f"sampled[{request_id!r}] must be an int token id, got {type(token).__name__}"
             ) from None
-        if value < 0:
-            raise ValueError(f"sampled[{request_id!r}] must be a token id >= 0, got {value}")
+        if not 0 <= value <= MAX_TOKEN_ID:
+            raise ValueError(
+                f"sampled[{request_id!r}] must be a token id in [0, 2**63), got {value}"
+            )
         return value
