@@ -244,3 +244,35 @@ def test_mixed_batch_refuses_bad_use():
     with pytest.raises(ds_lora.AdapterStateError, match="merged"):
         with ds_lora.adapter_batch(model, ["a", None]):
             model(x)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_mixed_batch_and_merge(dtype):
+    torch.manual_seed(0)
+    model = TinyModel(dim=64, hidden=96, layers=2).to("cuda", dtype).eval()
+    for i in range(4):
+        ds_lora.inject(
+            model,
+            LoraConfig(r=4 + i, lora_dropout=0.0, use_dora=i == 3, target_modules="all-linear"),
+            f"a{i}",
+        )
+    randomize_adapters(model, seed=9)
+    x = torch.randn(6, 5, 64, device="cuda", dtype=dtype)
+    rows = ["a0", "a1", None, "a2", "a3", "a0"]
+    tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 5e-2, "rtol": 5e-2}
+    with torch.no_grad():
+        with ds_lora.adapter_batch(model, rows):
+            mixed = model(x)
+        for i, name in enumerate(rows):
+            if name is None:
+                with ds_lora.disable_adapters(model):
+                    alone = model(x[i : i + 1])
+            else:
+                ds_lora.set_adapter(model, name)
+                alone = model(x[i : i + 1])
+            torch.testing.assert_close(mixed[i : i + 1], alone, **tol)
+        ds_lora.set_adapter(model, "a1")
+        unmerged = model(x)
+        ds_lora.merge_adapter(model)
+        torch.testing.assert_close(model(x), unmerged, **tol)
