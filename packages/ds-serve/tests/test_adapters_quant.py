@@ -29,7 +29,7 @@ def test_unknown_quantization_is_refused(checkpoint):
 
 
 def test_missing_adapter_directory_is_named(checkpoint, tmp_path):
-    with pytest.raises((FileNotFoundError, ValueError), match="nope|installed ds-model"):
+    with pytest.raises((FileNotFoundError, ValueError), match=r"nope|installed ds-model"):
         create_app(checkpoint, num_blocks=16, lora={"a": str(tmp_path / "nope")})
 
 

@@ -1,0 +1,18 @@
+"""Smoke test run in a fresh venv that holds the ds-serve wheel and its declared deps."""
+
+import importlib.metadata
+
+import ds_serve
+from ds_serve.cli import build_parser
+
+requires = {
+    r.split()[0].split(">")[0].split("=")[0] for r in importlib.metadata.requires("ds-serve")
+}
+assert {"ds-model", "ds-batching", "msgspec", "starlette", "uvicorn"} <= requires, requires
+assert "site-packages" in ds_serve.__file__
+assert build_parser().parse_args([]).host == "127.0.0.1"
+entry = [
+    e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "ds-serve"
+]
+assert entry and entry[0].value == "ds_serve.cli:main", entry
+print("ds-serve wheel stands alone:", ds_serve.__version__)
