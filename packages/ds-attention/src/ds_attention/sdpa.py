@@ -4,9 +4,10 @@ A mask is passed only where the pattern needs one: dense non-causal attention an
 attention whose bottom-right alignment equals SDPA's top-left one (``seqlen_q ==
 seqlen_k``, or a single query row) go through SDPA's fused paths without any mask.
 Sliding windows and block-sparse layouts on long inputs run chunk by chunk: each chunk
-of queries calls SDPA on only the keys some of its rows can see (a slice for a window,
-a gather of the visited key blocks for a layout), so the work shrinks with the pattern
-as it does in the kernel, instead of masking a full seqlen_q x seqlen_k product.
+of queries (256 rows; with a layout, one query block of at least 64 rows) calls SDPA on
+only the keys some of its rows can see (a slice for a window, a gather of the visited
+key blocks for a layout), so the work shrinks with the pattern as it does in the kernel,
+instead of masking a full seqlen_q x seqlen_k product.
 """
 
 from __future__ import annotations
@@ -110,7 +111,9 @@ def _sub_mask(rows, cols, sq, sk, spec: MaskSpec, block_mask):
 def _sdpa_chunked(q, k, v, spec: MaskSpec, block_mask, scale, kwargs):
     sq, sk = q.shape[1], k.shape[1]
     left, right = _bounds(spec)
-    chunk = CHUNK if block_mask is None else -(-CHUNK // spec.block_size) * spec.block_size
+    # One query block per chunk with a layout: the union of visited key blocks over
+    # several query blocks would approach dense again.
+    chunk = CHUNK if block_mask is None else max(spec.block_size, 64)
     dev = q.device
     if q.shape[2] != k.shape[2] and "enable_gqa" not in kwargs:
         k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
