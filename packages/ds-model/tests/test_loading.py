@@ -76,7 +76,7 @@ def test_missing_tensor_is_named(tiny_dir):
     state = load_file(path / "model.safetensors")
     del state["model.norm.weight"]
     save_file(state, path / "model.safetensors")
-    with pytest.raises(CheckpointError, match="model.norm.weight"):
+    with pytest.raises(CheckpointError, match=r"model\.norm\.weight"):
         ds_model.from_pretrained(path)
 
 

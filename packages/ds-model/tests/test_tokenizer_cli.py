@@ -159,7 +159,7 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy():
         model.generate(prompt, 2, top_p=0)
     with pytest.raises(TypeError, match="prompt must be"):
         model.generate(3.5, 2)
-    with pytest.raises(ValueError, match="needs model.tokenizer"):
+    with pytest.raises(ValueError, match=r"needs model\.tokenizer"):
         model.generate("hello", 2)
 
 

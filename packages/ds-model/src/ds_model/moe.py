@@ -13,9 +13,9 @@ Then ``norm_topk_prob`` renormalises the k weights to sum to 1 and
 ``routed_scaling_factor`` scales them.
 
 Routed experts are stored stacked, ``gate_up`` (experts, 2 x moe_intermediate, hidden)
-and ``down`` (experts, hidden, moe_intermediate), so a decode step gathers the chosen
-experts' weights and runs two batched matmuls instead of a Python loop; large batches
-loop over the experts that received tokens. Checkpoints keep DeepSeek's per-expert
+and ``down`` (experts, hidden, moe_intermediate): one tensor per layer to load,
+quantize or shard. A decode step runs its few (token, expert) pairs directly on views
+of those tensors; larger batches sort tokens by expert and run each hit expert once. Checkpoints keep DeepSeek's per-expert
 keys (``experts.{e}.gate_proj.weight``...); ``ds_model.loading`` converts both ways.
 """
 
@@ -30,8 +30,8 @@ from ds_model.mlp import MLP
 
 __all__ = ["MoE", "RoutedExperts", "Router"]
 
-# At or below this many (token, expert) pairs, gather weights and bmm; above, loop experts.
-GATHER_MAX_PAIRS = 16
+# At or below this many (token, expert) pairs, loop over pairs; above, group by expert.
+GATHER_MAX_PAIRS = 4
 
 
 class Router(nn.Module):
@@ -58,26 +58,28 @@ class Router(nn.Module):
         if self.method == "greedy":
             weights, idx = torch.topk(scores, self.top_k, dim=-1, sorted=False)
         elif self.method == "group_limited_greedy":
-            group_scores = scores.view(-1, self.n_group, self.num_experts // self.n_group)
-            keep = self._group_mask(group_scores.amax(dim=-1))
-            masked = scores.masked_fill(~keep, 0.0)
+            grouped = scores.view(-1, self.n_group, self.num_experts // self.n_group)
+            drop = self._dropped_groups(grouped.amax(dim=-1))
+            masked = grouped.masked_fill(drop, 0.0).view(-1, self.num_experts)
             weights, idx = torch.topk(masked, self.top_k, dim=-1, sorted=False)
         else:  # noaux_tc
             biased = scores + self.e_score_correction_bias.float()
             grouped = biased.view(-1, self.n_group, self.num_experts // self.n_group)
-            keep = self._group_mask(grouped.topk(2, dim=-1)[0].sum(dim=-1))
-            idx = torch.topk(biased.masked_fill(~keep, float("-inf")), self.top_k, dim=-1)[1]
+            drop = self._dropped_groups(grouped.topk(2, dim=-1)[0].sum(dim=-1))
+            biased = grouped.masked_fill(drop, float("-inf")).view(-1, self.num_experts)
+            idx = torch.topk(biased, self.top_k, dim=-1, sorted=False)[1]
             weights = scores.gather(1, idx)
         if self.norm_topk_prob and self.top_k > 1:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * self.scaling, idx
 
-    def _group_mask(self, group_scores: torch.Tensor) -> torch.Tensor:
-        """(tokens, n_group) -> bool (tokens, experts): experts in the top groups."""
+    def _dropped_groups(self, group_scores: torch.Tensor) -> torch.Tensor:
+        """(tokens, n_group) -> bool (tokens, n_group, 1): groups outside the top ones."""
+        if self.topk_group == self.n_group:
+            return torch.zeros_like(group_scores, dtype=torch.bool).unsqueeze(-1)
         top = torch.topk(group_scores, self.topk_group, dim=-1, sorted=False)[1]
-        mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top, True)
-        per_group = self.num_experts // self.n_group
-        return mask.unsqueeze(-1).expand(-1, -1, per_group).reshape(-1, self.num_experts)
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top, True)
+        return ~keep.unsqueeze(-1)
 
 
 class RoutedExperts(nn.Module):
@@ -91,17 +93,19 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         if idx.numel() <= GATHER_MAX_PAIRS:
-            return self._gathered(x, weights, idx)
+            return self._few(x, weights, idx)
         return self._looped(x, weights, idx)
 
-    def _gathered(self, x, weights, idx) -> torch.Tensor:
-        tokens, k = idx.shape
-        flat = idx.reshape(-1)
-        h = torch.bmm(self.gate_up[flat], x.repeat_interleave(k, dim=0).unsqueeze(-1))
-        gate, up = h.squeeze(-1).split(self.intermediate, dim=-1)
-        y = torch.bmm(self.down[flat], (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)
-        y = y.view(tokens, k, -1) * weights.unsqueeze(-1).to(y.dtype)
-        return y.sum(dim=1)
+    def _few(self, x, weights, idx) -> torch.Tensor:
+        # A handful of (token, expert) pairs (decode): run each expert on views of the
+        # stacked weights; gathering the weights would copy them every step.
+        out = torch.zeros_like(x)
+        pair_weights = weights.to(x.dtype)
+        for t, experts in enumerate(idx.tolist()):
+            for j, e in enumerate(experts):
+                gate, up = F.linear(x[t], self.gate_up[e]).split(self.intermediate)
+                out[t] += F.linear(F.silu(gate) * up, self.down[e]) * pair_weights[t, j]
+        return out
 
     def _looped(self, x, weights, idx) -> torch.Tensor:
         out = torch.zeros_like(x)
