@@ -44,7 +44,9 @@ def test_matches_torch_adamw_for_20_steps(foreach):
     for a, b in zip(ours_model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     for a, b in zip(ours_model.parameters(), ref_model.parameters()):
-        torch.testing.assert_close(ours.state[a]["exp_avg_sq"], ref.state[b]["exp_avg_sq"], atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            ours.state[a]["exp_avg_sq"], ref.state[b]["exp_avg_sq"], atol=1e-6, rtol=0
+        )
 
 
 def test_grouped_lr_scale_and_no_decay_match_torch_groups():
@@ -177,10 +179,12 @@ def test_bad_input_is_rejected_clearly():
         GroupedAdamW(model.parameters(), bf16_rounding="up")
     w = model[0].weight
     with pytest.raises(ValueError, match=r"two groups.*'a'.*0\.weight.*'b'"):
-        GroupedAdamW([
-            {"name": "a", "params": [("0.weight", w)]},
-            {"name": "b", "params": [("again", w)]},
-        ])
+        GroupedAdamW(
+            [
+                {"name": "a", "params": [("0.weight", w)]},
+                {"name": "b", "params": [("again", w)]},
+            ]
+        )
     opt = GroupedAdamW(model.parameters())
     with pytest.raises(ValueError, match="two groups"):
         opt.add_param_group({"params": [w]})

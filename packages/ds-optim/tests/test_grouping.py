@@ -73,9 +73,9 @@ def test_static_rules():
     assert lr_scales["decay@lr_x0.5"] == 0.5
     wd = {g["name"]: g.get("weight_decay") for g in group_parameters(Tiny(), policy)}
     assert wd == {"no_decay": 0.0, "decay": None, "decay@lr_x0.5": None}
-    assert names_by_group(group_parameters(Tiny(), StaticPolicy(decay_embeddings=True)))["decay"] == {
-        "embed.weight", "proj.weight", "lm_head.weight"
-    }
+    assert names_by_group(group_parameters(Tiny(), StaticPolicy(decay_embeddings=True)))[
+        "decay"
+    ] == {"embed.weight", "proj.weight", "lm_head.weight"}
     assert len(group_parameters(Tiny(), "uniform")) == 1
 
 
@@ -106,7 +106,9 @@ def test_sensitivity_statistic_is_the_documented_ema():
     for _ in range(4):
         ids = torch.randint(0, 11, (4, 6), generator=gen)
         opt.zero_grad()
-        nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()).backward()
+        nn.functional.cross_entropy(
+            model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()
+        ).backward()
         rms = lambda t: t.detach().pow(2).mean().sqrt().item()  # noqa: E731
         ratio = rms(w.grad) / (rms(w) + 1e-3)
         expected = ratio if expected is None else 0.8 * expected + 0.2 * ratio
@@ -121,7 +123,11 @@ def test_regrouping_moves_tensors_keeps_state_and_applies_tier_lr():
     names = [g["name"] for g in opt.param_groups]
     assert all(g["params"] == [] for g in opt.param_groups if not g["name"].endswith("tier1"))
     run(model, opt, 2)
-    before = {p: {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)} for p in model.parameters() if p.requires_grad}
+    before = {
+        p: {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)}
+        for p in model.parameters()
+        if p.requires_grad
+    }
     run(model, opt, 1, seed=5)  # third step: observe, update, then regroup
     assert opt.regrouper.regroups == 1
     assert [g["name"] for g in opt.param_groups] == names  # the set of groups never changes
@@ -130,9 +136,17 @@ def test_regrouping_moves_tensors_keeps_state_and_applies_tier_lr():
     moved = [g["name"] for g in opt.param_groups if g["params"] and not g["name"].endswith("tier1")]
     assert moved, "with edges at +-0.5 octave some tensors must leave the middle tier"
     # Each tensor sits in the tier its statistic says.
-    sens = {n: opt.state[p]["sensitivity"] for g in opt.param_groups for n, p in zip(g["param_names"], g["params"])}
+    sens = {
+        n: opt.state[p]["sensitivity"]
+        for g in opt.param_groups
+        for n, p in zip(g["param_names"], g["params"])
+    }
     values = sorted(sens.values())
-    median = values[len(values) // 2] if len(values) % 2 else (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2
+    median = (
+        values[len(values) // 2]
+        if len(values) % 2
+        else (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2
+    )
     for g in opt.param_groups:
         for n in g["param_names"]:
             pos = math.log2(sens[n] / median)

@@ -30,7 +30,8 @@ window of k micro-batches costs one compressed exchange and adds one quantizatio
 error, not k. Error-feedback residuals advance only on synchronizing steps.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: DDP checks the hooks' annotations at runtime
+# (the bucket must be annotated dist.GradBucket, not the string).
 
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -180,14 +181,15 @@ def quantized_allreduce_hook(
         return buffer
 
     if state.mode == "all_gather":
-        gathered = torch.empty(world, chunk_bytes, dtype=torch.uint8, device=buffer.device)
-        work = dist.all_gather_into_tensor(gathered, rows.reshape(-1), group=group, async_op=True)
+        flat_out = torch.empty(world * chunk_bytes, dtype=torch.uint8, device=buffer.device)
+        work = dist.all_gather_into_tensor(flat_out, rows.reshape(-1), group=group, async_op=True)
+        gathered = flat_out.view(world, chunk_bytes)
 
         def average_all(fut: torch.futures.Future[Any]) -> torch.Tensor:
             fut.wait()
             total = torch.zeros(chunk, dtype=torch.float32, device=buffer.device)
             for r in range(world):
-                total += comp.decompress(_from_bytes(gathered[r], chunk, comp))
+                total += comp.decompress(_from_bytes(gathered.view(world, -1)[r], chunk, comp))
             return write_back(total / world)
 
         return work.get_future().then(average_all)
@@ -202,12 +204,15 @@ def quantized_allreduce_hook(
             mine += comp.decompress(_from_bytes(received[r], chunk, comp))
         mine /= world
         reduced = _to_bytes(comp.compress(mine, key=(bucket.index(), "reduced")), 1)
-        gathered = torch.empty(world, chunk_bytes, dtype=torch.uint8, device=buffer.device)
+        gathered = torch.empty(world * chunk_bytes, dtype=torch.uint8, device=buffer.device)
         dist.all_gather_into_tensor(
             gathered, reduced.reshape(-1), group=group, async_op=True
         ).wait()
         full = torch.cat(
-            [comp.decompress(_from_bytes(gathered[r], chunk, comp)) for r in range(world)]
+            [
+                comp.decompress(_from_bytes(gathered.view(world, -1)[r], chunk, comp))
+                for r in range(world)
+            ]
         )
         return write_back(full)
 
