@@ -67,7 +67,7 @@ def hook_error_bound(local: torch.Tensor, avg: torch.Tensor, bits: int, mode: st
 
 
 def scenario_hook_bound() -> None:
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     for bits, hook in ((4, int4_allreduce_hook), (8, int8_allreduce_hook)):
         for mode in ("reduce_scatter", "all_gather"):
             torch.manual_seed(0)
@@ -173,7 +173,7 @@ def scenario_convergence_200_steps() -> None:
 
 
 def scenario_zero1_matches_unsharded() -> None:
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4))
     sharded_model, plain_model = copy.deepcopy(base), copy.deepcopy(base)
