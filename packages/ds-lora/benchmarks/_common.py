@@ -46,20 +46,34 @@ def llama(hidden: int, layers: int, vocab: int = 1024, seed: int = 0):
     return transformers.LlamaForCausalLM(config)
 
 
-def median_time(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn`` in seconds (CUDA synchronised when present)."""
-    for _ in range(warmup):
-        fn()
-    times = []
+def interleaved_median_times(
+    fns: dict[str, Callable[[], object]], repeat: int, warmup: int = 1
+) -> dict[str, float]:
+    """Median wall time of each function, measured round-robin (A B A B ...) so that every
+    contender sees the same background load on a shared machine."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeat):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def add_threads_arg(parser) -> None:
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: stabler timings on a shared machine)",
+    )
 
 
 class SavedTensorBytes:

@@ -11,15 +11,17 @@ import copy
 
 import ds_lora
 import torch
-from _common import llama, machine, median_time
+from _common import add_threads_arg, interleaved_median_times, llama, machine
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    add_threads_arg(parser)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    hidden, layers, repeat = (64, 2, 3) if args.quick else (256, 4, 9)
+    hidden, layers, repeat = (64, 2, 3) if args.quick else (256, 4, 15)
     base = llama(hidden, layers).to(device).eval()
     lora = ds_lora.inject(
         copy.deepcopy(base),
@@ -30,17 +32,18 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(
         f"model: random Llama, hidden {hidden}, {layers} layers, adapter r=16 on all "
-        f"linear layers; median of {repeat}\n"
+        f"linear layers; median of {repeat}, round-robin\n"
     )
     print("| batch x seq | base (ms) | unmerged LoRA (ms) | merged (ms) | merged / base |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for batch, seq in ((1, 1), (8, 1), (4, 128)):
         ids = torch.randint(0, base.config.vocab_size, (batch, seq), device=device)
-        times = []
-        for model in (base, lora, merged):
-            with torch.no_grad():
-                times.append(median_time(lambda model=model, ids=ids: model(ids), repeat, warmup=2))
-        t_base, t_lora, t_merged = (t * 1e3 for t in times)
+        fns = {
+            name: torch.no_grad()(lambda model=model, ids=ids: model(ids))
+            for name, model in (("base", base), ("lora", lora), ("merged", merged))
+        }
+        times = interleaved_median_times(fns, repeat, warmup=2)
+        t_base, t_lora, t_merged = (times[k] * 1e3 for k in ("base", "lora", "merged"))
         print(
             f"| {batch} x {seq} | {t_base:.2f} | {t_lora:.2f} | {t_merged:.2f} | "
             f"{t_merged / t_base:.2f}x |"

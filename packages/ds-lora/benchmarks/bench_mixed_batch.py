@@ -11,7 +11,7 @@ import argparse
 
 import ds_lora
 import torch
-from _common import llama, machine, median_time
+from _common import add_threads_arg, interleaved_median_times, llama, machine
 
 
 def build(hidden: int, layers: int, adapters: int, rank: int, device: torch.device):
@@ -49,21 +49,24 @@ def run(model, names, batch: int, seq: int, repeat: int, device: torch.device):
         return out
 
     torch.testing.assert_close(mixed(), loop(), atol=1e-4, rtol=1e-4)  # same answer
-    return median_time(loop, repeat), median_time(mixed, repeat)
+    times = interleaved_median_times({"loop": loop, "mixed": mixed}, repeat)
+    return times["loop"], times["mixed"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    add_threads_arg(parser)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    hidden, layers, repeat = (64, 2, 3) if args.quick else (256, 4, 9)
+    hidden, layers, repeat = (64, 2, 3) if args.quick else (256, 4, 11)
     adapters, rank = 8, 16
     model, names = build(hidden, layers, adapters, rank, device)
     print(f"machine: {machine()}")
     print(
         f"model: random Llama, hidden {hidden}, {layers} layers, {adapters} adapters r={rank} "
-        f"on all linear layers; median of {repeat}\n"
+        f"on all linear layers; median of {repeat}, round-robin\n"
     )
     print("| batch | seq | loop over adapters (ms) | mixed batch (ms) | speed-up |")
     print("| ---: | ---: | ---: | ---: | ---: |")

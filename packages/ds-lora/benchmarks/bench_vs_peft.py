@@ -17,7 +17,7 @@ import warnings
 
 import ds_lora
 import torch
-from _common import SavedTensorBytes, llama, machine, median_time
+from _common import SavedTensorBytes, add_threads_arg, interleaved_median_times, llama, machine
 
 
 def _peft_model(model, kwargs):
@@ -33,66 +33,65 @@ def _ours(model, kwargs):
 
 
 def injection(base, kwargs, repeat):
-    rows = []
-    times = {}
-    for name, make in (("PEFT", _peft_model), ("ds-lora", _ours)):
-        copies = [copy.deepcopy(base) for _ in range(repeat + 1)]
-        it = iter(copies)
-        times[name] = median_time(lambda make=make, it=it: make(next(it), kwargs), repeat)
-        del copies
-    rows.append(("injection (ms)", times["PEFT"] * 1e3, times["ds-lora"] * 1e3))
-    return rows
+    pools = {name: [copy.deepcopy(base) for _ in range(repeat + 1)] for name in ("PEFT", "ds-lora")}
+    makers = {"PEFT": _peft_model, "ds-lora": _ours}
+    iters = {name: iter(pool) for name, pool in pools.items()}
+    fns = {
+        name: (lambda make=makers[name], it=iters[name]: make(next(it), kwargs)) for name in pools
+    }
+    times = interleaved_median_times(fns, repeat)
+    return [("injection (ms)", times["PEFT"] * 1e3, times["ds-lora"] * 1e3)]
 
 
 def training(base, kwargs, batch, seq, repeat, device):
     ids = torch.randint(0, base.config.vocab_size, (batch, seq), device=device)
-    results = {}
+    steps, saved, peaks = {}, {}, {}
     for name, make in (("PEFT", _peft_model), ("ds-lora", _ours)):
         model = make(copy.deepcopy(base).to(device), kwargs)
         model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
         def step(model=model, opt=opt):
-            loss = model(ids, labels=ids).loss
-            loss.backward()
+            model(ids, labels=ids).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
         step()
-        with SavedTensorBytes() as saved:
+        with SavedTensorBytes() as counter:
             model(ids, labels=ids).loss.backward()
         opt.zero_grad(set_to_none=True)
-        peak = None
+        saved[name] = counter.total / 2**20
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             step()
-            peak = torch.cuda.max_memory_allocated() / 2**20
-        results[name] = (median_time(step, repeat), saved.total / 2**20, peak)
-        del model, opt
-        gc.collect()
+            peaks[name] = torch.cuda.max_memory_allocated() / 2**20
+        steps[name] = step
+    times = interleaved_median_times(steps, repeat)
     rows = [
-        ("training step (ms)", results["PEFT"][0] * 1e3, results["ds-lora"][0] * 1e3),
-        ("saved activations (MiB)", results["PEFT"][1], results["ds-lora"][1]),
+        ("training step (ms)", times["PEFT"] * 1e3, times["ds-lora"] * 1e3),
+        ("saved activations (MiB)", saved["PEFT"], saved["ds-lora"]),
     ]
-    if device.type == "cuda":
-        rows.append(("peak CUDA memory (MiB)", results["PEFT"][2], results["ds-lora"][2]))
+    if peaks:
+        rows.append(("peak CUDA memory (MiB)", peaks["PEFT"], peaks["ds-lora"]))
+    gc.collect()
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="tiny sizes, few repeats")
+    add_threads_arg(parser)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.quick:
         hidden, layers, batch, seq, repeat = 64, 2, 2, 16, 3
     else:
-        hidden, layers, batch, seq, repeat = 256, 4, 4, 64, 7
+        hidden, layers, batch, seq, repeat = 128, 4, 4, 64, 11
     print(f"machine: {machine()}")
     print(
         f"model: random Llama, hidden {hidden}, {layers} layers; batch {batch} x seq {seq}; "
-        f"median of {repeat}\n"
+        f"median of {repeat}, measured round-robin\n"
     )
     for label, kwargs in (
         (
