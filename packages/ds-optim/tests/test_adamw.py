@@ -136,21 +136,21 @@ def test_bf16_stochastic_rounding_keeps_second_moment_moving():
     # half-ulp (0.2%). Round-to-nearest freezes v; stochastic rounding follows fp32.
     results = {}
     for rounding in ("nearest", "stochastic"):
-        p = nn.Parameter(torch.zeros(4096))
+        p = nn.Parameter(torch.zeros(2048))
         opt = GroupedAdamW([p], lr=0.0, state_dtype=torch.bfloat16, bf16_rounding=rounding)
-        p.grad = torch.ones(4096)
+        p.grad = torch.ones(2048)
         opt.step()
         opt.state[p]["exp_avg_sq"].fill_(1.0)
-        p.grad = torch.full((4096,), 1.5**0.5)
-        for _ in range(200):
+        p.grad = torch.full((2048,), 1.5**0.5)
+        for _ in range(100):
             opt.step()
         results[rounding] = opt.state[p]["exp_avg_sq"].float().mean().item()
-    exact = 1.5 - 0.5 * 0.999**200
+    exact = 1.5 - 0.5 * 0.999**100
     assert results["nearest"] == 1.0
     assert abs(results["stochastic"] - exact) < 0.01
 
 
-@settings(max_examples=10)
+@settings(max_examples=6)
 @given(
     lr=st.floats(1e-4, 1e-1),
     wd=st.floats(0.0, 0.5),

@@ -1,0 +1,63 @@
+"""Optimizer step time: GroupedAdamW versus torch.optim.AdamW(foreach=True), same model.
+
+Usage: uv run --frozen python packages/ds-optim/benchmarks/bench_optimizer_step.py
+Prints a markdown table (median of repeats) with the ratio and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from _common import machine, median_time
+from ds_optim import GroupedAdamW, group_parameters
+from torch import nn
+
+
+def model(width: int, layers: int) -> nn.Module:
+    blocks = []
+    for _ in range(layers):
+        blocks += [nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width), nn.LayerNorm(width)]
+    return nn.Sequential(nn.Embedding(1000, width), *blocks)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=30)
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    base = model(args.width, args.layers).to(device)
+    n = sum(p.numel() for p in base.parameters())
+    for p in base.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+
+    def timed(make) -> float:  # noqa: ANN001
+        m = model(args.width, args.layers).to(device)
+        m.load_state_dict(base.state_dict())
+        for p, q in zip(m.parameters(), base.parameters()):
+            p.grad = q.grad.clone()
+        opt = make(m)
+        return median_time(opt.step, args.repeats)
+
+    ref = timed(lambda m: torch.optim.AdamW(m.parameters(), lr=1e-4, foreach=True))
+    rows = [
+        ("torch.optim.AdamW(foreach=True)", ref),
+        ("GroupedAdamW, one group", timed(lambda m: GroupedAdamW(m.parameters(), lr=1e-4))),
+        ("GroupedAdamW, static policy (2 groups)", timed(lambda m: GroupedAdamW(group_parameters(m, "static"), lr=1e-4))),
+        ("GroupedAdamW, sensitivity policy", timed(lambda m: GroupedAdamW.from_model(m, "sensitivity", lr=1e-4))),
+        ("GroupedAdamW, bf16 moments", timed(lambda m: GroupedAdamW(m.parameters(), lr=1e-4, state_dtype=torch.bfloat16))),
+        ("GroupedAdamW, bf16 moments, nearest rounding", timed(lambda m: GroupedAdamW(m.parameters(), lr=1e-4, state_dtype=torch.bfloat16, bf16_rounding="nearest"))),
+    ]
+    print(f"Machine: {machine()}; device {device}; {n / 1e6:.2f}M parameters in "
+          f"{sum(1 for _ in base.parameters())} tensors; median of {args.repeats} steps\n")
+    print("| optimizer | step (ms) | vs AdamW foreach |")
+    print("| --- | ---: | ---: |")
+    for name, t in rows:
+        print(f"| {name} | {t * 1e3:.2f} | {t / ref:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
