@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -39,6 +40,8 @@ from ds_serve.sampling import SamplingParams, sample
 __all__ = ["Delta", "Engine", "EngineClosed"]
 
 log = logging.getLogger("ds_serve.engine")
+
+GIL_SWITCH_INTERVAL = 0.0005  # seconds
 
 
 class EngineClosed(RuntimeError):
@@ -122,6 +125,11 @@ class Engine:
         """Start the engine thread; deltas are delivered on ``loop`` (default: the running one)."""
         if self._thread is not None:
             return
+        # The engine thread and the event loop share the GIL; at Python's default 5 ms
+        # switch interval the loop waits up to 5 ms per wake-up behind the model step
+        # (measured: half the streamed tokens/s). This is process-wide, hence only lowered.
+        if sys.getswitchinterval() > GIL_SWITCH_INTERVAL:
+            sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         self._loop = loop or asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="ds-serve-engine", daemon=True)
         self._thread.start()
@@ -190,6 +198,8 @@ class Engine:
             stop=StopMatcher(params.stop),
         )
         with self._lock:
+            if self.error is not None:
+                raise EngineClosed(f"the engine loop failed ({self.error!r}); restart the server")
             if self._closing:
                 raise EngineClosed("the server is shutting down")
             try:
