@@ -212,3 +212,12 @@ def test_sliding_window_limits_what_a_token_sees():
     # 2 layers of receptive field: positions >= 5 cannot be affected at all.
     torch.testing.assert_close(a[5:], b[5:])
     assert not torch.allclose(a[1], b[1])
+
+
+def test_model_satisfies_the_causal_lm_protocol():
+    model = tiny()
+    assert isinstance(model, ds_model.CausalLM)
+    out = model(torch.tensor([[1, 2, 3]]))
+    assert out.logits.shape == (1, 3, 512) and out.loss is None
+    with pytest.raises(TypeError, match="unexpected arguments: use_cache"):
+        model(torch.tensor([[1, 2, 3]]), use_cache=True)
