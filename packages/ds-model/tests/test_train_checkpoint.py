@@ -11,25 +11,44 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from ds_model.training import ByteTokenizer, CheckpointError, Trainer, find_latest_checkpoint
-from ds_model.training.checkpoint import list_checkpoints, load_weights, save_weights, write_checkpoint
+from ds_model.training.checkpoint import (
+    list_checkpoints,
+    load_weights,
+    save_weights,
+    write_checkpoint,
+)
 
-_spec = importlib.util.spec_from_file_location("_s", Path(__file__).with_name("test_train_support.py"))
+_spec = importlib.util.spec_from_file_location(
+    "_s", Path(__file__).with_name("test_train_support.py")
+)
 S = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(S)
 S = S.support()
 single_thread = S.single_thread  # autouse fixture
 
 OPTS = dict(
-    optimizer="grouped_adamw", progress_bar=False, plot=False, max_seq_len=32,
-    per_device_train_batch_size=4, learning_rate=3e-3, warmup_steps=2, max_steps=12,
-    save_steps=4, save_total_limit=None,
+    optimizer="grouped_adamw",
+    progress_bar=False,
+    plot=False,
+    max_seq_len=32,
+    per_device_train_batch_size=4,
+    learning_rate=3e-3,
+    warmup_steps=2,
+    max_steps=12,
+    save_steps=4,
+    save_total_limit=None,
 )
 
+
 def _run(out: Path, resume: str | None = None) -> list[float]:
-    trainer = Trainer(model=S.real_lm(), train_dataset=S.make_texts(40), tokenizer=ByteTokenizer(),
-                      output_dir=str(out), **OPTS)
+    trainer = Trainer(
+        model=S.real_lm(),
+        train_dataset=S.make_texts(40),
+        tokenizer=ByteTokenizer(),
+        output_dir=str(out),
+        **OPTS,
+    )
     return trainer.train(resume_from=resume).losses
 
 
@@ -97,16 +116,25 @@ def test_lora_resume_with_dropout_is_exact(tmp_path: Path) -> None:
 
     def run(out: Path, steps: int, resume: str | None = None) -> list[float]:
         lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.2)
-        trainer = Trainer(model=S.real_lm(), lora_config=lora, train_dataset=S.make_texts(24),
-                          tokenizer=ByteTokenizer(), output_dir=str(out),
-                          **{**OPTS, "max_steps": steps, "save_steps": 3})
+        trainer = Trainer(
+            model=S.real_lm(),
+            lora_config=lora,
+            train_dataset=S.make_texts(24),
+            tokenizer=ByteTokenizer(),
+            output_dir=str(out),
+            **{**OPTS, "max_steps": steps, "save_steps": 3},
+        )
         return trainer.train(resume_from=resume).losses
 
     reference = run(tmp_path / "a", 6)
     ckpt = tmp_path / "a" / "checkpoint-3"
     assert sorted(p.name for p in ckpt.iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "optimizer.pt",
-        "rng_state_0.pt", "trainer_state.json", "training_state.pt",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "optimizer.pt",
+        "rng_state_0.pt",
+        "trainer_state.json",
+        "training_state.pt",
     ]
     assert run(tmp_path / "b", 6, resume=str(ckpt)) == reference
 

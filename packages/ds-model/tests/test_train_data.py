@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from ds_model.training import BadRecordError, ByteTokenizer, build_lm_dataset
 from ds_model.training.data import _pack, build_preference_dataset, micro_batch_indices
 from ds_model.training.records import iter_records
 from ds_model.training.tokenize import IGNORE_INDEX, encode_record
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 TOK = ByteTokenizer()
 
@@ -28,7 +27,9 @@ def test_jsonl_broken_line_is_reported_with_file_and_line(tmp_path: Path) -> Non
 
 def test_json_array_records_carry_their_line(tmp_path: Path) -> None:
     path = tmp_path / "d.json"
-    path.write_text('[\n  {"text": "a"},\n\n  {"prompt": "p", "completion": 3},\n  {"text": "c"}\n]\n')
+    path.write_text(
+        '[\n  {"text": "a"},\n\n  {"prompt": "p", "completion": 3},\n  {"text": "c"}\n]\n'
+    )
     assert [r.source for r in iter_records(path)] == [f"{path}:2", f"{path}:4", f"{path}:5"]
     with pytest.raises(BadRecordError, match=r"d\.json:4: 'completion' must be a non-empty"):
         build_lm_dataset(path, TOK, max_seq_len=16)
@@ -58,7 +59,9 @@ def test_empty_dataset_is_an_error(tmp_path: Path) -> None:
 
 
 def test_prompt_tokens_are_masked() -> None:
-    ids, labels = encode_record(TOK, {"prompt": "Q: hi", "completion": " A: yo"}, "prompt_completion")
+    ids, labels = encode_record(
+        TOK, {"prompt": "Q: hi", "completion": " A: yo"}, "prompt_completion"
+    )
     assert ids[0] == TOK.bos_token_id and ids[-1] == TOK.eos_token_id
     n_prompt = 1 + len("Q: hi")
     assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
@@ -142,8 +145,13 @@ def test_preference_dataset_collates_chosen_then_rejected(tmp_path: Path) -> Non
     path = tmp_path / "pref.jsonl"
     rows = [
         {"prompt": "2+2=", "chosen": "4", "rejected": "5"},
-        {"prompt": "hi", "chosen": "hello", "rejected": "go", "ref_chosen_logp": -1.0,
-         "ref_rejected_logp": -2.0},
+        {
+            "prompt": "hi",
+            "chosen": "hello",
+            "rejected": "go",
+            "ref_chosen_logp": -1.0,
+            "ref_rejected_logp": -2.0,
+        },
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     ds, report = build_preference_dataset(path, TOK, max_seq_len=32)

@@ -135,3 +135,190 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------- distributed worker
+DIST_OPTS = dict(
+    optimizer="grouped_adamw",
+    progress_bar=False,
+    plot=False,
+    max_seq_len=32,
+    learning_rate=3e-3,
+    max_steps=4,
+    save_final=False,
+)
+
+
+def varied_texts(n: int = 24) -> list[str]:
+    """Texts of different lengths, so ranks see different token counts."""
+    return [t + " and more" * (i % 4) for i, t in enumerate(make_texts(n))]
+
+
+def single_process_reference(out: Path) -> dict:
+    """What the 2-rank runs must reproduce: one process, the same global batch of 4."""
+    from ds_model.training import ByteTokenizer, Trainer
+
+    def run(**kw):
+        trainer = Trainer(
+            model=real_lm(),
+            train_dataset=varied_texts(),
+            tokenizer=ByteTokenizer(),
+            output_dir=str(out / "ref"),
+            **{**DIST_OPTS, **kw},
+        )
+        return trainer.train().losses
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        real_logits = real_lm()(ids).logits
+        tiny_logits = tiny_lm()(ids).logits
+    return {
+        "dp": run(per_device_train_batch_size=4),
+        "accum": run(per_device_train_batch_size=2, gradient_accumulation_steps=2),
+        "real_logits": real_logits.tolist(),
+        "tiny_logits": tiny_logits.tolist(),
+        "ids": ids.tolist(),
+    }
+
+
+def distributed_worker(rank: int, world: int, port: int, out: str) -> None:
+    """One rank: DDP (plain, accumulating, 4-bit hook), FSDP2 (with a sharded
+    checkpoint and resume), and tensor parallel logits/training, all on gloo."""
+    import os
+
+    import torch.distributed as dist
+    from ds_model.training import ByteTokenizer, Trainer, TrainingConfig
+    from ds_model.training.distributed import init_distributed, wrap_model
+
+    torch.set_num_threads(1)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    results: dict = {}
+
+    def run(name: str, strategy: str, resume: str | None = None, **kw) -> None:
+        trainer = Trainer(
+            model=real_lm(),
+            train_dataset=varied_texts(),
+            tokenizer=ByteTokenizer(),
+            output_dir=os.path.join(out, name),
+            distributed_strategy=strategy,
+            **{**DIST_OPTS, **kw},
+        )
+        results[name] = trainer.train(resume_from=resume).losses
+
+    run("ddp", "ddp", per_device_train_batch_size=2)
+    run("ddp_accum", "ddp", per_device_train_batch_size=1, gradient_accumulation_steps=2)
+    run("ddp_int4", "ddp", per_device_train_batch_size=2, compress_gradients=True)
+    run("fsdp", "fsdp", per_device_train_batch_size=2, save_steps=2, save_total_limit=None)
+    run(
+        "fsdp_resumed",
+        "fsdp",
+        resume=os.path.join(out, "fsdp", "checkpoint-2"),
+        per_device_train_batch_size=2,
+    )
+    # 3d_parallel on 2 ranks: tp=2, dp=1, so one "device" batch is the global batch.
+    run("tp_train", "3d_parallel", per_device_train_batch_size=4)
+
+    ctx = init_distributed("3d_parallel")
+    ids = torch.tensor(single_ids())
+    for name, model in (("real", real_lm()), ("tiny", tiny_lm())):
+        if name == "tiny":
+            model.tp_plan = {
+                f"layers.{i}.{p}": "rowwise" if p in ("o_proj", "down_proj") else "colwise"
+                for i in range(2)
+                for p in (
+                    "q_proj",
+                    "k_proj",
+                    "v_proj",
+                    "o_proj",
+                    "gate_proj",
+                    "up_proj",
+                    "down_proj",
+                )
+            }
+        sharded = wrap_model(model, "3d_parallel", ctx, TrainingConfig())
+        with torch.no_grad():
+            results[f"{name}_tp_logits"] = torch.as_tensor(sharded(ids).logits).tolist()
+        layer = model.layers[0] if name == "tiny" else model.model.layers[0].self_attn
+        mlp = model.layers[0] if name == "tiny" else model.model.layers[0].mlp
+        # FSDP2 makes every parameter a DTensor; tensor-parallel ones live on the 2-D mesh.
+        results[f"{name}_attention_mesh_dims"] = layer.q_proj.weight.device_mesh.ndim
+        results[f"{name}_mlp_mesh_dims"] = mlp.down_proj.weight.device_mesh.ndim
+    if rank == 0:
+        Path(out, "results.json").write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def single_ids() -> list[list[int]]:
+    torch.manual_seed(0)
+    return torch.randint(0, 256, (2, 12)).tolist()
+
+
+def fork_ranks(world: int, worker, *args) -> list[int]:
+    """Start ``worker(rank, world, port, *args)`` in ``world`` forked children and return
+    their pids. Forking (not spawning) reuses this process's imported torch and
+    ds_model: a spawned rank spends most of a minute importing on a busy 2-core box."""
+    import os
+    import socket
+    import traceback
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # Import once here what every rank needs, instead of once per child.
+    import torch._dynamo
+    import torch.distributed.checkpoint.state_dict
+    import torch.distributed.fsdp
+    import torch.distributed.tensor.parallel
+    import torch.nn.parallel  # noqa: F401
+
+    pids = []
+    for rank in range(world):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - a child
+            code = 1
+            try:
+                worker(rank, world, port, *args)
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        pids.append(pid)
+    return pids
+
+
+def wait_pids(pids: list[int], timeout: float) -> list[int]:
+    """Exit codes of the children; kills them all if they outlive ``timeout`` seconds."""
+    import os
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    codes: dict[int, int] = {}
+    while len(codes) < len(pids):
+        for pid in pids:
+            if pid in codes:
+                continue
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                codes[pid] = os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            for pid in pids:
+                if pid not in codes:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    codes[pid] = -9
+            break
+        time.sleep(0.05)
+    return [codes[p] for p in pids]

@@ -4,6 +4,7 @@ metrics and the loss-curve PNG, and clear errors for bad input."""
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import math
 import struct
@@ -12,20 +13,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from ds_model.training import ByteTokenizer, Trainer, TrainingConfig
+from ds_model.training.schedule import lr_factor
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ds_model.training import ByteTokenizer, Trainer, TrainingConfig
-from ds_model.training.schedule import lr_factor
-
-_spec = importlib.util.spec_from_file_location("_s", Path(__file__).with_name("test_train_support.py"))
+_spec = importlib.util.spec_from_file_location(
+    "_s", Path(__file__).with_name("test_train_support.py")
+)
 S = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(S)
 S = S.support()
 
 single_thread = S.single_thread  # autouse fixture
 
-FAST = dict(optimizer="adamw", tokenizer=ByteTokenizer(), progress_bar=False, max_seq_len=32, plot=False)
+FAST = dict(
+    optimizer="adamw", tokenizer=ByteTokenizer(), progress_bar=False, max_seq_len=32, plot=False
+)
 
 
 def _trainer(tmp_path: Path, data, **kw) -> Trainer:
@@ -36,8 +40,13 @@ def _trainer(tmp_path: Path, data, **kw) -> Trainer:
 def test_loss_falls_over_a_few_hundred_steps(tmp_path: Path) -> None:
     texts = S.make_texts(64)
     result = _trainer(
-        tmp_path, texts, per_device_train_batch_size=4, max_steps=200, warmup_steps=10,
-        save_final=False, optimizer="grouped_adamw",
+        tmp_path,
+        texts,
+        per_device_train_batch_size=4,
+        max_steps=200,
+        warmup_steps=10,
+        save_final=False,
+        optimizer="grouped_adamw",
     ).train()
     assert result.global_step == 200 and len(result.losses) == 200
     first, last = sum(result.losses[:5]) / 5, sum(result.losses[-10:]) / 10
@@ -47,10 +56,23 @@ def test_loss_falls_over_a_few_hundred_steps(tmp_path: Path) -> None:
 
 def test_gradient_accumulation_matches_the_big_batch(tmp_path: Path) -> None:
     texts = [t + "!" * (i % 7) for i, t in enumerate(S.make_texts(24))]
-    big = _trainer(tmp_path / "a", texts, per_device_train_batch_size=8, max_steps=4, shuffle=False,
-                   save_final=False).train()
-    acc = _trainer(tmp_path / "b", texts, per_device_train_batch_size=2,
-                   gradient_accumulation_steps=4, max_steps=4, shuffle=False, save_final=False).train()
+    big = _trainer(
+        tmp_path / "a",
+        texts,
+        per_device_train_batch_size=8,
+        max_steps=4,
+        shuffle=False,
+        save_final=False,
+    ).train()
+    acc = _trainer(
+        tmp_path / "b",
+        texts,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,
+        max_steps=4,
+        shuffle=False,
+        save_final=False,
+    ).train()
     assert big.losses == pytest.approx(acc.losses, rel=1e-5, abs=1e-6)
 
 
@@ -64,7 +86,7 @@ def test_warmup_then_cosine(warmup: int, total: int, floor: float) -> None:
     assert ramp == sorted(ramp)
     after = factors[warmup:]
     assert all(f >= floor - 1e-9 for f in after)
-    assert all(a >= b - 1e-12 for a, b in zip(after, after[1:]))
+    assert all(a >= b - 1e-12 for a, b in itertools.pairwise(after))
     if total > warmup:
         assert factors[warmup] == pytest.approx(1.0)
         assert factors[total] == pytest.approx(floor)
@@ -72,8 +94,14 @@ def test_warmup_then_cosine(warmup: int, total: int, floor: float) -> None:
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains(tmp_path: Path, precision: str) -> None:
-    trainer = _trainer(tmp_path, S.make_texts(16), per_device_train_batch_size=4, max_steps=25,
-                       precision=precision, save_final=False)
+    trainer = _trainer(
+        tmp_path,
+        S.make_texts(16),
+        per_device_train_batch_size=4,
+        max_steps=25,
+        precision=precision,
+        save_final=False,
+    )
     result = trainer.train()
     assert all(math.isfinite(x) for x in result.losses)
     assert result.losses[-1] < result.losses[0] - 1.0
@@ -82,9 +110,16 @@ def test_mixed_precision_trains(tmp_path: Path, precision: str) -> None:
 
 
 def test_eval_metrics_jsonl_and_png(tmp_path: Path) -> None:
-    trainer = _trainer(tmp_path, S.make_texts(16), eval_dataset=S.make_texts(6, seed=9),
-                       per_device_train_batch_size=4, max_steps=6, eval_steps=3, plot=True,
-                       save_final=False)
+    trainer = _trainer(
+        tmp_path,
+        S.make_texts(16),
+        eval_dataset=S.make_texts(6, seed=9),
+        per_device_train_batch_size=4,
+        max_steps=6,
+        eval_steps=3,
+        plot=True,
+        save_final=False,
+    )
     result = trainer.train()
     assert [e["step"] for e in result.eval_history] == [3, 6]
     for e in result.eval_history:
@@ -121,8 +156,12 @@ def _read_png(path: Path):
 
 def test_seed_keyword_call_form(tmp_path: Path) -> None:
     trainer = Trainer(
-        model=S.tiny_lm(), train_dataset=S.make_texts(8), per_device_train_batch_size=8,
-        num_train_epochs=3, output_dir=str(tmp_path), **{**FAST, "max_seq_len": 512},
+        model=S.tiny_lm(),
+        train_dataset=S.make_texts(8),
+        per_device_train_batch_size=8,
+        num_train_epochs=3,
+        output_dir=str(tmp_path),
+        **{**FAST, "max_seq_len": 512},
     )
     result = trainer.train()
     assert result.global_step == 3  # 8 short examples pack into one block: a step per epoch
@@ -131,7 +170,9 @@ def test_seed_keyword_call_form(tmp_path: Path) -> None:
 
 def test_train_data_path_and_epochs_arguments(tmp_path: Path) -> None:
     path = S.write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in S.make_texts(8)])
-    trainer = Trainer(model=S.tiny_lm(), output_dir=str(tmp_path / "o"), **{**FAST, "max_seq_len": 512})
+    trainer = Trainer(
+        model=S.tiny_lm(), output_dir=str(tmp_path / "o"), **{**FAST, "max_seq_len": 512}
+    )
     assert trainer.train(data_path=str(path), epochs=2).global_step == 2
 
 
@@ -146,7 +187,7 @@ def test_bad_input_errors(tmp_path: Path) -> None:
         Trainer(train_dataset=["x"])
     afile = tmp_path / "file"
     afile.write_text("x")
-    with pytest.raises(ValueError, match="output_dir=.*exists and is not a directory"):
+    with pytest.raises(ValueError, match=r"output_dir=.*exists and is not a directory"):
         Trainer(model=S.tiny_lm(), train_dataset=["abc"], output_dir=str(afile), **FAST).train()
     with pytest.raises(ValueError, match="has no usable records"):
         Trainer(model=S.tiny_lm(), train_dataset=[], output_dir=str(tmp_path / "e"), **FAST).train()

@@ -38,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", help="checkpoint or output directory to resume from")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--max_steps", type=int, default=-1, help="> 0 overrides --epochs")
-    p.add_argument("--batch_size", type=int, default=8, help="sequences per process per micro-batch")
+    p.add_argument(
+        "--batch_size", type=int, default=8, help="sequences per process per micro-batch"
+    )
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--learning_rate", type=float, default=2e-4)
     p.add_argument("--weight_decay", type=float, default=0.0)

@@ -52,6 +52,7 @@ class TrainingConfig:
     save_final: bool = True
     distributed_strategy: str = "none"
     compress_gradients: bool = False  # ddp only: ds-optim's 4-bit all-reduce hook
+    ddp_find_unused_parameters: bool | None = None  # None: True for MoE models
     tp_size: int = 0  # 3d_parallel: tensor-parallel degree (0: all ranks)
     quantization: str = "none"
     optimizer: str = "grouped_adamw"

@@ -29,10 +29,9 @@ from torch import nn
 
 __all__ = ["DistContext", "default_tp_plan", "init_distributed", "unwrap", "wrap_model"]
 
-_COLWISE = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "w1", "w3")
-_ROWWISE = ("o_proj", "down_proj", "w2")
 _MLP_COLWISE = ("gate_proj", "up_proj", "w1", "w3")
 _MLP_ROWWISE = ("down_proj", "w2")
+_CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,7 @@ class DistContext:
     dp_rank: int = 0
     dp_size: int = 1
     tp_size: int = 1
-    device: torch.device = torch.device("cpu")
+    device: torch.device = _CPU
     mesh: Any = None
 
     @property
@@ -146,8 +145,15 @@ def wrap_model(model: nn.Module, strategy: str, ctx: DistContext, config: Any) -
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
+        # An MoE step can leave experts without tokens (no gradient); DDP must then
+        # look for unused parameters or it waits forever for their buckets.
+        find_unused = config.ddp_find_unused_parameters
+        if find_unused is None:
+            find_unused = _has_routed_experts(model)
         ddp = DistributedDataParallel(
-            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
+            model,
+            device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+            find_unused_parameters=find_unused,
         )
         if config.compress_gradients:
             _register_int4_hook(ddp)
@@ -176,21 +182,13 @@ def wrap_model(model: nn.Module, strategy: str, ctx: DistContext, config: Any) -
 
 
 def _register_int4_hook(ddp: nn.Module) -> None:
-    try:
-        from ds_optim import int4_allreduce_hook  # type: ignore[attr-defined]
-    except ImportError as e:
-        raise ValueError(
-            "compress_gradients=True needs ds-optim's int4_allreduce_hook, which this "
-            "ds-optim does not provide"
-        ) from e
-    state = None
-    try:
-        from ds_optim import Int4HookState  # type: ignore[attr-defined]
+    from ds_optim import QuantizedAllreduceState, int4_allreduce_hook
 
-        state = Int4HookState()
-    except ImportError:
-        pass
-    ddp.register_comm_hook(state, int4_allreduce_hook)  # type: ignore[operator]
+    ddp.register_comm_hook(QuantizedAllreduceState(bits=4), int4_allreduce_hook)  # type: ignore[operator]
+
+
+def _has_routed_experts(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "n_routed_experts", None))
 
 
 def unwrap(model: nn.Module) -> nn.Module:

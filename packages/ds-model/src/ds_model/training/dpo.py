@@ -39,20 +39,28 @@ class DPOTrainer(Trainer):
         super().__init__(model, **kw)
         self.beta = float(beta)
         self.ref_model = ref_model
+        self._all_precomputed = True
 
     def build_dataset(self, source: Any, tokenizer: Any) -> tuple[Any, DataReport]:
-        return build_preference_dataset(
+        dataset, report = build_preference_dataset(
             source,
             tokenizer,
             max_seq_len=self.args.max_seq_len,
             skip_bad_records=self.args.skip_bad_records,
         )
+        # Train and eval sets both: a reference model is needed unless every record
+        # of every set carries its reference log-probs.
+        self._all_precomputed = self._all_precomputed and all(
+            "ref_chosen_logp" in it and "ref_rejected_logp" in it for it in dataset.items
+        )
+        return dataset, report
 
     def loss_weight(self, batch: dict[str, torch.Tensor]) -> float:
         return float(batch["input_ids"].shape[0] // 2)
 
     def prepare_models(self, ctx: DistContext) -> None:
-        if self.ref_model is None and self.lora_config is None:
+        needs_model = not self._all_precomputed
+        if self.ref_model is None and self.lora_config is None and needs_model:
             # Before wrapping, so the copy is the plain initial policy.
             self.ref_model = copy.deepcopy(unwrap(self.model))
         if self.ref_model is not None:

@@ -4,6 +4,7 @@ in the PNG's ``tEXt`` chunks (``y_min``, ``y_max``, ``x_max``) since there is no
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 import zlib
@@ -57,7 +58,7 @@ def write_loss_png(
     for y in range(margin, height - margin):
         put(margin, y, _AXIS)
     line = [to_px(x, y) for x, y in train if y == y]
-    for (x0, y0), (x1, y1) in zip(line, line[1:]):
+    for (x0, y0), (x1, y1) in itertools.pairwise(line):
         for x, y in _segment(x0, y0, x1, y1):
             put(x, y, _TRAIN)
             put(x, y + 1, _TRAIN)

@@ -337,9 +337,8 @@ class Trainer:
         scaler.unscale_(optimizer)
         grad_norm = float("nan")
         if args.max_grad_norm is not None:
-            params = [p for p in wrapped.parameters() if p.requires_grad]
-            norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            params = [p for p in wrapped.parameters() if p.grad is not None]
+            grad_norm = clip_grad_norm(params, args.max_grad_norm)
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
@@ -496,6 +495,29 @@ def forward_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     if isinstance(logits, tuple):
         logits = logits[0]
     return logits
+
+
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
+    """Clip to a global L2 norm and return the norm before clipping.
+
+    Under 3d_parallel some gradients are DTensors on the 2-D mesh and others on the
+    data-parallel mesh alone; torch's clip cannot stack those, so the norm is taken per
+    mesh and combined."""
+    by_mesh: dict[Any, list[torch.Tensor]] = {}
+    for p in params:
+        by_mesh.setdefault(getattr(p.grad, "device_mesh", None), []).append(p.grad)
+    squares = []
+    for grads in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm(grads, 2.0)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        squares.append(float(norm) ** 2)
+    total = math.sqrt(sum(squares))
+    if total > max_norm:
+        scale = max_norm / (total + 1e-6)
+        for p in params:
+            p.grad.mul_(scale)
+    return total
 
 
 def _tokens(batch: dict[str, torch.Tensor]) -> int:
