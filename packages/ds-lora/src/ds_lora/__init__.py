@@ -13,11 +13,12 @@ from ds_lora.errors import (
 from ds_lora.layer import LoraLinear
 from ds_lora.lora_model import LoraModel, get_peft_model
 from ds_lora.modules_to_save import ModulesToSaveWrapper
-from ds_lora.peft_format import load_adapter, save_adapter
+from ds_lora.peft_format import adapter_tensors, load_adapter, save_adapter
 from ds_lora.protocol import LinearLike, QuantizedLinearLike, Requantizable
 from ds_lora.tuner import (
     active_adapter,
     adapter_batch,
+    adapter_configs,
     adapter_names,
     delete_adapter,
     disable_adapters,
@@ -50,7 +51,9 @@ __all__ = [
     "__version__",
     "active_adapter",
     "adapter_batch",
+    "adapter_configs",
     "adapter_names",
+    "adapter_tensors",
     "delete_adapter",
     "disable_adapters",
     "get_peft_model",
