@@ -155,3 +155,21 @@ def test_api_key_is_required_on_v1(server):
     import httpx
 
     assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_streamed_chat_with_n_2_interleaves_both_choices(client):
+    stream = client.chat.completions.create(
+        model="tiny-coder",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=6,
+        temperature=0.8,
+        n=2,
+        seed=3,
+        stream=True,
+    )
+    finished = {}
+    for chunk in stream:
+        for choice in chunk.choices:
+            if choice.finish_reason:
+                finished[choice.index] = choice.finish_reason
+    assert set(finished) == {0, 1}

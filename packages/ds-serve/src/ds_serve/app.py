@@ -90,6 +90,15 @@ class _Choices:
                 for j, params in enumerate(prepared.params):
                     rid = engine.submit(prompt, params, adapter=prepared.adapter, queue=self.queue)
                     self.index[rid] = p * n + j
+        except ValueError as exc:
+            # The scheduler refuses a request that could never fit the KV pool.
+            self.abort()
+            raise APIError(
+                400,
+                f"The request cannot be served: {exc}",
+                param="max_tokens",
+                code="kv_cache_too_small",
+            ) from exc
         except BaseException:
             self.abort()  # all or nothing: a 429 leaves no half-submitted choices behind
             raise
