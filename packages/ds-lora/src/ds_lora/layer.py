@@ -19,6 +19,7 @@ from ds_lora.base import base_weight, call_base, device_of, is_quantized, rebuil
 from ds_lora.config import LoraConfig
 from ds_lora.dora import DoraMagnitude, dora_delta, weight_row_norm
 from ds_lora.errors import AdapterNotFoundError, AdapterStateError, QuantizedMergeWarning
+from ds_lora.lora_fn import lora_delta
 from ds_lora.mixed import StackedAdapters, mixed_lora_delta, stack_adapters
 
 
@@ -122,7 +123,8 @@ class LoraLinear(nn.Module):
         scaling = self.scaling[name]
         x_lora = x.to(lora_a.weight.dtype)
         if name not in self.lora_magnitude_vector:
-            return result + (lora_b(lora_a(dropout(x_lora))) * scaling).to(result.dtype)
+            delta = lora_delta(x_lora, lora_a.weight, lora_b.weight, scaling, dropout)
+            return result + delta.to(result.dtype)
         weight = base_weight(self.base_layer).to(lora_a.weight.dtype)
         with torch.no_grad():
             norm = weight_row_norm(weight, lora_b.weight @ lora_a.weight, scaling)
