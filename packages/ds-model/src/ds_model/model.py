@@ -57,19 +57,33 @@ class DeepSeekModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        if _on_meta():
+            # On meta, Embedding's own normal_ init pulls in torch._dynamo (seconds).
+            weight = torch.empty(config.vocab_size, config.hidden_size)
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=weight)
+        else:
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(config, i) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        cos, sin = rope_tables(config, device="meta" if _on_meta() else None)
+        # Real tables even in a meta build (tensor math on meta imports torch._dynamo).
+        with torch.device("cpu"):
+            cos, sin = rope_tables(config)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def reset_rope(self) -> None:
-        """Recompute the rotary tables on the embedding's device (after a meta build)."""
-        cos, sin = rope_tables(self.config, device=self.embed_tokens.weight.device)
-        self.rope_cos, self.rope_sin = cos, sin
+        """Put the fp32 rotary tables on the embedding's device (after a meta build)."""
+        device = self.embed_tokens.weight.device
+        self.rope_cos, self.rope_sin = self.rope_cos.to(device), self.rope_sin.to(device)
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype)/.half() must not round the rotary tables: they follow the device only.
+        cos, sin = self.rope_cos, self.rope_sin
+        super()._apply(fn, recurse)
+        self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
+        return self
 
     def forward(
         self,

@@ -45,7 +45,7 @@ class Router(nn.Module):
         self.n_group, self.topk_group = config.n_group, config.topk_group
         self.norm_topk_prob = config.norm_topk_prob
         self.scaling = config.routed_scaling_factor
-        self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))
+        self.weight = nn.Parameter(torch.zeros(self.num_experts, config.hidden_size))
         if self.method == "noaux_tc":
             self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts))
 
@@ -88,8 +88,8 @@ class RoutedExperts(nn.Module):
     def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
         super().__init__()
         self.num_experts, self.intermediate = num_experts, intermediate
-        self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
-        self.down = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+        self.gate_up = nn.Parameter(torch.zeros(num_experts, 2 * intermediate, hidden))
+        self.down = nn.Parameter(torch.zeros(num_experts, hidden, intermediate))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         if idx.numel() <= GATHER_MAX_PAIRS:
