@@ -146,3 +146,29 @@ def test_block_sparse_and_varlen_large_gpu(dtype):
     bm = _block_mask(3, 8, 11, 11, seed=4, density=0.3).cuda()
     kw = {"causal": True, "cu_seqlens": cu, "block_mask": bm, "block_size": 128}
     check_close(attn("triton", **kw), q, k, v, kw, dtype)
+
+
+@pytest.mark.parametrize("tiles", [(32, 16), (16, 32)], ids=str)
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"causal": True, "window": (9, None)},
+        {"causal": False, "window": (5, 20)},
+        {"causal": True, "block": True},
+        {"causal": True, "varlen": True},
+    ],
+    ids=["window", "two-sided", "block-sparse", "varlen"],
+)
+def test_unequal_tile_shapes(monkeypatch, tiles, kw):
+    """On the GPU the backward uses BLOCK_M != BLOCK_N; exercise that in the interpreter."""
+    from ds_attention.kernels import flash
+
+    monkeypatch.setattr(flash, "_tiles", lambda *a, **k: (*tiles, 4))
+    kw = dict(kw)
+    q, k, v = rand_qkv(1, 70, 70, 2, 1, 16, 16, torch.float32, device=DEVICE)
+    if kw.pop("block", False):
+        kw["block_mask"] = _block_mask(1, 2, 3, 3, seed=7).to(DEVICE)
+        kw["block_size"] = 32
+    if kw.pop("varlen", False):
+        kw["cu_seqlens"] = torch.tensor([0, 33, 34, 70], dtype=torch.int32, device=DEVICE)
+    check_close(attn("triton", **kw), q, k, v, kw, torch.float32)
