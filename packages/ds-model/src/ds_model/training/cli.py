@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data", "--dataset", dest="data", required=True, help="training .json/.jsonl file"
     )
+    p.add_argument(
+        "--tokenizer",
+        help="tokenizer path, or 'bytes' (UTF-8 bytes); default: the model directory's own",
+    )
     p.add_argument("--eval_data", help="evaluation .json/.jsonl file")
     p.add_argument("--output", default="ds-train-output", help="output directory")
     p.add_argument("--resume", help="checkpoint or output directory to resume from")
@@ -172,7 +176,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         skip_bad_records=args.skip_bad_records,
         progress_bar=not args.no_progress,
     )
-    trainer = Trainer(model_path=args.model, args=config, lora_config=_lora_config(args))
+    trainer = Trainer(
+        model_path=args.model,
+        args=config,
+        lora_config=_lora_config(args),
+        tokenizer=args.tokenizer,
+    )
     result = trainer.train(data_path=args.data, resume_from=args.resume, eval_data=args.eval_data)
     if int(os.environ.get("RANK", "0")) == 0:
         summary = {

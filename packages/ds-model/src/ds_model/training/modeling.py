@@ -44,8 +44,15 @@ def load_model(source: Any) -> nn.Module:
 
 
 def resolve_tokenizer(tokenizer: Any, source: Any, model: nn.Module) -> Any:
-    """The tokenizer given, else the model's own (``model.tokenizer``), else one loaded
-    from the checkpoint directory, else (random-weight models only) bytes."""
+    """The tokenizer given (an object, ``"bytes"`` or a path ds-model can load), else the
+    model's own (``model.tokenizer``), else the checkpoint directory's, else (for
+    random-weight presets only) bytes."""
+    if isinstance(tokenizer, str) and tokenizer == "bytes":
+        return ByteTokenizer()
+    if isinstance(tokenizer, (str, os.PathLike)):
+        import ds_model
+
+        return ds_model.load_tokenizer(os.fspath(tokenizer))
     if tokenizer is not None:
         return tokenizer
     own = getattr(model, "tokenizer", None)
@@ -54,10 +61,12 @@ def resolve_tokenizer(tokenizer: Any, source: Any, model: nn.Module) -> Any:
     if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
         import ds_model
 
-        loader = getattr(ds_model, "load_tokenizer", None)
-        if loader is not None:
-            return loader(os.fspath(source))
-        raise ValueError(f"model={source!r} has no tokenizer ds-model can load; pass tokenizer=")
+        if ds_model.Tokenizer.available(source):
+            return ds_model.load_tokenizer(os.fspath(source))
+        raise ValueError(
+            f"model={os.fspath(source)!r} has no tokenizer.json or tokenizer.model; pass "
+            "tokenizer= (a tokenizer, a path, or 'bytes' for UTF-8 bytes) / --tokenizer"
+        )
     vocab = _vocab_size(model)
     if vocab is not None and vocab >= ByteTokenizer.vocab_size:
         warnings.warn(
