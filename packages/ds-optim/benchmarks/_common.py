@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import platform
 import statistics
@@ -95,18 +96,26 @@ def write_line_plot_png(
             (margin + i * pw // max(n - 1, 1), margin + int((hi - v) / (hi - lo) * ph))
             for i, v in enumerate(values)
         ]
-        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        for (x0, y0), (x1, y1) in itertools.pairwise(pts):
             line(x0, y0, x1, y1, rgb)
     for k, (_, rgb) in enumerate(series):
         for dy in range(10):
-            line(width - margin - 30, margin + 8 + 16 * k + dy, width - margin - 10, margin + 8 + 16 * k + dy, rgb)
+            line(
+                width - margin - 30,
+                margin + 8 + 16 * k + dy,
+                width - margin - 10,
+                margin + 8 + 16 * k + dy,
+                rgb,
+            )
 
     raw = b"".join(b"\x00" + bytes(img[y * width * 3 : (y + 1) * width * 3]) for y in range(height))
 
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    png = b"\x89PNG\r\n\x1a\n" + chunk(
+        b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    )
     png += chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:

@@ -18,11 +18,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--numel", type=int, default=1 << 22)
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    print(f"Machine: {machine()}; {args.numel / 1e6:.1f}M fp32 elements "
-          f"({args.numel * 4 / 2**20:.0f} MiB), median of {args.repeats}\n")
-    print("| device | compressor | wire bytes vs fp32 | compress+decompress GB/s | vs bf16 cast round trip |")
+    print(
+        f"Machine: {machine()}; {args.numel / 1e6:.1f}M fp32 elements "
+        f"({args.numel * 4 / 2**20:.0f} MiB), median of {args.repeats}\n"
+    )
+    print(
+        "| device | compressor | wire bytes vs fp32 | compress+decompress GB/s | vs bf16 cast round trip |"
+    )
     print("| --- | --- | ---: | ---: | ---: |")
     for device in devices:
         x = torch.randn(args.numel, device=device)

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import machine, write_line_plot_png  # noqa: E402
+from _common import machine, write_line_plot_png
 
 CONFIGS = {
     "fp32 all-reduce (DDP default)": None,
@@ -38,7 +38,9 @@ CONFIGS = {
 
 
 def make_model() -> nn.Module:
-    return nn.Sequential(nn.Linear(64, 512), nn.GELU(), nn.Linear(512, 512), nn.GELU(), nn.Linear(512, 8))
+    return nn.Sequential(
+        nn.Linear(64, 512), nn.GELU(), nn.Linear(512, 512), nn.GELU(), nn.Linear(512, 8)
+    )
 
 
 def worker(rank: int, world: int, port: int, steps: int, out: str) -> None:
@@ -51,7 +53,9 @@ def worker(rank: int, world: int, port: int, steps: int, out: str) -> None:
     )
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     teacher = torch.randn(64, 8, generator=torch.Generator().manual_seed(3)) / 8
     results = {}
     for name, cfg in CONFIGS.items():
@@ -61,7 +65,9 @@ def worker(rank: int, world: int, port: int, steps: int, out: str) -> None:
         state = None
         if cfg is not None:
             state = QuantizedAllreduceState(bits=cfg["bits"], mode=cfg["mode"])
-            ddp.register_comm_hook(state, int4_allreduce_hook if cfg["bits"] == 4 else int8_allreduce_hook)
+            ddp.register_comm_hook(
+                state, int4_allreduce_hook if cfg["bits"] == 4 else int8_allreduce_hook
+            )
         opt = GroupedAdamW(group_parameters(model, "static"), lr=3e-3, weight_decay=0.01)
         gen = torch.Generator().manual_seed(100 + rank)
         losses, times = [], []
@@ -83,7 +89,9 @@ def worker(rank: int, world: int, port: int, steps: int, out: str) -> None:
         else:
             wire = state.stats.bytes_sent / steps
             fp32 = state.stats.fp32_allreduce_bytes / steps
-        results[name] = dict(losses=losses, step_s=statistics.median(times[10:]), wire=wire, fp32=fp32, n=n)
+        results[name] = dict(
+            losses=losses, step_s=statistics.median(times[10:]), wire=wire, fp32=fp32, n=n
+        )
     if rank == 0:
         with open(out, "w") as f:
             json.dump(results, f)
@@ -105,20 +113,29 @@ def main() -> None:
         with open(out) as f:
             res = json.load(f)
     base = res["fp32 all-reduce (DDP default)"]
-    print(f"Machine: {machine()}; gloo on 127.0.0.1, world size {args.world}, "
-          f"{base['n'] / 1e6:.2f}M parameters, {args.steps} steps, 1 thread per rank\n")
-    print("| gradient exchange | bytes/step/rank | vs fp32 all-reduce | step (ms, median) | final loss (mean of last 20) |")
+    print(
+        f"Machine: {machine()}; gloo on 127.0.0.1, world size {args.world}, "
+        f"{base['n'] / 1e6:.2f}M parameters, {args.steps} steps, 1 thread per rank\n"
+    )
+    print(
+        "| gradient exchange | bytes/step/rank | vs fp32 all-reduce | step (ms, median) | final loss (mean of last 20) |"
+    )
     print("| --- | ---: | ---: | ---: | ---: |")
     for name, r in res.items():
         last = sum(r["losses"][-20:]) / 20
-        print(f"| {name} | {r['wire'] / 1e3:.1f} kB | {r['fp32'] / r['wire']:.2f}x fewer | "
-              f"{r['step_s'] * 1e3:.1f} | {last:.4f} |")
+        print(
+            f"| {name} | {r['wire'] / 1e3:.1f} kB | {r['fp32'] / r['wire']:.2f}x fewer | "
+            f"{r['step_s'] * 1e3:.1f} | {last:.4f} |"
+        )
     if args.png:
         os.makedirs(os.path.dirname(args.png) or ".", exist_ok=True)
-        write_line_plot_png(args.png, [
-            (base["losses"], (31, 119, 180)),
-            (res["int4, reduce-scatter (qgZ style)"]["losses"], (214, 39, 40)),
-        ])
+        write_line_plot_png(
+            args.png,
+            [
+                (base["losses"], (31, 119, 180)),
+                (res["int4, reduce-scatter (qgZ style)"]["losses"], (214, 39, 40)),
+            ],
+        )
         print(f"\nloss curves written to {args.png} (blue: fp32 all-reduce, red: int4 hook)")
 
 

@@ -49,15 +49,15 @@ def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator) -> tor
     """fp32 -> bf16, rounding up with probability equal to the dropped fraction.
 
     Adds uniform random bits below bf16's last kept bit, then truncates. Exact for
-    values already representable; non-finite values pass through.
+    values already representable; non-finite values stay non-finite.
     """
     bits = x.view(torch.int32)
     noise = torch.randint(
         0, 1 << 16, x.shape, generator=generator, device=x.device, dtype=torch.int32
     )
-    rounded = ((bits + noise) & -65536).view(torch.float32)
-    rounded = torch.where(torch.isfinite(x), rounded, x)
-    return rounded.to(torch.bfloat16)
+    # inf and nan keep their top 16 bits under the added noise (a carry out of the
+    # mantissa of the largest finite values correctly rounds them up to inf).
+    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
 class GroupedAdamW(Optimizer):

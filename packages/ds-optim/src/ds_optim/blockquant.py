@@ -85,8 +85,7 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """Pack signed codes in ``[-8, 7]`` (any integer dtype, even length) two per byte."""
     if codes.numel() % 2:
         raise ValueError(f"pack_int4 needs an even number of codes, got {codes.numel()}")
-    nibbles = (codes.reshape(-1).to(torch.int16) + 8).to(torch.uint8)
-    pairs = nibbles.view(-1, 2)
+    pairs = (codes.reshape(-1).view(torch.uint8) + 8).view(-1, 2)  # wraps mod 256: 0..15
     return pairs[:, 0] | (pairs[:, 1] << 4)
 
 
@@ -126,6 +125,29 @@ def quantize_blockwise(
     scale). Stochastic rounding is ``floor(x / scale + u)`` with ``u ~ U[0, 1)``:
     unbiased, error < one step.
     """
+    return quantize_with_error(
+        x,
+        bits=bits,
+        block_size=block_size,
+        scale_dtype=scale_dtype,
+        stochastic=stochastic,
+        generator=generator,
+        want_error=False,
+    )[0]
+
+
+def quantize_with_error(
+    x: torch.Tensor,
+    *,
+    bits: int,
+    block_size: int,
+    scale_dtype: torch.dtype,
+    stochastic: bool,
+    generator: torch.Generator | None,
+    want_error: bool,
+) -> tuple[QuantizedTensor, torch.Tensor | None]:
+    """:func:`quantize_blockwise` plus, if ``want_error``, ``x - dequantize(q)`` in fp32
+    (flat, padded; NaN in blocks with non-finite input), computed without unpacking."""
     qmax = qmax_for_bits(bits)
     check_block_size(block_size)
     check_scale_dtype(scale_dtype)
@@ -137,23 +159,36 @@ def quantize_blockwise(
     if num_blocks * block_size != n:
         flat = torch.nn.functional.pad(flat, (0, num_blocks * block_size - n))
     blocks = flat.view(num_blocks, block_size)
-    finite = torch.isfinite(blocks).all(dim=1)
-    blocks = torch.where(finite[:, None], blocks, torch.zeros((), device=blocks.device))
-    scale = _round_scale_up(blocks.abs().amax(dim=1) / qmax, scale_dtype)
+    absmax = blocks.abs().amax(dim=1)  # inf or nan exactly when the block is non-finite
+    finite = torch.isfinite(absmax)
+    all_finite = bool(finite.all())
+    if not all_finite:
+        blocks = torch.where(finite[:, None], blocks, torch.zeros((), device=blocks.device))
+        absmax = torch.where(finite, absmax, torch.zeros((), device=absmax.device))
+    scale = _round_scale_up(absmax / qmax, scale_dtype)
     scale_f = scale.float()
     divisor = torch.where(scale_f > 0, scale_f, torch.ones((), device=scale_f.device))
     y = blocks / divisor[:, None]
     if stochastic:
-        noise = torch.rand(y.shape, generator=generator, device=y.device, dtype=y.dtype)
-        y = torch.floor(y + noise)
+        y.add_(torch.rand(y.shape, generator=generator, device=y.device, dtype=y.dtype)).floor_()
     else:
-        y = torch.round(y)
-    codes = y.clamp_(-qmax, qmax).to(torch.int8)
-    scale = torch.where(
-        finite, scale, torch.full((), float("nan"), dtype=scale_dtype, device=scale.device)
-    )
-    packed = pack_int4(codes) if bits == 4 else codes.reshape(-1).view(torch.uint8)
-    return QuantizedTensor(packed, scale, x.shape, x.dtype, bits, block_size)
+        y.round_()
+    y.clamp_(-qmax, qmax)
+    error = None
+    if want_error:
+        error = (blocks - y * scale_f[:, None]).view(-1)
+    codes = y.to(torch.int8)
+    if not all_finite:
+        nan = torch.full((), float("nan"), dtype=scale_dtype, device=scale.device)
+        scale = torch.where(finite, scale, nan)
+        if error is not None:
+            error = torch.where(finite.repeat_interleave(block_size), error, float("nan"))
+    if not bool(torch.isfinite(scale).all()) and error is not None:  # fp16 scale overflow
+        error = torch.where(
+            torch.isfinite(scale).repeat_interleave(block_size), error, float("nan")
+        )
+    packed = pack_int4(codes) if bits == 4 else codes.view(-1).view(torch.uint8)
+    return QuantizedTensor(packed, scale, x.shape, x.dtype, bits, block_size), error
 
 
 def dequantize_blockwise(

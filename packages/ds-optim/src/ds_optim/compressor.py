@@ -19,7 +19,7 @@ from ds_optim.blockquant import (
     check_block_size,
     check_scale_dtype,
     dequantize_blockwise,
-    quantize_blockwise,
+    quantize_with_error,
 )
 
 __all__ = ["BlockwiseGradientCompressor", "Int4GradientCompressor", "Int8GradientCompressor"]
@@ -85,18 +85,19 @@ class BlockwiseGradientCompressor:
             residual = None
         if residual is not None:
             x = x + residual
-        q = quantize_blockwise(
+        q, error = quantize_with_error(
             x,
             bits=self.bits,
             block_size=self.block_size,
             scale_dtype=self.scale_dtype,
             stochastic=self.stochastic_rounding,
             generator=self._generator(x.device) if self.stochastic_rounding else None,
+            want_error=self.error_feedback,
         )
-        if self.error_feedback:
-            new_residual = x - dequantize_blockwise(q, out_dtype=torch.float32)
-            keep = ~torch.isfinite(new_residual)
-            if keep.any():
+        if error is not None:
+            new_residual = error[: x.numel()].view(x.shape)
+            keep = torch.isnan(new_residual)  # blocks that decode to NaN: keep the old residual
+            if bool(keep.any()):
                 old = residual if residual is not None else torch.zeros_like(x)
                 new_residual = torch.where(keep, old, new_residual)
             self.residuals[key] = new_residual
