@@ -45,9 +45,10 @@ def test_paged_decode_matches_dense(lens, kv_heads, groups, dims, dtype):
     q, kc, vc, table, lens_t, dense = paged_problem(lens, heads, kv_heads, *dims, 16, dtype)
     got = paged_decode_attention(q, kc, vc, table, lens_t, backend="triton").float()
     ref = paged_decode_attention(q, kc, vc, table, lens_t, backend="reference").float()
+    sdpa = paged_decode_attention(q, kc, vc, table, lens_t, backend="sdpa").float()
     for b, (k, v) in enumerate(dense):
         if k.shape[0] == 0:
-            assert torch.all(got[b] == 0) and torch.all(ref[b] == 0)
+            assert torch.all(got[b] == 0) and torch.all(ref[b] == 0) and torch.all(sdpa[b] == 0)
             continue
         want = ds_attention.attention(
             q[b, None, None].float(), k[None].float(), v[None].float(), causal=False,
@@ -56,6 +57,7 @@ def test_paged_decode_matches_dense(lens, kv_heads, groups, dims, dtype):
         tol = 1e-4 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(got[b], want, atol=tol, rtol=0)
         torch.testing.assert_close(ref[b], want, atol=tol, rtol=0)
+        torch.testing.assert_close(sdpa[b], want, atol=tol, rtol=0)
 
 
 def test_paged_decode_bf16_and_other_page_size_reference():
@@ -64,8 +66,11 @@ def test_paged_decode_bf16_and_other_page_size_reference():
     ref = paged_decode_attention(q, kc, vc, table, lens_t, backend="reference").float()
     torch.testing.assert_close(got, ref, atol=2e-2, rtol=0)
     q, kc, vc, table, lens_t, _ = paged_problem([5, 13], 2, 1, 8, 8, 5, torch.float32)
-    out = paged_decode_attention(q, kc, vc, table, lens_t)
-    assert out.shape == (2, 2, 8) and torch.isfinite(out).all()
+    out = paged_decode_attention(q, kc, vc, table, lens_t)  # CPU default: sdpa, any page size
+    ref = paged_decode_attention(q, kc, vc, table, lens_t, backend="reference")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="power-of-two block_size"):
+        paged_decode_attention(q, kc, vc, table, lens_t, backend="triton")
 
 
 def test_paged_decode_bad_input():

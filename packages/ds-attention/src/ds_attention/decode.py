@@ -6,6 +6,7 @@ This is the layout ds-batching's block manager hands out and ds-serve decodes wi
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ds_attention.backends import interpreting, triton_available
 from ds_attention.reference import paged_decode_reference
@@ -65,6 +66,29 @@ def _check(q, k_cache, v_cache, block_table, context_lens) -> None:
         )
 
 
+def paged_decode_sdpa(q, k_cache, v_cache, block_table, context_lens, scale: float):
+    """Gathers every sequence's pages into (batch, max_blocks * block_size) keys and runs
+    one batched SDPA with a key-padding mask: the CPU default, no Python loop."""
+    heads = q.shape[1]
+    table = block_table.long()
+    k = k_cache[table].flatten(1, 2)  # (batch, max_blocks * block_size, kv_heads, d_qk)
+    v = v_cache[table].flatten(1, 2)
+    lens = context_lens.to(q.device).long()
+    live = torch.arange(k.shape[1], device=q.device)[None, :] < lens[:, None]
+    # A sequence with no context opens key 0 and is zeroed afterwards (SDPA would NaN).
+    first = torch.arange(k.shape[1], device=q.device)[None, :] == 0
+    mask = live | ((lens[:, None] == 0) & first)
+    groups = heads // k.shape[2]
+    kt, vt = k.transpose(1, 2), v.transpose(1, 2)
+    if groups > 1:
+        kt = kt.repeat_interleave(groups, dim=1)
+        vt = vt.repeat_interleave(groups, dim=1)
+    out = F.scaled_dot_product_attention(
+        q[:, :, None], kt, vt, attn_mask=mask[:, None, None], scale=scale
+    )[:, :, 0]
+    return out * (lens > 0)[:, None, None].to(out.dtype)
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -84,19 +108,21 @@ def paged_decode_attention(
     Returns (batch, heads, d_v). A sequence with context 0 gets zeros. Forward only.
 
     ``backend``: ``None`` uses the Triton kernel on CUDA (block_size must then be a power
-    of two >= 16) and the torch reference elsewhere; ``"triton"`` or ``"reference"``
-    forces one.
+    of two >= 16) and ``"sdpa"`` (gather the pages, one batched torch SDPA) elsewhere;
+    ``"triton"``, ``"sdpa"`` or ``"reference"`` (float32, one sequence at a time) forces one.
     """
     _check(q, k_cache, v_cache, block_table, context_lens)
     scale = check_softmax_scale(softmax_scale, q.shape[-1])
     if backend is None:
-        backend = "triton" if q.is_cuda and triton_available() else "reference"
+        backend = "triton" if q.is_cuda and triton_available() else "sdpa"
+    if backend == "sdpa":
+        return paged_decode_sdpa(q, k_cache, v_cache, block_table, context_lens, scale)
     if backend == "reference":
         return paged_decode_reference(
             q, k_cache, v_cache, block_table, context_lens, softmax_scale=scale
         )
     if backend != "triton":
-        raise ValueError(f"backend must be 'triton', 'reference' or None, got {backend!r}")
+        raise ValueError(f"backend must be 'triton', 'sdpa', 'reference' or None, got {backend!r}")
     page = k_cache.shape[1]
     if page < 16 or page & (page - 1):
         raise ValueError(
