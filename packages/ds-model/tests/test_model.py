@@ -163,7 +163,7 @@ def _config(params) -> ModelConfig:
     )
 
 
-@settings(max_examples=6, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=12, suppress_health_check=[HealthCheck.too_slow])
 @given(
     params=small_configs,
     prompt_len=st.integers(1, 7),
@@ -186,7 +186,7 @@ def test_output_does_not_depend_on_padding(params, prompt_len, pad, seed):
     torch.testing.assert_close(padded, ref, atol=1e-5, rtol=1e-5)
 
 
-@settings(max_examples=6, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=12, suppress_health_check=[HealthCheck.too_slow])
 @given(params=small_configs, prompt_len=st.integers(2, 10), seed=st.integers(0, 99))
 def test_prompt_at_once_equals_token_by_token(params, prompt_len, seed):
     model = ds_model.from_config(_config(params), seed=seed)
@@ -221,3 +221,52 @@ def test_model_satisfies_the_causal_lm_protocol():
     assert out.logits.shape == (1, 3, 512) and out.loss is None
     with pytest.raises(TypeError, match="unexpected arguments: use_cache"):
         model(torch.tensor([[1, 2, 3]]), use_cache=True)
+
+
+@settings(max_examples=15, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), arch=st.sampled_from(["tiny", "llama"]))
+def test_runner_stream_of_mixed_steps_matches_plain_forward(data, arch):
+    """Random sequences fed in random chunks, interleaved across steps, over shuffled
+    blocks: every step's logits equal a plain forward over the sequence so far."""
+    model = tiny() if arch == "tiny" else ds_model.from_config(LLAMA, seed=0)
+    block_size = data.draw(st.sampled_from([1, 2, 4]), label="block_size")
+    lengths = data.draw(st.lists(st.integers(1, 9), min_size=1, max_size=4), label="lengths")
+    blocks_needed = [-(-n // block_size) for n in lengths]
+    pool = list(range(sum(blocks_needed) + 2))
+    order = data.draw(st.permutations(pool), label="pool order")
+    runner = ModelRunner(model, num_blocks=len(pool), block_size=block_size)
+    seqs, tables, start = [], [], 0
+    for n, nb in zip(lengths, blocks_needed):
+        seqs.append(
+            data.draw(st.lists(st.integers(0, model.config.vocab_size - 1), min_size=n, max_size=n))
+        )
+        tables.append(list(order[start : start + nb]))
+        start += nb
+    done = [0] * len(seqs)
+    while any(d < len(s) for d, s in zip(done, seqs)):
+        live = [i for i, s in enumerate(seqs) if done[i] < len(s)]
+        chosen = data.draw(st.lists(st.sampled_from(live), min_size=1, unique=True), label="step")
+        chunks = {i: data.draw(st.integers(1, len(seqs[i]) - done[i])) for i in chosen}
+        logits = runner.step(
+            [seqs[i][done[i] : done[i] + chunks[i]] for i in chosen],
+            [done[i] for i in chosen],
+            [tables[i] for i in chosen],
+        )
+        for row, i in enumerate(chosen):
+            done[i] += chunks[i]
+            with torch.no_grad():
+                expected = model(torch.tensor([seqs[i][: done[i]]])).logits[0, -1]
+            torch.testing.assert_close(logits[row], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_cuda_generation_and_runner_match_cpu():
+    cpu = tiny()
+    gpu = tiny().to("cuda")
+    prompt = [5, 6, 7, 8]
+    assert gpu.generate(prompt, 16) == cpu.generate(prompt, 16)
+    runner = ModelRunner(gpu, num_blocks=4, block_size=4)
+    logits = runner.step([prompt], [0], [[2]])
+    with torch.no_grad():
+        expected = cpu(torch.tensor([prompt])).logits[0, -1]
+    torch.testing.assert_close(logits[0].cpu(), expected, atol=1e-4, rtol=1e-4)

@@ -198,3 +198,30 @@ def test_save_pretrained_loads_in_transformers(pair, tmp_path):
         out = ours(ids, attention_mask=mask).logits
     real = mask.bool()
     assert (ref[real] - out[real]).abs().max().item() <= 1e-4
+
+
+def test_peft_adapter_trained_on_transformers_loads_at_load_time(tmp_path):
+    """A LoRA adapter PEFT saved for transformers' DeepSeek-V3 loads through
+    ``from_pretrained(adapter=...)`` and gives the same logits."""
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("ds_lora")
+    hf = build_hf("v3_noaux_yarn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf.save_pretrained(tmp_path / "base")
+        config = peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "kv_b_proj"]
+        )
+        tuned = peft.get_peft_model(hf, config)
+        with torch.no_grad():
+            for name, p in tuned.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+        tuned.save_pretrained(tmp_path / "adapter")
+        ours = ds_model.from_pretrained(tmp_path / "base", adapter=tmp_path / "adapter")
+    ids, mask, positions = padded_batch(hf.config.vocab_size, seed=5)
+    with torch.no_grad():
+        ref = tuned(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        out = ours(ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert (ref[real] - out[real]).abs().max().item() <= 1e-4
