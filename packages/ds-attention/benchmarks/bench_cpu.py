@@ -57,6 +57,29 @@ def run(seqlens, batch, heads, head_dim, dtype, repeats):
     return rows
 
 
+def decode_rows(batch, heads, kv_heads, head_dim, contexts, dtype, repeats, page=16):
+    """Paged decode: the CPU default (pages gathered, one batched SDPA) vs the reference."""
+    from ds_attention.decode import paged_decode_attention
+
+    rows = []
+    for ctx in contexts:
+        g = torch.Generator().manual_seed(0)
+        blocks = batch * ctx // page
+        kc = torch.randn(blocks, page, kv_heads, head_dim, generator=g).to(dtype)
+        vc = torch.randn(blocks, page, kv_heads, head_dim, generator=g).to(dtype)
+        table_ = torch.randperm(blocks, generator=g).view(batch, -1).to(torch.int32)
+        lens = torch.full((batch,), ctx, dtype=torch.int32)
+        q = torch.randn(batch, heads, head_dim, generator=g).to(dtype)
+        args = (q, kc, vc, table_, lens)
+        t_sdpa = median_ms(lambda args=args: paged_decode_attention(*args), repeats)
+        t_ref = median_ms(
+            lambda args=args: paged_decode_attention(*args, backend="reference"), repeats
+        )
+        rows.append([str(batch), str(ctx), f"{heads}/{kv_heads}", f"{t_sdpa:.2f}",
+                     f"{t_ref:.2f}", f"{t_ref / t_sdpa:.2f}x"])  # fmt: skip
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--seqlens", type=int, nargs="+", default=[256, 1024, 2048])
@@ -65,10 +88,19 @@ def main():
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--decode-only", action="store_true", help="only the paged-decode table")
     a = p.parse_args()
-    rows = run(a.seqlens, a.batch, a.heads, a.head_dim, getattr(torch, a.dtype), a.repeats)
-    print(f"Machine: {machine()}; batch {a.batch}, heads {a.heads}, head_dim {a.head_dim}, "
-          f"{a.dtype}, forward, median of {a.repeats}\n")  # fmt: skip
+    dtype = getattr(torch, a.dtype)
+    print(f"Machine: {machine()}; {a.dtype}; median of {a.repeats}\n")
+    print("Paged decode, one token per sequence, head_dim 64, page 16:\n")
+    dec = decode_rows(8, a.heads, 2, a.head_dim, [256, 1024, 4096], dtype, a.repeats)
+    print(table(["batch", "context", "heads/kv", "default (SDPA) ms", "reference ms",
+                 "reference / default"], dec))  # fmt: skip
+    print()
+    if a.decode_only:
+        return
+    rows = run(a.seqlens, a.batch, a.heads, a.head_dim, dtype, a.repeats)
+    print(f"Prefill attention, batch {a.batch}, heads {a.heads}, head_dim {a.head_dim}, forward:\n")
     header = ["pattern", "seqlen", "attention() ms", "SDPA + bool mask ms", "reference ms",
               "bool-mask / attention()", "reference / attention()"]  # fmt: skip
     print(table(header, rows))

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ds_attention.backends import interpreting, triton_available
 from ds_attention.reference import paged_decode_reference
+from ds_attention.sdpa import HAS_GQA
 from ds_attention.validate import SUPPORTED_DTYPES, check_softmax_scale
 
 
@@ -71,6 +72,7 @@ def paged_decode_sdpa(q, k_cache, v_cache, block_table, context_lens, scale: flo
     one batched SDPA with a key-padding mask: the CPU default, no Python loop."""
     heads = q.shape[1]
     table = block_table.long()
+    # The gather copies every live page once; that copy is most of the CPU time.
     k = k_cache[table].flatten(1, 2)  # (batch, max_blocks * block_size, kv_heads, d_qk)
     v = v_cache[table].flatten(1, 2)
     lens = context_lens.to(q.device).long()
@@ -80,11 +82,14 @@ def paged_decode_sdpa(q, k_cache, v_cache, block_table, context_lens, scale: flo
     mask = live | ((lens[:, None] == 0) & first)
     groups = heads // k.shape[2]
     kt, vt = k.transpose(1, 2), v.transpose(1, 2)
-    if groups > 1:
+    kwargs: dict = {"scale": scale}
+    if groups > 1 and HAS_GQA:
+        kwargs["enable_gqa"] = True  # repeating the gathered KV would cost more than SDPA
+    elif groups > 1:
         kt = kt.repeat_interleave(groups, dim=1)
         vt = vt.repeat_interleave(groups, dim=1)
     out = F.scaled_dot_product_attention(
-        q[:, :, None], kt, vt, attn_mask=mask[:, None, None], scale=scale
+        q[:, :, None], kt, vt, attn_mask=mask[:, None, None], **kwargs
     )[:, :, 0]
     return out * (lens > 0)[:, None, None].to(out.dtype)
 

@@ -19,7 +19,7 @@ from ds_attention.masks import dense_mask
 from ds_attention.protocol import MaskSpec
 
 # enable_gqa arrived in torch 2.5; parse the version rather than probing the builtin.
-_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 def _sdpa_one(
@@ -35,7 +35,7 @@ def _sdpa_one(
     groups = q.shape[2] // k.shape[2]
     kwargs: dict = {"scale": scale}
     if groups > 1:
-        if _HAS_GQA:
+        if HAS_GQA:
             kwargs["enable_gqa"] = True
         else:
             kt = kt.repeat_interleave(groups, dim=1)
