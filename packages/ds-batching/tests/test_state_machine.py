@@ -36,7 +36,7 @@ configs = st.builds(
     max_num_seqs=st.integers(1, 6),
     max_num_batched_tokens=st.integers(1, 40),
     block_size=st.sampled_from([1, 2, 2, 4]),
-    num_blocks=st.integers(6, 40),
+    num_blocks=st.integers(6, 14) | st.integers(15, 40),  # tight pools preempt often
     max_waiting=st.none() | st.integers(1, 8),
     enable_chunked_prefill=st.booleans(),
     long_prefill_threshold=st.sampled_from([0, 0, 3, 8]),
@@ -44,14 +44,24 @@ configs = st.builds(
     enable_prefix_caching=st.booleans(),
 )
 tokens = st.integers(0, VOCAB - 1)
+request_specs = st.tuples(
+    st.integers(0, 2),  # shared prefix
+    st.lists(tokens, max_size=10),  # own suffix
+    st.integers(1, 8),  # max_tokens
+    st.none() | tokens,  # eos
+    st.lists(tokens, max_size=2),  # stop token ids
+    st.sampled_from([None, "a"]),  # LoRA adapter
+    st.integers(0, 2),  # priority
+)
 
 
 class SchedulerMachine(RuleBasedStateMachine):
     @initialize(
         config=configs,
         prefixes=st.lists(st.lists(tokens, min_size=2, max_size=12), min_size=1, max_size=3),
+        initial=st.lists(request_specs, min_size=2, max_size=6),
     )
-    def setup(self, config: SchedulerConfig, prefixes: list[list[int]]) -> None:
+    def setup(self, config: SchedulerConfig, prefixes: list[list[int]], initial) -> None:
         self.cfg = config
         self.scheduler = Scheduler(config)
         self.model = FakePagedModel(config.block_size)
@@ -65,24 +75,12 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.aborted_since_update: set[str] = set()
         self.counter = 0
         self.mid_step = False
+        for spec in initial:  # start every example under some load
+            self._add(*spec)
 
     # ---- rules -----------------------------------------------------------------------
 
-    @rule(
-        batch=st.lists(
-            st.tuples(
-                st.integers(0, 2),  # shared prefix
-                st.lists(tokens, max_size=10),  # own suffix
-                st.integers(1, 8),  # max_tokens
-                st.none() | tokens,  # eos
-                st.lists(tokens, max_size=2),  # stop token ids
-                st.sampled_from([None, "a"]),  # LoRA adapter
-                st.integers(0, 2),  # priority
-            ),
-            min_size=1,
-            max_size=3,
-        )
-    )
+    @rule(batch=st.lists(request_specs, min_size=1, max_size=3))
     def add(self, batch):
         for spec in batch:
             self._add(*spec)
@@ -141,6 +139,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             self.aborted_since_update.add(rid)
             assert self.spec[rid].status is RequestStatus.FINISHED
 
+    @precondition(lambda self: len(self.live) >= 4)  # rarer, so requests pile up first
     @rule()
     def drain(self):
         """Arrivals stop: every request must finish within a bounded number of steps."""
