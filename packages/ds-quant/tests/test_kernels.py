@@ -144,6 +144,23 @@ def test_cpu_int8_weight_only_matches_reference(m, n, k):
     assert mean_rel_err(got, int8_weight_matmul_reference(x, q, scale)) < 1e-3
 
 
+@settings(max_examples=12)
+@given(
+    m=st.integers(1, 9),
+    k=st.integers(1, 80),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+)
+def test_int8_layer_any_in_features_and_dtype(m, k, dtype):
+    # bf16 with in_features % 16 != 0 crashes torch's op; the layer must route around it.
+    from ds_quant import Int8WeightOnlyConfig
+
+    torch.manual_seed(k)
+    layer = quantize_(nn.Linear(k, 48).to(dtype), Int8WeightOnlyConfig())
+    x = torch.randn(m, k, dtype=dtype)
+    ref = int8_weight_matmul_reference(x.float(), layer.weight, layer.weight_scale) + layer.bias
+    assert mean_rel_err(layer(x), ref) < (1e-3 if dtype == torch.float32 else 2e-2)
+
+
 def test_int8_dynamic_integer_matmul_matches_float_reference():
     torch.manual_seed(0)
     q = quantize_(nn.Linear(160, 48), Int8DynamicActivationInt8WeightConfig())
@@ -172,3 +189,24 @@ def test_cpu_cache_follows_weight_updates():
     q.load_state_dict(new.state_dict())
     torch.testing.assert_close(q(x), new(x))
     assert not torch.equal(first, q(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_misaligned_weight_and_input_do_not_crash_the_int8_cpu_path(dtype):
+    # torch 2.15's _weight_int8pack_mm segfaults on unaligned bf16 operands, which is
+    # what safetensors hands back for a tensor at an odd file offset.
+    from ds_quant import Int8WeightOnlyConfig
+
+    torch.manual_seed(0)
+    q = quantize_(nn.Linear(128, 80).to(dtype), Int8WeightOnlyConfig())
+    storage = torch.empty(q.weight.numel() + 8, dtype=torch.int8)
+    storage[8:] = q.weight.flatten()
+    q.weight = storage[8:].view(80, 128)
+    x_storage = torch.randn(3 * 128 + 8, dtype=dtype)
+    x = x_storage[8:].view(3, 128)
+    ref = int8_weight_matmul_reference(x, q.weight, q.weight_scale) + q.bias
+    assert mean_rel_err(q(x), ref) < 1e-2
+    assert (
+        mean_rel_err(int8_weight_matmul_cpu(x, q.weight.clone(), q.weight_scale), ref - q.bias)
+        < 1e-2
+    )

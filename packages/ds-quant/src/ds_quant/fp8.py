@@ -60,8 +60,15 @@ def dequantize_fp8_block(
             f"weight_scale_inv must have shape {expected} for weight {tuple(weight.shape)} "
             f"and block_size {block}, got {tuple(weight_scale_inv.shape)}"
         )
-    scale = _expand_blocks(weight_scale_inv.to(torch.float32), weight.shape, block)
-    return (weight.to(torch.float32) * scale).to(dtype)
+    rows, cols = weight.shape
+    n_r, n_c = expected
+    w = weight.to(torch.float32)
+    if rows != n_r * block[0] or cols != n_c * block[1]:  # partial edge blocks
+        w = torch.nn.functional.pad(w, (0, n_c * block[1] - cols, 0, n_r * block[0] - rows))
+    tiles = (
+        w.view(n_r, block[0], n_c, block[1]) * weight_scale_inv.to(torch.float32)[:, None, :, None]
+    )
+    return tiles.view(n_r * block[0], n_c * block[1])[:rows, :cols].to(dtype)
 
 
 def quantize_fp8_block(

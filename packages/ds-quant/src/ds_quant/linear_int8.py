@@ -49,7 +49,7 @@ class Int8WeightOnlyLinear(_Int8Base):
     config_type = Int8WeightOnlyConfig
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if int8_cpu_supported(x):
+        if int8_cpu_supported(x, self.weight):
             y = int8_weight_matmul_cpu(x, self.weight, self.weight_scale)
         else:
             y = int8_weight_matmul_reference(x, self.weight, self.weight_scale)

@@ -131,6 +131,10 @@ def load_quantized(
     tensors: dict[str, torch.Tensor] = {}
     with safe_open(str(path), framework="pt", device=str(device)) as f:
         for key in f.keys():
-            tensors[key] = f.get_tensor(key)
+            tensor = f.get_tensor(key)
+            # Tensors at odd file offsets may be misaligned for SIMD kernels: copy them.
+            if tensor.numel() and tensor.data_ptr() % 64:
+                tensor = tensor.clone()
+            tensors[key] = tensor
     model.load_state_dict(tensors, strict=True, assign=True)
     return model

@@ -21,6 +21,7 @@ HAS_INT4_CPU = hasattr(_ops, "_weight_int4pack_mm_for_cpu") and hasattr(
 HAS_INT8_CPU = hasattr(_ops, "_weight_int8pack_mm")
 INT4_CPU_GROUP_SIZES = (32, 64, 128, 256)
 CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ALIGNMENT = 64  # bytes; what torch's allocator gives every fresh CPU tensor
 
 
 def int4_cpu_supported(x: torch.Tensor, out_features: int, group_size: int) -> bool:
@@ -33,8 +34,18 @@ def int4_cpu_supported(x: torch.Tensor, out_features: int, group_size: int) -> b
     )
 
 
-def int8_cpu_supported(x: torch.Tensor) -> bool:
-    return HAS_INT8_CPU and x.device.type == "cpu" and x.dtype in CPU_DTYPES
+def int8_cpu_supported(x: torch.Tensor, q: torch.Tensor) -> bool:
+    # torch 2.15's _weight_int8pack_mm segfaults (measured here) on a weight that is not
+    # 64-byte aligned (a tensor read at an odd offset of a file) and, with half-precision
+    # inputs, when in_features % 16 != 0: those take the reference path instead.
+    return (
+        HAS_INT8_CPU
+        and x.device.type == "cpu"
+        and x.dtype in CPU_DTYPES
+        and q.device.type == "cpu"
+        and aligned(q)
+        and (x.dtype == torch.float32 or q.shape[-1] % 16 == 0)
+    )
 
 
 def prepack_int4_cpu(
@@ -65,8 +76,18 @@ def w4a16_matmul_cpu(
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
+def aligned(t: torch.Tensor, alignment: int = ALIGNMENT) -> bool:
+    return t.data_ptr() % alignment == 0
+
+
 def int8_weight_matmul_cpu(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x`` (..., in) @ (q * scale)^T with torch's INT8 weight-only CPU op."""
+    """``x`` (..., in) @ (q * scale)^T with torch's INT8 weight-only CPU op.
+
+    ``q`` must be 64-byte aligned (``int8_cpu_supported`` checks); ``x`` is copied to an
+    aligned buffer when it is not (a view at an odd offset).
+    """
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    if not aligned(x2):
+        x2 = x2.clone()
     y = _ops._weight_int8pack_mm(x2, q, scale.to(x.dtype))
     return y.reshape(*x.shape[:-1], y.shape[-1])
