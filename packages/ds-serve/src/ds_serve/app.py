@@ -13,8 +13,7 @@ import contextlib
 import hmac
 import logging
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -26,18 +25,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ds_serve.api import (
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
     ChatCompletionRequest,
-    ChatCompletionResponse,
-    ChatDelta,
-    ChatResponseMessage,
-    CompletionChoice,
-    CompletionChunk,
-    CompletionChunkChoice,
     CompletionRequest,
-    CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
     HealthResponse,
@@ -45,12 +34,18 @@ from ds_serve.api import (
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
-    Usage,
 )
-from ds_serve.engine import Delta, Engine, EngineClosed
+from ds_serve.choices import (
+    Choices,
+    chat_body,
+    chat_events,
+    completion_body,
+    completion_events,
+)
+from ds_serve.engine import Engine, EngineClosed
 from ds_serve.errors import APIError, error_from_msgspec
-from ds_serve.sse import SSEResponse, watch_disconnect
-from ds_serve.validation import ModelInfo, Prepared, prepare_chat, prepare_completion, tokenize_ids
+from ds_serve.sse import SSEResponse
+from ds_serve.validation import ModelInfo, prepare_chat, prepare_completion, tokenize_ids
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "App"]
 
@@ -69,57 +64,6 @@ def _error(exc: APIError) -> Response:
     return Response(
         exc.body(), status_code=exc.status, media_type="application/json", headers=headers
     )
-
-
-def _sse(obj: Any) -> bytes:
-    return b"data: " + _encode(obj) + b"\n\n"
-
-
-class _Choices:
-    """The n choices of one HTTP request: engine ids, shared output queue, running totals."""
-
-    def __init__(self, engine: Engine, prepared: Prepared) -> None:
-        self.engine = engine
-        self.queue: asyncio.Queue[Delta] = asyncio.Queue()
-        self.index: dict[str, int] = {}
-        self.prompt_tokens = sum(len(p) for p in prepared.prompts)
-        self.completion_tokens = 0
-        n = len(prepared.params)
-        try:
-            for p, prompt in enumerate(prepared.prompts):
-                for j, params in enumerate(prepared.params):
-                    rid = engine.submit(prompt, params, adapter=prepared.adapter, queue=self.queue)
-                    self.index[rid] = p * n + j
-        except ValueError as exc:
-            # The scheduler refuses a request that could never fit the KV pool.
-            self.abort()
-            raise APIError(
-                400,
-                f"The request cannot be served: {exc}",
-                param="max_tokens",
-                code="kv_cache_too_small",
-            ) from exc
-        except BaseException:
-            self.abort()  # all or nothing: a 429 leaves no half-submitted choices behind
-            raise
-        self.unfinished = set(self.index)
-
-    def abort(self) -> None:
-        for rid in self.index:
-            self.engine.abort(rid)
-
-    async def deltas(self) -> AsyncIterator[tuple[int, Delta]]:
-        while self.unfinished:
-            delta = await self.queue.get()
-            self.completion_tokens += len(delta.token_ids)
-            if delta.finish_reason is not None:
-                self.unfinished.discard(delta.request_id)
-            yield self.index[delta.request_id], delta
-
-    def usage(self) -> Usage:
-        return Usage(
-            self.prompt_tokens, self.completion_tokens, self.prompt_tokens + self.completion_tokens
-        )
 
 
 class App:
@@ -297,21 +241,6 @@ class App:
             code="request_too_large",
         )
 
-    async def _collect(self, request: Request, choices: _Choices) -> list[tuple[str, str | None]]:
-        """All choices' text and finish reasons; a disconnect aborts them at once."""
-        texts: list[list[str]] = [[] for _ in choices.index]
-        reasons: list[str | None] = [None] * len(choices.index)
-        watcher = watch_disconnect(request.receive, choices.abort)
-        try:
-            async for i, delta in choices.deltas():
-                texts[i].append(delta.text)
-                if delta.finish_reason is not None:
-                    reasons[i] = delta.finish_reason
-        finally:
-            watcher.cancel()
-            choices.abort()
-        return [("".join(t), r) for t, r in zip(texts, reasons)]
-
     # ---- endpoints ---------------------------------------------------------------------
 
     async def health(self, request: Request) -> Response:
@@ -354,92 +283,20 @@ class App:
     async def completions(self, request: Request):
         req = await self._body(request, CompletionRequest)
         prepared = prepare_completion(req, self.info, self.engine.tokenizer)
-        choices = _Choices(self.engine, prepared)
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        choices = Choices(self.engine, prepared)
         echo = [self.engine.tokenizer.decode(p) if req.echo else "" for p in prepared.prompts]
-        n = len(prepared.params)
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-            async def events() -> AsyncIterator[bytes]:
-                try:
-                    if req.echo:
-                        for i in range(len(choices.index)):
-                            yield _sse(
-                                CompletionChunk(
-                                    rid,
-                                    created,
-                                    prepared.model,
-                                    [CompletionChunkChoice(i, echo[i // n])],
-                                )
-                            )
-                    async for i, delta in choices.deltas():
-                        if delta.text or delta.finish_reason:
-                            choice = CompletionChunkChoice(i, delta.text, delta.finish_reason)
-                            yield _sse(CompletionChunk(rid, created, prepared.model, [choice]))
-                    if include_usage:
-                        yield _sse(
-                            CompletionChunk(rid, created, prepared.model, [], usage=choices.usage())
-                        )
-                    yield b"data: [DONE]\n\n"
-                finally:
-                    choices.abort()
-
-            return SSEResponse(events(), choices.abort)
-        results = await self._collect(request, choices)
-        body = CompletionResponse(
-            id=rid,
-            created=created,
-            model=prepared.model,
-            usage=choices.usage(),
-            choices=[
-                CompletionChoice(i, echo[i // n] + text, reason)
-                for i, (text, reason) in enumerate(results)
-            ],
-        )
-        return _json(body)
+            return SSEResponse(completion_events(req, prepared, choices, echo), choices.abort)
+        results = await choices.collect(request.receive)
+        return _json(completion_body(prepared, choices, results, echo))
 
     async def chat(self, request: Request):
         req = await self._body(request, ChatCompletionRequest)
         prepared = prepare_chat(req, self.info, self.engine.tokenizer)
-        choices = _Choices(self.engine, prepared)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        choices = Choices(self.engine, prepared)
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-            def chunk(choice_list: list[ChatChunkChoice], usage: Usage | None = None) -> bytes:
-                return _sse(
-                    ChatCompletionChunk(rid, created, prepared.model, choice_list, usage=usage)
-                )
-
-            async def events() -> AsyncIterator[bytes]:
-                try:
-                    for i in range(len(choices.index)):
-                        yield chunk([ChatChunkChoice(i, ChatDelta(role="assistant", content=""))])
-                    async for i, delta in choices.deltas():
-                        if delta.text:
-                            yield chunk([ChatChunkChoice(i, ChatDelta(content=delta.text))])
-                        if delta.finish_reason:
-                            yield chunk([ChatChunkChoice(i, ChatDelta(), delta.finish_reason)])
-                    if include_usage:
-                        yield chunk([], usage=choices.usage())
-                    yield b"data: [DONE]\n\n"
-                finally:
-                    choices.abort()
-
-            return SSEResponse(events(), choices.abort)
-        results = await self._collect(request, choices)
-        body = ChatCompletionResponse(
-            id=rid,
-            created=created,
-            model=prepared.model,
-            usage=choices.usage(),
-            choices=[
-                ChatChoice(i, ChatResponseMessage(text), reason)
-                for i, (text, reason) in enumerate(results)
-            ],
-        )
-        return _json(body)
+            return SSEResponse(chat_events(req, prepared, choices), choices.abort)
+        return _json(chat_body(prepared, choices, await choices.collect(request.receive)))
 
     async def tokenize(self, request: Request) -> Response:
         req = await self._body(request, TokenizeRequest)
