@@ -42,3 +42,8 @@ def test_backends_satisfy_the_protocol_and_agree():
         torch.testing.assert_close(out, full[:, 4:], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="backend must be one of"):
         get_backend("cuda", q.device)
+    # A hand-built MaskSpec is checked like attention()'s arguments.
+    with pytest.raises(ValueError, match="window left must be >= 0"):
+        get_backend("sdpa", q.device).forward(q, k, v, mask_spec=MaskSpec(window=(-1, 0)))
+    with pytest.raises(TypeError, match="mask_spec must be a MaskSpec"):
+        get_backend("reference", q.device).forward(q, k, v, mask_spec={"causal": True})

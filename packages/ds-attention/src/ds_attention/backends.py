@@ -32,6 +32,24 @@ def _apply_cache(k: torch.Tensor, v: torch.Tensor, cache: Any | None):
     return cache.update(k, v)
 
 
+def _prepare(q, k, v, mask_spec: MaskSpec, cache, softmax_scale):
+    """The protocol's entry: append to the cache, then check the spec against the
+    tensors exactly as attention() does (a hand-built MaskSpec gets no free pass)."""
+    from ds_attention.validate import check_softmax_scale, make_mask_spec
+
+    if not isinstance(mask_spec, MaskSpec):
+        raise TypeError(f"mask_spec must be a MaskSpec, got {type(mask_spec).__name__}")
+    k, v = _apply_cache(k, v, cache)
+    cu = mask_spec.cu_seqlens_q
+    if cu is not None and mask_spec.cu_seqlens_k is not None:
+        cu = (cu, mask_spec.cu_seqlens_k)
+    spec = make_mask_spec(
+        q, k, v, causal=mask_spec.causal, window=mask_spec.window,
+        block_mask=mask_spec.block_mask, block_size=mask_spec.block_size, cu_seqlens=cu,
+    )  # fmt: skip
+    return k, v, spec, check_softmax_scale(softmax_scale, q.shape[-1])
+
+
 class ReferenceBackend:
     """Explicit masks in float32: slow, exact, runs anywhere."""
 
@@ -42,9 +60,8 @@ class ReferenceBackend:
         return out, lse
 
     def forward(self, q, k, v, *, mask_spec: MaskSpec, cache=None, softmax_scale=None):
-        k, v = _apply_cache(k, v, cache)
-        scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-        return self.run(q, k, v, mask_spec, scale, False)[0]
+        k, v, spec, scale = _prepare(q, k, v, mask_spec, cache, softmax_scale)
+        return self.run(q, k, v, spec, scale, False)[0]
 
 
 class SDPABackend:
@@ -62,9 +79,8 @@ class SDPABackend:
         return out, lse
 
     def forward(self, q, k, v, *, mask_spec: MaskSpec, cache=None, softmax_scale=None):
-        k, v = _apply_cache(k, v, cache)
-        scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-        return self.run(q, k, v, mask_spec, scale, False)[0]
+        k, v, spec, scale = _prepare(q, k, v, mask_spec, cache, softmax_scale)
+        return self.run(q, k, v, spec, scale, False)[0]
 
 
 class TritonBackend:
@@ -85,9 +101,8 @@ class TritonBackend:
         return flash_attention(q, k, v, spec, scale)
 
     def forward(self, q, k, v, *, mask_spec: MaskSpec, cache=None, softmax_scale=None):
-        k, v = _apply_cache(k, v, cache)
-        scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-        return self.run(q, k, v, mask_spec, scale, False)[0]
+        k, v, spec, scale = _prepare(q, k, v, mask_spec, cache, softmax_scale)
+        return self.run(q, k, v, spec, scale, False)[0]
 
 
 _BACKENDS = {"triton": TritonBackend(), "sdpa": SDPABackend(), "reference": ReferenceBackend()}

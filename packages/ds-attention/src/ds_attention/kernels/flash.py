@@ -143,12 +143,11 @@ def _backward(do, q, k, v, o, lse, pb: _Problem, scale: float):
         num_warps=warps, **pb.constexprs(bm, bn),
     )  # fmt: skip
     idx, cnt = pb.lists(False, q.device)
-    bm_q, bn_q = bm, bn
-    flash_bwd_dq_kernel[(triton.cdiv(pb.max_q, bm_q), pb.nseq * pb.heads)](
+    flash_bwd_dq_kernel[(triton.cdiv(pb.max_q, bm), pb.nseq * pb.heads)](
         q, k, v, do, lse2, delta, dq, pb.cu_q, pb.cu_k, idx, cnt, scale, scale * LOG2E,
         *strides, idx.stride(0), idx.stride(1), idx.stride(2), cnt.stride(0), cnt.stride(1),
         pb.seqlen_q, pb.seqlen_k, pb.heads, pb.groups, pb.d_qk, pb.d_v, pb.left, pb.right,
-        num_warps=warps, **pb.constexprs(bm_q, bn_q),
+        num_warps=warps, **pb.constexprs(bm, bn),
     )  # fmt: skip
     return dq, dk, dv
 
