@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ds_batching import Request, Scheduler
+from ds_batching import QueueFull, Request, Scheduler
 
 from ds_serve.detokenizer import IncrementalDetokenizer, StopMatcher
 from ds_serve.metrics import Metrics
@@ -204,9 +204,8 @@ class Engine:
                 raise EngineClosed("the server is shutting down")
             try:
                 self.scheduler.add(self._request(request_id, prompt_token_ids, params, adapter))
-            except Exception as exc:
-                if type(exc).__name__ == "QueueFull":
-                    self.metrics.on_reject()
+            except QueueFull:
+                self.metrics.on_reject()
                 raise
             self._tracked[request_id] = tracked
             if queue is None:
