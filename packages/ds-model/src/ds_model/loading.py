@@ -174,7 +174,8 @@ def load_state(
                     continue
                 target = targets.get(key)
                 if target is None:
-                    unexpected.append(key)
+                    if not (key == "lm_head.weight" and config.tie_word_embeddings):
+                        unexpected.append(key)  # a tied head stored anyway is just dropped
                     continue
                 tensor = f.get_tensor(key)
                 scale_key = key.removesuffix("weight") + "weight_scale_inv"

@@ -69,8 +69,11 @@ class MLAttention(nn.Module):
         q = q.view(b, t, self.num_heads, self.qk_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], -1)
-        q_pe = apply_rotary(q_pe, ctx.cos, ctx.sin, self.interleaved)
-        k_pe = apply_rotary(k_pe.unsqueeze(2), ctx.cos, ctx.sin, self.interleaved).squeeze(2)
+        # Rotate the query heads and the shared key together: one call instead of two.
+        pe = apply_rotary(
+            torch.cat((q_pe, k_pe.unsqueeze(2)), dim=2), ctx.cos, ctx.sin, self.interleaved
+        )
+        q_pe, k_pe = pe[:, :, : self.num_heads], pe[:, :, self.num_heads]
         kv = torch.cat((self.kv_a_layernorm(latent), k_pe), dim=-1)
         if ctx.cache is not None:
             (kv,) = ctx.cache.update(self.layer_idx, [kv])
@@ -109,7 +112,7 @@ class MLAttention(nn.Module):
     def _absorbed(self, q_nope, q_pe, kv, ctx: ForwardContext) -> torch.Tensor:
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, -1)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]
-        q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)
+        q_latent = torch.matmul(q_nope.unsqueeze(-2), w_uk).squeeze(-2)  # (b, t, h, r)
         q = torch.cat((q_latent, q_pe), dim=-1)
         k = kv.unsqueeze(2)  # (batch, seqlen_k, 1, kv_lora_rank + rope_dim): MQA
         v = k[..., : self.kv_lora_rank]
@@ -122,4 +125,4 @@ class MLAttention(nn.Module):
             cu_seqlens=ctx.cu_seqlens,
             window=ctx.window,
         )
-        return torch.einsum("bthr,hvr->bthv", out, w_uv)
+        return torch.matmul(out.unsqueeze(-2), w_uv.transpose(1, 2)).squeeze(-2)  # (b, t, h, v)
