@@ -175,3 +175,16 @@ def test_micro_batches_partition_the_epoch(n: int, per_device: int, world: int) 
             assert len(idx) <= per_device
             seen += idx
     assert seen == order
+
+
+def test_chat_template_with_its_own_bos_gets_no_second_one() -> None:
+    class BosTemplate(ByteTokenizer):
+        chat_template = "<B>{% for m in messages %}{{ m['role'] }}:{{ m['content'] }};{% endfor %}"
+
+        def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+            head = [self.bos_token_id] if text.startswith("<B>") else []
+            return head + list(text.removeprefix("<B>").encode())
+
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    ids, _ = encode_record(BosTemplate(), {"messages": messages}, "chat")
+    assert ids.count(TOK.bos_token_id) == 1 and ids[0] == TOK.bos_token_id

@@ -99,8 +99,10 @@ def encode_record(tokenizer: Any, data: dict[str, Any], kind: str) -> tuple[list
         segments.extend(_chat_segments(tokenizer, data["messages"]))
     else:
         raise ValueError(f"kind={kind!r}: expected 'text', 'prompt_completion' or 'chat'")
-    ids: list[int] = [] if bos is None else [bos]
-    labels: list[int] = [] if bos is None else [IGNORE_INDEX]
+    # A chat template may render the BOS itself (DeepSeek's does): never add a second.
+    starts_with_bos = bool(segments and segments[0][0] and segments[0][0][0] == bos)
+    ids: list[int] = [] if bos is None or starts_with_bos else [bos]
+    labels: list[int] = [IGNORE_INDEX] * len(ids)
     for seg, trained in segments:
         ids.extend(seg)
         labels.extend(seg if trained else [IGNORE_INDEX] * len(seg))

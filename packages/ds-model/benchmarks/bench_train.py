@@ -1,0 +1,310 @@
+"""Training throughput and peak memory: ds-model's Trainer vs Hugging Face Trainer
+(+ PEFT for LoRA) on the same llama-shaped model size, the same packed data and the same
+hardware, in the same run; and tokens/s of 1 vs 2 data-parallel processes (DDP, gloo).
+
+Each measurement runs in a fresh process (so peak RSS belongs to that run alone) and is
+repeated; the table shows medians. Throughput is steady state: tokens of the steps after
+the first ``--warmup`` ones divided by their wall time. Peak memory is the process's peak
+RSS minus its RSS just before training (imports and the model excluded).
+
+    uv run --frozen python packages/ds-model/benchmarks/bench_train.py [--repeats 3]
+
+Every process uses one intra-op thread (torch.set_num_threads(1)), so that 1 vs 2
+processes on a 2-core machine compares like with like and runs are less noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+CONFIG = {
+    "model_type": "llama",
+    "vocab_size": 259,
+    "hidden_size": 128,
+    "intermediate_size": 344,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 256,
+    "bos_token_id": 256,
+    "eos_token_id": 257,
+}
+SEQ, BATCH = 128, 8
+
+
+def _texts(n: int) -> list[str]:
+    import random
+
+    rng = random.Random(0)
+    words = "the a cat dog sat ran on to big red mat ball and then over under".split()
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(20, 120))) for _ in range(n)]
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+def _blocks():
+    from ds_model.training import ByteTokenizer, build_lm_dataset
+
+    ds, _ = build_lm_dataset(_texts(600), ByteTokenizer(), max_seq_len=SEQ)
+    return ds
+
+
+def run_ds(mode: str, steps: int, warmup: int) -> dict:
+    import ds_model
+    import torch
+    from ds_model.training import ByteTokenizer, Trainer
+
+    torch.set_num_threads(1)
+    data = _blocks()
+    model = ds_model.from_config(CONFIG, seed=0)
+    lora = None
+    if mode == "lora":
+        lora = ds_model.LoraConfig(
+            r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0
+        )
+    stamps: list[float] = []
+
+    class Timed(Trainer):
+        def _log(self, path, record, ctx):
+            stamps.append(time.perf_counter())
+            super()._log(path, record, ctx)
+
+    base = _rss_kib("VmRSS")
+    with tempfile.TemporaryDirectory() as out:
+        Timed(
+            model=model,
+            train_dataset=data,
+            lora_config=lora,
+            tokenizer=ByteTokenizer(),
+            output_dir=out,
+            per_device_train_batch_size=BATCH,
+            max_seq_len=SEQ,
+            learning_rate=1e-3,
+            max_steps=steps,
+            progress_bar=False,
+            plot=False,
+            save_final=False,
+            shuffle=False,
+            max_grad_norm=1.0,
+        ).train()
+    return _result(stamps, warmup, base)
+
+
+def run_hf(mode: str, steps: int, warmup: int) -> dict:
+    import torch
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    torch.set_num_threads(1)
+    data = _blocks()
+    items = [
+        {
+            "input_ids": data[i]["input_ids"],
+            "labels": data[i]["labels"],
+            "attention_mask": data[i]["attention_mask"],
+        }
+        for i in range(len(data))
+    ]
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=CONFIG["vocab_size"],
+        hidden_size=CONFIG["hidden_size"],
+        intermediate_size=CONFIG["intermediate_size"],
+        num_hidden_layers=CONFIG["num_hidden_layers"],
+        num_attention_heads=CONFIG["num_attention_heads"],
+        max_position_embeddings=CONFIG["max_position_embeddings"],
+        bos_token_id=256,
+        eos_token_id=257,
+        pad_token_id=258,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(cfg)
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=8,
+                lora_alpha=16,
+                lora_dropout=0.0,
+                task_type="CAUSAL_LM",
+                target_modules=[
+                    "q_proj",
+                    "k_proj",
+                    "v_proj",
+                    "o_proj",
+                    "gate_proj",
+                    "up_proj",
+                    "down_proj",
+                ],
+            ),
+        )
+    stamps: list[float] = []
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            stamps.append(time.perf_counter())
+
+    base = _rss_kib("VmRSS")
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(
+            output_dir=out,
+            per_device_train_batch_size=BATCH,
+            max_steps=steps,
+            learning_rate=1e-3,
+            lr_scheduler_type="cosine",
+            optim="adamw_torch",
+            logging_strategy="no",
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            dataloader_num_workers=0,
+            max_grad_norm=1.0,
+            disable_tqdm=True,
+        )
+        Trainer(model=model, args=args, train_dataset=items, callbacks=[Stamp()]).train()
+    return _result(stamps, warmup, base)
+
+
+def _result(stamps: list[float], warmup: int, base_kib: int) -> dict:
+    steps = len(stamps) - warmup
+    seconds = stamps[-1] - stamps[warmup - 1]
+    return {
+        "tokens_per_s": steps * BATCH * SEQ / seconds,
+        "peak_mib": (_rss_kib("VmHWM") - base_kib) / 1024,
+    }
+
+
+def run_scaling_rank(steps: int, warmup: int) -> dict:
+    """Under torchrun (or alone): DDP on gloo, per-process batch BATCH; rank 0 reports the
+    global tokens/s the trainer measured over the steady steps."""
+    import ds_model
+    import torch
+    from ds_model.training import ByteTokenizer, Trainer
+
+    torch.set_num_threads(1)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    data = _blocks()
+    stamps: list[float] = []
+
+    class Timed(Trainer):
+        def _log(self, path, record, ctx):
+            stamps.append(time.perf_counter())
+            super()._log(path, record, ctx)
+
+    with tempfile.TemporaryDirectory() as out:
+        Timed(
+            model=ds_model.from_config(CONFIG, seed=0),
+            train_dataset=data,
+            tokenizer=ByteTokenizer(),
+            output_dir=out,
+            per_device_train_batch_size=BATCH,
+            max_seq_len=SEQ,
+            max_steps=steps,
+            progress_bar=False,
+            plot=False,
+            save_final=False,
+            distributed_strategy="ddp" if world > 1 else "none",
+        ).train()
+    seconds = stamps[-1] - stamps[warmup - 1]
+    return {"tokens_per_s": (len(stamps) - warmup) * BATCH * SEQ * world / seconds}
+
+
+def _child(args: list[str], torchrun: int = 0) -> dict:
+    cmd = [sys.executable, __file__, *args]
+    if torchrun:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={torchrun}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={29600 + os.getpid() % 300}",
+            __file__,
+            *args,
+        ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    lines = [x for x in out.stdout.splitlines() if x.startswith("{")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"{cmd} failed:\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--worker", choices=["ds", "hf", "scale"])
+    p.add_argument("--mode", choices=["full", "lora"], default="full")
+    a = p.parse_args()
+    if a.worker:
+        fn = {"ds": run_ds, "hf": run_hf}.get(a.worker)
+        result = fn(a.mode, a.steps, a.warmup) if fn else run_scaling_rank(a.steps, a.warmup)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(result), flush=True)
+        return
+    common = ["--steps", str(a.steps), "--warmup", str(a.warmup)]
+    rows = []
+    for mode in ("full", "lora"):
+        ds_runs, hf_runs = [], []
+        for _ in range(a.repeats):  # interleaved, so load drift hits both alike
+            ds_runs.append(_child(["--worker", "ds", "--mode", mode, *common]))
+            hf_runs.append(_child(["--worker", "hf", "--mode", mode, *common]))
+        med = {
+            k: (statistics.median(r[k] for r in ds_runs), statistics.median(r[k] for r in hf_runs))
+            for k in ("tokens_per_s", "peak_mib")
+        }
+        rows.append((mode, med))
+    one, two = [], []
+    for _ in range(a.repeats):
+        one.append(_child(["--worker", "scale", *common])["tokens_per_s"])
+        two.append(_child(["--worker", "scale", *common], torchrun=2)["tokens_per_s"])
+    load = os.getloadavg()
+    print(
+        f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch threads 1 per process, load average {load[0]:.1f}; {a.repeats} repeats, "
+        f"medians; model llama {CONFIG['hidden_size']}d x {CONFIG['num_hidden_layers']} "
+        f"layers, batch {BATCH} x {SEQ} tokens, {a.steps} steps ({a.warmup} warm-up)\n"
+    )
+    print(
+        "| run | ds-model tokens/s | HF Trainer tokens/s | speed ratio | ds-model peak MiB | "
+        "HF peak MiB | memory ratio |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for mode, med in rows:
+        (dt, ht), (dm, hm) = med["tokens_per_s"], med["peak_mib"]
+        label = "full fine-tune" if mode == "full" else "LoRA r=8 all linear (HF: + PEFT)"
+        print(
+            f"| {label} | {dt:.0f} | {ht:.0f} | {dt / ht:.2f}x | {dm:.0f} | {hm:.0f} | "
+            f"{dm / hm:.2f}x |"
+        )
+    o, t = statistics.median(one), statistics.median(two)
+    print("\n| processes (DDP, gloo, CPU) | tokens/s | scaling |")
+    print("| --- | --- | --- |")
+    print(f"| 1 | {o:.0f} | 1.00x |")
+    print(f"| 2 | {t:.0f} | {t / o:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
