@@ -31,16 +31,18 @@ HELDOUT_EVERY = 50  # about 2% of files go to the held-out set
 
 
 def stdlib_sources(root: Path) -> list[tuple[str, str]]:
-    """(relative path, source) of every UTF-8 .py file under the stdlib, sorted by path."""
+    """(relative path, source) of every non-empty UTF-8 .py file of the stdlib, by path."""
     sources = []
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root).as_posix()
         if "site-packages" in path.parts or "__pycache__" in path.parts:
             continue
         try:
-            sources.append((rel, path.read_text(encoding="utf-8")))
+            text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             continue  # a few test fixtures are deliberately not UTF-8
+        if text.strip():  # empty __init__.py files teach nothing
+            sources.append((rel, text))
     return sources
 
 
