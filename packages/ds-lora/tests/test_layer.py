@@ -276,3 +276,29 @@ def test_cuda_mixed_batch_and_merge(dtype):
         unmerged = model(x)
         ds_lora.merge_adapter(model)
         torch.testing.assert_close(model(x), unmerged, **tol)
+
+
+@settings(max_examples=15)
+@given(
+    tokens=st.integers(1, 12),
+    n=st.integers(1, 3),
+    seed=st.integers(0, 1000),
+)
+def test_mixed_batch_on_packed_tokens_picks_an_adapter_per_token(tokens, n, seed):
+    """Packed (tokens, hidden) inputs, as a serving runner feeds them: one entry per token."""
+    torch.manual_seed(seed)
+    layer = LoraLinear(nn.Linear(16, 12))
+    names = [f"a{i}" for i in range(n)]
+    for i, name in enumerate(names):
+        layer.add_adapter(name, LoraConfig(r=1 + i, lora_dropout=0.0, use_dora=i == 1))
+    randomize_adapters(layer, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, 16, generator=gen)
+    slots = torch.randint(0, n + 1, (tokens,), generator=gen)
+    layer.set_row_adapters(tuple(names), slots)
+    mixed = layer(x)
+    layer.set_row_adapters((), None)
+    for t in range(tokens):
+        slot = int(slots[t])
+        layer.active_adapter = names[slot] if slot < n else None
+        torch.testing.assert_close(mixed[t : t + 1], layer(x[t : t + 1]), atol=1e-5, rtol=1e-5)

@@ -172,3 +172,19 @@ def test_unknown_adapter_and_bad_names():
         ds_lora.inject(model, LoraConfig(r=2), "a.b")
     with pytest.raises(ds_lora.AdapterNotFoundError):
         ds_lora.save_adapter(model, "/nonexistent-never-written", "b")
+
+
+def test_save_pretrained_uses_peft_directory_layout(tmp_path):
+    lora = ds_lora.get_peft_model(_model(), LoraConfig(r=2, lora_dropout=0.0))
+    lora.add_adapter("extra", LoraConfig(r=3, lora_dropout=0.0, target_modules=["up_proj"]))
+    randomize_adapters(lora, seed=4)
+    lora.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "extra" / "adapter_model.safetensors").is_file()
+    fresh = ds_lora.LoraModel.from_pretrained(_model(), tmp_path)
+    fresh.load_adapter(tmp_path / "extra", "extra")
+    x = torch.randn(1, 2, 16)
+    for name in ("default", "extra"):
+        lora.set_adapter(name)
+        fresh.set_adapter(name)
+        torch.testing.assert_close(fresh(x), lora(x), atol=1e-6, rtol=0)
