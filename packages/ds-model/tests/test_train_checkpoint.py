@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,6 +20,9 @@ from ds_model.training.checkpoint import (
     save_weights,
     write_checkpoint,
 )
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 _spec = importlib.util.spec_from_file_location(
     "_s", Path(__file__).with_name("test_train_support.py")
@@ -163,3 +168,45 @@ def test_tied_weights_are_saved_once(tmp_path: Path) -> None:
     back = load_weights(str(tmp_path / "w.safetensors"))
     assert torch.equal(back["lm_head.weight"], emb.weight.detach())
     assert back["lm_head.weight"] is back["embed.weight"]
+
+
+class CheckpointDirectory(RuleBasedStateMachine):
+    """Writes that succeed or crash midway, in any order: the visible checkpoints are
+    always exactly the newest ``LIMIT`` successful ones, each complete."""
+
+    LIMIT = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.root = tempfile.mkdtemp()
+        self.saved: list[int] = []
+
+    @rule(step=st.integers(1, 6), crash=st.booleans())
+    def write(self, step: int, crash: bool) -> None:
+        def body(tmp: str) -> None:
+            save_weights(
+                {"w": torch.full((2,), float(step))}, os.path.join(tmp, "model.safetensors")
+            )
+            if crash:
+                raise OSError("crash")
+
+        try:
+            write_checkpoint(self.root, step, body, {"global_step": step}, self.LIMIT)
+        except OSError:
+            return
+        self.saved = sorted({*self.saved, step})[-self.LIMIT :]
+
+    @invariant()
+    def only_complete_newest_checkpoints(self) -> None:
+        found = list_checkpoints(self.root)
+        assert [s for s, _ in found] == self.saved
+        for step, path in found:
+            weights = load_weights(os.path.join(path, "model.safetensors"))
+            assert weights["w"].tolist() == [float(step)] * 2
+
+    def teardown(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+CheckpointDirectory.TestCase.settings = settings(max_examples=8, stateful_step_count=6)
+test_checkpoint_directory_state_machine = CheckpointDirectory.TestCase

@@ -8,7 +8,7 @@ so that the seed's keyword call form works unchanged.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -58,7 +58,6 @@ class TrainingConfig:
     optimizer: str = "grouped_adamw"
     progress_bar: bool = True
     plot: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _positive("num_train_epochs", self.num_train_epochs)

@@ -28,8 +28,6 @@ class DPOTrainer(Trainer):
     argument as for :class:`Trainer`. The loss unit is a preference pair; logged extras
     are the mean reward margin and the fraction of pairs ranked correctly."""
 
-    record_kinds = ("preference",)
-
     def __init__(
         self, model: Any = None, *, ref_model: nn.Module | None = None, beta: float = 0.1, **kw
     ):

@@ -81,8 +81,6 @@ class Trainer:
     to a .json/.jsonl file, an iterable of records or strings, or a ready dataset.
     """
 
-    record_kinds = ("text", "prompt_completion", "chat")
-
     def __init__(
         self,
         model: nn.Module | str | None = None,
@@ -238,7 +236,8 @@ class Trainer:
                     with _autocast(ctx.device, args.precision):
                         loss_sum, extra = self.compute_loss(wrapped, batch)
                     if "zero_weight" in batch:
-                        loss_sum, extra = loss_sum * 0.0, {}
+                        # Same keys on every rank, or the all-reduce below mismatches.
+                        loss_sum, extra = loss_sum * 0.0, dict.fromkeys(extra, 0.0)
                     scaler.scale(loss_sum * (ctx.dp_size / global_weight)).backward()
                 loss_total += float(loss_sum.detach())
                 for k, v in extra.items():
