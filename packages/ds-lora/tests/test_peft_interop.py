@@ -19,6 +19,10 @@ CASES = {
     "regex_rslora": dict(
         r=3, lora_alpha=6, target_modules=r".*\.mlp\.(up|down)_proj", use_rslora=True
     ),
+    "bias_all": dict(r=2, lora_alpha=4, target_modules=["q_proj", "up_proj"], bias="all"),
+    "bias_lora_only": dict(
+        r=2, lora_alpha=4, target_modules=["v_proj", "down_proj"], bias="lora_only"
+    ),
     "modules_to_save": dict(
         r=2, lora_alpha=2, target_modules=["k_proj", "o_proj"], modules_to_save=["lm_head"]
     ),
@@ -36,6 +40,8 @@ def base_state():
         num_key_value_heads=2,
         max_position_embeddings=64,
         tie_word_embeddings=False,
+        attention_bias=True,
+        mlp_bias=True,
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
