@@ -105,7 +105,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(path: Path, port: int, threads: int) -> subprocess.Popen:
+def start_server(path: Path, port: int, threads: int, device: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     cmd = [
         sys.executable,
@@ -125,7 +125,7 @@ def start_server(path: Path, port: int, threads: int) -> subprocess.Popen:
         "--dtype",
         "float32",
         "--device",
-        "cpu",
+        device,
         "--log-level",
         "warning",
     ]
@@ -194,10 +194,10 @@ def pct(values, q):
     return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
 
 
-def sequential_ds_model(path, prompt_list, max_tokens):
+def sequential_ds_model(path, prompt_list, max_tokens, device):
     import ds_model
 
-    model = ds_model.from_pretrained(path, dtype="float32")
+    model = ds_model.from_pretrained(path, dtype="float32", device=device)
     ids = [model.tokenizer.encode(p) for p in prompt_list]
     ds_model.generate(model, ids[0], max_new_tokens=4)  # warm-up
     start, tokens = time.perf_counter(), 0
@@ -206,11 +206,12 @@ def sequential_ds_model(path, prompt_list, max_tokens):
     return tokens / (time.perf_counter() - start)
 
 
-def sequential_transformers(path, prompt_list, max_tokens, tokenizer):
+def sequential_transformers(path, prompt_list, max_tokens, tokenizer, device):
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ids = [torch.tensor([tokenizer.encode(p)]) for p in prompt_list]
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = model.to(device).eval()
+    ids = [torch.tensor([tokenizer.encode(p)], device=device) for p in prompt_list]
     with torch.inference_mode():
         model.generate(ids[0], max_new_tokens=4, do_sample=False)
         start, tokens = time.perf_counter(), 0
@@ -230,6 +231,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--baseline-requests", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda, for every mode")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     levels = [int(x) for x in args.levels.split(",")]
@@ -243,14 +245,15 @@ def main() -> None:
         prompt_list = prompts(tokenizer, 128, args.prompt_len)
         base = prompt_list[: args.baseline_requests]
         ds_tps = statistics.median(
-            sequential_ds_model(path, base, args.max_tokens) for _ in range(args.repeats)
+            sequential_ds_model(path, base, args.max_tokens, args.device)
+            for _ in range(args.repeats)
         )
         hf_tps = statistics.median(
-            sequential_transformers(path, base, args.max_tokens, tokenizer)
+            sequential_transformers(path, base, args.max_tokens, tokenizer, args.device)
             for _ in range(args.repeats)
         )
         port = free_port()
-        server = start_server(path, port, args.threads)
+        server = start_server(path, port, args.threads, args.device)
         url = f"http://127.0.0.1:{port}"
         rows = []
         try:
@@ -271,9 +274,10 @@ def main() -> None:
             server.terminate()
             server.wait(timeout=60)
 
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(
         f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, {args.threads} thread(s) per process, CPU"
+        f"torch {torch.__version__}, {args.threads} thread(s) per process, {device_name}"
     )
     print(
         f"model: random DeepSeek-V3-shaped ({SHAPE['hidden_size']} hidden, "
