@@ -198,4 +198,5 @@ def test_parameter_counts_count_k_of_e_routed_experts():
     c = model.config
     assert total == sum(p.numel() for p in model.parameters())
     per_expert = 3 * c.hidden_size * c.moe_intermediate_size
-    assert total - active == per_expert * (c.n_routed_experts - c.num_experts_per_tok)
+    routed_off = per_expert * (c.n_routed_experts - c.num_experts_per_tok)
+    assert total - active == routed_off + c.vocab_size * c.hidden_size  # + embedding table

@@ -439,14 +439,19 @@ def _atomic_text(target: Path, text: str) -> None:
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """(total parameters, parameters active per token): routed experts count k of E."""
+    """(total parameters, parameters active per token).
+
+    Active, as DeepSeek counts it (V3: 37B of 671B; V2-Lite: 2.4B of 15.7B): routed
+    experts count ``k`` of ``E``, and the input embedding table does not count (a token
+    reads one row of it) unless it is tied to the LM head, which uses all of it.
+    """
     total = sum(p.numel() for p in _unique(model.parameters()))
-    inactive = 0
     config: ModelConfig = model.config
+    inactive = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
     if config.is_moe:
         per_expert = 3 * config.hidden_size * config.moe_intermediate_size
         moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
-        inactive = moe_layers * per_expert * (config.n_routed_experts - config.num_experts_per_tok)
+        inactive += moe_layers * per_expert * (config.n_routed_experts - config.num_experts_per_tok)
     return total, total - inactive
 
 
