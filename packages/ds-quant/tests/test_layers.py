@@ -122,3 +122,31 @@ def test_layer_without_bias():
         assert q.bias is None
         x = torch.randn(2, 64)
         assert q(x).shape == (2, 32)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
+def test_gradients_reach_the_input_and_bias_so_an_adapter_can_train(config):
+    # A LoRA-style wrapper that only knows in_features / out_features / __call__
+    # (ds-lora's LinearLike), trained on top of the frozen quantized layer.
+    torch.manual_seed(0)
+    base = quantize_(nn.Linear(64, 32), config)
+
+    class Adapter(nn.Module):
+        def __init__(self, base, rank=4):
+            super().__init__()
+            self.base = base
+            self.a = nn.Parameter(torch.randn(rank, base.in_features) * 0.1)
+            self.b = nn.Parameter(torch.zeros(base.out_features, rank))
+
+        def forward(self, x):
+            return self.base(x) + x @ self.a.T @ self.b.T
+
+    model = Adapter(base)
+    x = torch.randn(2, 3, 64, requires_grad=True)
+    model(x).square().sum().backward()
+    grad_y = 2 * model(x).detach()
+    expected = grad_y @ (base.dequantize() + model.b @ model.a).detach()
+    torch.testing.assert_close(x.grad, expected, rtol=1e-4, atol=1e-4)
+    assert model.b.grad is not None and model.b.grad.abs().sum() > 0
+    assert base.bias.grad is not None
+    assert not any(t.requires_grad for t in base.buffers())

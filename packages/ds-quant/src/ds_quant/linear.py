@@ -32,11 +32,28 @@ def dtype_name(dtype: torch.dtype) -> str:
     return name
 
 
+class _QuantizedMatmul(torch.autograd.Function):
+    """``y = layer._matmul(x)`` with ``dy/dx = dequantize()``: the packed kernels have no
+    derivative, and W8A8's rounding of ``x`` is passed straight through. This is what
+    lets an adapter (LoRA) train on top of a frozen quantized layer."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return layer._matmul(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad_y @ ctx.layer.dequantize(grad_y.dtype), None
+
+
 class QuantizedLinear(nn.Module):
     """Common state of the quantized layers: shapes, bias, the recipe, the float dtype.
 
-    Subclasses set ``config_type``, implement ``forward``, ``dequantize``,
-    ``_from_float`` and ``_allocate`` (empty buffers for loading a checkpoint).
+    Subclasses set ``config_type``, implement ``_matmul`` (x @ W^T without the bias),
+    ``dequantize``, ``_from_float`` and ``_allocate`` (empty buffers for loading a
+    checkpoint). The weight is frozen; gradients flow to ``x`` (through
+    ``dequantize()``) and to ``bias``.
     """
 
     config_type: ClassVar[type]
@@ -95,7 +112,15 @@ class QuantizedLinear(nn.Module):
         (default: the dtype the float layer had)."""
         raise NotImplementedError
 
-    def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (..., in_features) -> (..., out_features) in ``x.dtype``."""
+        if torch.is_grad_enabled() and x.requires_grad:
+            y = _QuantizedMatmul.apply(x, self)
+        else:
+            y = self._matmul(x)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def recipe(self) -> dict[str, Any]:

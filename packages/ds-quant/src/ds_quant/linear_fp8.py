@@ -79,5 +79,5 @@ class Fp8BlockLinear(QuantizedLinear):
             self.weight, self.weight_scale_inv, self.config.block, dtype or self.orig_dtype
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._add_bias(F.linear(x, self.dequantize(x.dtype)))
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantize(x.dtype))

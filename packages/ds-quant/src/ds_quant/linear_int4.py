@@ -104,19 +104,14 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         return w.to(dtype or self.orig_dtype)
 
     def _cpu_operands(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (
-            dtype,
-            self.weight.data_ptr(),
-            self.weight._version,
-            self.weight_scale._version,
-            self.weight_zero._version,
-        )
+        buffers = (self.weight, self.weight_scale, self.weight_zero)
+        key = (dtype, *((t.data_ptr(), t._version) for t in buffers))
         if self._cpu_cache is None or self._cpu_cache[0] != key:
             packed = prepack_int4_cpu(self.weight, self.weight_scale, self.weight_zero, dtype)
             self._cpu_cache = (key, *packed)
         return self._cpu_cache[1], self._cpu_cache[2]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_scale is not None:
             x = x / self.input_scale.to(x.dtype)
         gs = self.config.group_size
@@ -134,4 +129,4 @@ class Int4WeightOnlyLinear(QuantizedLinear):
             y = w4a16_matmul_reference(
                 x, self.weight, self.weight_scale, self.weight_zero, gs, self.in_features
             )
-        return self._add_bias(y)
+        return y

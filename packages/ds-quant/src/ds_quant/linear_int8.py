@@ -48,12 +48,10 @@ class Int8WeightOnlyLinear(_Int8Base):
 
     config_type = Int8WeightOnlyConfig
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if int8_cpu_supported(x, self.weight):
-            y = int8_weight_matmul_cpu(x, self.weight, self.weight_scale)
-        else:
-            y = int8_weight_matmul_reference(x, self.weight, self.weight_scale)
-        return self._add_bias(y)
+            return int8_weight_matmul_cpu(x, self.weight, self.weight_scale)
+        return int8_weight_matmul_reference(x, self.weight, self.weight_scale)
 
 
 def _int8_matmul(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
@@ -73,17 +71,17 @@ class Int8DynamicActivationInt8WeightLinear(_Int8Base):
 
     config_type = Int8DynamicActivationInt8WeightConfig
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         xq, x_scale = quantize_int8_per_token(x2)
         acc = _int8_matmul(xq.contiguous(), self.weight)
         y = acc.to(torch.float32) * x_scale * self.weight_scale.to(torch.float32)
-        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        return self._add_bias(y)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The same math in float32, without integer kernels (the kernel's ground truth)."""
         xq, x_scale = quantize_int8_per_token(x.reshape(-1, self.in_features))
         xd = xq.to(torch.float32) * x_scale
         y = F.linear(xd, dequantize_int8(self.weight, self.weight_scale, torch.float32))
-        return self._add_bias(y.to(x.dtype).reshape(*x.shape[:-1], self.out_features))
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
