@@ -30,10 +30,17 @@ def attend(
     mask: torch.Tensor | None = None,
     cu_seqlens: tuple[torch.Tensor, torch.Tensor] | None = None,
     window: tuple[int | None, int | None] | None = None,
+    causal: bool = True,
 ) -> torch.Tensor:
     if mask is None:
         return ds_attention.attention(
-            q, k, v, causal=True, window=window, cu_seqlens=cu_seqlens, softmax_scale=softmax_scale
+            q,
+            k,
+            v,
+            causal=causal,
+            window=window,
+            cu_seqlens=cu_seqlens,
+            softmax_scale=softmax_scale,
         )
     # An explicit per-row mask (left padding, ragged runner batches): torch's SDPA with
     # a boolean mask, in (batch, heads, seqlen, dim) layout.
