@@ -44,8 +44,8 @@ def spawn(world: int, names: list[str]) -> None:
 
 
 def test_two_ranks():
-    spawn(2, ["hook_bound", "no_sync", "convergence", "zero1", "fsdp2"])
+    spawn(2, ["hook_bound", "many_buckets", "no_sync", "convergence", "zero1", "fsdp2"])
 
 
 def test_four_ranks():
-    spawn(4, ["hook_bound"])
+    spawn(4, ["hook_bound", "many_buckets"])

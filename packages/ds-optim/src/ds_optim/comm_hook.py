@@ -2,8 +2,17 @@
 
 ``ddp_model.register_comm_hook(state, int4_allreduce_hook)``. DDP calls the hook once
 per gradient bucket as soon as the bucket is ready, while backward still runs for
-the earlier layers; the hook starts an asynchronous collective and returns a Future,
-so communication overlaps the rest of backward exactly as DDP's own all-reduce does.
+the earlier layers. The hook hands the bucket to the state's worker thread
+(quantize, exchange, dequantize, average) and returns a Future at once, so the
+exchange overlaps the rest of backward as DDP's own all-reduce does; DDP waits on
+the Futures at the end of backward.
+
+Why one worker thread: every rank must issue its collectives in the same order.
+Chaining the second collective of a bucket onto the first one's Future (as
+PowerSGD's hook does) makes that order depend on which bucket's first collective
+finishes first, which differs between ranks and deadlocked gloo with several
+buckets. A single FIFO thread processes buckets in the order DDP submits them,
+which is the same on every rank.
 
 Codes are never summed in 4 bits (sums would overflow and scales differ per rank).
 Two exchange patterns, chosen by ``QuantizedAllreduceState(mode=...)``:
@@ -33,6 +42,7 @@ error, not k. Error-feedback residuals advance only on synchronizing steps.
 # No `from __future__ import annotations`: DDP checks the hooks' annotations at runtime
 # (the bucket must be annotated dist.GradBucket, not the string).
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -109,6 +119,13 @@ class QuantizedAllreduceState:
             seed=seed + rank,
         )
         self.stats = CommStats()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _executor(self) -> ThreadPoolExecutor:
+        # One thread: buckets are exchanged strictly in the order DDP submits them.
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ds-optim-comm")
+        return self._pool
 
     @property
     def bits(self) -> int:
@@ -157,10 +174,32 @@ def _from_bytes(
 def quantized_allreduce_hook(
     state: QuantizedAllreduceState, bucket: dist.GradBucket
 ) -> torch.futures.Future[torch.Tensor]:
-    """Average ``bucket`` across ranks through quantized payloads; see the module doc."""
+    """Average ``bucket`` across ranks through quantized payloads; see the module doc.
+
+    The exchange runs on the state's single worker thread, so backward continues
+    while it runs; buckets are processed in the order DDP hands them over, which
+    is the same on every rank, so every rank issues its collectives in the same order.
+    """
+    buffer = bucket.buffer()
+    index = bucket.index()
+    future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+
+    def job() -> None:
+        try:
+            _exchange(state, buffer, index)
+        except BaseException as exc:  # hand any failure to DDP, which raises it
+            future.set_exception(exc)
+        else:
+            future.set_result(buffer)
+
+    state._executor().submit(job)
+    return future
+
+
+def _exchange(state: QuantizedAllreduceState, buffer: torch.Tensor, index: int) -> None:
+    """Blocking compressed average of ``buffer`` (flat bucket) in place."""
     group = state.process_group if state.process_group is not None else dist.group.WORLD
     world = dist.get_world_size(group)
-    buffer = bucket.buffer()
     n = buffer.numel()
     comp = state.compressor
     block = comp.block_size
@@ -168,55 +207,34 @@ def quantized_allreduce_hook(
     chunk = -(-max(n, 1) // (parts * block)) * block
     padded = torch.zeros(parts * chunk, dtype=torch.float32, device=buffer.device)
     padded[:n] = buffer.detach().reshape(-1)
-    rows = _to_bytes(comp.compress(padded, key=(bucket.index(), "input")), parts)
+    rows = _to_bytes(comp.compress(padded, key=(index, "input")), parts)
     chunk_bytes = rows.shape[1]
+    gathered = torch.empty(world * chunk_bytes, dtype=torch.uint8, device=buffer.device)
+
+    if state.mode == "all_gather":
+        dist.all_gather_into_tensor(gathered, rows.reshape(-1), group=group)
+        full = torch.zeros(chunk, dtype=torch.float32, device=buffer.device)
+        for row in gathered.view(world, chunk_bytes):
+            full += comp.decompress(_from_bytes(row, chunk, comp))
+        full /= world
+    else:
+        received = torch.empty_like(rows)
+        dist.all_to_all_single(received, rows, group=group)
+        mine = torch.zeros(chunk, dtype=torch.float32, device=buffer.device)
+        for row in received:
+            mine += comp.decompress(_from_bytes(row, chunk, comp))
+        mine /= world
+        reduced = _to_bytes(comp.compress(mine, key=(index, "reduced")), 1)
+        dist.all_gather_into_tensor(gathered, reduced.reshape(-1), group=group)
+        full = torch.cat(
+            [comp.decompress(_from_bytes(row, chunk, comp)) for row in gathered.view(world, -1)]
+        )
+    buffer.copy_(full[:n].view_as(buffer))
 
     state.stats.calls += 1
     state.stats.elements += n
     state.stats.fp32_allreduce_bytes += 2 * (world - 1) * 4 * n // world
     state.stats.bytes_sent += (world - 1) * chunk_bytes * (2 if parts > 1 else 1)
-
-    def write_back(full: torch.Tensor) -> torch.Tensor:
-        buffer.copy_(full[:n].view_as(buffer))
-        return buffer
-
-    if state.mode == "all_gather":
-        flat_out = torch.empty(world * chunk_bytes, dtype=torch.uint8, device=buffer.device)
-        work = dist.all_gather_into_tensor(flat_out, rows.reshape(-1), group=group, async_op=True)
-        gathered = flat_out.view(world, chunk_bytes)
-
-        def average_all(fut: torch.futures.Future[Any]) -> torch.Tensor:
-            fut.wait()
-            total = torch.zeros(chunk, dtype=torch.float32, device=buffer.device)
-            for r in range(world):
-                total += comp.decompress(_from_bytes(gathered.view(world, -1)[r], chunk, comp))
-            return write_back(total / world)
-
-        return work.get_future().then(average_all)
-
-    received = torch.empty_like(rows)
-    work = dist.all_to_all_single(received, rows, group=group, async_op=True)
-
-    def reduce_then_gather(fut: torch.futures.Future[Any]) -> torch.Tensor:
-        fut.wait()
-        mine = torch.zeros(chunk, dtype=torch.float32, device=buffer.device)
-        for r in range(world):
-            mine += comp.decompress(_from_bytes(received[r], chunk, comp))
-        mine /= world
-        reduced = _to_bytes(comp.compress(mine, key=(bucket.index(), "reduced")), 1)
-        gathered = torch.empty(world * chunk_bytes, dtype=torch.uint8, device=buffer.device)
-        dist.all_gather_into_tensor(
-            gathered, reduced.reshape(-1), group=group, async_op=True
-        ).wait()
-        full = torch.cat(
-            [
-                comp.decompress(_from_bytes(gathered.view(world, -1)[r], chunk, comp))
-                for r in range(world)
-            ]
-        )
-        return write_back(full)
-
-    return work.get_future().then(reduce_then_gather)
 
 
 def _checked(state: QuantizedAllreduceState, bits: int) -> None:
