@@ -136,7 +136,11 @@ def main() -> None:
                 (res["int4, reduce-scatter (qgZ style)"]["losses"], (214, 39, 40)),
             ],
         )
-        print(f"\nloss curves written to {args.png} (blue: fp32 all-reduce, red: int4 hook)")
+        curves = base["losses"] + res["int4, reduce-scatter (qgZ style)"]["losses"]
+        print(
+            f"\nloss curves written to {args.png} (blue: fp32 all-reduce, red: int4 hook; "
+            f"x: steps 0-{args.steps - 1}; y: linear, {min(curves):.4f} to {max(curves):.4f})"
+        )
 
 
 if __name__ == "__main__":
