@@ -197,3 +197,21 @@ def test_bad_input_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"broken\.jsonl:2: invalid JSON"):
         Trainer(model=S.tiny_lm(), output_dir=str(out), **FAST).train(data_path=str(broken))
     assert not out.exists() or not any(out.iterdir())  # nothing written, no checkpoint
+
+
+@pytest.mark.gpu
+def test_bf16_training_on_cuda(tmp_path: Path) -> None:
+    trainer = Trainer(
+        model=S.real_lm(),
+        train_dataset=S.make_texts(32),
+        device="cuda",
+        precision="bf16",
+        per_device_train_batch_size=4,
+        max_steps=40,
+        output_dir=str(tmp_path),
+        learning_rate=3e-3,
+        **FAST,
+    )
+    result = trainer.train()
+    assert next(trainer.model.parameters()).device.type == "cuda"
+    assert sum(result.losses[-5:]) / 5 < result.losses[0] - 1.0
