@@ -93,3 +93,17 @@ def greedy_reference(model, prompt: str, max_tokens: int) -> tuple[str, str]:
         out, reason = out[:-1], "stop"
     head = tok.decode(prompt_ids)
     return tok.decode(prompt_ids + out)[len(head) :], reason
+
+
+def forbid_eos(engine) -> None:
+    """Make the served model unable to sample EOS, so a test's requests run to max_tokens
+    (a random model can end any request early otherwise)."""
+    step = engine.runner.step
+    eos = list(engine.eos_token_ids)
+
+    def step_without_eos(*args, **kwargs):
+        logits = step(*args, **kwargs).clone()  # an inference tensor: copy to edit
+        logits[:, eos] = float("-inf")
+        return logits
+
+    engine.runner.step = step_without_eos
