@@ -273,3 +273,14 @@ class RegroupingMachine(RuleBasedStateMachine):
 
 TestRegroupingMachine = RegroupingMachine.TestCase
 TestRegroupingMachine.settings = settings(max_examples=8, stateful_step_count=6)
+
+
+def test_lr_scheduler_keeps_working_across_regroupings():
+    model = Tiny()
+    opt = GroupedAdamW.from_model(model, SensitivityPolicy(regroup_every=2), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5**step)
+    for _ in range(5):
+        run(model, opt, 1)
+        sched.step()
+    assert opt.regrouper.regroups == 2
+    assert all(g["lr"] == pytest.approx(1e-2 * 0.5**5) for g in opt.param_groups)
