@@ -10,18 +10,18 @@ from ds_serve.engine import Delta, Engine, EngineClosed
 from ds_serve.errors import APIError
 from ds_serve.protocol import EngineProtocol
 from ds_serve.sampling import SamplingParams
-from ds_serve.server import EngineOptions, build_engine, create_app
+from ds_serve.server import ENGINE_OPTIONS, build_engine, create_app
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ENGINE_OPTIONS",
     "APIError",
     "App",
     "DefaultModelNotFound",
     "Delta",
     "Engine",
     "EngineClosed",
-    "EngineOptions",
     "EngineProtocol",
     "SamplingParams",
     "__version__",

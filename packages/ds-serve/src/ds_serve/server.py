@@ -21,12 +21,12 @@ from ds_serve.app import DEFAULT_MAX_BODY_BYTES, App
 from ds_serve.default_model import find_default_model
 from ds_serve.engine import Engine
 
-__all__ = ["EngineOptions", "build_engine", "create_app"]
+__all__ = ["ENGINE_OPTIONS", "build_engine", "create_app"]
 
 log = logging.getLogger("ds_serve")
 
 # What create_app(**engine_options) accepts, with its defaults.
-EngineOptions = {
+ENGINE_OPTIONS = {
     "max_num_seqs": 64,
     "max_num_batched_tokens": 2048,
     "max_waiting": 256,
@@ -46,10 +46,10 @@ QUANTIZATIONS = ("int8", "int4")
 
 
 def _options(engine_options: dict[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(engine_options) - set(EngineOptions))
+    unknown = sorted(set(engine_options) - set(ENGINE_OPTIONS))
     if unknown:
-        raise TypeError(f"unknown engine options {unknown}; accepted: {sorted(EngineOptions)}")
-    options = {**EngineOptions, **engine_options}
+        raise TypeError(f"unknown engine options {unknown}; accepted: {sorted(ENGINE_OPTIONS)}")
+    options = {**ENGINE_OPTIONS, **engine_options}
     if options["quantization"] not in (None, *QUANTIZATIONS):
         raise ValueError(
             f"quantization must be one of {QUANTIZATIONS} or None, got {options['quantization']!r}"
@@ -178,7 +178,7 @@ def create_app(
     **engine_options: Any,
 ) -> App:
     """The server for ``model_path``: ``create_app(path).run(host="127.0.0.1", port=8000)``,
-    or hand the returned object to any ASGI server. ``engine_options``: see ``EngineOptions``.
+    or hand the returned object to any ASGI server. ``engine_options``: see ``ENGINE_OPTIONS``.
     """
     engine = build_engine(model_path, **engine_options)
     return App(engine, api_key=api_key, max_body_bytes=max_body_bytes)
