@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--max-body-bytes", type=_positive, default=4 * 1024 * 1024)
+    parser.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests get to finish on SIGTERM before they are aborted",
+    )
     parser.add_argument("--log-level", default="info")
     return parser
 
@@ -143,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DefaultModelNotFound, FileNotFoundError, ValueError) as exc:
         print(f"ds-serve: error: {exc}", file=sys.stderr)
         return 2
-    app.run(host=args.host, port=args.port, log_level=args.log_level)
+    app.run(
+        host=args.host, port=args.port, shutdown_grace=args.shutdown_grace, log_level=args.log_level
+    )
     return 0
 
 
