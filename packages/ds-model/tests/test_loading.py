@@ -200,3 +200,31 @@ def test_parameter_counts_count_k_of_e_routed_experts():
     per_expert = 3 * c.hidden_size * c.moe_intermediate_size
     routed_off = per_expert * (c.n_routed_experts - c.num_experts_per_tok)
     assert total - active == routed_off + c.vocab_size * c.hidden_size  # + embedding table
+
+
+def test_fp8_linears_can_stay_fp8(tiny_dir):
+    quant = pytest.importorskip("ds_quant")
+    path, _ = tiny_dir
+    state = load_file(path / "model.safetensors")
+    for key in list(state):
+        if key.endswith("proj.weight") and state[key].dim() == 2:
+            state[key], state[key + "_scale_inv"] = quant.quantize_fp8_block(state[key], (16, 16))
+    save_file(state, path / "model.safetensors")
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [16, 16]}
+    (path / "config.json").write_text(json.dumps(config))
+    dequantized = ds_model.from_pretrained(path, dtype=torch.float32)
+    kept = ds_model.from_pretrained(path, dtype=torch.float32, keep_fp8=True)
+    attn = kept.model.layers[0].self_attn
+    assert isinstance(attn.kv_b_proj, quant.Fp8BlockLinear)
+    assert attn.kv_b_proj.weight.dtype == torch.float8_e4m3fn
+    torch.testing.assert_close(logits(kept), logits(dequantized), atol=1e-5, rtol=1e-5)
+    assert kept.generate([1, 2, 3], 4) == dequantized.generate([1, 2, 3], 4)
+
+
+def test_save_refuses_adapters_and_quantized_layers(tiny_dir, tmp_path):
+    quant = pytest.importorskip("ds_quant")
+    path, _ = tiny_dir
+    model = ds_model.from_pretrained(path, quantization=quant.Int8WeightOnlyConfig())
+    with pytest.raises(CheckpointError, match="merge adapters / dequantize"):
+        model.save_pretrained(tmp_path / "out")

@@ -142,8 +142,12 @@ def load_state(
     *,
     dtype: torch.dtype,
     device: torch.device | str,
+    keep_fp8: bool = False,
 ) -> list[str]:
-    """Fill a (meta) model from checkpoint files. Returns notes on skipped keys."""
+    """Fill a (meta) model from checkpoint files. Returns notes on skipped keys.
+
+    ``keep_fp8``: FP8 weights of linear layers stay FP8 as ds-quant ``Fp8BlockLinear``
+    modules (half the memory of bf16); routed experts are always dequantized."""
     config = model.config
     targets = _targets(model)
     block = tuple(
@@ -180,6 +184,12 @@ def load_state(
                 tensor = f.get_tensor(key)
                 scale_key = key.removesuffix("weight") + "weight_scale_inv"
                 if tensor.dtype == torch.float8_e4m3fn:
+                    if keep_fp8 and target.index is None and isinstance(target.module, nn.Linear):
+                        _keep_fp8(
+                            model, key, target, tensor, files, scale_key, block, dtype, device
+                        )
+                        filled.add(key)
+                        continue
                     tensor = _dequantize_fp8(key, tensor, files, scale_key, block, dtype)
                 if tuple(tensor.shape) != tuple(target.shape):
                     raise ShapeMismatchError(
@@ -248,14 +258,35 @@ def _load_fused_experts(model, match, tensor, dtype, device, filled: set[str]) -
         filled.update(f"{match.group(1)}.{e}.{n}.weight" for n in names)
 
 
-def _dequantize_fp8(key, tensor, files, scale_key, block, dtype) -> torch.Tensor:
-    from ds_quant import dequantize_fp8_block
+def _keep_fp8(model, key, target, tensor, files, scale_key, block, dtype, device) -> None:
+    """Swap the meta ``nn.Linear`` for ds-quant's FP8 block linear holding the weights."""
+    from ds_quant import Fp8BlockLinear
 
+    expected = tuple(target.shape)
+    if tuple(tensor.shape) != expected:
+        raise ShapeMismatchError(
+            f"checkpoint tensor {key!r} has shape {tuple(tensor.shape)} but the model "
+            f"expects {expected}"
+        )
+    if target.module.bias is not None:
+        raise CheckpointError(f"FP8 linear {key!r} with a bias is not supported")
+    scale = _read(files, scale_key, key)
+    layer = Fp8BlockLinear.from_fp8(tensor, scale, None, block_size=block, dtype=dtype)
+    parent_name, _, child = key.removesuffix(".weight").rpartition(".")
+    setattr(model.get_submodule(parent_name), child, layer.to(device))
+
+
+def _read(files, scale_key: str, key: str) -> torch.Tensor:
     if scale_key not in files:
         raise CheckpointError(f"FP8 tensor {key!r} has no {scale_key!r} in the checkpoint")
     with safe_open(files[scale_key], framework="pt") as f:
-        scale = f.get_tensor(scale_key)
-    return dequantize_fp8_block(tensor, scale, block_size=block, dtype=dtype)
+        return f.get_tensor(scale_key)
+
+
+def _dequantize_fp8(key, tensor, files, scale_key, block, dtype) -> torch.Tensor:
+    from ds_quant import dequantize_fp8_block
+
+    return dequantize_fp8_block(tensor, _read(files, scale_key, key), block_size=block, dtype=dtype)
 
 
 def from_pretrained(
@@ -266,6 +297,7 @@ def from_pretrained(
     quantization: Any = None,
     adapter: str | os.PathLike | None = None,
     tokenizer: bool = True,
+    keep_fp8: bool = False,
 ) -> DeepSeekForCausalLM:
     """Load a model from a local checkpoint directory (never the network).
 
@@ -277,7 +309,8 @@ def from_pretrained(
     checkpoints load as bfloat16. ``quantization``: a ds-quant config applied after
     loading with ``ds_quant.quantize_``. ``adapter``: a PEFT-format LoRA directory
     attached through ds-lora. ``tokenizer``: attach ``model.tokenizer`` when the
-    directory has tokenizer files.
+    directory has tokenizer files. ``keep_fp8``: FP8 checkpoints keep their linear
+    layers in FP8 (ds-quant ``Fp8BlockLinear``) instead of dequantizing at load.
     """
     path = Path(path)
     if not path.is_dir() and str(path) in PRESETS:
@@ -293,7 +326,7 @@ def from_pretrained(
     dtype = _torch_dtype(dtype) or _default_dtype(config)
     with torch.device("meta"):
         model = DeepSeekForCausalLM(config)
-    for note in load_state(model, files, dtype=dtype, device=device):
+    for note in load_state(model, files, dtype=dtype, device=device, keep_fp8=keep_fp8):
         warnings.warn(f"{path.name}: {note}", stacklevel=2)
     model.eval()
     if quantization is not None:
@@ -351,12 +384,14 @@ def _attach_adapter(model: nn.Module, adapter: Path) -> None:
 
 def export_state_dict(model: DeepSeekForCausalLM) -> dict[str, torch.Tensor]:
     """The checkpoint layout: per-expert keys, no tied LM head, contiguous unshared tensors."""
+    for name, module in model.named_modules():
+        if hasattr(module, "dequantize") or "lora" in type(module).__name__.lower():
+            raise CheckpointError(
+                f"cannot save module {name!r} ({type(module).__name__}): merge adapters / "
+                "dequantize before save_pretrained, which writes plain float checkpoints"
+            )
     out: dict[str, torch.Tensor] = {}
     for key, t in model.state_dict().items():
-        if "lora_" in key or key.endswith((".qweight", ".scales", ".zeros")):
-            raise CheckpointError(
-                f"cannot save {key!r}: merge adapters / dequantize before save_pretrained"
-            )
         if key == "lm_head.weight" and model.config.tie_word_embeddings:
             continue
         if key.endswith("mlp.experts.gate_up"):
