@@ -51,7 +51,7 @@ def _preimport() -> None:
     """Modules imported lazily on the first optimizer step (torch._dynamo, ~110 MiB of
     Python objects): transformers imports them at import time, ds-model on first use.
     Import them before the RSS baseline on both sides so peak memory is training's."""
-    import torch._dynamo  # noqa: F401
+    import torch._dynamo
     import torch.distributed.checkpoint.state_dict  # noqa: F401
 
 
