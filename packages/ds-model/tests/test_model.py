@@ -11,6 +11,7 @@ import torch
 from ds_model import ModelConfig, ModelRunner, StaticKVCache
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -270,3 +271,78 @@ def test_cuda_generation_and_runner_match_cpu():
     with torch.no_grad():
         expected = cpu(torch.tensor([prompt])).logits[0, -1]
     torch.testing.assert_close(logits[0].cpu(), expected, atol=1e-4, rtol=1e-4)
+
+
+class PagedRunnerMachine(RuleBasedStateMachine):
+    """Sequences arrive, prefill in chunks, decode, finish and give their blocks back;
+    reused blocks still hold a finished sequence's keys. Every step's logits must equal
+    a plain forward over each sequence so far."""
+
+    model = None
+
+    def __init__(self):
+        super().__init__()
+        if PagedRunnerMachine.model is None:
+            PagedRunnerMachine.model = tiny()
+        self.block_size = 2
+        self.runner = ModelRunner(self.model, num_blocks=12, block_size=self.block_size)
+        self.free = list(range(12))
+        self.seqs: dict[int, dict] = {}
+        self.next_id = 0
+
+    @precondition(lambda self: len(self.seqs) < 3)
+    @rule(data=st.data(), n=st.integers(1, 6))
+    def arrive(self, data, n):
+        need = -(-(n + 3) // self.block_size)  # the prompt plus up to 3 decoded tokens
+        if need > len(self.free):
+            return
+        picks = data.draw(st.permutations(self.free))[:need]
+        self.free = [b for b in self.free if b not in picks]
+        tokens = data.draw(st.lists(st.integers(0, 511), min_size=n, max_size=n))
+        self.seqs[self.next_id] = {"tokens": tokens, "done": 0, "blocks": picks, "decodes": 0}
+        self.next_id += 1
+
+    @precondition(lambda self: bool(self.seqs))
+    @rule(data=st.data())
+    def step(self, data):
+        ids = sorted(self.seqs)
+        chosen = data.draw(st.lists(st.sampled_from(ids), min_size=1, unique=True))
+        feed, starts, tables, fed = [], [], [], []
+        for i in chosen:
+            s = self.seqs[i]
+            if s["done"] == len(s["tokens"]):  # decode: append a token, at most 3 times
+                if s["decodes"] == 3:
+                    continue
+                s["tokens"].append(data.draw(st.integers(0, 511)))
+                s["decodes"] += 1
+            chunk = data.draw(st.integers(1, len(s["tokens"]) - s["done"]))
+            feed.append(s["tokens"][s["done"] : s["done"] + chunk])
+            starts.append(s["done"])
+            tables.append(s["blocks"])
+            fed.append(i)
+            s["done"] += chunk
+        if not feed:
+            return
+        logits = self.runner.step(feed, starts, tables)
+        for row, i in enumerate(fed):
+            s = self.seqs[i]
+            with torch.no_grad():
+                expected = self.model(torch.tensor([s["tokens"][: s["done"]]])).logits[0, -1]
+            torch.testing.assert_close(logits[row], expected, atol=1e-5, rtol=1e-5)
+
+    @precondition(lambda self: bool(self.seqs))
+    @rule(data=st.data())
+    def finish(self, data):
+        i = data.draw(st.sampled_from(sorted(self.seqs)))
+        self.free += self.seqs.pop(i)["blocks"]
+
+    @invariant()
+    def blocks_are_conserved(self):
+        used = [b for s in self.seqs.values() for b in s["blocks"]]
+        assert sorted(used + self.free) == list(range(12))
+
+
+PagedRunnerMachine.TestCase.settings = settings(
+    max_examples=25, stateful_step_count=12, suppress_health_check=[HealthCheck.too_slow]
+)
+test_paged_runner_state_machine = PagedRunnerMachine.TestCase
