@@ -71,6 +71,14 @@ def test_fsdp2_matches_one_process_and_resumes(runs) -> None:
     assert dist["fsdp_resumed"] == pytest.approx(dist["fsdp"], rel=REL)
 
 
+def test_fsdp2_with_lora_matches_one_process(runs) -> None:
+    dist, ref = runs
+    assert dist["fsdp_lora"] == pytest.approx(ref["lora"], rel=REL)
+    assert ref["lora"][-1] < ref["lora"][0]
+    # The sharded adapter is gathered into one PEFT-format file.
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(dist["fsdp_lora_files"])
+
+
 def test_tensor_parallel_matches_single_process_logits(runs) -> None:
     dist, ref = runs
     assert dist["real_mlp_mesh_dims"] == 2  # MLP projections tensor-parallel by default

@@ -154,6 +154,12 @@ def varied_texts(n: int = 24) -> list[str]:
     return [t + " and more" * (i % 4) for i, t in enumerate(make_texts(n))]
 
 
+def lora_config():
+    from ds_lora import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+
+
 def single_process_reference(out: Path) -> dict:
     """What the 2-rank runs must reproduce: one process, the same global batch of 4."""
     from ds_model.training import ByteTokenizer, Trainer
@@ -174,6 +180,7 @@ def single_process_reference(out: Path) -> dict:
         real_logits = real_lm()(ids).logits
         tiny_logits = tiny_lm()(ids).logits
     return {
+        "lora": run(per_device_train_batch_size=4, lora_config=lora_config()),
         "dp": run(per_device_train_batch_size=4),
         "accum": run(per_device_train_batch_size=2, gradient_accumulation_steps=2),
         "real_logits": real_logits.tolist(),
@@ -214,6 +221,15 @@ def distributed_worker(rank: int, world: int, port: int, out: str) -> None:
         results[name] = trainer.train(resume_from=resume).losses
 
     run("ddp", "ddp", per_device_train_batch_size=2)
+    run(
+        "fsdp_lora",
+        "fsdp",
+        per_device_train_batch_size=2,
+        lora_config=lora_config(),
+        save_final=True,
+    )
+    lora_ckpt = os.path.join(out, "fsdp_lora", "checkpoint-4")
+    results["fsdp_lora_files"] = sorted(os.listdir(lora_ckpt)) if rank == 0 else []
     run("ddp_accum", "ddp", per_device_train_batch_size=1, gradient_accumulation_steps=2)
     run("ddp_int4", "ddp", per_device_train_batch_size=2, compress_gradients=True)
     run("fsdp", "fsdp", per_device_train_batch_size=2, save_steps=2, save_total_limit=None)
