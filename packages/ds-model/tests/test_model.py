@@ -346,3 +346,20 @@ PagedRunnerMachine.TestCase.settings = settings(
     max_examples=25, stateful_step_count=12, suppress_health_check=[HealthCheck.too_slow]
 )
 test_paged_runner_state_machine = PagedRunnerMachine.TestCase
+
+
+def test_attention_backend_is_chosen_by_config():
+    ids = torch.randint(0, 512, (1, 9))
+    default = tiny()
+    reference = tiny(attention_backend="reference")
+    with torch.no_grad():
+        torch.testing.assert_close(reference(ids).logits, default(ids).logits, atol=1e-5, rtol=1e-5)
+    assert reference.generate([1, 2, 3], 6) == default.generate([1, 2, 3], 6)
+    runner = ModelRunner(reference, num_blocks=4, block_size=4)
+    with torch.no_grad():
+        expected = default(torch.tensor([[4, 5, 6]])).logits[0, -1]
+    torch.testing.assert_close(
+        runner.step([[4, 5, 6]], [0], [[1]])[0], expected, atol=1e-5, rtol=1e-5
+    )
+    with pytest.raises(ds_model.ConfigError, match="attention_backend='flash'"):
+        ModelConfig.from_preset("tiny", attention_backend="flash")

@@ -31,6 +31,7 @@ def attend(
     cu_seqlens: tuple[torch.Tensor, torch.Tensor] | None = None,
     window: tuple[int | None, int | None] | None = None,
     causal: bool = True,
+    backend: str | None = None,
 ) -> torch.Tensor:
     if mask is None:
         return ds_attention.attention(
@@ -41,6 +42,7 @@ def attend(
             window=window,
             cu_seqlens=cu_seqlens,
             softmax_scale=softmax_scale,
+            backend=backend,
         )
     # An explicit per-row mask (left padding, ragged runner batches): torch's SDPA with
     # a boolean mask, in (batch, heads, seqlen, dim) layout.

@@ -46,5 +46,6 @@ class Attention(nn.Module):
             mask=ctx.mask,
             cu_seqlens=ctx.cu_seqlens,
             window=ctx.window,
+            backend=ctx.backend,
         )
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))

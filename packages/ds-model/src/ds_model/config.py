@@ -32,6 +32,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "deepseek_v2", "deepseek_v3")
 ROPE_TYPES = ("default", "linear", "yarn")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
+ATTENTION_BACKENDS = ("sdpa", "triton", "reference")
 
 
 class ConfigError(ValueError):
@@ -118,6 +119,8 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     sliding_window: int | None = None
+    # ds-attention backend by name ("sdpa", "triton", "reference"); None: its default.
+    attention_backend: str | None = None
     # Multi-head Latent Attention (V2/V3)
     q_lora_rank: int | None = None
     kv_lora_rank: int | None = None
@@ -185,6 +188,11 @@ class ModelConfig:
             self._validate_moe()
         if self.sliding_window is not None:
             _positive_int("sliding_window", self.sliding_window)
+        if self.attention_backend not in (None, *ATTENTION_BACKENDS):
+            raise ConfigError(
+                f"attention_backend={self.attention_backend!r} is not one of "
+                f"{', '.join(ATTENTION_BACKENDS)} (or null for ds-attention's default)"
+            )
 
     def _validate_moe(self) -> None:
         for name in ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size"):
@@ -361,10 +369,12 @@ class ModelConfig:
             "deepseek_v3": "DeepseekV3ForCausalLM",
         }
         out["architectures"] = [architectures[self.model_type]]
+        for name in ("sliding_window", "attention_backend"):  # ours; omitted when unset
+            if out.get(name) is None:
+                out.pop(name, None)
         if self.is_mla:
             out.pop("head_dim")
             out.pop("mlp_bias")
-            out.pop("sliding_window")
             out["num_key_value_heads"] = self.num_attention_heads
         else:
             for name in (

@@ -28,3 +28,4 @@ class ForwardContext:
     window: tuple[int | None, int | None] | None = None
     cache: Any = None
     history: bool = False  # True when some key precedes the new tokens (decode)
+    backend: str | None = None  # ds-attention backend name; None: its default

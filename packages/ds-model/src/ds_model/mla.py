@@ -107,6 +107,7 @@ class MLAttention(nn.Module):
             mask=ctx.mask,
             cu_seqlens=ctx.cu_seqlens,
             window=ctx.window,
+            backend=ctx.backend,
         )
 
     def _absorbed(self, q_nope, q_pe, kv, ctx: ForwardContext) -> torch.Tensor:
@@ -120,7 +121,14 @@ class MLAttention(nn.Module):
         if t == 1 and ctx.mask is None and ctx.cu_seqlens is None and ctx.window is None:
             # One new token sees every cached key, so its heads can be the query rows of
             # a single-head, non-causal call: no grouped-query expansion (2x faster on CPU).
-            out = attend(q.view(b, h, 1, -1), k, v, softmax_scale=self.softmax_scale, causal=False)
+            out = attend(
+                q.view(b, h, 1, -1),
+                k,
+                v,
+                softmax_scale=self.softmax_scale,
+                causal=False,
+                backend=ctx.backend,
+            )
             return torch.matmul(out.view(b, 1, h, 1, -1), w_uv.transpose(1, 2)).squeeze(-2)
         out = attend(
             q,
@@ -130,5 +138,6 @@ class MLAttention(nn.Module):
             mask=ctx.mask,
             cu_seqlens=ctx.cu_seqlens,
             window=ctx.window,
+            backend=ctx.backend,
         )
         return torch.matmul(out.unsqueeze(-2), w_uv.transpose(1, 2)).squeeze(-2)  # (b, t, h, v)

@@ -104,6 +104,7 @@ class DeepSeekModel(nn.Module):
             window=_window(self.config),
             cache=cache,
             history=history,
+            backend=self.config.attention_backend,
         )
         h = self.embed_tokens(input_ids)
         for layer in self.layers:
