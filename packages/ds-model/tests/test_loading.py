@@ -228,3 +228,24 @@ def test_save_refuses_adapters_and_quantized_layers(tiny_dir, tmp_path):
     model = ds_model.from_pretrained(path, quantization=quant.Int8WeightOnlyConfig())
     with pytest.raises(CheckpointError, match="merge adapters / dequantize"):
         model.save_pretrained(tmp_path / "out")
+
+
+def test_quantization_by_name_and_named_adapters(tiny_dir, tmp_path):
+    quant = pytest.importorskip("ds_quant")
+    lora = pytest.importorskip("ds_lora")
+    path, _ = tiny_dir
+    int4 = ds_model.from_pretrained(path, quantization="int4")
+    assert isinstance(int4.model.layers[0].mlp.gate_proj, quant.Int4WeightOnlyLinear)
+    by_ds_quant_name = ds_model.from_pretrained(path, quantization="int8_weight_only")
+    assert isinstance(by_ds_quant_name.model.layers[0].mlp.gate_proj, quant.Int8WeightOnlyLinear)
+    with pytest.raises(ValueError, match="quantization='int3' is unknown"):
+        ds_model.from_pretrained(path, quantization="int3")
+    model = ds_model.from_pretrained(path)
+    lora.inject(model, lora.LoraConfig(r=2, lora_alpha=4, target_modules=["o_proj"]))
+    lora.save_adapter(model, tmp_path / "a")
+    base = ds_model.from_pretrained(path)
+    ds_model.load_adapter(base, tmp_path / "a", adapter_name="first")
+    ds_model.load_adapter(base, tmp_path / "a", adapter_name="second")
+    assert lora.adapter_names(base) == ["first", "second"]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ds_model.load_adapter(base, tmp_path / "missing")

@@ -10,6 +10,7 @@ from ds_model.loading import (
     CheckpointError,
     MissingShardError,
     ShapeMismatchError,
+    load_adapter,
     parameter_counts,
     save_pretrained,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "from_config",
     "from_pretrained",
     "generate",
+    "load_adapter",
     "load_tokenizer",
     "num_blocks_for_memory",
     "parameter_counts",

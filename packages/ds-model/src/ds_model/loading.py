@@ -40,6 +40,7 @@ __all__ = [
     "MissingShardError",
     "ShapeMismatchError",
     "from_pretrained",
+    "load_adapter",
     "load_state",
     "save_pretrained",
 ]
@@ -306,8 +307,9 @@ def from_pretrained(
 
     ``dtype``: the weights' dtype; ``None`` uses ``config.json``'s ``torch_dtype``
     (``dtype`` in transformers 5) when it names a float type, else float32; FP8
-    checkpoints load as bfloat16. ``quantization``: a ds-quant config applied after
-    loading with ``ds_quant.quantize_``. ``adapter``: a PEFT-format LoRA directory
+    checkpoints load as bfloat16. ``quantization``: a ds-quant config, a ds-quant config
+    name, or a short name (``"int8"``, ``"int4"``, ``"w8a8"``, ``"fp8"``), applied after
+    loading with ``ds_quant.quantize_`` to every linear layer but the LM head. ``adapter``: a PEFT-format LoRA directory
     attached through ds-lora. ``tokenizer``: attach ``model.tokenizer`` when the
     directory has tokenizer files. ``keep_fp8``: FP8 checkpoints keep their linear
     layers in FP8 (ds-quant ``Fp8BlockLinear``) instead of dequantizing at load.
@@ -354,29 +356,58 @@ def _default_dtype(config: ModelConfig) -> torch.dtype:
     return torch.float32
 
 
+# Short names for ``quantization=`` (what ds-serve's --quantization passes), beside
+# ds-quant's own config names (``"int4_weight_only"``...) and config objects.
+QUANTIZATION_NAMES = {
+    "int8": "int8_weight_only",
+    "int4": "int4_weight_only",
+    "w8a8": "int8_dynamic_activation_int8_weight",
+    "fp8": "fp8_block",
+}
+
+
+def _quant_config(config: Any) -> Any:
+    if not isinstance(config, str):
+        return config
+    import ds_quant
+
+    name = QUANTIZATION_NAMES.get(config, config)
+    try:
+        return ds_quant.config_from_dict({"name": name})
+    except KeyError:
+        raise ValueError(
+            f"quantization={config!r} is unknown; use one of {sorted(QUANTIZATION_NAMES)}, a "
+            "ds-quant config name, or a ds-quant config object"
+        ) from None
+
+
 def _quantize(model: nn.Module, config: Any) -> None:
     import ds_quant
 
-    quantize_ = getattr(ds_quant, "quantize_", None)
-    if quantize_ is None:
-        raise RuntimeError("the installed ds-quant has no quantize_(); upgrade ds-quant")
     # The LM head and router stay in full precision, as DeepSeek's own FP8 model keeps them.
-    quantize_(model, config, filter_fn=_quantizable)
+    ds_quant.quantize_(model, _quant_config(config), filter_fn=_quantizable)
 
 
 def _quantizable(module: nn.Module, name: str) -> bool:
     return isinstance(module, nn.Linear) and not name.endswith("lm_head")
 
 
-def _attach_adapter(model: nn.Module, adapter: Path) -> None:
+def load_adapter(
+    model: nn.Module, path: str | os.PathLike, adapter_name: str = "default"
+) -> nn.Module:
+    """Attach a PEFT-format LoRA adapter (``adapter_config.json`` +
+    ``adapter_model.safetensors``) under ``adapter_name``, through ds-lora. Several named
+    adapters can live on one model; ds-lora switches and mixes them."""
     import ds_lora
 
-    load = getattr(ds_lora, "load_adapter", None) or getattr(ds_lora, "from_pretrained", None)
-    if load is None:
-        raise RuntimeError("the installed ds-lora has no adapter loader; upgrade ds-lora")
-    if not adapter.is_dir():
-        raise FileNotFoundError(f"LoRA adapter directory {str(adapter)!r} does not exist")
-    load(model, adapter)
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"LoRA adapter directory {str(path)!r} does not exist")
+    return ds_lora.load_adapter(model, path, adapter_name=adapter_name)
+
+
+def _attach_adapter(model: nn.Module, adapter: Path) -> None:
+    load_adapter(model, adapter)
 
 
 # -- saving ----------------------------------------------------------------------------
