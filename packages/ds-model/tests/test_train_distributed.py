@@ -77,6 +77,7 @@ def test_fsdp2_with_lora_matches_one_process(runs) -> None:
     assert ref["lora"][-1] < ref["lora"][0]
     # The sharded adapter is gathered into one PEFT-format file.
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(dist["fsdp_lora_files"])
+    assert dist["fsdp_lora_export"] == ["adapter_config.json", "adapter_model.safetensors"]
 
 
 def test_tensor_parallel_matches_single_process_logits(runs) -> None:

@@ -219,6 +219,8 @@ def distributed_worker(rank: int, world: int, port: int, out: str) -> None:
             **{**DIST_OPTS, **kw},
         )
         results[name] = trainer.train(resume_from=resume).losses
+        if name == "fsdp_lora":  # export from the sharded model (a collective)
+            trainer.save_model(os.path.join(out, "fsdp_lora_export"))
 
     run("ddp", "ddp", per_device_train_batch_size=2)
     run(
@@ -230,6 +232,8 @@ def distributed_worker(rank: int, world: int, port: int, out: str) -> None:
     )
     lora_ckpt = os.path.join(out, "fsdp_lora", "checkpoint-4")
     results["fsdp_lora_files"] = sorted(os.listdir(lora_ckpt)) if rank == 0 else []
+    export = os.path.join(out, "fsdp_lora_export")
+    results["fsdp_lora_export"] = sorted(os.listdir(export)) if rank == 0 else []
     run("ddp_accum", "ddp", per_device_train_batch_size=1, gradient_accumulation_steps=2)
     run("ddp_int4", "ddp", per_device_train_batch_size=2, compress_gradients=True)
     run("fsdp", "fsdp", per_device_train_batch_size=2, save_steps=2, save_total_limit=None)

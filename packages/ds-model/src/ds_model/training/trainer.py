@@ -468,9 +468,34 @@ class Trainer:
 
     def save_model(self, path: str) -> None:
         """The trained weights: the adapter (PEFT format) for LoRA, else the model
-        through its own ``save_pretrained`` when it has one, else ``model.safetensors``."""
+        through its own ``save_pretrained`` when it has one, else ``model.safetensors``.
+        Under FSDP / 3d_parallel every rank must call it: the shards are gathered into
+        full tensors and rank 0 writes ``model.safetensors`` (+ ``config.json`` when the
+        model's config has ``to_hf_dict``) or the adapter."""
         if self.model is None:
             raise ValueError("save_model() needs a model: call train() first")
+        ctx = getattr(self, "_ctx", DistContext())
+        wrapped = getattr(self, "_wrapped", None)
+        if wrapped is not None and is_sharded(self.args.distributed_strategy, ctx):
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+            )
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            state = get_model_state_dict(wrapped, options=opts)
+            if ctx.is_main:
+                os.makedirs(path, exist_ok=True)
+                if self.lora_config is not None:
+                    save_adapter(self.model, path, state)
+                else:
+                    ckpt.save_weights(state, os.path.join(path, "model.safetensors"))
+                    to_dict = getattr(getattr(self.model, "config", None), "to_hf_dict", None)
+                    if callable(to_dict):
+                        with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+                            json.dump(to_dict(), f, indent=2)
+            ctx.barrier()
+            return
         os.makedirs(path, exist_ok=True)
         if self.lora_config is not None:
             save_adapter(self.model, path, None)
