@@ -249,3 +249,40 @@ def test_quantization_by_name_and_named_adapters(tiny_dir, tmp_path):
     assert lora.adapter_names(base) == ["first", "second"]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ds_model.load_adapter(base, tmp_path / "missing")
+
+
+def test_runner_serves_a_mixed_adapter_batch(tiny_dir, tmp_path):
+    lora = pytest.importorskip("ds_lora")
+    path, _ = tiny_dir
+    dirs = {}
+    for i, name in enumerate(("a", "b")):
+        model = ds_model.from_pretrained(path)
+        targets = ["q_b_proj", "o_proj", "gate_proj", "lm_head"]
+        lora.inject(model, lora.LoraConfig(r=2, lora_alpha=4, target_modules=targets))
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if "lora_B" in pname:
+                    p.normal_(0, 0.2, generator=torch.Generator().manual_seed(i))
+        lora.save_adapter(model, tmp_path / name)
+        dirs[name] = tmp_path / name
+    served = ds_model.from_pretrained(path)
+    for name, d in dirs.items():
+        ds_model.load_adapter(served, d, adapter_name=name)
+    runner = ds_model.ModelRunner(served, num_blocks=12, block_size=4)
+    prompts = [[1, 2, 3, 4, 5], [6, 7, 8], [9, 10, 11, 12]]
+    names = ["a", None, "b"]
+    logits = runner.step(prompts, [0, 0, 0], [[0, 1], [2], [3]], adapters=names)
+    decode = runner.step([[13], [14], [15]], [5, 3, 4], [[0, 1], [2], [3, 4]], adapters=names)
+    for row, name in enumerate(names):
+        alone = (
+            ds_model.from_pretrained(path, adapter=dirs[name])
+            if name
+            else ds_model.from_pretrained(path)
+        )
+        with torch.no_grad():
+            expected = alone(torch.tensor([prompts[row]])).logits[0, -1]
+            after = alone(torch.tensor([[*prompts[row], 13 + row]])).logits[0, -1]
+        torch.testing.assert_close(logits[row], expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(decode[row], after, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="one entry per sequence"):
+        runner.step([[1]], [0], [[5]], adapters=["a", "b"])

@@ -38,6 +38,8 @@ class Attention(nn.Module):
         k = apply_rotary(k, ctx.cos, ctx.sin, interleaved=False)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer_idx, [k, v])
+        if ctx.cu_seqlens is not None:  # packed tokens arrive as (tokens, 1, ...) rows
+            q = q.reshape(1, b * t, *q.shape[2:])
         out = attend(
             q,
             k,

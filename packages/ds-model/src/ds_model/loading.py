@@ -330,11 +330,11 @@ def from_pretrained(
         model = DeepSeekForCausalLM(config)
     for note in load_state(model, files, dtype=dtype, device=device, keep_fp8=keep_fp8):
         warnings.warn(f"{path.name}: {note}", stacklevel=2)
-    model.eval()
     if quantization is not None:
         _quantize(model, quantization)
     if adapter is not None:
         _attach_adapter(model, Path(adapter))
+    model.eval()  # last: layers swapped in above start in training mode (LoRA dropout)
     if tokenizer:
         from ds_model.tokenizer import Tokenizer
 
@@ -403,7 +403,10 @@ def load_adapter(
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"LoRA adapter directory {str(path)!r} does not exist")
-    return ds_lora.load_adapter(model, path, adapter_name=adapter_name)
+    training = model.training
+    ds_lora.load_adapter(model, path, adapter_name=adapter_name)
+    # New LoRA layers start in training mode; an eval model must not get dropout.
+    return model.train(training)
 
 
 def _attach_adapter(model: nn.Module, adapter: Path) -> None:

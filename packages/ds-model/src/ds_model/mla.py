@@ -77,6 +77,9 @@ class MLAttention(nn.Module):
         kv = torch.cat((self.kv_a_layernorm(latent), k_pe), dim=-1)
         if ctx.cache is not None:
             (kv,) = ctx.cache.update(self.layer_idx, [kv])
+        if ctx.cu_seqlens is not None:  # packed tokens arrive as (tokens, 1, ...) rows
+            q_nope = q_nope.reshape(1, b * t, *q_nope.shape[2:])
+            q_pe = q_pe.reshape(1, b * t, *q_pe.shape[2:])
         if self._absorb(ctx):
             out = self._absorbed(q_nope, q_pe, kv, ctx)
         else:

@@ -10,13 +10,15 @@ vLLM's scheduler and model runner do, so ds-model never imports ds-batching:
 - ``block_tables[s]``: the physical blocks holding the sequence, in order. Position
   ``p`` lives in slot ``block_tables[s][p // block_size] * block_size + p % block_size``.
 
-All new tokens are packed into one (1, N) batch, so every linear layer runs once per
-step; attention runs through ds-attention's varlen API (``cu_seqlens`` for the new
-tokens and for each sequence's gathered context).
+All new tokens are packed into one batch of N rows (one token each), so every linear
+layer runs once per step and LoRA can pick an adapter per row; attention runs through
+ds-attention's varlen API (``cu_seqlens`` for the new tokens and for each sequence's
+gathered context).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -95,9 +97,14 @@ class ModelRunner:
         token_ids: Sequence[Sequence[int]],
         positions: Sequence[int],
         block_tables: Sequence[Sequence[int]],
+        adapters: Sequence[str | None] | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        """Run one step; returns each sequence's last-position logits (num_seqs, vocab)."""
+        """Run one step; returns each sequence's last-position logits (num_seqs, vocab).
+
+        ``adapters``: per sequence, the name of a LoRA adapter loaded on the model (see
+        ``ds_model.load_adapter``) or ``None`` for the base model; a mixed batch runs in
+        one pass through ds-lora's ``adapter_batch``."""
         if kwargs:
             raise TypeError(f"step() got unexpected arguments: {', '.join(sorted(kwargs))}")
         n_seqs = len(token_ids)
@@ -127,18 +134,37 @@ class ModelRunner:
         cu_q = torch.tensor([0, *_cumsum(new_lens)], dtype=torch.int32, device=dev)
         cu_k = torch.tensor([0, *_cumsum(ctx_lens)], dtype=torch.int32, device=dev)
         writer = PagedWriter(self.cache, torch.cat(write), torch.cat(read))
-        ids = torch.tensor(flat_tokens, dtype=torch.long, device=dev)[None]
-        pos = torch.tensor(flat_pos, dtype=torch.long, device=dev)[None]
+        ids = torch.tensor(flat_tokens, dtype=torch.long, device=dev)[:, None]
+        pos = torch.tensor(flat_pos, dtype=torch.long, device=dev)[:, None]
+        token_rows, seq_rows = self._adapter_rows(adapters, new_lens)
         with torch.inference_mode():
-            hidden = self.model.model(
-                ids,
-                pos,
-                cu_seqlens=(cu_q, cu_k),
-                cache=writer,
-                history=any(p > 0 for p in positions),
+            with token_rows:
+                hidden = self.model.model(
+                    ids,
+                    pos,
+                    cu_seqlens=(cu_q, cu_k),
+                    cache=writer,
+                    history=any(p > 0 for p in positions),
+                )
+            last = hidden[cu_q[1:].long() - 1, 0]
+            with seq_rows:
+                return self.model.lm_head(last)
+
+    def _adapter_rows(self, adapters, new_lens: list[int]):
+        """Context managers giving each token row, then each sequence row, its adapter."""
+        if adapters is None:
+            return contextlib.nullcontext(), contextlib.nullcontext()
+        if len(adapters) != len(new_lens):
+            raise ValueError(
+                f"adapters must have one entry per sequence ({len(new_lens)}), got {len(adapters)}"
             )
-            last = hidden[0, cu_q[1:].long() - 1]
-            return self.model.lm_head(last)
+        import ds_lora
+
+        per_token = [name for name, n in zip(adapters, new_lens) for _ in range(n)]
+        return (
+            ds_lora.adapter_batch(self.model, per_token),
+            ds_lora.adapter_batch(self.model, list(adapters)),
+        )
 
     def _check(self, s: int, toks: Sequence[int], start: int, table: Sequence[int]) -> None:
         if len(toks) == 0:
