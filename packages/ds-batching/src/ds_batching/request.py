@@ -6,9 +6,12 @@ import enum
 import operator
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ds_batching.hashing import MAX_TOKEN_ID, BlockHash
+
+if TYPE_CHECKING:
+    from ds_batching.outputs import ScheduledRequest
 
 __all__ = ["FinishReason", "Request", "RequestStatus"]
 
@@ -80,6 +83,7 @@ class Request:
         "priority",
         "request_id",
         "sampling_params",
+        "scheduled_item",
         "seq_no",
         "status",
         "stop_set",
@@ -135,6 +139,9 @@ class Request:
         self.block_hashes: list[BlockHash] = []  # chain over full blocks of all_token_ids
         self.num_registered_blocks = 0  # leading blocks of block_table published in the cache
         self.seq_no = -1  # arrival order, set by the scheduler
+        # The ScheduledRequest handed out for this request, reused every step it runs;
+        # while table_snapshot is set, its block_table is table_snapshot.
+        self.scheduled_item: ScheduledRequest | None = None
         # Fixed by the scheduler at add(): what update() checks per token, precomputed.
         self.stop_set: frozenset[int] = frozenset()  # stop_token_ids + eos_token_id
         self.max_total_tokens = 0  # num_prompt_tokens + max_tokens

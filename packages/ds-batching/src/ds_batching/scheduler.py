@@ -27,6 +27,7 @@ import itertools
 import operator
 import sys
 from collections.abc import Mapping
+from operator import itemgetter as _itemgetter
 
 from ds_batching.block_manager import BlockManager
 from ds_batching.config import SchedulerConfig
@@ -69,8 +70,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}  # every waiting or running request
         self._seq = itertools.count()
-        # (requests, their ScheduledRequest, ids that must sample) of the step in flight
-        self._pending: tuple[list[Request], list[ScheduledRequest], set[str]] | None = None
+        # (requests, their ScheduledRequest, ids that sample, in order) of the step in flight
+        self._pending: tuple[list[Request], list[ScheduledRequest], list[str]] | None = None
         self._finished_since_schedule: list[str] = []
         self._aborted_since_update: list[FinishedRequest] = []
         self._aborted_in_flight = False  # an abort came between schedule() and update()
@@ -156,12 +157,38 @@ class Scheduler:
         threshold = cfg.long_prefill_threshold if cfg.enable_chunked_prefill else 0
         budget = cfg.max_num_batched_tokens
         running = self.running
-        reqs: list[Request] = []  # parallel to items
         items: list[ScheduledRequest] = []
+        sample_ids: list[str] = []  # request ids that sample, in batch order
         preempted: list[str] = []
-        new_item = ScheduledRequest
 
-        i = 0
+        # Fast path for steady decode: leading running requests that need exactly one
+        # token whose slot their table already holds. Nothing here can preempt, so the
+        # loop needs no index bookkeeping; the general loop below picks up where it stops.
+        add_item = items.append
+        add_sample_id = sample_ids.append
+        for req in running if len(running) <= budget else running[:budget]:
+            tokens = req.all_token_ids
+            start = req.num_computed_tokens
+            if len(tokens) != start + 1 or start >= len(req.block_table) * block_size:
+                break
+            req.num_computed_tokens = start + 1
+            item = req.scheduled_item
+            if item is None:  # first step of this request: the one object it will reuse
+                item = self._emit(req, start, start + 1)
+            else:
+                # Only what changes in a decode is written; the block table only when the
+                # table grew (item.block_table is req.table_snapshot while that is set).
+                item.token_ids = tokens[start:]
+                item.start_position = start
+                item.sample = True
+                if req.table_snapshot is None:
+                    item.block_table = req.table_snapshot = tuple(req.block_table)
+            add_item(item)
+            add_sample_id(req.request_id)
+        i = len(items)
+        budget -= i
+        reqs: list[Request] = running[:i]  # parallel to items
+
         while i < len(running) and budget > 0:
             req = running[i]
             tokens = req.all_token_ids
@@ -182,6 +209,8 @@ class Scheduler:
                     if victim_index < i:  # already scheduled this step: take it back
                         k = reqs.index(victim)
                         budget += len(items[k].token_ids)
+                        if items[k].sample:
+                            sample_ids.remove(victim.request_id)
                         del reqs[k], items[k]
                         i -= 1
                     self._preempt(victim)
@@ -192,27 +221,16 @@ class Scheduler:
                     continue  # req was preempted; running[i] is now the next request
                 bm.append_slot(table, end)
                 req.table_snapshot = None
-            snapshot = req.table_snapshot
-            if snapshot is None:
-                snapshot = req.table_snapshot = tuple(table)
-            req.num_computed_tokens = end
             reqs.append(req)
-            items.append(
-                new_item(
-                    req.request_id,
-                    tokens[start:end],
-                    start,
-                    snapshot,
-                    end == num_tokens,
-                    req.sampling_params,
-                    req.lora_name,
-                )
-            )
+            item = self._emit(req, start, end)
+            items.append(item)
+            if item.sample:
+                sample_ids.append(req.request_id)
             budget -= num_new
             i += 1
 
         if not preempted:
-            budget = self._admit_waiting(budget, reqs, items)
+            budget = self._admit_waiting(budget, reqs, items, sample_ids)
 
         self._num_steps += 1 if items else 0
         finished_ids = self._finished_since_schedule
@@ -225,7 +243,7 @@ class Scheduler:
             block_size=block_size,
         )
         if items:
-            self._pending = (reqs, list(items), {it.request_id for it in items if it.sample})
+            self._pending = (reqs, items.copy(), sample_ids)
         return output
 
     def update(self, sampled: Mapping[str, int]) -> list[FinishedRequest]:
@@ -239,42 +257,60 @@ class Scheduler:
             raise TypeError(
                 f"sampled must map request_id -> token id, got {type(sampled).__name__}"
             )
-        reqs, items, sample_ids = self._pending or ((), (), frozenset())
-        # Check everything before changing anything, so a bad call can be retried.
-        if sampled.keys() != sample_ids:
-            self._check_sampled_ids(sampled, reqs, items, sample_ids)
-        values = sampled.values()
-        if values and (
-            set(map(type, values)) != _INT_ONLY or min(values) < 0 or max(values) > MAX_TOKEN_ID
-        ):
-            for rid, token in sampled.items():
-                self._check_token(rid, token)
-        self._pending = None
+        reqs, items, sample_ids = self._pending or ((), (), ())
         skip_aborted = self._aborted_in_flight
+        # Check everything before changing anything, so a bad call can be retried.
+        # Common case: exactly the sample ids, fetched in batch order at C speed (the ids
+        # are unique, so equal counts and no missing id mean equal key sets).
+        in_order: tuple | None = None
+        if not skip_aborted and len(sampled) == len(sample_ids):
+            try:
+                in_order = (
+                    _itemgetter(*sample_ids)(sampled)
+                    if len(sample_ids) > 1
+                    else tuple(sampled[rid] for rid in sample_ids)
+                )
+            except KeyError:
+                pass
+        if in_order is None:
+            self._check_sampled_ids(sampled, reqs, items, set(sample_ids))
+        values = sampled.values()
+        if values:
+            all_int = set(map(type, values)) == _INT_ONLY
+            if not all_int or min(values) < 0 or max(values) > MAX_TOKEN_ID:
+                for rid, token in sampled.items():
+                    self._check_token(rid, token)
+                if not all_int and in_order is not None:  # e.g. numpy integers
+                    in_order = tuple(map(operator.index, in_order))
+        self._pending = None
         self._aborted_in_flight = False
         finished: list[FinishedRequest] = []
-        for req, item in zip(reqs, items):
-            if skip_aborted and req.status is not _RUNNING:
-                continue  # aborted after schedule()
-            if req.num_computed_tokens >= req.next_publish_at:
-                self._publish_full_blocks(req)
-            if not item.sample:
-                continue
-            token = sampled[item.request_id]
-            if type(token) is not int:  # e.g. a numpy integer: keep plain ints
-                token = operator.index(token)
-            tokens = req.all_token_ids
-            tokens.append(token)
-            if token in req.stop_set:
-                reason = FinishReason.STOP
-            elif len(tokens) >= req.max_total_tokens:
-                reason = FinishReason.LENGTH
-            else:
-                continue
-            del self.requests[req.request_id]
-            self._release_blocks(req)
-            self._finish(req, reason)
-            finished.append(self._finished_record(req))
+        finish = self._finish_sampled
+        publish = self._publish_full_blocks
+        if in_order is not None and len(in_order) == len(reqs):
+            # Every request in the step samples (steady decode): no per-item lookups.
+            for req, token in zip(reqs, in_order):
+                if req.num_computed_tokens >= req.next_publish_at:
+                    publish(req)
+                tokens = req.all_token_ids
+                tokens.append(token)
+                if token in req.stop_set or len(tokens) >= req.max_total_tokens:
+                    finished.append(finish(req, token))
+        else:
+            for req, item in zip(reqs, items):
+                if skip_aborted and req.status is not _RUNNING:
+                    continue  # aborted after schedule()
+                if req.num_computed_tokens >= req.next_publish_at:
+                    publish(req)
+                if not item.sample:
+                    continue
+                token = sampled[item.request_id]
+                if type(token) is not int:  # e.g. a numpy integer: keep plain ints
+                    token = operator.index(token)
+                tokens = req.all_token_ids
+                tokens.append(token)
+                if token in req.stop_set or len(tokens) >= req.max_total_tokens:
+                    finished.append(finish(req, token))
         if finished:
             self.running = [r for r in self.running if r.status is _RUNNING]
         if self._aborted_since_update:
@@ -303,23 +339,44 @@ class Scheduler:
 
     # ---- internals -----------------------------------------------------------------
 
-    def _emit(self, req: Request, start: int, end: int) -> ScheduledRequest:
+    @staticmethod
+    def _emit(req: Request, start: int, end: int) -> ScheduledRequest:
+        """Schedule ``req``'s tokens ``start:end`` in this step, as its ScheduledRequest.
+
+        Each request has one ``ScheduledRequest``, created at its first step and updated
+        in place afterwards (constructing ~256 objects per step was the largest part of
+        ``schedule()``); a ``SchedulerOutput`` is therefore valid until the next
+        ``schedule()``.
+        """
         snapshot = req.table_snapshot
         if snapshot is None:
             snapshot = req.table_snapshot = tuple(req.block_table)
         req.num_computed_tokens = end
-        return ScheduledRequest(
-            req.request_id,
-            req.all_token_ids[start:end],
-            start,
-            snapshot,
-            end == len(req.all_token_ids),
-            req.sampling_params,
-            req.lora_name,
-        )
+        tokens = req.all_token_ids
+        item = req.scheduled_item
+        if item is None:
+            item = req.scheduled_item = ScheduledRequest(
+                req.request_id,
+                tokens[start:end],
+                start,
+                snapshot,
+                end == len(tokens),
+                req.sampling_params,
+                req.lora_name,
+            )
+        else:
+            item.token_ids = tokens[start:end]
+            item.start_position = start
+            item.block_table = snapshot
+            item.sample = end == len(tokens)
+        return item
 
     def _admit_waiting(
-        self, budget: int, reqs: list[Request], items: list[ScheduledRequest]
+        self,
+        budget: int,
+        reqs: list[Request],
+        items: list[ScheduledRequest],
+        sample_ids: list[str],
     ) -> int:
         cfg = self.config
         bm = self.block_manager
@@ -368,7 +425,10 @@ class Scheduler:
             self._prefix_hits += num_cached
             running.append(req)
             reqs.append(req)
-            items.append(self._emit(req, num_cached, end))
+            item = self._emit(req, num_cached, end)
+            items.append(item)
+            if item.sample:
+                sample_ids.append(req.request_id)
             budget -= num_new
         return budget
 
@@ -408,6 +468,14 @@ class Scheduler:
             self.block_manager.cache_block(table[k], hashes[k])
         req.num_registered_blocks = num_full
         req.next_publish_at = (num_full + 1) * block_size
+
+    def _finish_sampled(self, req: Request, token: int) -> FinishedRequest:
+        """Finish ``req`` after it sampled its last token (EOS / stop id wins over length)."""
+        reason = FinishReason.STOP if token in req.stop_set else FinishReason.LENGTH
+        del self.requests[req.request_id]
+        self._release_blocks(req)
+        self._finish(req, reason)
+        return self._finished_record(req)
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
         req.status = _FINISHED
