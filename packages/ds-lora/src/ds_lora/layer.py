@@ -121,10 +121,12 @@ class LoraLinear(nn.Module):
         lora_a, lora_b = self.lora_A[name], self.lora_B[name]
         dropout = self.lora_dropout[name]
         scaling = self.scaling[name]
-        x_lora = x.to(lora_a.weight.dtype)
         if name not in self.lora_magnitude_vector:
-            delta = lora_delta(x_lora, lora_a.weight, lora_b.weight, scaling, dropout)
+            # x goes in as it is (no per-layer copy); lora_delta picks the compute dtype,
+            # autocast's under autocast, and saves x itself for the backward.
+            delta = lora_delta(x, lora_a.weight, lora_b.weight, scaling, dropout)
             return result + delta.to(result.dtype)
+        x_lora = x.to(lora_a.weight.dtype)
         weight = base_weight(self.base_layer).to(lora_a.weight.dtype)
         with torch.no_grad():
             norm = weight_row_norm(weight, lora_b.weight @ lora_a.weight, scaling)
