@@ -326,3 +326,78 @@ def test_stats_track_running_waiting_and_usage():
     assert (stats.num_running, stats.num_waiting, stats.num_steps) == (1, 1, 1)
     assert stats.kv_usage == 0.5
     assert stats.num_free_blocks + stats.num_cached_blocks == 2
+
+
+def test_a_running_request_reuses_its_scheduled_item_with_each_steps_values():
+    # One ScheduledRequest per request, updated in place: it must show this step's
+    # tokens, position, table and sample flag, never the previous step's.
+    sched = make(block_size=4, max_num_batched_tokens=2)
+    sched.add(Request("a", [1, 2, 3], max_tokens=5, sampling_params="p", lora_name="x"))
+    out1, _ = step(sched, token=7)  # chunk [1, 2]: no sample
+    item = out1.scheduled[0]
+    assert (item.token_ids, item.start_position, item.sample) == ([1, 2], 0, False)
+    first_table = item.block_table
+    out2, _ = step(sched, token=8)  # chunk [3]: samples 8
+    assert out2.scheduled[0] is item
+    assert (item.token_ids, item.start_position, item.sample) == ([3], 2, True)
+    assert item.block_table is first_table  # unchanged table: the same tuple, no copy
+    out3, _ = step(sched, token=9)  # decode of 8 at position 3: still block 0
+    assert out3.scheduled[0] is item and out3.token_ids == [[8]] and out3.positions == [3]
+    assert item.block_table is first_table and item.sample
+    out4, _ = step(sched, token=9)  # decode of 9 at position 4: a second block
+    assert out4.scheduled[0] is item and item.token_ids == [9] and item.start_position == 4
+    assert len(item.block_table) == 2 and item.block_table[0] == first_table[0]
+    assert item.block_table == tuple(sched.requests["a"].block_table)
+    assert first_table == item.block_table[:1]  # the old snapshot was never mutated
+    assert (item.sampling_params, item.lora_name) == ("p", "x")
+
+
+def test_update_with_a_wrong_id_in_place_of_a_right_one_changes_nothing():
+    sched = make()
+    sched.add(Request("a", [1, 2], max_tokens=3))
+    sched.add(Request("b", [3, 4], max_tokens=3))
+    sched.schedule()
+    with pytest.raises(UnknownRequestError, match="'b'"):
+        sched.update({"a": 1, "zzz": 1})  # right count, one wrong id
+    assert sched.requests["a"].all_token_ids == [1, 2]
+    assert sched.update({"a": 1, "b": 2}) == []
+    assert sched.requests["b"].all_token_ids == [3, 4, 2]
+
+
+class IntLike:
+    """An integer that is not an int (like numpy.int64): tokens must become plain ints."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __index__(self) -> int:
+        return self.value
+
+
+def test_update_stores_int_like_tokens_as_plain_ints_in_steady_decode():
+    sched = make()
+    sched.add(Request("a", [1, 2], max_tokens=4, eos_token_id=6))
+    sched.add(Request("b", [3, 4], max_tokens=4))
+    step(sched, token=5)
+    sched.schedule()  # both decode: the all-sample path
+    assert sched.update({"a": IntLike(6), "b": IntLike(7)})[0].output_token_ids == [5, 6]
+    tokens = sched.requests["b"].all_token_ids
+    assert tokens == [3, 4, 5, 7] and all(type(t) is int for t in tokens)
+
+
+def test_victim_already_scheduled_as_a_decode_is_taken_out_of_the_step():
+    # Priority policy: "x" (low priority) runs first and decodes without a new block,
+    # then "y" needs a block from an empty pool and x, already in the batch, is preempted.
+    sched = make(block_size=4, num_blocks=3, policy="priority")
+    sched.add(Request("x", [1, 2, 3, 4], max_tokens=8, priority=5))
+    step(sched)  # x prefilled: block 0 full
+    sched.add(Request("y", [5, 6, 7], max_tokens=8, priority=0))
+    step(sched)  # x decodes position 4 (block 1), y prefilled (block 2): pool full
+    step(sched)  # x position 5, y position 3: no new block
+    out = sched.schedule()  # x position 6 fits; y position 4 needs a block
+    assert out.preempted_request_ids == ["x"] and out.request_ids == ["y"]
+    assert out.sample_request_ids == ["y"] and out.num_scheduled_tokens == 1
+    with pytest.raises(UnknownRequestError, match="'x'"):
+        sched.update({"x": 1, "y": 1})
+    assert sched.update({"y": 1}) == []
+    assert sched.requests["x"].status is RequestStatus.PREEMPTED
