@@ -46,6 +46,11 @@ class MLAttention(nn.Module):
         self.softmax_scale = config.softmax_scale
         self.interleaved = config.interleaved_rope
         self.impl = "auto"
+        # Single-token decode without mask/window/packing skips ds-attention (its
+        # per-call validation costs more than the attention itself at decode sizes) and
+        # runs the absorbed attention as four batched matmuls; tested against the
+        # general path. Set False to route every call through ds-attention.
+        self.fast_decode = True
         hidden, bias = config.hidden_size, config.attention_bias
         if self.q_lora_rank is None:
             self.q_proj = nn.Linear(hidden, self.num_heads * self.qk_dim, bias=False)
@@ -116,6 +121,8 @@ class MLAttention(nn.Module):
     def _absorbed(self, q_nope, q_pe, kv, ctx: ForwardContext) -> torch.Tensor:
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, -1)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]
+        if self.fast_decode and _plain_decode(q_nope, ctx):
+            return self._decode_one(q_nope, q_pe, kv, w_uk, w_uv)
         q_latent = torch.matmul(q_nope.unsqueeze(-2), w_uk).squeeze(-2)  # (b, t, h, r)
         q = torch.cat((q_latent, q_pe), dim=-1)
         k = kv.unsqueeze(2)  # (batch, seqlen_k, 1, kv_lora_rank + rope_dim): MQA
@@ -144,3 +151,28 @@ class MLAttention(nn.Module):
             backend=ctx.backend,
         )
         return torch.matmul(out.unsqueeze(-2), w_uv.transpose(1, 2)).squeeze(-2)  # (b, t, h, v)
+
+    def _decode_one(self, q_nope, q_pe, kv, w_uk, w_uv) -> torch.Tensor:
+        """One new token per row attending to all ``s`` cached entries, in heads-major
+        batched matmuls. ``q_nope``: (b, 1, h, nope), ``q_pe``: (b, 1, h, rope),
+        ``kv``: (b, s, kv_lora_rank + rope) -> (b, 1, h, v_dim)."""
+        b, h = q_nope.shape[0], self.num_heads
+        # (h, b, nope) @ (h, nope, r) -> (h, b, r): the key half of kv_b_proj absorbed.
+        q_latent = torch.bmm(q_nope.view(b, h, -1).transpose(0, 1), w_uk)
+        q = torch.cat((q_latent.transpose(0, 1), q_pe.view(b, h, -1)), dim=-1)
+        scores = torch.bmm(q, kv.transpose(1, 2))  # (b, h, s)
+        probs = torch.softmax(scores * self.softmax_scale, dim=-1, dtype=torch.float32)
+        out = torch.bmm(probs.to(kv.dtype), kv[..., : self.kv_lora_rank])  # (b, h, r)
+        # (h, b, r) @ (h, r, v) -> (h, b, v): the value half of kv_b_proj absorbed.
+        out = torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2))
+        return out.transpose(0, 1).unsqueeze(1)
+
+
+def _plain_decode(q_nope: torch.Tensor, ctx: ForwardContext) -> bool:
+    return (
+        q_nope.shape[1] == 1
+        and ctx.mask is None
+        and ctx.cu_seqlens is None
+        and ctx.window is None
+        and ctx.backend is None
+    )
