@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from ds_batching import BlockManager, NoFreeBlocksError, hash_block_tokens
 from ds_batching.hashing import hash_full_blocks
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def chain(tokens, block_size=4, lora=None):
@@ -148,3 +150,36 @@ def test_bad_input_is_named():
         bm.allocate(2, [table[0]])
     with pytest.raises(ValueError, match="num_tokens"):
         bm.allocate(-1)
+
+
+def test_try_append_block_takes_one_block_or_changes_nothing():
+    bm = BlockManager(2, block_size=4)
+    table = bm.allocate(4)
+    assert bm.try_append_block(table) and len(table) == 2 and bm.ref_count(table[1]) == 1
+    assert bm.num_free_blocks == 0
+    assert not bm.try_append_block(table) and len(table) == 2
+    bm.free(table)
+    assert bm.num_free_blocks == 2
+
+
+@settings(max_examples=60)
+@given(
+    tokens=st.lists(st.integers(0, 2**63 - 1), max_size=40),
+    block_size=st.integers(1, 8),
+    lora=st.none() | st.text(max_size=4),
+    done=st.integers(0, 5),
+    limit=st.none() | st.integers(0, 45),
+)
+def test_hash_full_blocks_extends_the_chain_of_hash_block_tokens(
+    tokens, block_size, lora, done, limit
+):
+    # The inlined loop must give exactly the chain of the one-block reference.
+    end = len(tokens) if limit is None else min(limit, len(tokens))
+    expected, parent = [], None
+    for start in range(0, end - block_size + 1, block_size):
+        parent = hash_block_tokens(parent, tokens[start : start + block_size], lora)
+        expected.append(parent)
+    prefix = expected[: min(done, len(expected))]
+    chain = list(prefix)
+    assert hash_full_blocks(tokens, block_size, chain, lora, limit_tokens=limit) is chain
+    assert chain == expected

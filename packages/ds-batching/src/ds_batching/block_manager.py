@@ -205,6 +205,15 @@ class BlockManager:
         block_table.extend(new_ids)
         return new_ids
 
+    def try_append_block(self, block_table: list[int]) -> bool:
+        """Append one block to ``block_table`` if the pool has one (a decode crossing into a
+        new block, the common case of ``append_slot``); returns False, changing nothing,
+        when it has none."""
+        if not self._free and not self._evictable:
+            return False
+        block_table.append(self._take_block())
+        return True
+
     def free(self, block_ids: Iterable[int]) -> None:
         """Drop one reference to each block (a sequence's whole table, typically).
 

@@ -59,9 +59,18 @@ def hash_full_blocks(
     """
     end = len(token_ids) if limit_tokens is None else min(limit_tokens, len(token_ids))
     start = len(hashes) * block_size
-    parent = hashes[-1] if hashes else None
+    if start + block_size > end:
+        return hashes
+    # hash_block_tokens inlined (same bytes): this runs once per block per request, in
+    # the scheduler's update(), so the per-call lookups are hoisted out of the loop.
+    pack = _packer(block_size)
+    extra = _extra_bytes(extra_key)
+    blake2b = hashlib.blake2b
+    parent = hashes[-1] if hashes else _ROOT
     while start + block_size <= end:
-        parent = hash_block_tokens(parent, token_ids[start : start + block_size], extra_key)
+        parent = blake2b(
+            parent + pack(*token_ids[start : start + block_size]) + extra, digest_size=16
+        ).digest()
         hashes.append(parent)
         start += block_size
     return hashes

@@ -166,11 +166,19 @@ class Scheduler:
         # loop needs no index bookkeeping; the general loop below picks up where it stops.
         add_item = items.append
         add_sample_id = sample_ids.append
+        try_append_block = bm.try_append_block
         for req in running if len(running) <= budget else running[:budget]:
             tokens = req.all_token_ids
             start = req.num_computed_tokens
-            if len(tokens) != start + 1 or start >= len(req.block_table) * block_size:
+            if len(tokens) != start + 1:
                 break
+            table = req.block_table
+            if start >= len(table) * block_size:
+                # Position ``start`` opens a new block: take a free one, or leave the
+                # request (and any preemption) to the general loop.
+                if start > len(table) * block_size or not try_append_block(table):
+                    break
+                req.table_snapshot = None
             req.num_computed_tokens = start + 1
             item = req.scheduled_item
             if item is None:  # first step of this request: the one object it will reuse
@@ -182,7 +190,7 @@ class Scheduler:
                 item.start_position = start
                 item.sample = True
                 if req.table_snapshot is None:
-                    item.block_table = req.table_snapshot = tuple(req.block_table)
+                    item.block_table = req.table_snapshot = tuple(table)
             add_item(item)
             add_sample_id(req.request_id)
         i = len(items)
@@ -456,16 +464,19 @@ class Scheduler:
     def _publish_full_blocks(self, req: Request) -> None:
         block_size = self.config.block_size
         num_full = req.num_computed_tokens // block_size
-        hashes = hash_full_blocks(
-            req.all_token_ids,
-            block_size,
-            req.block_hashes,
-            req.lora_name,
-            limit_tokens=num_full * block_size,
-        )
+        hashes = req.block_hashes
+        if len(hashes) < num_full:
+            hash_full_blocks(
+                req.all_token_ids,
+                block_size,
+                hashes,
+                req.lora_name,
+                limit_tokens=num_full * block_size,
+            )
         table = req.block_table
+        cache_block = self.block_manager.cache_block
         for k in range(req.num_registered_blocks, num_full):
-            self.block_manager.cache_block(table[k], hashes[k])
+            cache_block(table[k], hashes[k])
         req.num_registered_blocks = num_full
         req.next_publish_at = (num_full + 1) * block_size
 
