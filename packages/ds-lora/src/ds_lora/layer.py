@@ -20,7 +20,13 @@ from ds_lora.config import LoraConfig
 from ds_lora.dora import DoraMagnitude, dora_delta, weight_row_norm
 from ds_lora.errors import AdapterNotFoundError, AdapterStateError, QuantizedMergeWarning
 from ds_lora.lora_fn import lora_delta
-from ds_lora.mixed import StackedAdapters, mixed_lora_delta, stack_adapters
+from ds_lora.mixed import (
+    RowPlan,
+    StackedAdapters,
+    mixed_lora_forward,
+    plan_rows,
+    stack_adapters,
+)
 
 
 class LoraLinear(nn.Module):
@@ -45,7 +51,8 @@ class LoraLinear(nn.Module):
         self._base_generation = 0
         self._row_index: torch.Tensor | None = None
         self._row_names: tuple[str, ...] = ()
-        self._stack_cache: tuple[tuple, StackedAdapters] | None = None
+        self._row_plan: RowPlan | None = None
+        self._stack_cache: tuple[tuple, StackedAdapters, list[torch.Tensor]] | None = None
 
     @property
     def adapter_names(self) -> list[str]:
@@ -145,56 +152,80 @@ class LoraLinear(nn.Module):
 
     # --- mixed-adapter batches -----------------------------------------------------------
 
-    def set_row_adapters(self, names: tuple[str, ...], row_index: torch.Tensor | None) -> None:
+    def set_row_adapters(
+        self,
+        names: tuple[str, ...],
+        row_index: torch.Tensor | None,
+        plan: RowPlan | None = None,
+    ) -> None:
         """Serve one batch with a different adapter per row.
 
         ``names``: the adapter vocabulary; ``row_index``: (batch,) int64, ``row_index[i]`` in
         ``[0, len(names)]`` picks ``names[row_index[i]]`` for row ``i`` and ``len(names)``
         means no adapter. Adapters of ``names`` absent from this layer act as no adapter here.
-        ``None`` switches back to the single active adapter.
+        ``None`` switches back to the single active adapter. ``plan``: the rows grouped by
+        adapter (``ds_lora.mixed.plan_rows``); ``adapter_batch`` builds it once for all
+        layers, and it is built here when not given.
         """
         if row_index is not None and self.merged_adapters:
             raise AdapterStateError(
                 f"cannot serve a mixed-adapter batch while {self.merged_adapters} are merged "
                 "into the base weight; unmerge first"
             )
+        if row_index is not None and plan is None:
+            plan = plan_rows(row_index, len(names))
         self._row_names = tuple(names)
         self._row_index = row_index
+        self._row_plan = plan if row_index is not None else None
+
+    def _stack_key(self) -> tuple[tuple, list[torch.Tensor]]:
+        """What the stacked adapters depend on, as a tuple of plain values (compared in C),
+        plus the tensors it names by ``id`` (the cache holds them, so no id is reused)."""
+        # This runs in every mixed forward of every layer, so it reads the parameter dicts
+        # directly instead of going through nn.Module.__getattr__.
+        names = self._row_names
+        a_modules = self.lora_A._modules
+        b_modules = self.lora_B._modules
+        magnitudes = self.lora_magnitude_vector._modules
+        key: list = [names, self._base_generation]
+        tensors: list[torch.Tensor] = []
+        for name in names:
+            a_module = a_modules.get(name)
+            if a_module is None:
+                continue
+            key += (name, self.scaling[name])
+            tensors += (a_module._parameters["weight"], b_modules[name]._parameters["weight"])
+            magnitude = magnitudes.get(name)
+            if magnitude is not None:
+                tensors.append(magnitude._parameters["weight"])
+                if not is_quantized(self.base_layer):
+                    tensors.append(self.base_layer.weight)
+        for t in tensors:
+            key += (id(t), t.data_ptr(), t._version)
+        return tuple(key), tensors
 
     def _stacked(self) -> StackedAdapters:
-        names = self._row_names
-        key_parts: list = [names, self._base_generation]
-        for name in names:
-            if name in self.lora_A:
-                tensors = [self.lora_A[name].weight, self.lora_B[name].weight]
-                if name in self.lora_magnitude_vector:
-                    tensors.append(self.lora_magnitude_vector[name].weight)
-                key_parts.append(name)
-                key_parts.append(self.scaling[name])
-                key_parts.extend((t.data_ptr(), t._version) for t in tensors)
-        if any(n in self.lora_magnitude_vector for n in names) and not is_quantized(
-            self.base_layer
-        ):
-            weight = self.base_layer.weight
-            key_parts.append((weight.data_ptr(), weight._version))
-        key = tuple(key_parts)
-        if self._stack_cache is not None and self._stack_cache[0] == key:
-            return self._stack_cache[1]
-        stacked = stack_adapters(self, names)
-        self._stack_cache = (key, stacked)
+        key, tensors = self._stack_key()
+        cache = self._stack_cache
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        stacked = stack_adapters(self, self._row_names)
+        self._stack_cache = (key, stacked, tensors)
         return stacked
 
     def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        row_index = self._row_index
-        if x.shape[0] != row_index.shape[0]:
+        plan = self._row_plan
+        if x.shape[0] != plan.row_index.shape[0]:
             raise ValueError(
-                f"mixed-adapter batch: {row_index.shape[0]} row adapters were given but this "
-                f"layer's input has {x.shape[0]} rows (x.shape={tuple(x.shape)}); give one "
+                f"mixed-adapter batch: {plan.row_index.shape[0]} row adapters were given but "
+                f"this layer's input has {x.shape[0]} rows (x.shape={tuple(x.shape)}); give one "
                 "adapter per leading row of the input"
             )
+        if plan.row_index.device != x.device:
+            plan = plan_rows(plan.row_index.to(x.device), len(self._row_names))
+            self._row_plan = plan
         bias = getattr(self.base_layer, "bias", None)
-        delta = mixed_lora_delta(x, result, self._stacked(), row_index.to(x.device), bias)
-        return result + delta.to(result.dtype)
+        return mixed_lora_forward(x, result, self._stacked(), plan, bias)
 
     # --- merging -------------------------------------------------------------------------
 

@@ -5,6 +5,16 @@ instead of one forward per adapter.
 Adapters of different rank are zero-padded to the largest rank (the zero rows and columns
 add nothing), and one all-zero slot at index ``n`` stands for "no adapter", so rows
 without an adapter need no masking.
+
+Two ways to compute the same delta, picked per layer call by ``mixed_lora_forward``:
+
+- gathered (Punica's BGMV): gather A and B once per row and run two ``bmm``. It
+  materializes ``rows × r × (in + out)`` weight values, which is cheap when each row has
+  many tokens or the batch is small.
+- grouped (Punica/S-LoRA's SGMV): a loop over the distinct adapters of the batch (never
+  over rows): each takes its rows with one ``index_select``, runs two plain matmuls and
+  adds its result back with ``index_add``. No weight is copied per row, which is what
+  packed ``(tokens, hidden)`` inputs (one row per token) and large batches need.
 """
 
 from __future__ import annotations
@@ -25,7 +35,8 @@ class StackedAdapters:
     """The adapters of one layer, stacked for gathering.
 
     ``a``: (n + 1, r_max, in_features); ``b_scaled``: (n + 1, out_features, r_max), already
-    multiplied by each adapter's scaling; ``dora_scale``: (n + 1, out_features), DoRA's
+    multiplied by each adapter's scaling (both are transposed views of contiguous
+    ``(n + 1, in, r_max)`` and ``(n + 1, r_max, out)`` storage); ``dora_scale``: (n + 1, out_features), DoRA's
     ``m / ||W + s B A||`` (1 for plain LoRA and for the empty slot), or ``None`` when no
     adapter in the stack uses DoRA. Slot ``n`` is all zeros: no adapter.
     """
@@ -43,8 +54,10 @@ def stack_adapters(layer: LoraLinear, names: tuple[str, ...]) -> StackedAdapters
     device = ref.device if ref is not None else torch.device("cpu")
     r_max = max((layer.lora_A[n].weight.shape[0] for n in present), default=1)
     n = len(names)
-    a = torch.zeros(n + 1, r_max, layer.in_features, dtype=dtype, device=device)
-    b = torch.zeros(n + 1, layer.out_features, r_max, dtype=dtype, device=device)
+    # Stored transposed, so that the matmuls read ``a.transpose(1, 2)`` (n + 1, in, r_max)
+    # and ``b.transpose(1, 2)`` (n + 1, r_max, out) contiguously.
+    a = torch.zeros(n + 1, layer.in_features, r_max, dtype=dtype, device=device).transpose(1, 2)
+    b = torch.zeros(n + 1, r_max, layer.out_features, dtype=dtype, device=device).transpose(1, 2)
     dora = None
     if any(name in layer.lora_magnitude_vector for name in present):
         dora = torch.ones(n + 1, layer.out_features, dtype=dtype, device=device)
@@ -64,6 +77,98 @@ def stack_adapters(layer: LoraLinear, names: tuple[str, ...]) -> StackedAdapters
                 norm = torch.linalg.vector_norm(weight + layer.scaling[name] * (wb @ wa), dim=1)
                 dora[slot] = layer.lora_magnitude_vector[name].weight / norm
     return StackedAdapters(a=a, b_scaled=b, dora_scale=dora)
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """How the rows of one mixed batch group by adapter, worked out once per batch (on the
+    host) and shared by every layer.
+
+    ``row_index``: (rows,) int64 slots, ``len(names)`` meaning no adapter;
+    ``groups``: for each distinct adapter slot present, ``(slot, rows)`` with ``rows`` an
+    int64 tensor of the row positions that use it (rows without an adapter are in no group);
+    ``max_group``: the size of the largest group (1 when every row has its own adapter).
+    """
+
+    row_index: torch.Tensor
+    groups: tuple[tuple[int, torch.Tensor], ...]
+    max_group: int
+
+
+def plan_rows(row_index: torch.Tensor, no_adapter_slot: int) -> RowPlan:
+    """Group ``row_index`` (rows,) by slot; ``no_adapter_slot`` rows join no group."""
+    slots = row_index.tolist()
+    members: dict[int, list[int]] = {}
+    for row, slot in enumerate(slots):
+        if slot != no_adapter_slot:
+            members.setdefault(slot, []).append(row)
+    groups = tuple(
+        (slot, torch.tensor(rows, dtype=torch.long, device=row_index.device))
+        for slot, rows in sorted(members.items())
+    )
+    return RowPlan(
+        row_index=row_index,
+        groups=groups,
+        max_group=max((len(r) for r in members.values()), default=0),
+    )
+
+
+# The gathered path copies rows × r_max × (in + out) weight values per layer call; above this
+# many (4 MiB of float32) and with rows sharing adapters, the grouped path moves less data.
+GATHER_LIMIT = 1 << 20
+
+
+def choose_strategy(x: torch.Tensor, stacked: StackedAdapters, plan: RowPlan) -> str:
+    """``"gathered"`` or ``"grouped"`` for this layer call (see the module docstring)."""
+    if stacked.dora_scale is not None or plan.max_group <= 1:
+        return "gathered"  # DoRA needs the per-row scale; one row per adapter: same copies
+    rows = x.shape[0]
+    r_max, in_features = stacked.a.shape[1:]
+    gathered = rows * r_max * (in_features + stacked.b_scaled.shape[1])
+    return "grouped" if gathered > GATHER_LIMIT else "gathered"
+
+
+def mixed_lora_forward(
+    x: torch.Tensor,
+    base_result: torch.Tensor,
+    stacked: StackedAdapters,
+    plan: RowPlan,
+    bias: torch.Tensor | None,
+    strategy: str | None = None,
+) -> torch.Tensor:
+    """``base_result`` plus each row's adapter delta: the output of a wrapped layer.
+
+    x: (rows, ..., in_features); base_result: (rows, ..., out_features), bias included;
+    returns base_result's shape and dtype. ``strategy``: ``"gathered"``, ``"grouped"`` or
+    ``None`` (``choose_strategy`` decides). Both give the same values up to float rounding.
+    """
+    if strategy is None:
+        strategy = choose_strategy(x, stacked, plan)
+    if strategy not in ("gathered", "grouped"):
+        raise ValueError(f"strategy={strategy!r}; expected 'gathered', 'grouped' or None")
+    if strategy == "grouped" and stacked.dora_scale is not None:
+        raise ValueError("strategy='grouped' does not apply DoRA's per-row scale; use 'gathered'")
+    rows = x.shape[0]
+    dtype = stacked.a.dtype
+    if strategy == "gathered":
+        if stacked.dora_scale is None and base_result.dtype == dtype:
+            # The second bmm adds into the base output in the same kernel (no extra pass).
+            a = stacked.a.index_select(0, plan.row_index)
+            b = stacked.b_scaled.index_select(0, plan.row_index)
+            hidden = torch.bmm(x.reshape(rows, -1, x.shape[-1]).to(dtype), a.transpose(1, 2))
+            base = base_result.reshape(rows, -1, base_result.shape[-1])
+            return torch.baddbmm(base, hidden, b.transpose(1, 2)).reshape(base_result.shape)
+        delta = mixed_lora_delta(x, base_result, stacked, plan.row_index, bias)
+        return base_result + delta.to(base_result.dtype)
+    out = base_result
+    flat_x = x.reshape(rows, -1, x.shape[-1])
+    for i, (slot, members) in enumerate(plan.groups):
+        picked = flat_x.index_select(0, members).to(dtype)  # (group rows, tokens, in)
+        delta = (picked @ stacked.a[slot].T) @ stacked.b_scaled[slot].T
+        delta = delta.reshape(members.shape[0], *base_result.shape[1:]).to(base_result.dtype)
+        # The first group copies the base output once; the rest add into that copy.
+        out = out.index_add(0, members, delta) if i == 0 else out.index_add_(0, members, delta)
+    return out
 
 
 def mixed_lora_delta(

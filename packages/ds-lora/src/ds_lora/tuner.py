@@ -13,6 +13,7 @@ from torch import nn
 from ds_lora.config import LoraConfig
 from ds_lora.errors import AdapterNotFoundError, AdapterStateError, TargetModulesError
 from ds_lora.layer import LoraLinear
+from ds_lora.mixed import plan_rows
 from ds_lora.modules_to_save import ModulesToSaveWrapper
 from ds_lora.targeting import find_modules_to_save, find_targets, iter_modules
 
@@ -288,9 +289,10 @@ def adapter_batch(model: nn.Module, row_adapters: Sequence[str | None]) -> Itera
     layers = [layer for _, layer in lora_layers(root)]
     device = next((p.device for p in root.parameters()), torch.device("cpu"))
     row_index = torch.tensor(slots, dtype=torch.long, device=device)
+    plan = plan_rows(row_index, len(vocabulary))  # once per batch, shared by every layer
     try:
         for layer in layers:
-            layer.set_row_adapters(vocabulary, row_index)
+            layer.set_row_adapters(vocabulary, row_index, plan)
         yield
     finally:
         for layer in layers:
