@@ -65,6 +65,18 @@ def test_bad_options_exit_with_usage(argv, capsys):
     assert info.value.code == 2
 
 
+def test_repeated_lora_names_are_refused(capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--lora", "a=/x", "--lora", "a=/y"])
+    assert info.value.code == 2
+    assert "repeated: ['a']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["int8", "int4", "w8a8", "fp8"])
+def test_every_quantization_ds_model_names_is_accepted(name):
+    assert parse_args(["--quantization", name]).quantization == name
+
+
 def test_missing_default_model_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DS_SERVE_DEFAULT_MODEL", raising=False)

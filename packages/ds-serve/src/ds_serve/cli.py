@@ -93,14 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="KV-cache budget, e.g. 512MiB (default: 25%% of free memory)",
     )
     parser.add_argument("--max-model-len", type=_positive, default=None)
-    parser.add_argument("--quantization", choices=["int8", "int4"], default=None)
+    parser.add_argument(
+        "--quantization",
+        choices=["int8", "int4", "w8a8", "fp8"],
+        default=None,
+        help="quantize the linear layers at load (through ds-model / ds-quant)",
+    )
     parser.add_argument(
         "--lora",
         type=parse_lora,
         action="append",
         default=[],
         metavar="NAME=PATH",
-        help="a PEFT adapter; repeatable",
+        help="a PEFT-format LoRA adapter served as model NAME; repeatable",
     )
     parser.add_argument(
         "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
@@ -119,7 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    names = [name for name, _ in args.lora]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        parser.error(f"--lora names must be unique; repeated: {repeated}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

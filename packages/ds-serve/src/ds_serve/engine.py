@@ -187,6 +187,12 @@ class Engine:
         """
         if self._loop is None:
             raise EngineClosed("the engine has not been started")
+        if adapter is not None and adapter not in self.adapters:
+            # Checked here, not in the loop: an unknown name there would fail the whole step.
+            raise ValueError(
+                f"adapter={adapter!r} is not loaded; loaded adapters: {list(self.adapters)} "
+                "(or None for the base model)"
+            )
         request_id = f"req-{next(self._ids)}"
         tracked = _Tracked(
             request_id=request_id,
@@ -296,9 +302,11 @@ class Engine:
             self._post(posts)
 
     def _step(self, batch: Any) -> None:
-        adapters = [s.lora_name for s in batch.scheduled]
-        # Only a batch that uses an adapter passes them, so a runner without LoRA works.
-        extra = {"adapters": adapters} if any(adapters) else {}
+        # With adapters loaded every step names each row's adapter (None: the base), even
+        # a batch of base requests only: left to itself ds-lora applies the last loaded
+        # adapter to everything. A server without adapters passes nothing, so any runner
+        # with the plain step(token_ids, positions, block_tables) works.
+        extra = {"adapters": [s.lora_name for s in batch.scheduled]} if self.adapters else {}
         logits = self.runner.step(batch.token_ids, batch.positions, batch.block_tables, **extra)
         rows = [i for i, s in enumerate(batch.scheduled) if s.sample]
         sampled: dict[str, int] = {}

@@ -3,12 +3,13 @@
 Loads the model with ds-model (optionally quantized, with LoRA adapters), sizes the
 paged KV pool from a memory budget, builds ds-batching's ``Scheduler`` and ds-model's
 ``ModelRunner`` over the same pool geometry, and wraps them in an ``Engine`` and an
-``App``.
+``App``. Quantization and adapters go through ds-model's API only
+(``from_pretrained(quantization=)``, ``load_adapter``, ``ModelRunner.step(adapters=)``):
+ds-serve declares ds-model and ds-batching and nothing else.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 from pathlib import Path
@@ -34,7 +35,7 @@ ENGINE_OPTIONS = {
     "kv_cache_memory": None,  # bytes; None: 25% of free memory, capped at 4 GiB
     "num_blocks": None,  # an explicit pool size wins over kv_cache_memory
     "max_model_len": None,  # None: the model's max_position_embeddings
-    "quantization": None,  # "int8" | "int4"
+    "quantization": None,  # "int8" | "int4" | "w8a8" | "fp8" | a ds-quant config object
     "lora": None,  # {adapter name: PEFT adapter directory}
     "dtype": "auto",
     "device": None,
@@ -42,7 +43,10 @@ ENGINE_OPTIONS = {
     "enable_chunked_prefill": True,
     "served_model_name": None,
 }
-QUANTIZATIONS = ("int8", "int4")
+# The short names ds-model's from_pretrained(quantization=) accepts (see docs/ds-model.md):
+# weight-only int8 / int4 (W4A16), int8 weights and dynamic int8 activations, and
+# DeepSeek's FP8 block quantization.
+QUANTIZATIONS = ("int8", "int4", "w8a8", "fp8")
 
 
 def _options(engine_options: dict[str, Any]) -> dict[str, Any]:
@@ -50,11 +54,36 @@ def _options(engine_options: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise TypeError(f"unknown engine options {unknown}; accepted: {sorted(ENGINE_OPTIONS)}")
     options = {**ENGINE_OPTIONS, **engine_options}
-    if options["quantization"] not in (None, *QUANTIZATIONS):
+    quantization = options["quantization"]
+    # A string must be one of the short names; anything else that is not None is taken to
+    # be a ds-quant config object and handed to ds-model as it is (ds-model checks it).
+    if isinstance(quantization, str) and quantization not in QUANTIZATIONS:
         raise ValueError(
-            f"quantization must be one of {QUANTIZATIONS} or None, got {options['quantization']!r}"
+            f"quantization must be one of {QUANTIZATIONS}, a ds-quant config object or None, "
+            f"got {quantization!r}"
         )
+    options["lora"] = _adapter_paths(options["lora"])
     return options
+
+
+def _adapter_paths(lora: Any) -> dict[str, Path]:
+    """``{name: directory}`` checked for what the HTTP side relies on: each name is a
+    non-empty string without whitespace (it is what a request puts in ``model``)."""
+    if lora is None:
+        return {}
+    if not isinstance(lora, dict):
+        raise TypeError(f"lora must be a dict {{adapter name: PEFT directory}}, got {lora!r}")
+    paths = {}
+    for name, path in lora.items():
+        if not isinstance(name, str) or not name or name != name.strip() or " " in name:
+            raise ValueError(
+                f"lora adapter name {name!r} is not allowed: use a non-empty name without "
+                "spaces (requests select the adapter with it in `model`)"
+            )
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"lora[{name!r}] must be a directory path, got {path!r}")
+        paths[name] = Path(path)
+    return paths
 
 
 def _default_kv_memory(device: torch.device) -> int:
@@ -65,38 +94,43 @@ def _default_kv_memory(device: torch.device) -> int:
     return min(free // 4, 4 << 30)
 
 
-def _load_model(path: Path, dtype, device: torch.device, quantization: str | None):
-    """The model through ds-model. Quantization is named ("int8" / "int4"), never a ds-quant
-    object: ds-serve reaches the leaves only through ds-model."""
+def _load_model(path: Path, dtype, device: torch.device, quantization: Any):
+    """The model through ds-model, quantized there (its ``quantization=`` takes the short
+    names and ds-quant config objects) before any adapter is attached, as QLoRA does."""
     import ds_model
 
-    if quantization is None:
-        return ds_model.from_pretrained(path, dtype=dtype, device=device)
-    try:
-        return ds_model.from_pretrained(path, dtype=dtype, device=device, quantization=quantization)
-    except (TypeError, ValueError, KeyError) as exc:
-        raise ValueError(
-            f"quantization={quantization!r}: the installed ds-model could not apply it by name "
-            f"({exc}); ds-serve needs ds_model.from_pretrained(quantization='int8'|'int4')"
-        ) from exc
+    return ds_model.from_pretrained(path, dtype=dtype, device=device, quantization=quantization)
 
 
-def _load_adapters(model, lora: dict[str, str | os.PathLike]) -> None:
+def _load_adapters(model, lora: dict[str, Path]) -> None:
     """Each PEFT-format adapter under its own name, through ds-model."""
-    if not lora:
-        return
     import ds_model
 
-    load = getattr(ds_model, "load_adapter", None)
-    if load is None:
-        raise ValueError(
-            f"--lora {sorted(lora)}: the installed ds-model has no load_adapter(model, path, "
-            "adapter_name=...), which ds-serve needs to load named adapters"
-        )
     for name, adapter_path in lora.items():
-        if not Path(adapter_path).is_dir():
+        if not adapter_path.is_dir():
             raise FileNotFoundError(f"--lora {name}={adapter_path}: no such adapter directory")
-        load(model, adapter_path, adapter_name=name)
+        try:
+            ds_model.load_adapter(model, adapter_path, adapter_name=name)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ValueError(
+                f"--lora {name}={adapter_path}: cannot load the adapter: {exc}"
+            ) from exc
+
+
+def _probe_adapters(runner, adapters: tuple[str, ...]) -> None:
+    """Run each adapter once in a mixed two-sequence step, so an adapter the runner cannot
+    serve is refused at start-up with its name rather than failing the engine loop (and
+    every request in flight) on the first request that selects it. The step writes two KV
+    slots of block 0 before any request exists; a request's blocks are always written
+    before they are read, so nothing stale is ever attended to."""
+    for name in adapters:
+        try:
+            runner.step([[0], [0]], [0, 0], [[0], [0]], adapters=[name, None])
+        except Exception as exc:
+            raise ValueError(
+                f"--lora {name}: ds-model's runner cannot serve this adapter in a mixed batch "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
 
 
 def build_engine(model_path: str | os.PathLike | None = None, **engine_options: Any) -> Engine:
@@ -115,8 +149,14 @@ def build_engine(model_path: str | os.PathLike | None = None, **engine_options: 
         raise FileNotFoundError(
             f"{path} has no tokenizer (tokenizer.json or tokenizer.model): a server needs one"
         )
-    adapters = tuple(options["lora"] or {})
-    _load_adapters(model, options["lora"] or {})
+    adapters = tuple(options["lora"])
+    model_name = options["served_model_name"] or path.resolve().name
+    if model_name in adapters:
+        raise ValueError(
+            f"lora adapter name {model_name!r} is the served model's own name; requests "
+            "could not tell them apart: rename the adapter or set served_model_name"
+        )
+    _load_adapters(model, options["lora"])
     config = model.config
     max_model_len = options["max_model_len"] or config.max_position_embeddings
     if max_model_len > config.max_position_embeddings:
@@ -132,12 +172,7 @@ def build_engine(model_path: str | os.PathLike | None = None, **engine_options: 
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory={budget} bytes is smaller than one KV block")
     runner = ds_model.ModelRunner(model, num_blocks=num_blocks, block_size=block_size)
-    if adapters and "adapters" not in inspect.signature(runner.step).parameters:
-        raise ValueError(
-            f"--lora {list(adapters)}: serving adapters needs ds-model's ModelRunner.step to "
-            "take adapters=[name or None per sequence] (a mixed-adapter batch through "
-            "ds-lora); the installed ds-model's step does not"
-        )
+    _probe_adapters(runner, adapters)
     scheduler = Scheduler(
         SchedulerConfig(
             max_num_seqs=options["max_num_seqs"],
@@ -162,7 +197,7 @@ def build_engine(model_path: str | os.PathLike | None = None, **engine_options: 
         scheduler=scheduler,
         runner=runner,
         tokenizer=tokenizer,
-        model_name=options["served_model_name"] or path.resolve().name,
+        model_name=model_name,
         adapters=adapters,
         max_model_len=max_model_len,
         vocab_size=min(config.vocab_size, tokenizer.vocab_size),
