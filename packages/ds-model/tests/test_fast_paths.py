@@ -88,3 +88,18 @@ def test_dense_expert_dispatch_equals_grouped(tokens, experts, k, seed):
         chosen = routed(x, weights, idx)
     torch.testing.assert_close(dense, grouped, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(chosen, grouped, atol=1e-6, rtol=1e-5)
+
+
+def test_prefill_with_zero_padded_values_equals_reference_backend():
+    # The default (SDPA) prefill pads v to d_qk so torch's fused CPU kernel runs; the
+    # reference backend gets the unpadded tensors.
+    config = ModelConfig.from_preset("tiny")
+    assert config.v_head_dim < config.qk_nope_head_dim + config.qk_rope_head_dim
+    model = ds_model.from_config(config, seed=2)
+    reference = ds_model.from_config(
+        ModelConfig.from_preset("tiny", attention_backend="reference"), seed=2
+    )
+    ids = torch.randint(0, config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        fast, slow = model(ids).logits, reference(ids).logits
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
