@@ -53,7 +53,7 @@ def test_lora_run_from_the_command_line(setup, tmp_path: Path, capsys) -> None:
         "--seq_len",
         "32",
         "--precision",
-        "fp32",
+        "bf16",
         "--eval_data",
         str(data),
         "--output",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import pytest
 import torch
 from ds_model import LoraConfig, Trainer
 from ds_model.training import ByteTokenizer
@@ -110,11 +109,6 @@ def test_qlora_trains_adapters_over_an_int4_base(tmp_path: Path) -> None:
     assert sum(result.losses[-5:]) / 5 < result.losses[0] - 0.2
 
 
-@pytest.mark.xfail(
-    raises=RuntimeError,
-    reason="ds-lora's fused LoRA autograd function runs its backward outside autocast with "
-    "bf16 activations and fp32 weights (dtype mismatch); needs custom_fwd/custom_bwd there",
-)
 def test_lora_under_bf16_autocast(tmp_path: Path) -> None:
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
     trainer = Trainer(
@@ -122,8 +116,13 @@ def test_lora_under_bf16_autocast(tmp_path: Path) -> None:
         train_dataset=S.make_texts(8),
         lora_config=lora,
         precision="bf16",
-        max_steps=2,
+        max_steps=20,
         output_dir=str(tmp_path),
-        **OPTS,
+        **{**OPTS, "learning_rate": 3e-2},
     )
-    assert len(trainer.train().losses) == 2
+    losses = trainer.train().losses
+    assert len(losses) == 20 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.1
+    # Adapters train in float32 under autocast; only the compute dtype is bf16.
+    adapters = [p for n, p in trainer.model.named_parameters() if "lora_" in n]
+    assert adapters and all(p.dtype == torch.float32 for p in adapters)
