@@ -5,7 +5,14 @@ import ds_lora
 import pytest
 import torch
 from ds_lora import LoraConfig, LoraLinear
-from ds_lora.mixed import mixed_lora_delta, mixed_lora_delta_reference, stack_adapters
+from ds_lora.mixed import (
+    choose_strategy,
+    mixed_lora_delta,
+    mixed_lora_delta_reference,
+    mixed_lora_forward,
+    plan_rows,
+    stack_adapters,
+)
 from ds_lora_testing import TinyModel, randomize_adapters
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -302,3 +309,72 @@ def test_mixed_batch_on_packed_tokens_picks_an_adapter_per_token(tokens, n, seed
         slot = int(slots[t])
         layer.active_adapter = names[slot] if slot < n else None
         torch.testing.assert_close(mixed[t : t + 1], layer(x[t : t + 1]), atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=25)
+@given(
+    rows=st.integers(1, 9),
+    tokens=st.sampled_from([(), (1,), (3,), (2, 2)]),
+    n=st.integers(1, 4),
+    seed=st.integers(0, 1000),
+)
+def test_gathered_and_grouped_paths_equal_the_row_loop(rows, tokens, n, seed):
+    """Both ways of computing a mixed batch (per-row gather, per-adapter groups) give the
+    row-by-row reference, for any grouping of rows, with and without a base bias."""
+    torch.manual_seed(seed)
+    layer = LoraLinear(nn.Linear(16, 12, bias=seed % 2 == 0))
+    names = (*(f"a{i}" for i in range(n)), "absent")
+    for i in range(n):
+        layer.add_adapter(f"a{i}", LoraConfig(r=1 + i, lora_dropout=0.0))
+    randomize_adapters(layer, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, *tokens, 16, generator=gen)
+    row_index = torch.randint(0, len(names) + 1, (rows,), generator=gen)
+    plan = plan_rows(row_index, len(names))
+    assert sorted(torch.cat([m for _, m in plan.groups] or [torch.empty(0)]).tolist()) == [
+        i for i in range(rows) if int(row_index[i]) != len(names)
+    ]
+    stacked = stack_adapters(layer, names)
+    with torch.no_grad():
+        base = layer.base_layer(x)
+        want = base + mixed_lora_delta_reference(x, base, stacked, row_index, layer.base_layer.bias)
+        for strategy in ("gathered", "grouped", None):
+            got = mixed_lora_forward(x, base, stacked, plan, layer.base_layer.bias, strategy)
+            assert got.shape == base.shape
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_strategy_choice_and_bad_strategy():
+    layer = LoraLinear(nn.Linear(64, 64))
+    layer.add_adapter("a", LoraConfig(r=8, lora_dropout=0.0))
+    layer.add_adapter("d", LoraConfig(r=8, lora_dropout=0.0, use_dora=True))
+    lora_only = stack_adapters(layer, ("a",))
+    with_dora = stack_adapters(layer, ("a", "d"))
+    many = torch.zeros(4096, 64)  # packed tokens sharing one adapter: gathering copies A, B
+    few = torch.zeros(4, 64)
+    assert choose_strategy(many, lora_only, plan_rows(torch.zeros(4096).long(), 1)) == "grouped"
+    assert choose_strategy(few, lora_only, plan_rows(torch.zeros(4).long(), 1)) == "gathered"
+    assert choose_strategy(many, with_dora, plan_rows(torch.zeros(4096).long(), 2)) == "gathered"
+    plan = plan_rows(torch.tensor([0, 1]), 2)
+    with pytest.raises(ValueError, match="strategy='loop'"):
+        mixed_lora_forward(few[:2], few[:2], lora_only, plan, None, "loop")
+    with pytest.raises(ValueError, match="DoRA"):
+        mixed_lora_forward(few[:2], few[:2], with_dora, plan, None, "grouped")
+
+
+def test_mixed_stack_is_rebuilt_after_an_optimizer_step():
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(8, 8))
+    layer.add_adapter("a", LoraConfig(r=2, lora_dropout=0.0))
+    randomize_adapters(layer, seed=3)
+    x = torch.randn(3, 8)
+    layer.set_row_adapters(("a",), torch.tensor([0, 0, 1]))
+    before = layer(x).detach()
+    with torch.no_grad():
+        layer.lora_B["a"].weight.add_(1.0)  # in place, as an optimizer step does
+    after = layer(x).detach()
+    layer.set_row_adapters((), None)
+    layer.active_adapter = "a"
+    torch.testing.assert_close(after[:2], layer(x[:2]).detach())
+    assert not torch.allclose(before[:2], after[:2])
+    torch.testing.assert_close(after[2], layer.base_layer(x[2]).detach())
