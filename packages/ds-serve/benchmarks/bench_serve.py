@@ -105,7 +105,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(path: Path, port: int, threads: int, device: str) -> subprocess.Popen:
+def start_server(
+    path: Path, port: int, threads: int, device: str, extra: tuple[str, ...] = ()
+) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     cmd = [
         sys.executable,
@@ -128,6 +130,7 @@ def start_server(path: Path, port: int, threads: int, device: str) -> subprocess
         device,
         "--log-level",
         "warning",
+        *extra,
     ]
     proc = subprocess.Popen(cmd, env=env)
     import httpx
@@ -143,8 +146,9 @@ def start_server(path: Path, port: int, threads: int, device: str) -> subprocess
     raise RuntimeError("ds-serve did not come up")
 
 
-async def one_request(client, url, prompt, max_tokens, stats):
+async def one_request(client, url, prompt, max_tokens, stats, model=None):
     body = {
+        **({"model": model} if model else {}),
         "prompt": prompt,
         "max_tokens": max_tokens,
         "temperature": 0,
@@ -169,7 +173,9 @@ async def one_request(client, url, prompt, max_tokens, stats):
                 stats["tokens"] += chunk["usage"]["completion_tokens"]
 
 
-async def run_level(url, prompt_list, clients, per_client, max_tokens):
+async def run_level(url, prompt_list, clients, per_client, max_tokens, models=(None,)):
+    """Output tokens/s, TTFTs and ITLs of ``clients`` concurrent streams, each sending
+    ``per_client`` requests; request ``k`` goes to ``models[k % len(models)]``."""
     import httpx
 
     stats = {"ttft": [], "itl": [], "tokens": 0}
@@ -178,8 +184,9 @@ async def run_level(url, prompt_list, clients, per_client, max_tokens):
 
         async def worker(c):
             for r in range(per_client):
-                prompt = prompt_list[(c * per_client + r) % len(prompt_list)]
-                await one_request(client, url, prompt, max_tokens, stats)
+                k = c * per_client + r
+                prompt = prompt_list[k % len(prompt_list)]
+                await one_request(client, url, prompt, max_tokens, stats, models[k % len(models)])
 
         start = time.perf_counter()
         await asyncio.gather(*(worker(c) for c in range(clients)))
