@@ -378,3 +378,24 @@ def test_mixed_stack_is_rebuilt_after_an_optimizer_step():
     torch.testing.assert_close(after[:2], layer(x[:2]).detach())
     assert not torch.allclose(before[:2], after[:2])
     torch.testing.assert_close(after[2], layer.base_layer(x[2]).detach())
+
+
+def test_rows_in_consecutive_slots_slice_the_stacks_and_match_the_gather():
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(16, 8))
+    names = tuple(f"a{i}" for i in range(4))
+    for i, name in enumerate(names):
+        layer.add_adapter(name, LoraConfig(r=1 + i, lora_dropout=0.0))
+    randomize_adapters(layer, seed=5)
+    stacked = stack_adapters(layer, names)
+    x = torch.randn(3, 2, 16)
+    base = layer.base_layer(x)
+    row_index = torch.tensor([1, 2, 3])
+    assert plan_rows(row_index, 4).slot_range == (1, 4)
+    assert plan_rows(torch.tensor([1, 3, 2]), 4).slot_range is None
+    with torch.no_grad():
+        sliced = mixed_lora_delta(x, base, stacked, row_index, None, (1, 4))
+        gathered = mixed_lora_delta(x, base, stacked, row_index, None)
+        want = mixed_lora_delta_reference(x, base, stacked, row_index, None)
+    torch.testing.assert_close(sliced, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gathered, want, atol=1e-5, rtol=1e-5)

@@ -87,12 +87,15 @@ class RowPlan:
     ``row_index``: (rows,) int64 slots, ``len(names)`` meaning no adapter;
     ``groups``: for each distinct adapter slot present, ``(slot, rows)`` with ``rows`` an
     int64 tensor of the row positions that use it (rows without an adapter are in no group);
-    ``max_group``: the size of the largest group (1 when every row has its own adapter).
+    ``max_group``: the size of the largest group (1 when every row has its own adapter);
+    ``slot_range``: ``(start, stop)`` when row ``i`` uses slot ``start + i`` (rows in slot
+    order, one per adapter), so the gathered path can slice the stacks instead of copying.
     """
 
     row_index: torch.Tensor
     groups: tuple[tuple[int, torch.Tensor], ...]
     max_group: int
+    slot_range: tuple[int, int] | None = None
 
 
 def plan_rows(row_index: torch.Tensor, no_adapter_slot: int) -> RowPlan:
@@ -106,10 +109,13 @@ def plan_rows(row_index: torch.Tensor, no_adapter_slot: int) -> RowPlan:
         (slot, torch.tensor(rows, dtype=torch.long, device=row_index.device))
         for slot, rows in sorted(members.items())
     )
+    start = slots[0] if slots else 0
+    consecutive = slots == list(range(start, start + len(slots)))
     return RowPlan(
         row_index=row_index,
         groups=groups,
         max_group=max((len(r) for r in members.values()), default=0),
+        slot_range=(start, start + len(slots)) if slots and consecutive else None,
     )
 
 
@@ -151,14 +157,7 @@ def mixed_lora_forward(
     rows = x.shape[0]
     dtype = stacked.a.dtype
     if strategy == "gathered":
-        if stacked.dora_scale is None and base_result.dtype == dtype:
-            # The second bmm adds into the base output in the same kernel (no extra pass).
-            a = stacked.a.index_select(0, plan.row_index)
-            b = stacked.b_scaled.index_select(0, plan.row_index)
-            hidden = torch.bmm(x.reshape(rows, -1, x.shape[-1]).to(dtype), a.transpose(1, 2))
-            base = base_result.reshape(rows, -1, base_result.shape[-1])
-            return torch.baddbmm(base, hidden, b.transpose(1, 2)).reshape(base_result.shape)
-        delta = mixed_lora_delta(x, base_result, stacked, plan.row_index, bias)
+        delta = mixed_lora_delta(x, base_result, stacked, plan.row_index, bias, plan.slot_range)
         return base_result + delta.to(base_result.dtype)
     out = base_result
     flat_x = x.reshape(rows, -1, x.shape[-1])
@@ -177,19 +176,25 @@ def mixed_lora_delta(
     stacked: StackedAdapters,
     row_index: torch.Tensor,
     bias: torch.Tensor | None,
+    slot_range: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """What the adapters add to the base output, row by row, in two gathered bmm's.
 
     x: (batch, ..., in_features); base_result: (batch, ..., out_features), the base layer's
     output (bias included); row_index: (batch,) int64 slots into ``stacked``; bias: the base
     layer's bias (out_features,) or ``None``. Returns (batch, ..., out_features) in the
-    adapters' dtype. No dropout: this is the serving path.
+    adapters' dtype. No dropout: this is the serving path. ``slot_range``: ``(start, stop)``
+    when ``row_index`` is ``arange(start, stop)``; the stacks are then sliced, not gathered.
     """
     batch = x.shape[0]
-    a = stacked.a.index_select(0, row_index)  # (batch, r_max, in)
-    b = stacked.b_scaled.index_select(0, row_index)  # (batch, out, r_max)
-    rows = x.reshape(batch, -1, x.shape[-1]).to(a.dtype)  # (batch, tokens, in)
-    delta = torch.bmm(torch.bmm(rows, a.transpose(1, 2)), b.transpose(1, 2))
+    a_t = stacked.a.transpose(1, 2)  # (n + 1, in, r_max), contiguous when stack_adapters made it
+    b_t = stacked.b_scaled.transpose(1, 2)  # (n + 1, r_max, out)
+    if slot_range is not None:
+        a_t, b_t = a_t[slice(*slot_range)], b_t[slice(*slot_range)]
+    else:
+        a_t, b_t = a_t.index_select(0, row_index), b_t.index_select(0, row_index)
+    rows = x.reshape(batch, -1, x.shape[-1]).to(a_t.dtype)  # (batch, tokens, in)
+    delta = torch.bmm(torch.bmm(rows, a_t), b_t)
     if stacked.dora_scale is not None:
         scale = stacked.dora_scale.index_select(0, row_index).unsqueeze(1)  # (batch, 1, out)
         base = base_result.reshape(batch, -1, base_result.shape[-1]).to(delta.dtype)
