@@ -36,6 +36,10 @@ class ScheduledRequest:
     sample: whether this step ends in a sampled token (a decode, or a prompt's last chunk);
         ``Scheduler.update`` expects exactly one token for each request with ``sample``.
     sampling_params / lora_name: carried untouched from the ``Request``.
+
+    The scheduler keeps one object per request and updates it in place at each step it
+    runs (it never mutates the list or tuple in a field; it assigns new ones), so an
+    item describes the latest ``schedule()``.
     """
 
     request_id: str
@@ -64,6 +68,10 @@ class SchedulerOutput:
         recomputed from position 0 (the runner must forget any state it keeps for them).
     finished_request_ids: requests that finished or were aborted since the previous
         ``schedule()``; the runner can drop their per-request state.
+
+    Valid until the next ``schedule()``, which updates the same ``ScheduledRequest``
+    objects in place; keep the columns (``token_ids``, ``block_tables``...) to hold on
+    to a step.
     """
 
     scheduled: list[ScheduledRequest] = field(default_factory=list)
