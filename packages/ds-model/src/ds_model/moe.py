@@ -32,9 +32,6 @@ __all__ = ["MoE", "RoutedExperts", "Router"]
 
 # At or below this many (token, expert) pairs, loop over pairs; above, group by expert.
 GATHER_MAX_PAIRS = 4
-# With at least as many pairs as experts and at most this many tokens, run all experts
-# densely (batched decode); larger batches (prefill) group tokens by expert.
-DENSE_MAX_TOKENS = 64
 
 
 class Router(nn.Module):
@@ -95,24 +92,9 @@ class RoutedExperts(nn.Module):
         self.down = nn.Parameter(torch.zeros(num_experts, hidden, intermediate))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        pairs = idx.numel()
-        if pairs <= GATHER_MAX_PAIRS:
+        if idx.numel() <= GATHER_MAX_PAIRS:
             return self._few(x, weights, idx)
-        if pairs >= self.num_experts and x.shape[0] <= DENSE_MAX_TOKENS:
-            return self._dense(x, weights, idx)
         return self._looped(x, weights, idx)
-
-    def _dense(self, x, weights, idx) -> torch.Tensor:
-        # A batched decode step hits most experts anyway: run every expert on every
-        # token in two batched matmuls and weight the results by a (tokens, experts)
-        # matrix that is zero off the top-k, instead of a Python loop over experts.
-        # Zero weights add exact zeros, so only the summation order differs.
-        dense_w = torch.zeros(x.shape[0], self.num_experts, dtype=x.dtype, device=x.device)
-        dense_w.scatter_(1, idx, weights.to(x.dtype))
-        h = torch.matmul(x, self.gate_up.transpose(1, 2))  # (experts, tokens, 2I)
-        gate, up = h.split(self.intermediate, dim=-1)
-        y = torch.bmm(F.silu(gate) * up, self.down.transpose(1, 2))  # (experts, tokens, hidden)
-        return (y * dense_w.t().unsqueeze(-1)).sum(dim=0)
 
     def _few(self, x, weights, idx) -> torch.Tensor:
         # A handful of (token, expert) pairs (decode): run each expert on views of the
