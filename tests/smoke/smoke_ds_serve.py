@@ -11,6 +11,8 @@ requires = {
 assert {"ds-model", "ds-batching", "msgspec", "starlette", "uvicorn"} <= requires, requires
 assert "site-packages" in ds_serve.__file__
 assert build_parser().parse_args([]).host == "127.0.0.1"
+for name in ("int8", "int4", "w8a8", "fp8"):  # the names ds-model's from_pretrained takes
+    assert build_parser().parse_args(["--quantization", name]).quantization == name
 entry = [
     e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "ds-serve"
 ]
