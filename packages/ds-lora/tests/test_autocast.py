@@ -118,3 +118,24 @@ def test_training_step_under_autocast_matches_unfused(dtype):
     assert all(not torch.equal(b, p) for b, (_, p) in zip(before, trainable))
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
         assert nn.functional.mse_loss(model(x).float(), target) < loss.detach()
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_dora_training_step_under_bf16_autocast(p):
+    torch.manual_seed(0)
+    model = _Block()
+    config = ds_lora.LoraConfig(r=4, lora_alpha=8, lora_dropout=p, use_dora=True)
+    ds_lora.inject(model, config, "default")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(4, 6, 32))
+    assert out.dtype == torch.bfloat16
+    out.float().square().mean().backward()
+    trainable = [(n, q) for n, q in model.named_parameters() if q.requires_grad]
+    assert {n.split(".")[1] for n, _ in trainable} == {
+        "lora_A",
+        "lora_B",
+        "lora_magnitude_vector",
+    }
+    for name, param in trainable:
+        assert param.grad is not None and param.grad.dtype == torch.float32, name
+        assert torch.isfinite(param.grad).all(), name
