@@ -68,6 +68,7 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a saved model is for others to read
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -1,0 +1,83 @@
+"""Step 4 of the ds-tiny-coder recipe: turn the last training checkpoint into the
+shipped model, and measure it.
+
+    uv run python models/ds-tiny-coder/recipe/export.py \
+        --init build/ds-tiny-coder/init --checkpoint build/ds-tiny-coder/run/checkpoint-600
+
+writes bfloat16 weights (the repo budget is 25 MB), config.json and the tokenizer into
+models/ds-tiny-coder/, a held-out sample (heldout-sample.jsonl) that the test suite
+scores, and prints the held-out loss of the exported weights on that sample (the loss
+on the whole held-out split is the trainer's eval_loss in metrics.jsonl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+from pathlib import Path
+
+import ds_model
+import torch
+from safetensors.torch import load_file
+
+MODEL_DIR = Path(__file__).resolve().parents[1]
+SAMPLE_FILES = 4  # held-out files shipped for the regression test
+
+
+@torch.inference_mode()
+def heldout_loss(model, tokenizer, texts: list[str], seq_len: int = 256) -> tuple[float, int]:
+    """Mean next-token loss (nats) over the texts, each tokenized with BOS and cut into
+    non-overlapping windows of seq_len tokens, as training saw them."""
+    total, count = 0.0, 0
+    for text in texts:
+        ids = tokenizer.encode(text)
+        for start in range(0, len(ids) - 1, seq_len):
+            window = torch.tensor([ids[start : start + seq_len + 1]])
+            if window.shape[1] < 2:
+                continue
+            out = model(window[:, :-1])
+            logits = out.logits.float()
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), window[0, 1:], reduction="sum"
+            )
+            total += loss.item()
+            count += window.shape[1] - 1
+    return total / count, count
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--init", type=Path, default=Path("build/ds-tiny-coder/init"))
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--heldout", type=Path, default=Path("build/ds-tiny-coder/heldout.jsonl"))
+    parser.add_argument("--out", type=Path, default=MODEL_DIR)
+    args = parser.parse_args(argv)
+
+    model = ds_model.from_pretrained(args.init, dtype=torch.float32)
+    model.load_state_dict(load_file(args.checkpoint / "model.safetensors"))
+    ds_model.save_pretrained(model.to(torch.bfloat16), args.out)
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        if (args.init / name).resolve() != (args.out / name).resolve():
+            shutil.copyfile(args.init / name, args.out / name)
+
+    records = [json.loads(line) for line in args.heldout.read_text().splitlines() if line]
+    sample = [r for r in records if 4_000 <= len(r["text"]) <= 12_000][:SAMPLE_FILES]
+    sample_path = args.out / "heldout-sample.jsonl"
+    sample_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sample))
+
+    shipped = ds_model.from_pretrained(args.out, dtype=torch.float32)
+    tokenizer = ds_model.load_tokenizer(args.out)
+    for name, texts in (
+        ("sample", [r["text"] for r in sample]),
+        ("heldout", [r["text"] for r in records]),
+    ):
+        loss, tokens = heldout_loss(shipped, tokenizer, texts)
+        print(
+            f"{name}: {tokens} tokens, loss {loss:.4f} nats/token, perplexity {math.exp(loss):.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
