@@ -6,8 +6,8 @@ shipped model, and measure it.
 
 writes bfloat16 weights (the repo budget is 25 MB), config.json and the tokenizer into
 models/ds-tiny-coder/, a held-out sample (heldout-sample.jsonl) that the test suite
-scores, and prints the held-out loss of the exported weights on that sample (the loss
-on the whole held-out split is the trainer's eval_loss in metrics.jsonl).
+scores, and prints the held-out loss of the exported weights on that sample and on the
+whole held-out split.
 """
 
 from __future__ import annotations
@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"{name}: {tokens} tokens, loss {loss:.4f} nats/token, perplexity {math.exp(loss):.2f}"
         )
+    for path in args.out.iterdir():
+        if path.is_file():
+            path.chmod(0o644)  # copies of files written by mkstemp would stay 0600
 
 
 if __name__ == "__main__":
