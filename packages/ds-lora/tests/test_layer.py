@@ -198,16 +198,7 @@ def test_mixed_batch_equals_each_row_alone(case):
     randomize_adapters(model, seed=7)
     model.eval()
     x = _inputs(model, batch=len(rows), seq=3, seed=1)
-    with ds_lora.adapter_batch(model, rows):
-        mixed = model(x)
-    for i, name in enumerate(rows):
-        if name is None:
-            with ds_lora.disable_adapters(model):
-                alone = model(x[i : i + 1])
-        else:
-            ds_lora.set_adapter(model, name)
-            alone = model(x[i : i + 1])
-        torch.testing.assert_close(mixed[i : i + 1], alone, atol=2e-5, rtol=1e-5)
+    assert_mixed_equals_alone(model, x, rows, atol=2e-5, rtol=1e-5)
     # Leaving the block restores the single active adapter.
     ds_lora.set_adapter(model, "a0")
     with torch.no_grad():
@@ -269,16 +260,7 @@ def test_cuda_mixed_batch_and_merge(dtype):
     rows = ["a0", "a1", None, "a2", "a3", "a0"]
     tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 5e-2, "rtol": 5e-2}
     with torch.no_grad():
-        with ds_lora.adapter_batch(model, rows):
-            mixed = model(x)
-        for i, name in enumerate(rows):
-            if name is None:
-                with ds_lora.disable_adapters(model):
-                    alone = model(x[i : i + 1])
-            else:
-                ds_lora.set_adapter(model, name)
-                alone = model(x[i : i + 1])
-            torch.testing.assert_close(mixed[i : i + 1], alone, **tol)
+        assert_mixed_equals_alone(model, x, rows, **tol)
         ds_lora.set_adapter(model, "a1")
         unmerged = model(x)
         ds_lora.merge_adapter(model)
@@ -399,3 +381,17 @@ def test_rows_in_consecutive_slots_slice_the_stacks_and_match_the_gather():
         want = mixed_lora_delta_reference(x, base, stacked, row_index, None)
     torch.testing.assert_close(sliced, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gathered, want, atol=1e-5, rtol=1e-5)
+
+
+def assert_mixed_equals_alone(model, x, rows, **tol):
+    """A mixed-adapter batch gives each row what that row gives alone with its adapter."""
+    with ds_lora.adapter_batch(model, rows):
+        mixed = model(x)
+    for i, name in enumerate(rows):
+        if name is None:
+            with ds_lora.disable_adapters(model):
+                alone = model(x[i : i + 1])
+        else:
+            ds_lora.set_adapter(model, name)
+            alone = model(x[i : i + 1])
+        torch.testing.assert_close(mixed[i : i + 1], alone, **tol)
