@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 
 import ds_model
 import pytest
@@ -177,3 +178,21 @@ def test_cli_info_and_generate(checkpoint, capsys):
     assert main(["generate", str(checkpoint), "hi", "--chat", "--max-new-tokens", "2"]) == 0
     assert main(["info", "/no/such/dir"]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_cli_without_path_uses_the_built_in_model(checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("DS_DEFAULT_MODEL", raising=False)
+    repo = tmp_path / "repo"
+    shutil.copytree(checkpoint, repo / "models" / "ds-tiny-coder")
+    (repo / "src").mkdir()
+    monkeypatch.chdir(repo / "src")  # found from a folder inside the repository, as README says
+    assert main(["generate", "def add(a, b):", "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    assert out == ds_model.from_pretrained(checkpoint).generate("def add(a, b):", 6) + "\n"
+    assert main(["info", "--json"]) == 0
+    built_in = ds_model.ModelConfig.from_file(checkpoint)
+    assert json.loads(capsys.readouterr().out)["model_type"] == built_in.model_type
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "def add(a, b):"]) == 2
+    err = capsys.readouterr().err
+    assert "models/ds-tiny-coder" in err and "DS_DEFAULT_MODEL" in err

@@ -83,3 +83,14 @@ def test_missing_default_model_is_a_clear_error(tmp_path, monkeypatch, capsys):
     assert main([]) == 2
     err = capsys.readouterr().err
     assert "models/ds-tiny-coder" in err and str(tmp_path) in err
+
+
+def test_default_model_override_is_ds_serve_s_own_variable(tmp_path, monkeypatch):
+    from ds_serve.default_model import find_default_model
+
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.setenv("DS_SERVE_DEFAULT_MODEL", str(tmp_path))
+    assert find_default_model("/") == tmp_path
+    monkeypatch.setenv("DS_SERVE_DEFAULT_MODEL", str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match=r"DS_SERVE_DEFAULT_MODEL='.*nope'"):
+        find_default_model("/")

@@ -5,6 +5,7 @@ from ds_lora import LoraConfig
 from ds_model.auto import AutoModel, from_config, from_pretrained
 from ds_model.cache import PagedKVCache, StaticKVCache
 from ds_model.config import PRESETS, SUPPORTED_MODEL_TYPES, ConfigError, ModelConfig, RopeScaling
+from ds_model.default_model import DefaultModelNotFound, find_default_model
 from ds_model.generation import SamplingParams, generate, stream
 from ds_model.loading import (
     CheckpointError,
@@ -38,6 +39,7 @@ __all__ = [
     "ConfigError",
     "DPOTrainer",
     "DeepSeekForCausalLM",
+    "DefaultModelNotFound",
     "DistillationTrainer",
     "LoraConfig",
     "MissingShardError",
@@ -55,6 +57,7 @@ __all__ = [
     "Trainer",
     "TrainingConfig",
     "__version__",
+    "find_default_model",
     "from_config",
     "from_pretrained",
     "generate",

@@ -1,4 +1,8 @@
-"""``ds-model generate PATH "prompt"`` and ``ds-model info PATH``."""
+"""``ds-model generate [PATH] "prompt"`` and ``ds-model info [PATH]``.
+
+Without PATH, both use the project's built-in model (``models/ds-tiny-coder``, found
+from the current directory upward; see ``ds_model.default_model``).
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ds-model", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate text from a prompt")
-    gen.add_argument("path", help="a local checkpoint directory (or a preset name)")
+    gen.add_argument(
+        "path",
+        nargs="?",
+        default=None,
+        help="a local checkpoint directory (default: the built-in models/ds-tiny-coder)",
+    )
     gen.add_argument("prompt")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
@@ -28,7 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default=None, help="e.g. float32, bfloat16")
     gen.add_argument("--device", default="cpu")
     info = sub.add_parser("info", help="parameters, active parameters, KV bytes per token")
-    info.add_argument("path")
+    info.add_argument(
+        "path",
+        nargs="?",
+        default=None,
+        help="a checkpoint directory or preset name (default: the built-in model)",
+    )
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
@@ -101,6 +115,10 @@ def _generate(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.path is None:
+            from ds_model.default_model import find_default_model
+
+            args.path = str(find_default_model())
         if args.command == "info":
             return _info(args.path, args.json)
         return _generate(args)

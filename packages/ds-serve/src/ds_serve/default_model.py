@@ -1,48 +1,22 @@
 """Where ``ds-serve`` with no MODEL_PATH finds the project's built-in model.
 
-The rule: starting at the current directory and walking up to the filesystem root,
-the first ``models/ds-tiny-coder`` directory that holds a ``config.json`` is served.
-So ``uv run ds-serve`` works from the repository root and from any folder inside it.
-The ``DS_SERVE_DEFAULT_MODEL`` environment variable, when set, names the directory
-directly and wins over the search.
+The search rule lives in ds-model (``ds_model.default_model``), so that
+``ds-model generate`` and ``ds-serve`` agree; ds-serve's override variable is
+``DS_SERVE_DEFAULT_MODEL``.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-__all__ = ["DEFAULT_MODEL_DIR", "DefaultModelNotFound", "find_default_model"]
+from ds_model.default_model import DEFAULT_MODEL_DIR, DefaultModelNotFound
+from ds_model.default_model import find_default_model as _find_default_model
 
-DEFAULT_MODEL_DIR = Path("models") / "ds-tiny-coder"
+__all__ = ["DEFAULT_MODEL_DIR", "ENV_VAR", "DefaultModelNotFound", "find_default_model"]
+
 ENV_VAR = "DS_SERVE_DEFAULT_MODEL"
-
-
-class DefaultModelNotFound(FileNotFoundError):
-    """No MODEL_PATH was given and the built-in model is not where the rule looks."""
 
 
 def find_default_model(start: str | Path | None = None) -> Path:
     """The built-in model's directory, found from ``start`` (default: the cwd) upward."""
-    override = os.environ.get(ENV_VAR)
-    if override:
-        path = Path(override)
-        if not (path / "config.json").is_file():
-            raise DefaultModelNotFound(
-                f"{ENV_VAR}={override!r} does not name a model directory "
-                f"(no {path / 'config.json'})"
-            )
-        return path
-    here = Path(start if start is not None else Path.cwd()).resolve()
-    looked = []
-    for folder in (here, *here.parents):
-        candidate = folder / DEFAULT_MODEL_DIR
-        looked.append(candidate)
-        if (candidate / "config.json").is_file():
-            return candidate
-    raise DefaultModelNotFound(
-        f"no MODEL_PATH given and the built-in model was not found: looked for "
-        f"{DEFAULT_MODEL_DIR}/config.json in {here} and every parent "
-        f"(first tried: {looked[0]}). Pass a model directory, run from inside the "
-        f"deepseek-stack repository, or set {ENV_VAR}."
-    )
+    return _find_default_model(start, env_var=ENV_VAR)

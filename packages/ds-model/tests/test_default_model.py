@@ -1,14 +1,14 @@
-"""The rule that finds the built-in model when ds-serve gets no MODEL_PATH."""
+"""The rule that finds the built-in model when ds-model or ds-serve gets no model path."""
 
 from __future__ import annotations
 
 import pytest
-from ds_serve.default_model import DEFAULT_MODEL_DIR, DefaultModelNotFound, find_default_model
+from ds_model.default_model import DEFAULT_MODEL_DIR, DefaultModelNotFound, find_default_model
 
 
 @pytest.fixture(autouse=True)
 def no_override(monkeypatch):
-    monkeypatch.delenv("DS_SERVE_DEFAULT_MODEL", raising=False)
+    monkeypatch.delenv("DS_DEFAULT_MODEL", raising=False)
 
 
 def test_found_from_a_nested_directory(tmp_path):
@@ -36,8 +36,8 @@ def test_a_directory_without_config_is_skipped(tmp_path):
 
 def test_environment_override(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text("{}")
-    monkeypatch.setenv("DS_SERVE_DEFAULT_MODEL", str(tmp_path))
+    monkeypatch.setenv("DS_DEFAULT_MODEL", str(tmp_path))
     assert find_default_model("/") == tmp_path
-    monkeypatch.setenv("DS_SERVE_DEFAULT_MODEL", str(tmp_path / "nope"))
+    monkeypatch.setenv("DS_DEFAULT_MODEL", str(tmp_path / "nope"))
     with pytest.raises(DefaultModelNotFound, match="nope"):
         find_default_model("/")
