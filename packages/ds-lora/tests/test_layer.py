@@ -1,6 +1,8 @@
 """LoraLinear and injection on float layers: no-op at init, exact merge, gradients,
 mixed-adapter batches equal to one adapter per row."""
 
+import copy
+
 import ds_lora
 import pytest
 import torch
@@ -395,3 +397,36 @@ def assert_mixed_equals_alone(model, x, rows, **tol):
             ds_lora.set_adapter(model, name)
             alone = model(x[i : i + 1])
         torch.testing.assert_close(mixed[i : i + 1], alone, **tol)
+
+
+def test_adapter_batch_only_some_layers_and_nesting_restores_rows():
+    model = TinyModel().eval()
+    for i in range(2):
+        ds_lora.inject(
+            model, LoraConfig(r=2, lora_dropout=0.0, target_modules="all-linear"), f"a{i}"
+        )
+    randomize_adapters(model, seed=5)
+    ds_lora.set_adapter(model, "a0")
+    x = _inputs(model, batch=3, seq=2, seed=2)
+    # Reference: the active adapter everywhere except v_proj, which runs without one.
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            if "v_proj" in name and "lora_B.a0" in name:
+                param.zero_()
+        want = reference(x)
+        single = model(x)
+        with ds_lora.adapter_batch(model, [None, None, None], only=["v_proj"]):
+            torch.testing.assert_close(model(x), want, atol=1e-6, rtol=1e-6)
+        outer = ["a1", None, "a0"]
+        with ds_lora.adapter_batch(model, outer):
+            mixed = model(x)
+            with ds_lora.adapter_batch(model, outer, only=["layers.0.v_proj", "lm_head"]):
+                torch.testing.assert_close(model(x), mixed)
+            with ds_lora.adapter_batch(model, ["a0", "a0", "a0"], only=["v_proj"]):
+                assert not torch.allclose(model(x)[0], mixed[0])  # row 0 really changed
+            torch.testing.assert_close(model(x), mixed)  # the outer rows are back
+        torch.testing.assert_close(model(x), single)  # and then the active adapter alone
+    with pytest.raises(TypeError, match="only must be a sequence"):
+        with ds_lora.adapter_batch(model, [None], only="v_proj"):
+            pass

@@ -251,13 +251,20 @@ def test_quantization_by_name_and_named_adapters(tiny_dir, tmp_path):
         ds_model.load_adapter(base, tmp_path / "missing")
 
 
-def test_runner_serves_a_mixed_adapter_batch(tiny_dir, tmp_path):
+@pytest.mark.parametrize(
+    "targets",
+    [
+        ["q_b_proj", "o_proj", "gate_proj", "lm_head"],
+        # kv_b_proj runs on every cached context token, not on the step's new tokens.
+        ["q_b_proj", "kv_b_proj", "o_proj"],
+    ],
+)
+def test_runner_serves_a_mixed_adapter_batch(tiny_dir, tmp_path, targets):
     lora = pytest.importorskip("ds_lora")
     path, _ = tiny_dir
     dirs = {}
     for i, name in enumerate(("a", "b")):
         model = ds_model.from_pretrained(path)
-        targets = ["q_b_proj", "o_proj", "gate_proj", "lm_head"]
         lora.inject(model, lora.LoraConfig(r=2, lora_alpha=4, target_modules=targets))
         with torch.no_grad():
             for pname, p in model.named_parameters():

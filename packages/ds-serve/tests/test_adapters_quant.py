@@ -20,8 +20,7 @@ from serve_live import LiveServer
 
 from conftest import greedy_reference
 
-# Every linear layer of the tiny MLA + MoE model except kv_b_proj, which ds-model's paged
-# runner cannot yet mix per row (see test_an_all_linear_adapter_is_served_or_refused...).
+# Linear layers of the tiny MLA + MoE model (kv_b_proj: see test_an_all_linear_adapter...).
 TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj", "gate_proj", "up_proj"]
 TARGETS += ["down_proj", "lm_head"]
 PROMPTS = ["def add(a, b):\n    return", "class Stack:\n    def push(self, x):"]
@@ -202,21 +201,25 @@ def test_adapters_on_a_quantized_model_match_ds_model(checkpoint, adapters):
     assert got == greedy_reference(reference, PROMPTS[0], MAX_TOKENS)
 
 
-def test_an_all_linear_adapter_is_served_or_refused_at_start_up(checkpoint, tmp_path):
+def test_an_all_linear_adapter_is_served_exactly(checkpoint, tmp_path):
     """PEFT's usual ``all-linear`` also wraps MLA's kv_b_proj, which ds-model's runner applies
-    to cached latents. Either the server serves it exactly, or it refuses at start-up naming
-    the adapter; it must never start and then fail the engine on the first request."""
+    to every cached context token, not to the step's new tokens: served all the same, with
+    the adapter's own greedy output, next to requests for the base model."""
     path = write_adapter(checkpoint, tmp_path / "all", seed=7, targets="all-linear")
-    try:
-        app = create_app(checkpoint, num_blocks=64, dtype="float32", lora={"all": path})
-    except ValueError as exc:
-        assert "--lora all" in str(exc) and "mixed batch" in str(exc)
-        return
-    reference = ds_model.from_pretrained(checkpoint, dtype="float32", adapter=path)
+    app = create_app(
+        checkpoint, num_blocks=64, dtype="float32", lora={"all": path}, served_model_name="base"
+    )
+    jobs = [("all", PROMPTS[0]), ("base", PROMPTS[1]), ("all", PROMPTS[1])]
+    seen = record_steps(app.engine, wait_for=len(jobs))
     with LiveServer(app) as live:
         client = openai.OpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0)
-        got = complete(client, "all", PROMPTS[0])
-    assert got == greedy_reference(reference, PROMPTS[0], MAX_TOKENS)
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            got = list(pool.map(lambda job: complete(client, *job), jobs))
+    tuned = ds_model.from_pretrained(checkpoint, dtype="float32", adapter=path)
+    base = ds_model.from_pretrained(checkpoint, dtype="float32")
+    models = {"all": tuned, "base": base}
+    assert got == [greedy_reference(models[name], prompt, MAX_TOKENS) for name, prompt in jobs]
+    assert [a for a in seen if None in a and "all" in a], f"no step mixed them: {seen}"
 
 
 def test_an_adapter_with_modules_to_save_is_refused_at_start_up(checkpoint, tmp_path):

@@ -152,6 +152,10 @@ class LoraLinear(nn.Module):
 
     # --- mixed-adapter batches -----------------------------------------------------------
 
+    def row_adapters_state(self) -> tuple[tuple[str, ...], torch.Tensor | None, RowPlan | None]:
+        """The arguments of the last ``set_row_adapters`` call (to restore it later)."""
+        return self._row_names, self._row_index, self._row_plan
+
     def set_row_adapters(
         self,
         names: tuple[str, ...],

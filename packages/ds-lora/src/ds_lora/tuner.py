@@ -251,9 +251,17 @@ def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = Non
 
 
 @contextlib.contextmanager
-def adapter_batch(model: nn.Module, row_adapters: Sequence[str | None]) -> Iterator[None]:
+def adapter_batch(
+    model: nn.Module, row_adapters: Sequence[str | None], *, only: Sequence[str] | None = None
+) -> Iterator[None]:
     """For the forwards inside the block, row ``i`` of the batch uses adapter
     ``row_adapters[i]`` (``None``: the base model alone).
+
+    ``only``: restrict this to the wrapped layers whose qualified name is, or ends with
+    ``.`` plus, one of these names (as ``target_modules`` matches). Blocks nest: on exit
+    each layer gets back the rows it had before, so an inner ``only=`` block can give
+    a few layers different rows, e.g. MLA's ``kv_b_proj``, which a paged runner applies
+    to every cached context token rather than to the step's new tokens.
 
     A "row" is the leading dimension of each wrapped layer's input: the batch for
     ``(batch, seq, hidden)`` inputs, the token for packed ``(tokens, hidden)`` inputs (then
@@ -286,17 +294,24 @@ def adapter_batch(model: nn.Module, row_adapters: Sequence[str | None]) -> Itera
                 "model is in training mode; mixed batches are for inference (call model.eval())"
             )
         slots.append(vocabulary.index(name))
-    layers = [layer for _, layer in lora_layers(root)]
+    if isinstance(only, str):
+        raise TypeError(f"only must be a sequence of module names, got the str {only!r}")
+    layers = [
+        layer
+        for name, layer in lora_layers(root)
+        if only is None or any(name == o or name.endswith("." + o) for o in only)
+    ]
     device = next((p.device for p in root.parameters()), torch.device("cpu"))
     row_index = torch.tensor(slots, dtype=torch.long, device=device)
     plan = plan_rows(row_index, len(vocabulary))  # once per batch, shared by every layer
+    before = [layer.row_adapters_state() for layer in layers]
     try:
         for layer in layers:
             layer.set_row_adapters(vocabulary, row_index, plan)
         yield
     finally:
-        for layer in layers:
-            layer.set_row_adapters((), None)
+        for layer, state in zip(layers, before):
+            layer.set_row_adapters(*state)
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

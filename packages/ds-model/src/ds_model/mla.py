@@ -103,6 +103,10 @@ class MLAttention(nn.Module):
     def _naive(self, q_nope, q_pe, kv, ctx: ForwardContext) -> torch.Tensor:
         b, s, _ = kv.shape
         latent, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        if ctx.cu_seqlens is not None:
+            # Packed: one row per context token (b is 1), so a LoRA adapter picked per
+            # row (the runner's mixed batches) applies to each token's own sequence.
+            latent = latent.reshape(b * s, self.kv_lora_rank)
         kv_heads = self.kv_b_proj(latent).view(b, s, self.num_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv_heads.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat((k_nope, k_pe[:, :, None, :].expand(-1, -1, self.num_heads, -1)), dim=-1)

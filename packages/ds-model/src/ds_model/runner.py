@@ -136,9 +136,9 @@ class ModelRunner:
         writer = PagedWriter(self.cache, torch.cat(write), torch.cat(read))
         ids = torch.tensor(flat_tokens, dtype=torch.long, device=dev)[:, None]
         pos = torch.tensor(flat_pos, dtype=torch.long, device=dev)[:, None]
-        token_rows, seq_rows = self._adapter_rows(adapters, new_lens)
+        token_rows, seq_rows, context_rows = self._adapter_rows(adapters, new_lens, ctx_lens)
         with torch.inference_mode():
-            with token_rows:
+            with token_rows, context_rows:
                 hidden = self.model.model(
                     ids,
                     pos,
@@ -150,10 +150,14 @@ class ModelRunner:
             with seq_rows:
                 return self.model.lm_head(last)
 
-    def _adapter_rows(self, adapters, new_lens: list[int]):
-        """Context managers giving each token row, then each sequence row, its adapter."""
+    def _adapter_rows(self, adapters, new_lens: list[int], ctx_lens: list[int]):
+        """Context managers giving each new-token row, each sequence row, and each context
+        row its adapter. The last is for MLA's ``kv_b_proj``, the one projection applied
+        to every cached context token (the naive path expands the latents of the whole
+        packed context) rather than to the step's new tokens."""
+        none = contextlib.nullcontext()
         if adapters is None:
-            return contextlib.nullcontext(), contextlib.nullcontext()
+            return none, none, none
         if len(adapters) != len(new_lens):
             raise ValueError(
                 f"adapters must have one entry per sequence ({len(new_lens)}), got {len(adapters)}"
@@ -161,10 +165,20 @@ class ModelRunner:
         import ds_lora
 
         per_token = [name for name, n in zip(adapters, new_lens) for _ in range(n)]
+        context_rows = none
+        if any(isinstance(layer, ds_lora.LoraLinear) for layer in self._kv_b_projs()):
+            per_context = [name for name, n in zip(adapters, ctx_lens) for _ in range(n)]
+            context_rows = ds_lora.adapter_batch(self.model, per_context, only=["kv_b_proj"])
         return (
             ds_lora.adapter_batch(self.model, per_token),
             ds_lora.adapter_batch(self.model, list(adapters)),
+            context_rows,
         )
+
+    def _kv_b_projs(self) -> list[Any]:
+        if not self.config.is_mla:
+            return []
+        return [layer.self_attn.kv_b_proj for layer in self.model.model.layers]
 
     def _check(self, s: int, toks: Sequence[int], start: int, table: Sequence[int]) -> None:
         if len(toks) == 0:
