@@ -1,7 +1,7 @@
 """Scheduler overhead: wall time of one ``schedule()`` + ``update()`` in steady decode.
 
 N requests are running (prefilled, decoding one token per step, never finishing
-during the measurement, prefix caching on so full blocks get hashed and published as
+during the measurement, prefix caching on so full blocks get keyed and published as
 in production). We time ``schedule()`` plus ``update()`` per step with
 ``perf_counter_ns``; each repeat runs ``--iters`` steps on a fresh scheduler and
 reports the mean and p99, this thread's CPU time per step (``thread_time``), and the
@@ -9,6 +9,13 @@ best (minimum) single step. On a shared, busy machine the mean and p99 mostly me
 the other processes; the best of a few hundred ~100 us steps is the step that ran
 undisturbed, so it estimates the uncontended cost. The table shows the median over
 ``--repeats`` repeats of each figure.
+
+``--phases`` adds a second table at each size: ``schedule()`` and ``update()`` timed
+apart and split by step kind, medians over all repeats. With equal prompt lengths
+every request fills a KV block on the same step ("publish": that ``update()``
+publishes N full blocks in the prefix cache) and opens a new one on the next
+("open": that ``schedule()`` appends N blocks); the other 14 of 16 steps are
+"steady".
 
 Baseline, measured in the same run: the bare Python floor of the same step, a loop
 that only slices each request's last token out and appends a sampled one (its best
@@ -71,6 +78,34 @@ def time_scheduler(n: int, iters: int, prompt_len: int, seed: int) -> tuple[list
     return samples, (time.thread_time_ns() - cpu0) / 1000 / iters
 
 
+def time_phases(n: int, iters: int, prompt_len: int, seed: int) -> dict[str, list[float]]:
+    """Per-step (schedule us, update us) samples keyed by step kind."""
+    sched = make_running(n, prompt_len, iters + 10, seed)
+    sampled = {f"req-{i}": 11 for i in range(n)}
+    for _ in range(5):
+        sched.update(dict(sampled) if sched.schedule() else {})
+    block_size = sched.config.block_size
+    first = sched.running[0]
+    kinds: dict[str, list[tuple[float, float]]] = {"steady": [], "publish": [], "open": []}
+    clock = time.perf_counter_ns
+    for _ in range(iters):
+        start = first.num_computed_tokens
+        kind = (
+            "open"
+            if start % block_size == 0
+            else "publish"
+            if (start + 1) % block_size == 0
+            else "steady"
+        )
+        t0 = clock()
+        sched.schedule()
+        t1 = clock()
+        sched.update(sampled)
+        t2 = clock()
+        kinds[kind].append(((t1 - t0) / 1000, (t2 - t1) / 1000))
+    return kinds
+
+
 def time_floor(n: int, iters: int, prompt_len: int) -> list[float]:
     streams = [[1] * prompt_len for _ in range(n)]
     samples = []
@@ -96,6 +131,9 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument(
+        "--phases", action="store_true", help="also time schedule()/update() per step kind"
+    )
     args = parser.parse_args()
 
     print(
@@ -129,6 +167,26 @@ def main() -> None:
             f"| {n} | {mean:.1f} | {tail:.1f} | {cpu:.1f} | {best:.1f} | {best / n:.2f} | "
             f"{floor:.1f} | {best / floor:.1f}x | {best / GOAL_US:.2f}x |"
         )
+    if args.phases:
+        print("\nper step kind, medians over all repeats' steps (us): schedule() | update() | both")
+        print("\n| running | step kind | steps | schedule() | update() | both |")
+        print("| ---: | --- | ---: | ---: | ---: | ---: |")
+        for n in args.sizes:
+            merged: dict[str, list[tuple[float, float]]] = {}
+            for r in range(args.repeats):
+                for kind, rows in time_phases(n, args.iters, args.prompt_len, seed=r).items():
+                    merged.setdefault(kind, []).extend(rows)
+            for kind in ("steady", "publish", "open"):
+                rows = merged[kind]
+                if not rows:
+                    continue
+                sched_us = statistics.median(a for a, _ in rows)
+                update_us = statistics.median(b for _, b in rows)
+                both_us = statistics.median(a + b for a, b in rows)
+                print(
+                    f"| {n} | {kind} | {len(rows)} | {sched_us:.1f} | {update_us:.1f} "
+                    f"| {both_us:.1f} |"
+                )
 
 
 if __name__ == "__main__":

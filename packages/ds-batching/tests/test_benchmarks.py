@@ -37,3 +37,11 @@ def test_overhead_benchmark_times_steady_decodes():
     bench = load("bench_overhead")
     samples, cpu_us = bench.time_scheduler(8, iters=20, prompt_len=16, seed=0)
     assert len(samples) == 20 and all(s > 0 for s in samples) and cpu_us > 0
+
+
+def test_overhead_benchmark_splits_steps_by_kind():
+    bench = load("bench_overhead")
+    kinds = bench.time_phases(8, iters=40, prompt_len=16, seed=0)
+    # With block_size 16, one step in 16 publishes full blocks and the next opens new ones.
+    assert len(kinds["publish"]) in (2, 3) and len(kinds["open"]) in (2, 3)
+    assert sum(len(rows) for rows in kinds.values()) == 40

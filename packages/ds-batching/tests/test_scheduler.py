@@ -401,3 +401,38 @@ def test_victim_already_scheduled_as_a_decode_is_taken_out_of_the_step():
         sched.update({"x": 1, "y": 1})
     assert sched.update({"y": 1}) == []
     assert sched.requests["x"].status is RequestStatus.PREEMPTED
+
+
+def test_published_blocks_chain_on_the_hit_and_adapters_miss():
+    # A request admitted with a prefix hit publishes its next blocks chained on the
+    # hit's prefix id, so a third request with the longer prefix hits all of them.
+    config = SchedulerConfig(num_blocks=16, block_size=2, max_num_batched_tokens=64)
+    sched = Scheduler(config)
+    bm = sched.block_manager
+
+    def step():
+        out = sched.schedule()
+        sched.update(dict.fromkeys(out.sample_request_ids, 5))
+        return out
+
+    sched.add(Request("a", [1, 2, 3], max_tokens=1))
+    step()  # a publishes [1, 2] and finishes
+    b = Request("b", [1, 2, 3, 4, 6], max_tokens=2)
+    sched.add(b)
+    out = step()
+    assert out.scheduled[0].start_position == 2  # hit on [1, 2]
+    hit = out.scheduled[0].block_table[0]
+    assert bm.block_key(b.block_table[1]) == (bm.prefix_id(hit), 3, 4)
+    assert b.chain_parent == bm.prefix_id(b.block_table[1])
+    step()  # b publishes [6, 5] and finishes
+    assert b.is_finished
+    c = Request("c", [1, 2, 3, 4, 6, 5, 9], max_tokens=1)
+    sched.add(c)
+    out = sched.schedule()
+    assert out.scheduled[0].start_position == 6  # [1, 2] [3, 4] [6, 5] all hit
+    sched.update(dict.fromkeys(out.sample_request_ids, 5))
+    # Under an adapter the same tokens miss.
+    d = Request("d", [1, 2, 3, 4, 6, 5, 9], max_tokens=1, lora_name="x")
+    sched.add(d)
+    out = sched.schedule()
+    assert out.scheduled[0].start_position == 0 and d.chain_parent == "x"

@@ -203,7 +203,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert item.lora_name == self.spec[item.request_id].lora_name
             for pos in item.positions:  # writes never touch a shared or cached block
                 block = item.block_table[pos // cfg.block_size]
-                assert bm.ref_count(block) == 1 and bm.block_hash(block) is None
+                assert bm.ref_count(block) == 1 and bm.block_key(block) is None
         self.model.write(out)
         for item in out.scheduled:  # the KV read back is this request's own stream
             end = item.start_position + len(item.token_ids)
@@ -268,14 +268,31 @@ class SchedulerMachine(RuleBasedStateMachine):
             ref = bm.ref_count(block)
             assert ref >= 0
             assert ref == holders[block], (block, ref, holders[block])
+            key = bm.block_key(block)
             if ref > 1:  # shared: only a cached prefix block
-                block_hash = bm.block_hash(block)
-                assert block_hash is not None and bm.cached_block(block_hash) == block
+                assert key is not None and bm.cached_block(key) == block
+            # A block holds an entry (key + prefix id) or neither.
+            assert (key is None) == (bm.prefix_id(block) is None)
             in_use += ref > 0
         assert in_use == bm.num_used_blocks
         assert bm.num_uncached_free_blocks + bm.num_cached_blocks + in_use == bm.num_blocks
-        for block_hash, block in bm._hash_to_block.items():
-            assert bm.block_hash(block) == block_hash
+        # The key map and the per-block keys agree; prefix ids are unique and assigned;
+        # every key is (root or assigned prefix id, block_size token ids).
+        for key, block in bm._key_to_block.items():
+            assert bm.block_key(block) == key
+            parent = key[0]
+            assert parent is None or isinstance(parent, str) or 1 <= parent < bm._next_prefix_id
+            assert len(key) == bm.block_size + 1
+        ids = [bm.prefix_id(b) for b in range(bm.num_blocks) if bm.prefix_id(b) is not None]
+        assert len(ids) == len(set(ids)) == len(bm._key_to_block)
+        if not self.cfg.enable_prefix_caching:
+            assert not bm._key_to_block
+        for req in sched.running:  # a published block's key holds the request's own tokens
+            bs = bm.block_size
+            for k in range(req.num_registered_blocks):
+                key = bm.block_key(req.block_table[k])
+                if key is not None:
+                    assert list(key[1:]) == req.all_token_ids[k * bs : (k + 1) * bs]
 
     @invariant()
     def requests_are_consistent(self):

@@ -13,7 +13,6 @@ from ds_batching.errors import (
     QueueFull,
     UnknownRequestError,
 )
-from ds_batching.hashing import hash_block_tokens
 from ds_batching.outputs import (
     FinishedRequest,
     ScheduledRequest,
@@ -48,6 +47,5 @@ __all__ = [
     "SchedulerStats",
     "UnknownRequestError",
     "__version__",
-    "hash_block_tokens",
     "slot_of",
 ]

@@ -8,12 +8,14 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ds_batching.hashing import MAX_TOKEN_ID, BlockHash
-
 if TYPE_CHECKING:
     from ds_batching.outputs import ScheduledRequest
 
 __all__ = ["FinishReason", "Request", "RequestStatus"]
+
+# The largest token id accepted (prompts, EOS / stop ids, sampled tokens): the engine
+# puts token ids into int64 tensors.
+MAX_TOKEN_ID = 2**63 - 1
 
 
 class RequestStatus(enum.Enum):
@@ -67,8 +69,8 @@ class Request:
     __slots__ = (
         "all_token_ids",
         "arrival_time",
-        "block_hashes",
         "block_table",
+        "chain_parent",
         "eos_token_id",
         "finish_reason",
         "lora_name",
@@ -136,8 +138,10 @@ class Request:
         self.num_preemptions = 0
         self.block_table: list[int] = []
         self.table_snapshot: tuple[int, ...] | None = None  # immutable copy handed out
-        self.block_hashes: list[BlockHash] = []  # chain over full blocks of all_token_ids
         self.num_registered_blocks = 0  # leading blocks of block_table published in the cache
+        # The prefix-cache parent of the next block to publish: the adapter name before
+        # any block is published, then the prefix id of the last published (or hit) block.
+        self.chain_parent: int | str | None = lora_name
         self.seq_no = -1  # arrival order, set by the scheduler
         # The ScheduledRequest handed out for this request, reused every step it runs;
         # while table_snapshot is set, its block_table is table_snapshot.

@@ -32,10 +32,9 @@ from operator import itemgetter as _itemgetter
 from ds_batching.block_manager import BlockManager
 from ds_batching.config import SchedulerConfig
 from ds_batching.errors import DuplicateRequestError, QueueFull, UnknownRequestError
-from ds_batching.hashing import MAX_TOKEN_ID, hash_full_blocks
 from ds_batching.outputs import FinishedRequest, ScheduledRequest, SchedulerOutput, SchedulerStats
 from ds_batching.queues import make_waiting_queue
-from ds_batching.request import FinishReason, Request, RequestStatus
+from ds_batching.request import MAX_TOKEN_ID, FinishReason, Request, RequestStatus
 
 __all__ = ["Scheduler"]
 
@@ -66,6 +65,8 @@ class Scheduler:
         self.block_manager = BlockManager(
             config.num_blocks, config.block_size, config.enable_prefix_caching
         )
+        self._block_size = config.block_size
+        self._publish_block = self.block_manager._publish  # unchecked: update()'s hot path
         self.waiting = make_waiting_queue(config.policy)
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}  # every waiting or running request
@@ -297,9 +298,23 @@ class Scheduler:
         publish = self._publish_full_blocks
         if in_order is not None and len(in_order) == len(reqs):
             # Every request in the step samples (steady decode): no per-item lookups.
+            block_size = self._block_size
+            publish_block = self._publish_block
             for req, token in zip(reqs, in_order):
-                if req.num_computed_tokens >= req.next_publish_at:
-                    publish(req)
+                computed = req.num_computed_tokens
+                if computed >= req.next_publish_at:
+                    k = req.num_registered_blocks
+                    start = k * block_size
+                    end = start + block_size
+                    if computed < end + block_size:
+                        # One block filled (a decode's case): _publish_full_blocks inlined.
+                        req.chain_parent = publish_block(
+                            req.block_table[k], (req.chain_parent, *req.all_token_ids[start:end])
+                        )
+                        req.num_registered_blocks = k + 1
+                        req.next_publish_at = end + block_size
+                    else:
+                        publish(req)
                 tokens = req.all_token_ids
                 tokens.append(token)
                 if token in req.stop_set or len(tokens) >= req.max_total_tokens:
@@ -397,15 +412,9 @@ class Scheduler:
             hits: list[int] = []
             if cfg.enable_prefix_caching:
                 # At least the last token is recomputed: its logits give the next token.
-                max_hit_blocks = (num_tokens - 1) // block_size
-                hash_full_blocks(
-                    req.all_token_ids,
-                    block_size,
-                    req.block_hashes,
-                    req.lora_name,
-                    limit_tokens=max_hit_blocks * block_size,
+                hits = bm.find_cached_prefix(
+                    req.all_token_ids, req.lora_name, (num_tokens - 1) // block_size
                 )
-                hits = bm.find_cached_prefix(req.block_hashes[:max_hit_blocks])
             num_cached = len(hits) * block_size
             num_new = num_tokens - num_cached
             can_chunk = cfg.enable_chunked_prefill or req.status is RequestStatus.PREEMPTED
@@ -422,6 +431,7 @@ class Scheduler:
             req.block_table = bm.allocate(end, hits)
             req.table_snapshot = None
             req.num_registered_blocks = len(hits)
+            req.chain_parent = bm.prefix_id(hits[-1]) if hits else req.lora_name
             req.next_publish_at = (
                 (len(hits) + 1) * block_size if cfg.enable_prefix_caching else _NEVER
             )
@@ -459,24 +469,29 @@ class Scheduler:
         req.block_table = []
         req.table_snapshot = None
         req.num_registered_blocks = 0
+        req.chain_parent = req.lora_name
         req.next_publish_at = _NEVER
 
     def _publish_full_blocks(self, req: Request) -> None:
-        block_size = self.config.block_size
+        """Publish ``req``'s newly full, computed blocks in the prefix cache (caching on).
+
+        Each block's key is ``(parent, *its tokens)``, chained on the prefix id the
+        previous block's publication returned (``req.chain_parent``).
+        """
+        block_size = self._block_size
         num_full = req.num_computed_tokens // block_size
-        hashes = req.block_hashes
-        if len(hashes) < num_full:
-            hash_full_blocks(
-                req.all_token_ids,
-                block_size,
-                hashes,
-                req.lora_name,
-                limit_tokens=num_full * block_size,
-            )
+        k = req.num_registered_blocks
+        tokens = req.all_token_ids
         table = req.block_table
-        cache_block = self.block_manager.cache_block
-        for k in range(req.num_registered_blocks, num_full):
-            cache_block(table[k], hashes[k])
+        publish = self._publish_block
+        parent = req.chain_parent
+        start = k * block_size
+        while k < num_full:
+            end = start + block_size
+            parent = publish(table[k], (parent, *tokens[start:end]))
+            k += 1
+            start = end
+        req.chain_parent = parent
         req.num_registered_blocks = num_full
         req.next_publish_at = (num_full + 1) * block_size
 
