@@ -39,6 +39,20 @@ def test_overhead_benchmark_times_steady_decodes():
     assert len(samples) == 20 and all(s > 0 for s in samples) and cpu_us > 0
 
 
+def test_staggered_prompts_spread_block_publishing_over_the_steps():
+    bench = load("bench_overhead")
+    sched = bench.make_running(32, prompt_len=16, steps=20, seed=0, stagger=True)
+    sampled = {f"req-{i}": 11 for i in range(32)}
+    published = []
+    for _ in range(16):
+        before = sched.block_manager.num_used_blocks
+        sched.schedule()
+        sched.update(sampled)
+        published.append(sched.block_manager.num_used_blocks - before)
+    # Two requests per offset in the block: every step opens exactly two new blocks.
+    assert published == [2] * 16
+
+
 def test_overhead_benchmark_splits_steps_by_kind():
     bench = load("bench_overhead")
     kinds = bench.time_phases(8, iters=40, prompt_len=16, seed=0)
