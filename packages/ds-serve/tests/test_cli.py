@@ -94,3 +94,24 @@ def test_default_model_override_is_ds_serve_s_own_variable(tmp_path, monkeypatch
     monkeypatch.setenv("DS_SERVE_DEFAULT_MODEL", str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match=r"DS_SERVE_DEFAULT_MODEL='.*nope'"):
         find_default_model("/")
+
+
+def test_default_kv_pool_holds_what_the_scheduler_can_use(checkpoint):
+    import ds_model
+    from ds_serve.server import build_engine
+
+    engine = build_engine(checkpoint, dtype="float32", max_num_seqs=4, max_model_len=64)
+    # 4 sequences x 64 tokens / 16 per block, twice (the rest keeps prefixes cached),
+    # not 25% of the machine's free memory.
+    assert engine.runner.num_blocks == 2 * 4 * 4
+    per_block = ds_model.PagedKVCache.bytes_per_block(
+        engine.runner.config, 16, engine.runner.model.dtype
+    )
+    sized = build_engine(
+        checkpoint,
+        dtype="float32",
+        max_num_seqs=4,
+        max_model_len=64,
+        kv_cache_memory=100 * per_block,
+    )
+    assert sized.runner.num_blocks == 100  # an explicit budget is taken as given

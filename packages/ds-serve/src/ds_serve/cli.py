@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--kv-cache-memory",
         type=parse_bytes,
         default=None,
-        help="KV-cache budget, e.g. 512MiB (default: 25%% of free memory)",
+        help="KV-cache budget, e.g. 512MiB (default: 25%% of free memory, at most 4 GiB and "
+        "at most 2 x max-num-seqs x max-model-len tokens)",
     )
     parser.add_argument("--max-model-len", type=_positive, default=None)
     parser.add_argument(

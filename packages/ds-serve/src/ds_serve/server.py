@@ -32,7 +32,8 @@ ENGINE_OPTIONS = {
     "max_num_batched_tokens": 2048,
     "max_waiting": 256,
     "block_size": 16,
-    "kv_cache_memory": None,  # bytes; None: 25% of free memory, capped at 4 GiB
+    # bytes; None: 25% of free memory, capped at 4 GiB and at what the pool can use
+    "kv_cache_memory": None,
     "num_blocks": None,  # an explicit pool size wins over kv_cache_memory
     "max_model_len": None,  # None: the model's max_position_embeddings
     "quantization": None,  # "int8" | "int4" | "w8a8" | "fp8" | a ds-quant config object
@@ -92,6 +93,13 @@ def _default_kv_memory(device: torch.device) -> int:
     else:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return min(free // 4, 4 << 30)
+
+
+def _useful_num_blocks(max_num_seqs: int, max_model_len: int, block_size: int) -> int:
+    """Blocks for every running sequence at full length, twice over: the second half keeps
+    finished requests' prefixes cached. More would be allocated (and, on CPU, zeroed and
+    committed) for nothing: a small model would otherwise take gigabytes at start-up."""
+    return 2 * max_num_seqs * -(-max_model_len // block_size)
 
 
 def _load_model(path: Path, dtype, device: torch.device, quantization: Any):
@@ -167,8 +175,13 @@ def build_engine(model_path: str | os.PathLike | None = None, **engine_options: 
     block_size = options["block_size"]
     num_blocks = options["num_blocks"]
     if num_blocks is None:
-        budget = options["kv_cache_memory"] or _default_kv_memory(device)
-        num_blocks = ds_model.num_blocks_for_memory(config, budget, block_size, model.dtype)
+        budget = options["kv_cache_memory"]
+        num_blocks = None
+        if budget is None:
+            num_blocks = _useful_num_blocks(options["max_num_seqs"], max_model_len, block_size)
+            budget = _default_kv_memory(device)
+        fits = ds_model.num_blocks_for_memory(config, budget, block_size, model.dtype)
+        num_blocks = fits if num_blocks is None else min(num_blocks, fits)
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory={budget} bytes is smaller than one KV block")
     runner = ds_model.ModelRunner(model, num_blocks=num_blocks, block_size=block_size)
