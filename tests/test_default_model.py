@@ -114,3 +114,15 @@ def test_ds_serve_serves_the_shipped_model_to_the_openai_client(readme_server):
     ids = tokenizer.encode(text, add_special_tokens=False)
     assert all(0 <= i < tokenizer.vocab_size for i in ids)
     assert tokenizer.decode(ids) == text
+
+
+def test_ds_model_generate_without_a_path_completes_with_the_shipped_model(monkeypatch, capsys):
+    """`uv run ds-model generate "def fibonacci(n):"` as the README runs it (in-process)."""
+    from ds_model.cli import main
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("DS_DEFAULT_MODEL", raising=False)
+    assert main(["generate", "def fibonacci(n):", "--max-new-tokens", "12"]) == 0
+    printed = capsys.readouterr().out
+    shipped = ds_model.from_pretrained(MODEL, dtype=torch.bfloat16)
+    assert printed.strip() and printed == shipped.generate("def fibonacci(n):", 12) + "\n"
