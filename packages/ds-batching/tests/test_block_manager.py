@@ -175,8 +175,11 @@ def test_duplicate_content_is_not_cached_twice_and_caching_can_be_off():
     with pytest.raises(ValueError, match="already caches another block"):
         bm.cache_block(a[0], None, [6])  # one entry per block
     off = BlockManager(num_blocks=4, block_size=1, enable_prefix_caching=False)
-    c = off.allocate(1)
-    assert off.cache_block(c[0], None, [7]) == 0  # publishes nothing
+    c = off.allocate(2)
+    parent = None
+    for block, token in zip(c, [7, 8]):  # the README's publishing loop, caching off
+        parent = off.cache_block(block, parent, [token])
+        assert parent == 0  # publishes nothing
     assert off.block_key(c[0]) is None and off.find_cached_prefix([7]) == []
 
 
@@ -214,7 +217,9 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="num_tokens"):
         bm.allocate(-1)
     live = bm.allocate(1)
-    with pytest.raises(ValueError, match="block_size=2 token ids, got 1"):
+    with pytest.raises(
+        ValueError, match=r"token_ids must hold one full block \(block_size=2 ids\), got 1"
+    ):
         bm.cache_block(live[0], None, [1])
     with pytest.raises(ValueError, match="not a prefix id"):
         bm.cache_block(live[0], 1, [1, 2])  # no id assigned yet

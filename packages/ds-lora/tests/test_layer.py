@@ -427,6 +427,9 @@ def test_adapter_batch_only_some_layers_and_nesting_restores_rows():
                 assert not torch.allclose(model(x)[0], mixed[0])  # row 0 really changed
             torch.testing.assert_close(model(x), mixed)  # the outer rows are back
         torch.testing.assert_close(model(x), single)  # and then the active adapter alone
-    with pytest.raises(TypeError, match="only must be a sequence"):
+    with pytest.raises(TypeError, match="only must be a list of module names"):
         with ds_lora.adapter_batch(model, [None], only="v_proj"):
+            pass
+    with pytest.raises(ValueError, match=r"only=\['v_prj'\] matches no LoRA layer"):
+        with ds_lora.adapter_batch(model, [None], only=["v_prj"]):
             pass

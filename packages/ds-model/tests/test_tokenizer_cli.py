@@ -176,6 +176,18 @@ def test_cli_info_and_generate(checkpoint, capsys):
     model = ds_model.from_pretrained(checkpoint)
     assert out == model.generate("def add(a, b):", 6) + "\n"
     assert main(["generate", str(checkpoint), "hi", "--chat", "--max-new-tokens", "2"]) == 0
+    capsys.readouterr()
+    # Options may sit between PATH and PROMPT.
+    assert main(["generate", str(checkpoint), "--max-new-tokens", "6", "def add(a, b):"]) == 0
+    assert capsys.readouterr().out == out
+    for bad, message in (
+        ([str(checkpoint)], "is a model directory: give a prompt"),
+        ([str(checkpoint), "a", "b"], "takes [PATH] PROMPT, got 3 words"),
+        ([str(checkpoint), "a", "--bogus"], "unrecognized arguments: --bogus"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            main(["generate", *bad])
+        assert info.value.code == 2 and message in capsys.readouterr().err
     assert main(["info", "/no/such/dir"]) == 2
     assert "no config.json" in capsys.readouterr().err
 

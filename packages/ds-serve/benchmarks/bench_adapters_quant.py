@@ -9,8 +9,9 @@ DeepSeek-V3-shaped checkpoint as bench_serve.py, in one run:
   batch mixes five models;
 - ``int8`` / ``int4``: no adapters, ``--quantization int8`` / ``int4``.
 
-Adapters: rank 16, random non-zero B, on every linear layer but kv_b_proj (ds-model's
-paged runner cannot mix adapters on it; see docs/ds-serve.md). Median of ``--repeats``.
+Adapters: rank 16, random non-zero B, on every linear layer but kv_b_proj (the numbers
+in docs/benchmarks.md were taken that way, when ds-model's runner could not yet mix
+adapters on it). Median of ``--repeats``.
 
     OMP_NUM_THREADS=1 uv run --frozen python packages/ds-serve/benchmarks/bench_adapters_quant.py
 """

@@ -115,3 +115,14 @@ def test_default_kv_pool_holds_what_the_scheduler_can_use(checkpoint):
         kv_cache_memory=100 * per_block,
     )
     assert sized.runner.num_blocks == 100  # an explicit budget is taken as given
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("max_num_seqs", 0), ("block_size", 0), ("kv_cache_memory", 0), ("num_blocks", -1)],
+)
+def test_pool_sizes_are_checked_by_their_own_names(checkpoint, option, value):
+    from ds_serve.server import build_engine
+
+    with pytest.raises(ValueError, match=f"{option} must be an int >= 1, got {value}"):
+        build_engine(checkpoint, dtype="float32", **{option: value})

@@ -177,19 +177,26 @@ class BlockManager:
             raise ValueError(
                 f"block_id {block_id} is not in use; only referenced blocks can be cached"
             )
+        token_ids = tuple(token_ids)
+        if len(token_ids) != self.block_size:
+            raise ValueError(
+                f"token_ids must hold one full block (block_size={self.block_size} ids), "
+                f"got {len(token_ids)}"
+            )
         if parent is not None and not isinstance(parent, str):
             if isinstance(parent, bool) or not isinstance(parent, int):
                 raise TypeError(
                     f"parent must be a prefix id (int), an adapter name (str) or None, "
                     f"got {type(parent).__name__} {parent!r}"
                 )
+            if not self.enable_prefix_caching:
+                return 0  # chaining on the 0 this returned before: still nothing to publish
             if not 1 <= parent < self._next_prefix_id:
-                raise ValueError(f"parent {parent} is not a prefix id this manager assigned")
-        token_ids = tuple(token_ids)
-        if len(token_ids) != self.block_size:
-            raise ValueError(
-                f"a full block has block_size={self.block_size} token ids, got {len(token_ids)}"
-            )
+                raise ValueError(
+                    f"parent={parent} is not a prefix id this manager assigned (allowed: "
+                    f"None or an adapter name for a first block, else an id in "
+                    f"[1, {self._next_prefix_id}) returned by cache_block)"
+                )
         if not self.enable_prefix_caching:
             return 0
         key = (parent, *token_ids)

@@ -294,13 +294,18 @@ def adapter_batch(
                 "model is in training mode; mixed batches are for inference (call model.eval())"
             )
         slots.append(vocabulary.index(name))
-    if isinstance(only, str):
-        raise TypeError(f"only must be a sequence of module names, got the str {only!r}")
+    if only is not None:
+        if isinstance(only, str) or not all(isinstance(o, str) for o in only):
+            raise TypeError(f"only must be a list of module names (str), got {only!r}")
+        only = tuple(only)
     layers = [
         layer
         for name, layer in lora_layers(root)
         if only is None or any(name == o or name.endswith("." + o) for o in only)
     ]
+    if only is not None and not layers:
+        wrapped = sorted({name.rsplit(".", 1)[-1] for name, _ in lora_layers(root)})
+        raise ValueError(f"only={list(only)} matches no LoRA layer; wrapped layers: {wrapped}")
     device = next((p.device for p in root.parameters()), torch.device("cpu"))
     row_index = torch.tensor(slots, dtype=torch.long, device=device)
     plan = plan_rows(row_index, len(vocabulary))  # once per batch, shared by every layer

@@ -20,13 +20,15 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ds-model", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate text from a prompt")
+    # [PATH] PROMPT as one list: argparse cannot place an optional positional before a
+    # required one once options sit between them (PATH --max-new-tokens 6 PROMPT).
     gen.add_argument(
-        "path",
-        nargs="?",
-        default=None,
-        help="a local checkpoint directory (default: the built-in models/ds-tiny-coder)",
+        "words",
+        nargs="+",
+        metavar="[PATH] PROMPT",
+        help="a local checkpoint directory (default: the built-in models/ds-tiny-coder), "
+        "then the prompt",
     )
-    gen.add_argument("prompt")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -112,8 +114,32 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command != "generate":
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return args
+    # Positionals after an option come back as extras; options never do here.
+    unknown = [e for e in extra if e.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    words = [*args.words, *extra]
+    if len(words) > 2:
+        parser.error(f"generate takes [PATH] PROMPT, got {len(words)} words: {words!r}")
+    if len(words) == 1:
+        from pathlib import Path
+
+        if (Path(words[0]) / "config.json").is_file():
+            parser.error(f"{words[0]!r} is a model directory: give a prompt after it")
+        words.insert(0, None)
+    args.path, args.prompt = words
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     try:
         if args.path is None:
             from ds_model.default_model import find_default_model

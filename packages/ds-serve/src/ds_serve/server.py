@@ -55,6 +55,13 @@ def _options(engine_options: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise TypeError(f"unknown engine options {unknown}; accepted: {sorted(ENGINE_OPTIONS)}")
     options = {**ENGINE_OPTIONS, **engine_options}
+    # The sizes ds-serve computes with (the KV pool) are checked here, by ds-serve's names.
+    for name in ("max_num_seqs", "block_size", "kv_cache_memory", "num_blocks", "max_model_len"):
+        value = options[name]
+        if value is None and ENGINE_OPTIONS[name] is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     quantization = options["quantization"]
     # A string must be one of the short names; anything else that is not None is taken to
     # be a ds-quant config object and handed to ds-model as it is (ds-model checks it).
