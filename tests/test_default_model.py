@@ -22,9 +22,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "ds-tiny-coder"
-# The recipe measured 3.7317 nats/token on this sample (models/ds-tiny-coder/README.md);
+# The recipe measured 2.7379 nats/token on this sample (models/ds-tiny-coder/README.md);
 # a few percent of slack absorbs kernel and thread-count differences, not damage.
-HELDOUT_LOSS_LIMIT = 3.85
+HELDOUT_LOSS_LIMIT = 2.85
 
 
 @torch.inference_mode()
