@@ -100,22 +100,24 @@ class RowPlan:
 
 def plan_rows(row_index: torch.Tensor, no_adapter_slot: int) -> RowPlan:
     """Group ``row_index`` (rows,) by slot; ``no_adapter_slot`` rows join no group."""
-    slots = row_index.tolist()
-    members: dict[int, list[int]] = {}
-    for row, slot in enumerate(slots):
-        if slot != no_adapter_slot:
-            members.setdefault(slot, []).append(row)
-    groups = tuple(
-        (slot, torch.tensor(rows, dtype=torch.long, device=row_index.device))
-        for slot, rows in sorted(members.items())
-    )
-    start = slots[0] if slots else 0
-    consecutive = slots == list(range(start, start + len(slots)))
+    # Tensor ops, not a loop over rows: a paged runner plans one row per cached context
+    # token (tens of thousands) for MLA's kv_b_proj every step.
+    host = row_index.cpu()
+    num = host.numel()
+    counts = torch.bincount(host, minlength=no_adapter_slot + 1).tolist()
+    order = torch.argsort(host, stable=True).to(row_index.device)  # rows grouped by slot
+    groups, start = [], 0
+    for slot, count in enumerate(counts):
+        if count and slot != no_adapter_slot:
+            groups.append((slot, order[start : start + count]))
+        start += count
+    first = int(host[0]) if num else 0
+    consecutive = num > 0 and bool(torch.equal(host, torch.arange(first, first + num)))
     return RowPlan(
         row_index=row_index,
-        groups=groups,
-        max_group=max((len(r) for r in members.values()), default=0),
-        slot_range=(start, start + len(slots)) if slots and consecutive else None,
+        groups=tuple(groups),
+        max_group=max((len(rows) for _, rows in groups), default=0),
+        slot_range=(first, first + num) if consecutive else None,
     )
 
 

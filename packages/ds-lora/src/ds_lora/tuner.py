@@ -272,12 +272,14 @@ def adapter_batch(
     root = unwrap(model)
     configs = adapter_configs(root)
     vocabulary = tuple(configs)
-    slots = []
-    for i, name in enumerate(row_adapters):
+    row_adapters = list(row_adapters)
+    slot_of: dict[str | None, int] = {None: len(vocabulary)}
+    # Each distinct name is checked once: a paged runner passes one row per context token.
+    for name in dict.fromkeys(row_adapters):
         if name is None:
-            slots.append(len(vocabulary))
             continue
-        if name not in configs:
+        i = row_adapters.index(name)
+        if not isinstance(name, str) or name not in configs:
             raise AdapterNotFoundError(
                 f"row_adapters[{i}]={name!r} is not on this model; its adapters are "
                 f"{list(vocabulary)} (or None for no adapter)"
@@ -293,7 +295,8 @@ def adapter_batch(
                 f"row_adapters[{i}]={name!r} has lora_dropout={config.lora_dropout} and the "
                 "model is in training mode; mixed batches are for inference (call model.eval())"
             )
-        slots.append(vocabulary.index(name))
+        slot_of[name] = vocabulary.index(name)
+    slots = [slot_of[name] for name in row_adapters]
     if only is not None:
         if isinstance(only, str) or not all(isinstance(o, str) for o in only):
             raise TypeError(f"only must be a list of module names (str), got {only!r}")
