@@ -7,10 +7,15 @@ and loaded by ds-model; both then generate greedily from the same prompts:
   so the prefill is subtracted out; ``batch x (N - 1)`` tokens over that time.
 - prefill tokens/s: a prompt of ``--prefill-len`` tokens with ``max_new_tokens=1``.
 
+``--model PATH`` adds a real checkpoint (e.g. the shipped ``models/ds-tiny-coder``),
+loaded by both libraries in float32; neither stops at EOS (transformers through
+``min_new_tokens``, ds-model with its EOS ids cleared), so both generate every token.
+
 Each figure is the median of ``--repeats`` runs. Also prints KV-cache bytes per token
 of MLA against multi-head attention of the same size. Run:
 
-    uv run --frozen python packages/ds-model/benchmarks/bench_generate.py [--threads 1]
+    uv run --frozen python packages/ds-model/benchmarks/bench_generate.py [--threads 1] \
+        [--model models/ds-tiny-coder]
 """
 
 from __future__ import annotations
@@ -86,6 +91,20 @@ def build(shape: str, path: str):
         warnings.simplefilter("ignore")
         hf.save_pretrained(path)
     ours = ds_model.from_pretrained(path, dtype=torch.float32)
+    return hf, ours
+
+
+def load(path: str):
+    """A checkpoint directory in both libraries, float32, ds-model without EOS stops."""
+    import dataclasses
+
+    import ds_model
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ours = ds_model.from_pretrained(path, dtype=torch.float32)
+    ours.config = dataclasses.replace(ours.config, eos_token_id=None)
+    ours.tokenizer = None  # ids in, ids out; its EOS id would stop generation early
     return hf, ours
 
 
@@ -177,6 +196,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=65)
     parser.add_argument("--prefill-len", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--model", default=None, help="also a real checkpoint directory")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import ds_model
@@ -185,9 +205,9 @@ def main() -> None:
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or '?'}; "
         f"torch {torch.__version__}, {args.threads} thread(s); fp32; median of {args.repeats}"
     )
-    for shape in args.shapes:
+    for shape in [*args.shapes, *([args.model] if args.model else [])]:
         with tempfile.TemporaryDirectory() as tmp:
-            hf, ours = build(shape, tmp)
+            hf, ours = build(shape, tmp) if shape in SHAPES else load(shape)
             total, active = ds_model.parameter_counts(ours)
             print(
                 f"\n### {shape}: {total / 1e6:.1f}M parameters, {active / 1e6:.1f}M active per token\n"
