@@ -28,15 +28,22 @@ MAX_TOKENS = 10
 
 
 def write_adapter(checkpoint, directory, seed: int, targets=TARGETS, **config):
-    """A PEFT-format adapter written by ds-lora, with non-zero B (a fresh LoRA is a no-op)."""
+    """A PEFT-format adapter written by ds-lora, with non-zero B (a fresh LoRA is a no-op).
+
+    Both A and B come from ``seed``: A's default init draws from the global RNG, whose state
+    depends on which tests ran before, and an unseeded adapter can put two tokens within
+    float noise of each other, so that the served and the reference greedy outputs differ
+    in one run in many (seen in CI)."""
     model = ds_model.from_pretrained(checkpoint, dtype="float32")
     lora = ds_lora.LoraConfig(r=4, lora_alpha=8, target_modules=targets, **config)
     ds_lora.inject(model, lora, adapter_name="default")
     generator = torch.Generator().manual_seed(seed)
+    scale = {"lora_A": 0.1, "lora_B": 0.3}
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+            for kind, std in scale.items():
+                if kind in name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * std)
     return ds_lora.save_adapter(model, directory, adapter_name="default")
 
 
