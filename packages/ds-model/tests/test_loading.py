@@ -143,7 +143,7 @@ def test_fp8_block_weights_load_through_ds_quant(tiny_dir):
     loaded = ds_model.from_pretrained(path, dtype=torch.float32)
     q_proj = loaded.model.layers[0].self_attn.q_a_proj.weight
     assert torch.equal(q_proj, reference["model.layers.0.self_attn.q_a_proj.weight"])
-    expert = loaded.model.layers[1].mlp.experts.down[3]
+    expert = loaded.model.layers[1].mlp.experts[3].down_proj.weight
     assert torch.equal(expert, reference["model.layers.1.mlp.experts.3.down_proj.weight"])
     # FP8 rounding changes the logits a little, not a lot.
     assert (logits(loaded) - logits(model)).abs().max() < 0.05 * logits(model).abs().max()
@@ -155,6 +155,9 @@ def test_quantization_at_load(tiny_dir):
     loaded = ds_model.from_pretrained(path, quantization=quant.Int8WeightOnlyConfig())
     attn = loaded.model.layers[0].self_attn
     assert isinstance(attn.q_b_proj, quant.QuantizedLinear)
+    # Routed experts are linear layers too: in a MoE model they are most of the weights.
+    experts = loaded.model.layers[1].mlp.experts
+    assert all(isinstance(e.down_proj, quant.QuantizedLinear) for e in experts)
     assert isinstance(loaded.lm_head, torch.nn.Linear)  # the head stays full precision
     ref = logits(model)
     assert (logits(loaded) - ref).abs().max() < 0.05 * ref.abs().max()
@@ -218,6 +221,8 @@ def test_fp8_linears_can_stay_fp8(tiny_dir):
     attn = kept.model.layers[0].self_attn
     assert isinstance(attn.kv_b_proj, quant.Fp8BlockLinear)
     assert attn.kv_b_proj.weight.dtype == torch.float8_e4m3fn
+    experts = kept.model.layers[1].mlp.experts
+    assert all(isinstance(e.gate_proj, quant.Fp8BlockLinear) for e in experts)
     torch.testing.assert_close(logits(kept), logits(dequantized), atol=1e-5, rtol=1e-5)
     assert kept.generate([1, 2, 3], 4) == dequantized.generate([1, 2, 3], 4)
 
@@ -257,6 +262,8 @@ def test_quantization_by_name_and_named_adapters(tiny_dir, tmp_path):
         ["q_b_proj", "o_proj", "gate_proj", "lm_head"],
         # kv_b_proj runs on every cached context token, not on the step's new tokens.
         ["q_b_proj", "kv_b_proj", "o_proj"],
+        # The routed experts' projections too: each expert sees a subset of the rows.
+        ["gate_proj", "up_proj", "down_proj"],
     ],
 )
 def test_runner_serves_a_mixed_adapter_batch(tiny_dir, tmp_path, targets):
@@ -291,5 +298,22 @@ def test_runner_serves_a_mixed_adapter_batch(tiny_dir, tmp_path, targets):
             after = alone(torch.tensor([[*prompts[row], 13 + row]])).logits[0, -1]
         torch.testing.assert_close(logits[row], expected, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(decode[row], after, atol=1e-5, rtol=1e-5)
+    # Two single-token rows: few enough (token, expert) pairs for the MoE's per-pair path.
+    pair = runner.step([[16], [17]], [6, 5], [[0, 1], [3, 4]], adapters=["a", "b"])
+    for got, row, token in zip(pair, (0, 2), (16, 17)):
+        alone = ds_model.from_pretrained(path, adapter=dirs[names[row]])
+        with torch.no_grad():
+            want = alone(torch.tensor([[*prompts[row], 13 + row, token]])).logits[0, -1]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="one entry per sequence"):
         runner.step([[1]], [0], [[5]], adapters=["a", "b"])
+
+
+def test_default_tensor_parallel_plan_shards_mlps_but_not_routed_experts():
+    from ds_model.training.distributed import default_tp_plan
+
+    model = ds_model.from_config("tiny")
+    plan = default_tp_plan(model)
+    assert plan["model.layers.0.mlp.gate_proj"] == "colwise"  # the dense layer
+    assert plan["model.layers.1.mlp.shared_experts.down_proj"] == "rowwise"
+    assert not [name for name in plan if ".mlp.experts." in name]

@@ -7,9 +7,10 @@ once to the target dtype/device and put in place, so weights are never held twic
 
 Key conversions (both directions):
 
-- routed experts: DeepSeek's per-expert ``mlp.experts.{e}.{gate,up,down}_proj.weight``
-  (also transformers 5's fused ``mlp.experts.gate_up_proj`` / ``down_proj``) <-> our
-  stacked ``mlp.experts.gate_up`` / ``mlp.experts.down``.
+- routed experts: the model keeps DeepSeek's per-expert layout
+  (``mlp.experts.{e}.{gate,up,down}_proj.weight``); transformers 5's fused
+  ``mlp.experts.gate_up_proj`` (experts, 2 x inter, hidden) / ``down_proj`` (experts,
+  hidden, inter) are split into it on load. Saving writes the per-expert layout.
 - FP8 (DeepSeek-V3): ``weight`` float8_e4m3fn with ``weight_scale_inv`` block scales is
   dequantized through ds-quant's ``dequantize_fp8_block`` to the target dtype.
 - layers past ``num_hidden_layers`` (V3's multi-token-prediction module) are skipped
@@ -100,10 +101,10 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
 
 
 class _Target:
-    """Where one checkpoint tensor goes: a parameter/buffer, or a slice of stacked experts."""
+    """Where one checkpoint tensor goes: a module's parameter or buffer."""
 
-    def __init__(self, module: nn.Module, attr: str, shape: torch.Size, index=None) -> None:
-        self.module, self.attr, self.shape, self.index = module, attr, shape, index
+    def __init__(self, module: nn.Module, attr: str, shape: torch.Size) -> None:
+        self.module, self.attr, self.shape = module, attr, shape
 
 
 def _targets(model: DeepSeekForCausalLM) -> dict[str, _Target]:
@@ -114,22 +115,6 @@ def _targets(model: DeepSeekForCausalLM) -> dict[str, _Target]:
         tensors = {**module._parameters, **module._buffers}
         for attr, t in tensors.items():
             if t is None or attr in module._non_persistent_buffers_set:
-                continue
-            if attr in ("gate_up", "down") and mod_name.endswith("mlp.experts"):
-                n, inter = t.shape[0], module.intermediate
-                for e in range(n):
-                    if attr == "gate_up":
-                        shape = torch.Size((inter, t.shape[2]))
-                        out[f"{prefix}{e}.gate_proj.weight"] = _Target(
-                            module, attr, shape, (e, slice(0, inter))
-                        )
-                        out[f"{prefix}{e}.up_proj.weight"] = _Target(
-                            module, attr, shape, (e, slice(inter, 2 * inter))
-                        )
-                    else:
-                        out[f"{prefix}{e}.down_proj.weight"] = _Target(
-                            module, attr, t.shape[1:], (e,)
-                        )
                 continue
             out[f"{prefix}{attr}"] = _Target(module, attr, t.shape)
     if model.config.tie_word_embeddings:
@@ -148,13 +133,12 @@ def load_state(
     """Fill a (meta) model from checkpoint files. Returns notes on skipped keys.
 
     ``keep_fp8``: FP8 weights of linear layers stay FP8 as ds-quant ``Fp8BlockLinear``
-    modules (half the memory of bf16); routed experts are always dequantized."""
+    modules (half the memory of bf16), routed experts included."""
     config = model.config
     targets = _targets(model)
     block = tuple(
         (config.extra.get("quantization_config") or {}).get("weight_block_size", (128, 128))
     )
-    stacked: dict[tuple[int, str], torch.Tensor] = {}
     filled: set[str] = set()
     skipped_layers: set[int] = set()
     unexpected: list[str] = []
@@ -175,7 +159,7 @@ def load_state(
                     raise CheckpointError(f"tensor {key!r} is indexed in {file.name} but absent")
                 fused = _FUSED_EXPERT_KEY.match(key)
                 if fused:
-                    _load_fused_experts(model, fused, f.get_tensor(key), dtype, device, filled)
+                    _load_fused_experts(targets, fused, f.get_tensor(key), dtype, device, filled)
                     continue
                 target = targets.get(key)
                 if target is None:
@@ -185,7 +169,7 @@ def load_state(
                 tensor = f.get_tensor(key)
                 scale_key = key.removesuffix("weight") + "weight_scale_inv"
                 if tensor.dtype == torch.float8_e4m3fn:
-                    if keep_fp8 and target.index is None and isinstance(target.module, nn.Linear):
+                    if keep_fp8 and isinstance(target.module, nn.Linear):
                         _keep_fp8(
                             model, key, target, tensor, files, scale_key, block, dtype, device
                         )
@@ -197,7 +181,7 @@ def load_state(
                         f"checkpoint tensor {key!r} has shape {tuple(tensor.shape)} but the "
                         f"model expects {tuple(target.shape)}"
                     )
-                _place(target, tensor, dtype, device, stacked)
+                _place(target, tensor, dtype, device)
                 filled.add(key)
     missing = sorted(set(targets) - filled)
     if missing:
@@ -220,43 +204,38 @@ def load_state(
     return notes
 
 
-def _place(target: _Target, tensor: torch.Tensor, dtype, device, stacked) -> None:
+def _place(target: _Target, tensor: torch.Tensor, dtype, device) -> None:
     module, attr = target.module, target.attr
     keep_fp32 = attr == "e_score_correction_bias"
     tensor = tensor.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
-    if target.index is None:
-        if attr in module._buffers:
-            module._buffers[attr] = tensor
-        else:
-            module._parameters[attr] = nn.Parameter(
-                tensor, requires_grad=tensor.is_floating_point()
-            )
-        return
-    key = (id(module), attr)
-    if key not in stacked:
-        meta = getattr(module, attr)
-        full = torch.empty(meta.shape, dtype=dtype, device=device)
-        module._parameters[attr] = nn.Parameter(full)
-        stacked[key] = full
-    with torch.no_grad():
-        stacked[key][target.index].copy_(tensor)
+    if attr in module._buffers:
+        module._buffers[attr] = tensor
+    else:
+        module._parameters[attr] = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
 
 
-def _load_fused_experts(model, match, tensor, dtype, device, filled: set[str]) -> None:
-    """transformers 5 layout: experts.gate_up_proj (E, 2I, H), experts.down_proj (E, H, I)."""
-    module = model.get_submodule(match.group(1))
-    attr = "gate_up" if match.group(2) == "gate_up_proj" else "down"
-    expected = tuple(getattr(module, attr).shape)
-    key = f"{match.group(1)}.{match.group(2)}"
+def _load_fused_experts(targets, match, tensor, dtype, device, filled: set[str]) -> None:
+    """transformers 5 layout: experts.gate_up_proj (E, 2I, H), experts.down_proj (E, H, I),
+    split into the per-expert linear layers."""
+    base = match.group(1)
+    names = ("gate_proj", "up_proj") if match.group(2) == "gate_up_proj" else ("down_proj",)
+    first = targets.get(f"{base}.0.{names[0]}.weight")
+    experts = sum(f"{base}.{e}.{names[0]}.weight" in targets for e in range(tensor.shape[0]))
+    key = f"{base}.{match.group(2)}"
+    if first is None:
+        raise CheckpointError(f"checkpoint tensor {key!r}: the model has no routed experts there")
+    rows, cols = first.shape
+    expected = (experts, rows * len(names), cols)
     if tuple(tensor.shape) != expected:
         raise ShapeMismatchError(
             f"checkpoint tensor {key!r} has shape {tuple(tensor.shape)} but the model "
             f"expects {expected}"
         )
-    module._parameters[attr] = nn.Parameter(tensor.to(device=device, dtype=dtype))
-    names = ("gate_proj", "up_proj") if attr == "gate_up" else ("down_proj",)
-    for e in range(module.num_experts):
-        filled.update(f"{match.group(1)}.{e}.{n}.weight" for n in names)
+    for e in range(experts):
+        for name, part in zip(names, tensor[e].chunk(len(names))):
+            weight_key = f"{base}.{e}.{name}.weight"
+            _place(targets[weight_key], part.contiguous(), dtype, device)
+            filled.add(weight_key)
 
 
 def _keep_fp8(model, key, target, tensor, files, scale_key, block, dtype, device) -> None:
@@ -428,17 +407,7 @@ def export_state_dict(model: DeepSeekForCausalLM) -> dict[str, torch.Tensor]:
     for key, t in model.state_dict().items():
         if key == "lm_head.weight" and model.config.tie_word_embeddings:
             continue
-        if key.endswith("mlp.experts.gate_up"):
-            base, inter = key.removesuffix("gate_up"), t.shape[1] // 2
-            for e in range(t.shape[0]):
-                out[f"{base}{e}.gate_proj.weight"] = t[e, :inter].clone()
-                out[f"{base}{e}.up_proj.weight"] = t[e, inter:].clone()
-        elif key.endswith("mlp.experts.down"):
-            base = key.removesuffix("down")
-            for e in range(t.shape[0]):
-                out[f"{base}{e}.down_proj.weight"] = t[e].clone()
-        else:
-            out[key] = t.detach().contiguous().clone()
+        out[key] = t.detach().contiguous().clone()
     return out
 
 

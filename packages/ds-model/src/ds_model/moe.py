@@ -12,11 +12,13 @@ Gating (``Router``), on fp32 scores:
 Then ``norm_topk_prob`` renormalises the k weights to sum to 1 and
 ``routed_scaling_factor`` scales them.
 
-Routed experts are stored stacked, ``gate_up`` (experts, 2 x moe_intermediate, hidden)
-and ``down`` (experts, hidden, moe_intermediate): one tensor per layer to load,
-quantize or shard. A decode step runs its few (token, expert) pairs directly on views
-of those tensors; larger batches sort tokens by expert and run each hit expert once. Checkpoints keep DeepSeek's per-expert
-keys (``experts.{e}.gate_proj.weight``...); ``ds_model.loading`` converts both ways.
+Routed experts are a ``ModuleList`` of SwiGLU ``MLP`` experts, laid out as DeepSeek's
+checkpoints name them (``experts.{e}.gate_proj.weight``...), so that ds-quant's
+``quantize_``, ds-lora's targeting and FP8 loading reach every expert's linear layers,
+as they did in transformers 4's DeepSeek models (transformers 5 fuses the experts into
+two stacked tensors, which ``ds_model.loading`` splits). A decode step runs its few
+(token, expert) pairs one by one; larger batches sort tokens by expert and run each hit
+expert once on its rows.
 """
 
 from __future__ import annotations
@@ -82,14 +84,12 @@ class Router(nn.Module):
         return ~keep.unsqueeze(-1)
 
 
-class RoutedExperts(nn.Module):
-    """Stacked SwiGLU experts. ``forward(x (tokens, hidden), weights, idx (tokens, k))``."""
+class RoutedExperts(nn.ModuleList):
+    """``num_experts`` SwiGLU experts; ``forward(x (tokens, hidden), weights, idx (tokens,
+    k))`` -> (tokens, hidden): each token's k experts, weighted by ``weights``."""
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
-        super().__init__()
-        self.num_experts, self.intermediate = num_experts, intermediate
-        self.gate_up = nn.Parameter(torch.zeros(num_experts, 2 * intermediate, hidden))
-        self.down = nn.Parameter(torch.zeros(num_experts, hidden, intermediate))
+        super().__init__(MLP(hidden, intermediate) for _ in range(num_experts))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         if idx.numel() <= GATHER_MAX_PAIRS:
@@ -97,19 +97,17 @@ class RoutedExperts(nn.Module):
         return self._looped(x, weights, idx)
 
     def _few(self, x, weights, idx) -> torch.Tensor:
-        # A handful of (token, expert) pairs (decode): run each expert on views of the
-        # stacked weights; gathering the weights would copy them every step.
+        # A handful of (token, expert) pairs (decode): no sorting, one call per pair.
         out = torch.zeros_like(x)
         pair_weights = weights.to(x.dtype)
         for t, experts in enumerate(idx.tolist()):
             for j, e in enumerate(experts):
-                gate, up = F.linear(x[t], self.gate_up[e]).split(self.intermediate)
-                out[t] += F.linear(F.silu(gate) * up, self.down[e]) * pair_weights[t, j]
+                out[t] += self._run(e, x[t : t + 1], slice(t, t + 1))[0] * pair_weights[t, j]
         return out
 
     def _looped(self, x, weights, idx) -> torch.Tensor:
         out = torch.zeros_like(x)
-        counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts).tolist()
+        counts = torch.bincount(idx.reshape(-1), minlength=len(self)).tolist()
         order = torch.argsort(idx.reshape(-1), stable=True)
         token_of = order // idx.shape[1]
         pair_weights = weights.reshape(-1)[order].to(x.dtype)
@@ -118,11 +116,33 @@ class RoutedExperts(nn.Module):
             if count == 0:
                 continue
             rows = token_of[start : start + count]
-            gate, up = F.linear(x[rows], self.gate_up[expert]).split(self.intermediate, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.down[expert])
+            y = self._run(expert, x[rows], rows)
             out.index_add_(0, rows, y * pair_weights[start : start + count, None])
             start += count
         return out
+
+    def _run(self, e: int, x_rows: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor:
+        """Expert ``e`` on the tokens ``rows`` of the batch. Under a mixed-adapter batch
+        (ds-lora's ``adapter_batch``: one adapter per token row), the expert's LoRA layers
+        see only these rows, so they get these rows' adapters for the call."""
+        expert = self[e]
+        mixed = [
+            (layer, layer.row_adapters_state())
+            for layer in (expert.gate_proj, expert.up_proj, expert.down_proj)
+            # A class attribute lookup: cheap for the plain nn.Linear of every other call.
+            if hasattr(type(layer), "row_adapters_state")
+            and layer.row_adapters_state()[1] is not None
+        ]
+        if not mixed:
+            return expert(x_rows)
+        for layer, (names, row_index, _) in mixed:
+            here = rows if isinstance(rows, slice) else rows.to(row_index.device)
+            layer.set_row_adapters(names, row_index[here])
+        try:
+            return expert(x_rows)
+        finally:
+            for layer, state in mixed:
+                layer.set_row_adapters(*state)
 
 
 class MoE(nn.Module):

@@ -18,6 +18,7 @@ data-parallel rank (``dp_rank`` of ``dp_size``), not by the global rank.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from torch import nn
 __all__ = ["DistContext", "default_tp_plan", "init_distributed", "unwrap", "wrap_model"]
 
 _MLP_COLWISE = ("gate_proj", "up_proj", "w1", "w3")
+_ROUTED_EXPERT = re.compile(r"(^|\.)experts\.\d+\.")
 _MLP_ROWWISE = ("down_proj", "w2")
 _CPU = torch.device("cpu")
 
@@ -120,7 +122,8 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
 def default_tp_plan(model: nn.Module) -> dict[str, str]:
     """``{module name: "colwise" | "rowwise"}``. A model may declare its own
     ``tp_plan`` (same format); otherwise the MLP projections (``gate_proj``/``up_proj``
-    column-wise, ``down_proj`` row-wise) are sharded, which is valid for any model.
+    column-wise, ``down_proj`` row-wise) are sharded, which is valid for any model;
+    a MoE's routed experts (``experts.<e>.``) stay replicated.
     Attention projections are sharded only through a model's own plan, since that
     needs attention code that infers the local head count from the sharded width."""
     declared = getattr(model, "tp_plan", None)
@@ -130,6 +133,8 @@ def default_tp_plan(model: nn.Module) -> dict[str, str]:
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
+        if _ROUTED_EXPERT.search(name):
+            continue  # replicated: a MoE's experts split by expert, not within one
         leaf = name.rsplit(".", 1)[-1]
         if leaf in _MLP_COLWISE:
             plan[name] = "colwise"
