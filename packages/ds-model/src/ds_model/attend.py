@@ -3,13 +3,16 @@
 ``q``: (batch, seqlen_q, heads, d_qk); ``k``: (batch, seqlen_k, kv_heads, d_qk);
 ``v``: (batch, seqlen_k, kv_heads, d_v) -> (batch, seqlen_q, heads, d_v).
 
-Packed ragged batches (the serving runner) pass ``cu_seqlens=(cu_q, cu_k)`` with
-batch 1, as ds-attention's varlen API defines. Causal attention is bottom-right aligned (query ``i`` of ``T`` new tokens sits at key
-position ``S - T + i``), which is exactly what a KV cache needs. Batches that carry
-padding or several sequences of different lengths pass ``mask``, a bool
-(batch, 1, seqlen_q, seqlen_k) tensor of visible keys, with causality and any
-window already folded in (the caller knows each row's positions; ``window`` is then
-ignored).
+Causal attention is bottom-right aligned (query ``i`` of ``T`` new tokens sits at key
+position ``S - T + i``), which is exactly what a KV cache needs; ``window`` is
+ds-attention's ``(left, right)``. Three batch layouts:
+
+- plain: every slot is a real token.
+- ``cu_seqlens=(cu_q, cu_k)``: packed ragged sequences with batch 1 (the serving
+  runner), as ds-attention's varlen API defines.
+- ``padding``: a padded batch (``ds_model.unpad.Padding``). The real queries and keys
+  are gathered into packed rows, run through the same varlen API (causal and window
+  count real tokens within each row), and scattered back; padded query slots get zeros.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 import ds_attention
 import torch
 import torch.nn.functional as F
+
+from ds_model.unpad import Padding
 
 __all__ = ["attend"]
 
@@ -28,11 +33,28 @@ def attend(
     *,
     softmax_scale: float,
     mask: torch.Tensor | None = None,
+    padding: Padding | None = None,
     cu_seqlens: tuple[torch.Tensor, torch.Tensor] | None = None,
     window: tuple[int | None, int | None] | None = None,
     causal: bool = True,
     backend: str | None = None,
 ) -> torch.Tensor:
+    if (mask is not None) + (padding is not None) + (cu_seqlens is not None) > 1:
+        raise ValueError("pass at most one of mask, padding and cu_seqlens")
+    if padding is not None:
+        if padding.total_q == 0:  # every query is padding: nothing to attend
+            return q.new_zeros(*q.shape[:3], v.shape[-1])
+        out = ds_attention.attention(
+            padding.unpad_q(q),
+            padding.unpad_k(k),
+            padding.unpad_k(v),
+            causal=causal,
+            window=window,
+            cu_seqlens=padding.cu_seqlens,
+            softmax_scale=softmax_scale,
+            backend=backend,
+        )
+        return padding.pad_q(out)
     if mask is None:
         return ds_attention.attention(
             q,
@@ -44,8 +66,11 @@ def attend(
             softmax_scale=softmax_scale,
             backend=backend,
         )
-    # An explicit per-row mask (left padding, ragged runner batches): torch's SDPA with
-    # a boolean mask, in (batch, heads, seqlen, dim) layout.
+    # An arbitrary bool (batch, 1, seqlen_q, seqlen_k) visibility mask from a caller of
+    # DeepSeekModel.forward(mask=...). It need not be "real tokens, causal, window", so
+    # it has no varlen form and ds-attention (causal / window / block / varlen masks
+    # only) cannot express it: torch's SDPA runs it, with causality and any window
+    # already folded in by the caller (``window`` is ignored here).
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         k.transpose(1, 2),

@@ -46,6 +46,7 @@ class Attention(nn.Module):
             v,
             softmax_scale=self.softmax_scale,
             mask=ctx.mask,
+            padding=ctx.padding,
             cu_seqlens=ctx.cu_seqlens,
             window=ctx.window,
             backend=ctx.backend,

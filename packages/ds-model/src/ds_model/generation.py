@@ -1,9 +1,10 @@
 """Autoregressive generation with a static KV cache: greedy, sampled, streamed, batched.
 
 A batch of prompts is left-padded to one length, so every row writes the same cache
-slot at every step and one mask view (``key_valid[:, None, None, :length]``) hides the
-padding; positions count real tokens only, so a padded prompt produces exactly what it
-produces alone. The decode loop allocates no cache and no mask per step.
+slot at every step and a view of one (batch, length) bool of real slots hides the
+padding (attention runs varlen over the real tokens, see ``ds_model.unpad``);
+positions count real tokens only, so a padded prompt produces exactly what it produces
+alone. The decode loop allocates no cache per step.
 
 Prompts: a string or list of strings (needs ``model.tokenizer``), a list of token ids,
 a list of lists, or a 1-D/2-D tensor. Results mirror the input: text for text, new
@@ -203,7 +204,7 @@ def _steps(
             hidden = model.model(
                 token[:, None],
                 positions,
-                mask=key_valid[:, None, None, : cache.length + 1] if padded else None,
+                key_valid=key_valid[:, : cache.length + 1] if padded else None,
                 cache=writer,
                 history=True,
             )

@@ -22,6 +22,7 @@ from ds_model.mlp import MLP
 from ds_model.moe import MoE
 from ds_model.norm import RMSNorm
 from ds_model.rope import rope_tables
+from ds_model.unpad import Padding
 
 __all__ = ["CausalLMOutput", "DecoderLayer", "DeepSeekForCausalLM", "DeepSeekModel"]
 
@@ -90,16 +91,34 @@ class DeepSeekModel(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         *,
+        key_valid: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         cu_seqlens: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: Any = None,
         history: bool = False,
     ) -> torch.Tensor:
-        """``input_ids``, ``positions``: (batch, seqlen) -> (batch, seqlen, hidden)."""
+        """``input_ids``, ``positions``: (batch, seqlen) -> (batch, seqlen, hidden).
+
+        At most one of: ``key_valid`` (batch, past + seqlen) bool, True for real tokens
+        (a padded batch: attention runs varlen over the real tokens; padding slots get
+        finite, meaningless hidden states); ``cu_seqlens`` (cu_q, cu_k) for packed sequences in one row;
+        ``mask`` (batch, 1, seqlen, past + seqlen) bool, an arbitrary visibility mask
+        with causality and any window folded in (torch SDPA, no ds-attention backend)."""
+        if (key_valid is not None) + (mask is not None) + (cu_seqlens is not None) > 1:
+            raise ValueError("pass at most one of key_valid, mask and cu_seqlens")
+        padding = None
+        if key_valid is not None:
+            if key_valid.dim() != 2 or key_valid.shape[0] != input_ids.shape[0]:
+                raise ValueError(
+                    f"key_valid must be (batch, past + seqlen) with batch "
+                    f"{input_ids.shape[0]}, got shape {tuple(key_valid.shape)}"
+                )
+            padding = Padding.from_key_valid(key_valid.bool(), input_ids.shape[1])
         ctx = ForwardContext(
             cos=self.rope_cos[positions].unsqueeze(2),
             sin=self.rope_sin[positions].unsqueeze(2),
             mask=mask,
+            padding=padding,
             cu_seqlens=cu_seqlens,
             window=_window(self.config),
             cache=cache,
@@ -190,7 +209,7 @@ class DeepSeekForCausalLM(nn.Module):
                 f"sequence length {start + t} exceeds the model's context "
                 f"max_position_embeddings={self.config.max_position_embeddings}"
             )
-        mask = None
+        key_valid = None
         if attention_mask is not None:
             if attention_mask.shape != (b, start + t):
                 raise ValueError(
@@ -201,11 +220,13 @@ class DeepSeekForCausalLM(nn.Module):
             if position_ids is None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
             if not bool(attention_mask.all()):
-                mask = padding_mask(attention_mask, t, self.config.sliding_window)
+                key_valid = attention_mask
         if position_ids is None:
             position_ids = torch.arange(start, start + t, device=input_ids.device).expand(b, t)
         writer = cache.writer(t) if cache is not None else None
-        hidden = self.model(input_ids, position_ids, mask=mask, cache=writer, history=start > 0)
+        hidden = self.model(
+            input_ids, position_ids, key_valid=key_valid, cache=writer, history=start > 0
+        )
         if cache is not None:
             cache.length += t
         if logits_to_keep:
@@ -233,25 +254,6 @@ class DeepSeekForCausalLM(nn.Module):
         from ds_model.loading import save_pretrained
 
         save_pretrained(self, path, **kwargs)
-
-
-def padding_mask(
-    key_valid: torch.Tensor, num_new: int, sliding_window: int | None = None
-) -> torch.Tensor:
-    """(batch, seqlen_k) bool of real keys -> (batch, 1, num_new, seqlen_k) visible keys.
-
-    The new tokens are the last ``num_new`` slots. A key is visible when it is real and
-    not in the future (and inside the window). Each query also sees itself, so a padding
-    query has one visible key and a finite (ignored) output instead of NaN.
-    """
-    s = key_valid.shape[1]
-    qpos = torch.arange(s - num_new, s, device=key_valid.device)[:, None]
-    kpos = torch.arange(s, device=key_valid.device)[None, :]
-    allowed = kpos <= qpos
-    if sliding_window is not None:
-        allowed &= kpos > qpos - sliding_window
-    visible = key_valid[:, None, None, :] & allowed
-    return visible | (kpos == qpos)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
