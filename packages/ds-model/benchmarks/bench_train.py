@@ -8,6 +8,17 @@ the first ``--warmup`` ones divided by their wall time. Peak memory is the proce
 RSS minus its RSS just before training (imports, the data and the model excluded).
 
     uv run --frozen python packages/ds-model/benchmarks/bench_train.py [--repeats 3]
+        [--arch llama|v3] [--compile none|ds|both] [--no-scaling]
+
+``--arch llama`` (default): a small llama shape, where both trainers run the same torch
+kernels. ``--arch v3``: the architecture of the model this stack ships
+(models/ds-tiny-coder: MLA + DeepSeekMoE, 8 routed experts top-2) with the byte-level
+vocabulary; transformers' ``DeepseekV3ForCausalLM`` loads ds-model's initial weights, so
+both start from the same parameters. LoRA there targets the same modules on both sides
+(attention, dense and shared-expert MLPs; not routed experts, which transformers 5 fuses
+into tensors PEFT's ``target_modules`` cannot reach). ``--compile ds`` trains ds-model
+with ``torch_compile=True``; ``both`` also sets HF's ``torch_compile=True`` (the first,
+compiling steps fall in the warm-up, which must cover them).
 
 Every process uses one intra-op thread (torch.set_num_threads(1)), so that 1 vs 2
 processes on a 2-core machine compares like with like and runs are less noisy.
@@ -24,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 CONFIG = {
     "model_type": "llama",
@@ -36,6 +48,21 @@ CONFIG = {
     "bos_token_id": 256,
     "eos_token_id": 257,
 }
+V3_CONFIG = {
+    **json.loads(
+        (Path(__file__).parents[3] / "models" / "ds-tiny-coder" / "config.json").read_text()
+    ),
+    "vocab_size": 259,
+    "bos_token_id": 256,
+    "eos_token_id": 257,
+    "pad_token_id": 258,
+    "torch_dtype": "float32",
+}
+# PEFT's full-match regex form, understood by ds-lora too: the same layers on both sides.
+V3_LORA_TARGETS = (
+    r".*\.(self_attn\.(q_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
+    r"|mlp\.(shared_experts\.)?(gate_proj|up_proj|down_proj))"
+)
 SEQ, BATCH = 128, 8
 
 
@@ -70,19 +97,18 @@ def _blocks():
     return ds
 
 
-def run_ds(mode: str, steps: int, warmup: int) -> dict:
+def run_ds(mode: str, steps: int, warmup: int, arch: str = "llama", compile: bool = False) -> dict:
     import ds_model
     import torch
     from ds_model.training import ByteTokenizer, Trainer
 
     torch.set_num_threads(1)
     data = _blocks()
-    model = ds_model.from_config(CONFIG, seed=0)
+    model = ds_model.from_config(CONFIG if arch == "llama" else V3_CONFIG, seed=0)
     lora = None
     if mode == "lora":
-        lora = ds_model.LoraConfig(
-            r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0
-        )
+        targets = "all-linear" if arch == "llama" else V3_LORA_TARGETS
+        lora = ds_model.LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0)
     stamps: list[float] = []
 
     class Timed(Trainer):
@@ -108,11 +134,21 @@ def run_ds(mode: str, steps: int, warmup: int) -> dict:
             save_final=False,
             shuffle=False,
             max_grad_norm=1.0,
+            torch_compile=compile,
         ).train()
     return _result(stamps, warmup, base)
 
 
-def run_hf(mode: str, steps: int, warmup: int) -> dict:
+def _hf_v3(tmp: str):
+    """transformers' DeepSeek-V3 with ds-model's seed-0 initial weights."""
+    import ds_model
+    from transformers import DeepseekV3ForCausalLM
+
+    ds_model.from_config(V3_CONFIG, seed=0).save_pretrained(tmp)
+    return DeepseekV3ForCausalLM.from_pretrained(tmp, dtype="float32")
+
+
+def run_hf(mode: str, steps: int, warmup: int, arch: str = "llama", compile: bool = False) -> dict:
     import torch
     from transformers import (
         LlamaConfig,
@@ -146,6 +182,9 @@ def run_hf(mode: str, steps: int, warmup: int) -> dict:
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(cfg)
+    if arch == "v3":
+        with tempfile.TemporaryDirectory() as tmp:
+            model = _hf_v3(tmp)
     if mode == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -156,7 +195,9 @@ def run_hf(mode: str, steps: int, warmup: int) -> dict:
                 lora_alpha=16,
                 lora_dropout=0.0,
                 task_type="CAUSAL_LM",
-                target_modules=[
+                target_modules=V3_LORA_TARGETS
+                if arch == "v3"
+                else [
                     "q_proj",
                     "k_proj",
                     "v_proj",
@@ -190,6 +231,7 @@ def run_hf(mode: str, steps: int, warmup: int) -> dict:
             dataloader_num_workers=0,
             max_grad_norm=1.0,
             disable_tqdm=True,
+            torch_compile=compile,
         )
         Trainer(model=model, args=args, train_dataset=items, callbacks=[Stamp()]).train()
     return _result(stamps, warmup, base)
@@ -267,10 +309,17 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--worker", choices=["ds", "hf", "scale"])
     p.add_argument("--mode", choices=["full", "lora"], default="full")
+    p.add_argument("--arch", choices=["llama", "v3"], default="llama")
+    p.add_argument("--no-scaling", action="store_true", help="skip the 1 vs 2 process runs")
+    p.add_argument("--compile", choices=["none", "ds", "both"], default="none")
+    p.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)  # worker
     a = p.parse_args()
     if a.worker:
         fn = {"ds": run_ds, "hf": run_hf}.get(a.worker)
-        result = fn(a.mode, a.steps, a.warmup) if fn else run_scaling_rank(a.steps, a.warmup)
+        if fn:
+            result = fn(a.mode, a.steps, a.warmup, a.arch, a.compiled)
+        else:
+            result = run_scaling_rank(a.steps, a.warmup)
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(result), flush=True)
         return
@@ -279,23 +328,28 @@ def main() -> None:
     for mode in ("full", "lora"):
         ds_runs, hf_runs = [], []
         for _ in range(a.repeats):  # interleaved, so load drift hits both alike
-            ds_runs.append(_child(["--worker", "ds", "--mode", mode, *common]))
-            hf_runs.append(_child(["--worker", "hf", "--mode", mode, *common]))
+            for worker, runs in (("ds", ds_runs), ("hf", hf_runs)):
+                compiled = a.compile == "both" or (a.compile == "ds" and worker == "ds")
+                flags = ["--worker", worker, "--mode", mode, "--arch", a.arch, *common]
+                runs.append(_child(flags + ["--compiled"] * compiled))
         med = {
             k: (statistics.median(r[k] for r in ds_runs), statistics.median(r[k] for r in hf_runs))
             for k in ("tokens_per_s", "peak_mib")
         }
         rows.append((mode, med))
     one, two = [], []
-    for _ in range(a.repeats):
+    for _ in range(0 if a.no_scaling else a.repeats):
         one.append(_child(["--worker", "scale", *common])["tokens_per_s"])
         two.append(_child(["--worker", "scale", *common], torchrun=2)["tokens_per_s"])
     load = os.getloadavg()
     print(
         f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"torch threads 1 per process, load average {load[0]:.1f}; {a.repeats} repeats, "
-        f"medians; model llama {CONFIG['hidden_size']}d x {CONFIG['num_hidden_layers']} "
-        f"layers, batch {BATCH} x {SEQ} tokens, {a.steps} steps ({a.warmup} warm-up)\n"
+        f"medians; model {a.arch} "
+        f"{(CONFIG if a.arch == 'llama' else V3_CONFIG)['hidden_size']}d x "
+        f"{(CONFIG if a.arch == 'llama' else V3_CONFIG)['num_hidden_layers']} layers, "
+        f"batch {BATCH} x {SEQ} tokens, {a.steps} steps ({a.warmup} warm-up), "
+        f"torch.compile: {a.compile}\n"
     )
     print(
         "| run | ds-model tokens/s | HF Trainer tokens/s | speed ratio | ds-model peak MiB | "
@@ -304,11 +358,13 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for mode, med in rows:
         (dt, ht), (dm, hm) = med["tokens_per_s"], med["peak_mib"]
-        label = "full fine-tune" if mode == "full" else "LoRA r=8 all linear (HF: + PEFT)"
+        label = "full fine-tune" if mode == "full" else "LoRA r=8 (HF: + PEFT)"
         print(
             f"| {label} | {dt:.0f} | {ht:.0f} | {dt / ht:.2f}x | {dm:.0f} | {hm:.0f} | "
             f"{dm / hm:.2f}x |"
         )
+    if not one:
+        return
     o, t = statistics.median(one), statistics.median(two)
     print("\n| processes (DDP, gloo, CPU) | tokens/s | scaling |")
     print("| --- | --- | --- |")

@@ -215,3 +215,36 @@ def test_bf16_training_on_cuda(tmp_path: Path) -> None:
     result = trainer.train()
     assert next(trainer.model.parameters()).device.type == "cuda"
     assert sum(result.losses[-5:]) / 5 < result.losses[0] - 1.0
+
+
+def test_torch_compile_trains_the_same_losses_and_saves_plain_weights(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    texts = S.make_texts(16)
+    runs = {}
+    for compiled in (False, True):
+        trainer = Trainer(
+            model=S.real_lm(),
+            train_dataset=texts,
+            **FAST,
+            output_dir=str(tmp_path / str(compiled)),
+            learning_rate=3e-3,
+            per_device_train_batch_size=4,
+            max_steps=3,
+            shuffle=False,
+            torch_compile=compiled,
+        )
+        runs[compiled] = trainer.train().losses
+    assert runs[True] == pytest.approx(runs[False], rel=1e-4)
+    assert runs[True][-1] != runs[True][0]  # it trained
+    # The checkpoint is the plain model's: it loads without torch.compile's name prefix.
+    saved = load_file(tmp_path / "True" / "checkpoint-3" / "model.safetensors")
+    assert not any("_orig_mod" in k for k in saved)
+    expected = dict(trainer.model.state_dict())
+    torch.testing.assert_close(saved, {k: expected[k] for k in saved})
+    assert set(saved) >= {k for k in expected if "embed" in k or "layers.0." in k}
+
+
+def test_torch_compile_is_refused_with_sharded_strategies() -> None:
+    with pytest.raises(ValueError, match=r"torch_compile=True with distributed_strategy='fsdp'"):
+        TrainingConfig(torch_compile=True, distributed_strategy="fsdp")

@@ -91,6 +91,9 @@ class RoutedExperts(nn.ModuleList):
     def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
         super().__init__(MLP(hidden, intermediate) for _ in range(num_experts))
 
+    # The dispatch is data-dependent (how many tokens each expert gets); under
+    # torch.compile it would recompile for every new count, so it always runs eagerly.
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         if idx.numel() <= GATHER_MAX_PAIRS:
             return self._few(x, weights, idx)

@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq_len", type=int, default=512, help="packed sequence length")
     p.add_argument("--no_packing", action="store_true", help="one example per sequence")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument(
+        "--torch_compile",
+        action="store_true",
+        help="torch.compile the model (first step slower; single process or ddp)",
+    )
     p.add_argument("--lora_rank", type=int, default=0, help="0: full training")
     p.add_argument("--lora_alpha", type=float, default=None, help="default: 2 * rank")
     p.add_argument("--lora_dropout", type=float, default=0.0)
@@ -164,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_seq_len=args.seq_len,
         packing=not args.no_packing,
         precision=args.precision,
+        torch_compile=args.torch_compile,
         quantization=args.quantization,
         distributed_strategy=strategy,
         tp_size=args.tp_size,

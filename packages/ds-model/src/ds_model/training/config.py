@@ -58,6 +58,7 @@ class TrainingConfig:
     optimizer: str = "grouped_adamw"
     progress_bar: bool = True
     plot: bool = True
+    torch_compile: bool = False  # torch.compile the model's forward (none / ddp only)
 
     def __post_init__(self) -> None:
         _positive("num_train_epochs", self.num_train_epochs)
@@ -79,6 +80,11 @@ class TrainingConfig:
             raise ValueError(f"max_grad_norm={self.max_grad_norm!r}: expected > 0 or None")
         _choice("precision", self.precision, PRECISIONS)
         _choice("distributed_strategy", self.distributed_strategy, STRATEGIES)
+        if self.torch_compile and self.distributed_strategy not in ("none", "ddp"):
+            raise ValueError(
+                f"torch_compile=True with distributed_strategy={self.distributed_strategy!r}: "
+                "compiling is supported with 'none' and 'ddp' only"
+            )
         _choice("quantization", self.quantization, QUANTIZATIONS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         if self.save_total_limit is not None and self.save_total_limit < 1:

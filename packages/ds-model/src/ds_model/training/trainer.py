@@ -186,6 +186,9 @@ class Trainer:
         model.to(ctx.device)
         self.prepare_models(ctx)
         wrapped = wrap_model(model, args.distributed_strategy, ctx, args)
+        # Only the training forward is compiled (DDP's compiled form splits graphs at
+        # its buckets); evaluation, checkpoints and `trainer.model` stay the eager model.
+        forward_model = torch.compile(wrapped) if args.torch_compile else wrapped
         self.model = model
         self._wrapped = wrapped
         self._ctx = ctx
@@ -234,7 +237,7 @@ class Trainer:
             for i, batch in enumerate(batches):
                 with no_grad_sync(wrapped, args.distributed_strategy, i < count - 1):
                     with _autocast(ctx.device, args.precision):
-                        loss_sum, extra = self.compute_loss(wrapped, batch)
+                        loss_sum, extra = self.compute_loss(forward_model, batch)
                     if "zero_weight" in batch:
                         # Same keys on every rank, or the all-reduce below mismatches.
                         loss_sum, extra = loss_sum * 0.0, dict.fromkeys(extra, 0.0)
