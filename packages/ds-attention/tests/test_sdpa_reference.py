@@ -1,9 +1,13 @@
 """The SDPA path (the CPU default) against the float32 reference, forward and backward."""
 
+import itertools
+
 import ds_attention
 import pytest
 import torch
 from attn_testutils import attn, check_close, rand_qkv, reference
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 CASES = [
     # (b, sq, sk, h, h_kv, d_qk, d_v, mask kwargs)
@@ -115,3 +119,35 @@ def test_dynamic_mask_matches_seed_and_window():
 def test_dynamic_mask_rejects_too_long():
     with pytest.raises(ValueError, match="max_length"):
         ds_attention.dynamic_attention_mask(torch.zeros(1, 10, dtype=torch.long), 8)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    lens=st.lists(st.tuples(st.integers(0, 9), st.integers(0, 6)), min_size=1, max_size=5),
+    causal=st.booleans(),
+    window=st.sampled_from([None, 0, 2, (1, 3), (None, 1)]),
+    one_call=st.booleans(),
+    gqa=st.booleans(),
+)
+def test_sdpa_packed_batches_match_reference(lens, causal, window, one_call, gqa):
+    """Packed sequences (cu_seqlens) in one masked call and one call per sequence both
+    equal the reference: bottom-right causal and windows within each sequence, nothing
+    across sequences, zeros for a query that sees no key (here: a sequence without keys,
+    or a query below the key range)."""
+    import ds_attention.sdpa as sdpa_module
+
+    # (keys, extra queries-vs-keys offset): seqlen_q may exceed seqlen_k (rows see nothing).
+    len_k = [k for k, _ in lens]
+    len_q = [min(k + extra, 9) if k or extra else 1 for k, extra in lens]
+    cu_q = torch.tensor([0, *itertools.accumulate(len_q)], dtype=torch.int32)
+    cu_k = torch.tensor([0, *itertools.accumulate(len_k)], dtype=torch.int32)
+    h_kv = 1 if gqa else 2
+    q, k, v = rand_qkv(1, int(cu_q[-1]), int(cu_k[-1]), 2, h_kv, 8, 4, torch.float32)
+    kw = {"causal": causal, "window": window, "cu_seqlens": (cu_q, cu_k)}
+    limit = sdpa_module.PACKED_ONE_CALL_MAX if one_call else 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sdpa_module, "PACKED_ONE_CALL_MAX", limit)
+        out = ds_attention.attention(q, k, v, backend="sdpa", **kw)
+    expected = reference(q, k, v, **kw)[0] if k.shape[1] else torch.zeros_like(out)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected.to(out.dtype), atol=1e-5, rtol=1e-5)

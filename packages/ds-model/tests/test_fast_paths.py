@@ -46,6 +46,39 @@ def test_fast_mla_decode_equals_ds_attention_path_and_naive(q_lora_rank, batch):
     torch.testing.assert_close(fast, naive, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("fast_first", [True, False])
+def test_fast_mla_decode_with_padding_equals_ds_attention_path(fast_first):
+    """Left-padded rows, and one decode step whose new token is padding in one row."""
+    config = ModelConfig.from_preset("tiny")
+    model = ds_model.from_config(config, seed=2)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, config.vocab_size, (3, 7), generator=gen)
+    steps = torch.randint(0, config.vocab_size, (3, 5), generator=gen)
+    prompt_mask = torch.ones(3, 7, dtype=torch.long)
+    prompt_mask[1, :3] = 0
+    prompt_mask[2, :5] = 0
+    step_mask = torch.ones(3, 5, dtype=torch.long)
+    step_mask[2, 2] = 0  # a padding query: zero attention output, finite logits
+
+    def run(fast: bool) -> torch.Tensor:
+        for layer in model.model.layers:
+            layer.self_attn.fast_decode = fast
+        cache = StaticKVCache(config, 3, 24, torch.float32, "cpu")
+        mask = prompt_mask
+        with torch.inference_mode():
+            out = [model(prompt, attention_mask=mask, cache=cache).logits[:, -1]]
+            for t in range(steps.shape[1]):
+                mask = torch.cat((mask, step_mask[:, t : t + 1]), dim=1)
+                out.append(
+                    model(steps[:, t : t + 1], attention_mask=mask, cache=cache).logits[:, -1]
+                )
+        return torch.stack(out)
+
+    first, second = run(fast_first), run(not fast_first)
+    assert torch.isfinite(first).all()
+    torch.testing.assert_close(first, second, atol=1e-5, rtol=1e-5)
+
+
 def test_fast_decode_really_skips_ds_attention(monkeypatch):
     model = ds_model.from_config(ModelConfig.from_preset("tiny"), seed=0)
     calls = []

@@ -8,6 +8,11 @@ of queries (256 rows; with a layout, one query block of at least 64 rows) calls 
 only the keys some of its rows can see (a slice for a window, a gather of the visited
 key blocks for a layout), so the work shrinks with the pattern as it does in the kernel,
 instead of masking a full seqlen_q x seqlen_k product.
+
+Packed (cu_seqlens) batches run one sequence at a time, except small ones without a
+block layout (total queries x total keys <= ``PACKED_ONE_CALL_MAX``, e.g. a padded
+batch-8 decode step): those run as one SDPA call with a block-diagonal mask, since a
+Python loop of tiny calls costs more than the few masked-out products.
 """
 
 from __future__ import annotations
@@ -153,13 +158,62 @@ def _sdpa_chunked(q, k, v, spec: MaskSpec, block_mask, scale, kwargs):
     return torch.cat(outs, dim=1)
 
 
+PACKED_ONE_CALL_MAX = 1 << 16
+
+
+def _packed_mask(spec: MaskSpec, total_q: int, total_k: int, device) -> torch.Tensor:
+    """(total_q, total_k) bool: the packed sequences' own causal / window patterns on the
+    diagonal blocks, nothing across sequences."""
+    cu_q = spec.cu_seqlens_q.to(device=device, dtype=torch.long)
+    cu_k = spec.cu_seqlens_k.to(device=device, dtype=torch.long)
+    len_q, len_k = cu_q.diff(), cu_k.diff()
+    seqs = torch.arange(len(len_q), device=device)
+    seq_q = seqs.repeat_interleave(len_q, output_size=total_q)
+    seq_k = seqs.repeat_interleave(len_k, output_size=total_k)
+    # Bottom-right alignment within each sequence: query i sits at len_k - len_q + i.
+    pos_q = torch.arange(total_q, device=device) - cu_q[seq_q] + (len_k - len_q)[seq_q]
+    pos_k = torch.arange(total_k, device=device) - cu_k[seq_k]
+    pos_q, pos_k = pos_q[:, None], pos_k[None, :]
+    mask = seq_q[:, None] == seq_k[None, :]
+    left, right = _bounds(spec)
+    if left is not None:
+        mask &= pos_k >= pos_q - left
+    if right is not None:
+        mask &= pos_k <= pos_q + right
+    return mask
+
+
+def _sdpa_packed_one_call(q, k, v, spec: MaskSpec, scale: float) -> torch.Tensor:
+    mask = _packed_mask(spec, q.shape[1], k.shape[1], q.device)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    kwargs: dict = {"scale": scale}
+    groups = q.shape[2] // k.shape[2]
+    if groups > 1:
+        if HAS_GQA:
+            kwargs["enable_gqa"] = True
+        else:
+            kt = kt.repeat_interleave(groups, dim=1)
+            vt = vt.repeat_interleave(groups, dim=1)
+    row_any = mask.any(dim=-1, keepdim=True)
+    all_rows = bool(row_any.all())
+    if not all_rows:
+        mask[..., :1] |= ~row_any  # SDPA gives NaN for a row with no visible key
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, **kwargs)
+    if not all_rows:
+        out = out * row_any.to(out.dtype)
+    return out.transpose(1, 2)
+
+
 def sdpa_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec, scale: float
 ) -> torch.Tensor:
     """q (batch, seqlen_q, heads, d_qk), k/v (batch, seqlen_k, kv_heads, d) -> out
-    (batch, seqlen_q, heads, d_v). Packed batches (cu_seqlens) run one sequence at a time."""
+    (batch, seqlen_q, heads, d_v). Packed batches (cu_seqlens): see the module docstring."""
     if spec.cu_seqlens_q is None:
         return _sdpa_one(q, k, v, spec, spec.block_mask, scale)
+    one_call = spec.block_mask is None and q.shape[1] * k.shape[1] <= PACKED_ONE_CALL_MAX
+    if one_call and len(spec.cu_seqlens_q) > 2 and k.shape[1] > 0:
+        return _sdpa_packed_one_call(q, k, v, spec, scale)
     cu_q = spec.cu_seqlens_q.tolist()
     cu_k = spec.cu_seqlens_k.tolist()
     outs = []

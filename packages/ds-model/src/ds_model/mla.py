@@ -134,7 +134,8 @@ class MLAttention(nn.Module):
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, -1)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]
         if self.fast_decode and _plain_decode(q_nope, ctx):
-            return self._decode_one(q_nope, q_pe, kv, w_uk, w_uv)
+            key_valid = ctx.padding.key_valid if ctx.padding is not None else None
+            return self._decode_one(q_nope, q_pe, kv, w_uk, w_uv, key_valid)
         q_latent = torch.matmul(q_nope.unsqueeze(-2), w_uk).squeeze(-2)  # (b, t, h, r)
         q = torch.cat((q_latent, q_pe), dim=-1)
         k = kv.unsqueeze(2)  # (batch, seqlen_k, 1, kv_lora_rank + rope_dim): MQA
@@ -165,16 +166,25 @@ class MLAttention(nn.Module):
         )
         return torch.matmul(out.unsqueeze(-2), w_uv.transpose(1, 2)).squeeze(-2)  # (b, t, h, v)
 
-    def _decode_one(self, q_nope, q_pe, kv, w_uk, w_uv) -> torch.Tensor:
+    def _decode_one(self, q_nope, q_pe, kv, w_uk, w_uv, key_valid=None) -> torch.Tensor:
         """One new token per row attending to all ``s`` cached entries, in heads-major
         batched matmuls. ``q_nope``: (b, 1, h, nope), ``q_pe``: (b, 1, h, rope),
-        ``kv``: (b, s, kv_lora_rank + rope) -> (b, 1, h, v_dim)."""
+        ``kv``: (b, s, kv_lora_rank + rope) -> (b, 1, h, v_dim). ``key_valid`` (b, s)
+        bool: a padded batch's real slots (its new token is the last); a row whose new
+        token is padding gets zeros, as in the varlen path."""
         b, h = q_nope.shape[0], self.num_heads
         # (h, b, nope) @ (h, nope, r) -> (h, b, r): the key half of kv_b_proj absorbed.
         q_latent = torch.bmm(q_nope.view(b, h, -1).transpose(0, 1), w_uk)
         q = torch.cat((q_latent.transpose(0, 1), q_pe.view(b, h, -1)), dim=-1)
         scores = torch.bmm(q, kv.transpose(1, 2))  # (b, h, s)
+        if key_valid is not None:
+            # The last slot stays visible so no row is all -inf (NaN); zeroed below.
+            visible = key_valid.clone()
+            visible[:, -1] = True
+            scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
         probs = torch.softmax(scores * self.softmax_scale, dim=-1, dtype=torch.float32)
+        if key_valid is not None:
+            probs = probs * key_valid[:, -1:, None]
         out = torch.bmm(probs.to(kv.dtype), kv[..., : self.kv_lora_rank])  # (b, h, r)
         # (h, b, r) @ (h, r, v) -> (h, b, v): the value half of kv_b_proj absorbed.
         out = torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2))
@@ -187,4 +197,6 @@ def _unmasked(ctx: ForwardContext) -> bool:
 
 
 def _plain_decode(q_nope: torch.Tensor, ctx: ForwardContext) -> bool:
-    return q_nope.shape[1] == 1 and _unmasked(ctx) and ctx.window is None and ctx.backend is None
+    """One token per row, no window: padding is a key mask the fast path applies itself."""
+    plain_layout = ctx.mask is None and ctx.cu_seqlens is None
+    return q_nope.shape[1] == 1 and plain_layout and ctx.window is None and ctx.backend is None

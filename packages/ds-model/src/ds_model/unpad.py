@@ -42,6 +42,7 @@ class Padding:
     seqlen_q: int
     seqlen_k: int
     total_q: int  # real queries in the whole batch (0: nothing to attend)
+    key_valid: torch.Tensor  # (batch, seqlen_k) bool, as given
 
     @classmethod
     def from_key_valid(cls, key_valid: torch.Tensor, seqlen_q: int) -> Padding:
@@ -70,6 +71,7 @@ class Padding:
             seqlen_q=seqlen_q,
             seqlen_k=seqlen_k,
             total_q=int(cu_q[-1]),
+            key_valid=key_valid,
         )
 
     @property
