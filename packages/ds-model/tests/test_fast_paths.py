@@ -109,3 +109,26 @@ def test_prefill_with_zero_padded_values_equals_reference_backend():
     with torch.inference_mode():
         fast, slow = model(ids).logits, reference(ids).logits
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [1, 6])  # per-pair and grouped expert dispatch
+def test_expert_fast_path_never_skips_hooks_or_wrapped_layers(tokens):
+    # Plain experts run as bare F.linear calls; a hook (AWQ calibration, a user's probe)
+    # must still see every call, and the output must not change either way.
+    model = ds_model.from_config(ModelConfig.from_preset("tiny"), seed=0)
+    ids = torch.arange(1, tokens + 1)[None]
+    with torch.no_grad():
+        plain = model(ids).logits
+    seen = []
+    experts = model.model.layers[1].mlp.experts
+    handles = [e.up_proj.register_forward_hook(lambda m, i, o: seen.append(1)) for e in experts]
+    with torch.no_grad():
+        hooked = model(ids).logits
+    for h in handles:
+        h.remove()
+    pairs = tokens * model.config.num_experts_per_tok
+    if tokens == 1:  # one call per (token, expert) pair
+        assert len(seen) == pairs
+    else:  # one call per expert hit
+        assert 1 <= len(seen) <= min(pairs, len(experts))
+    torch.testing.assert_close(hooked, plain, atol=0, rtol=0)

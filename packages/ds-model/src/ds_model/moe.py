@@ -129,6 +129,10 @@ class RoutedExperts(nn.ModuleList):
         (ds-lora's ``adapter_batch``: one adapter per token row), the expert's LoRA layers
         see only these rows, so they get these rows' adapters for the call."""
         expert = self[e]
+        weights = _plain_weights(expert)
+        if weights is not None:
+            gate, up, down = weights
+            return F.linear(F.silu(F.linear(x_rows, gate)) * F.linear(x_rows, up), down)
         mixed = [
             (layer, layer.row_adapters_state())
             for layer in (expert.gate_proj, expert.up_proj, expert.down_proj)
@@ -146,6 +150,28 @@ class RoutedExperts(nn.ModuleList):
         finally:
             for layer, state in mixed:
                 layer.set_row_adapters(*state)
+
+
+def _plain_weights(expert: MLP) -> tuple[torch.Tensor, ...] | None:
+    """The three weights of an expert made of plain bias-free ``nn.Linear`` layers with
+    no hooks, which can then run as three ``F.linear`` calls without four module calls
+    (~5% of a batch-8 decode step); ``None`` for anything wrapped, quantized or observed
+    (LoRA, ds-quant layers, calibration or user hooks), which goes through the modules."""
+    layers = (expert.gate_proj, expert.up_proj, expert.down_proj)
+    for m in (expert, *layers):
+        if m._forward_hooks or m._forward_pre_hooks:
+            return None
+    if any(type(m) is not nn.Linear or m.bias is not None for m in layers):
+        return None
+    if _global_hooks():
+        return None
+    return tuple(m.weight for m in layers)
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module
+
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
 
 
 class MoE(nn.Module):
