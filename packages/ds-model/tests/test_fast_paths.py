@@ -132,3 +132,28 @@ def test_expert_fast_path_never_skips_hooks_or_wrapped_layers(tokens):
     else:  # one call per expert hit
         assert 1 <= len(seen) <= min(pairs, len(experts))
     torch.testing.assert_close(hooked, plain, atol=0, rtol=0)
+
+
+def test_importing_ds_model_leaves_dynamo_and_triton_unloaded():
+    # torch._dynamo pulls in triton: a second of start-up for every CLI call, and a
+    # Triton imported before TRITON_INTERPRET is set cannot interpret kernels later.
+    import subprocess
+    import sys
+
+    code = "import sys, ds_model; print(sorted({'torch._dynamo', 'triton'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_run_experts_eagerly_marks_each_moe_layer_once():
+    from ds_model.moe import run_experts_eagerly
+
+    model = ds_model.from_config(ModelConfig.from_preset("tiny"), seed=0)
+    ids = torch.arange(1, 9)[None]
+    with torch.no_grad():
+        before = model(ids).logits
+    moe_layers = model.config.num_hidden_layers - model.config.first_k_dense_replace
+    assert run_experts_eagerly(model) == moe_layers
+    assert run_experts_eagerly(model) == 0  # already marked
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, atol=0, rtol=0)

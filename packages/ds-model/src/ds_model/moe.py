@@ -30,7 +30,7 @@ from torch import nn
 from ds_model.config import ModelConfig
 from ds_model.mlp import MLP
 
-__all__ = ["MoE", "RoutedExperts", "Router"]
+__all__ = ["MoE", "RoutedExperts", "Router", "run_experts_eagerly"]
 
 # At or below this many (token, expert) pairs, loop over pairs; above, group by expert.
 GATHER_MAX_PAIRS = 4
@@ -91,9 +91,6 @@ class RoutedExperts(nn.ModuleList):
     def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
         super().__init__(MLP(hidden, intermediate) for _ in range(num_experts))
 
-    # The dispatch is data-dependent (how many tokens each expert gets); under
-    # torch.compile it would recompile for every new count, so it always runs eagerly.
-    @torch.compiler.disable
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         if idx.numel() <= GATHER_MAX_PAIRS:
             return self._few(x, weights, idx)
@@ -150,6 +147,21 @@ class RoutedExperts(nn.ModuleList):
         finally:
             for layer, state in mixed:
                 layer.set_row_adapters(*state)
+
+
+def run_experts_eagerly(model: nn.Module) -> int:
+    """Keep ``torch.compile`` out of every ``RoutedExperts`` dispatch of ``model``: its
+    control flow depends on how many tokens each expert gets, so a compiled dispatch
+    would recompile at nearly every step. Called on the model before compiling it (the
+    Trainer's ``torch_compile=True`` does); returns how many MoE layers it marked. Not
+    done at import: ``torch.compiler.disable`` imports torch._dynamo (and triton),
+    about a second of start-up that nothing else needs."""
+    marked = 0
+    for module in model.modules():
+        if isinstance(module, RoutedExperts) and "forward" not in vars(module):
+            module.forward = torch.compiler.disable(module.forward)
+            marked += 1
+    return marked
 
 
 def _plain_weights(expert: MLP) -> tuple[torch.Tensor, ...] | None:

@@ -188,7 +188,12 @@ class Trainer:
         wrapped = wrap_model(model, args.distributed_strategy, ctx, args)
         # Only the training forward is compiled (DDP's compiled form splits graphs at
         # its buckets); evaluation, checkpoints and `trainer.model` stay the eager model.
-        forward_model = torch.compile(wrapped) if args.torch_compile else wrapped
+        forward_model = wrapped
+        if args.torch_compile:
+            from ds_model.moe import run_experts_eagerly
+
+            run_experts_eagerly(model)
+            forward_model = torch.compile(wrapped)
         self.model = model
         self._wrapped = wrapped
         self._ctx = ctx
