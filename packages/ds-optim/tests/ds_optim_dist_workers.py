@@ -8,7 +8,9 @@ torch start-up cost is paid once per world size.
 from __future__ import annotations
 
 import copy
+import os
 import pickle
+import sys
 import traceback
 
 import torch
@@ -293,3 +295,11 @@ def main(rank: int, world: int, port: int, names: list[str], errors) -> None:
             dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Every scenario passed. Leave without the interpreter's teardown: in one CI run a
+    # rank died of SIGABRT ("terminate called without an active exception": a C++
+    # thread destroyed while joinable, as torch/gloo threads can be at exit) with no
+    # Python error reported; not reproduced in 5 local runs, so exiting here is a guard,
+    # not a proven fix. Failures above still raise and exit non-zero.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
