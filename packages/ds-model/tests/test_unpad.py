@@ -270,3 +270,30 @@ def test_explicit_mask_still_runs_and_agrees_with_key_valid():
         dense = model.model(ids, positions, mask=mask)
         varlen = model.model(ids, positions, key_valid=valid)
     torch.testing.assert_close(dense[valid], varlen[valid], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_padded_cpu_decode_shortcut_equals_varlen_path(kv_heads):
+    # attend() answers a window-free single-token padded step on CPU with one key-masked
+    # SDPA call; backend="sdpa" forces ds-attention's varlen path for the same inputs.
+    from ds_model.attend import attend
+    from ds_model.unpad import Padding
+
+    gen = torch.Generator().manual_seed(kv_heads)
+    q = torch.randn(4, 1, 4, 8, generator=gen)
+    k = torch.randn(4, 6, kv_heads, 8, generator=gen)
+    v = torch.randn(4, 6, kv_heads, 5, generator=gen)
+    key_valid = torch.tensor(
+        [
+            [1, 1, 1, 1, 1, 1],
+            [0, 0, 1, 1, 0, 1],  # padding inside the cache
+            [0, 0, 0, 0, 0, 1],  # only its new token
+            [1, 1, 1, 0, 0, 0],  # its new token is padding: zeros
+        ],
+        dtype=torch.bool,
+    )
+    padding = Padding.from_key_valid(key_valid, 1)
+    fast = attend(q, k, v, softmax_scale=0.3, padding=padding)
+    varlen = attend(q, k, v, softmax_scale=0.3, padding=padding, backend="sdpa")
+    torch.testing.assert_close(fast, varlen, atol=1e-6, rtol=1e-6)
+    assert torch.equal(fast[3], torch.zeros_like(fast[3]))
