@@ -27,6 +27,21 @@ from ds_attention.protocol import MaskSpec
 HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
+def _sdpa_layout(q, k, v, scale: float):
+    """(batch, seq, heads, dim) -> SDPA's (batch, heads, seq, dim), plus its kwargs;
+    grouped-query heads through ``enable_gqa`` or, on old torch, repeated kv heads."""
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    kwargs: dict = {"scale": scale}
+    groups = q.shape[2] // k.shape[2]
+    if groups > 1:
+        if HAS_GQA:
+            kwargs["enable_gqa"] = True
+        else:
+            kt = kt.repeat_interleave(groups, dim=1)
+            vt = vt.repeat_interleave(groups, dim=1)
+    return qt, kt, vt, kwargs
+
+
 def _sdpa_one(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -36,15 +51,7 @@ def _sdpa_one(
     scale: float,
 ) -> torch.Tensor:
     sq, sk = q.shape[1], k.shape[1]
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    groups = q.shape[2] // k.shape[2]
-    kwargs: dict = {"scale": scale}
-    if groups > 1:
-        if HAS_GQA:
-            kwargs["enable_gqa"] = True
-        else:
-            kt = kt.repeat_interleave(groups, dim=1)
-            vt = vt.repeat_interleave(groups, dim=1)
+    qt, kt, vt, kwargs = _sdpa_layout(q, k, v, scale)
     if sk == 0:
         return q.new_zeros(*q.shape[:3], v.shape[-1])
     simple = spec.window is None and block_mask is None
@@ -185,15 +192,7 @@ def _packed_mask(spec: MaskSpec, total_q: int, total_k: int, device) -> torch.Te
 
 def _sdpa_packed_one_call(q, k, v, spec: MaskSpec, scale: float) -> torch.Tensor:
     mask = _packed_mask(spec, q.shape[1], k.shape[1], q.device)
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    kwargs: dict = {"scale": scale}
-    groups = q.shape[2] // k.shape[2]
-    if groups > 1:
-        if HAS_GQA:
-            kwargs["enable_gqa"] = True
-        else:
-            kt = kt.repeat_interleave(groups, dim=1)
-            vt = vt.repeat_interleave(groups, dim=1)
+    qt, kt, vt, kwargs = _sdpa_layout(q, k, v, scale)
     row_any = mask.any(dim=-1, keepdim=True)
     all_rows = bool(row_any.all())
     if not all_rows:
