@@ -93,8 +93,12 @@ def timed(fn, q, k, v, backward):
     return median_ms(step, ARGS.repeats)
 
 
+def emit(row):
+    """Print a table row as soon as it is measured, so a cut-off run still reports."""
+    print("| " + " | ".join(row) + " |", flush=True)
+
+
 def dense_causal_rows():
-    rows = []
     for d in ARGS.head_dims:
         h = max(1, ARGS.hidden // d)
         for s in ARGS.seqlens:
@@ -108,16 +112,14 @@ def dense_causal_rows():
             for bwd in (False, True):
                 t_ours, t_sdpa = timed(ours, q, k, v, bwd), timed(theirs, q, k, v, bwd)
                 fl = attention_flops(pairs, d, d, bwd)
-                rows.append([
+                emit([
                     "dense causal", str(d), str(s), "fwd+bwd" if bwd else "fwd",
                     f"{t_ours:.2f}", f"{fl / t_ours / 1e9:.1f}", f"{t_sdpa:.2f}",
                     f"{fl / t_sdpa / 1e9:.1f}", f"{t_sdpa / t_ours:.2f}x", "-",
                 ])  # fmt: skip
-    return rows
 
 
 def sparse_rows():
-    rows = []
     d = 128
     h = max(1, ARGS.hidden // d)
     bs = ARGS.block_size
@@ -158,13 +160,12 @@ def sparse_rows():
                         t_flex = timed(tflex, q, k, v, bwd)
                     except Exception as exc:  # report, do not hide, a FlexAttention failure
                         print(f"FlexAttention failed for {name} s={s}: {exc}", file=sys.stderr)
-                rows.append([
+                emit([
                     name, str(d), str(s), "fwd+bwd" if bwd else "fwd", f"{t_ours:.2f}",
                     f"{fl / t_ours / 1e9:.1f}", f"{t_mask:.2f}", f"{fl / t_mask / 1e9:.1f}",
                     f"{t_mask / t_ours:.2f}x",
                     f"{t_flex / t_ours:.2f}x" if t_flex is not None else "n/a",
                 ])  # fmt: skip
-    return rows
 
 
 def decode_rows():
@@ -197,7 +198,9 @@ def main():
     header = ["pattern", "head_dim", "seqlen", "pass", "ours ms", "ours TFLOP/s",
               "baseline ms", "baseline TFLOP/s", "baseline / ours", "FlexAttention / ours"]  # fmt: skip
     print("Baseline: SDPA flash backend (dense causal), SDPA + dense bool mask (others).\n")
-    print(table(header, dense_causal_rows() + sparse_rows()))
+    print(table(header, []))
+    dense_causal_rows()
+    sparse_rows()
     print()
     print(table(["batch", "context", "heads/kv", "head_dim", "decode ms", "GB/s", "of peak HBM"],
                 decode_rows()))  # fmt: skip

@@ -111,9 +111,9 @@ def randomize_adapters(
             if "lora_" in name and (only is None or f".{only}." in name):
                 noise = torch.randn(param.shape, generator=gen) * std
                 if "magnitude" in name:
-                    param.mul_(1 + noise.to(param.dtype))
+                    param.mul_(1 + noise.to(param))
                 else:
-                    param.copy_(noise.to(param.dtype))
+                    param.copy_(noise.to(param))
 
 
 class Int4LinearNoGrad(Int4Linear):
