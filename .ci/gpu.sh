@@ -31,6 +31,7 @@ tests() {
         packages/ds-lora/tests/test_layer.py
     step tests-gpu-marked 240 $PY -m pytest -p no:cacheprovider -q --tb=short -m gpu \
         packages/ds-model/tests/test_model.py packages/ds-model/tests/test_train_trainer.py \
+        packages/ds-model/tests/test_cuda_graph.py \
         packages/ds-optim/tests/test_gpu.py packages/ds-quant/tests
 }
 
@@ -39,7 +40,15 @@ bench-attention() {
         --seqlens 1024 4096 16384 32768 --repeats 10
 }
 bench-quant() { step bench-quant 120 $PY packages/ds-quant/benchmarks/bench_gpu.py; }
-bench-decode() { step bench-decode 180 $PY packages/ds-model/benchmarks/bench_gpu_decode.py; }
+bench-decode() {
+    step bench-decode-v3 180 $PY packages/ds-model/benchmarks/bench_gpu_decode.py --arch v3
+    step bench-decode-llama 180 $PY packages/ds-model/benchmarks/bench_gpu_decode.py --arch llama
+}
+tests-model() {  # the ds-model / ds-lora GPU tests alone
+    step tests-model 200 $PY -m pytest -p no:cacheprovider -q --tb=short -m gpu \
+        packages/ds-model/tests/test_model.py packages/ds-model/tests/test_cuda_graph.py \
+        packages/ds-lora/tests/test_layer.py
+}
 bench-serve() {
     step bench-serve 180 $PY packages/ds-serve/benchmarks/bench_serve.py --device cuda
 }

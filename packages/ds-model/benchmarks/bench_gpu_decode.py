@@ -8,10 +8,13 @@ every step reads every active weight once, so the roofline is
 The script measures the device's achievable bandwidth with a large device-to-device
 copy in the same run and prints decode tokens/s, the roofline, and the fraction, plus
 transformers ``generate`` on the same weights for comparison. Goal: >= 60%.
+ds-model runs twice: eager steps (``cuda_graph=False``) and the default, each step
+replayed as one captured CUDA graph. ``--arch llama`` measures a dense ~1B DeepSeek
+LLM-shaped (llama) model instead of the V3 MoE shape.
 
-    uv run --frozen python packages/ds-model/benchmarks/bench_gpu_decode.py
+    uv run --frozen python packages/ds-model/benchmarks/bench_gpu_decode.py [--arch llama]
 
-Not run in this project's sessions so far (no GPU was available); see docs/benchmarks.md.
+Results: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -42,6 +45,16 @@ SHAPE_1B = {
     "n_group": 4,
     "topk_group": 2,
     "first_k_dense_replace": 1,
+}
+
+
+SHAPE_LLAMA_1B = {
+    "vocab_size": 32000,
+    "hidden_size": 2048,
+    "intermediate_size": 5504,
+    "num_hidden_layers": 18,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
 }
 
 
@@ -79,6 +92,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=129)
     parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--arch", choices=["v3", "llama"], default="v3")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
@@ -86,11 +100,17 @@ def main() -> None:
     import transformers
 
     device = "cuda"
-    config = transformers.DeepseekV3Config(
-        **SHAPE_1B, max_position_embeddings=4096, eos_token_id=None, bos_token_id=None
-    )
+    if args.arch == "v3":
+        config_cls, model_cls, shape = (
+            transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM, SHAPE_1B,
+        )  # fmt: skip
+    else:
+        config_cls, model_cls, shape = (
+            transformers.LlamaConfig, transformers.LlamaForCausalLM, SHAPE_LLAMA_1B,
+        )  # fmt: skip
+    config = config_cls(**shape, max_position_embeddings=4096, eos_token_id=None, bos_token_id=None)
     torch.manual_seed(0)
-    hf = transformers.DeepseekV3ForCausalLM(config).to(torch.bfloat16).eval()
+    hf = model_cls(config).to(torch.bfloat16).eval()
     with tempfile.TemporaryDirectory() as tmp:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -103,6 +123,9 @@ def main() -> None:
     def run_ours(n: int) -> None:
         ours.generate(ids, n)
 
+    def run_eager(n: int) -> None:
+        ours.generate(ids, n, cuda_graph=False)
+
     def run_hf(n: int) -> None:
         with torch.inference_mode():
             hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
@@ -111,17 +134,19 @@ def main() -> None:
     context = args.prompt_len + args.new_tokens // 2
     bytes_per_token = active * 2 + ours.config.kv_cache_bytes_per_token(2) * context
     roofline = bandwidth / bytes_per_token
-    mine, theirs = decode_rate(run_ours, args.new_tokens), decode_rate(run_hf, args.new_tokens)
-    print(f"device: {torch.cuda.get_device_name()}; bf16; batch 1")
-    print(f"parameters {total / 1e9:.2f}B, active per token {active / 1e9:.2f}B")
+    mine = decode_rate(run_ours, args.new_tokens)
+    eager = decode_rate(run_eager, args.new_tokens)
+    theirs = decode_rate(run_hf, args.new_tokens)
+    print(f"device: {torch.cuda.get_device_name()} (torch {torch.__version__}); bf16; batch 1")
+    print(f"{args.arch}: parameters {total / 1e9:.2f}B, active per token {active / 1e9:.2f}B")
     print("| metric | value |")
     print("| --- | ---: |")
     print(f"| copy bandwidth | {bandwidth / 1e9:.0f} GB/s |")
     print(f"| roofline decode | {roofline:.0f} tok/s |")
-    print(f"| ds-model decode | {mine:.0f} tok/s ({mine / roofline:.0%} of roofline) |")
-    print(
-        f"| transformers decode | {theirs:.0f} tok/s ({mine / theirs:.2f}x ds-model/transformers) |"
-    )
+    print(f"| ds-model decode, CUDA graph | {mine:.0f} tok/s ({mine / roofline:.0%} of roofline) |")
+    print(f"| ds-model decode, eager | {eager:.0f} tok/s ({eager / roofline:.0%} of roofline) |")
+    print(f"| transformers decode (eager) | {theirs:.0f} tok/s |")
+    print(f"| ds-model CUDA graph / transformers | {mine / theirs:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ results are cut before it).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from ds_model.cache import StaticKVCache
+from ds_model.cuda_graph import GraphedDecoder, graphable
 
 __all__ = ["SamplingParams", "generate", "sample_next", "stream"]
 
@@ -126,6 +128,7 @@ def _steps(
     stop_ids: set[int],
     stop_strings: list[str],
     seed: int | None,
+    cuda_graph: bool | None = None,
 ) -> Iterator[list[int | None]]:
     """Yields, per decode step, each row's new token (``None`` once the row is done)."""
     config = model.config
@@ -167,7 +170,12 @@ def _steps(
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
-    cache = StaticKVCache(config, batch, longest + max_new_tokens, model.dtype, device)
+    decoder = _graphed_decoder(model, cuda_graph, batch, longest + max_new_tokens)
+    if decoder is not None:
+        cache = decoder.cache
+        cache.length = 0
+    else:
+        cache = StaticKVCache(config, batch, longest + max_new_tokens, model.dtype, device)
     positions = torch.tensor(lengths, dtype=torch.long, device=device)[:, None]
     done = [False] * batch
     texts = [""] * batch
@@ -181,6 +189,8 @@ def _steps(
             logits_to_keep=1,
         )
         logits = out.logits[:, -1]
+        if decoder is not None:
+            decoder.start(key_valid[:, :longest])
         for i in range(max_new_tokens):
             token = sample_next(logits, params, generator)
             token_list = token.tolist()
@@ -200,6 +210,10 @@ def _steps(
             yield step
             if all(done) or i == max_new_tokens - 1:
                 return
+            if decoder is not None:
+                logits = decoder.step(token, positions)
+                positions += 1
+                continue
             writer = cache.writer(1)
             hidden = model.model(
                 token[:, None],
@@ -211,6 +225,43 @@ def _steps(
             cache.length += 1
             positions += 1
             logits = model.lm_head(hidden[:, -1])
+
+
+# One captured decode step per model (the latest batch size), dropped with the model.
+_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _graphed_decoder(model, cuda_graph: bool | None, batch: int, needed: int):
+    """The model's captured decode step for this batch size (reused while the model's
+    weights, modules and hooks are the ones it captured), or ``None`` for eager."""
+    if cuda_graph is not None and not isinstance(cuda_graph, bool):
+        raise TypeError(f"cuda_graph must be True, False or None, got {cuda_graph!r}")
+    if cuda_graph is False or (cuda_graph is None and not graphable(model)):
+        return None
+    if not graphable(model):
+        raise ValueError(
+            "cuda_graph=True needs a CUDA model without sliding_window or a forced "
+            f"attention_backend (device {model.device}, sliding_window="
+            f"{model.config.sliding_window}, attention_backend="
+            f"{model.config.attention_backend!r})"
+        )
+    held = _DECODERS.get(model)
+    if held is not None and held[0] == _fingerprint(model) and held[1].fits(batch, needed):
+        return held[1]
+    _DECODERS.pop(model, None)  # free the old graph and cache before building anew
+    decoder = GraphedDecoder(model, batch, needed)
+    _DECODERS[model] = (_fingerprint(model), decoder)  # stacking renews parameters
+    return decoder
+
+
+def _fingerprint(model) -> tuple:
+    """What a captured graph depends on: every weight's address and every module and
+    its hooks (a replaced or hooked module, or a moved weight, needs a new capture)."""
+    return (
+        tuple(t.data_ptr() for t in model.parameters()),
+        tuple(t.data_ptr() for t in model.buffers()),
+        tuple((id(m), len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()),
+    )
 
 
 def _params(temperature: float, top_p: float, top_k: int) -> SamplingParams:
@@ -227,14 +278,21 @@ def generate(
     top_k: int = 0,
     stop: int | str | Sequence[int | str] | None = None,
     seed: int | None = None,
+    cuda_graph: bool | None = None,
 ) -> Any:
     """Generate up to ``max_new_tokens`` per prompt. Returns text for text prompts
-    (a list for a list), else new token ids (a list of lists for a batch)."""
+    (a list for a list), else new token ids (a list of lists for a batch).
+
+    ``cuda_graph``: replay each decode step as one captured CUDA graph
+    (``ds_model.cuda_graph``); ``None`` does so on CUDA whenever the model allows it,
+    ``False`` keeps the eager step. The first call for a batch size captures (a few
+    eager steps' time); later calls of that size reuse the graph."""
     p = _normalise(model, prompt)
     stop_ids, stop_strings = _stop_sets(model, stop)
     params = _params(temperature, top_p, top_k)
     outs: list[list[int]] = [[] for _ in p.rows]
-    for step in _steps(model, p.rows, max_new_tokens, params, stop_ids, stop_strings, seed):
+    steps = _steps(model, p.rows, max_new_tokens, params, stop_ids, stop_strings, seed, cuda_graph)
+    for step in steps:
         for b, t in enumerate(step):
             if t is not None:
                 outs[b].append(t)
@@ -259,13 +317,14 @@ def stream(
     top_k: int = 0,
     stop: int | str | Sequence[int | str] | None = None,
     seed: int | None = None,
+    cuda_graph: bool | None = None,
 ) -> Iterator[Any]:
     """Like ``generate`` but yields as it goes: text pieces for one text prompt, token
     ids for one id prompt, and per-step lists (``None`` for finished rows) for batches."""
     p = _normalise(model, prompt)
     stop_ids, stop_strings = _stop_sets(model, stop)
     params = _params(temperature, top_p, top_k)
-    steps = _steps(model, p.rows, max_new_tokens, params, stop_ids, stop_strings, seed)
+    steps = _steps(model, p.rows, max_new_tokens, params, stop_ids, stop_strings, seed, cuda_graph)
     if p.kind != "text":
         single = p.kind == "ids"
         for step in steps:

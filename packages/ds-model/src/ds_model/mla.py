@@ -136,6 +136,8 @@ class MLAttention(nn.Module):
         if self.fast_decode and _plain_decode(q_nope, ctx):
             key_valid = ctx.padding.key_valid if ctx.padding is not None else None
             return self._decode_one(q_nope, q_pe, kv, w_uk, w_uv, key_valid)
+        if self.fast_decode and _masked_decode(q_nope, ctx):
+            return self._decode_one(q_nope, q_pe, kv, w_uk, w_uv, visible=ctx.mask[:, 0, 0])
         q_latent = torch.matmul(q_nope.unsqueeze(-2), w_uk).squeeze(-2)  # (b, t, h, r)
         q = torch.cat((q_latent, q_pe), dim=-1)
         k = kv.unsqueeze(2)  # (batch, seqlen_k, 1, kv_lora_rank + rope_dim): MQA
@@ -166,12 +168,16 @@ class MLAttention(nn.Module):
         )
         return torch.matmul(out.unsqueeze(-2), w_uv.transpose(1, 2)).squeeze(-2)  # (b, t, h, v)
 
-    def _decode_one(self, q_nope, q_pe, kv, w_uk, w_uv, key_valid=None) -> torch.Tensor:
+    def _decode_one(
+        self, q_nope, q_pe, kv, w_uk, w_uv, key_valid=None, visible=None
+    ) -> torch.Tensor:
         """One new token per row attending to all ``s`` cached entries, in heads-major
         batched matmuls. ``q_nope``: (b, 1, h, nope), ``q_pe``: (b, 1, h, rope),
         ``kv``: (b, s, kv_lora_rank + rope) -> (b, 1, h, v_dim). ``key_valid`` (b, s)
         bool: a padded batch's real slots (its new token is the last); a row whose new
-        token is padding gets zeros, as in the varlen path."""
+        token is padding gets zeros, as in the varlen path. ``visible`` (b, s) bool
+        instead: exactly the slots each row sees, anywhere in the cache (a caller's
+        single-query mask, as a CUDA-graph decode over the whole cache passes)."""
         b, h = q_nope.shape[0], self.num_heads
         # (h, b, nope) @ (h, nope, r) -> (h, b, r): the key half of kv_b_proj absorbed.
         q_latent = torch.bmm(q_nope.view(b, h, -1).transpose(0, 1), w_uk)
@@ -181,6 +187,7 @@ class MLAttention(nn.Module):
             # The last slot stays visible so no row is all -inf (NaN); zeroed below.
             visible = key_valid.clone()
             visible[:, -1] = True
+        if visible is not None:
             scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
         probs = torch.softmax(scores * self.softmax_scale, dim=-1, dtype=torch.float32)
         if key_valid is not None:
@@ -194,6 +201,19 @@ class MLAttention(nn.Module):
 def _unmasked(ctx: ForwardContext) -> bool:
     """Every row's keys are all real: no padding, mask or packing."""
     return ctx.mask is None and ctx.padding is None and ctx.cu_seqlens is None
+
+
+def _masked_decode(q_nope: torch.Tensor, ctx: ForwardContext) -> bool:
+    """One token per row under a caller's (batch, 1, 1, seqlen_k) bool mask."""
+    mask = ctx.mask
+    return (
+        q_nope.shape[1] == 1
+        and mask is not None
+        and mask.dtype == torch.bool
+        and mask.shape[1:3] == (1, 1)
+        and mask.shape[0] == q_nope.shape[0]
+        and ctx.backend is None
+    )
 
 
 def _plain_decode(q_nope: torch.Tensor, ctx: ForwardContext) -> bool:

@@ -23,6 +23,8 @@ expert once on its rows.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,10 +32,25 @@ from torch import nn
 from ds_model.config import ModelConfig
 from ds_model.mlp import MLP
 
-__all__ = ["MoE", "RoutedExperts", "Router", "run_experts_eagerly"]
+__all__ = ["MoE", "RoutedExperts", "Router", "run_experts_eagerly", "sync_free"]
 
 # At or below this many (token, expert) pairs, loop over pairs; above, group by expert.
 GATHER_MAX_PAIRS = 4
+
+_sync_free_depth = 0
+
+
+@contextlib.contextmanager
+def sync_free():
+    """Inside, routed experts run without reading routing decisions on the host (no
+    ``.tolist()``), so the pass can be captured as a CUDA graph: every expert's work is
+    issued whatever the routing. ``RoutedExperts.stack_weights`` makes that cheap."""
+    global _sync_free_depth
+    _sync_free_depth += 1
+    try:
+        yield
+    finally:
+        _sync_free_depth -= 1
 
 
 class Router(nn.Module):
@@ -92,6 +109,8 @@ class RoutedExperts(nn.ModuleList):
         super().__init__(MLP(hidden, intermediate) for _ in range(num_experts))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        if _sync_free_depth:
+            return self._sync_free(x, weights, idx)
         if torch.compiler.is_compiling() and idx.numel() > GATHER_MAX_PAIRS:
             plain = [_plain_weights(expert) for expert in self]
             if all(w is not None for w in plain) and _grouped_mm_fits(plain[0][2]):
@@ -127,6 +146,79 @@ class RoutedExperts(nn.ModuleList):
             out.index_add_(0, rows, y * pair_weights[start : start + count, None])
             start += count
         return out
+
+    def stack_weights(self) -> bool:
+        """Re-lay plain experts' weights as views of two stacked tensors, gate/up
+        (experts, 2 * intermediate, hidden) and down (experts, hidden, intermediate), so
+        a sync-free pass can index experts on the device. Values, names, state-dict keys
+        and memory use are unchanged, but the weights become new ``Parameter`` objects
+        (an optimizer built before holds the old ones). Returns False, changing nothing,
+        if any expert is wrapped, quantized or hooked. Idempotent."""
+        if self._stacked() is not None:
+            return True
+        plain = [_plain_weights(expert) for expert in self]
+        if any(w is None for w in plain):
+            return False
+        gate0 = plain[0][0]
+        inter = gate0.shape[0]
+        with torch.no_grad():
+            gate_up = torch.stack([torch.cat((gate, up)) for gate, up, _ in plain])
+            down = torch.stack([d for _, _, d in plain])
+        grad = gate0.requires_grad
+        for e, expert in enumerate(self):
+            expert.gate_proj.weight = nn.Parameter(gate_up[e, :inter], requires_grad=grad)
+            expert.up_proj.weight = nn.Parameter(gate_up[e, inter:], requires_grad=grad)
+            expert.down_proj.weight = nn.Parameter(down[e], requires_grad=grad)
+        self._stacked_weights = (gate_up, down)
+        return True
+
+    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The stacked tensors, if every expert's weights are still views of them (a
+        ``load_state_dict`` copies into them; replacing a layer or weight breaks this)."""
+        stacked = getattr(self, "_stacked_weights", None)
+        if stacked is None:
+            return None
+        gate_up, down = stacked
+        inter = gate_up.shape[1] // 2
+        for e, expert in enumerate(self):
+            w = _plain_weights(expert)
+            if (
+                w is None
+                or w[0].data_ptr() != gate_up[e].data_ptr()
+                or w[1].data_ptr() != gate_up[e, inter:].data_ptr()
+                or w[2].data_ptr() != down[e].data_ptr()
+            ):
+                self._stacked_weights = None
+                return None
+        return stacked
+
+    def _sync_free(self, x, weights, idx) -> torch.Tensor:
+        """The routed output with no host sync (see ``sync_free``). With stacked weights:
+        a few pairs gather their experts' weights (decode reads only the routed experts);
+        as many pairs as experts or more run every expert on every token in two batched
+        matmuls. Otherwise every expert module runs on every token."""
+        num_experts = len(self)
+        # (tokens, experts) routing weights, zero where a token did not pick the expert.
+        dense = torch.zeros(x.shape[0], num_experts, dtype=x.dtype, device=x.device)
+        dense.scatter_(1, idx, weights.to(x.dtype))
+        stacked = self._stacked()
+        if stacked is None:
+            out = torch.zeros_like(x)
+            for e, expert in enumerate(self):
+                out += expert(x) * dense[:, e : e + 1]
+            return out
+        gate_up, down = stacked
+        if idx.numel() < num_experts:
+            k = idx.shape[1]
+            pairs = x.repeat_interleave(k, dim=0)[:, :, None]  # (pairs, hidden, 1)
+            gate, up = torch.bmm(gate_up[idx.reshape(-1)], pairs).squeeze(-1).chunk(2, -1)
+            h = (F.silu(gate) * up)[:, :, None]
+            y = torch.bmm(down[idx.reshape(-1)], h).squeeze(-1)  # (pairs, hidden)
+            y = y * weights.reshape(-1, 1).to(x.dtype)
+            return y.view(x.shape[0], k, -1).sum(dim=1)
+        gate, up = torch.matmul(gate_up, x.t()).chunk(2, dim=1)  # (experts, inter, tokens)
+        h = F.silu(gate) * up * dense.t()[:, None, :]
+        return torch.matmul(down, h).sum(dim=0).t()
 
     def _run(self, e: int, x_rows: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor:
         """Expert ``e`` on the tokens ``rows`` of the batch. Under a mixed-adapter batch

@@ -1,0 +1,190 @@
+"""The captured (CUDA-graph) decode step against the eager one.
+
+On CPU the graphed step runs eagerly (``capture`` is off there): the same fixed-shape
+step over the whole cache, with a visibility mask, sync-free experts and stacked
+expert weights, which is what the GPU captures. The ``gpu`` tests capture for real.
+"""
+
+from __future__ import annotations
+
+import ds_model
+import ds_model.generation as generation
+import pytest
+import torch
+from ds_model import ModelConfig
+from ds_model.cuda_graph import GraphedDecoder
+from ds_model.moe import RoutedExperts, sync_free
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+LLAMA = {
+    "model_type": "llama",
+    "vocab_size": 128,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+}
+
+
+def v3(**overrides):
+    return ds_model.from_config(ModelConfig.from_preset("tiny", **overrides), seed=0)
+
+
+def llama():
+    return ds_model.from_config(ModelConfig.from_dict(LLAMA), seed=0)
+
+
+@pytest.fixture
+def graphable_everywhere(monkeypatch):
+    """Let generate take the graphed path on CPU (run eagerly there)."""
+    monkeypatch.setattr(generation, "graphable", lambda model: True)
+
+
+@pytest.mark.parametrize("make", [v3, llama], ids=["v3", "llama"])
+@pytest.mark.parametrize(
+    "prompts", [[[5, 6, 7, 8]], [[5, 6, 7, 8], [9, 10], [11, 12, 13]]], ids=["one", "padded"]
+)
+def test_graphed_generate_equals_eager(graphable_everywhere, make, prompts):
+    model = make()
+    eager = model.generate(prompts, 10, cuda_graph=False)
+    assert model.generate(prompts, 10) == eager
+    assert model.generate(prompts, 10, temperature=0.8, seed=3) == model.generate(
+        prompts, 10, temperature=0.8, seed=3, cuda_graph=False
+    )
+
+
+@settings(max_examples=15)
+@given(
+    lens=st.lists(st.integers(1, 9), min_size=1, max_size=5),
+    steps=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_graphed_step_logits_equal_a_plain_forward(lens, steps, seed):
+    """After a padded prefill, each graphed step's logits equal a plain forward over
+    each row's tokens so far: the masked whole-cache attention hides padding and
+    unwritten slots, and the sync-free experts compute what the eager ones do."""
+    model = MODELS["v3"]
+    gen = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in lens]
+    longest, batch = max(lens), len(rows)
+    decoder = GraphedDecoder(model, batch, longest + steps, capture=False)
+    ids = torch.zeros(batch, longest, dtype=torch.long)
+    mask = torch.zeros(batch, longest, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        ids[b, longest - len(r) :] = torch.tensor(r)
+        mask[b, longest - len(r) :] = True
+    decoder.cache.length = 0
+    with torch.no_grad():
+        model(ids, attention_mask=mask, cache=decoder.cache)
+        decoder.start(mask)
+        positions = torch.tensor(lens)[:, None]
+        for _ in range(steps):
+            token = torch.randint(0, 128, (batch,), generator=gen)
+            logits = decoder.step(token, positions)
+            positions += 1
+            for b in range(batch):
+                rows[b].append(int(token[b]))
+                want = model(torch.tensor([rows[b]])).logits[0, -1]
+                torch.testing.assert_close(logits[b], want, atol=1e-5, rtol=1e-5)
+
+
+MODELS = {"v3": v3()}
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 4, 9])  # pairs below and above the 8 experts
+@pytest.mark.parametrize("stacked", [False, True])
+def test_sync_free_experts_equal_the_dispatch(tokens, stacked):
+    model = v3()
+    experts = next(m for m in model.modules() if isinstance(m, RoutedExperts))
+    if stacked:
+        assert experts.stack_weights()
+    gen = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, model.config.hidden_size, generator=gen)
+    idx = torch.stack([torch.randperm(len(experts), generator=gen)[:2] for _ in range(tokens)])
+    weights = torch.rand(tokens, 2, generator=gen)
+    with torch.no_grad():
+        want = experts._dispatch(x, weights, idx)
+        with sync_free():
+            got = experts(x, weights, idx)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_stacking_keeps_values_names_and_checkpoints(tmp_path):
+    model = v3()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = sum(p.numel() for p in model.parameters())
+    experts = [m for m in model.modules() if isinstance(m, RoutedExperts)]
+    assert all(e.stack_weights() for e in experts)
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert sum(p.numel() for p in model.parameters()) == params
+    model.save_pretrained(tmp_path)  # views of one tensor must still save
+    loaded = ds_model.from_pretrained(tmp_path)
+    ids = torch.tensor([[3, 4, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    # A copied-in state dict keeps the views; a dtype move breaks (and forgets) them.
+    model.load_state_dict(before)
+    assert experts[0]._stacked() is not None
+    model.to(torch.float64)
+    assert experts[0]._stacked() is None
+
+
+def test_wrapped_experts_are_not_stacked_and_still_run_sync_free():
+    from ds_lora import LoraConfig, get_peft_model
+
+    model = get_peft_model(v3(), LoraConfig(r=2, target_modules=["gate_proj"]))
+    experts = next(m for m in model.modules() if isinstance(m, RoutedExperts))
+    assert not experts.stack_weights()
+    x = torch.randn(3, model.config.hidden_size)
+    idx = torch.tensor([[0, 1], [2, 3], [1, 7]])
+    weights = torch.rand(3, 2)
+    with torch.no_grad():
+        want = experts._dispatch(x, weights, idx)
+        with sync_free():
+            torch.testing.assert_close(experts(x, weights, idx), want, atol=1e-5, rtol=1e-5)
+
+
+def test_decoder_is_reused_until_the_model_changes(graphable_everywhere):
+    model = v3()
+    model.generate([1, 2, 3], 4)
+    first = generation._DECODERS[model][1]
+    model.generate([4, 5], 6)
+    assert generation._DECODERS[model][1] is first  # same batch size, fits the capacity
+    model.generate([[4, 5], [6]], 6)
+    second = generation._DECODERS[model][1]
+    assert second is not first  # another batch size: a new capture
+    handle = model.model.layers[0].register_forward_hook(lambda *a: None)
+    model.generate([[4, 5], [6]], 6)
+    assert generation._DECODERS[model][1] is not second  # a hook the graph lacks
+    handle.remove()
+
+
+def test_cuda_graph_argument_is_checked():
+    model = v3()
+    with pytest.raises(TypeError, match="cuda_graph"):
+        model.generate([1, 2], 2, cuda_graph="yes")
+    with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA model"):
+        model.generate([1, 2], 2, cuda_graph=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("make", [v3, llama], ids=["v3", "llama"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_graph_replay_equals_eager(make, dtype):
+    model = make().to("cuda", dtype)
+    for prompts in ([[5, 6, 7, 8]], [[5, 6, 7, 8], [9, 10], [11, 12, 13]]):
+        eager = model.generate(prompts, 12, cuda_graph=False)
+        assert model.generate(prompts, 12, cuda_graph=True) == eager
+        assert model.generate(prompts, 12) == eager  # the default on CUDA, replayed again
+    # Weights copied in place are what the next replay reads.
+    other = make().to("cuda", dtype)
+    other.init_weights(seed=5)
+    model.load_state_dict(other.state_dict())
+    assert model.generate([[5, 6, 7, 8]], 12) == other.generate(
+        [[5, 6, 7, 8]], 12, cuda_graph=False
+    )
