@@ -262,7 +262,10 @@ def test_cuda_mixed_batch_and_merge(dtype):
     rows = ["a0", "a1", None, "a2", "a3", "a0"]
     tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 5e-2, "rtol": 5e-2}
     with torch.no_grad():
-        assert_mixed_equals_alone(model, x, rows, **tol)
+        if dtype == torch.float32:
+            assert_mixed_equals_alone(model, x, rows, **tol)
+        else:
+            assert_mixed_as_accurate_as_alone(model, x, rows)
         ds_lora.set_adapter(model, "a1")
         unmerged = model(x)
         ds_lora.merge_adapter(model)
@@ -383,6 +386,28 @@ def test_rows_in_consecutive_slots_slice_the_stacks_and_match_the_gather():
         want = mixed_lora_delta_reference(x, base, stacked, row_index, None)
     torch.testing.assert_close(sliced, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gathered, want, atol=1e-5, rtol=1e-5)
+
+
+def assert_mixed_as_accurate_as_alone(model, x, rows):
+    """In half precision the mixed and the one-adapter paths round at different points,
+    so neither is the truth: each row's mixed output must be as close to a float32 copy
+    of the model as the row run alone is (within 2x, plus a little)."""
+    exact = copy.deepcopy(model).float()
+    with ds_lora.adapter_batch(model, rows):
+        mixed = model(x).float()
+    for i, name in enumerate(rows):
+        outputs = []
+        for m, xi in ((model, x[i : i + 1]), (exact, x[i : i + 1].float())):
+            if name is None:
+                with ds_lora.disable_adapters(m):
+                    outputs.append(m(xi).float())
+            else:
+                ds_lora.set_adapter(m, name)
+                outputs.append(m(xi).float())
+        alone, truth = outputs
+        err_mixed = (mixed[i : i + 1] - truth).abs().max().item()
+        err_alone = (alone - truth).abs().max().item()
+        assert err_mixed <= 2 * err_alone + 1e-2, (i, name, err_mixed, err_alone)
 
 
 def assert_mixed_equals_alone(model, x, rows, **tol):
