@@ -15,7 +15,10 @@ Each figure is the median of ``--repeats`` runs. Also prints KV-cache bytes per 
 of MLA against multi-head attention of the same size. Run:
 
     uv run --frozen python packages/ds-model/benchmarks/bench_generate.py [--threads 1] \
-        [--model models/ds-tiny-coder]
+        [--model models/ds-tiny-coder] [--compile]
+
+``--compile`` adds decode rows where ds-model runs ``generate(compile=True)``: its
+fixed-shape decode step through torch.compile (the compile is in the untimed warm-up).
 """
 
 from __future__ import annotations
@@ -133,31 +136,32 @@ def hf_generate(hf, ids, n):
         )
 
 
-def ours_generate(model, ids, n):
-    model.generate(ids, n)
+def ours_generate(model, ids, n, compile=False):
+    model.generate(ids, n, compile=compile)
 
 
 def measure(hf, ours, args) -> list[tuple[str, float, float]]:
     vocab = ours.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for batch in (1, 8):
+    for batch, compile in ((1, False), (8, False), *(((1, True), (8, True)) * args.compile)):
         ids = torch.randint(0, vocab, (batch, args.prompt_len), generator=gen)
         n = args.new_tokens
+        # The first (warm-up) call of a compiled run compiles; the timed ones reuse it.
         hf_full, ours_full = timed_pair(
             lambda ids=ids, n=n: hf_generate(hf, ids, n),
-            lambda ids=ids, n=n: ours_generate(ours, ids, n),
+            lambda ids=ids, n=n, c=compile: ours_generate(ours, ids, n, c),
             args.repeats,
         )
         hf_one, ours_one = timed_pair(
             lambda ids=ids: hf_generate(hf, ids, 1),
-            lambda ids=ids: ours_generate(ours, ids, 1),
+            lambda ids=ids, c=compile: ours_generate(ours, ids, 1, c),
             args.repeats,
         )
         tokens = batch * (n - 1)
         rows.append(
             (
-                f"decode tok/s, batch {batch}",
+                f"decode tok/s, batch {batch}{', ds-model compile=True' if compile else ''}",
                 tokens / max(hf_full - hf_one, 1e-9),
                 tokens / max(ours_full - ours_one, 1e-9),
             )
@@ -197,6 +201,11 @@ def main() -> None:
     parser.add_argument("--prefill-len", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--model", default=None, help="also a real checkpoint directory")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also decode with generate(compile=True) (transformers stays eager)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import ds_model

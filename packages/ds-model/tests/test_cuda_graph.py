@@ -7,11 +7,14 @@ expert weights, which is what the GPU captures. The ``gpu`` tests capture for re
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import ds_model
 import ds_model.generation as generation
 import pytest
 import torch
-from ds_model import ModelConfig
+from ds_model import ModelConfig, moe
 from ds_model.cuda_graph import GraphedDecoder
 from ds_model.moe import RoutedExperts, sync_free
 from hypothesis import given, settings
@@ -39,8 +42,17 @@ def llama():
 
 @pytest.fixture
 def graphable_everywhere(monkeypatch):
-    """Let generate take the graphed path on CPU (run eagerly there)."""
+    """Let generate take the graphed path on CPU, where a "replay" runs the step."""
+
+    def record(decoder):
+        class Replay:
+            def replay(self):
+                decoder.logits = decoder._run()
+
+        decoder.graph = Replay()
+
     monkeypatch.setattr(generation, "graphable", lambda model: True)
+    monkeypatch.setattr(GraphedDecoder, "_record", record)
 
 
 @pytest.mark.parametrize("make", [v3, llama], ids=["v3", "llama"])
@@ -109,7 +121,11 @@ def test_sync_free_experts_equal_the_dispatch(tokens, stacked):
         want = experts._dispatch(x, weights, idx)
         with sync_free():
             got = experts(x, weights, idx)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        if stacked:  # each stacked form, whichever the device would pick
+            for form in (moe._gathered, moe._grouped, moe._every_expert):
+                got = form(x, weights, idx, *experts._stacked())
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_stacking_keeps_values_names_and_checkpoints(tmp_path):
@@ -164,12 +180,41 @@ def test_decoder_is_reused_until_the_model_changes(graphable_everywhere):
     handle.remove()
 
 
-def test_cuda_graph_argument_is_checked():
+def test_cuda_graph_and_compile_arguments_are_checked():
     model = v3()
     with pytest.raises(TypeError, match="cuda_graph"):
         model.generate([1, 2], 2, cuda_graph="yes")
+    with pytest.raises(TypeError, match="compile"):
+        model.generate([1, 2], 2, compile=1)
     with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA model"):
         model.generate([1, 2], 2, cuda_graph=True)
+    windowed = v3(sliding_window=4)
+    with pytest.raises(ValueError, match="compile=True needs a model without sliding_window"):
+        windowed.generate([1, 2], 2, compile=True)
+
+
+COMPILED_CHECK = """
+import ds_model, ds_model.generation as generation
+from ds_model import ModelConfig
+model = ds_model.from_config(ModelConfig.from_preset("tiny"), seed=0)
+prompts = [[5, 6, 7, 8], [9, 10]]
+eager = model.generate(prompts, 8)
+assert model.generate(prompts, 8, compile=True) == eager, "compiled != eager"
+decoder = generation._DECODERS[model][1]
+assert model.generate(prompts, 6, compile=True) == [row[:6] for row in eager]
+assert generation._DECODERS[model][1] is decoder, "the compiled step was rebuilt"
+"""
+
+
+def test_compiled_step_equals_eager():
+    """compile=True on CPU: the fixed-shape step through torch.compile, compiled once
+    for the batch size and reused by the next call. In a child process: compiling
+    starts threads and worker processes, after which this process's fork-based tests
+    (SIGKILL resume, distributed) cannot fork safely."""
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILED_CHECK], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 @pytest.mark.gpu

@@ -166,7 +166,7 @@ def test_run_experts_eagerly_marks_each_moe_layer_once():
 def test_grouped_expert_dispatch_equals_the_loop(tokens, k, seed):
     # The compiled form of the MoE (sorted tokens, two grouped matmuls) against the
     # eager loop, forward and backward, experts without tokens included.
-    from ds_model.moe import RoutedExperts, _grouped, _grouped_mm_fits, _plain_weights
+    from ds_model.moe import RoutedExperts, _grouped, _grouped_mm_fits, _plain_weights, _stack
 
     if not hasattr(torch.nn.functional, "grouped_mm"):
         pytest.skip("needs torch.nn.functional.grouped_mm")
@@ -180,7 +180,7 @@ def test_grouped_expert_dispatch_equals_the_loop(tokens, k, seed):
     idx = torch.stack([torch.randperm(6, generator=gen)[:k] for _ in range(tokens)])
     weights = torch.rand(tokens, k, generator=gen)
     loop = experts._dispatch(x, weights, idx)
-    grouped = _grouped(x, weights, idx, [_plain_weights(e) for e in experts])
+    grouped = _grouped(x, weights, idx, *_stack([_plain_weights(e) for e in experts]))
     torch.testing.assert_close(grouped, loop, atol=1e-6, rtol=1e-5)
     upstream = torch.randn(loop.shape, generator=gen)
     inputs = [x, *experts.parameters()]

@@ -26,22 +26,22 @@ import torch
 from ds_model.cache import StaticKVCache
 from ds_model.moe import RoutedExperts, sync_free
 
-__all__ = ["GraphedDecoder", "graphable"]
+__all__ = ["GraphedDecoder", "graphable", "static_step_supported"]
 
 # Cache capacity is rounded up to this many slots so that nearby prompt lengths reuse
 # one captured graph; masked slots cost one cached latent each to read.
 CAPACITY_STEP = 256
 
 
+def static_step_supported(model) -> bool:
+    """Whether ``model`` can decode with the fixed-shape step: no sliding window and no
+    forced attention backend (the step attends through a mask; see above)."""
+    return model.config.sliding_window is None and model.config.attention_backend is None
+
+
 def graphable(model) -> bool:
-    """Whether ``model``'s decode step can be captured: on CUDA, no sliding window, no
-    forced attention backend (the captured step attends through a mask; see above)."""
-    config = model.config
-    return (
-        model.device.type == "cuda"
-        and config.sliding_window is None
-        and config.attention_backend is None
-    )
+    """Whether ``model``'s decode step can be captured: the fixed-shape step, on CUDA."""
+    return model.device.type == "cuda" and static_step_supported(model)
 
 
 class _SlotWriter:
@@ -66,12 +66,24 @@ class GraphedDecoder:
     real-token mask, then per step ``step(token (batch,), positions (batch, 1))`` ->
     logits (batch, vocab), which writes the token at slot ``cache.length`` and advances
     it. ``capture`` (default: on CUDA) records the step as a CUDA graph on first use;
-    without it the same step runs eagerly (what the CPU tests check).
+    without it the same step runs eagerly (what the CPU tests check). ``compile`` runs
+    the step through ``torch.compile`` (compiled on first use, before any capture): its
+    fixed shapes compile once, and fusing the step's many small element-wise ops is
+    what a decode step of a small model needs on CPU and GPU alike.
     """
 
-    def __init__(self, model, batch: int, capacity: int, capture: bool | None = None) -> None:
+    def __init__(
+        self,
+        model,
+        batch: int,
+        capacity: int,
+        capture: bool | None = None,
+        compile: bool = False,
+    ) -> None:
         if capture is None:
             capture = model.device.type == "cuda"
+        self.compiled = compile
+        self._run = torch.compile(self._forward, dynamic=False) if compile else self._forward
         # A weak reference: generation keeps decoders in a WeakKeyDictionary keyed by
         # the model, which a strong one would keep alive forever.
         self._model = weakref.ref(model)
@@ -98,8 +110,8 @@ class GraphedDecoder:
             raise RuntimeError("the model this decode step was captured for is gone")
         return model
 
-    def fits(self, batch: int, needed: int) -> bool:
-        return batch == self.batch and needed <= self.capacity
+    def fits(self, batch: int, needed: int, compile: bool = False) -> bool:
+        return batch == self.batch and needed <= self.capacity and compile == self.compiled
 
     def start(self, key_valid: torch.Tensor) -> None:
         """After prefill: ``key_valid`` (batch, cache.length) marks real prompt slots."""
@@ -125,7 +137,7 @@ class GraphedDecoder:
         self.positions.copy_(positions)
         self.slot.fill_(self.cache.length)
         if not self.capture:
-            logits = self._forward()
+            logits = self._run()
         else:
             if self.graph is None:
                 self._record()
@@ -143,9 +155,9 @@ class GraphedDecoder:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._forward()
+                self._run()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = self._forward()
+            self.logits = self._run()
         self.visible.copy_(visible)

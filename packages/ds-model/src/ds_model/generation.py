@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ds_model.cache import StaticKVCache
-from ds_model.cuda_graph import GraphedDecoder, graphable
+from ds_model.cuda_graph import GraphedDecoder, graphable, static_step_supported
 
 __all__ = ["SamplingParams", "generate", "sample_next", "stream"]
 
@@ -129,6 +129,7 @@ def _steps(
     stop_strings: list[str],
     seed: int | None,
     cuda_graph: bool | None = None,
+    compile: bool = False,
 ) -> Iterator[list[int | None]]:
     """Yields, per decode step, each row's new token (``None`` once the row is done)."""
     config = model.config
@@ -170,7 +171,7 @@ def _steps(
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
-    decoder = _graphed_decoder(model, cuda_graph, batch, longest + max_new_tokens)
+    decoder = _graphed_decoder(model, cuda_graph, compile, batch, longest + max_new_tokens)
     if decoder is not None:
         cache = decoder.cache
         cache.length = 0
@@ -231,25 +232,37 @@ def _steps(
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _graphed_decoder(model, cuda_graph: bool | None, batch: int, needed: int):
-    """The model's captured decode step for this batch size (reused while the model's
-    weights, modules and hooks are the ones it captured), or ``None`` for eager."""
+def _graphed_decoder(
+    model, cuda_graph: bool | None, compile: bool, batch: int, needed: int
+) -> GraphedDecoder | None:
+    """The model's fixed-shape decode step for this batch size (captured as a CUDA
+    graph, compiled, or both), reused while the model's weights, modules and hooks are
+    the ones it was built for; ``None`` for the ordinary eager step."""
     if cuda_graph is not None and not isinstance(cuda_graph, bool):
         raise TypeError(f"cuda_graph must be True, False or None, got {cuda_graph!r}")
-    if cuda_graph is False or (cuda_graph is None and not graphable(model)):
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True or False, got {compile!r}")
+    capture = graphable(model) if cuda_graph is None else cuda_graph
+    if not capture and not compile:
         return None
-    if not graphable(model):
+    if not static_step_supported(model) or (capture and not graphable(model)):
+        flag = "cuda_graph=True" if capture else "compile=True"
         raise ValueError(
-            "cuda_graph=True needs a CUDA model without sliding_window or a forced "
-            f"attention_backend (device {model.device}, sliding_window="
+            f"{flag} needs a {'CUDA ' if capture else ''}model without sliding_window or "
+            f"a forced attention_backend (device {model.device}, sliding_window="
             f"{model.config.sliding_window}, attention_backend="
             f"{model.config.attention_backend!r})"
         )
     held = _DECODERS.get(model)
-    if held is not None and held[0] == _fingerprint(model) and held[1].fits(batch, needed):
+    if (
+        held is not None
+        and held[0] == _fingerprint(model)
+        and held[1].fits(batch, needed, compile)
+        and held[1].capture == capture
+    ):
         return held[1]
     _DECODERS.pop(model, None)  # free the old graph and cache before building anew
-    decoder = GraphedDecoder(model, batch, needed)
+    decoder = GraphedDecoder(model, batch, needed, capture=capture, compile=compile)
     _DECODERS[model] = (_fingerprint(model), decoder)  # stacking renews parameters
     return decoder
 
@@ -279,6 +292,7 @@ def generate(
     stop: int | str | Sequence[int | str] | None = None,
     seed: int | None = None,
     cuda_graph: bool | None = None,
+    compile: bool = False,
 ) -> Any:
     """Generate up to ``max_new_tokens`` per prompt. Returns text for text prompts
     (a list for a list), else new token ids (a list of lists for a batch).
@@ -286,12 +300,17 @@ def generate(
     ``cuda_graph``: replay each decode step as one captured CUDA graph
     (``ds_model.cuda_graph``); ``None`` does so on CUDA whenever the model allows it,
     ``False`` keeps the eager step. The first call for a batch size captures (a few
-    eager steps' time); later calls of that size reuse the graph."""
+    eager steps' time); later calls of that size reuse the graph. ``compile=True`` runs
+    that fixed-shape step through ``torch.compile`` on any device, compiled on the first
+    call for a batch size (seconds; before any capture); fusing the step's many small
+    ops pays off over long or repeated generations."""
     p = _normalise(model, prompt)
     stop_ids, stop_strings = _stop_sets(model, stop)
     params = _params(temperature, top_p, top_k)
     outs: list[list[int]] = [[] for _ in p.rows]
-    steps = _steps(model, p.rows, max_new_tokens, params, stop_ids, stop_strings, seed, cuda_graph)
+    steps = _steps(
+        model, p.rows, max_new_tokens, params, stop_ids, stop_strings, seed, cuda_graph, compile
+    )
     for step in steps:
         for b, t in enumerate(step):
             if t is not None:
@@ -318,13 +337,16 @@ def stream(
     stop: int | str | Sequence[int | str] | None = None,
     seed: int | None = None,
     cuda_graph: bool | None = None,
+    compile: bool = False,
 ) -> Iterator[Any]:
     """Like ``generate`` but yields as it goes: text pieces for one text prompt, token
     ids for one id prompt, and per-step lists (``None`` for finished rows) for batches."""
     p = _normalise(model, prompt)
     stop_ids, stop_strings = _stop_sets(model, stop)
     params = _params(temperature, top_p, top_k)
-    steps = _steps(model, p.rows, max_new_tokens, params, stop_ids, stop_strings, seed, cuda_graph)
+    steps = _steps(
+        model, p.rows, max_new_tokens, params, stop_ids, stop_strings, seed, cuda_graph, compile
+    )
     if p.kind != "text":
         single = p.kind == "ids"
         for step in steps:

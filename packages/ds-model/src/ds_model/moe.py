@@ -114,7 +114,7 @@ class RoutedExperts(nn.ModuleList):
         if torch.compiler.is_compiling() and idx.numel() > GATHER_MAX_PAIRS:
             plain = [_plain_weights(expert) for expert in self]
             if all(w is not None for w in plain) and _grouped_mm_fits(plain[0][2]):
-                return _grouped(x, weights, idx, plain)
+                return _grouped(x, weights, idx, *_stack(plain))
         return self._dispatch(x, weights, idx)
 
     def _dispatch(self, x, weights, idx) -> torch.Tensor:
@@ -162,8 +162,7 @@ class RoutedExperts(nn.ModuleList):
         gate0 = plain[0][0]
         inter = gate0.shape[0]
         with torch.no_grad():
-            gate_up = torch.stack([torch.cat((gate, up)) for gate, up, _ in plain])
-            down = torch.stack([d for _, _, d in plain])
+            gate_up, down = _stack(plain)
         grad = gate0.requires_grad
         for e, expert in enumerate(self):
             expert.gate_proj.weight = nn.Parameter(gate_up[e, :inter], requires_grad=grad)
@@ -176,8 +175,10 @@ class RoutedExperts(nn.ModuleList):
         """The stacked tensors, if every expert's weights are still views of them (a
         ``load_state_dict`` copies into them; replacing a layer or weight breaks this)."""
         stacked = getattr(self, "_stacked_weights", None)
-        if stacked is None:
-            return None
+        if stacked is None or torch.compiler.is_compiling():
+            # Compiled: data_ptr() cannot be traced; the decode step that compiles this
+            # stacks just before and is rebuilt when any weight moves.
+            return stacked
         gate_up, down = stacked
         inter = gate_up.shape[1] // 2
         for e, expert in enumerate(self):
@@ -195,30 +196,23 @@ class RoutedExperts(nn.ModuleList):
     def _sync_free(self, x, weights, idx) -> torch.Tensor:
         """The routed output with no host sync (see ``sync_free``). With stacked weights:
         a few pairs gather their experts' weights (decode reads only the routed experts);
-        as many pairs as experts or more run every expert on every token in two batched
-        matmuls. Otherwise every expert module runs on every token."""
-        num_experts = len(self)
-        # (tokens, experts) routing weights, zero where a token did not pick the expert.
-        dense = torch.zeros(x.shape[0], num_experts, dtype=x.dtype, device=x.device)
-        dense.scatter_(1, idx, weights.to(x.dtype))
+        as many pairs as experts or more run grouped by expert on CPU, where arithmetic
+        is the cost, and every expert on every token in two batched matmuls on CUDA
+        (capturing grouped_mm there has not been tried). Unstacked (wrapped) experts:
+        every expert module on every token."""
         stacked = self._stacked()
         if stacked is None:
+            dense = _dense_weights(weights, idx, len(self), x.dtype)
             out = torch.zeros_like(x)
             for e, expert in enumerate(self):
                 out += expert(x) * dense[:, e : e + 1]
             return out
         gate_up, down = stacked
-        if idx.numel() < num_experts:
-            k = idx.shape[1]
-            pairs = x.repeat_interleave(k, dim=0)[:, :, None]  # (pairs, hidden, 1)
-            gate, up = torch.bmm(gate_up[idx.reshape(-1)], pairs).squeeze(-1).chunk(2, -1)
-            h = (F.silu(gate) * up)[:, :, None]
-            y = torch.bmm(down[idx.reshape(-1)], h).squeeze(-1)  # (pairs, hidden)
-            y = y * weights.reshape(-1, 1).to(x.dtype)
-            return y.view(x.shape[0], k, -1).sum(dim=1)
-        gate, up = torch.matmul(gate_up, x.t()).chunk(2, dim=1)  # (experts, inter, tokens)
-        h = F.silu(gate) * up * dense.t()[:, None, :]
-        return torch.matmul(down, h).sum(dim=0).t()
+        if idx.numel() < len(self):
+            return _gathered(x, weights, idx, gate_up, down)
+        if x.is_cpu and _grouped_mm_fits(down):
+            return _grouped(x, weights, idx, gate_up, down)
+        return _every_expert(x, weights, idx, gate_up, down)
 
     def _run(self, e: int, x_rows: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor:
         """Expert ``e`` on the tokens ``rows`` of the batch. Under a mixed-adapter batch
@@ -250,27 +244,60 @@ class RoutedExperts(nn.ModuleList):
 
 def _grouped_mm_fits(down: torch.Tensor) -> bool:
     """``F.grouped_mm`` exists (torch >= 2.9) and accepts these shapes: its rows must be
-    multiples of 16 bytes (hidden and intermediate sizes of 4 fp32 or 8 bf16 values)."""
-    hidden, inter = down.shape
+    multiples of 16 bytes (hidden and intermediate sizes of 4 fp32 or 8 bf16 values).
+    ``down``: one expert's (hidden, inter) weight or the stacked (experts, hidden, inter)."""
+    hidden, inter = down.shape[-2:]
     size = down.element_size()
     return hasattr(F, "grouped_mm") and (hidden * size) % 16 == 0 and (inter * size) % 16 == 0
 
 
-def _grouped(x, weights, idx, plain: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+def _stack(plain: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Experts' (gate, up, down) weights -> gate/up (experts, 2 * inter, hidden) and down
+    (experts, hidden, inter): copies, differentiable."""
+    gate_up = torch.stack([torch.cat((gate, up)) for gate, up, _ in plain])
+    return gate_up, torch.stack([down for _, _, down in plain])
+
+
+def _dense_weights(weights, idx, num_experts: int, dtype: torch.dtype) -> torch.Tensor:
+    """(tokens, experts) routing weights, zero where a token did not pick the expert."""
+    dense = torch.zeros(idx.shape[0], num_experts, dtype=dtype, device=idx.device)
+    return dense.scatter_(1, idx, weights.to(dtype))
+
+
+def _gathered(x, weights, idx, gate_up, down) -> torch.Tensor:
+    """Each (token, expert) pair as a batched matrix-vector product over its expert's
+    gathered weights: reads only the routed experts. Stacked layouts as in ``_grouped``."""
+    k = idx.shape[1]
+    pairs = x.repeat_interleave(k, dim=0)[:, :, None]  # (pairs, hidden, 1)
+    gate, up = torch.bmm(gate_up[idx.reshape(-1)], pairs).squeeze(-1).chunk(2, -1)
+    y = torch.bmm(down[idx.reshape(-1)], (F.silu(gate) * up)[:, :, None]).squeeze(-1)
+    y = y * weights.reshape(-1, 1).to(x.dtype)  # (pairs, hidden)
+    return y.view(x.shape[0], k, -1).sum(dim=1)
+
+
+def _every_expert(x, weights, idx, gate_up, down) -> torch.Tensor:
+    """Every expert on every token, weighted by the routing (zero where not picked)."""
+    dense = _dense_weights(weights, idx, gate_up.shape[0], x.dtype)
+    gate, up = torch.matmul(gate_up, x.t()).chunk(2, dim=1)  # (experts, inter, tokens)
+    h = F.silu(gate) * up * dense.t()[:, None, :]
+    return torch.matmul(down, h).sum(dim=0).t()
+
+
+def _grouped(x, weights, idx, gate_up, down) -> torch.Tensor:
     """The compiled form of the dispatch, for plain experts: tokens sorted by expert and
-    two grouped matmuls (``F.grouped_mm``) over the experts' stacked weights, with no
+    two grouped matmuls (``F.grouped_mm``) over the experts' stacked weights, gate/up
+    (experts, 2 * inter, hidden) and down (experts, hidden, inter), with no
     data-dependent Python, so torch.compile keeps the MoE in its graph (+12% tokens/s
-    over an eager dispatch, training the shipped model's shape on CPU). Stacking copies
-    every expert's weights once per call, which is why eager code keeps the loop."""
-    num_experts, k = len(plain), idx.shape[1]
+    over an eager dispatch, training the shipped model's shape on CPU). Training stacks
+    (copies) every expert's weights once per call, which is why eager code keeps the
+    loop; a decode step uses ``stack_weights``' stacked views."""
+    num_experts, k = gate_up.shape[0], idx.shape[1]
     flat = idx.reshape(-1)
     order = torch.argsort(flat, stable=True)
     token_of = order // k
     ones = torch.ones_like(flat, dtype=torch.int32)
     counts = torch.zeros(num_experts, dtype=torch.int32, device=x.device)
     offsets = counts.scatter_add_(0, flat.to(torch.int32), ones).cumsum(0, dtype=torch.int32)
-    gate_up = torch.stack([torch.cat((gate, up)) for gate, up, _ in plain])  # (E, 2I, H)
-    down = torch.stack([d for _, _, d in plain])  # (E, H, I)
     hidden = F.grouped_mm(x[token_of], gate_up.transpose(1, 2), offs=offsets)
     gate, up = hidden.chunk(2, dim=-1)
     y = F.grouped_mm(F.silu(gate) * up, down.transpose(1, 2), offs=offsets)
