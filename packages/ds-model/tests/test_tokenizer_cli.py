@@ -192,6 +192,23 @@ def test_cli_info_and_generate(checkpoint, capsys):
     assert "no config.json" in capsys.readouterr().err
 
 
+def test_cli_compile_flag_reaches_generation(checkpoint, monkeypatch, capsys):
+    # Compiling in this process would break later fork-based tests; test_cuda_graph
+    # checks compile=True itself in a child process. Here: the flag gets through.
+    seen = []
+    stream = ds_model.DeepSeekForCausalLM.stream
+
+    def recording_stream(self, *args, compile=False, **kwargs):
+        seen.append(compile)
+        return stream(self, *args, **kwargs)
+
+    monkeypatch.setattr(ds_model.DeepSeekForCausalLM, "stream", recording_stream)
+    assert main(["generate", str(checkpoint), "hi", "--max-new-tokens", "2", "--compile"]) == 0
+    assert main(["generate", str(checkpoint), "hi", "--max-new-tokens", "2"]) == 0
+    capsys.readouterr()
+    assert seen == [True, False]
+
+
 def test_cli_without_path_uses_the_built_in_model(checkpoint, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("DS_DEFAULT_MODEL", raising=False)
     repo = tmp_path / "repo"
