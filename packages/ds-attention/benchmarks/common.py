@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import platform
 import statistics
 import time
@@ -37,7 +38,10 @@ def visible_pairs(mask: torch.Tensor | None, batch: int, heads: int, sq: int, sk
     """(query, key) pairs actually attended: the useful work FLOPs are counted on."""
     if mask is None:
         return batch * heads * sq * sk
-    return int(mask.expand(batch, heads, sq, sk).sum())
+    # Broadcasting repeats every element the same number of times, so count the mask as
+    # it is: expanding first materialises batch*heads*sq*sk (128 GiB at 32k) in the sum.
+    full = torch.broadcast_shapes(mask.shape, (batch, heads, sq, sk))
+    return int(mask.sum()) * (math.prod(full) // mask.numel())
 
 
 def attention_flops(pairs: int, d_qk: int, d_v: int, backward: bool) -> float:

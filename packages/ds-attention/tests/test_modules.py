@@ -159,8 +159,10 @@ def test_cache_overflow_and_bad_module_args():
 def test_modules_on_triton_backend_match_sdpa():
     pytest.importorskip("triton")
     torch.manual_seed(0)
-    m = SparseAttention(32, 2, sparse_ratio=0.5, block_size=16)
-    x = _x(b=1, s=40, dim=32)
+    # Triton needs CUDA tensors when CUDA exists (the interpreter runs only without it).
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    m = SparseAttention(32, 2, sparse_ratio=0.5, block_size=16).to(device)
+    x = _x(b=1, s=40, dim=32).to(device)
     want = m(x)
     m.backend = "triton"
     torch.testing.assert_close(m(x), want, atol=1e-4, rtol=1e-4)

@@ -23,12 +23,13 @@ def paged_problem(lens, heads, kv_heads, d_qk, d_v, page, dtype, seed=0, device=
     for b in range(len(lens)):
         table[b] = perm[b * max_blocks : (b + 1) * max_blocks]
     q = torch.randn(len(lens), heads, d_qk, generator=g).to(dtype)
-    dense = []
+    to = lambda t: t.to(device)  # noqa: E731
+    dense = []  # on device too: the dense comparison must not mix devices
     for b, n in enumerate(lens):
         blocks = table[b].long()
-        dense.append((k_cache[blocks].flatten(0, 1)[:n], v_cache[blocks].flatten(0, 1)[:n]))
+        k, v = k_cache[blocks].flatten(0, 1)[:n], v_cache[blocks].flatten(0, 1)[:n]
+        dense.append((to(k), to(v)))
     lens_t = torch.tensor(lens, dtype=torch.int32)
-    to = lambda t: t.to(device)  # noqa: E731
     return to(q), to(k_cache), to(v_cache), to(table), to(lens_t), dense
 
 
@@ -66,10 +67,28 @@ def test_paged_decode_bf16_and_other_page_size_reference():
     ref = paged_decode_attention(q, kc, vc, table, lens_t, backend="reference").float()
     torch.testing.assert_close(got, ref, atol=2e-2, rtol=0)
     q, kc, vc, table, lens_t, _ = paged_problem([5, 13], 2, 1, 8, 8, 5, torch.float32)
-    out = paged_decode_attention(q, kc, vc, table, lens_t)  # CPU default: sdpa, any page size
+    out = paged_decode_attention(q, kc, vc, table, lens_t)  # default: sdpa for this page size
     ref = paged_decode_attention(q, kc, vc, table, lens_t, backend="reference")
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="power-of-two block_size"):
+        paged_decode_attention(q, kc, vc, table, lens_t, backend="triton")
+
+
+def test_default_backend_falls_back_to_sdpa_for_pages_triton_cannot_take(monkeypatch):
+    from ds_attention import decode
+
+    monkeypatch.setattr(decode, "triton_available", lambda: True)
+    assert decode._auto_backend(True, 16) == "triton"
+    assert decode._auto_backend(True, 128) == "triton"
+    for page in (5, 8, 24):  # not a power of two, or below tl.dot's 16
+        assert decode._auto_backend(True, page) == "sdpa"
+    assert decode._auto_backend(False, 16) == "sdpa"
+    # On this device, the default takes any page size; an explicit "triton" says why not.
+    q, kc, vc, table, lens_t, _ = paged_problem([3, 20], 4, 2, 16, 16, 8, torch.float32)
+    out = paged_decode_attention(q, kc, vc, table, lens_t)
+    ref = paged_decode_attention(q, kc, vc, table, lens_t, backend="reference")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="power-of-two block_size >= 16, got 8"):
         paged_decode_attention(q, kc, vc, table, lens_t, backend="triton")
 
 

@@ -20,7 +20,9 @@ def test_backends_satisfy_the_protocol_and_agree():
     from ds_attention import AttentionBackend, KVCache, MaskSpec, get_backend
 
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 6, 2, 8) for _ in range(3))
+    # Triton needs CUDA tensors when CUDA exists (the interpreter runs only without it).
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = (torch.randn(1, 6, 2, 8, device=device) for _ in range(3))
     names = ["sdpa", "reference"]
     try:
         import triton  # noqa: F401

@@ -67,6 +67,17 @@ def _check(q, k_cache, v_cache, block_table, context_lens) -> None:
         )
 
 
+def _triton_page_ok(page: int) -> bool:
+    """The Triton kernel loads one page per tile: a power of two >= 16 (tl.dot's minimum)."""
+    return page >= 16 and page & (page - 1) == 0
+
+
+def _auto_backend(on_cuda: bool, page: int) -> str:
+    """backend=None: Triton on CUDA, SDPA elsewhere; any page size must work by default,
+    so one the kernel cannot take goes to SDPA instead of raising."""
+    return "triton" if on_cuda and _triton_page_ok(page) and triton_available() else "sdpa"
+
+
 def paged_decode_sdpa(q, k_cache, v_cache, block_table, context_lens, scale: float):
     """Gathers every sequence's pages into (batch, max_blocks * block_size) keys and runs
     one batched SDPA with a key-padding mask: the CPU default, no Python loop."""
@@ -112,14 +123,16 @@ def paged_decode_attention(
     how many cached tokens sequence ``b`` attends to (write the new token's k/v first).
     Returns (batch, heads, d_v). A sequence with context 0 gets zeros. Forward only.
 
-    ``backend``: ``None`` uses the Triton kernel on CUDA (block_size must then be a power
-    of two >= 16) and ``"sdpa"`` (gather the pages, one batched torch SDPA) elsewhere;
-    ``"triton"``, ``"sdpa"`` or ``"reference"`` (float32, one sequence at a time) forces one.
+    ``backend``: ``None`` uses the Triton kernel on CUDA when block_size is a power of two
+    >= 16, and ``"sdpa"`` (gather the pages, one batched torch SDPA) otherwise (CPU, or a
+    page size the kernel cannot take); ``"triton"`` (raises on such a page size),
+    ``"sdpa"`` or ``"reference"`` (float32, one sequence at a time) forces one.
     """
     _check(q, k_cache, v_cache, block_table, context_lens)
     scale = check_softmax_scale(softmax_scale, q.shape[-1])
+    page = k_cache.shape[1]
     if backend is None:
-        backend = "triton" if q.is_cuda and triton_available() else "sdpa"
+        backend = _auto_backend(q.is_cuda, page)
     if backend == "sdpa":
         return paged_decode_sdpa(q, k_cache, v_cache, block_table, context_lens, scale)
     if backend == "reference":
@@ -128,11 +141,10 @@ def paged_decode_attention(
         )
     if backend != "triton":
         raise ValueError(f"backend must be 'triton', 'sdpa', 'reference' or None, got {backend!r}")
-    page = k_cache.shape[1]
-    if page < 16 or page & (page - 1):
+    if not _triton_page_ok(page):
         raise ValueError(
             f"the Triton decode kernel needs a power-of-two block_size >= 16, got {page}; "
-            "use backend='reference'"
+            "use backend=None or 'sdpa'"
         )
     if not q.is_cuda and not interpreting():
         raise ValueError(
