@@ -163,7 +163,7 @@ def test_unequal_tile_shapes(monkeypatch, tiles, kw):
     """On the GPU the backward uses BLOCK_M != BLOCK_N; exercise that in the interpreter."""
     from ds_attention.kernels import flash
 
-    monkeypatch.setattr(flash, "_tiles", lambda *a, **k: (*tiles, 4))
+    monkeypatch.setattr(flash, "_tiles", lambda *a, **k: (*tiles, 4, 2))
     kw = dict(kw)
     q, k, v = rand_qkv(1, 70, 70, 2, 1, 16, 16, torch.float32, device=DEVICE)
     if kw.pop("block", False):

@@ -24,9 +24,14 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _tiles(d_qk: int, d_v: int, block_size: int | None, backward: bool) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps). Small tiles in the interpreter exercise the
-    multi-tile paths at test shapes; on GPU, FA2-like 64-row tiles (32 for wide heads)."""
+def _tiles(
+    d_qk: int, d_v: int, block_size: int | None, backward: bool
+) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Small tiles in the interpreter exercise
+    the multi-tile paths at test shapes; on GPU, FA2-like 64-row tiles (32 for wide heads).
+    The backward's two kernels share the pair: dk/dv tiles keys by BLOCK_N and walks query
+    tiles of BLOCK_M, dq the other way round. A block layout caps both at its block_size.
+    benchmarks/tune_tiles.py sweeps candidates on a GPU."""
     if _interpreting():
         tm = tn = 16
     elif max(d_qk, d_v) > 128 or backward:
@@ -35,7 +40,8 @@ def _tiles(d_qk: int, d_v: int, block_size: int | None, backward: bool) -> tuple
         tm, tn = 64, 64
     if block_size is not None:
         tm, tn = min(tm, block_size), min(tn, block_size)
-    return tm, tn, 4 if max(d_qk, d_v) <= 64 else 8
+    # 3 stages is Triton's own default on NVIDIA; the interpreter ignores it.
+    return tm, tn, 4 if max(d_qk, d_v) <= 64 else 8, 3
 
 
 class _Problem:
@@ -102,7 +108,7 @@ def _forward(q, k, v, pb: _Problem, scale: float):
     if q.shape[1] == 0:
         return o, lse
     idx, cnt = pb.lists(False, q.device)
-    bm, bn, warps = _tiles(pb.d_qk, pb.d_v, pb.tile_limit, False)
+    bm, bn, warps, stages = _tiles(pb.d_qk, pb.d_v, pb.tile_limit, False)
     grid = (triton.cdiv(pb.max_q, bm), pb.nseq * pb.heads)
     vs = pb.varlen
     flash_fwd_kernel[grid](
@@ -114,7 +120,7 @@ def _forward(q, k, v, pb: _Problem, scale: float):
         _batch_stride(lse, vs), lse.stride(1),
         idx.stride(0), idx.stride(1), idx.stride(2), cnt.stride(0), cnt.stride(1),
         pb.seqlen_q, pb.seqlen_k, pb.heads, pb.groups, pb.d_qk, pb.d_v, pb.left, pb.right,
-        num_warps=warps, **pb.constexprs(bm, bn),
+        num_warps=warps, num_stages=stages, **pb.constexprs(bm, bn),
     )  # fmt: skip
     return o, lse
 
@@ -127,7 +133,7 @@ def _backward(do, q, k, v, o, lse, pb: _Problem, scale: float):
     delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()
     lse2 = torch.where(torch.isinf(lse), torch.full_like(lse, math.inf), lse * LOG2E)
     vs = pb.varlen
-    bm, bn, warps = _tiles(pb.d_qk, pb.d_v, pb.tile_limit, True)
+    bm, bn, warps, stages = _tiles(pb.d_qk, pb.d_v, pb.tile_limit, True)
     strides = (
         _batch_stride(q, vs), q.stride(1), q.stride(2),
         _batch_stride(k, vs), k.stride(1), k.stride(2),
@@ -140,14 +146,14 @@ def _backward(do, q, k, v, o, lse, pb: _Problem, scale: float):
         q, k, v, do, lse2, delta, dk, dv, pb.cu_q, pb.cu_k, tidx, tcnt, scale, scale * LOG2E,
         *strides, tidx.stride(0), tidx.stride(1), tidx.stride(2), tcnt.stride(0), tcnt.stride(1),
         pb.seqlen_q, pb.seqlen_k, pb.kv_heads, pb.groups, pb.d_qk, pb.d_v, pb.left, pb.right,
-        num_warps=warps, **pb.constexprs(bm, bn),
+        num_warps=warps, num_stages=stages, **pb.constexprs(bm, bn),
     )  # fmt: skip
     idx, cnt = pb.lists(False, q.device)
     flash_bwd_dq_kernel[(triton.cdiv(pb.max_q, bm), pb.nseq * pb.heads)](
         q, k, v, do, lse2, delta, dq, pb.cu_q, pb.cu_k, idx, cnt, scale, scale * LOG2E,
         *strides, idx.stride(0), idx.stride(1), idx.stride(2), cnt.stride(0), cnt.stride(1),
         pb.seqlen_q, pb.seqlen_k, pb.heads, pb.groups, pb.d_qk, pb.d_v, pb.left, pb.right,
-        num_warps=warps, **pb.constexprs(bm, bn),
+        num_warps=warps, num_stages=stages, **pb.constexprs(bm, bn),
     )  # fmt: skip
     return dq, dk, dv
 
