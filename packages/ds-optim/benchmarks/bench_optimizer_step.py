@@ -1,4 +1,5 @@
-"""Optimizer step time: GroupedAdamW versus torch.optim.AdamW(foreach=True), same model.
+"""Optimizer step time: GroupedAdamW versus torch.optim.AdamW(foreach=True), same model
+(plus torch's fused AdamW, which GroupedAdamW runs on CPU by default).
 
 Usage: uv run --frozen python packages/ds-optim/benchmarks/bench_optimizer_step.py
 Prints a markdown table (median of repeats) with the ratio and the machine.
@@ -53,7 +54,13 @@ def main() -> None:
         "torch.optim.AdamW(foreach=True)": lambda m: torch.optim.AdamW(
             m.parameters(), lr=1e-4, foreach=True
         ),
+        "torch.optim.AdamW(fused=True)": lambda m: torch.optim.AdamW(
+            m.parameters(), lr=1e-4, fused=True
+        ),
         "GroupedAdamW, one group": lambda m: GroupedAdamW(m.parameters(), lr=1e-4),
+        "GroupedAdamW, one group, foreach (fused=False)": lambda m: GroupedAdamW(
+            m.parameters(), lr=1e-4, fused=False
+        ),
         "GroupedAdamW, static policy (2 groups)": lambda m: GroupedAdamW(
             group_parameters(m, "static"), lr=1e-4
         ),

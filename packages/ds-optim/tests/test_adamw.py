@@ -188,3 +188,23 @@ def test_bad_input_is_rejected_clearly():
     opt = GroupedAdamW(model.parameters())
     with pytest.raises(ValueError, match="two groups"):
         opt.add_param_group({"params": [w]})
+
+
+def test_cpu_default_is_torch_fused_kernel_and_flags_are_checked():
+    ours_model, ref_model = mlp(), mlp()
+    kw = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    ours = GroupedAdamW(ours_model.parameters(), **kw)
+    ref = torch.optim.AdamW(ref_model.parameters(), fused=True, **kw)
+    train(ours_model, ours, 20)
+    train(ref_model, ref, 20)
+    for a, b in zip(ours_model.parameters(), ref_model.parameters()):
+        assert torch.equal(a, b)  # the same kernel: bit for bit
+        assert torch.equal(ours.state[a]["exp_avg_sq"], ref.state[b]["exp_avg_sq"])
+    with pytest.raises(ValueError, match="exclusive"):
+        GroupedAdamW(mlp().parameters(), fused=True, foreach=True)
+    with pytest.raises(ValueError, match="fused='yes'"):
+        GroupedAdamW(mlp().parameters(), fused="yes")
+    model = mlp()
+    opt = GroupedAdamW(model.parameters(), fused=True, state_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="fused=True: torch's fused AdamW"):
+        train(model, opt, 1)

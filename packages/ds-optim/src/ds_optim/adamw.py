@@ -1,8 +1,11 @@
 """GroupedAdamW: AdamW with per-group lr scaling, BF16 moments and name-aware checkpoints.
 
-The update is torch's AdamW (decoupled weight decay, bias-corrected moments), written
-with ``torch._foreach_*`` multi-tensor ops: one kernel launch per op for all tensors
-of a (device, dtype) group, like ``torch.optim.AdamW(foreach=True)``.
+The update is torch's AdamW (decoupled weight decay, bias-corrected moments). On CPU
+it runs torch's fused AdamW kernel (``torch.optim.AdamW(fused=True)``'s, one pass over
+each tensor and no temporaries, which is also what transformers' Trainer picks by
+default); elsewhere, and for bf16 moments, ``torch._foreach_*`` multi-tensor ops: one
+kernel launch per op for all tensors of a (device, dtype) group, like
+``torch.optim.AdamW(foreach=True)``, with a full-size temporary for the denominator.
 
 Per group: ``lr`` is the base learning rate (what LR schedulers drive) and
 ``lr_scale`` a multiplier set by the grouping policy; a tensor moves by
@@ -71,8 +74,11 @@ class GroupedAdamW(Optimizer):
         state_dtype: ``None`` (moments in the parameter's dtype), ``torch.float32`` or
             ``torch.bfloat16``.
         bf16_rounding: ``"stochastic"`` (default) or ``"nearest"``, for bf16 moments.
-        foreach: use multi-tensor ops (default ``None``: yes, unless a group has a
-            tensor subclass torch's foreach does not support).
+        foreach: use multi-tensor ops (default ``None``: yes) where the fused kernel
+            is not used.
+        fused: use torch's fused AdamW kernel: ``None`` (default) where it applies
+            (plain CPU tensors whose moments share their dtype), ``False`` never,
+            ``True`` always (a step raises ``ValueError`` for tensors it cannot take).
         regrouper: an object with ``observe(optimizer)`` (called before each update,
             gradients present) and ``maybe_regroup(optimizer)`` (called after), such as
             :class:`ds_optim.SensitivityRegrouper`.
@@ -90,6 +96,7 @@ class GroupedAdamW(Optimizer):
         state_dtype: torch.dtype | None = None,
         bf16_rounding: str = "stochastic",
         foreach: bool | None = None,
+        fused: bool | None = None,
         regrouper: Any = None,
         seed: int = 0,
     ) -> None:
@@ -105,6 +112,10 @@ class GroupedAdamW(Optimizer):
                 f"state_dtype={state_dtype!r} is not supported; allowed: None, torch.float32, "
                 "torch.bfloat16"
             )
+        if fused not in (None, True, False):
+            raise ValueError(f"fused={fused!r} must be None, True or False")
+        if fused and foreach:
+            raise ValueError("fused=True and foreach=True are exclusive; pick one")
         if bf16_rounding not in _ROUNDINGS:
             raise ValueError(
                 f"bf16_rounding={bf16_rounding!r} is not supported; allowed: {_ROUNDINGS}"
@@ -118,6 +129,7 @@ class GroupedAdamW(Optimizer):
             state_dtype=state_dtype,
             bf16_rounding=bf16_rounding,
             foreach=foreach,
+            fused=fused,
         )
         super().__init__(params, defaults)
         self.seed = int(seed)
@@ -222,7 +234,32 @@ class GroupedAdamW(Optimizer):
             foreach = group["foreach"]
             if foreach is None:
                 foreach = True
-            if p_dtype == s_dtype and all(g.dtype == p_dtype for g in grads):
+            same_dtype = p_dtype == s_dtype and all(g.dtype == p_dtype for g in grads)
+            fused = group.get("fused")
+            if fused is not False and same_dtype and _fusable(params, grads):
+                torch._fused_adamw_(
+                    params,
+                    grads,
+                    exp_avgs,
+                    exp_avg_sqs,
+                    [],
+                    [s["step"] for s in states],
+                    lr=lr,
+                    beta1=beta1,
+                    beta2=beta2,
+                    weight_decay=group["weight_decay"],
+                    eps=group["eps"],
+                    amsgrad=False,
+                    maximize=False,
+                )
+                continue
+            if fused:
+                raise ValueError(
+                    "fused=True: torch's fused AdamW takes plain CPU tensors whose "
+                    f"moments share their dtype; got {p_dtype} parameters on "
+                    f"{params[0].device} with {s_dtype} moments"
+                )
+            if same_dtype:
                 _adamw(
                     params,
                     grads,
@@ -279,6 +316,18 @@ class GroupedAdamW(Optimizer):
                 gen.manual_seed(hash((self.seed, int(step), salt)) & 0x7FFFFFFF)
                 gens[s.device] = gen
             d.copy_(stochastic_round_to_bf16(s.contiguous(), gen))
+
+
+def _fusable(params: list[torch.Tensor], grads: list[torch.Tensor]) -> bool:
+    """torch's fused AdamW applies: plain (no subclass such as DTensor) CPU tensors of a
+    float dtype it implements. (CUDA also has one; it wants the step counters on the
+    device, and this optimizer keeps them on the CPU, so CUDA runs the foreach ops.)"""
+    return hasattr(torch, "_fused_adamw_") and all(
+        t.device.type == "cpu"
+        and type(t) in (torch.Tensor, torch.nn.Parameter)
+        and t.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+        for t in (*params, *grads)
+    )
 
 
 def _adamw(
