@@ -3,7 +3,7 @@
 # and the GPU benchmarks, against the machine's own torch/triton/transformers, with the
 # packages taken from source (PYTHONPATH), so nothing needs installing there.
 #
-#   bash .ci/gpu.sh [tests|bench-attention|bench-quant|bench-decode|bench-serve ...]
+#   bash .ci/gpu.sh [tests|tests-model|bench-attention|tune-tiles|bench-quant|bench-decode|bench-serve ...]
 #
 # No argument runs tests then every benchmark. Each step has its own time limit so a
 # hung or slow step cannot eat the others; logs go to $OUT (or /tmp/gpu-out).
@@ -38,6 +38,9 @@ tests() {
 bench-attention() {
     step bench-attention 240 $PY packages/ds-attention/benchmarks/bench_gpu.py \
         --seqlens 1024 4096 16384 32768 --repeats 10
+}
+tune-tiles() {  # a sweep to choose _tiles' defaults from; see its docstring
+    step tune-tiles 300 $PY packages/ds-attention/benchmarks/tune_tiles.py
 }
 bench-quant() { step bench-quant 120 $PY packages/ds-quant/benchmarks/bench_gpu.py; }
 bench-decode() {
