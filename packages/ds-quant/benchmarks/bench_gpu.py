@@ -1,7 +1,7 @@
 """GPU: batch-1 matmul and decode-like tokens/s of the Triton W4A16 layer versus bf16
 (goal: INT4 decode >= 1.8x bf16), and torchao's int4 weight-only in the same run when
-torchao is installed. Needs CUDA and triton; NOT RUN YET (no GPU was available to the
-session that wrote it), so docs/benchmarks.md has no GPU numbers.
+torchao is installed. Needs CUDA and triton. Run once, on an H100, before the split-K
+matrix-vector kernels (``kernels/triton_gemv.py``) existed; see docs/benchmarks.md.
 Run: uv run --frozen python packages/ds-quant/benchmarks/bench_gpu.py
 """
 
@@ -47,7 +47,7 @@ def main() -> None:
         "ds-quant INT4 g128 (Triton)": quantize_(
             copy.deepcopy(base), Int4WeightOnlyConfig(group_size=128)
         ),
-        "ds-quant INT8 weight-only (dequantize+matmul)": quantize_(
+        "ds-quant INT8 weight-only (Triton GEMV at batch 1)": quantize_(
             copy.deepcopy(base), Int8WeightOnlyConfig()
         ),
     }

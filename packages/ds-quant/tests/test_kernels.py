@@ -210,3 +210,78 @@ def test_misaligned_weight_and_input_do_not_crash_the_int8_cpu_path(dtype):
         mean_rel_err(int8_weight_matmul_cpu(x, q.weight.clone(), q.weight_scale), ref - q.bias)
         < 1e-2
     )
+
+
+@needs_triton
+@settings(max_examples=8)
+@given(
+    m=st.integers(1, 4),
+    n=st.integers(1, 150),
+    k=st.integers(2, 600),
+    group_size=st.sampled_from([32, 64, 128, 256]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+)
+def test_triton_gemv_kernels_match_reference(m, n, k, group_size, dtype):
+    """Decode-sized inputs: the split-K W4A16 and INT8 matrix-vector kernels, ragged N
+    and K included, within twice torch's own error in half precision."""
+    from ds_quant.kernels.triton_gemv import int8_gemv_triton, w4a16_gemv_triton
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    packed, scale, zero = int4_operands(n, k, group_size, seed=n * 13 + k, device=device)
+    x32 = torch.randn(m, k, device=device)
+    x = x32.to(dtype)
+    ref = fp32_reference(x32, packed, scale, zero, group_size, k)
+    got = w4a16_gemv_triton(x, packed, scale, zero, group_size, k)
+    same = w4a16_matmul_reference(x, packed, scale, zero, group_size, k)
+    assert got.shape == (m, n) and got.dtype == dtype
+    assert mean_rel_err(got, ref) <= 2 * mean_rel_err(same, ref) + 1e-5
+    g = torch.Generator().manual_seed(k)
+    q, s = quantize_int8_per_channel(torch.randn(n, k, generator=g))
+    q, s = q.to(device), s.to(device)
+    ref8 = int8_weight_matmul_reference(x32, q, s)
+    got8 = int8_gemv_triton(x, q, s)
+    same8 = int8_weight_matmul_reference(x, q, s)
+    assert got8.shape == (m, n) and got8.dtype == dtype
+    assert mean_rel_err(got8, ref8) <= 2 * mean_rel_err(same8, ref8) + 1e-5
+
+
+@needs_triton
+def test_few_rows_take_the_gemv_kernel(monkeypatch):
+    from ds_quant.kernels import triton_gemv, triton_w4a16
+
+    calls = []
+    real = triton_w4a16.w4a16_gemv_triton
+
+    def spy(x, *args, **kwargs):
+        calls.append(x.shape[0])
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(triton_w4a16, "w4a16_gemv_triton", spy)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    packed, scale, zero = int4_operands(40, 96, 32, device=device)
+    for m in (1, triton_gemv.GEMV_MAX_ROWS, triton_gemv.GEMV_MAX_ROWS + 1):
+        x = torch.randn(m, 96, device=device)
+        got = triton_w4a16.w4a16_matmul_triton(x, packed, scale, zero, 32, 96)
+        assert mean_rel_err(got, fp32_reference(x, packed, scale, zero, 32, 96)) < 1e-3
+    assert calls == [1, triton_gemv.GEMV_MAX_ROWS]  # more rows: the tiled kernel
+    assert not triton_gemv.gemv_fits(1, 48)  # a group the chunks cannot tile
+
+
+@pytest.mark.gpu
+def test_gemv_kernels_large_shapes_and_int8_layer_on_gpu():
+    from ds_quant import Int8WeightOnlyConfig
+    from ds_quant.kernels.triton_gemv import w4a16_gemv_triton
+
+    for n, k in ((11008, 4096), (4096, 11008)):
+        packed, scale, zero = int4_operands(n, k, 128, device="cuda")
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        got = w4a16_gemv_triton(x, packed, scale, zero, 128, k)
+        ref = fp32_reference(x, packed, scale, zero, 128, k)
+        same = w4a16_matmul_reference(x, packed, scale, zero, 128, k)
+        assert mean_rel_err(got, ref) <= 2 * mean_rel_err(same, ref) + 1e-6
+    linear = nn.Linear(4096, 1000).cuda().bfloat16()
+    q = quantize_(linear, Int8WeightOnlyConfig())
+    for rows in (1, 3, 9):  # the GEMV kernel, then dequantize + matmul
+        x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+        ref = x.float() @ q.dequantize(torch.float32).T + q.bias.float()
+        assert mean_rel_err(q(x), ref) < 1e-2

@@ -11,6 +11,7 @@ from torch import nn
 from ds_quant.config import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
 from ds_quant.kernels.cpu import int8_cpu_supported, int8_weight_matmul_cpu
 from ds_quant.kernels.reference import int8_weight_matmul_reference
+from ds_quant.kernels.select import GEMV_MAX_ROWS, HAS_TRITON
 from ds_quant.linear import QuantizedLinear
 from ds_quant.primitives import (
     dequantize_int8,
@@ -51,6 +52,13 @@ class Int8WeightOnlyLinear(_Int8Base):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if int8_cpu_supported(x, self.weight):
             return int8_weight_matmul_cpu(x, self.weight, self.weight_scale)
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if x.is_cuda and HAS_TRITON and rows and rows <= GEMV_MAX_ROWS:
+            # Decode on a GPU: stream the int8 weight once instead of dequantizing it.
+            from ds_quant.kernels.triton_gemv import int8_gemv_triton
+
+            y = int8_gemv_triton(x.reshape(rows, -1), self.weight, self.weight_scale)
+            return y.reshape(*x.shape[:-1], -1)
         return int8_weight_matmul_reference(x, self.weight, self.weight_scale)
 
 

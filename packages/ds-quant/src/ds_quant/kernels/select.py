@@ -14,6 +14,10 @@ from ds_quant.kernels.cpu import int4_cpu_supported
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 W4A16_BACKENDS = ("auto", "triton", "cpu_packed", "reference")
+# Inputs with at most this many rows take triton_gemv's matrix-vector kernels on a GPU:
+# each row is its own program row re-reading the weight, which a tiled matmul beats past
+# a few. (Here, not there, so CPU users need not import triton to read it.)
+GEMV_MAX_ROWS = 4
 
 
 def choose_w4a16_backend(

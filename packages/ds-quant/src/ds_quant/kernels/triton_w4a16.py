@@ -5,6 +5,7 @@
 float32 with ``W = (q - zero) * scale``. ``y``: (M, N) in ``x.dtype``, accumulated in
 float32. The plain-torch reference is ``reference.w4a16_matmul_reference``.
 
+Inputs of a few rows (decode) go to ``triton_gemv``'s split-K matrix-vector kernel.
 Runs on a GPU, or on CPU tensors when ``TRITON_INTERPRET=1`` is set before triton is
 imported (tests do this at small shapes).
 """
@@ -14,6 +15,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from ds_quant.kernels.triton_gemv import gemv_fits, w4a16_gemv_triton
 
 
 @triton.jit
@@ -93,6 +96,9 @@ def w4a16_matmul_triton(
         raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
     x2 = x.reshape(-1, in_features)
     m, n = x2.shape[0], packed.shape[0]
+    if gemv_fits(m, group_size):  # decode: stream the weight, split along K
+        y = w4a16_gemv_triton(x2, packed, scale, zero, group_size, in_features)
+        return y.reshape(*x.shape[:-1], n)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     scale = scale.to(torch.float32)
     zero = zero.to(torch.float32)
