@@ -180,6 +180,26 @@ def test_decoder_is_reused_until_the_model_changes(graphable_everywhere):
     handle.remove()
 
 
+@pytest.mark.parametrize("graphed", [False, True])
+def test_interleaved_streams_each_get_their_own_tokens(graphed, request):
+    """Two streams of one model consumed in turns: each yields what it yields alone
+    (neither shares the other's decode step, nor leaves inference mode under it)."""
+    if graphed:
+        request.getfixturevalue("graphable_everywhere")
+    model = v3()
+    want_a = model.generate([5, 6, 7, 8], 8, cuda_graph=False)
+    want_b = model.generate([9, 10, 11, 12], 8, cuda_graph=False)
+    a, b = model.stream([5, 6, 7, 8], 8), model.stream([9, 10, 11, 12], 8)
+    got_a, got_b = [], []
+    for x, y in zip(a, b):  # both mid-way at once, one batch size
+        got_a.append(x)
+        got_b.append(y)
+    assert got_a + list(a) == want_a
+    assert got_b + list(b) == want_b
+    if graphed:
+        assert not generation._DECODERS[model][1].in_use
+
+
 def test_cuda_graph_and_compile_arguments_are_checked():
     model = v3()
     with pytest.raises(TypeError, match="cuda_graph"):

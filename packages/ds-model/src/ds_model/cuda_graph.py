@@ -102,6 +102,7 @@ class GraphedDecoder:
         self.visible = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.logits: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.in_use = False  # set by generation while a generate/stream call runs on it
 
     @property
     def model(self):

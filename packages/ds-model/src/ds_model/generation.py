@@ -175,6 +175,7 @@ def _steps(
     if decoder is not None:
         cache = decoder.cache
         cache.length = 0
+        decoder.in_use = True
     else:
         cache = StaticKVCache(config, batch, longest + max_new_tokens, model.dtype, device)
     positions = torch.tensor(lengths, dtype=torch.long, device=device)[:, None]
@@ -182,20 +183,25 @@ def _steps(
     texts = [""] * batch
     generated: list[list[int]] = [[] for _ in rows]
     stop_tensor = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
-    with torch.inference_mode():
-        out = model(
-            ids,
-            attention_mask=key_valid[:, :longest] if padded else None,
-            cache=cache,
-            logits_to_keep=1,
-        )
-        logits = out.logits[:, -1]
-        if decoder is not None:
-            decoder.start(key_valid[:, :longest])
+    # Inference mode around each computation, never across a ``yield``: a context held
+    # open over a yield leaks into the caller, and two interleaved streams would undo
+    # each other's (the second resumed outside it).
+    try:
+        with torch.inference_mode():
+            out = model(
+                ids,
+                attention_mask=key_valid[:, :longest] if padded else None,
+                cache=cache,
+                logits_to_keep=1,
+            )
+            logits = out.logits[:, -1]
+            if decoder is not None:
+                decoder.start(key_valid[:, :longest])
         for i in range(max_new_tokens):
-            token = sample_next(logits, params, generator)
+            with torch.inference_mode():
+                token = sample_next(logits, params, generator)
+                is_stop = torch.isin(token, stop_tensor).tolist() if stop_ids else [False] * batch
             token_list = token.tolist()
-            is_stop = torch.isin(token, stop_tensor).tolist() if stop_ids else [False] * batch
             step: list[int | None] = []
             for b in range(batch):
                 if done[b] or is_stop[b]:
@@ -211,21 +217,28 @@ def _steps(
             yield step
             if all(done) or i == max_new_tokens - 1:
                 return
-            if decoder is not None:
-                logits = decoder.step(token, positions)
+            with torch.inference_mode():
+                logits = _next_logits(model, decoder, cache, token, positions, key_valid, padded)
                 positions += 1
-                continue
-            writer = cache.writer(1)
-            hidden = model.model(
-                token[:, None],
-                positions,
-                key_valid=key_valid[:, : cache.length + 1] if padded else None,
-                cache=writer,
-                history=True,
-            )
-            cache.length += 1
-            positions += 1
-            logits = model.lm_head(hidden[:, -1])
+    finally:
+        if decoder is not None:
+            decoder.in_use = False
+
+
+def _next_logits(model, decoder, cache, token, positions, key_valid, padded) -> torch.Tensor:
+    """One decode step: each row's ``token`` (batch,) at ``positions`` (batch, 1) ->
+    next-token logits (batch, vocab); through the captured/compiled step if any."""
+    if decoder is not None:
+        return decoder.step(token, positions)
+    hidden = model.model(
+        token[:, None],
+        positions,
+        key_valid=key_valid[:, : cache.length + 1] if padded else None,
+        cache=cache.writer(1),
+        history=True,
+    )
+    cache.length += 1
+    return model.lm_head(hidden[:, -1])
 
 
 # One captured decode step per model (the latest batch size), dropped with the model.
@@ -254,6 +267,10 @@ def _graphed_decoder(
             f"{model.config.attention_backend!r})"
         )
     held = _DECODERS.get(model)
+    if held is not None and held[1].in_use:
+        # Another generation of this model is mid-way (interleaved streams): its cache
+        # must not be shared, so this one gets a decode step of its own, not kept.
+        return GraphedDecoder(model, batch, needed, capture=capture, compile=compile)
     if (
         held is not None
         and held[0] == _fingerprint(model)
