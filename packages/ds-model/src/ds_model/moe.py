@@ -43,8 +43,11 @@ _sync_free_depth = 0
 @contextlib.contextmanager
 def sync_free():
     """Inside, routed experts run without reading routing decisions on the host (no
-    ``.tolist()``), so the pass can be captured as a CUDA graph: every expert's work is
-    issued whatever the routing. ``RoutedExperts.stack_weights`` makes that cheap."""
+    ``.tolist()``), so the pass can be captured as a CUDA graph: the same kernels run
+    whatever the routing, which device-side indexing into ``RoutedExperts.stack_weights``'
+    stacked weights keeps cheap (wrapped experts run on every token instead). A
+    process-wide switch: another thread's MoE calls meanwhile take it too (correct,
+    slower)."""
     global _sync_free_depth
     _sync_free_depth += 1
     try:
