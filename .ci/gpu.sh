@@ -3,7 +3,7 @@
 # and the GPU benchmarks, against the machine's own torch/triton/transformers, with the
 # packages taken from source (PYTHONPATH), so nothing needs installing there.
 #
-#   bash .ci/gpu.sh [tests|tests-model|bench-attention|tune-tiles|bench-quant|bench-decode|bench-serve ...]
+#   bash .ci/gpu.sh [tests|tests-model|bench-attention|tune-tiles|bench-quant|quant-sweep|bench-decode|bench-serve ...]
 #
 # No argument runs tests then every benchmark. Each step has its own time limit so a
 # hung or slow step cannot eat the others; logs go to $OUT (or /tmp/gpu-out).
@@ -43,6 +43,9 @@ tune-tiles() {  # a sweep to choose _tiles' defaults from; see its docstring
     step tune-tiles 300 $PY packages/ds-attention/benchmarks/tune_tiles.py
 }
 bench-quant() { step bench-quant 120 $PY packages/ds-quant/benchmarks/bench_gpu.py; }
+quant-sweep() {  # the decode GEMV kernels' BLOCK_N / split-K choices
+    step quant-sweep 200 $PY packages/ds-quant/benchmarks/bench_gpu.py --sweep
+}
 bench-decode() {
     step bench-decode-v3 180 $PY packages/ds-model/benchmarks/bench_gpu_decode.py --arch v3
     step bench-decode-llama 180 $PY packages/ds-model/benchmarks/bench_gpu_decode.py --arch llama

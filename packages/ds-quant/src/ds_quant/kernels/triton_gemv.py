@@ -98,10 +98,10 @@ def gemv_fits(rows: int, group_size: int | None = None) -> bool:
     return group_size is None or (group_size >= 32 and group_size & (group_size - 1) == 0)
 
 
-def _split(n: int, units: int, block_n: int) -> tuple[int, int]:
-    """(splits, units per split) so that about TARGET_PROGRAMS programs run per row."""
+def _split(n: int, units: int, block_n: int, programs: int) -> tuple[int, int]:
+    """(splits, units per split) so that about ``programs`` programs run per row."""
     n_blocks = triton.cdiv(n, block_n)
-    splits = max(1, min(units, triton.cdiv(TARGET_PROGRAMS, n_blocks)))
+    splits = max(1, min(units, triton.cdiv(programs, n_blocks)))
     per_split = triton.cdiv(units, splits)
     return triton.cdiv(units, per_split), per_split
 
@@ -114,12 +114,14 @@ def w4a16_gemv_triton(
     group_size: int,
     in_features: int,
     block_n: int = BLOCK_N,
+    programs: int = TARGET_PROGRAMS,
 ) -> torch.Tensor:
-    """``x`` (M, in_features), M small -> (M, out_features) in ``x.dtype``."""
+    """``x`` (M, in_features), M small -> (M, out_features) in ``x.dtype``. ``block_n``
+    and ``programs`` (the split-K target) are tuning knobs (bench_gpu.py --sweep)."""
     m, n = x.shape[0], packed.shape[0]
     x = x.contiguous()
     groups = triton.cdiv(in_features, group_size)
-    splits, per_split = _split(n, groups, block_n)
+    splits, per_split = _split(n, groups, block_n, programs)
     y = torch.zeros(m, n, dtype=torch.float32, device=x.device)
     chunk = min(group_size // 2, 64)
     grid = (triton.cdiv(n, block_n), splits, m)
@@ -132,14 +134,18 @@ def w4a16_gemv_triton(
 
 
 def int8_gemv_triton(
-    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, block_n: int = BLOCK_N
+    x: torch.Tensor,
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    block_n: int = BLOCK_N,
+    programs: int = TARGET_PROGRAMS,
 ) -> torch.Tensor:
     """``x`` (M, in), M small; ``q`` (out, in) int8; ``scale`` (out,) -> (M, out)."""
     m, (n, k) = x.shape[0], q.shape
     x, q = x.contiguous(), q.contiguous()
     chunk = 128
     chunks = triton.cdiv(k, chunk)
-    splits, per_split = _split(n, chunks, block_n)
+    splits, per_split = _split(n, chunks, block_n, programs)
     y = torch.zeros(m, n, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(n, block_n), splits, m)
     _int8_gemv_kernel[grid](
