@@ -47,8 +47,8 @@ quant-sweep() {  # the decode GEMV kernels' BLOCK_N / split-K choices
     step quant-sweep 200 $PY packages/ds-quant/benchmarks/bench_gpu.py --sweep
 }
 bench-decode() {
-    step bench-decode-v3 180 $PY packages/ds-model/benchmarks/bench_gpu_decode.py --arch v3
-    step bench-decode-llama 180 $PY packages/ds-model/benchmarks/bench_gpu_decode.py --arch llama
+    step bench-decode-v3 300 $PY packages/ds-model/benchmarks/bench_gpu_decode.py --arch v3 --compile
+    step bench-decode-llama 300 $PY packages/ds-model/benchmarks/bench_gpu_decode.py --arch llama --compile
 }
 tests-model() {  # the ds-model / ds-lora GPU tests alone
     step tests-model 200 $PY -m pytest -p no:cacheprovider -q --tb=short -m gpu \

@@ -12,7 +12,11 @@ ds-model runs twice: eager steps (``cuda_graph=False``) and the default, each st
 replayed as one captured CUDA graph. ``--arch llama`` measures a dense ~1B DeepSeek
 LLM-shaped (llama) model instead of the V3 MoE shape.
 
-    uv run --frozen python packages/ds-model/benchmarks/bench_gpu_decode.py [--arch llama]
+    uv run --frozen python packages/ds-model/benchmarks/bench_gpu_decode.py [--arch llama] \
+        [--compile]
+
+``--compile`` adds ``generate(compile=True)``: the step compiled (its warm-up call
+compiles, untimed), then captured.
 
 Results: docs/benchmarks.md.
 """
@@ -93,6 +97,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=129)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--arch", choices=["v3", "llama"], default="v3")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also generate(compile=True): compiled, then captured",
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
@@ -126,6 +135,9 @@ def main() -> None:
     def run_eager(n: int) -> None:
         ours.generate(ids, n, cuda_graph=False)
 
+    def run_compiled(n: int) -> None:
+        ours.generate(ids, n, compile=True)
+
     def run_hf(n: int) -> None:
         with torch.inference_mode():
             hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
@@ -137,6 +149,7 @@ def main() -> None:
     mine = decode_rate(run_ours, args.new_tokens)
     eager = decode_rate(run_eager, args.new_tokens)
     theirs = decode_rate(run_hf, args.new_tokens)
+    compiled = decode_rate(run_compiled, args.new_tokens) if args.compile else None
     print(f"device: {torch.cuda.get_device_name()} (torch {torch.__version__}); bf16; batch 1")
     print(f"{args.arch}: parameters {total / 1e9:.2f}B, active per token {active / 1e9:.2f}B")
     print("| metric | value |")
@@ -145,6 +158,11 @@ def main() -> None:
     print(f"| roofline decode | {roofline:.0f} tok/s |")
     print(f"| ds-model decode, CUDA graph | {mine:.0f} tok/s ({mine / roofline:.0%} of roofline) |")
     print(f"| ds-model decode, eager | {eager:.0f} tok/s ({eager / roofline:.0%} of roofline) |")
+    if compiled is not None:
+        print(
+            f"| ds-model decode, compile=True + CUDA graph | {compiled:.0f} tok/s "
+            f"({compiled / roofline:.0%} of roofline) |"
+        )
     print(f"| transformers decode (eager) | {theirs:.0f} tok/s |")
     print(f"| ds-model CUDA graph / transformers | {mine / theirs:.2f}x |")
 
