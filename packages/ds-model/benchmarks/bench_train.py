@@ -4,8 +4,15 @@ hardware, in the same run; and tokens/s of 1 vs 2 data-parallel processes (DDP, 
 
 Each measurement runs in a fresh process (so peak RSS belongs to that run alone) and is
 repeated; the table shows medians. Throughput is steady state: tokens of the steps after
-the first ``--warmup`` ones divided by their wall time. Peak memory is the process's peak
-RSS minus its RSS just before training (imports, the data and the model excluded).
+the first ``--warmup`` ones divided by their wall time. Memory is reported twice:
+
+- peak tensor memory: the most bytes held at once by tensors allocated during
+  ``train()`` (optimizer state, gradients, activations, temporaries), from the
+  profiler's allocation events in one short extra run per side; the CPU counterpart of
+  ``torch.cuda.max_memory_allocated``, and what a larger model or batch scales.
+- peak RSS: the process's peak resident memory minus its RSS just before training
+  (imports, the data and the model excluded). It adds what malloc keeps of freed
+  memory, which moves it by 10-25 MiB from run to run at this size.
 
     uv run --frozen python packages/ds-model/benchmarks/bench_train.py [--repeats 3]
         [--arch llama|v3] [--compile none|ds|both] [--no-scaling]
@@ -74,12 +81,36 @@ def _texts(n: int) -> list[str]:
     return [" ".join(rng.choice(words) for _ in range(rng.randint(20, 120))) for _ in range(n)]
 
 
-def _preimport() -> None:
+def _preimport(compiled: bool = False) -> None:
     """Modules imported lazily on the first optimizer step (torch._dynamo, ~110 MiB of
     Python objects): transformers imports them at import time, ds-model on first use.
-    Import them before the RSS baseline on both sides so peak memory is training's."""
+    Import them before the RSS baseline on both sides so peak memory is training's.
+    A compiled run also imports the compiler (torch._inductor, ~50 MiB) on its first
+    step, on either side: imported before the baseline too."""
     import torch._dynamo
-    import torch.distributed.checkpoint.state_dict  # noqa: F401
+    import torch.distributed.checkpoint.state_dict
+
+    if compiled:
+        import torch._inductor.codecache
+        import torch._inductor.compile_fx  # noqa: F401
+
+
+def peak_tensor_mib(train) -> float:
+    """Run ``train()`` under the profiler's memory tracking and return the peak of the
+    bytes held by tensors allocated during it (``Total Allocated`` in the trace): the
+    CPU counterpart of ``torch.cuda.max_memory_allocated``, independent of how malloc
+    caches freed memory (which moves peak RSS by tens of MiB from run to run)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        train()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    return max(totals, default=0) / 2**20
 
 
 def _rss_kib(field: str) -> int:
@@ -97,7 +128,9 @@ def _blocks():
     return ds
 
 
-def run_ds(mode: str, steps: int, warmup: int, arch: str = "llama", compile: bool = False) -> dict:
+def run_ds(
+    mode: str, steps: int, warmup: int, arch: str = "llama", compile: bool = False, memory=False
+) -> dict:
     import ds_model
     import torch
     from ds_model.training import ByteTokenizer, Trainer
@@ -116,10 +149,10 @@ def run_ds(mode: str, steps: int, warmup: int, arch: str = "llama", compile: boo
             stamps.append(time.perf_counter())
             super()._log(path, record, ctx)
 
-    _preimport()
+    _preimport(compile)
     base = _rss_kib("VmRSS")
     with tempfile.TemporaryDirectory() as out:
-        Timed(
+        trainer = Timed(
             model=model,
             train_dataset=data,
             lora_config=lora,
@@ -135,7 +168,10 @@ def run_ds(mode: str, steps: int, warmup: int, arch: str = "llama", compile: boo
             shuffle=False,
             max_grad_norm=1.0,
             torch_compile=compile,
-        ).train()
+        )
+        if memory:
+            return {"peak_tensor_mib": peak_tensor_mib(trainer.train)}
+        trainer.train()
     return _result(stamps, warmup, base)
 
 
@@ -148,7 +184,9 @@ def _hf_v3(tmp: str):
     return DeepseekV3ForCausalLM.from_pretrained(tmp, dtype="float32")
 
 
-def run_hf(mode: str, steps: int, warmup: int, arch: str = "llama", compile: bool = False) -> dict:
+def run_hf(
+    mode: str, steps: int, warmup: int, arch: str = "llama", compile: bool = False, memory=False
+) -> dict:
     import torch
     from transformers import (
         LlamaConfig,
@@ -214,7 +252,7 @@ def run_hf(mode: str, steps: int, warmup: int, arch: str = "llama", compile: boo
         def on_step_end(self, args, state, control, **kw):
             stamps.append(time.perf_counter())
 
-    _preimport()
+    _preimport(compile)
     base = _rss_kib("VmRSS")
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
@@ -233,7 +271,10 @@ def run_hf(mode: str, steps: int, warmup: int, arch: str = "llama", compile: boo
             disable_tqdm=True,
             torch_compile=compile,
         )
-        Trainer(model=model, args=args, train_dataset=items, callbacks=[Stamp()]).train()
+        trainer = Trainer(model=model, args=args, train_dataset=items, callbacks=[Stamp()])
+        if memory:
+            return {"peak_tensor_mib": peak_tensor_mib(trainer.train)}
+        trainer.train()
     return _result(stamps, warmup, base)
 
 
@@ -302,6 +343,12 @@ def _child(args: list[str], torchrun: int = 0) -> dict:
     return json.loads(lines[-1])
 
 
+def _worker_flags(a, worker: str, mode: str, common: list[str]) -> list[str]:
+    compiled = a.compile == "both" or (a.compile == "ds" and worker == "ds")
+    flags = ["--worker", worker, "--mode", mode, "--arch", a.arch, *common]
+    return flags + ["--compiled"] * compiled
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--repeats", type=int, default=3)
@@ -313,11 +360,12 @@ def main() -> None:
     p.add_argument("--no-scaling", action="store_true", help="skip the 1 vs 2 process runs")
     p.add_argument("--compile", choices=["none", "ds", "both"], default="none")
     p.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)  # worker
+    p.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)  # worker
     a = p.parse_args()
     if a.worker:
         fn = {"ds": run_ds, "hf": run_hf}.get(a.worker)
         if fn:
-            result = fn(a.mode, a.steps, a.warmup, a.arch, a.compiled)
+            result = fn(a.mode, a.steps, a.warmup, a.arch, a.compiled, a.memory)
         else:
             result = run_scaling_rank(a.steps, a.warmup)
         if int(os.environ.get("RANK", "0")) == 0:
@@ -329,13 +377,17 @@ def main() -> None:
         ds_runs, hf_runs = [], []
         for _ in range(a.repeats):  # interleaved, so load drift hits both alike
             for worker, runs in (("ds", ds_runs), ("hf", hf_runs)):
-                compiled = a.compile == "both" or (a.compile == "ds" and worker == "ds")
-                flags = ["--worker", worker, "--mode", mode, "--arch", a.arch, *common]
-                runs.append(_child(flags + ["--compiled"] * compiled))
+                runs.append(_child(_worker_flags(a, worker, mode, common)))
         med = {
             k: (statistics.median(r[k] for r in ds_runs), statistics.median(r[k] for r in hf_runs))
             for k in ("tokens_per_s", "peak_mib")
         }
+        # Tensor memory is deterministic: one short profiled run per side.
+        short = ["--steps", "5", "--warmup", "1", "--memory"]
+        med["peak_tensor_mib"] = tuple(
+            _child(_worker_flags(a, worker, mode, short))["peak_tensor_mib"]
+            for worker in ("ds", "hf")
+        )
         rows.append((mode, med))
     one, two = [], []
     for _ in range(0 if a.no_scaling else a.repeats):
@@ -352,17 +404,18 @@ def main() -> None:
         f"torch.compile: {a.compile}\n"
     )
     print(
-        "| run | ds-model tokens/s | HF Trainer tokens/s | speed ratio | ds-model peak MiB | "
-        "HF peak MiB | memory ratio |"
+        "| run | ds-model tokens/s | HF Trainer tokens/s | speed ratio | ds-model peak tensor MiB "
+        "| HF peak tensor MiB | tensor memory ratio | ds-model peak RSS MiB | HF peak RSS MiB "
+        "| RSS ratio |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for mode, med in rows:
-        (dt, ht), (dm, hm) = med["tokens_per_s"], med["peak_mib"]
         label = "full fine-tune" if mode == "full" else "LoRA r=8 (HF: + PEFT)"
-        print(
-            f"| {label} | {dt:.0f} | {ht:.0f} | {dt / ht:.2f}x | {dm:.0f} | {hm:.0f} | "
-            f"{dm / hm:.2f}x |"
-        )
+        cells = []
+        for key, fmt in (("tokens_per_s", ".0f"), ("peak_tensor_mib", ".0f"), ("peak_mib", ".0f")):
+            ours, theirs = med[key]
+            cells += [f"{ours:{fmt}}", f"{theirs:{fmt}}", f"{ours / theirs:.2f}x"]
+        print(f"| {label} | " + " | ".join(cells) + " |")
     if not one:
         return
     o, t = statistics.median(one), statistics.median(two)

@@ -79,7 +79,9 @@ class MLAttention(nn.Module):
             torch.cat((q_pe, k_pe.unsqueeze(2)), dim=2), ctx.cos, ctx.sin, self.interleaved
         )
         q_pe, k_pe = pe[:, :, : self.num_heads], pe[:, :, self.num_heads]
-        kv = torch.cat((self.kv_a_layernorm(latent), k_pe), dim=-1)
+        # Under autocast the norm's float32 weight promotes its output; the cache and
+        # kv_b_proj take the projection's dtype (kv_b_proj would cast it to that anyway).
+        kv = torch.cat((self.kv_a_layernorm(latent).to(k_pe.dtype), k_pe), dim=-1)
         if ctx.cache is not None:
             (kv,) = ctx.cache.update(self.layer_idx, [kv])
         if ctx.cu_seqlens is not None:  # packed tokens arrive as (tokens, 1, ...) rows

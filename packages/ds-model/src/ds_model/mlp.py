@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MLP"]
+from ds_model import lean_backward
+
+__all__ = ["MLP", "plain_linear_weights"]
 
 
 class MLP(nn.Module):
@@ -20,4 +22,28 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = plain_linear_weights(self.gate_proj, self.up_proj, self.down_proj)
+        if weights is not None and lean_backward.applies(x, *weights):
+            return lean_backward.swiglu(x, *weights)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def plain_linear_weights(*layers: nn.Module) -> tuple[torch.Tensor, ...] | None:
+    """The weights of layers that are all plain bias-free ``nn.Linear`` modules with no
+    hooks, which can then run as bare matrix multiplies without their module calls;
+    ``None`` if any is wrapped, quantized or observed (LoRA, ds-quant layers,
+    calibration or user hooks, global hooks), which must go through the modules."""
+    for m in layers:
+        if type(m) is not nn.Linear or m.bias is not None:
+            return None
+        if m._forward_hooks or m._forward_pre_hooks:
+            return None
+    if _global_hooks():
+        return None
+    return tuple(m.weight for m in layers)
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module
+
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)

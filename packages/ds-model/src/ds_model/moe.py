@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ds_model import lean_backward
 from ds_model.config import ModelConfig
-from ds_model.mlp import MLP
+from ds_model.mlp import MLP, plain_linear_weights
 
 __all__ = ["MoE", "RoutedExperts", "Router", "run_experts_eagerly", "sync_free"]
 
@@ -117,10 +118,18 @@ class RoutedExperts(nn.ModuleList):
         if torch.compiler.is_compiling() and idx.numel() > GATHER_MAX_PAIRS:
             plain = [_plain_weights(expert) for expert in self]
             if all(w is not None for w in plain) and _grouped_mm_fits(plain[0][2]):
+                if torch.is_grad_enabled():
+                    return lean_backward.grouped_experts(x, weights, idx, plain)
                 return _grouped(x, weights, idx, *_stack(plain))
         return self._dispatch(x, weights, idx)
 
     def _dispatch(self, x, weights, idx) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            plain = [_plain_weights(expert) for expert in self]
+            if all(w is not None for w in plain):
+                flat = [t for triple in plain for t in triple]
+                if lean_backward.applies(x, weights, *flat):
+                    return lean_backward.routed_experts(x, weights, idx, plain)
         if idx.numel() <= GATHER_MAX_PAIRS:
             return self._few(x, weights, idx)
         return self._looped(x, weights, idx)
@@ -325,25 +334,12 @@ def run_experts_eagerly(model: nn.Module) -> int:
 
 
 def _plain_weights(expert: MLP) -> tuple[torch.Tensor, ...] | None:
-    """The three weights of an expert made of plain bias-free ``nn.Linear`` layers with
-    no hooks, which can then run as three ``F.linear`` calls without four module calls
-    (~5% of a batch-8 decode step); ``None`` for anything wrapped, quantized or observed
-    (LoRA, ds-quant layers, calibration or user hooks), which goes through the modules."""
-    layers = (expert.gate_proj, expert.up_proj, expert.down_proj)
-    for m in (expert, *layers):
-        if m._forward_hooks or m._forward_pre_hooks:
-            return None
-    if any(type(m) is not nn.Linear or m.bias is not None for m in layers):
+    """An expert's three weights if it can run as three ``F.linear`` calls without its
+    four module calls (~5% of a batch-8 decode step): no hooks on the expert, plain
+    layers (``plain_linear_weights``); ``None`` otherwise."""
+    if expert._forward_hooks or expert._forward_pre_hooks:
         return None
-    if _global_hooks():
-        return None
-    return tuple(m.weight for m in layers)
-
-
-def _global_hooks() -> bool:
-    from torch.nn.modules import module
-
-    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
+    return plain_linear_weights(expert.gate_proj, expert.up_proj, expert.down_proj)
 
 
 class MoE(nn.Module):
