@@ -109,6 +109,31 @@ def test_mixed_precision_trains(tmp_path: Path, precision: str) -> None:
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
 
 
+def test_bf16_trains_an_mla_moe_model_on_cpu(tmp_path: Path) -> None:
+    # V3's architecture under autocast: MLA's latent norm (float32 weight) must not
+    # promote the keys past the queries' dtype (ds-attention refused the mix), and the
+    # routed experts' hand-written backward runs its matmuls in bf16.
+    import ds_model
+
+    model = ds_model.from_config(
+        {**ds_model.PRESETS["tiny"], "vocab_size": 259, "bos_token_id": 256, "eos_token_id": 257},
+        seed=0,
+    )
+    trainer = Trainer(
+        model=model,
+        train_dataset=S.make_texts(16),
+        **{**FAST, "output_dir": str(tmp_path), "learning_rate": 3e-3},
+        per_device_train_batch_size=4,
+        max_steps=25,
+        precision="bf16",
+        save_final=False,
+    )
+    result = trainer.train()
+    assert all(math.isfinite(x) for x in result.losses)
+    assert result.losses[-1] < result.losses[0] - 1.0
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
 def test_eval_metrics_jsonl_and_png(tmp_path: Path) -> None:
     trainer = _trainer(
         tmp_path,
