@@ -129,7 +129,13 @@ def _blocks():
 
 
 def run_ds(
-    mode: str, steps: int, warmup: int, arch: str = "llama", compile: bool = False, memory=False
+    mode: str,
+    steps: int,
+    warmup: int,
+    arch: str = "llama",
+    compile: bool = False,
+    memory: bool = False,
+    precision: str = "fp32",
 ) -> dict:
     import ds_model
     import torch
@@ -168,6 +174,7 @@ def run_ds(
             shuffle=False,
             max_grad_norm=1.0,
             torch_compile=compile,
+            precision=precision,
         )
         if memory:
             return {"peak_tensor_mib": peak_tensor_mib(trainer.train)}
@@ -185,7 +192,13 @@ def _hf_v3(tmp: str):
 
 
 def run_hf(
-    mode: str, steps: int, warmup: int, arch: str = "llama", compile: bool = False, memory=False
+    mode: str,
+    steps: int,
+    warmup: int,
+    arch: str = "llama",
+    compile: bool = False,
+    memory: bool = False,
+    precision: str = "fp32",
 ) -> dict:
     import torch
     from transformers import (
@@ -270,6 +283,7 @@ def run_hf(
             max_grad_norm=1.0,
             disable_tqdm=True,
             torch_compile=compile,
+            bf16=precision == "bf16",  # CPU autocast, as ds-model's precision="bf16"
         )
         trainer = Trainer(model=model, args=args, train_dataset=items, callbacks=[Stamp()])
         if memory:
@@ -345,7 +359,8 @@ def _child(args: list[str], torchrun: int = 0) -> dict:
 
 def _worker_flags(a, worker: str, mode: str, common: list[str]) -> list[str]:
     compiled = a.compile == "both" or (a.compile == "ds" and worker == "ds")
-    flags = ["--worker", worker, "--mode", mode, "--arch", a.arch, *common]
+    flags = ["--worker", worker, "--mode", mode, "--arch", a.arch, "--precision", a.precision]
+    flags += common
     return flags + ["--compiled"] * compiled
 
 
@@ -359,13 +374,19 @@ def main() -> None:
     p.add_argument("--arch", choices=["llama", "v3"], default="llama")
     p.add_argument("--no-scaling", action="store_true", help="skip the 1 vs 2 process runs")
     p.add_argument("--compile", choices=["none", "ds", "both"], default="none")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="bf16: autocast on both sides (float32 master weights)",
+    )
     p.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)  # worker
     p.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)  # worker
     a = p.parse_args()
     if a.worker:
         fn = {"ds": run_ds, "hf": run_hf}.get(a.worker)
         if fn:
-            result = fn(a.mode, a.steps, a.warmup, a.arch, a.compiled, a.memory)
+            result = fn(a.mode, a.steps, a.warmup, a.arch, a.compiled, a.memory, a.precision)
         else:
             result = run_scaling_rank(a.steps, a.warmup)
         if int(os.environ.get("RANK", "0")) == 0:
@@ -401,7 +422,7 @@ def main() -> None:
         f"{(CONFIG if a.arch == 'llama' else V3_CONFIG)['hidden_size']}d x "
         f"{(CONFIG if a.arch == 'llama' else V3_CONFIG)['num_hidden_layers']} layers, "
         f"batch {BATCH} x {SEQ} tokens, {a.steps} steps ({a.warmup} warm-up), "
-        f"torch.compile: {a.compile}\n"
+        f"torch.compile: {a.compile}, precision: {a.precision}\n"
     )
     print(
         "| run | ds-model tokens/s | HF Trainer tokens/s | speed ratio | ds-model peak tensor MiB "

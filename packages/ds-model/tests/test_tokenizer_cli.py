@@ -209,6 +209,23 @@ def test_cli_compile_flag_reaches_generation(checkpoint, monkeypatch, capsys):
     assert seen == [True, False]
 
 
+def test_cli_dtype_auto_is_float32_on_cpu(checkpoint, monkeypatch, capsys):
+    import ds_model.loading
+
+    seen = []
+    load = ds_model.loading.from_pretrained
+
+    def recording_load(path, dtype=None, **kwargs):
+        seen.append(dtype)
+        return load(path, dtype=dtype, **kwargs)
+
+    monkeypatch.setattr(ds_model.loading, "from_pretrained", recording_load)
+    for extra in ([], ["--dtype", "bfloat16"]):
+        assert main(["generate", str(checkpoint), "hi", "--max-new-tokens", "1", *extra]) == 0
+    capsys.readouterr()
+    assert seen == ["float32", "bfloat16"]
+
+
 def test_cli_without_path_uses_the_built_in_model(checkpoint, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("DS_DEFAULT_MODEL", raising=False)
     repo = tmp_path / "repo"

@@ -126,3 +126,22 @@ def test_pool_sizes_are_checked_by_their_own_names(checkpoint, option, value):
 
     with pytest.raises(ValueError, match=f"{option} must be an int >= 1, got {value}"):
         build_engine(checkpoint, dtype="float32", **{option: value})
+
+
+def test_auto_dtype_serves_a_bf16_checkpoint_in_float32_on_cpu(checkpoint, tmp_path):
+    # bf16 on a CPU compiles a oneDNN kernel per new matmul shape (memory grows with
+    # every new prompt length), so "auto" means float32 there; asked for, bf16 is kept.
+    import shutil
+
+    import ds_model
+    import torch
+    from ds_serve.server import build_engine
+
+    bf16 = tmp_path / "bf16"
+    shutil.copytree(checkpoint, bf16)
+    ds_model.from_pretrained(checkpoint, dtype=torch.bfloat16).save_pretrained(bf16)
+    assert ds_model.from_pretrained(bf16).dtype == torch.bfloat16  # the checkpoint's own
+    small = {"max_num_seqs": 2, "max_model_len": 32, "device": "cpu"}
+    assert build_engine(bf16, **small).runner.model.dtype == torch.float32
+    kept = build_engine(bf16, dtype="bfloat16", **small)
+    assert kept.runner.model.dtype == torch.bfloat16

@@ -36,7 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    gen.add_argument("--dtype", default=None, help="e.g. float32, bfloat16")
+    gen.add_argument(
+        "--dtype",
+        default="auto",
+        help="e.g. float32, bfloat16; auto: the checkpoint's on GPU, float32 on CPU (bf16 "
+        "matmuls there compile a kernel per new shape and decode slower at this size)",
+    )
     gen.add_argument("--device", default="cpu")
     gen.add_argument(
         "--compile",
@@ -98,7 +103,10 @@ def _is_preset(path: str) -> bool:
 def _generate(args: argparse.Namespace) -> int:
     from ds_model.loading import from_pretrained
 
-    model = from_pretrained(args.path, dtype=args.dtype, device=args.device)
+    dtype = args.dtype
+    if dtype == "auto":
+        dtype = "float32" if torch.device(args.device).type == "cpu" else None
+    model = from_pretrained(args.path, dtype=dtype, device=args.device)
     if model.tokenizer is None:
         print(f"error: {args.path} has no tokenizer.json or tokenizer.model", file=sys.stderr)
         return 2

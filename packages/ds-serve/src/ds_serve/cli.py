@@ -109,7 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="a PEFT-format LoRA adapter served as model NAME; repeatable",
     )
     parser.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights' dtype; auto: the checkpoint's on GPU, float32 on CPU",
     )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--no-prefix-caching", action="store_true")
