@@ -219,6 +219,17 @@ class _RoutedExperts(torch.autograd.Function):
         return (grad_x, _unsort(grad_pairs, order, ctx), None, None, *grad_flat)
 
 
+def varying_shapes_are_costly(x: torch.Tensor) -> bool:
+    """Whether matmuls whose shapes follow the routing are slow here: bf16/fp16
+    (autocast or not) on CPU, where each new shape compiles a oneDNN kernel. The
+    grouped form's per-expert groups change size every step, so under torch.compile
+    the MoE then keeps the loop of ``routed_experts``, which pads rows to bounded
+    shapes (grouped in bf16: 0.66x HF's tokens/s and 1.4 GiB peak RSS training the
+    shipped model's shape; the loop: see docs/benchmarks.md)."""
+    dtype = _autocast_dtype(x) or x.dtype
+    return _row_bucket(x, dtype) > 1
+
+
 def _row_bucket(x: torch.Tensor, mm_dtype: torch.dtype) -> int:
     """Row counts per expert are padded to a multiple of this. On CPU, bf16/fp16
     matrix multiplies go through oneDNN, which builds (JIT-compiles and caches) a

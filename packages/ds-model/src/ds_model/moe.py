@@ -117,7 +117,11 @@ class RoutedExperts(nn.ModuleList):
             return self._sync_free(x, weights, idx)
         if torch.compiler.is_compiling() and idx.numel() > GATHER_MAX_PAIRS:
             plain = [_plain_weights(expert) for expert in self]
-            if all(w is not None for w in plain) and _grouped_mm_fits(plain[0][2]):
+            if (
+                all(w is not None for w in plain)
+                and _grouped_mm_fits(plain[0][2])
+                and not lean_backward.varying_shapes_are_costly(x)
+            ):
                 if torch.is_grad_enabled():
                     return lean_backward.grouped_experts(x, weights, idx, plain)
                 return _grouped(x, weights, idx, *_stack(plain))
@@ -207,8 +211,9 @@ class RoutedExperts(nn.ModuleList):
 
     def _sync_free(self, x, weights, idx) -> torch.Tensor:
         """The routed output with no host sync (see ``sync_free``). With stacked weights:
-        a few pairs gather their experts' weights (decode reads only the routed experts);
-        as many pairs as experts or more run grouped by expert on CPU, where arithmetic
+        fewer pairs than experts gather their experts' weights (decode reads only the
+        routed experts), on CPU also more while the copies stay under
+        ``GATHER_MAX_BYTES``; more pairs run grouped by expert on CPU, where arithmetic
         is the cost, and every expert on every token in two batched matmuls on CUDA
         (capturing grouped_mm there has not been tried). Unstacked (wrapped) experts:
         every expert module on every token."""
@@ -220,7 +225,7 @@ class RoutedExperts(nn.ModuleList):
                 out += expert(x) * dense[:, e : e + 1]
             return out
         gate_up, down = stacked
-        if idx.numel() < len(self):
+        if idx.numel() < len(self) or (x.is_cpu and _gather_is_cheaper(idx, gate_up, down)):
             return _gathered(x, weights, idx, gate_up, down)
         if x.is_cpu and _grouped_mm_fits(down):
             return _grouped(x, weights, idx, gate_up, down)
@@ -252,6 +257,18 @@ class RoutedExperts(nn.ModuleList):
         finally:
             for layer, state in mixed:
                 layer.set_row_adapters(*state)
+
+
+# On CPU, gathering every pair's expert weights beats one grouped matmul per expert while
+# the copies stay this small (a decode step, 2-core x86_64: +12-28% tokens/s for the
+# shipped model at batch 4-8 and a 14M V3 shape at batch 8-16; grouped won at 25 MiB and
+# more: the 14M shape at batch 32, a 100M one at batch 8).
+GATHER_MAX_BYTES = 16 * 2**20
+
+
+def _gather_is_cheaper(idx, gate_up, down) -> bool:
+    per_expert = (gate_up[0].numel() + down[0].numel()) * gate_up.element_size()
+    return idx.numel() * per_expert <= GATHER_MAX_BYTES
 
 
 def _grouped_mm_fits(down: torch.Tensor) -> bool:
