@@ -359,3 +359,11 @@ def test_compiled_training_through_the_lean_functions_matches_eager_autograd():
         [sys.executable, "-c", _COMPILED_TRAINING], capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_reduced_precision_on_cpu_is_where_routing_sized_shapes_cost():
+    x = torch.zeros(2, 4)
+    assert not lean_backward.varying_shapes_are_costly(x)
+    assert lean_backward.varying_shapes_are_costly(x.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lean_backward.varying_shapes_are_costly(x)
