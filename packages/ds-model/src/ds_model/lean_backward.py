@@ -125,9 +125,11 @@ class _RMSNorm(torch.autograd.Function):
             grad_weight = per_row.reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
         grad_x = None
         if ctx.needs_input_grad[0]:
+            # dx = rstd * (dn - normed * mean(dn * normed)): the mean as one dot per row
+            # and the rest in place, fewer passes over memory than the plain expression.
             dn = (grad * weight).float()
-            dot = (dn * normed).mean(-1, keepdim=True)
-            grad_x = ((dn - normed * dot) * rstd).to(x.dtype)
+            dot = torch.linalg.vecdot(dn, normed).unsqueeze(-1) / x.shape[-1]
+            grad_x = torch.addcmul(dn, normed, dot, value=-1).mul_(rstd).to(x.dtype)
         return grad_x, grad_weight, None
 
 
