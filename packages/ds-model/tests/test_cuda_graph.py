@@ -223,6 +223,13 @@ assert model.generate(prompts, 8, compile=True) == eager, "compiled != eager"
 decoder = generation._DECODERS[model][1]
 assert model.generate(prompts, 6, compile=True) == [row[:6] for row in eager]
 assert generation._DECODERS[model][1] is decoder, "the compiled step was rebuilt"
+# Later steps of a generation skip torch.compile's guards; the first step of each
+# generation still checks them, so a change between generations recompiles.
+for layer in model.model.layers:
+    layer.self_attn.softmax_scale *= 20
+changed = model.generate(prompts, 8)
+assert changed != eager, "the scale change should change the greedy tokens"
+assert model.generate(prompts, 8, compile=True) == changed, "a stale compiled step ran"
 """
 
 

@@ -201,6 +201,20 @@ def test_prompt_at_once_equals_token_by_token(params, prompt_len, seed):
     torch.testing.assert_close(stepwise, at_once, atol=1e-5, rtol=1e-5)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    values=st.lists(st.sampled_from([-1.0, 0.0, 2.0, float("-inf"), float("nan")]), min_size=2),
+    rows=st.integers(1, 3),
+)
+def test_greedy_picks_argmax_with_ties_and_nan(values, rows):
+    from ds_model.generation import SamplingParams, sample_next
+
+    logits = torch.tensor(values * rows).view(rows, -1)
+    logits[-1] = logits[-1].flip(0)
+    got = sample_next(logits, SamplingParams(temperature=0.0, top_p=1.0, top_k=0))
+    assert torch.equal(got, logits.argmax(-1))
+
+
 def test_sliding_window_limits_what_a_token_sees():
     config = ModelConfig.from_dict({**LLAMA, "sliding_window": 3})
     model = ds_model.from_config(config, seed=0)

