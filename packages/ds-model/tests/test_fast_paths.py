@@ -201,3 +201,80 @@ def test_compiled_moe_model_matches_eager():
         eager = model(ids).logits
         compiled = torch.compile(model)(ids).logits
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    tie=st.booleans(),
+    batch=st.integers(1, 9),
+    seed=st.integers(0, 2**16),
+)
+def test_input_major_weights_change_strides_not_the_model(tie, batch, seed):
+    """The CPU decode layout: same Parameters, values, state dict and outputs; tied
+    embeddings and stacked experts are left as they are; row_major_weights undoes it."""
+    from ds_model.layout import input_major_weights, row_major_weights
+
+    model = ds_model.from_config(ModelConfig.from_preset("tiny", tie_word_embeddings=tie), seed=1)
+    experts = next(m for m in model.modules() if isinstance(m, ds_model.moe.RoutedExperts))
+    assert experts.stack_weights()
+    ids = torch.randint(
+        0, model.config.vocab_size, (batch, 5), generator=torch.Generator().manual_seed(seed)
+    )
+    with torch.no_grad():
+        want = model(ids).logits
+    params = dict(model.named_parameters())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    changed = input_major_weights(model)
+    assert changed > 0 and input_major_weights(model) == 0  # idempotent
+    assert dict(model.named_parameters()) == params  # the same objects
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert model.lm_head.weight.is_contiguous() == tie
+    assert model.model.layers[0].self_attn.o_proj.weight.stride() == (1, model.config.hidden_size)
+    assert experts._stacked() is not None  # still views of the stacked weights
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
+    assert row_major_weights(model) == changed
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
+def test_input_major_weights_leave_other_dtypes_devices_and_layers_alone():
+    from ds_model.layout import input_major_weights
+
+    lin = torch.nn.Linear(8, 16, bias=False)
+    assert input_major_weights(torch.nn.Sequential(lin.to(torch.bfloat16))) == 0
+    assert input_major_weights(torch.nn.Sequential(torch.nn.Linear(8, 1))) == 0  # (1, 8)
+    assert input_major_weights(torch.nn.Sequential(torch.nn.Embedding(8, 16))) == 0
+    lin = torch.nn.Linear(8, 16)
+    assert input_major_weights(torch.nn.Sequential(lin)) == 1
+    assert lin.weight.stride() == (1, 16)
+
+
+def test_a_model_re_laid_for_decoding_still_quantizes_saves_and_trains(tmp_path):
+    """What a compiled CPU generate leaves: input-major weights. Quantizing, saving and
+    a training step give what they give on the row-major model."""
+    from ds_model.layout import input_major_weights
+    from ds_quant import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+    config = ModelConfig.from_preset("tiny")
+    ids = torch.randint(0, config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
+    for quant in (Int8WeightOnlyConfig(), Int4WeightOnlyConfig(group_size=32)):
+        plain, relaid = (ds_model.from_config(config, seed=2) for _ in range(2))
+        assert input_major_weights(relaid) > 0
+        quantize_(plain, quant)
+        quantize_(relaid, quant)
+        with torch.no_grad():
+            assert torch.equal(plain(ids).logits, relaid(ids).logits), type(quant).__name__
+    relaid = ds_model.from_config(config, seed=2)
+    input_major_weights(relaid)
+    relaid.save_pretrained(tmp_path)
+    loaded = ds_model.from_pretrained(tmp_path)
+    for key, value in relaid.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    plain = ds_model.from_config(config, seed=2)
+    for model in (plain, relaid):
+        model.train()
+        model(ids, labels=ids).loss.backward()
+    for (name, a), b in zip(plain.named_parameters(), relaid.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+        assert b.grad.stride() == b.stride(), name  # gradients follow the layout

@@ -209,9 +209,14 @@ def distributed_worker(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     results: dict = {}
 
-    def run(name: str, strategy: str, resume: str | None = None, **kw) -> None:
+    def run(name: str, strategy: str, resume: str | None = None, input_major=False, **kw) -> None:
+        model = real_lm()
+        if input_major:  # weights as a compiled CPU generate leaves them: FSDP2 still trains
+            from ds_model.layout import input_major_weights
+
+            assert input_major_weights(model) > 0
         trainer = Trainer(
-            model=real_lm(),
+            model=model,
             train_dataset=varied_texts(),
             tokenizer=ByteTokenizer(),
             output_dir=os.path.join(out, name),
@@ -236,7 +241,14 @@ def distributed_worker(rank: int, world: int, port: int, out: str) -> None:
     results["fsdp_lora_export"] = sorted(os.listdir(export)) if rank == 0 else []
     run("ddp_accum", "ddp", per_device_train_batch_size=1, gradient_accumulation_steps=2)
     run("ddp_int4", "ddp", per_device_train_batch_size=2, compress_gradients=True)
-    run("fsdp", "fsdp", per_device_train_batch_size=2, save_steps=2, save_total_limit=None)
+    run(
+        "fsdp",
+        "fsdp",
+        per_device_train_batch_size=2,
+        save_steps=2,
+        save_total_limit=None,
+        input_major=True,
+    )
     run(
         "fsdp_resumed",
         "fsdp",

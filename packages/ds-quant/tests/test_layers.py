@@ -150,3 +150,36 @@ def test_gradients_reach_the_input_and_bias_so_an_adapter_can_train(config):
     assert model.b.grad is not None and model.b.grad.abs().sum() > 0
     assert base.bias.grad is not None
     assert not any(t.requires_grad for t in base.buffers())
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    config=st.sampled_from(
+        [
+            Int8WeightOnlyConfig(),
+            Int8DynamicActivationInt8WeightConfig(),
+            Int4WeightOnlyConfig(group_size=32),
+            Fp8BlockConfig(block=(32, 32)),
+        ]
+    ),
+    out_features=st.sampled_from([16, 48, 80]),
+    in_features=st.sampled_from([32, 64, 96]),
+)
+def test_a_weight_stored_transposed_quantizes_like_its_row_major_copy(
+    config, out_features, in_features
+):
+    """A weight laid out (in, out) in memory (ds-model's CPU decode layout) is the same
+    matrix: its quantized layer equals the row-major weight's, buffers row-major."""
+    torch.manual_seed(out_features + in_features)
+    plain = nn.Linear(in_features, out_features)
+    strided = nn.Linear(in_features, out_features)
+    with torch.no_grad():
+        strided.weight.data = plain.weight.t().contiguous().t()
+        strided.bias.copy_(plain.bias)
+    assert not strided.weight.is_contiguous()
+    a, b = quantize_(plain, config), quantize_(strided, config)
+    for (name, x), y in zip(a.named_buffers(), b.buffers()):
+        assert torch.equal(x, y) and y.is_contiguous(), name
+    inputs = torch.randn(3, in_features)
+    with torch.no_grad():
+        assert torch.equal(a(inputs), b(inputs))

@@ -24,6 +24,7 @@ import weakref
 import torch
 
 from ds_model.cache import StaticKVCache
+from ds_model.layout import input_major_weights
 from ds_model.moe import RoutedExperts, sync_free
 
 __all__ = ["GraphedDecoder", "graphable", "static_step_supported"]
@@ -95,6 +96,8 @@ class GraphedDecoder:
         for module in model.modules():
             if isinstance(module, RoutedExperts):
                 module.stack_weights()
+        if device.type == "cpu":
+            input_major_weights(model)  # faster few-row matmuls; see ds_model.layout
         self.cache = StaticKVCache(model.config, batch, capacity, model.dtype, device)
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)

@@ -87,7 +87,7 @@ def quantize_fp8_block(
         )
     rows, cols = weight.shape
     n_r, n_c = _expected_scale_shape(weight.shape, block)
-    w = weight.detach().to(torch.float32)
+    w = weight.detach().to(torch.float32).contiguous()  # any strides in, row-major out
     padded = torch.zeros(n_r * block[0], n_c * block[1], dtype=torch.float32, device=w.device)
     padded[:rows, :cols] = w
     tiles = padded.view(n_r, block[0], n_c, block[1])

@@ -62,8 +62,9 @@ def quantize_int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     """Symmetric INT8, one scale per row: (out, in) float -> (int8 (out, in), float32 (out,)).
 
     ``scale = amax(|row|) / 127`` (1.0 for an all-zero row, which then stays exactly zero).
+    ``w`` may have any strides; the result is row-major, as the kernels read it.
     """
-    w = w.detach().to(torch.float32)
+    w = w.detach().to(torch.float32).contiguous()
     amax = w.abs().amax(dim=1)
     scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
     q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
@@ -102,7 +103,7 @@ def quantize_int4(
         raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(w.shape)}")
     out_features, in_features = w.shape
     k_pad = padded_in_features(in_features, group_size)
-    w = w.detach().to(torch.float32)
+    w = w.detach().to(torch.float32).contiguous()  # any strides in, row-major out
     if k_pad != in_features:
         w = torch.cat((w, w[:, -1:].expand(out_features, k_pad - in_features)), dim=1)
     groups = w.view(out_features, k_pad // group_size, group_size)

@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ds_model.layout import row_major_weights
+
 __all__ = ["DistContext", "default_tp_plan", "init_distributed", "unwrap", "wrap_model"]
 
 _MLP_COLWISE = ("gate_proj", "up_proj", "w1", "w3")
@@ -147,6 +149,7 @@ def wrap_model(model: nn.Module, strategy: str, ctx: DistContext, config: Any) -
     """Wrap ``model`` (already on ``ctx.device``) for ``strategy``."""
     if not ctx.distributed or strategy == "none":
         return model
+    row_major_weights(model)  # FSDP2 refuses others (a compiled CPU generate re-lays them)
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
