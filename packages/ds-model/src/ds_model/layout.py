@@ -5,9 +5,11 @@
 step, MKL's float32 matrix multiply on x86 CPUs reads a weight that is stored
 input-major, (in_features, out_features) row-major, faster: measured on the 2-core
 development VM, a (16384, 256) LM head took 0.86 instead of 1.36 ms at batch 1 and a
-(32000, 512) one 3.9 instead of 5.2 ms, both streamed from memory; whole compiled decode
-steps got 10-16% faster (a 100M-parameter V3 shape at batch 1 and 8, the shipped model
-at batch 8) and no slower elsewhere. ``input_major_weights`` re-lays weights that way
+(32000, 512) one 3.9 instead of 5.2 ms, both streamed from memory. Whole compiled
+decode steps (A/B in separate processes): batch 8 19-27% faster for a 14M V3 shape and
+the shipped model, batch 1 10% for a 100M one, batch 1 of the small models within 3%
+(slower by that much, this machine's noise). The eager serving runner's steps measured
+0.93-1.04x, so it keeps row-major weights. ``input_major_weights`` re-lays weights that way
 in place: same Parameter objects, shapes, values and state-dict entries, only the
 strides change (``weight.stride() == (1, out_features)``), so optimizers and hooks keep
 working. What needs row-major weights makes them so: ds-quant's quantizers, FSDP2 and
