@@ -153,17 +153,17 @@ class GraphedDecoder:
         return logits
 
     def _run_step(self) -> torch.Tensor:
-        if not (self.compiled and self._guards_checked):
-            logits = self._run()
-            self._guards_checked = True
-            return logits
         # The first step of each generation checks torch.compile's guards (~1,600 for a
         # 4-layer V3: every module attribute and weight the step reads), recompiling if
         # anything changed; later steps of the same generation skip them, as replaying a
         # CUDA graph does (275 us of a 5 ms batch-8 CPU step). Changing the model while
         # a generation is under way is unsupported on either path.
-        with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-            return self._run()
+        if self.compiled and self._guards_checked and _default_stance():
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                return self._run()
+        logits = self._run()
+        self._guards_checked = True
+        return logits
 
     def _record(self) -> None:
         # Warm up on a side stream (lazy initialisations, cuBLAS workspaces) before
@@ -180,3 +180,18 @@ class GraphedDecoder:
         with torch.cuda.graph(self.graph):
             self.logits = self._run()
         self.visible.copy_(visible)
+
+
+def _default_stance() -> bool:
+    """Whether torch.compile is in its default stance: ``set_stance`` (how guards are
+    skipped) replaces the whole stance, and must not undo one the caller chose, such as
+    ``force_eager``. torch has no public getter for it."""
+    import torch._dynamo.eval_frame as eval_frame
+
+    stance = getattr(eval_frame, "_stance", None)
+    return (
+        stance is not None
+        and stance.stance == "default"
+        and stance.backend is None
+        and not stance.skip_guard_eval_unsafe
+    )
