@@ -214,12 +214,22 @@ def test_cuda_graph_and_compile_arguments_are_checked():
 
 
 COMPILED_CHECK = """
+import torch
 import ds_model, ds_model.generation as generation
 from ds_model import ModelConfig
+skipped = []
+set_stance = torch.compiler.set_stance
+def counting_set_stance(*args, **kwargs):
+    skipped.append(kwargs.get("skip_guard_eval_unsafe", False))
+    return set_stance(*args, **kwargs)
+torch.compiler.set_stance = counting_set_stance
 model = ds_model.from_config(ModelConfig.from_preset("tiny"), seed=0)
 prompts = [[5, 6, 7, 8], [9, 10]]
 eager = model.generate(prompts, 8)
 assert model.generate(prompts, 8, compile=True) == eager, "compiled != eager"
+# 8 tokens: 7 compiled steps, the first with guards, the other 6 without.
+assert skipped == [True] * 6, skipped
+torch.compiler.set_stance = set_stance
 decoder = generation._DECODERS[model][1]
 assert model.generate(prompts, 6, compile=True) == [row[:6] for row in eager]
 assert generation._DECODERS[model][1] is decoder, "the compiled step was rebuilt"

@@ -278,3 +278,21 @@ def test_a_model_re_laid_for_decoding_still_quantizes_saves_and_trains(tmp_path)
     for (name, a), b in zip(plain.named_parameters(), relaid.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
         assert b.grad.stride() == b.stride(), name  # gradients follow the layout
+
+
+def test_decode_layouts_made_under_inference_mode_leave_the_model_trainable():
+    """A compiled generate inside ``torch.inference_mode()`` stacks the experts and
+    re-lays the Linear weights there; neither may leave inference tensors behind."""
+    from ds_model.layout import input_major_weights
+
+    model = ds_model.from_config(ModelConfig.from_preset("tiny"), seed=0)
+    with torch.inference_mode():
+        for m in model.modules():
+            if isinstance(m, ds_model.moe.RoutedExperts):
+                assert m.stack_weights()
+        assert input_major_weights(model) > 0
+    assert not any(p.is_inference() for p in model.parameters())
+    ids = torch.tensor([[1, 2, 3, 4]])
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in model.model.layers[0].parameters())

@@ -367,3 +367,29 @@ def test_reduced_precision_on_cpu_is_where_routing_sized_shapes_cost():
     assert lean_backward.varying_shapes_are_costly(x.bfloat16())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert lean_backward.varying_shapes_are_costly(x)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_compiled_moe_form_respects_the_enabled_switch(monkeypatch, enabled):
+    """The grouped form torch.compile traces takes the hand-written backward only while
+    ``ENABLED``; switched off, it is autograd through stacked copies, same gradients."""
+    from ds_model import moe
+
+    experts = moe.RoutedExperts(6, 16, 8)
+    x = torch.randn(10, 16, requires_grad=True)
+    weights = torch.rand(10, 2, requires_grad=True)
+    idx = torch.stack([torch.randperm(6)[:2] for _ in range(10)])
+    calls = []
+    grouped = lean_backward.grouped_experts
+    monkeypatch.setattr(lean_backward, "grouped_experts", lambda *a: calls.append(1) or grouped(*a))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # take that branch
+    monkeypatch.setattr(lean_backward, "ENABLED", enabled)
+    experts(x, weights, idx).square().sum().backward()
+    assert bool(calls) == enabled
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    monkeypatch.setattr(lean_backward, "ENABLED", False)
+    want = [t.grad.clone() for t in (x, weights)]
+    x.grad = weights.grad = None
+    experts(x, weights, idx).square().sum().backward()
+    for got, ref in zip((x.grad, weights.grad), want):
+        torch.testing.assert_close(got, ref)

@@ -19,6 +19,7 @@ Models with a sliding window or a forced attention backend keep the eager step.
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import torch
@@ -26,6 +27,12 @@ import torch
 from ds_model.cache import StaticKVCache
 from ds_model.layout import input_major_weights
 from ds_model.moe import RoutedExperts, sync_free
+
+# Compiled decode steps after a generation's first skip torch.compile's guards (see
+# GraphedDecoder._run_step). While one runs, compiled code in other threads skips its
+# guards too: set False where that code may need to recompile concurrently.
+SKIP_GUARDS = True
+_STANCE_LOCK = threading.Lock()
 
 __all__ = ["GraphedDecoder", "graphable", "static_step_supported"]
 
@@ -157,10 +164,22 @@ class GraphedDecoder:
         # 4-layer V3: every module attribute and weight the step reads), recompiling if
         # anything changed; later steps of the same generation skip them, as replaying a
         # CUDA graph does (275 us of a 5 ms batch-8 CPU step). Changing the model while
-        # a generation is under way is unsupported on either path.
-        if self.compiled and self._guards_checked and _default_stance():
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                return self._run()
+        # a generation is under way is unsupported on either path. torch's stance is
+        # process-wide: the lock keeps two threads from nesting it (one leaving would
+        # restore the other's), and SKIP_GUARDS = False turns this off for processes
+        # where other threads run compiled code that may need to recompile meanwhile.
+        if (
+            SKIP_GUARDS
+            and self.compiled
+            and self._guards_checked
+            and _default_stance()
+            and _STANCE_LOCK.acquire(blocking=False)
+        ):
+            try:
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                    return self._run()
+            finally:
+                _STANCE_LOCK.release()
         logits = self._run()
         self._guards_checked = True
         return logits

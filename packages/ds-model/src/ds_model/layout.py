@@ -13,7 +13,11 @@ the shipped model, batch 1 10% for a 100M one, batch 1 of the small models withi
 in place: same Parameter objects, shapes, values and state-dict entries, only the
 strides change (``weight.stride() == (1, out_features)``), so optimizers and hooks keep
 working. What needs row-major weights makes them so: ds-quant's quantizers, FSDP2 and
-the other distributed wrappers (``row_major_weights``), safetensors saving.
+the other distributed wrappers (``row_major_weights``), safetensors saving. The
+re-layout stays with the model object: after a compiled CPU ``generate`` its eager
+steps run on input-major weights too (a 512-token prefill of the shipped model measured
+3% faster), while the Trainer restores row-major weights before training (the shipped
+model's shape trained 3.6% slower input-major, forward + backward).
 """
 
 from __future__ import annotations
@@ -29,7 +33,10 @@ def input_major_weights(model: nn.Module) -> int:
     (in, out) row-major; returns how many changed. Skipped: weights shared between
     modules (tied embeddings: an embedding lookup wants rows), views into a larger
     tensor (``RoutedExperts.stack_weights``' stacked experts), tensor subclasses
-    (DTensor) and weights already re-laid. Idempotent."""
+    (DTensor) and weights already re-laid. Idempotent. The change stays with the model
+    (``row_major_weights`` restores the usual layout, as the Trainer does) and is made
+    outside inference mode, so a model re-laid
+    inside ``torch.inference_mode()`` can still be trained."""
     counts: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         counts[id(p)] = counts.get(id(p), 0) + 1
@@ -51,7 +58,7 @@ def input_major_weights(model: nn.Module) -> int:
             and w.untyped_storage().nbytes() == w.numel() * w.element_size()
         ):
             continue
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():
             w.data = w.data.t().contiguous().t()
         changed += 1
     return changed
@@ -63,7 +70,7 @@ def row_major_weights(model: nn.Module) -> int:
     changed = 0
     for p in model.parameters():
         if not p.is_contiguous():
-            with torch.no_grad():
+            with torch.inference_mode(False), torch.no_grad():
                 p.data = p.data.contiguous()
             changed += 1
     return changed

@@ -8,7 +8,8 @@ read its shape). The functions here save the inputs alone and recompute the chea
 element-wise parts in backward, as torch.compile's partitioner does:
 
 - ``rms_norm``: saves ``x`` and the per-row ``1 / rms``.
-- ``swiglu``: saves ``gate(x)`` and ``up(x)`` (``x`` is shared with its other uses).
+- ``swiglu``: saves ``gate(x)`` and ``up(x)`` besides ``x`` (shared with its other
+  uses, except under autocast, where it is the bf16/fp16 copy the matmuls read).
 - ``routed_experts``: saves each (token, expert) pair's ``gate`` and ``up`` rows and
   the sort order; inputs are re-gathered from ``x`` in backward. ``grouped_experts``
   is its form for torch.compile (two grouped matmuls, no data-dependent Python); it
@@ -20,7 +21,8 @@ in backward (no full-size zero gradient per expert). Forward outputs are bit-ide
 to the module code they replace, which still runs wherever these do not apply: no
 gradient needed, wrapped or hooked layers (LoRA, quantized, observed), DTensor
 weights. Under torch.compile they are traced like any autograd.Function, so the
-compiled graph saves what they save. Under autocast the matrix multiplies take the
+compiled graph saves what they save; ``routed_experts``, whose loop reads the routing on
+the host, runs eagerly between graphs (``moe.run_experts_eagerly``). Under autocast the matrix multiplies take the
 autocast dtype, as ``F.linear`` would.
 
 Tensor layouts: ``x`` (..., hidden); weights as ``nn.Linear`` stores them,
@@ -221,6 +223,11 @@ class _RoutedExperts(torch.autograd.Function):
         return (grad_x, _unsort(grad_pairs, order, ctx), None, None, *grad_flat)
 
 
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the matrix multiplies on ``x`` run in: autocast's if it is on, else x's."""
+    return _autocast_dtype(x) or x.dtype
+
+
 def varying_shapes_are_costly(x: torch.Tensor) -> bool:
     """Whether matmuls whose shapes follow the routing are slow here: bf16/fp16
     (autocast or not) on CPU, where each new shape compiles a oneDNN kernel. The
@@ -228,8 +235,7 @@ def varying_shapes_are_costly(x: torch.Tensor) -> bool:
     the MoE then keeps the loop of ``routed_experts``, which pads rows to bounded
     shapes (grouped in bf16: 0.66x HF's tokens/s and 1.4 GiB peak RSS training the
     shipped model's shape; the loop: see docs/benchmarks.md)."""
-    dtype = _autocast_dtype(x) or x.dtype
-    return _row_bucket(x, dtype) > 1
+    return _row_bucket(x, matmul_dtype(x)) > 1
 
 
 def _row_bucket(x: torch.Tensor, mm_dtype: torch.dtype) -> int:

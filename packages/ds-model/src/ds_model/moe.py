@@ -117,12 +117,14 @@ class RoutedExperts(nn.ModuleList):
             return self._sync_free(x, weights, idx)
         if torch.compiler.is_compiling() and idx.numel() > GATHER_MAX_PAIRS:
             plain = [_plain_weights(expert) for expert in self]
+            mm_dtype = lean_backward.matmul_dtype(x)
             if (
                 all(w is not None for w in plain)
-                and _grouped_mm_fits(plain[0][2])
+                and _grouped_mm_fits(plain[0][2], mm_dtype)
                 and not lean_backward.varying_shapes_are_costly(x)
             ):
-                if torch.is_grad_enabled():
+                flat = [w for triple in plain for w in triple]
+                if torch.is_grad_enabled() and lean_backward.applies(x, weights, *flat):
                     return lean_backward.grouped_experts(x, weights, idx, plain)
                 return _grouped(x, weights, idx, *_stack(plain))
         return self._dispatch(x, weights, idx)
@@ -177,7 +179,9 @@ class RoutedExperts(nn.ModuleList):
             return False
         gate0 = plain[0][0]
         inter = gate0.shape[0]
-        with torch.no_grad():
+        # Not inference tensors even when called under inference_mode (a generate inside
+        # it): the model must stay trainable.
+        with torch.inference_mode(False), torch.no_grad():
             gate_up, down = _stack(plain)
         grad = gate0.requires_grad
         for e, expert in enumerate(self):
@@ -271,12 +275,13 @@ def _gather_is_cheaper(idx, gate_up, down) -> bool:
     return idx.numel() * per_expert <= GATHER_MAX_BYTES
 
 
-def _grouped_mm_fits(down: torch.Tensor) -> bool:
+def _grouped_mm_fits(down: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
     """``F.grouped_mm`` exists (torch >= 2.9) and accepts these shapes: its rows must be
     multiples of 16 bytes (hidden and intermediate sizes of 4 fp32 or 8 bf16 values).
-    ``down``: one expert's (hidden, inter) weight or the stacked (experts, hidden, inter)."""
+    ``down``: one expert's (hidden, inter) weight or the stacked (experts, hidden, inter);
+    ``dtype``: the matmuls' dtype if not the weight's (autocast)."""
     hidden, inter = down.shape[-2:]
-    size = down.element_size()
+    size = dtype.itemsize if dtype is not None else down.element_size()
     return hasattr(F, "grouped_mm") and (hidden * size) % 16 == 0 and (inter * size) % 16 == 0
 
 

@@ -147,9 +147,11 @@ def default_tp_plan(model: nn.Module) -> dict[str, str]:
 
 def wrap_model(model: nn.Module, strategy: str, ctx: DistContext, config: Any) -> nn.Module:
     """Wrap ``model`` (already on ``ctx.device``) for ``strategy``."""
+    # A compiled CPU generate re-lays Linear weights input-major: FSDP2 refuses that
+    # layout, and single-process training ran 3.6% slower on it (fwd+bwd, shipped shape).
+    row_major_weights(model)
     if not ctx.distributed or strategy == "none":
         return model
-    row_major_weights(model)  # FSDP2 refuses others (a compiled CPU generate re-lays them)
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
