@@ -109,11 +109,21 @@ def test_mixed_precision_trains(tmp_path: Path, precision: str) -> None:
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
 
 
-def test_bf16_trains_an_mla_moe_model_on_cpu(tmp_path: Path) -> None:
+def test_bf16_trains_an_mla_moe_model_on_cpu(tmp_path: Path, monkeypatch) -> None:
     # V3's architecture under autocast: MLA's latent norm (float32 weight) must not
     # promote the keys past the queries' dtype (ds-attention refused the mix), and the
     # routed experts' hand-written backward runs its matmuls in bf16.
     import ds_model
+    from ds_model import lean_backward
+
+    mm_dtypes = []
+    routed = lean_backward._RoutedExperts.forward
+
+    def watched(ctx, x, weights, idx, mm_dtype, *flat):
+        mm_dtypes.append(mm_dtype)
+        return routed(ctx, x, weights, idx, mm_dtype, *flat)
+
+    monkeypatch.setattr(lean_backward._RoutedExperts, "forward", staticmethod(watched))
 
     model = ds_model.from_config(
         {**ds_model.PRESETS["tiny"], "vocab_size": 259, "bos_token_id": 256, "eos_token_id": 257},
@@ -132,6 +142,7 @@ def test_bf16_trains_an_mla_moe_model_on_cpu(tmp_path: Path) -> None:
     assert all(math.isfinite(x) for x in result.losses)
     assert result.losses[-1] < result.losses[0] - 1.0
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    assert mm_dtypes and set(mm_dtypes) == {torch.bfloat16}
 
 
 def test_eval_metrics_jsonl_and_png(tmp_path: Path) -> None:
