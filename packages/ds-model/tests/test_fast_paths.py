@@ -12,14 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _decode_logits(model, prompt, steps, *, fast: bool, impl: str = "auto") -> torch.Tensor:
     for layer in model.model.layers:
         layer.self_attn.fast_decode = fast

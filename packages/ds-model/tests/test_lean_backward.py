@@ -16,14 +16,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _grads(out, inputs, upstream):
     """Gradients of ``out`` against ``upstream``; unused inputs (experts no token
     picked) get zeros."""

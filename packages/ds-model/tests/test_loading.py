@@ -13,14 +13,6 @@ from ds_model import CheckpointError, ConfigError, MissingShardError, ShapeMisma
 from safetensors.torch import load_file, save_file
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def tiny_dir(tmp_path):
     model = ds_model.from_config("tiny", seed=0)

@@ -16,16 +16,6 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: with 2 threads on a shared, loaded machine each op waits on the
-    # other thread being scheduled (100x slower); one thread is what the sizes need.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 YARN = {
     "type": "yarn",
     "factor": 4.0,

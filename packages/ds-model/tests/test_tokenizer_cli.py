@@ -9,7 +9,6 @@ import shutil
 
 import ds_model
 import pytest
-import torch
 from ds_model.cli import main
 
 CORPUS = [
@@ -34,14 +33,6 @@ MESSAGES = [
     {"role": "assistant", "content": "a + b"},
     {"role": "user", "content": "Thanks!"},
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def write_hf_tokenizer(path):

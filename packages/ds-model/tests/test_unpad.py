@@ -17,15 +17,6 @@ from ds_model.unpad import Padding
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 LLAMA = {
     "model_type": "llama",
     "vocab_size": 64,
