@@ -8,9 +8,9 @@ development VM, a (16384, 256) LM head took 0.86 instead of 1.36 ms at batch 1 a
 (32000, 512) one 3.9 instead of 5.2 ms, both streamed from memory. Whole compiled
 decode steps (A/B in separate processes): batch 8 19-27% faster for a 14M V3 shape and
 the shipped model, batch 1 10% for a 100M one, batch 1 of the small models within 3%
-(slower by that much, this machine's noise). The eager serving runner's steps measured
-0.93-1.04x, so it keeps row-major weights. ``input_major_weights`` re-lays weights that way
-in place: same Parameter objects, shapes, values and state-dict entries, only the
+(slower by that much, this machine's noise). The eager serving runner's steps
+measured 0.93-1.04x, so it keeps row-major weights. ``input_major_weights`` re-lays
+weights that way in place: same Parameter objects, shapes, values and state-dict entries, only the
 strides change (``weight.stride() == (1, out_features)``), so optimizers and hooks keep
 working. What needs row-major weights makes them so: ds-quant's quantizers, FSDP2 and
 the other distributed wrappers (``row_major_weights``), safetensors saving. The
@@ -35,8 +35,8 @@ def input_major_weights(model: nn.Module) -> int:
     tensor (``RoutedExperts.stack_weights``' stacked experts), tensor subclasses
     (DTensor) and weights already re-laid. Idempotent. The change stays with the model
     (``row_major_weights`` restores the usual layout, as the Trainer does) and is made
-    outside inference mode, so a model re-laid
-    inside ``torch.inference_mode()`` can still be trained."""
+    outside inference mode, so a model re-laid inside ``torch.inference_mode()`` can
+    still be trained."""
     counts: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         counts[id(p)] = counts.get(id(p), 0) + 1

@@ -21,9 +21,9 @@ in backward (no full-size zero gradient per expert). Forward outputs are bit-ide
 to the module code they replace, which still runs wherever these do not apply: no
 gradient needed, wrapped or hooked layers (LoRA, quantized, observed), DTensor
 weights. Under torch.compile they are traced like any autograd.Function, so the
-compiled graph saves what they save; ``routed_experts``, whose loop reads the routing on
-the host, runs eagerly between graphs (``moe.run_experts_eagerly``). Under autocast the matrix multiplies take the
-autocast dtype, as ``F.linear`` would.
+compiled graph saves what they save; ``routed_experts``, whose loop reads the routing
+on the host, runs eagerly between graphs (``moe.run_experts_eagerly``). Under autocast
+the matrix multiplies take the autocast dtype, as ``F.linear`` would.
 
 Tensor layouts: ``x`` (..., hidden); weights as ``nn.Linear`` stores them,
 (out_features, in_features). Set ``ds_model.lean_backward.ENABLED = False`` to train
