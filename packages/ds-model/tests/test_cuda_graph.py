@@ -241,7 +241,7 @@ changed = model.generate(prompts, 8)
 assert changed != eager, "the scale change should change the greedy tokens"
 assert model.generate(prompts, 8, compile=True) == changed, "a stale compiled step ran"
 # Skipping guards keeps the caller's stance: under force_eager nothing compiles.
-import torch, torch._dynamo.utils as dynamo_utils
+import torch._dynamo.utils as dynamo_utils
 graphs = dynamo_utils.counters["stats"]["unique_graphs"]
 with torch.compiler.set_stance("force_eager"):
     assert model.generate([[5, 6, 7]], 8, compile=True) == model.generate([[5, 6, 7]], 8)
