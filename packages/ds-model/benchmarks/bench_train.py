@@ -15,7 +15,7 @@ the first ``--warmup`` ones divided by their wall time. Memory is reported twice
   memory, which moves it by 10-25 MiB from run to run at this size.
 
     uv run --frozen python packages/ds-model/benchmarks/bench_train.py [--repeats 3]
-        [--arch llama|v3] [--compile none|ds|both] [--no-scaling]
+        [--arch llama|v3] [--compile none|ds|both] [--no-scaling | --only-scaling]
 
 ``--arch llama`` (default): a small llama shape, where both trainers run the same torch
 kernels. ``--arch v3``: the architecture of the model this stack ships
@@ -26,6 +26,10 @@ both start from the same parameters. LoRA there targets the same modules on both
 into tensors PEFT's ``target_modules`` cannot reach). ``--compile ds`` trains ds-model
 with ``torch_compile=True``; ``both`` also sets HF's ``torch_compile=True`` (the first,
 compiling steps fall in the warm-up, which must cover them).
+
+The scaling runs (llama shape) compare 1 and 2 processes under DDP (batch 8 per
+process) and under the 2-stage pipeline (one batch of 8 per step in 4 micro-batches,
+against the same run in one process).
 
 Every process uses one intra-op thread (torch.set_num_threads(1)), so that 1 vs 2
 processes on a 2-core machine compares like with like and runs are less noisy.
@@ -301,9 +305,11 @@ def _result(stamps: list[float], warmup: int, base_kib: int) -> dict:
     }
 
 
-def run_scaling_rank(steps: int, warmup: int) -> dict:
-    """Under torchrun (or alone): DDP on gloo, per-process batch BATCH; rank 0 reports the
-    global tokens/s the trainer measured over the steady steps."""
+def run_scaling_rank(steps: int, warmup: int, strategy: str = "ddp") -> dict:
+    """Under torchrun (or alone), on gloo; rank 0 reports the global tokens/s over the
+    steady steps. ``ddp``: per-process batch BATCH. ``pipeline``: one stage per process,
+    every step BATCH sequences in 4 accumulation micro-batches (1F1B's), the same run
+    in one process as the baseline."""
     import ds_model
     import torch
     from ds_model.training import ByteTokenizer, Trainer
@@ -311,6 +317,9 @@ def run_scaling_rank(steps: int, warmup: int) -> dict:
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     data = _blocks()
+    batch, accum, replicas = BATCH, 1, world
+    if strategy == "pipeline":
+        batch, accum, replicas = BATCH // 4, 4, 1  # the stages share one batch
     stamps: list[float] = []
 
     class Timed(Trainer):
@@ -324,16 +333,17 @@ def run_scaling_rank(steps: int, warmup: int) -> dict:
             train_dataset=data,
             tokenizer=ByteTokenizer(),
             output_dir=out,
-            per_device_train_batch_size=BATCH,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accum,
             max_seq_len=SEQ,
             max_steps=steps,
             progress_bar=False,
             plot=False,
             save_final=False,
-            distributed_strategy="ddp" if world > 1 else "none",
+            distributed_strategy=strategy if world > 1 else "none",
         ).train()
     seconds = stamps[-1] - stamps[warmup - 1]
-    return {"tokens_per_s": (len(stamps) - warmup) * BATCH * SEQ * world / seconds}
+    return {"tokens_per_s": (len(stamps) - warmup) * BATCH * SEQ * replicas / seconds}
 
 
 def _child(args: list[str], torchrun: int = 0) -> dict:
@@ -373,6 +383,7 @@ def main() -> None:
     p.add_argument("--mode", choices=["full", "lora"], default="full")
     p.add_argument("--arch", choices=["llama", "v3"], default="llama")
     p.add_argument("--no-scaling", action="store_true", help="skip the 1 vs 2 process runs")
+    p.add_argument("--only-scaling", action="store_true", help="only the 1 vs 2 process runs")
     p.add_argument("--compile", choices=["none", "ds", "both"], default="none")
     p.add_argument(
         "--precision",
@@ -381,6 +392,7 @@ def main() -> None:
         help="bf16: autocast on both sides (float32 master weights)",
     )
     p.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)  # worker
+    p.add_argument("--scale-strategy", default="ddp", help=argparse.SUPPRESS)  # worker
     p.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)  # worker
     a = p.parse_args()
     if a.worker:
@@ -388,13 +400,13 @@ def main() -> None:
         if fn:
             result = fn(a.mode, a.steps, a.warmup, a.arch, a.compiled, a.memory, a.precision)
         else:
-            result = run_scaling_rank(a.steps, a.warmup)
+            result = run_scaling_rank(a.steps, a.warmup, a.scale_strategy)
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(result), flush=True)
         return
     common = ["--steps", str(a.steps), "--warmup", str(a.warmup)]
     rows = []
-    for mode in ("full", "lora"):
+    for mode in () if a.only_scaling else ("full", "lora"):
         ds_runs, hf_runs = [], []
         for _ in range(a.repeats):  # interleaved, so load drift hits both alike
             for worker, runs in (("ds", ds_runs), ("hf", hf_runs)):
@@ -410,10 +422,12 @@ def main() -> None:
             for worker in ("ds", "hf")
         )
         rows.append((mode, med))
-    one, two = [], []
+    scaling: dict[str, tuple[list[float], list[float]]] = {"ddp": ([], []), "pipeline": ([], [])}
     for _ in range(0 if a.no_scaling else a.repeats):
-        one.append(_child(["--worker", "scale", *common])["tokens_per_s"])
-        two.append(_child(["--worker", "scale", *common], torchrun=2)["tokens_per_s"])
+        for strategy, (one, two) in scaling.items():
+            flags = ["--worker", "scale", "--scale-strategy", strategy, *common]
+            one.append(_child(flags)["tokens_per_s"])
+            two.append(_child(flags, torchrun=2)["tokens_per_s"])
     load = os.getloadavg()
     print(
         f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -424,12 +438,13 @@ def main() -> None:
         f"batch {BATCH} x {SEQ} tokens, {a.steps} steps ({a.warmup} warm-up), "
         f"torch.compile: {a.compile}, precision: {a.precision}\n"
     )
-    print(
-        "| run | ds-model tokens/s | HF Trainer tokens/s | speed ratio | ds-model peak tensor MiB "
-        "| HF peak tensor MiB | tensor memory ratio | ds-model peak RSS MiB | HF peak RSS MiB "
-        "| RSS ratio |"
-    )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    if rows:
+        print(
+            "| run | ds-model tokens/s | HF Trainer tokens/s | speed ratio | ds-model peak "
+            "tensor MiB | HF peak tensor MiB | tensor memory ratio | ds-model peak RSS MiB "
+            "| HF peak RSS MiB | RSS ratio |"
+        )
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for mode, med in rows:
         label = "full fine-tune" if mode == "full" else "LoRA r=8 (HF: + PEFT)"
         cells = []
@@ -437,13 +452,20 @@ def main() -> None:
             ours, theirs = med[key]
             cells += [f"{ours:{fmt}}", f"{theirs:{fmt}}", f"{ours / theirs:.2f}x"]
         print(f"| {label} | " + " | ".join(cells) + " |")
-    if not one:
+    if a.no_scaling:
         return
-    o, t = statistics.median(one), statistics.median(two)
-    print("\n| processes (DDP, gloo, CPU) | tokens/s | scaling |")
-    print("| --- | --- | --- |")
-    print(f"| 1 | {o:.0f} | 1.00x |")
-    print(f"| 2 | {t:.0f} | {t / o:.2f}x |")
+    print(
+        f"\n| strategy (gloo, CPU; the llama shape, {CONFIG['num_hidden_layers']} layers) "
+        "| 1 process tokens/s | 2 processes tokens/s | scaling |"
+    )
+    print("| --- | --- | --- | --- |")
+    for strategy, (one, two) in scaling.items():
+        o, t = statistics.median(one), statistics.median(two)
+        label = {
+            "ddp": f"DDP, batch {BATCH} per process",
+            "pipeline": f"pipeline, 2 stages, batch {BATCH} in 4 micro-batches",
+        }
+        print(f"| {label[strategy]} | {o:.0f} | {t:.0f} | {t / o:.2f}x |")
 
 
 if __name__ == "__main__":

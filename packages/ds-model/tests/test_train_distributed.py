@@ -41,7 +41,9 @@ def runs(tmp_path_factory) -> tuple[dict, dict]:
     finally:
         torch.set_num_threads(before)
     assert codes == [0, 0], "a rank failed; its traceback is in the captured stderr"
-    return json.loads((out / "results.json").read_text()), reference
+    results = json.loads((out / "results.json").read_text())
+    results["out"] = str(out)
+    return results, reference
 
 
 def test_ddp_matches_one_process(runs) -> None:
@@ -94,3 +96,52 @@ def test_tensor_parallel_matches_single_process_logits(runs) -> None:
             atol=1e-5,
         )
     assert dist["tp_train"] == pytest.approx(ref["dp"], rel=REL)
+
+
+def test_pipeline_matches_one_process_resumes_and_exports(runs) -> None:
+    dist, ref = runs
+    # 2 stages, 1F1B over the step's two accumulation micro-batches of 2 sequences.
+    assert dist["pipeline"] == pytest.approx(ref["accum"], rel=REL)
+    assert dist["pipeline_resumed"] == pytest.approx(dist["pipeline"], rel=REL)
+    # Evaluation through the stages (steps 2 and 4) as in one process.
+    assert len(ref["accum_evals"]) == 2
+    assert dist["pipeline_eval"] == pytest.approx(ref["accum_evals"], rel=REL)
+    # GPipe: one micro-batch of 4 per step (fewer micro-batches than stages).
+    assert dist["pipeline_gpipe"] == pytest.approx(ref["dp"], rel=REL)
+    # Each rank holds its own stage only; together, the whole model, each weight once.
+    first, last = (set(names) for names in dist["pipeline_params"])
+    assert not first & last
+    assert "model.embed_tokens.weight" in first and "lm_head.weight" in last
+    assert "model.norm.weight" in last
+    assert first | last == {n for n, _ in S.real_lm().named_parameters()}
+    assert not any(n.startswith("model.layers.1.") for n in first)
+    assert not any(n.startswith("model.layers.0.") for n in last)
+    # save_model gathers the stages into one checkpoint that loads as the trained model.
+    torch.testing.assert_close(
+        torch.tensor(dist["pipeline_export_logits"]),
+        torch.tensor(ref["accum_logits"]),
+        rtol=0,
+        atol=1e-4,
+    )
+
+
+def test_pipeline_refuses_what_it_cannot_run(runs) -> None:
+    dist, _ = runs
+    refused = dist["pipeline_refused"]
+    assert "pipeline" in refused["lora"] and "LoRA" in refused["lora"]
+    assert "DPOTrainer" in refused["dpo"]
+
+
+def test_pipeline_checkpoint_needs_a_pipeline_to_resume(runs, tmp_path) -> None:
+    from ds_model.training import ByteTokenizer, CheckpointError, Trainer
+
+    out = Path(runs[0]["out"])
+    trainer = Trainer(
+        model=S.real_lm(),
+        train_dataset=S.varied_texts(),
+        tokenizer=ByteTokenizer(),
+        output_dir=str(tmp_path),
+        **{**S.DIST_OPTS, "per_device_train_batch_size": 4},
+    )
+    with pytest.raises(CheckpointError, match="2-stage pipeline"):
+        trainer.train(resume_from=str(out / "pipeline" / "checkpoint-2"))

@@ -164,6 +164,8 @@ def single_process_reference(out: Path) -> dict:
     """What the 2-rank runs must reproduce: one process, the same global batch of 4."""
     from ds_model.training import ByteTokenizer, Trainer
 
+    trained = {}
+
     def run(**kw):
         trainer = Trainer(
             model=real_lm(),
@@ -172,17 +174,26 @@ def single_process_reference(out: Path) -> dict:
             output_dir=str(out / "ref"),
             **{**DIST_OPTS, **kw},
         )
-        return trainer.train().losses
+        result = trainer.train()
+        trained["model"] = trainer.model
+        trained["evals"] = [e["eval_loss"] for e in result.eval_history]
+        return result.losses
 
     torch.manual_seed(0)
     ids = torch.randint(0, 256, (2, 12))
     with torch.no_grad():
         real_logits = real_lm()(ids).logits
         tiny_logits = tiny_lm()(ids).logits
+    accum = run(**PIPELINE_RUN)
+    with torch.no_grad():
+        accum_logits = trained["model"](ids).logits
+    accum_evals = trained["evals"]
     return {
         "lora": run(per_device_train_batch_size=4, lora_config=lora_config()),
         "dp": run(per_device_train_batch_size=4),
-        "accum": run(per_device_train_batch_size=2, gradient_accumulation_steps=2),
+        "accum": accum,
+        "accum_logits": accum_logits.tolist(),
+        "accum_evals": accum_evals,
         "real_logits": real_logits.tolist(),
         "tiny_logits": tiny_logits.tolist(),
         "ids": ids.tolist(),
@@ -257,6 +268,7 @@ def distributed_worker(rank: int, world: int, port: int, out: str) -> None:
     )
     # 3d_parallel on 2 ranks: tp=2, dp=1, so one "device" batch is the global batch.
     run("tp_train", "3d_parallel", per_device_train_batch_size=4)
+    pipeline_worker(rank, out, results)
 
     ctx = init_distributed("3d_parallel")
     ids = torch.tensor(single_ids())
@@ -287,6 +299,84 @@ def distributed_worker(rank: int, world: int, port: int, out: str) -> None:
         Path(out, "results.json").write_text(json.dumps(results))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def pipeline_worker(rank: int, out: str, results: dict) -> None:
+    """Pipeline runs (2 stages, one layer each; every rank reads the same batches): 1F1B
+    over two accumulation micro-batches with checkpoints, a resume, an export; GPipe
+    with one micro-batch; refused configurations."""
+    import os
+
+    import ds_model
+    from ds_model.training import ByteTokenizer, DPOTrainer, Trainer
+
+    def run(name: str, resume: str | None = None, **kw) -> Trainer:
+        trainer = Trainer(
+            model=real_lm(),
+            train_dataset=varied_texts(),
+            tokenizer=ByteTokenizer(),
+            output_dir=os.path.join(out, name),
+            distributed_strategy="pipeline",
+            **{**DIST_OPTS, **kw},
+        )
+        results[name] = trainer.train(resume_from=resume).losses
+        return trainer
+
+    trainer = run("pipeline", save_steps=2, save_total_limit=None, **PIPELINE_RUN)
+    results["pipeline_eval"] = [r["eval_loss"] for r in trainer.log_history if "eval_loss" in r]
+    stages: list = [None, None]
+    torch.distributed.all_gather_object(
+        stages, sorted(n for n, _ in trainer.model.named_parameters())
+    )
+    results["pipeline_params"] = stages
+    export = os.path.join(out, "pipeline_export")
+    trainer.save_model(export)  # a collective: every stage sends its weights to rank 0
+    if rank == 0:
+        with torch.no_grad():
+            logits = ds_model.from_pretrained(export)(torch.tensor(single_ids())).logits
+        results["pipeline_export_logits"] = logits.tolist()
+    run(
+        "pipeline_resumed",
+        resume=os.path.join(out, "pipeline", "checkpoint-2"),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+    )
+    run("pipeline_gpipe", per_device_train_batch_size=4)
+    refused = {}
+    for name, make in (
+        ("lora", lambda: Trainer(model=real_lm(), lora_config=lora_config(), **_pp_args(out))),
+        ("dpo", lambda: DPOTrainer(model=real_lm(), **_pp_args(out, PAIRS))),
+    ):
+        try:
+            make().train()
+        except ValueError as e:
+            refused[name] = str(e)
+    results["pipeline_refused"] = refused
+
+
+# Per-device batch 2, two accumulation micro-batches (the pipeline's), evaluated at steps
+# 2 and 4: the pipeline run and its single-process reference.
+PIPELINE_RUN = dict(
+    per_device_train_batch_size=2,
+    gradient_accumulation_steps=2,
+    eval_dataset=varied_texts(6),
+    eval_steps=2,
+)
+PAIRS = [{"prompt": "the cat", "chosen": " sat on the mat", "rejected": " ran"}] * 8
+
+
+def _pp_args(out: str, data=None) -> dict:
+    import os
+
+    from ds_model.training import ByteTokenizer
+
+    return dict(
+        train_dataset=data if data is not None else varied_texts(),
+        tokenizer=ByteTokenizer(),
+        output_dir=os.path.join(out, "refused"),
+        distributed_strategy="pipeline",
+        **DIST_OPTS,
+    )
 
 
 def single_ids() -> list[list[int]]:

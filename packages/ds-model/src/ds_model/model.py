@@ -114,7 +114,33 @@ class DeepSeekModel(nn.Module):
                     f"{input_ids.shape[0]}, got shape {tuple(key_valid.shape)}"
                 )
             padding = Padding.from_key_valid(key_valid.bool(), input_ids.shape[1])
-        ctx = ForwardContext(
+        ctx = self.forward_context(
+            positions,
+            mask=mask,
+            padding=padding,
+            cu_seqlens=cu_seqlens,
+            cache=cache,
+            history=history,
+        )
+        h = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            h = layer(h, ctx)
+        return self.norm(h)
+
+    def forward_context(
+        self,
+        positions: torch.Tensor,
+        *,
+        mask: torch.Tensor | None = None,
+        padding: Padding | None = None,
+        cu_seqlens: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: Any = None,
+        history: bool = False,
+    ) -> ForwardContext:
+        """What every layer of a pass over tokens at ``positions`` (batch, seqlen) shares
+        (rotary tables, attention layout, cache writer): for code that runs a subset of
+        the layers itself, as a pipeline stage does."""
+        return ForwardContext(
             cos=self.rope_cos[positions].unsqueeze(2),
             sin=self.rope_sin[positions].unsqueeze(2),
             mask=mask,
@@ -125,10 +151,6 @@ class DeepSeekModel(nn.Module):
             history=history,
             backend=self.config.attention_backend,
         )
-        h = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            h = layer(h, ctx)
-        return self.norm(h)
 
 
 def _on_meta() -> bool:

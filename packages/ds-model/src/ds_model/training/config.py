@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-STRATEGIES = ("none", "ddp", "fsdp", "3d_parallel")
+STRATEGIES = ("none", "ddp", "fsdp", "3d_parallel", "pipeline")
 QUANTIZATIONS = ("none", "int4")
 OPTIMIZERS = ("grouped_adamw", "adamw")
 

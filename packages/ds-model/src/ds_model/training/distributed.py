@@ -8,8 +8,10 @@ Strategies (``TrainingConfig.distributed_strategy``):
 * ``fsdp``: FSDP2 ``fully_shard`` on every transformer block, then on the root
   (parameters, gradients and optimizer state sharded: ZeRO-3).
 * ``3d_parallel``: a 2-D ``(dp, tp)`` device mesh; tensor parallelism with DTensor
-  ``parallelize_module`` on the ``tp`` axis, then FSDP2 on the ``dp`` axis. Pipeline
-  parallelism is not implemented (see docs/ds-model.md).
+  ``parallelize_module`` on the ``tp`` axis, then FSDP2 on the ``dp`` axis.
+* ``pipeline``: the model cut into one stage per rank and run by torch's pipelining
+  schedules (``ds_model.training.pipeline``; the Trainer splits the model, so
+  ``wrap_model`` leaves it whole). Every rank reads the same data.
 
 Ranks of one tensor-parallel group must see the same data, so data is sharded by the
 data-parallel rank (``dp_rank`` of ``dp_size``), not by the global rank.
@@ -48,6 +50,7 @@ class DistContext:
     dp_rank: int = 0
     dp_size: int = 1
     tp_size: int = 1
+    pp_size: int = 1
     device: torch.device = _CPU
     mesh: Any = None
 
@@ -60,13 +63,14 @@ class DistContext:
         return self.world_size > 1
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
-        """Sum floats over all ranks (values are identical within a TP group, so the
-        data-parallel sum is the global sum divided by ``tp_size``)."""
+        """Sum floats over the data-parallel ranks. Values are identical within a
+        tensor-parallel group and across pipeline stages, so the sum over all ranks is
+        divided by ``tp_size * pp_size``."""
         if not self.distributed:
             return list(values)
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
-        return [v / self.tp_size for v in t.tolist()]
+        return [v / (self.tp_size * self.pp_size) for v in t.tolist()]
 
     def barrier(self) -> None:
         if self.distributed:
@@ -103,6 +107,10 @@ def init_distributed(strategy: str, tp_size: int = 0, device: str | None = None)
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh(dev.type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
+    if strategy == "pipeline":  # one stage per rank, all fed the same batches
+        return DistContext(
+            rank=rank, world_size=world, local_rank=local_rank, pp_size=world, device=dev
+        )
     return DistContext(
         rank=rank,
         world_size=world,
@@ -150,7 +158,7 @@ def wrap_model(model: nn.Module, strategy: str, ctx: DistContext, config: Any) -
     # A compiled CPU generate re-lays Linear weights input-major: FSDP2 refuses that
     # layout, and single-process training ran 3.6% slower on it (fwd+bwd, shipped shape).
     row_major_weights(model)
-    if not ctx.distributed or strategy == "none":
+    if not ctx.distributed or strategy in ("none", "pipeline"):
         return model
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel

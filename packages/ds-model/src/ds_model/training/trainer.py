@@ -43,6 +43,7 @@ from ds_model.training.modeling import (
     resolve_tokenizer,
     save_adapter,
 )
+from ds_model.training.pipeline import PipelineRunner
 from ds_model.training.plot import write_loss_png
 from ds_model.training.schedule import warmup_cosine
 
@@ -117,6 +118,7 @@ class Trainer:
         self._device = device
         self.model: nn.Module | None = model if isinstance(model, nn.Module) else None
         self.log_history: list[dict[str, Any]] = []
+        self._pipeline: PipelineRunner | None = None
 
     # ----------------------------------------------------------------- hooks
     def build_dataset(self, source: Any, tokenizer: Any) -> tuple[Any, DataReport]:
@@ -186,6 +188,7 @@ class Trainer:
         model.to(ctx.device)
         self.prepare_models(ctx)
         wrapped = wrap_model(model, args.distributed_strategy, ctx, args)
+        self._pipeline = self._build_pipeline(model, ctx)
         # Only the training forward is compiled (DDP's compiled form splits graphs at
         # its buckets); evaluation, checkpoints and `trainer.model` stay the eager model.
         forward_model = wrapped
@@ -238,18 +241,12 @@ class Trainer:
             global_weight, global_tokens = sums
             if global_weight <= 0:
                 raise ValueError(f"step {step + 1}: the global batch has no trained tokens")
-            loss_total, extra_total = 0.0, {}
-            for i, batch in enumerate(batches):
-                with no_grad_sync(wrapped, args.distributed_strategy, i < count - 1):
-                    with _autocast(ctx.device, args.precision):
-                        loss_sum, extra = self.compute_loss(forward_model, batch)
-                    if "zero_weight" in batch:
-                        # Same keys on every rank, or the all-reduce below mismatches.
-                        loss_sum, extra = loss_sum * 0.0, dict.fromkeys(extra, 0.0)
-                    scaler.scale(loss_sum * (ctx.dp_size / global_weight)).backward()
-                loss_total += float(loss_sum.detach())
-                for k, v in extra.items():
-                    extra_total[k] = extra_total.get(k, 0.0) + v
+            scale = _loss_scale(scaler, ctx.dp_size / global_weight)
+            if self._pipeline is not None:
+                loss_total = self._pipeline.step(batches, scale)
+                extra_total: dict[str, float] = {}
+            else:
+                loss_total, extra_total = self._accumulate(forward_model, wrapped, batches, scale)
             grad_norm = self._optimizer_step(wrapped, optimizer, scheduler, scaler)
             reduced = ctx.all_reduce_sum([loss_total, *extra_total.values()])
             loss = reduced[0] / global_weight
@@ -312,6 +309,46 @@ class Trainer:
             data_report=report,
         )
 
+    def _accumulate(self, forward_model, wrapped, batches, scale):
+        """Forward and backward over a step's micro-batches, back-propagating
+        ``scale(loss sum)`` of each; returns the step's loss sum and extra metric sums."""
+        args, ctx = self.args, self._ctx
+        loss_total, extra_total = 0.0, {}
+        for i, batch in enumerate(batches):
+            with no_grad_sync(wrapped, args.distributed_strategy, i < len(batches) - 1):
+                with _autocast(ctx.device, args.precision):
+                    loss_sum, extra = self.compute_loss(forward_model, batch)
+                if "zero_weight" in batch:
+                    # Same keys on every rank, or the all-reduce below mismatches.
+                    loss_sum, extra = loss_sum * 0.0, dict.fromkeys(extra, 0.0)
+                scale(loss_sum).backward()
+            loss_total += float(loss_sum.detach())
+            for k, v in extra.items():
+                extra_total[k] = extra_total.get(k, 0.0) + v
+        return loss_total, extra_total
+
+    def _build_pipeline(self, model: nn.Module, ctx: DistContext) -> PipelineRunner | None:
+        """Under ``distributed_strategy="pipeline"`` on several ranks: split ``model`` in
+        place into this rank's stage (see ``ds_model.training.pipeline``)."""
+        if not (ctx.distributed and self.args.distributed_strategy == "pipeline"):
+            return None
+        if self.lora_config is not None:
+            raise ValueError(
+                "distributed_strategy='pipeline' with LoRA is not implemented; use ddp or "
+                "fsdp for LoRA / QLoRA"
+            )
+        if type(self).compute_loss is not Trainer.compute_loss or (
+            type(self).loss_weight is not Trainer.loss_weight
+        ):
+            raise ValueError(
+                f"distributed_strategy='pipeline' runs the language-model loss only; "
+                f"{type(self).__name__} computes its own (use ddp or fsdp)"
+            )
+        precision = self.args.precision
+        return PipelineRunner(
+            model, ctx.rank, ctx.world_size, ctx.device, lambda: _autocast(ctx.device, precision)
+        )
+
     def _materialize_model(self) -> nn.Module:
         if self.model is not None and getattr(self, "_prepared", False):
             return self.model
@@ -345,7 +382,9 @@ class Trainer:
         grad_norm = float("nan")
         if args.max_grad_norm is not None:
             params = [p for p in wrapped.parameters() if p.grad is not None]
-            grad_norm = clip_grad_norm(params, args.max_grad_norm)
+            # Pipeline stages hold disjoint parameters: the global norm sums their squares.
+            across = self._pipeline is not None
+            grad_norm = clip_grad_norm(params, args.max_grad_norm, across_ranks=across)
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
@@ -371,8 +410,11 @@ class Trainer:
         for m in range(math.ceil(len(order) / (bs * ctx.dp_size))):
             idx = micro_batch_indices(order, m, bs, ctx.dp_size, ctx.dp_rank)
             batch = self._batch(dataset, idx, order, ctx)
-            with _autocast(ctx.device, self.args.precision):
-                loss_sum, _ = self.compute_loss(model, batch)
+            if getattr(self, "_pipeline", None) is not None:
+                loss_sum = self._pipeline.loss_sum(batch)  # every rank: the same value
+            else:
+                with _autocast(ctx.device, self.args.precision):
+                    loss_sum, _ = self.compute_loss(model, batch)
             if "zero_weight" not in batch:
                 total += float(loss_sum)
                 weight += self.loss_weight(batch)
@@ -418,6 +460,12 @@ class Trainer:
         return final
 
     def _gather_states(self, wrapped, optimizer, sharded: bool):
+        if self._pipeline is not None:
+            # Rank 0 gets every stage's weights (one full-model file) and each stage's
+            # optimizer state (resumable with the same number of stages).
+            model_state = self._pipeline.full_state_dict(unwrap(wrapped))
+            stages = self._pipeline.gather(_to_cpu(optimizer.state_dict()))
+            return model_state, {"pipeline_stages": stages}
         if sharded:
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
@@ -447,6 +495,10 @@ class Trainer:
         else:
             weights = ckpt.load_weights(os.path.join(path, "model.safetensors"))
         optim_state = torch.load(os.path.join(path, "optimizer.pt"), weights_only=False)
+        if self._pipeline is not None:
+            own = model.state_dict().keys()
+            weights = {k: v for k, v in weights.items() if k in own}
+        optim_state = self._stage_optimizer_state(path, optim_state, ctx)
         if is_sharded(self.args.distributed_strategy, ctx):
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
@@ -474,24 +526,50 @@ class Trainer:
             warnings.warn(f"{path} has no RNG state for rank {ctx.rank}", stacklevel=2)
         return state
 
+    def _stage_optimizer_state(self, path: str, optim_state: Any, ctx: DistContext) -> Any:
+        """This rank's optimizer state: a pipeline checkpoint keeps one per stage, and
+        resumes only as a pipeline of as many stages (each stage's optimizer knows its
+        own parameters only)."""
+        stages = optim_state.get("pipeline_stages") if isinstance(optim_state, dict) else None
+        if self._pipeline is None:
+            if stages is not None:
+                raise ckpt.CheckpointError(
+                    f"{path} holds the optimizer state of a {len(stages)}-stage pipeline "
+                    f"run; resume it with distributed_strategy='pipeline' on {len(stages)} "
+                    "ranks"
+                )
+            return optim_state
+        if stages is None or len(stages) != ctx.world_size:
+            found = "no pipeline" if stages is None else f"a {len(stages)}-stage pipeline"
+            raise ckpt.CheckpointError(
+                f"{path} holds the optimizer state of {found} run; a pipeline resumes only "
+                f"from a pipeline checkpoint of as many stages ({ctx.world_size} here)"
+            )
+        return stages[ctx.rank]
+
     def save_model(self, path: str) -> None:
         """The trained weights: the adapter (PEFT format) for LoRA, else the model
         through its own ``save_pretrained`` when it has one, else ``model.safetensors``.
-        Under FSDP / 3d_parallel every rank must call it: the shards are gathered into
-        full tensors and rank 0 writes ``model.safetensors`` (+ ``config.json`` when the
-        model's config has ``to_hf_dict``) or the adapter."""
+        Under FSDP / 3d_parallel / pipeline every rank must call it: the shards or
+        stages are gathered into full tensors and rank 0 writes ``model.safetensors``
+        (+ ``config.json`` when the model's config has ``to_hf_dict``) or the adapter."""
         if self.model is None:
             raise ValueError("save_model() needs a model: call train() first")
         ctx = getattr(self, "_ctx", DistContext())
         wrapped = getattr(self, "_wrapped", None)
-        if wrapped is not None and is_sharded(self.args.distributed_strategy, ctx):
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                get_model_state_dict,
-            )
+        pipeline = getattr(self, "_pipeline", None)
+        sharded = wrapped is not None and is_sharded(self.args.distributed_strategy, ctx)
+        if sharded or pipeline is not None:
+            if pipeline is not None:
+                state = pipeline.full_state_dict(self.model)
+            else:
+                from torch.distributed.checkpoint.state_dict import (
+                    StateDictOptions,
+                    get_model_state_dict,
+                )
 
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            state = get_model_state_dict(wrapped, options=opts)
+                opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+                state = get_model_state_dict(wrapped, options=opts)
             if ctx.is_main:
                 os.makedirs(path, exist_ok=True)
                 if self.lora_config is not None:
@@ -529,12 +607,15 @@ def forward_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
+def clip_grad_norm(
+    params: list[torch.nn.Parameter], max_norm: float, across_ranks: bool = False
+) -> float:
     """Clip to a global L2 norm and return the norm before clipping.
 
     Under 3d_parallel some gradients are DTensors on the 2-D mesh and others on the
     data-parallel mesh alone; torch's clip cannot stack those, so the norm is taken per
-    mesh and combined."""
+    mesh and combined. ``across_ranks``: every rank holds different parameters
+    (pipeline stages), so the squared norms are summed over ranks."""
     by_mesh: dict[Any, list[torch.Tensor]] = {}
     for p in params:
         by_mesh.setdefault(getattr(p.grad, "device_mesh", None), []).append(p.grad)
@@ -544,12 +625,36 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
         squares.append(float(norm) ** 2)
-    total = math.sqrt(sum(squares))
+    square = sum(squares)
+    if across_ranks:
+        import torch.distributed as dist
+
+        summed = torch.tensor([square], dtype=torch.float64, device=params[0].device)
+        dist.all_reduce(summed)
+        square = float(summed)
+    total = math.sqrt(square)
     if total > max_norm:
         scale = max_norm / (total + 1e-6)
         for p in params:
             p.grad.mul_(scale)
     return total
+
+
+def _loss_scale(scaler: torch.amp.GradScaler, factor: float):
+    """What a micro-batch back-propagates: its loss sum times ``factor`` (the global
+    batch's normalisation), scaled for fp16."""
+    return lambda loss_sum: scaler.scale(loss_sum * factor)
+
+
+def _to_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor inside (dicts, lists, tuples) moved to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
 
 
 def _tokens(batch: dict[str, torch.Tensor]) -> int:

@@ -1,0 +1,245 @@
+"""Pipeline parallelism (``distributed_strategy="pipeline"``): ds-model's decoder cut
+into consecutive stages, one per rank, run by ``torch.distributed.pipelining``.
+
+- Split (``split_layers``, ``keep_stage``): rank ``r`` of ``n`` keeps a contiguous run
+  of decoder layers, as even as possible (earlier stages take one more when ``n`` does
+  not divide the layer count); the first stage also keeps the embedding, the last the
+  final norm and the LM head. Everything else is dropped from that rank's model in
+  place (parameter-free placeholders keep the layer indices), so a rank holds,
+  optimizes and checkpoints only its stage's weights, under their full-model names.
+- Micro-batches: a step's gradient-accumulation micro-batches are the pipeline's.
+  torch's 1F1B schedule runs them when there are at least as many as stages, GPipe
+  when fewer; with one micro-batch per step the stages just take turns, so set
+  ``gradient_accumulation_steps`` to at least the number of stages.
+- Shapes: torch's stages fix their tensor shapes on first use, so a step's
+  micro-batches are right-padded to one (batch, length), the length rounded up to a
+  multiple of ``PAD_MULTIPLE``; each distinct shape gets its own stage object. Padded
+  rows and positions have label -100, so the loss is that of the unpadded batch.
+- Loss: summed over tokens on the last stage, divided by the global batch's trained
+  tokens (as under every strategy), and broadcast to every rank for logging.
+
+Limits (clear errors): ds-model's ``DeepSeekForCausalLM`` with untied embeddings and at
+least one layer per stage; the language-model loss of ``Trainer`` (not DPO or
+distillation); no LoRA, no torch.compile; pipeline across all ranks (no data
+parallelism beside it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ds_model.training.loss import causal_lm_loss_sum
+
+__all__ = ["PAD_MULTIPLE", "PipelineRunner", "keep_stage", "split_layers"]
+
+PAD_MULTIPLE = 16
+
+
+def split_layers(num_layers: int, num_stages: int) -> list[range]:
+    """Consecutive layer ranges, one per stage, sizes differing by at most one."""
+    if num_stages < 1 or num_layers < num_stages:
+        raise ValueError(
+            f"pipeline: {num_stages} stages need at least one decoder layer each; the "
+            f"model has {num_layers}"
+        )
+    base, extra = divmod(num_layers, num_stages)
+    out, start = [], 0
+    for stage in range(num_stages):
+        size = base + (stage < extra)
+        out.append(range(start, start + size))
+        start += size
+    return out
+
+
+class _Elsewhere(nn.Module):
+    """Stands where a module owned by another pipeline stage was: no parameters."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.owner_name = name
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(f"{self.owner_name} lives on another pipeline stage")
+
+    def extra_repr(self) -> str:
+        return self.owner_name
+
+
+def keep_stage(model: nn.Module, stage: int, num_stages: int) -> range:
+    """Drop, in place, every part of ``model`` (a ds-model ``DeepSeekForCausalLM``) that
+    stage ``stage`` of ``num_stages`` does not run; returns the layers it keeps."""
+    decoder = getattr(model, "model", None)
+    if not (hasattr(decoder, "layers") and hasattr(decoder, "forward_context")) or not hasattr(
+        model, "lm_head"
+    ):
+        raise ValueError(
+            "distributed_strategy='pipeline' needs a ds-model DeepSeekForCausalLM (with "
+            f"model.layers, model.forward_context and lm_head), got {type(model).__name__}"
+        )
+    if model.lm_head.weight is decoder.embed_tokens.weight:
+        raise ValueError(
+            "distributed_strategy='pipeline' with tie_word_embeddings=True is not "
+            "supported: the tied weight would live on the first and the last stage"
+        )
+    layers = split_layers(len(decoder.layers), num_stages)[stage]
+    for i in range(len(decoder.layers)):
+        if i not in layers:
+            decoder.layers[i] = _Elsewhere(f"model.layers.{i}")
+    if stage > 0:
+        decoder.embed_tokens = _Elsewhere("model.embed_tokens")
+    if stage < num_stages - 1:
+        decoder.norm = _Elsewhere("model.norm")
+        model.lm_head = _Elsewhere("lm_head")
+    return layers
+
+
+class _Stage(nn.Module):
+    """One stage's forward: token ids (first stage) or hidden states (batch, seqlen,
+    hidden) in; hidden states, or logits (batch, seqlen, vocab) on the last stage, out.
+    Right-padded batches under causal attention: positions 0..seqlen-1, no mask."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: range,
+        first: bool,
+        last: bool,
+        autocast: Callable[[], AbstractContextManager],
+    ) -> None:
+        super().__init__()
+        self.lm = model
+        self.layer_ids = list(layers)
+        self.first, self.last = first, last
+        self._autocast = autocast
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        decoder = self.lm.model
+        with self._autocast():
+            h = decoder.embed_tokens(x) if self.first else x
+            b, t = h.shape[:2]
+            positions = torch.arange(t, device=h.device).expand(b, t)
+            ctx = decoder.forward_context(positions)
+            for i in self.layer_ids:
+                h = decoder.layers[i](h, ctx)
+            if self.last:
+                h = self.lm.lm_head(decoder.norm(h))
+        return h
+
+
+class PipelineRunner:
+    """This rank's stage of ``model`` (split in place) and the schedules that run it.
+
+    ``step(batches, scale)`` runs forward and backward over a step's micro-batches
+    (dicts with ``input_ids`` and ``labels``, (batch, seqlen)); every micro-batch's
+    loss sum times ``scale(loss)`` is what is back-propagated. Returns the step's loss
+    sum (unscaled) on every rank."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        autocast: Callable[[], AbstractContextManager],
+    ) -> None:
+        self.rank, self.num_stages, self.device = rank, world_size, device
+        self.max_len = int(model.config.max_position_embeddings)
+        self.layers = keep_stage(model, rank, world_size)
+        self.module = _Stage(model, self.layers, rank == 0, rank == world_size - 1, autocast)
+        self._schedules: dict[tuple[Any, ...], Any] = {}
+        self._scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss
+        self._sums: list[torch.Tensor] = []
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.rank == self.num_stages - 1
+
+    def step(
+        self, batches: list[dict[str, torch.Tensor]], scale: Callable[[torch.Tensor], torch.Tensor]
+    ) -> float:
+        return self._run(batches, scale, train=True)
+
+    @torch.no_grad()
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> float:
+        """Forward only: the summed token loss of one batch, on every rank."""
+        return self._run([batch], lambda loss: loss, train=False)
+
+    def _run(self, batches, scale, train: bool) -> float:
+        ids, labels = self._padded(batches)
+        schedule = self._schedule(len(ids), tuple(ids[0].shape))
+        self._scale, self._sums = scale, []
+        kwargs: dict[str, Any] = {}
+        if self.is_first:
+            kwargs["arg_mbs"] = [(x,) for x in ids]
+        if self.is_last:
+            kwargs.update(target_mbs=labels, losses=[])
+        if train:
+            schedule.step(**kwargs, return_outputs=False)
+        else:
+            schedule.eval(**kwargs)
+        total = torch.zeros(1, dtype=torch.float64, device=self.device)
+        if self.is_last:
+            # The last n calls: a new stage object's first step also runs the loss once,
+            # before the micro-batches, to learn the shapes of its gradients.
+            total += sum(float(s) for s in self._sums[-len(ids) :])
+        dist.broadcast(total, src=self.num_stages - 1)
+        return float(total)
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        total, _ = causal_lm_loss_sum(logits, labels)
+        self._sums.append(total.detach())
+        return self._scale(total)
+
+    def _schedule(self, n_micro: int, shape: tuple[int, ...]):
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+        key = (n_micro, shape)
+        if key not in self._schedules:
+            # Shapes are fixed per stage object (its receive buffers), hence one per shape.
+            stage = PipelineStage(self.module, self.rank, self.num_stages, self.device)
+            cls = Schedule1F1B if n_micro >= self.num_stages else ScheduleGPipe
+            # scale_grads=False: the loss is already normalised by the global batch.
+            self._schedules[key] = cls(
+                stage, n_microbatches=n_micro, loss_fn=self._loss, scale_grads=False
+            )
+        return self._schedules[key]
+
+    def _padded(self, batches) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        rows = max(b["input_ids"].shape[0] for b in batches)
+        longest = max(b["input_ids"].shape[1] for b in batches)
+        length = max(longest, min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, self.max_len))
+        ids, labels = [], []
+        for b in batches:
+            r, t = b["input_ids"].shape
+            pad = (0, length - t, 0, rows - r)
+            ids.append(F.pad(b["input_ids"], pad, value=0))
+            labels.append(F.pad(b["labels"], pad, value=-100))
+        return ids, labels
+
+    # ------------------------------------------------------------- checkpoints
+    def gather(self, obj: Any) -> list[Any] | None:
+        """``obj`` of every stage, in stage order, on rank 0 (``None`` elsewhere)."""
+        out = [None] * self.num_stages if self.rank == 0 else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        """Every stage's weights merged under the full model's names, on rank 0."""
+        parts = self.gather({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        if parts is None:
+            return None
+        merged: dict[str, torch.Tensor] = {}
+        for part in parts:
+            merged.update(part)
+        return merged

@@ -1,0 +1,76 @@
+"""Pipeline parallelism's single-process parts: how layers are split, what each stage
+keeps, and that the stages' forwards compose to the whole model's. The 2-rank runs
+(losses, resume, export) are in test_train_distributed.py."""
+
+from __future__ import annotations
+
+import ds_model
+import pytest
+import torch
+from ds_model.training import TrainingConfig
+from ds_model.training.pipeline import _Stage, keep_stage, split_layers
+from hypothesis import given
+from hypothesis import strategies as st
+
+V3 = {**ds_model.ModelConfig.from_preset("tiny").to_hf_dict(), "num_hidden_layers": 3}
+
+
+@given(st.integers(1, 64), st.integers(1, 64))
+def test_split_layers_is_contiguous_and_balanced(layers, stages) -> None:
+    if layers < stages:
+        with pytest.raises(ValueError, match=f"{stages} stages .* has {layers}"):
+            split_layers(layers, stages)
+        return
+    ranges = split_layers(layers, stages)
+    assert len(ranges) == stages
+    assert [i for r in ranges for i in r] == list(range(layers))
+    sizes = [len(r) for r in ranges]
+    assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+    assert sizes == sorted(sizes, reverse=True)  # earlier stages take the extra layers
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_stages_partition_the_model_and_compose_to_its_logits(stages) -> None:
+    full = ds_model.from_config(V3, seed=0)
+    names = {n for n, _ in full.named_parameters()}
+    ids = torch.randint(0, V3["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = full(ids).logits
+    kept: list[set[str]] = []
+    h = ids
+    for stage in range(stages):
+        model = ds_model.from_config(V3, seed=0)
+        params = dict(model.named_parameters())
+        layers = keep_stage(model, stage, stages)
+        own = dict(model.named_parameters())
+        assert all(own[n] is params[n] for n in own)  # kept in place, not copied
+        assert all(n.split(".")[2] in {str(i) for i in layers} for n in own if ".layers." in n)
+        kept.append(set(own))
+        module = _Stage(model, layers, stage == 0, stage == stages - 1, torch.no_grad)
+        h = module(h)
+    assert set().union(*kept) == names
+    assert sum(len(k) for k in kept) == len(names)  # each weight on one stage only
+    torch.testing.assert_close(h, expected, rtol=0, atol=1e-5)
+
+
+def test_a_dropped_module_says_where_it_went() -> None:
+    model = ds_model.from_config(V3, seed=0)
+    keep_stage(model, 1, 2)
+    with pytest.raises(RuntimeError, match=r"model\.embed_tokens lives on another pipeline stage"):
+        model.model.embed_tokens(torch.zeros(1, 1, dtype=torch.long))
+
+
+def test_pipeline_refuses_tied_embeddings_and_other_models() -> None:
+    tied = ds_model.from_config({**V3, "tie_word_embeddings": True}, seed=0)
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        keep_stage(tied, 0, 2)
+    with pytest.raises(ValueError, match=r"DeepSeekForCausalLM.*got Linear"):
+        keep_stage(torch.nn.Linear(2, 2), 0, 2)
+    with pytest.raises(ValueError, match="4 stages need at least one decoder layer each"):
+        keep_stage(ds_model.from_config(V3, seed=0), 0, 4)
+
+
+def test_pipeline_is_a_strategy_without_compile() -> None:
+    assert TrainingConfig(distributed_strategy="pipeline").distributed_strategy == "pipeline"
+    with pytest.raises(ValueError, match="torch_compile=True with distributed_strategy='pipeline'"):
+        TrainingConfig(distributed_strategy="pipeline", torch_compile=True)
