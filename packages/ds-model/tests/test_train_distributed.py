@@ -103,6 +103,7 @@ def test_pipeline_matches_one_process_resumes_and_exports(runs) -> None:
     # 2 stages, 1F1B over the step's two accumulation micro-batches of 2 sequences.
     assert dist["pipeline"] == pytest.approx(ref["accum"], rel=REL)
     assert dist["pipeline_resumed"] == pytest.approx(dist["pipeline"], rel=REL)
+    assert dist["pipeline_again"] == pytest.approx(dist["pipeline"], rel=REL)
     # Evaluation through the stages (steps 2 and 4) as in one process.
     assert len(ref["accum_evals"]) == 2
     assert dist["pipeline_eval"] == pytest.approx(ref["accum_evals"], rel=REL)

@@ -68,9 +68,17 @@ def test_pipeline_refuses_tied_embeddings_and_other_models() -> None:
         keep_stage(torch.nn.Linear(2, 2), 0, 2)
     with pytest.raises(ValueError, match="4 stages need at least one decoder layer each"):
         keep_stage(ds_model.from_config(V3, seed=0), 0, 4)
+    split = ds_model.from_config(V3, seed=0)
+    keep_stage(split, 1, 2)
+    with pytest.raises(ValueError, match="already one stage of a split model"):
+        keep_stage(split, 1, 2)
 
 
-def test_pipeline_is_a_strategy_without_compile() -> None:
+def test_pipeline_is_a_strategy_without_compile_or_fp16() -> None:
     assert TrainingConfig(distributed_strategy="pipeline").distributed_strategy == "pipeline"
     with pytest.raises(ValueError, match="torch_compile=True with distributed_strategy='pipeline'"):
         TrainingConfig(distributed_strategy="pipeline", torch_compile=True)
+    # Each stage's GradScaler would skip steps on its own: refused, bf16 allowed.
+    with pytest.raises(ValueError, match="precision='fp16' with distributed_strategy='pipeline'"):
+        TrainingConfig(distributed_strategy="pipeline", precision="fp16")
+    assert TrainingConfig(distributed_strategy="pipeline", precision="bf16").precision == "bf16"

@@ -324,6 +324,9 @@ def pipeline_worker(rank: int, out: str, results: dict) -> None:
 
     trainer = run("pipeline", save_steps=2, save_total_limit=None, **PIPELINE_RUN)
     results["pipeline_eval"] = [r["eval_loss"] for r in trainer.log_history if "eval_loss" in r]
+    # The same trainer again, resuming: it reuses its split model.
+    again = trainer.train(resume_from=os.path.join(out, "pipeline", "checkpoint-2"))
+    results["pipeline_again"] = again.losses
     stages: list = [None, None]
     torch.distributed.all_gather_object(
         stages, sorted(n for n, _ in trainer.model.named_parameters())

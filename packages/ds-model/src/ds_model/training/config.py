@@ -85,6 +85,11 @@ class TrainingConfig:
                 f"torch_compile=True with distributed_strategy={self.distributed_strategy!r}: "
                 "compiling is supported with 'none' and 'ddp' only"
             )
+        if self.precision == "fp16" and self.distributed_strategy == "pipeline":
+            raise ValueError(
+                "precision='fp16' with distributed_strategy='pipeline' is not supported: "
+                "each stage's loss scaler would skip steps on its own; use bf16 or fp32"
+            )
         _choice("quantization", self.quantization, QUANTIZATIONS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         if self.save_total_limit is not None and self.save_total_limit < 1:

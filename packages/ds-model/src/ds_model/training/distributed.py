@@ -90,8 +90,8 @@ def init_distributed(strategy: str, tp_size: int = 0, device: str | None = None)
     if world <= 1 or strategy == "none":
         if world > 1:
             raise ValueError(
-                f"distributed_strategy='none' but WORLD_SIZE={world}: choose ddp, fsdp "
-                "or 3d_parallel when launching several processes"
+                f"distributed_strategy='none' but WORLD_SIZE={world}: choose ddp, fsdp, "
+                "3d_parallel or pipeline when launching several processes"
             )
         return DistContext(device=dev)
     if dev.type == "cuda":

@@ -83,6 +83,10 @@ def keep_stage(model: nn.Module, stage: int, num_stages: int) -> range:
             "distributed_strategy='pipeline' needs a ds-model DeepSeekForCausalLM (with "
             f"model.layers, model.forward_context and lm_head), got {type(model).__name__}"
         )
+    if any(isinstance(m, _Elsewhere) for m in model.modules()):
+        raise ValueError(
+            "pipeline: this model is already one stage of a split model; split a whole one"
+        )
     if model.lm_head.weight is decoder.embed_tokens.weight:
         raise ValueError(
             "distributed_strategy='pipeline' with tie_word_embeddings=True is not "
@@ -218,6 +222,11 @@ class PipelineRunner:
     def _padded(self, batches) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         rows = max(b["input_ids"].shape[0] for b in batches)
         longest = max(b["input_ids"].shape[1] for b in batches)
+        if longest > self.max_len:
+            raise ValueError(
+                f"sequence length {longest} exceeds the model's context "
+                f"max_position_embeddings={self.max_len}"
+            )
         length = max(longest, min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, self.max_len))
         ids, labels = [], []
         for b in batches:

@@ -177,6 +177,9 @@ class Trainer:
         resume_dir = ckpt.find_latest_checkpoint(resume_from) if resume_from else None
 
         ctx = init_distributed(args.distributed_strategy, args.tp_size, self._device)
+        pipelined = ctx.distributed and args.distributed_strategy == "pipeline"
+        if pipelined:
+            self._check_pipeline_supported()  # before the model is touched
         torch.manual_seed(args.seed)
         model = self._materialize_model()
         tokenizer = resolve_tokenizer(self._tokenizer, self._model_source, model)
@@ -185,10 +188,11 @@ class Trainer:
         if self.eval_dataset is not None:
             eval_set, _ = self.build_dataset(self.eval_dataset, tokenizer)
 
+        # Split first: a rank then moves (and holds on the device) only its own stage.
+        self._pipeline = self._pipeline_for(model, ctx) if pipelined else None
         model.to(ctx.device)
         self.prepare_models(ctx)
         wrapped = wrap_model(model, args.distributed_strategy, ctx, args)
-        self._pipeline = self._build_pipeline(model, ctx)
         # Only the training forward is compiled (DDP's compiled form splits graphs at
         # its buckets); evaluation, checkpoints and `trainer.model` stay the eager model.
         forward_model = wrapped
@@ -327,11 +331,7 @@ class Trainer:
                 extra_total[k] = extra_total.get(k, 0.0) + v
         return loss_total, extra_total
 
-    def _build_pipeline(self, model: nn.Module, ctx: DistContext) -> PipelineRunner | None:
-        """Under ``distributed_strategy="pipeline"`` on several ranks: split ``model`` in
-        place into this rank's stage (see ``ds_model.training.pipeline``)."""
-        if not (ctx.distributed and self.args.distributed_strategy == "pipeline"):
-            return None
+    def _check_pipeline_supported(self) -> None:
         if self.lora_config is not None:
             raise ValueError(
                 "distributed_strategy='pipeline' with LoRA is not implemented; use ddp or "
@@ -344,6 +344,12 @@ class Trainer:
                 f"distributed_strategy='pipeline' runs the language-model loss only; "
                 f"{type(self).__name__} computes its own (use ddp or fsdp)"
             )
+
+    def _pipeline_for(self, model: nn.Module, ctx: DistContext) -> PipelineRunner:
+        """This rank's stage of ``model``, split in place (``ds_model.training.pipeline``);
+        a later ``train()`` of this trainer reuses the split."""
+        if self._pipeline is not None and self._pipeline.module.lm is model:
+            return self._pipeline
         precision = self.args.precision
         return PipelineRunner(
             model, ctx.rank, ctx.world_size, ctx.device, lambda: _autocast(ctx.device, precision)
