@@ -20,7 +20,7 @@ into consecutive stages, one per rank, run by ``torch.distributed.pipelining``.
 
 Limits (clear errors): ds-model's ``DeepSeekForCausalLM`` with untied embeddings and at
 least one layer per stage; the language-model loss of ``Trainer`` (not DPO or
-distillation); no LoRA, no torch.compile; pipeline across all ranks (no data
+distillation); no LoRA, no torch.compile, no fp16; pipeline across all ranks (no data
 parallelism beside it).
 """
 
@@ -227,7 +227,7 @@ class PipelineRunner:
                 f"sequence length {longest} exceeds the model's context "
                 f"max_position_embeddings={self.max_len}"
             )
-        length = max(longest, min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, self.max_len))
+        length = min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, self.max_len)
         ids, labels = [], []
         for b in batches:
             r, t = b["input_ids"].shape
@@ -238,17 +238,29 @@ class PipelineRunner:
 
     # ------------------------------------------------------------- checkpoints
     def gather(self, obj: Any) -> list[Any] | None:
-        """``obj`` of every stage, in stage order, on rank 0 (``None`` elsewhere)."""
+        """``obj`` of every stage, in stage order, on rank 0 (``None`` elsewhere), its
+        tensors moved to the CPU first (they travel pickled)."""
         out = [None] * self.num_stages if self.rank == 0 else None
-        dist.gather_object(obj, out, dst=0)
+        dist.gather_object(_to_cpu(obj), out, dst=0)
         return out
 
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
         """Every stage's weights merged under the full model's names, on rank 0."""
-        parts = self.gather({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        parts = self.gather(model.state_dict())
         if parts is None:
             return None
         merged: dict[str, torch.Tensor] = {}
         for part in parts:
             merged.update(part)
         return merged
+
+
+def _to_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor inside (dicts, lists, tuples) moved to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj

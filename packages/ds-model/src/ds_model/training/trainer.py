@@ -416,7 +416,7 @@ class Trainer:
         for m in range(math.ceil(len(order) / (bs * ctx.dp_size))):
             idx = micro_batch_indices(order, m, bs, ctx.dp_size, ctx.dp_rank)
             batch = self._batch(dataset, idx, order, ctx)
-            if getattr(self, "_pipeline", None) is not None:
+            if self._pipeline is not None:
                 loss_sum = self._pipeline.loss_sum(batch)  # every rank: the same value
             else:
                 with _autocast(ctx.device, self.args.precision):
@@ -470,7 +470,7 @@ class Trainer:
             # Rank 0 gets every stage's weights (one full-model file) and each stage's
             # optimizer state (resumable with the same number of stages).
             model_state = self._pipeline.full_state_dict(unwrap(wrapped))
-            stages = self._pipeline.gather(_to_cpu(optimizer.state_dict()))
+            stages = self._pipeline.gather(optimizer.state_dict())
             return model_state, {"pipeline_stages": stages}
         if sharded:
             from torch.distributed.checkpoint.state_dict import (
@@ -650,17 +650,6 @@ def _loss_scale(scaler: torch.amp.GradScaler, factor: float):
     """What a micro-batch back-propagates: its loss sum times ``factor`` (the global
     batch's normalisation), scaled for fp16."""
     return lambda loss_sum: scaler.scale(loss_sum * factor)
-
-
-def _to_cpu(obj: Any) -> Any:
-    """``obj`` with every tensor inside (dicts, lists, tuples) moved to the CPU."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
 
 
 def _tokens(batch: dict[str, torch.Tensor]) -> int:
