@@ -79,6 +79,33 @@ def test_pipeline_is_a_strategy_without_compile_or_fp16() -> None:
     with pytest.raises(ValueError, match="torch_compile=True with distributed_strategy='pipeline'"):
         TrainingConfig(distributed_strategy="pipeline", torch_compile=True)
     # Each stage's GradScaler would skip steps on its own: refused, bf16 allowed.
-    with pytest.raises(ValueError, match="precision='fp16' with distributed_strategy='pipeline'"):
+    with pytest.raises(ValueError, match="precision='fp16' with pipeline stages"):
         TrainingConfig(distributed_strategy="pipeline", precision="fp16")
+    with pytest.raises(ValueError, match="precision='fp16' with pipeline stages"):
+        TrainingConfig(distributed_strategy="3d_parallel", pp_size=2, precision="fp16")
     assert TrainingConfig(distributed_strategy="pipeline", precision="bf16").precision == "bf16"
+    assert TrainingConfig(distributed_strategy="3d_parallel", precision="fp16").pp_size == 0
+
+
+def test_pp_size_needs_a_pipelined_strategy() -> None:
+    assert TrainingConfig(distributed_strategy="3d_parallel", pp_size=2).pipelined
+    assert TrainingConfig(distributed_strategy="pipeline").pipelined
+    assert not TrainingConfig(distributed_strategy="3d_parallel", pp_size=1).pipelined
+    with pytest.raises(ValueError, match="pp_size=2 with distributed_strategy='fsdp'"):
+        TrainingConfig(distributed_strategy="fsdp", pp_size=2)
+    with pytest.raises(ValueError, match="pp_size=1 with distributed_strategy='pipeline'"):
+        TrainingConfig(distributed_strategy="pipeline", pp_size=1)
+    with pytest.raises(ValueError, match="pp_size=-1: expected >= 0"):
+        TrainingConfig(distributed_strategy="pipeline", pp_size=-1)
+
+
+def test_mesh_shape_errors_name_the_sizes(monkeypatch) -> None:
+    from ds_model.training.distributed import init_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    # Checked before any process group is joined.
+    with pytest.raises(ValueError, match="pp_size=3 does not divide the world size 4"):
+        init_distributed("pipeline", pp_size=3, device="cpu")
+    with pytest.raises(ValueError, match="tp_size=4 does not divide world size / pp_size = 4 / 2"):
+        init_distributed("3d_parallel", tp_size=4, pp_size=2, device="cpu")

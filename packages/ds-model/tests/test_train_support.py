@@ -188,8 +188,13 @@ def single_process_reference(out: Path) -> dict:
     with torch.no_grad():
         accum_logits = trained["model"](ids).logits
     accum_evals = trained["evals"]
+    lora = run(per_device_train_batch_size=4, lora_config=lora_config())
+    with torch.no_grad():
+        lora_logits = trained["model"](ids).logits
     return {
-        "lora": run(per_device_train_batch_size=4, lora_config=lora_config()),
+        "lora": lora,
+        "lora_logits": lora_logits.tolist(),
+        "qlora": run(per_device_train_batch_size=4, lora_config=lora_config(), quantization="int4"),
         "dp": run(per_device_train_batch_size=4),
         "accum": accum,
         "accum_logits": accum_logits.tolist(),
@@ -345,16 +350,34 @@ def pipeline_worker(rank: int, out: str, results: dict) -> None:
         gradient_accumulation_steps=2,
     )
     run("pipeline_gpipe", per_device_train_batch_size=4)
-    refused = {}
-    for name, make in (
-        ("lora", lambda: Trainer(model=real_lm(), lora_config=lora_config(), **_pp_args(out))),
-        ("dpo", lambda: DPOTrainer(model=real_lm(), **_pp_args(out, PAIRS))),
-    ):
-        try:
-            make().train()
-        except ValueError as e:
-            refused[name] = str(e)
-    results["pipeline_refused"] = refused
+    # LoRA: each stage trains its layers' adapters; checkpoints and exports hold them all.
+    lora = run("pipeline_lora", save_steps=2, save_total_limit=None, **PIPELINE_LORA)
+    base = {n: p for n, p in real_lm().named_parameters()}
+    kept = all(
+        torch.equal(p, base[n.replace(".base_layer", "")])
+        for n, p in lora.model.named_parameters()
+        if "lora_" not in n
+    )
+    results["pipeline_lora_base_kept"] = [None, None]
+    torch.distributed.all_gather_object(results["pipeline_lora_base_kept"], kept)
+    lora_export = os.path.join(out, "pipeline_lora_export")
+    lora.save_model(lora_export)
+    if rank == 0:
+        from ds_lora import load_adapter
+
+        with torch.no_grad():
+            logits = load_adapter(real_lm(), lora_export)(torch.tensor(single_ids())).logits
+        results["pipeline_lora_export_logits"] = logits.tolist()
+    run(
+        "pipeline_lora_resumed",
+        resume=os.path.join(out, "pipeline_lora", "checkpoint-2"),
+        **PIPELINE_LORA,
+    )
+    run("pipeline_qlora", quantization="int4", **PIPELINE_LORA)
+    try:
+        DPOTrainer(model=real_lm(), **_pp_args(out, PAIRS)).train()
+    except ValueError as e:
+        results["pipeline_refused_dpo"] = str(e)
 
 
 # Per-device batch 2, two accumulation micro-batches (the pipeline's), evaluated at steps
@@ -364,6 +387,9 @@ PIPELINE_RUN = dict(
     gradient_accumulation_steps=2,
     eval_dataset=varied_texts(6),
     eval_steps=2,
+)
+PIPELINE_LORA = dict(
+    lora_config=lora_config(), per_device_train_batch_size=2, gradient_accumulation_steps=2
 )
 PAIRS = [{"prompt": "the cat", "chosen": " sat on the mat", "rejected": " ran"}] * 8
 
@@ -380,6 +406,100 @@ def _pp_args(out: str, data=None) -> dict:
         distributed_strategy="pipeline",
         **DIST_OPTS,
     )
+
+
+# The 4-rank mesh runs: a global batch of 8 per step (2 sequences x 2 micro-batches x
+# 2 replicas, or 4 x 2 x 1 with tensor parallelism), evaluated at steps 2 and 4.
+MESH_RUN = dict(gradient_accumulation_steps=2, eval_dataset=varied_texts(6), eval_steps=2)
+
+
+def mesh_reference(out: Path) -> dict:
+    """One process, the global batch of the mesh runs: their losses, evals, logits."""
+    from ds_model.training import ByteTokenizer, Trainer
+
+    def run(**kw):
+        trainer = Trainer(
+            model=real_lm(),
+            train_dataset=varied_texts(),
+            tokenizer=ByteTokenizer(),
+            output_dir=str(out / "mesh_ref"),
+            **{**DIST_OPTS, **MESH_RUN, "per_device_train_batch_size": 4, **kw},
+        )
+        result = trainer.train()
+        with torch.no_grad():
+            logits = trainer.model(torch.tensor(single_ids())).logits
+        return result, logits.tolist()
+
+    full, logits = run()
+    lora, _ = run(lora_config=lora_config())
+    return {
+        "full": full.losses,
+        "evals": [e["eval_loss"] for e in full.eval_history],
+        "logits": logits,
+        "lora": lora.losses,
+    }
+
+
+def mesh_worker(rank: int, world: int, port: int, out: str) -> None:
+    """One of 4 ranks: 2 pipeline stages x 2 FSDP2 replicas (strategy pipeline,
+    pp_size=2), with LoRA, checkpoints, an export and a resume on a mesh of another
+    shape: 2 stages x tensor parallel 2 (3d_parallel, pp_size=2, tp_size=2)."""
+    import os
+
+    import torch.distributed as dist
+    from ds_model.training import ByteTokenizer, Trainer
+
+    torch.set_num_threads(1)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    results: dict = {}
+
+    def run(name: str, strategy: str, resume: str | None = None, **kw) -> Trainer:
+        trainer = Trainer(
+            model=real_lm(),
+            train_dataset=varied_texts(),
+            tokenizer=ByteTokenizer(),
+            output_dir=os.path.join(out, name),
+            distributed_strategy=strategy,
+            pp_size=2,
+            **{**DIST_OPTS, **MESH_RUN, **kw},
+        )
+        result = trainer.train(resume_from=resume)
+        results[name] = result.losses
+        results[f"{name}_evals"] = [e["eval_loss"] for e in result.eval_history]
+        return trainer
+
+    replicas = dict(per_device_train_batch_size=2)
+    trainer = run("pp_dp", "pipeline", save_steps=2, save_total_limit=None, **replicas)
+    ctx = trainer._ctx
+    results[f"coords_{rank}"] = [ctx.pp_rank, ctx.dp_rank, ctx.tp_rank]
+    export = os.path.join(out, "pp_dp_export")
+    trainer.save_model(export)
+    if rank == 0:
+        import ds_model
+
+        with torch.no_grad():
+            logits = ds_model.from_pretrained(export)(torch.tensor(single_ids())).logits
+        results["pp_dp_export_logits"] = logits.tolist()
+    ckpt2 = os.path.join(out, "pp_dp", "checkpoint-2")
+    run("pp_dp_resumed", "pipeline", resume=ckpt2, **replicas)
+    run("pp_dp_lora", "pipeline", lora_config=lora_config(), **replicas)
+    tensor = dict(tp_size=2, per_device_train_batch_size=4)
+    run("pp_tp", "3d_parallel", **tensor)
+    run("pp_tp_resumed", "3d_parallel", resume=ckpt2, **tensor)  # from the pp x dp run
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, results)
+    if rank == 0:
+        merged = {k: v for part in gathered for k, v in part.items()}
+        Path(out, "mesh_results.json").write_text(json.dumps(merged))
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def single_ids() -> list[list[int]]:

@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, default=1, help="local processes to launch")
     p.add_argument("--distributed_strategy", choices=STRATEGIES, default=None)
     p.add_argument("--tp_size", type=int, default=0, help="3d_parallel: tensor-parallel degree")
+    p.add_argument(
+        "--pp_size",
+        type=int,
+        default=0,
+        help="pipeline stages (pipeline: 0 = all ranks; 3d_parallel: 0 = no pipeline)",
+    )
     p.add_argument("--compress_gradients", action="store_true", help="ddp: 4-bit all-reduce")
     p.add_argument("--optimizer", choices=("grouped_adamw", "adamw"), default="grouped_adamw")
     p.add_argument("--save_steps", type=int, default=0)
@@ -173,6 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         quantization=args.quantization,
         distributed_strategy=strategy,
         tp_size=args.tp_size,
+        pp_size=args.pp_size,
         compress_gradients=args.compress_gradients,
         optimizer=args.optimizer,
         save_steps=args.save_steps,

@@ -53,7 +53,10 @@ class TrainingConfig:
     distributed_strategy: str = "none"
     compress_gradients: bool = False  # ddp only: ds-optim's 4-bit all-reduce hook
     ddp_find_unused_parameters: bool | None = None  # None: True for MoE models
-    tp_size: int = 0  # 3d_parallel: tensor-parallel degree (0: all ranks)
+    tp_size: int = 0  # 3d_parallel: tensor-parallel degree (0: all ranks but the pipeline's)
+    # Pipeline stages. pipeline: 0 = every rank a stage, else world / pp_size data-parallel
+    # (FSDP2) replicas of a pp_size-stage pipeline; 3d_parallel: 0 or 1 = no pipeline.
+    pp_size: int = 0
     quantization: str = "none"
     optimizer: str = "grouped_adamw"
     progress_bar: bool = True
@@ -71,7 +74,7 @@ class TrainingConfig:
             raise ValueError(f"max_steps={self.max_steps!r}: expected -1 (use epochs) or > 0")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate={self.learning_rate!r}: expected > 0")
-        for name in ("warmup_steps", "eval_steps", "save_steps", "tp_size"):
+        for name in ("warmup_steps", "eval_steps", "save_steps", "tp_size", "pp_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected >= 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -85,9 +88,21 @@ class TrainingConfig:
                 f"torch_compile=True with distributed_strategy={self.distributed_strategy!r}: "
                 "compiling is supported with 'none' and 'ddp' only"
             )
-        if self.precision == "fp16" and self.distributed_strategy == "pipeline":
+        if self.pp_size > 1 and self.distributed_strategy not in ("pipeline", "3d_parallel"):
             raise ValueError(
-                "precision='fp16' with distributed_strategy='pipeline' is not supported: "
+                f"pp_size={self.pp_size} with distributed_strategy="
+                f"{self.distributed_strategy!r}: pipeline stages need 'pipeline' or "
+                "'3d_parallel'"
+            )
+        if self.pp_size == 1 and self.distributed_strategy == "pipeline":
+            raise ValueError(
+                "pp_size=1 with distributed_strategy='pipeline': one stage is no pipeline; "
+                "use pp_size=0 (every rank a stage) or >= 2, or ddp / fsdp"
+            )
+        if self.precision == "fp16" and self.pipelined:
+            raise ValueError(
+                f"precision='fp16' with pipeline stages (distributed_strategy="
+                f"{self.distributed_strategy!r}, pp_size={self.pp_size}) is not supported: "
                 "each stage's loss scaler would skip steps on its own; use bf16 or fp32"
             )
         _choice("quantization", self.quantization, QUANTIZATIONS)
@@ -95,6 +110,13 @@ class TrainingConfig:
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ValueError(f"save_total_limit={self.save_total_limit!r}: expected >= 1 or None")
         self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
+
+    @property
+    def pipelined(self) -> bool:
+        """Whether the model is cut into pipeline stages (when run on several ranks)."""
+        return self.distributed_strategy == "pipeline" or (
+            self.distributed_strategy == "3d_parallel" and self.pp_size > 1
+        )
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

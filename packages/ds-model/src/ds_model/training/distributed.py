@@ -9,11 +9,16 @@ Strategies (``TrainingConfig.distributed_strategy``):
   (parameters, gradients and optimizer state sharded: ZeRO-3).
 * ``3d_parallel``: a 2-D ``(dp, tp)`` device mesh; tensor parallelism with DTensor
   ``parallelize_module`` on the ``tp`` axis, then FSDP2 on the ``dp`` axis.
-* ``pipeline``: the model cut into one stage per rank and run by torch's pipelining
-  schedules (``ds_model.training.pipeline``; the Trainer splits the model, so
-  ``wrap_model`` leaves it whole). Every rank reads the same data.
+* ``pipeline``: the model cut into stages run by torch's pipelining schedules
+  (``ds_model.training.pipeline``; the Trainer splits the model, so ``wrap_model``
+  leaves it whole): one stage per rank, or with ``pp_size`` < world a
+  ``(pp, dp)`` mesh of ``world / pp_size`` FSDP2 replicas of a ``pp_size``-stage
+  pipeline. ``3d_parallel`` with ``pp_size`` > 1 is the full ``(pp, dp, tp)`` mesh:
+  each stage tensor-parallel on ``tp`` and FSDP2-sharded on ``dp``.
 
-Ranks of one tensor-parallel group must see the same data, so data is sharded by the
+Mesh coordinates: ``rank = (pp_rank * dp_size + dp_rank) * tp_size + tp_rank``, so the
+ranks of one tensor-parallel group are adjacent. Ranks of one tensor-parallel group, and
+the stages of one pipeline, must see the same data, so data is sharded by the
 data-parallel rank (``dp_rank`` of ``dp_size``), not by the global rank.
 """
 
@@ -32,7 +37,14 @@ from torch import nn
 
 from ds_model.layout import row_major_weights
 
-__all__ = ["DistContext", "default_tp_plan", "init_distributed", "unwrap", "wrap_model"]
+__all__ = [
+    "DistContext",
+    "default_tp_plan",
+    "init_distributed",
+    "tensor_parallel",
+    "unwrap",
+    "wrap_model",
+]
 
 _MLP_COLWISE = ("gate_proj", "up_proj", "w1", "w3")
 _ROUTED_EXPERT = re.compile(r"(^|\.)experts\.\d+\.")
@@ -51,12 +63,25 @@ class DistContext:
     dp_size: int = 1
     tp_size: int = 1
     pp_size: int = 1
+    pp_rank: int = 0
     device: torch.device = _CPU
     mesh: Any = None
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp_size
+
+    def group(self, dim: str) -> Any:
+        """The process group of mesh dimension ``dim`` (``"pp"``, ``"dp"``, ``"tp"``)
+        this rank belongs to; ``None`` (the default group) when there is no mesh, i.e.
+        when that dimension spans every rank."""
+        if self.mesh is None:
+            return None
+        return self.mesh[dim].get_group()
 
     @property
     def distributed(self) -> bool:
@@ -77,10 +102,12 @@ class DistContext:
             dist.barrier()
 
 
-def init_distributed(strategy: str, tp_size: int = 0, device: str | None = None) -> DistContext:
+def init_distributed(
+    strategy: str, tp_size: int = 0, device: str | None = None, pp_size: int = 0
+) -> DistContext:
     """Join the process group torchrun describes in the environment (gloo on CPU,
-    NCCL on CUDA). Without ``WORLD_SIZE`` > 1 this is a single process, whatever the
-    strategy."""
+    NCCL on CUDA) and lay out the mesh. Without ``WORLD_SIZE`` > 1 this is a single
+    process, whatever the strategy."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -94,30 +121,39 @@ def init_distributed(strategy: str, tp_size: int = 0, device: str | None = None)
                 "3d_parallel or pipeline when launching several processes"
             )
         return DistContext(device=dev)
+    if strategy == "pipeline":
+        pp = pp_size or world
+    elif strategy == "3d_parallel":
+        pp = max(pp_size, 1)
+    else:
+        pp = 1
+    if world % pp:
+        raise ValueError(f"pp_size={pp} does not divide the world size {world}")
+    tp = 1
+    if strategy == "3d_parallel":
+        tp = tp_size or world // pp
+        if (world // pp) % tp:
+            raise ValueError(f"tp_size={tp} does not divide world size / pp_size = {world} / {pp}")
+    dp = world // (pp * tp)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    tp = 1
     mesh = None
-    if strategy == "3d_parallel":
-        tp = tp_size or world
-        if world % tp:
-            raise ValueError(f"tp_size={tp} does not divide the world size {world}")
+    if strategy == "3d_parallel" or (pp > 1 and dp > 1):
         from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh(dev.type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
-    if strategy == "pipeline":  # one stage per rank, all fed the same batches
-        return DistContext(
-            rank=rank, world_size=world, local_rank=local_rank, pp_size=world, device=dev
-        )
+        shape, names = ((dp, tp), ("dp", "tp")) if pp == 1 else ((pp, dp, tp), ("pp", "dp", "tp"))
+        mesh = init_device_mesh(dev.type, shape, mesh_dim_names=names)
     return DistContext(
         rank=rank,
         world_size=world,
         local_rank=local_rank,
-        dp_rank=rank // tp,
-        dp_size=world // tp,
+        dp_rank=(rank // tp) % dp,
+        dp_size=dp,
         tp_size=tp,
+        pp_size=pp,
+        pp_rank=rank // (dp * tp),
         device=dev,
         mesh=mesh,
     )
@@ -158,8 +194,8 @@ def wrap_model(model: nn.Module, strategy: str, ctx: DistContext, config: Any) -
     # A compiled CPU generate re-lays Linear weights input-major: FSDP2 refuses that
     # layout, and single-process training ran 3.6% slower on it (fwd+bwd, shipped shape).
     row_major_weights(model)
-    if not ctx.distributed or strategy in ("none", "pipeline"):
-        return model
+    if not ctx.distributed or strategy == "none" or ctx.pp_size > 1:
+        return model  # a pipeline's stages are wrapped by its runner
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -179,17 +215,7 @@ def wrap_model(model: nn.Module, strategy: str, ctx: DistContext, config: Any) -
     from torch.distributed.fsdp import fully_shard
 
     if strategy == "3d_parallel":
-        from torch.distributed.tensor.parallel import (
-            ColwiseParallel,
-            RowwiseParallel,
-            parallelize_module,
-        )
-
-        styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
-        plan = default_tp_plan(model)
-        if not plan:
-            raise ValueError("3d_parallel: the model has no layer the tensor-parallel plan shards")
-        parallelize_module(model, ctx.mesh["tp"], {k: styles[v]() for k, v in plan.items()})
+        tensor_parallel(model, ctx.mesh["tp"])
         dp_mesh = ctx.mesh["dp"]
     else:
         dp_mesh = None
@@ -197,6 +223,24 @@ def wrap_model(model: nn.Module, strategy: str, ctx: DistContext, config: Any) -
         fully_shard(block, mesh=dp_mesh)
     fully_shard(model, mesh=dp_mesh)
     return model
+
+
+def tensor_parallel(model: nn.Module, tp_mesh: Any) -> None:
+    """Shard ``model``'s layers named by :func:`default_tp_plan` over ``tp_mesh`` with
+    DTensor's ``parallelize_module``. Names the plan declares but the model no longer
+    has (another pipeline stage's layers) are skipped."""
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    present = {name for name, _ in model.named_modules()}
+    plan = {k: styles[v]() for k, v in default_tp_plan(model).items() if k in present}
+    if not plan:
+        raise ValueError("3d_parallel: the model has no layer the tensor-parallel plan shards")
+    parallelize_module(model, tp_mesh, plan)
 
 
 def _register_int4_hook(ddp: nn.Module) -> None:

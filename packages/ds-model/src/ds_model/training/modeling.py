@@ -16,6 +16,7 @@ from ds_model.training.config import TrainingConfig
 from ds_model.training.tokenize import ByteTokenizer
 
 __all__ = [
+    "adapter_state",
     "apply_lora",
     "build_optimizer",
     "load_adapter_state",
@@ -23,6 +24,7 @@ __all__ = [
     "quantize_for_qlora",
     "resolve_tokenizer",
     "save_adapter",
+    "write_adapter",
 ]
 
 
@@ -153,39 +155,57 @@ def _adapter_keys(model: nn.Module) -> dict[str, str]:
     return out
 
 
-def save_adapter(model: nn.Module, directory: str, state: dict[str, torch.Tensor] | None) -> None:
-    """The adapter in PEFT's format (``adapter_model.safetensors`` + ``adapter_config.json``).
+def adapter_state(
+    model: nn.Module, state: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """{PEFT checkpoint key: CPU tensor} of the default adapter.
 
     ``state`` maps parameter names to (gathered, full) tensors when the live parameters
-    are sharded; ``None`` reads the live model."""
+    are sharded; ``None`` reads the live model. A pipeline stage returns its own layers'
+    part; the stages' parts together are the whole adapter."""
+    live = dict(model.named_parameters())
+    out = {}
+    for key, name in _adapter_keys(model).items():
+        t = state[name] if state is not None else live[name]
+        out[key] = t.detach().to("cpu").contiguous().clone()
+    return out
+
+
+def write_adapter(model: nn.Module, directory: str, tensors: dict[str, torch.Tensor]) -> None:
+    """``tensors`` (from :func:`adapter_state`) in PEFT's format: ``adapter_model.safetensors``
+    + ``adapter_config.json`` (the config of ``model``'s default adapter)."""
     from ds_lora.tuner import adapter_configs
     from safetensors.torch import save_file
 
     config = adapter_configs(model)["default"]
-    live = dict(model.named_parameters())
-    tensors = {}
-    for key, name in _adapter_keys(model).items():
-        t = state[name] if state is not None else live[name]
-        tensors[key] = t.detach().to("cpu").contiguous().clone()
     save_file(tensors, os.path.join(directory, "adapter_model.safetensors"), {"format": "pt"})
     with open(os.path.join(directory, "adapter_config.json"), "w", encoding="utf-8") as f:
         json.dump(config.to_peft_dict(), f, indent=2, sort_keys=True)
 
 
-def load_adapter_state(model: nn.Module, directory: str) -> dict[str, torch.Tensor]:
-    """{parameter name: tensor} from a PEFT-format adapter saved by :func:`save_adapter`."""
+def save_adapter(model: nn.Module, directory: str, state: dict[str, torch.Tensor] | None) -> None:
+    """The adapter in PEFT's format; ``state`` as for :func:`adapter_state`."""
+    write_adapter(model, directory, adapter_state(model, state))
+
+
+def load_adapter_state(
+    model: nn.Module, directory: str, partial: bool = False
+) -> dict[str, torch.Tensor]:
+    """{parameter name: tensor} from a PEFT-format adapter saved by :func:`save_adapter`.
+    ``partial``: ``model`` is one pipeline stage, holding part of the adapter; the file's
+    other tensors are skipped (every tensor the stage has must still be in the file)."""
     from safetensors.torch import load_file
 
     saved = load_file(os.path.join(directory, "adapter_model.safetensors"))
     keys = _adapter_keys(model)
     missing = sorted(set(keys) - set(saved))
-    extra = sorted(set(saved) - set(keys))
+    extra = [] if partial else sorted(set(saved) - set(keys))
     if missing or extra:
         raise ValueError(
             f"{directory}: adapter does not fit the model (missing {missing[:3]}, "
             f"unexpected {extra[:3]})"
         )
-    return {keys[k]: v for k, v in saved.items()}
+    return {name: saved[key] for key, name in keys.items()}
 
 
 # -------------------------------------------------------------------- optimizer

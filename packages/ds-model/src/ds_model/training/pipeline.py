@@ -18,10 +18,17 @@ into consecutive stages, one per rank, run by ``torch.distributed.pipelining``.
 - Loss: summed over tokens on the last stage, divided by the global batch's trained
   tokens (as under every strategy), and broadcast to every rank for logging.
 
+- Replicas: with ``pp_size`` below the world size, each stage is FSDP2-sharded over
+  its data-parallel replicas (and tensor-parallel first under ``3d_parallel``);
+  torch's schedules accumulate its gradients over the micro-batches and reduce them
+  once per step. Checkpoints hold whole tensors, so a pipeline checkpoint resumes on
+  any data- or tensor-parallel width with the same number of stages.
+- LoRA / QLoRA: adapters are split with their layers; each stage trains and
+  checkpoints its own part, gathered into one PEFT-format adapter.
+
 Limits (clear errors): ds-model's ``DeepSeekForCausalLM`` with untied embeddings and at
 least one layer per stage; the language-model loss of ``Trainer`` (not DPO or
-distillation); no LoRA, no torch.compile, no fp16; pipeline across all ranks (no data
-parallelism beside it).
+distillation); no torch.compile, no fp16.
 """
 
 from __future__ import annotations
@@ -87,7 +94,7 @@ def keep_stage(model: nn.Module, stage: int, num_stages: int) -> range:
         raise ValueError(
             "pipeline: this model is already one stage of a split model; split a whole one"
         )
-    if model.lm_head.weight is decoder.embed_tokens.weight:
+    if _weight(model.lm_head) is _weight(decoder.embed_tokens):
         raise ValueError(
             "distributed_strategy='pipeline' with tie_word_embeddings=True is not "
             "supported: the tied weight would live on the first and the last stage"
@@ -102,6 +109,12 @@ def keep_stage(model: nn.Module, stage: int, num_stages: int) -> range:
         decoder.norm = _Elsewhere("model.norm")
         model.lm_head = _Elsewhere("lm_head")
     return layers
+
+
+def _weight(module: nn.Module) -> Any:
+    """A layer's weight, looking through an adapter wrapper (``base_layer``)."""
+    base = getattr(module, "base_layer", module)
+    return getattr(base, "weight", base)
 
 
 class _Stage(nn.Module):
@@ -140,26 +153,52 @@ class _Stage(nn.Module):
 class PipelineRunner:
     """This rank's stage of ``model`` (split in place) and the schedules that run it.
 
+    ``ctx`` (a ``DistContext``) places the rank: stage ``ctx.pp_rank`` of
+    ``ctx.pp_size``, talking to the other stages over its ``pp`` group. Where the mesh
+    has data-parallel replicas or a tensor-parallel axis, :meth:`parallelize` shards
+    the stage (TP on ``tp``, then FSDP2 on ``dp``: torch's schedules then accumulate
+    gradients over the micro-batches and reduce them once per step).
+
     ``step(batches, scale)`` runs forward and backward over a step's micro-batches
     (dicts with ``input_ids`` and ``labels``, (batch, seqlen)); every micro-batch's
     loss sum times ``scale(loss)`` is what is back-propagated. Returns the step's loss
-    sum (unscaled) on every rank."""
+    sum (unscaled) on every rank of the pipeline."""
 
     def __init__(
         self,
         model: nn.Module,
-        rank: int,
-        world_size: int,
-        device: torch.device,
+        ctx: Any,
         autocast: Callable[[], AbstractContextManager],
     ) -> None:
-        self.rank, self.num_stages, self.device = rank, world_size, device
+        self.ctx = ctx
+        self.rank, self.num_stages, self.device = ctx.pp_rank, ctx.pp_size, ctx.device
+        self.group = ctx.group("pp")  # None: the default group (every rank a stage)
+        self.sharded = ctx.dp_size > 1 or ctx.tp_size > 1
         self.max_len = int(model.config.max_position_embeddings)
-        self.layers = keep_stage(model, rank, world_size)
-        self.module = _Stage(model, self.layers, rank == 0, rank == world_size - 1, autocast)
+        self.layers = keep_stage(model, self.rank, self.num_stages)
+        last = self.rank == self.num_stages - 1
+        self.module = _Stage(model, self.layers, self.rank == 0, last, autocast)
+        self._parallelized = False
         self._schedules: dict[tuple[Any, ...], Any] = {}
         self._scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss
         self._sums: list[torch.Tensor] = []
+
+    def parallelize(self) -> None:
+        """Shard the stage over its replicas (after it moved to its device); once."""
+        if not self.sharded or self._parallelized:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        from ds_model.training.distributed import tensor_parallel
+
+        model, mesh = self.module.lm, self.ctx.mesh
+        if self.ctx.tp_size > 1:
+            tensor_parallel(model, mesh["tp"])
+        for i in self.layers:
+            fully_shard(model.model.layers[i], mesh=mesh["dp"])
+        # The stage is FSDP's root: torch's schedules drive its gradient reduction.
+        fully_shard(self.module, mesh=mesh["dp"])
+        self._parallelized = True
 
     @property
     def is_first(self) -> bool:
@@ -192,12 +231,18 @@ class PipelineRunner:
             schedule.step(**kwargs, return_outputs=False)
         else:
             schedule.eval(**kwargs)
+        if self.sharded:
+            # FSDP2 keeps a root's parameters gathered after a forward with no backward
+            # (evaluation); reshard, so the module holds the optimizer's sharded ones.
+            for m in self.module.modules():
+                if hasattr(m, "reshard"):
+                    m.reshard()
         total = torch.zeros(1, dtype=torch.float64, device=self.device)
         if self.is_last:
             # The last n calls: a new stage object's first step also runs the loss once,
             # before the micro-batches, to learn the shapes of its gradients.
             total += sum(float(s) for s in self._sums[-len(ids) :])
-        dist.broadcast(total, src=self.num_stages - 1)
+        dist.broadcast(total, group=self.group, group_src=self.num_stages - 1)
         return float(total)
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -211,7 +256,9 @@ class PipelineRunner:
         key = (n_micro, shape)
         if key not in self._schedules:
             # Shapes are fixed per stage object (its receive buffers), hence one per shape.
-            stage = PipelineStage(self.module, self.rank, self.num_stages, self.device)
+            stage = PipelineStage(
+                self.module, self.rank, self.num_stages, self.device, group=self.group
+            )
             cls = Schedule1F1B if n_micro >= self.num_stages else ScheduleGPipe
             # scale_grads=False: the loss is already normalised by the global batch.
             self._schedules[key] = cls(
@@ -239,20 +286,64 @@ class PipelineRunner:
     # ------------------------------------------------------------- checkpoints
     def gather(self, obj: Any) -> list[Any] | None:
         """``obj`` of every stage, in stage order, on rank 0 (``None`` elsewhere), its
-        tensors moved to the CPU first (they travel pickled)."""
-        out = [None] * self.num_stages if self.rank == 0 else None
-        dist.gather_object(_to_cpu(obj), out, dst=0)
+        tensors moved to the CPU first (they travel pickled). With replicas, the stages
+        of the pipeline holding rank 0 send theirs (``obj`` must be whole: see
+        :meth:`model_state`); the other replicas send nothing."""
+        if self.ctx.dp_rank != 0 or self.ctx.tp_rank != 0:
+            return None
+        out = [None] * self.num_stages if self.ctx.rank == 0 else None
+        dist.gather_object(_to_cpu(obj), out, group=self.group, group_dst=0)
         return out
+
+    def merged(self, part: dict[str, Any]) -> dict[str, Any] | None:
+        """Every stage's ``part`` (disjoint keys) merged into one dict, on rank 0."""
+        parts = self.gather(part)
+        if parts is None:
+            return None
+        out: dict[str, Any] = {}
+        for p in parts:
+            out.update(p)
+        return out
+
+    def model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """This stage's weights by full-model name, whole (a collective over the
+        stage's replicas when sharded)."""
+        if not self.sharded:
+            return model.state_dict()
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+
+    def optimizer_state(self, model: nn.Module, optimizer: Any) -> dict[str, Any]:
+        """This stage's optimizer state keyed by parameter name, whole: it loads into a
+        stage of any data- or tensor-parallel width (:meth:`load_optimizer_state`)."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True)
+        return get_optimizer_state_dict(model, optimizer, options=opts)
+
+    def load_state(self, model: nn.Module, weights: dict, optimizer: Any, optim: dict) -> None:
+        """Load whole weights (this stage's, by name) and :meth:`optimizer_state`'s
+        output into the (possibly sharded) stage."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(model, weights, options=opts)
+        set_optimizer_state_dict(model, optimizer, optim, options=opts)
 
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
         """Every stage's weights merged under the full model's names, on rank 0."""
-        parts = self.gather(model.state_dict())
-        if parts is None:
-            return None
-        merged: dict[str, torch.Tensor] = {}
-        for part in parts:
-            merged.update(part)
-        return merged
+        return self.merged(self.model_state(model))
 
 
 def _to_cpu(obj: Any) -> Any:

@@ -36,12 +36,13 @@ from ds_model.training.distributed import (
 )
 from ds_model.training.loss import causal_lm_loss_sum
 from ds_model.training.modeling import (
+    adapter_state,
     apply_lora,
     build_optimizer,
     load_model,
     quantize_for_qlora,
     resolve_tokenizer,
-    save_adapter,
+    write_adapter,
 )
 from ds_model.training.pipeline import PipelineRunner
 from ds_model.training.plot import write_loss_png
@@ -176,8 +177,10 @@ class Trainer:
         _check_output_dir(args.output_dir)
         resume_dir = ckpt.find_latest_checkpoint(resume_from) if resume_from else None
 
-        ctx = init_distributed(args.distributed_strategy, args.tp_size, self._device)
-        pipelined = ctx.distributed and args.distributed_strategy == "pipeline"
+        ctx = init_distributed(
+            args.distributed_strategy, args.tp_size, self._device, pp_size=args.pp_size
+        )
+        pipelined = ctx.distributed and args.pipelined
         if pipelined:
             self._check_pipeline_supported()  # before the model is touched
         torch.manual_seed(args.seed)
@@ -191,6 +194,8 @@ class Trainer:
         # Split first: a rank then moves (and holds on the device) only its own stage.
         self._pipeline = self._pipeline_for(model, ctx) if pipelined else None
         model.to(ctx.device)
+        if self._pipeline is not None:
+            self._pipeline.parallelize()  # replicas: TP / FSDP2 within each stage
         self.prepare_models(ctx)
         wrapped = wrap_model(model, args.distributed_strategy, ctx, args)
         # Only the training forward is compiled (DDP's compiled form splits graphs at
@@ -332,16 +337,11 @@ class Trainer:
         return loss_total, extra_total
 
     def _check_pipeline_supported(self) -> None:
-        if self.lora_config is not None:
-            raise ValueError(
-                "distributed_strategy='pipeline' with LoRA is not implemented; use ddp or "
-                "fsdp for LoRA / QLoRA"
-            )
         if type(self).compute_loss is not Trainer.compute_loss or (
             type(self).loss_weight is not Trainer.loss_weight
         ):
             raise ValueError(
-                f"distributed_strategy='pipeline' runs the language-model loss only; "
+                f"pipeline stages run the language-model loss only; "
                 f"{type(self).__name__} computes its own (use ddp or fsdp)"
             )
 
@@ -351,9 +351,7 @@ class Trainer:
         if self._pipeline is not None and self._pipeline.module.lm is model:
             return self._pipeline
         precision = self.args.precision
-        return PipelineRunner(
-            model, ctx.rank, ctx.world_size, ctx.device, lambda: _autocast(ctx.device, precision)
-        )
+        return PipelineRunner(model, ctx, lambda: _autocast(ctx.device, precision))
 
     def _materialize_model(self) -> nn.Module:
         if self.model is not None and getattr(self, "_prepared", False):
@@ -388,9 +386,11 @@ class Trainer:
         grad_norm = float("nan")
         if args.max_grad_norm is not None:
             params = [p for p in wrapped.parameters() if p.grad is not None]
-            # Pipeline stages hold disjoint parameters: the global norm sums their squares.
-            across = self._pipeline is not None
-            grad_norm = clip_grad_norm(params, args.max_grad_norm, across_ranks=across)
+            # Pipeline stages hold disjoint parameters: the norm sums theirs over `pp`.
+            pp = self._pipeline
+            grad_norm = clip_grad_norm(
+                params, args.max_grad_norm, across_ranks=pp is not None, group=pp and pp.group
+            )
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
@@ -437,14 +437,14 @@ class Trainer:
         ctx.barrier()
         tmp = ckpt.tmp_dir_for(args.output_dir, step)
         torch.save(ckpt.capture_rng(), os.path.join(tmp, f"rng_state_{ctx.rank}.pt"))
-        model_state, optim_state = self._gather_states(wrapped, optimizer, sharded)
+        model_state, optim_state = self._gather_states(wrapped, optimizer, sharded, ctx)
         ctx.barrier()
         final = os.path.join(args.output_dir, f"checkpoint-{step}")
         if ctx.is_main:
 
             def write(tmp_dir: str) -> None:
                 if self.lora_config is not None:
-                    save_adapter(unwrap(wrapped), tmp_dir, model_state)
+                    write_adapter(unwrap(wrapped), tmp_dir, model_state)
                 else:
                     ckpt.save_weights(model_state, os.path.join(tmp_dir, "model.safetensors"))
                 torch.save(optim_state, os.path.join(tmp_dir, "optimizer.pt"))
@@ -465,30 +465,50 @@ class Trainer:
         ctx.barrier()
         return final
 
-    def _gather_states(self, wrapped, optimizer, sharded: bool):
-        if self._pipeline is not None:
-            # Rank 0 gets every stage's weights (one full-model file) and each stage's
-            # optimizer state (resumable with the same number of stages).
-            model_state = self._pipeline.full_state_dict(unwrap(wrapped))
-            stages = self._pipeline.gather(optimizer.state_dict())
-            return model_state, {"pipeline_stages": stages}
+    def _gather_states(self, wrapped, optimizer, sharded: bool, ctx: DistContext):
+        """Rank 0's (model weights, optimizer state) to checkpoint: full weights, or for
+        LoRA the adapter (PEFT keys, :func:`adapter_state`)."""
+        pipeline = self._pipeline
+        if pipeline is not None:
+            # One optimizer state per stage: resumable with the same number of stages.
+            stage_state = pipeline.optimizer_state(unwrap(wrapped), optimizer)
+            optim_state = {"pipeline_stages": pipeline.gather(stage_state)}
+            return self._model_state(wrapped, sharded, ctx), optim_state
+        model_state = self._model_state(wrapped, sharded, ctx)
         if sharded:
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
-                get_model_state_dict,
                 get_optimizer_state_dict,
             )
 
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            model_state = get_model_state_dict(wrapped, options=opts)
-            optim_state = get_optimizer_state_dict(wrapped, optimizer, options=opts)
-        else:
-            model_state = unwrap(wrapped).state_dict()
-            optim_state = optimizer.state_dict()
-        if self.lora_config is not None:
-            trainable = {n for n, p in unwrap(wrapped).named_parameters() if p.requires_grad}
-            model_state = {k: v for k, v in model_state.items() if k in trainable}
-        return model_state, optim_state
+            return model_state, get_optimizer_state_dict(wrapped, optimizer, options=opts)
+        return model_state, optimizer.state_dict()
+
+    def _model_state(self, wrapped, sharded: bool, ctx: DistContext) -> dict[str, torch.Tensor]:
+        """What rank 0 writes (a collective under fsdp / 3d_parallel / pipeline): the full
+        weights by name, or for LoRA the adapter by PEFT key; ``{}`` on other ranks
+        where the weights are gathered."""
+        model = unwrap(wrapped)
+        lora = self.lora_config is not None
+        if self._pipeline is not None:
+            # Every stage sends its part (weights, or adapter) to rank 0.
+            part = self._pipeline.model_state(model)
+            return self._pipeline.merged(adapter_state(model, part) if lora else part) or {}
+        if not sharded:
+            if not ctx.is_main:
+                return {}
+            return adapter_state(model) if lora else model.state_dict()
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(wrapped, options=opts)
+        if not ctx.is_main:
+            return {}
+        return adapter_state(model, state) if lora else state
 
     def _load_checkpoint(self, path, wrapped, optimizer, scheduler, scaler, ctx) -> dict:
         with open(os.path.join(path, ckpt.STATE_FILE), encoding="utf-8") as f:
@@ -497,7 +517,7 @@ class Trainer:
         if state.get("adapter_only"):
             from ds_model.training.modeling import load_adapter_state
 
-            weights = load_adapter_state(model, path)
+            weights = load_adapter_state(model, path, partial=self._pipeline is not None)
         else:
             weights = ckpt.load_weights(os.path.join(path, "model.safetensors"))
         optim_state = torch.load(os.path.join(path, "optimizer.pt"), weights_only=False)
@@ -505,7 +525,9 @@ class Trainer:
             own = model.state_dict().keys()
             weights = {k: v for k, v in weights.items() if k in own}
         optim_state = self._stage_optimizer_state(path, optim_state, ctx)
-        if is_sharded(self.args.distributed_strategy, ctx):
+        if self._pipeline is not None:
+            self._pipeline.load_state(model, weights, optimizer, optim_state)
+        elif is_sharded(self.args.distributed_strategy, ctx):
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
                 set_model_state_dict,
@@ -541,17 +563,17 @@ class Trainer:
             if stages is not None:
                 raise ckpt.CheckpointError(
                     f"{path} holds the optimizer state of a {len(stages)}-stage pipeline "
-                    f"run; resume it with distributed_strategy='pipeline' on {len(stages)} "
-                    "ranks"
+                    f"run; resume it with pipeline stages (distributed_strategy='pipeline', "
+                    f"pp_size={len(stages)})"
                 )
             return optim_state
-        if stages is None or len(stages) != ctx.world_size:
+        if stages is None or len(stages) != ctx.pp_size:
             found = "no pipeline" if stages is None else f"a {len(stages)}-stage pipeline"
             raise ckpt.CheckpointError(
                 f"{path} holds the optimizer state of {found} run; a pipeline resumes only "
-                f"from a pipeline checkpoint of as many stages ({ctx.world_size} here)"
+                f"from a pipeline checkpoint of as many stages ({ctx.pp_size} here)"
             )
-        return stages[ctx.rank]
+        return stages[ctx.pp_rank]
 
     def save_model(self, path: str) -> None:
         """The trained weights: the adapter (PEFT format) for LoRA, else the model
@@ -563,23 +585,13 @@ class Trainer:
             raise ValueError("save_model() needs a model: call train() first")
         ctx = getattr(self, "_ctx", DistContext())
         wrapped = getattr(self, "_wrapped", None)
-        pipeline = getattr(self, "_pipeline", None)
         sharded = wrapped is not None and is_sharded(self.args.distributed_strategy, ctx)
-        if sharded or pipeline is not None:
-            if pipeline is not None:
-                state = pipeline.full_state_dict(self.model)
-            else:
-                from torch.distributed.checkpoint.state_dict import (
-                    StateDictOptions,
-                    get_model_state_dict,
-                )
-
-                opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-                state = get_model_state_dict(wrapped, options=opts)
+        if sharded or self._pipeline is not None:
+            state = self._model_state(wrapped, sharded, ctx)  # a collective
             if ctx.is_main:
                 os.makedirs(path, exist_ok=True)
                 if self.lora_config is not None:
-                    save_adapter(self.model, path, state)
+                    write_adapter(self.model, path, state)
                 else:
                     ckpt.save_weights(state, os.path.join(path, "model.safetensors"))
                     to_dict = getattr(getattr(self.model, "config", None), "to_hf_dict", None)
@@ -590,7 +602,7 @@ class Trainer:
             return
         os.makedirs(path, exist_ok=True)
         if self.lora_config is not None:
-            save_adapter(self.model, path, None)
+            write_adapter(self.model, path, adapter_state(self.model))
         elif hasattr(self.model, "save_pretrained"):
             self.model.save_pretrained(path)
         else:
@@ -614,14 +626,17 @@ def forward_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def clip_grad_norm(
-    params: list[torch.nn.Parameter], max_norm: float, across_ranks: bool = False
+    params: list[torch.nn.Parameter],
+    max_norm: float,
+    across_ranks: bool = False,
+    group: Any = None,
 ) -> float:
     """Clip to a global L2 norm and return the norm before clipping.
 
     Under 3d_parallel some gradients are DTensors on the 2-D mesh and others on the
     data-parallel mesh alone; torch's clip cannot stack those, so the norm is taken per
-    mesh and combined. ``across_ranks``: every rank holds different parameters
-    (pipeline stages), so the squared norms are summed over ranks."""
+    mesh and combined. ``across_ranks``: the ranks of ``group`` (default: all) hold
+    different parameters (pipeline stages), so the squared norms are summed over it."""
     by_mesh: dict[Any, list[torch.Tensor]] = {}
     for p in params:
         by_mesh.setdefault(getattr(p.grad, "device_mesh", None), []).append(p.grad)
@@ -636,7 +651,7 @@ def clip_grad_norm(
         import torch.distributed as dist
 
         summed = torch.tensor([square], dtype=torch.float64, device=params[0].device)
-        dist.all_reduce(summed)
+        dist.all_reduce(summed, group=group)
         square = float(summed)
     total = math.sqrt(square)
     if total > max_norm:

@@ -1,0 +1,72 @@
+"""4-rank gloo runs of pipeline stages on a mesh, against one process with the same
+global batch: 2 stages x 2 FSDP2 replicas (``pipeline``, ``pp_size=2``) and 2 stages x
+2-way tensor parallelism (``3d_parallel``, ``pp_size=2``, ``tp_size=2``). Tolerance as
+in test_train_distributed.py: 1e-5 relative on losses (only the order of float
+additions differs), 1e-4 absolute on the exported model's logits."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+_spec = importlib.util.spec_from_file_location(
+    "_s", Path(__file__).with_name("test_train_support.py")
+)
+S = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(S)
+S = S.support()
+single_thread = S.single_thread  # autouse fixture
+
+REL = 1e-5
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[dict, dict]:
+    out = tmp_path_factory.mktemp("mesh")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pids = S.fork_ranks(4, S.mesh_worker, str(out))
+        reference = S.mesh_reference(out)  # meanwhile, in this process
+        codes = S.wait_pids(pids, timeout=400)
+    finally:
+        torch.set_num_threads(before)
+    assert codes == [0] * 4, "a rank failed; its traceback is in the captured stderr"
+    return json.loads((out / "mesh_results.json").read_text()), reference
+
+
+def test_ranks_sit_on_the_mesh_stage_major(runs) -> None:
+    dist, _ = runs
+    # rank = (pp_rank * dp_size + dp_rank) * tp_size + tp_rank, here with tp = 1.
+    assert [dist[f"coords_{r}"] for r in range(4)] == [[0, 0, 0], [0, 1, 0], [1, 0, 0], [1, 1, 0]]
+
+
+def test_pipeline_with_fsdp_replicas_matches_one_process(runs) -> None:
+    dist, ref = runs
+    assert ref["full"][-1] < ref["full"][0]
+    assert dist["pp_dp"] == pytest.approx(ref["full"], rel=REL)
+    assert len(ref["evals"]) == 2
+    assert dist["pp_dp_evals"] == pytest.approx(ref["evals"], rel=REL)
+    assert dist["pp_dp_resumed"] == pytest.approx(ref["full"], rel=REL)
+    assert dist["pp_dp_lora"] == pytest.approx(ref["lora"], rel=REL)
+    # The stages' shards gathered into one checkpoint that loads as the trained model.
+    torch.testing.assert_close(
+        torch.tensor(dist["pp_dp_export_logits"]),
+        torch.tensor(ref["logits"]),
+        rtol=0,
+        atol=1e-4,
+    )
+
+
+def test_pipeline_with_tensor_parallel_stages_matches_and_resumes_across_shapes(runs) -> None:
+    dist, ref = runs
+    assert dist["pp_tp"] == pytest.approx(ref["full"], rel=REL)
+    assert dist["pp_tp_evals"] == pytest.approx(ref["evals"], rel=REL)
+    # Resumed from the 2 x 2 (pp x dp) run's step-2 checkpoint on a 2 x 2 (pp x tp) mesh.
+    assert dist["pp_tp_resumed"] == pytest.approx(ref["full"], rel=REL)
