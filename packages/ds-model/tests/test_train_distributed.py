@@ -32,15 +32,7 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> tuple[dict, dict]:
     out = tmp_path_factory.mktemp("dist")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        pids = S.fork_ranks(2, S.distributed_worker, str(out))
-        reference = S.single_process_reference(out)  # meanwhile, in this process
-        codes = S.wait_pids(pids, timeout=300)
-    finally:
-        torch.set_num_threads(before)
-    assert codes == [0, 0], "a rank failed; its traceback is in the captured stderr"
+    reference = S.forked_runs(out, 2, S.distributed_worker, S.single_process_reference)
     results = json.loads((out / "results.json").read_text())
     results["out"] = str(out)
     return results, reference

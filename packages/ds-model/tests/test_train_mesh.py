@@ -29,15 +29,7 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> tuple[dict, dict]:
     out = tmp_path_factory.mktemp("mesh")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        pids = S.fork_ranks(4, S.mesh_worker, str(out))
-        reference = S.mesh_reference(out)  # meanwhile, in this process
-        codes = S.wait_pids(pids, timeout=400)
-    finally:
-        torch.set_num_threads(before)
-    assert codes == [0] * 4, "a rank failed; its traceback is in the captured stderr"
+    reference = S.forked_runs(out, 4, S.mesh_worker, S.mesh_reference)
     return json.loads((out / "mesh_results.json").read_text()), reference
 
 

@@ -205,14 +205,12 @@ def single_process_reference(out: Path) -> dict:
     }
 
 
-def distributed_worker(rank: int, world: int, port: int, out: str) -> None:
-    """One rank: DDP (plain, accumulating, 4-bit hook), FSDP2 (with a sharded
-    checkpoint and resume), and tensor parallel logits/training, all on gloo."""
+def join_gloo(rank: int, world: int, port: int) -> None:
+    """Make this forked child rank ``rank`` of a gloo group on 127.0.0.1, one thread,
+    with the environment torchrun would set."""
     import os
 
     import torch.distributed as dist
-    from ds_model.training import ByteTokenizer, Trainer, TrainingConfig
-    from ds_model.training.distributed import init_distributed, wrap_model
 
     torch.set_num_threads(1)
     os.environ.update(
@@ -223,6 +221,34 @@ def distributed_worker(rank: int, world: int, port: int, out: str) -> None:
         LOCAL_RANK=str(rank),
     )
     dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def forked_runs(out: Path, world: int, worker, reference) -> dict:
+    """Fork ``world`` ranks of ``worker(rank, world, port, out)`` and, meanwhile, run
+    ``reference(out)`` here, one thread each; returns the reference's result after
+    every rank exited cleanly."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pids = fork_ranks(world, worker, str(out))
+        result = reference(out)
+        codes = wait_pids(pids, timeout=400)
+    finally:
+        torch.set_num_threads(before)
+    assert codes == [0] * world, "a rank failed; its traceback is in the captured stderr"
+    return result
+
+
+def distributed_worker(rank: int, world: int, port: int, out: str) -> None:
+    """One rank: DDP (plain, accumulating, 4-bit hook), FSDP2 (with a sharded
+    checkpoint and resume), and tensor parallel logits/training, all on gloo."""
+    import os
+
+    import torch.distributed as dist
+    from ds_model.training import ByteTokenizer, Trainer, TrainingConfig
+    from ds_model.training.distributed import init_distributed, wrap_model
+
+    join_gloo(rank, world, port)
     results: dict = {}
 
     def run(name: str, strategy: str, resume: str | None = None, input_major=False, **kw) -> None:
@@ -449,20 +475,17 @@ def mesh_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
     from ds_model.training import ByteTokenizer, Trainer
 
-    torch.set_num_threads(1)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_gloo(rank, world, port)
     results: dict = {}
 
     def run(name: str, strategy: str, resume: str | None = None, **kw) -> Trainer:
+        model = real_lm()
+        if name == "pp_dp":  # weights as a compiled CPU generate leaves them
+            from ds_model.layout import input_major_weights
+
+            assert input_major_weights(model) > 0
         trainer = Trainer(
-            model=real_lm(),
+            model=model,
             train_dataset=varied_texts(),
             tokenizer=ByteTokenizer(),
             output_dir=os.path.join(out, name),

@@ -194,10 +194,10 @@ class Trainer:
         # Split first: a rank then moves (and holds on the device) only its own stage.
         self._pipeline = self._pipeline_for(model, ctx) if pipelined else None
         model.to(ctx.device)
-        if self._pipeline is not None:
-            self._pipeline.parallelize()  # replicas: TP / FSDP2 within each stage
         self.prepare_models(ctx)
         wrapped = wrap_model(model, args.distributed_strategy, ctx, args)
+        if self._pipeline is not None:
+            self._pipeline.parallelize()  # replicas: TP / FSDP2 within each stage
         # Only the training forward is compiled (DDP's compiled form splits graphs at
         # its buckets); evaluation, checkpoints and `trainer.model` stay the eager model.
         forward_model = wrapped
@@ -523,6 +523,9 @@ class Trainer:
         optim_state = torch.load(os.path.join(path, "optimizer.pt"), weights_only=False)
         if self._pipeline is not None:
             own = model.state_dict().keys()
+            missing = [k for k in own if k not in weights]
+            if missing and not state.get("adapter_only"):
+                raise ckpt.CheckpointError(f"{path}: missing weights {missing[:5]}")
             weights = {k: v for k, v in weights.items() if k in own}
         optim_state = self._stage_optimizer_state(path, optim_state, ctx)
         if self._pipeline is not None:
