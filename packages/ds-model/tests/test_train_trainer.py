@@ -109,6 +109,39 @@ def test_mixed_precision_trains(tmp_path: Path, precision: str) -> None:
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
 
 
+def test_cpu_bf16_support_is_read_from_the_cpu_flags(tmp_path: Path) -> None:
+    from ds_model.training.trainer import cpu_has_bf16
+
+    def info(text: str) -> str:
+        path = tmp_path / "cpuinfo"
+        path.write_text(text)
+        return str(path)
+
+    avx2 = "processor\t: 0\nflags\t\t: fpu sse avx2 fma\n"
+    assert cpu_has_bf16(info(avx2)) is False
+    assert cpu_has_bf16(info(avx2.replace("fma", "fma avx512f avx512_bf16"))) is True
+    assert cpu_has_bf16(info(avx2.replace("fma", "amx_bf16 amx_tile"))) is True
+    assert cpu_has_bf16(info("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n")) is True
+    assert cpu_has_bf16(info("processor\t: 0\nFeatures\t: fp asimd\n")) is False
+    assert cpu_has_bf16(info("no flags here\n")) is None
+    assert cpu_has_bf16(str(tmp_path / "missing")) is None
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_it_warns(tmp_path: Path, monkeypatch, native: bool) -> None:
+    import warnings
+
+    from ds_model.training import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "cpu_has_bf16", lambda: native)
+    trainer = _trainer(tmp_path, S.make_texts(4), max_steps=1, precision="bf16", save_final=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    slow = [w for w in caught if "without native bf16" in str(w.message)]
+    assert len(slow) == (0 if native else 1)
+
+
 def test_bf16_trains_an_mla_moe_model_on_cpu(tmp_path: Path, monkeypatch) -> None:
     # V3's architecture under autocast: MLA's latent norm (float32 weight) must not
     # promote the keys past the queries' dtype (ds-attention refused the mix), and the

@@ -181,6 +181,13 @@ class Trainer:
             args.distributed_strategy, args.tp_size, self._device, pp_size=args.pp_size
         )
         pipelined = ctx.distributed and args.pipelined
+        if args.precision == "bf16" and ctx.device.type == "cpu" and cpu_has_bf16() is False:
+            warnings.warn(
+                "precision='bf16' on a CPU without native bf16 instructions (no avx512_bf16, "
+                "amx_bf16 or Arm bf16 in /proc/cpuinfo): bf16 matmuls are emulated there "
+                "and ran ~30x slower than fp32 on such a host; precision='fp32' is faster",
+                stacklevel=2,
+            )
         if pipelined:
             self._check_pipeline_supported()  # before the model is touched
         torch.manual_seed(args.seed)
@@ -662,6 +669,24 @@ def clip_grad_norm(
         for p in params:
             p.grad.mul_(scale)
     return total
+
+
+def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
+    """Whether this CPU multiplies bf16 natively (x86 ``avx512_bf16`` / ``amx_bf16``,
+    Arm ``bf16``); ``None`` where the flags cannot be read (not Linux)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return None
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    if not flags:
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def _loss_scale(scaler: torch.amp.GradScaler, factor: float):
