@@ -56,6 +56,28 @@ def test_pipeline_with_fsdp_replicas_matches_one_process(runs) -> None:
     )
 
 
+def test_replicas_agree_on_shapes_and_qlora_trains(runs) -> None:
+    dist, ref = runs
+    # Unpacked, step 2: one replica's batches are short, the other's long (a shape only
+    # one of them has seen); losses as in one process.
+    assert dist["pp_dp_unpacked"] == pytest.approx(ref["unpacked"], rel=REL)
+    assert len(ref["unpacked"]) == 3
+    # QLoRA's int4 base under FSDP2 stages: trains.
+    assert dist["pp_dp_qlora"][-1] < dist["pp_dp_qlora"][0]
+    assert dist["pp_dp_qlora"] != dist["pp_dp_lora"]
+
+
+def test_a_problem_on_one_stage_stops_every_rank(runs) -> None:
+    dist, _ = runs
+    for rank in range(4):
+        # Stage 1 (ranks 2 and 3) holds no targeted layer; every rank says so.
+        untrainable = dist[f"untrainable_stage_{rank}"]
+        assert "ValueError: pipeline rank 2: stage 1 has no trainable parameters" in untrainable
+        foreign = dist[f"foreign_checkpoint_{rank}"]
+        assert foreign.startswith("CheckpointError: pipeline rank 2:")
+        assert "missing weights ['model.layers.2." in foreign
+
+
 def test_pipeline_with_tensor_parallel_stages_matches_and_resumes_across_shapes(runs) -> None:
     dist, ref = runs
     assert dist["pp_tp"] == pytest.approx(ref["full"], rel=REL)

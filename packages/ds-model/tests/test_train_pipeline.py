@@ -109,3 +109,14 @@ def test_mesh_shape_errors_name_the_sizes(monkeypatch) -> None:
         init_distributed("pipeline", pp_size=3, device="cpu")
     with pytest.raises(ValueError, match="tp_size=4 does not divide world size / pp_size = 4 / 2"):
         init_distributed("3d_parallel", tp_size=4, pp_size=2, device="cpu")
+
+
+def test_tensor_parallel_refuses_lora_wrapped_layers_by_name() -> None:
+    import ds_lora
+    from ds_model.training.distributed import tensor_parallel
+
+    model = ds_model.from_config(V3, seed=0)
+    ds_lora.inject(model, ds_lora.LoraConfig(r=4, target_modules="all-linear"))
+    # Refused before the mesh is touched, naming LoRA and what to use instead.
+    with pytest.raises(ValueError, match=r"tensor parallelism with LoRA adapters .* tp_size=1"):
+        tensor_parallel(model, tp_mesh=None)

@@ -229,12 +229,15 @@ def forked_runs(out: Path, world: int, worker, reference) -> dict:
     every rank exited cleanly."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
+    pids = fork_ranks(world, worker, str(out))
     try:
-        pids = fork_ranks(world, worker, str(out))
         result = reference(out)
-        codes = wait_pids(pids, timeout=400)
+    except BaseException:
+        wait_pids(pids, timeout=0)  # kills them: their results would go unread
+        raise
     finally:
         torch.set_num_threads(before)
+    codes = wait_pids(pids, timeout=400)
     assert codes == [0] * world, "a rank failed; its traceback is in the captured stderr"
     return result
 
@@ -439,6 +442,18 @@ def _pp_args(out: str, data=None) -> dict:
 MESH_RUN = dict(gradient_accumulation_steps=2, eval_dataset=varied_texts(6), eval_steps=2)
 
 
+def mixed_lengths() -> list[str]:
+    """16 texts in order: step 1 gives both replicas long ones, step 2 replica 0 long
+    ones again and replica 1 short ones (a batch shape only one replica has seen)."""
+    long, short = "the cat sat on the mat and the cat ran to the big dog. and more", "a dog ran."
+    return [long] * 8 + [long if i % 4 < 2 else short for i in range(8)]
+
+
+UNPACKED = dict(
+    packing=False, shuffle=False, train_dataset=mixed_lengths(), max_steps=3, max_seq_len=128
+)
+
+
 def mesh_reference(out: Path) -> dict:
     """One process, the global batch of the mesh runs: their losses, evals, logits."""
     from ds_model.training import ByteTokenizer, Trainer
@@ -446,7 +461,7 @@ def mesh_reference(out: Path) -> dict:
     def run(**kw):
         trainer = Trainer(
             model=real_lm(),
-            train_dataset=varied_texts(),
+            train_dataset=kw.pop("train_dataset", varied_texts()),
             tokenizer=ByteTokenizer(),
             output_dir=str(out / "mesh_ref"),
             **{**DIST_OPTS, **MESH_RUN, "per_device_train_batch_size": 4, **kw},
@@ -458,7 +473,9 @@ def mesh_reference(out: Path) -> dict:
 
     full, logits = run()
     lora, _ = run(lora_config=lora_config())
+    unpacked, _ = run(**UNPACKED)
     return {
+        "unpacked": unpacked.losses,
         "full": full.losses,
         "evals": [e["eval_loss"] for e in full.eval_history],
         "logits": logits,
@@ -478,15 +495,15 @@ def mesh_worker(rank: int, world: int, port: int, out: str) -> None:
     join_gloo(rank, world, port)
     results: dict = {}
 
-    def run(name: str, strategy: str, resume: str | None = None, **kw) -> Trainer:
-        model = real_lm()
+    def run(name: str, strategy: str, resume: str | None = None, model=None, **kw) -> Trainer:
+        model = model if model is not None else real_lm()
         if name == "pp_dp":  # weights as a compiled CPU generate leaves them
             from ds_model.layout import input_major_weights
 
             assert input_major_weights(model) > 0
         trainer = Trainer(
             model=model,
-            train_dataset=varied_texts(),
+            train_dataset=kw.pop("train_dataset", varied_texts()),
             tokenizer=ByteTokenizer(),
             output_dir=os.path.join(out, name),
             distributed_strategy=strategy,
@@ -513,9 +530,24 @@ def mesh_worker(rank: int, world: int, port: int, out: str) -> None:
     ckpt2 = os.path.join(out, "pp_dp", "checkpoint-2")
     run("pp_dp_resumed", "pipeline", resume=ckpt2, **replicas)
     run("pp_dp_lora", "pipeline", lora_config=lora_config(), **replicas)
+    run("pp_dp_qlora", "pipeline", lora_config=lora_config(), quantization="int4", **replicas)
+    run("pp_dp_unpacked", "pipeline", **replicas, **UNPACKED)
     tensor = dict(tp_size=2, per_device_train_batch_size=4)
     run("pp_tp", "3d_parallel", **tensor)
     run("pp_tp_resumed", "3d_parallel", resume=ckpt2, **tensor)  # from the pp x dp run
+    # Problems one stage finds stop every rank (none is left waiting on the others).
+    from ds_lora import LoraConfig
+
+    first_layer = LoraConfig(r=4, target_modules=r"model\.layers\.0\..*_proj")
+    deeper = real_lm(num_hidden_layers=4)  # stage 1 holds layers 2-3, not in ckpt2
+    for name, kw in (
+        ("untrainable_stage", dict(lora_config=first_layer)),
+        ("foreign_checkpoint", dict(resume=ckpt2, model=deeper)),
+    ):
+        try:
+            run(name, "pipeline", **replicas, **kw)
+        except ValueError as e:  # CheckpointError is a ValueError
+            results[f"{name}_{rank}"] = f"{type(e).__name__}: {e}"
     gathered: list = [None] * world
     dist.all_gather_object(gathered, results)
     if rank == 0:

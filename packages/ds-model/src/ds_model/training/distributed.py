@@ -235,6 +235,12 @@ def tensor_parallel(model: nn.Module, tp_mesh: Any) -> None:
         parallelize_module,
     )
 
+    if any(hasattr(m, "base_layer") for m in model.modules()):
+        raise ValueError(
+            "3d_parallel: tensor parallelism with LoRA adapters is not supported (the "
+            "plan shards nn.Linear layers, which LoRA wraps); train LoRA with tp_size=1 "
+            "under fsdp, pipeline, or 3d_parallel"
+        )
     styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
     present = {name for name, _ in model.named_modules()}
     plan = {k: styles[v]() for k, v in default_tp_plan(model).items() if k in present}

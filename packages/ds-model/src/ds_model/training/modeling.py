@@ -16,6 +16,7 @@ from ds_model.training.config import TrainingConfig
 from ds_model.training.tokenize import ByteTokenizer
 
 __all__ = [
+    "adapter_keys",
     "adapter_state",
     "apply_lora",
     "build_optimizer",
@@ -143,7 +144,7 @@ def _output_head(model: nn.Module) -> nn.Module | None:
     return getattr(model, "lm_head", None)
 
 
-def _adapter_keys(model: nn.Module) -> dict[str, str]:
+def adapter_keys(model: nn.Module) -> dict[str, str]:
     """{PEFT checkpoint key: this model's parameter name} for the default adapter."""
     from ds_lora.peft_format import adapter_tensors
 
@@ -165,7 +166,7 @@ def adapter_state(
     part; the stages' parts together are the whole adapter."""
     live = dict(model.named_parameters())
     out = {}
-    for key, name in _adapter_keys(model).items():
+    for key, name in adapter_keys(model).items():
         t = state[name] if state is not None else live[name]
         out[key] = t.detach().to("cpu").contiguous().clone()
     return out
@@ -197,7 +198,7 @@ def load_adapter_state(
     from safetensors.torch import load_file
 
     saved = load_file(os.path.join(directory, "adapter_model.safetensors"))
-    keys = _adapter_keys(model)
+    keys = adapter_keys(model)
     missing = sorted(set(keys) - set(saved))
     extra = [] if partial else sorted(set(saved) - set(keys))
     if missing or extra:

@@ -13,7 +13,8 @@ into consecutive stages, one per rank, run by ``torch.distributed.pipelining``.
   ``gradient_accumulation_steps`` to at least the number of stages.
 - Shapes: torch's stages fix their tensor shapes on first use, so a step's
   micro-batches are right-padded to one (batch, length), the length rounded up to a
-  multiple of ``PAD_MULTIPLE``; each distinct shape gets its own stage object. Padded
+  multiple of ``PAD_MULTIPLE`` (the largest over data-parallel replicas, which run
+  the step together); each distinct shape gets its own stage object. Padded
   rows and positions have label -100, so the loss is that of the unpadded batch.
 - Loss: summed over tokens on the last stage, divided by the global batch's trained
   tokens (as under every strategy), and broadcast to every rank for logging.
@@ -269,6 +270,13 @@ class PipelineRunner:
     def _padded(self, batches) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         rows = max(b["input_ids"].shape[0] for b in batches)
         longest = max(b["input_ids"].shape[1] for b in batches)
+        if self.ctx.dp_size > 1:
+            # Replicas pad to one shape, so they build their stage objects in step: a new
+            # one runs an extra forward (torch's shape inference) over sharded weights.
+            # (A test with differing shapes also passed without this; kept as cheap.)
+            both = torch.tensor([rows, longest], device=self.device)
+            dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.ctx.group("dp"))
+            rows, longest = (int(v) for v in both)
         if longest > self.max_len:
             raise ValueError(
                 f"sequence length {longest} exceeds the model's context "
@@ -284,18 +292,24 @@ class PipelineRunner:
         return ids, labels
 
     # ------------------------------------------------------------- checkpoints
+    @property
+    def sends(self) -> bool:
+        """Whether this rank speaks for its stage in checkpoints: the first replica's
+        first tensor-parallel rank (the stage's tensors are whole there once gathered)."""
+        return self.ctx.dp_rank == 0 and self.ctx.tp_rank == 0
+
     def gather(self, obj: Any) -> list[Any] | None:
         """``obj`` of every stage, in stage order, on rank 0 (``None`` elsewhere), its
-        tensors moved to the CPU first (they travel pickled). With replicas, the stages
-        of the pipeline holding rank 0 send theirs (``obj`` must be whole: see
-        :meth:`model_state`); the other replicas send nothing."""
-        if self.ctx.dp_rank != 0 or self.ctx.tp_rank != 0:
+        tensors moved to the CPU first (they travel pickled). With replicas, the
+        stages of the pipeline holding rank 0 send theirs (make ``obj`` whole first:
+        :meth:`model_state`, :meth:`optimizer_state`); the others send nothing."""
+        if not self.sends:
             return None
         out = [None] * self.num_stages if self.ctx.rank == 0 else None
         dist.gather_object(_to_cpu(obj), out, group=self.group, group_dst=0)
         return out
 
-    def merged(self, part: dict[str, Any]) -> dict[str, Any] | None:
+    def merged(self, part: dict[str, Any] | None) -> dict[str, Any] | None:
         """Every stage's ``part`` (disjoint keys) merged into one dict, on rank 0."""
         parts = self.gather(part)
         if parts is None:
@@ -305,53 +319,74 @@ class PipelineRunner:
             out.update(p)
         return out
 
-    def model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """This stage's weights by full-model name, whole (a collective over the
-        stage's replicas when sharded)."""
-        if not self.sharded:
-            return model.state_dict()
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-        )
+    def model_state(
+        self, model: nn.Module, names: set[str] | None = None
+    ) -> dict[str, torch.Tensor] | None:
+        """This stage's weights (those in ``names``, default all) by full-model name,
+        whole and on the CPU where :attr:`sends`, ``None`` elsewhere. A collective
+        over the stage's replicas when it is sharded."""
+        state = model.state_dict()
+        if names is not None:
+            state = {k: v for k, v in state.items() if k in names}
+        return self._whole(state)
 
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    def optimizer_state(self, model: nn.Module, optimizer: Any) -> dict[str, Any] | None:
+        """This stage's optimizer state keyed by parameter name, whole, where
+        :attr:`sends` (``None`` elsewhere): it loads into a stage of any data- or
+        tensor-parallel width (:meth:`load_state`)."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    def optimizer_state(self, model: nn.Module, optimizer: Any) -> dict[str, Any]:
-        """This stage's optimizer state keyed by parameter name, whole: it loads into a
-        stage of any data- or tensor-parallel width (:meth:`load_optimizer_state`)."""
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_optimizer_state_dict,
-        )
+        return self._whole(get_optimizer_state_dict(model, optimizer))
 
-        opts = StateDictOptions(full_state_dict=True)
-        return get_optimizer_state_dict(model, optimizer, options=opts)
+    def _whole(self, obj: Any) -> Any:
+        # Each sharded tensor is gathered then moved to the CPU before the next, so a
+        # device holds one whole tensor at a time; ranks that do not send drop them.
+        out = _to_cpu(obj, keep=self.sends)
+        return out if self.sends else None
 
     def load_state(self, model: nn.Module, weights: dict, optimizer: Any, optim: dict) -> None:
-        """Load whole weights (this stage's, by name) and :meth:`optimizer_state`'s
-        output into the (possibly sharded) stage."""
+        """Load whole weights (this stage's, by name; an adapter's alone is fine) and
+        :meth:`optimizer_state`'s output into the (possibly sharded) stage."""
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_model_state_dict,
             set_optimizer_state_dict,
         )
 
+        # strict=False for the optimizer too: a parameter that never had a gradient
+        # (a routed expert no token reached) has no saved state, as in torch's own.
         opts = StateDictOptions(full_state_dict=True, strict=False)
         set_model_state_dict(model, weights, options=opts)
         set_optimizer_state_dict(model, optimizer, optim, options=opts)
 
-    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
-        """Every stage's weights merged under the full model's names, on rank 0."""
-        return self.merged(self.model_state(model))
+    def agree(self, error: str | None) -> None:
+        """Raise ``ValueError(first error)`` on every rank if any rank has one, so that
+        a problem found on one stage (its checkpoint part, its parameters) stops the
+        whole job instead of leaving the others waiting on it."""
+        errors: list[str | None] = [None] * self.ctx.world_size
+        dist.all_gather_object(errors, error)
+        found = [(rank, e) for rank, e in enumerate(errors) if e]
+        if found:
+            rank, message = found[0]
+            raise ValueError(f"pipeline rank {rank}: {message}")
+
+    def stage_keys(self, keys: list[str]) -> list[str]:
+        """The union over all stages of ``keys`` (each stage's own)."""
+        parts: list[Any] = [None] * self.ctx.world_size
+        dist.all_gather_object(parts, list(keys))
+        return sorted({k for part in parts for k in part})
 
 
-def _to_cpu(obj: Any) -> Any:
-    """``obj`` with every tensor inside (dicts, lists, tuples) moved to the CPU."""
+def _to_cpu(obj: Any, keep: bool = True) -> Any:
+    """``obj`` with every tensor inside (dicts, lists, tuples) whole (DTensors
+    gathered: a collective) and moved to the CPU; with ``keep=False`` the tensors are
+    gathered and dropped (a rank taking part in the gather for another)."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
+        if hasattr(obj, "full_tensor"):
+            obj = obj.full_tensor()
+        return obj.detach().cpu() if keep else None
     if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
+        return {k: _to_cpu(v, keep) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
+        return type(obj)(_to_cpu(v, keep) for v in obj)
     return obj

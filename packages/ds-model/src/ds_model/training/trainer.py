@@ -36,6 +36,7 @@ from ds_model.training.distributed import (
 )
 from ds_model.training.loss import causal_lm_loss_sum
 from ds_model.training.modeling import (
+    adapter_keys,
     adapter_state,
     apply_lora,
     build_optimizer,
@@ -181,7 +182,8 @@ class Trainer:
             args.distributed_strategy, args.tp_size, self._device, pp_size=args.pp_size
         )
         pipelined = ctx.distributed and args.pipelined
-        if args.precision == "bf16" and ctx.device.type == "cpu" and cpu_has_bf16() is False:
+        cpu_bf16 = args.precision == "bf16" and ctx.device.type == "cpu"
+        if cpu_bf16 and ctx.is_main and cpu_has_bf16() is False:
             warnings.warn(
                 "precision='bf16' on a CPU without native bf16 instructions (no avx512_bf16, "
                 "amx_bf16 or Arm bf16 in /proc/cpuinfo): bf16 matmuls are emulated there "
@@ -217,6 +219,15 @@ class Trainer:
         self._wrapped = wrapped
         self._ctx = ctx
         self._tokenizer = tokenizer
+        if self._pipeline is not None:
+            # Checked on every rank together: a stage raising alone would hang the rest.
+            trainable = any(p.requires_grad for p in model.parameters())
+            self._pipeline.agree(
+                None
+                if trainable
+                else f"stage {ctx.pp_rank} has no trainable parameters (does the "
+                "LoRA target_modules pattern reach its layers?)"
+            )
         optimizer = build_optimizer(model, args)
         n = len(dataset)
         micro_per_epoch = math.ceil(n / (args.per_device_train_batch_size * ctx.dp_size))
@@ -348,7 +359,8 @@ class Trainer:
             type(self).loss_weight is not Trainer.loss_weight
         ):
             raise ValueError(
-                f"pipeline stages run the language-model loss only; "
+                f"distributed_strategy={self.args.distributed_strategy!r} with pipeline "
+                f"stages (pp_size={self.args.pp_size}) runs the language-model loss only; "
                 f"{type(self).__name__} computes its own (use ddp or fsdp)"
             )
 
@@ -500,8 +512,12 @@ class Trainer:
         lora = self.lora_config is not None
         if self._pipeline is not None:
             # Every stage sends its part (weights, or adapter) to rank 0.
-            part = self._pipeline.model_state(model)
-            return self._pipeline.merged(adapter_state(model, part) if lora else part) or {}
+            if not lora:
+                return self._pipeline.merged(self._pipeline.model_state(model)) or {}
+            keys = adapter_keys(model)  # {PEFT key: parameter name}
+            whole = self._pipeline.model_state(model, set(keys.values()))
+            part = None if whole is None else {k: whole[n] for k, n in keys.items()}
+            return self._pipeline.merged(part) or {}
         if not sharded:
             if not ctx.is_main:
                 return {}
@@ -521,19 +537,15 @@ class Trainer:
         with open(os.path.join(path, ckpt.STATE_FILE), encoding="utf-8") as f:
             state = json.load(f)
         model = unwrap(wrapped)
-        if state.get("adapter_only"):
+        if self._pipeline is not None:
+            weights = self._stage_weights(path, model, bool(state.get("adapter_only")))
+        elif state.get("adapter_only"):
             from ds_model.training.modeling import load_adapter_state
 
-            weights = load_adapter_state(model, path, partial=self._pipeline is not None)
+            weights = load_adapter_state(model, path)
         else:
             weights = ckpt.load_weights(os.path.join(path, "model.safetensors"))
         optim_state = torch.load(os.path.join(path, "optimizer.pt"), weights_only=False)
-        if self._pipeline is not None:
-            own = model.state_dict().keys()
-            missing = [k for k in own if k not in weights]
-            if missing and not state.get("adapter_only"):
-                raise ckpt.CheckpointError(f"{path}: missing weights {missing[:5]}")
-            weights = {k: v for k, v in weights.items() if k in own}
         optim_state = self._stage_optimizer_state(path, optim_state, ctx)
         if self._pipeline is not None:
             self._pipeline.load_state(model, weights, optimizer, optim_state)
@@ -564,6 +576,36 @@ class Trainer:
             warnings.warn(f"{path} has no RNG state for rank {ctx.rank}", stacklevel=2)
         return state
 
+    def _stage_weights(self, path: str, model: nn.Module, adapter_only: bool) -> dict:
+        """This stage's part of a checkpoint's weights (or adapter). Every stage checks
+        its part and the file's keys against all stages' together, and all raise
+        ``CheckpointError`` if any finds a problem."""
+        from ds_model.training.modeling import load_adapter_state
+
+        assert self._pipeline is not None
+        own = list(model.state_dict().keys())
+        error, weights = None, {}
+        try:
+            if adapter_only:
+                weights = load_adapter_state(model, path, partial=True)
+            else:
+                weights = ckpt.load_weights(os.path.join(path, "model.safetensors"))
+                missing = [k for k in own if k not in weights]
+                if missing:
+                    error = f"{path}: missing weights {missing[:5]}"
+        except (ValueError, OSError) as e:
+            error = str(e)
+        every = self._pipeline.stage_keys(own)
+        if error is None and not adapter_only:
+            unexpected = sorted(set(weights) - set(every))
+            if unexpected:
+                error = f"{path}: unexpected weights {unexpected[:5]}"
+        try:
+            self._pipeline.agree(error)
+        except ValueError as e:
+            raise ckpt.CheckpointError(str(e)) from None
+        return {k: v for k, v in weights.items() if k in own}
+
     def _stage_optimizer_state(self, path: str, optim_state: Any, ctx: DistContext) -> Any:
         """This rank's optimizer state: a pipeline checkpoint keeps one per stage, and
         resumes only as a pipeline of as many stages (each stage's optimizer knows its
@@ -583,7 +625,14 @@ class Trainer:
                 f"{path} holds the optimizer state of {found} run; a pipeline resumes only "
                 f"from a pipeline checkpoint of as many stages ({ctx.pp_size} here)"
             )
-        return stages[ctx.pp_rank]
+        stage = stages[ctx.pp_rank]
+        if any(isinstance(k, int) for k in stage.get("state", {})):
+            raise ckpt.CheckpointError(
+                f"{path} holds a pipeline optimizer state keyed by parameter index (an "
+                "earlier development format); it cannot be matched to this stage's "
+                "parameters"
+            )
+        return stage
 
     def save_model(self, path: str) -> None:
         """The trained weights: the adapter (PEFT format) for LoRA, else the model
