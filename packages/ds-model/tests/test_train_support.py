@@ -442,16 +442,9 @@ def _pp_args(out: str, data=None) -> dict:
 MESH_RUN = dict(gradient_accumulation_steps=2, eval_dataset=varied_texts(6), eval_steps=2)
 
 
-def mixed_lengths() -> list[str]:
-    """16 texts in order: step 1 gives both replicas long ones, step 2 replica 0 long
-    ones again and replica 1 short ones (a batch shape only one replica has seen)."""
-    long, short = "the cat sat on the mat and the cat ran to the big dog. and more", "a dog ran."
-    return [long] * 8 + [long if i % 4 < 2 else short for i in range(8)]
-
-
-UNPACKED = dict(
-    packing=False, shuffle=False, train_dataset=mixed_lengths(), max_steps=3, max_seq_len=128
-)
+# Evaluation in micro-batches of 2 over 6 texts: the second leaves replica 1 without a
+# text (it runs one padded row of zero weight), a batch shape only it has not seen.
+UNEVEN = dict(per_device_eval_batch_size=2)
 
 
 def mesh_reference(out: Path) -> dict:
@@ -473,9 +466,9 @@ def mesh_reference(out: Path) -> dict:
 
     full, logits = run()
     lora, _ = run(lora_config=lora_config())
-    unpacked, _ = run(**UNPACKED)
+    uneven, _ = run(**UNEVEN)
     return {
-        "unpacked": unpacked.losses,
+        "uneven_evals": [e["eval_loss"] for e in uneven.eval_history],
         "full": full.losses,
         "evals": [e["eval_loss"] for e in full.eval_history],
         "logits": logits,
@@ -531,7 +524,7 @@ def mesh_worker(rank: int, world: int, port: int, out: str) -> None:
     run("pp_dp_resumed", "pipeline", resume=ckpt2, **replicas)
     run("pp_dp_lora", "pipeline", lora_config=lora_config(), **replicas)
     run("pp_dp_qlora", "pipeline", lora_config=lora_config(), quantization="int4", **replicas)
-    run("pp_dp_unpacked", "pipeline", **replicas, **UNPACKED)
+    run("pp_dp_uneven", "pipeline", **replicas, **UNEVEN)
     tensor = dict(tp_size=2, per_device_train_batch_size=4)
     run("pp_tp", "3d_parallel", **tensor)
     run("pp_tp_resumed", "3d_parallel", resume=ckpt2, **tensor)  # from the pp x dp run
