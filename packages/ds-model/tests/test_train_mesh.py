@@ -1,6 +1,8 @@
-"""4-rank gloo runs of pipeline stages on a mesh, against one process with the same
-global batch: 2 stages x 2 FSDP2 replicas (``pipeline``, ``pp_size=2``) and 2 stages x
-2-way tensor parallelism (``3d_parallel``, ``pp_size=2``, ``tp_size=2``). Tolerance as
+"""4-rank gloo runs on a mesh, against one process with the same global batch: 2
+pipeline stages x 2 FSDP2 replicas (``pipeline``, ``pp_size=2``), 2 stages x 2-way
+tensor parallelism (``3d_parallel``, ``pp_size=2``, ``tp_size=2``), and 2 FSDP2
+replicas x 2-way tensor parallelism (``3d_parallel``, no pipeline); and on 8 ranks the
+full (pp, dp, tp) = (2, 2, 2) mesh. Tolerance as
 in test_train_distributed.py: 1e-5 relative on losses (only the order of float
 additions differs), 1e-4 absolute on the exported model's logits."""
 
@@ -84,3 +86,23 @@ def test_pipeline_with_tensor_parallel_stages_matches_and_resumes_across_shapes(
     assert dist["pp_tp_evals"] == pytest.approx(ref["evals"], rel=REL)
     # Resumed from the 2 x 2 (pp x dp) run's step-2 checkpoint on a 2 x 2 (pp x tp) mesh.
     assert dist["pp_tp_resumed"] == pytest.approx(ref["full"], rel=REL)
+
+
+def test_fsdp_replicas_with_tensor_parallel_match_one_process(runs) -> None:
+    dist, ref = runs
+    assert dist["dp_tp"] == pytest.approx(ref["full"], rel=REL)
+    assert dist["dp_tp_evals"] == pytest.approx(ref["evals"], rel=REL)
+
+
+def test_the_full_3d_mesh_matches_one_process(runs, tmp_path_factory) -> None:
+    # 8 ranks: 2 stages x 2 FSDP2 replicas x 2-way tensor parallel.
+    out = tmp_path_factory.mktemp("cube")
+    S.forked_runs(out, 8, S.cube_worker, lambda _: None)
+    ranks = json.loads((out / "cube_results.json").read_text())
+    ref = runs[1]
+    assert [r["coords"] for r in ranks] == [
+        [pp, dp, tp] for pp in range(2) for dp in range(2) for tp in range(2)
+    ]
+    for r in ranks:  # every rank logs the global loss
+        assert r["losses"] == pytest.approx(ref["full"], rel=REL)
+        assert r["evals"] == pytest.approx(ref["evals"], rel=REL)

@@ -479,7 +479,8 @@ def mesh_reference(out: Path) -> dict:
 def mesh_worker(rank: int, world: int, port: int, out: str) -> None:
     """One of 4 ranks: 2 pipeline stages x 2 FSDP2 replicas (strategy pipeline,
     pp_size=2), with LoRA, checkpoints, an export and a resume on a mesh of another
-    shape: 2 stages x tensor parallel 2 (3d_parallel, pp_size=2, tp_size=2)."""
+    shape: 2 stages x tensor parallel 2 (3d_parallel, pp_size=2, tp_size=2); and
+    3d_parallel without a pipeline on a 2 x 2 (dp x tp) mesh."""
     import os
 
     import torch.distributed as dist
@@ -500,8 +501,7 @@ def mesh_worker(rank: int, world: int, port: int, out: str) -> None:
             tokenizer=ByteTokenizer(),
             output_dir=os.path.join(out, name),
             distributed_strategy=strategy,
-            pp_size=2,
-            **{**DIST_OPTS, **MESH_RUN, **kw},
+            **{**DIST_OPTS, **MESH_RUN, "pp_size": 2, **kw},
         )
         result = trainer.train(resume_from=resume)
         results[name] = result.losses
@@ -528,6 +528,8 @@ def mesh_worker(rank: int, world: int, port: int, out: str) -> None:
     tensor = dict(tp_size=2, per_device_train_batch_size=4)
     run("pp_tp", "3d_parallel", **tensor)
     run("pp_tp_resumed", "3d_parallel", resume=ckpt2, **tensor)  # from the pp x dp run
+    # No pipeline: 2 FSDP2 replicas x 2-way tensor parallel, the 2-D mesh.
+    run("dp_tp", "3d_parallel", pp_size=0, tp_size=2, **replicas)
     # Problems one stage finds stop every rank (none is left waiting on the others).
     from ds_lora import LoraConfig
 
@@ -546,6 +548,38 @@ def mesh_worker(rank: int, world: int, port: int, out: str) -> None:
     if rank == 0:
         merged = {k: v for part in gathered for k, v in part.items()}
         Path(out, "mesh_results.json").write_text(json.dumps(merged))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def cube_worker(rank: int, world: int, port: int, out: str) -> None:
+    """One of 8 ranks: the full (pp, dp, tp) = (2, 2, 2) mesh of 3d_parallel."""
+    import os
+
+    import torch.distributed as dist
+    from ds_model.training import ByteTokenizer, Trainer
+
+    join_gloo(rank, world, port)
+    trainer = Trainer(
+        model=real_lm(),
+        train_dataset=varied_texts(),
+        tokenizer=ByteTokenizer(),
+        output_dir=os.path.join(out, "cube"),
+        distributed_strategy="3d_parallel",
+        **{**DIST_OPTS, **MESH_RUN, "pp_size": 2, "tp_size": 2},
+        per_device_train_batch_size=2,
+    )
+    result = trainer.train()
+    ctx = trainer._ctx
+    mine = {
+        "losses": result.losses,
+        "evals": [e["eval_loss"] for e in result.eval_history],
+        "coords": [ctx.pp_rank, ctx.dp_rank, ctx.tp_rank],
+    }
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, mine)
+    if rank == 0:
+        Path(out, "cube_results.json").write_text(json.dumps(gathered))
     dist.barrier()
     dist.destroy_process_group()
 
