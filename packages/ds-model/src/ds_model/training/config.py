@@ -53,7 +53,7 @@ class TrainingConfig:
     distributed_strategy: str = "none"
     compress_gradients: bool = False  # ddp only: ds-optim's 4-bit all-reduce hook
     ddp_find_unused_parameters: bool | None = None  # None: True for MoE models
-    tp_size: int = 0  # 3d_parallel: tensor-parallel degree (0: all ranks but the pipeline's)
+    tp_size: int = 0  # 3d_parallel: tensor-parallel degree (0: world size / pp_size)
     # Pipeline stages. pipeline: 0 = every rank a stage, else world / pp_size data-parallel
     # (FSDP2) replicas of a pp_size-stage pipeline; 3d_parallel: 0 or 1 = no pipeline.
     pp_size: int = 0

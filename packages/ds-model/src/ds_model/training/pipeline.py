@@ -18,12 +18,12 @@ into consecutive stages, one per rank, run by ``torch.distributed.pipelining``.
   rows and positions have label -100, so the loss is that of the unpadded batch.
 - Loss: summed over tokens on the last stage, divided by the global batch's trained
   tokens (as under every strategy), and broadcast to every rank for logging.
-
 - Replicas: with ``pp_size`` below the world size, each stage is FSDP2-sharded over
   its data-parallel replicas (and tensor-parallel first under ``3d_parallel``);
   torch's schedules accumulate its gradients over the micro-batches and reduce them
   once per step. Checkpoints hold whole tensors, so a pipeline checkpoint resumes on
-  any data- or tensor-parallel width with the same number of stages.
+  any data- or tensor-parallel width with the same number of stages (and, for the
+  same data order, the same global batch).
 - LoRA / QLoRA: adapters are split with their layers; each stage trains and
   checkpoints its own part, gathered into one PEFT-format adapter.
 
