@@ -28,8 +28,9 @@ with ``torch_compile=True``; ``both`` also sets HF's ``torch_compile=True`` (the
 compiling steps fall in the warm-up, which must cover them).
 
 The scaling runs (llama shape) compare 1 and 2 processes under DDP (batch 8 per
-process) and under the 2-stage pipeline (one batch of 8 per step in 4 micro-batches,
-against the same run in one process).
+process) and under the 2-rank pipeline (one batch of 8 per step in 4 micro-batches,
+against the same run in one process), with one stage per rank (1F1B) and with two
+(interleaved 1F1B).
 
 Every process uses one intra-op thread (torch.set_num_threads(1)), so that 1 vs 2
 processes on a 2-core machine compares like with like and runs are less noisy.
@@ -309,7 +310,8 @@ def run_scaling_rank(steps: int, warmup: int, strategy: str = "ddp") -> dict:
     """Under torchrun (or alone), on gloo; rank 0 reports the global tokens/s over the
     steady steps. ``ddp``: per-process batch BATCH. ``pipeline``: one stage per process,
     every step BATCH sequences in 4 accumulation micro-batches (1F1B's), the same run
-    in one process as the baseline."""
+    in one process as the baseline. ``interleaved``: the same with two stages per
+    process (interleaved 1F1B)."""
     import ds_model
     import torch
     from ds_model.training import ByteTokenizer, Trainer
@@ -318,7 +320,8 @@ def run_scaling_rank(steps: int, warmup: int, strategy: str = "ddp") -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     data = _blocks()
     batch, accum, replicas = BATCH, 1, world
-    if strategy == "pipeline":
+    virtual = 2 if strategy == "interleaved" else 1
+    if strategy in ("pipeline", "interleaved"):
         batch, accum, replicas = BATCH // 4, 4, 1  # the stages share one batch
     stamps: list[float] = []
 
@@ -340,7 +343,8 @@ def run_scaling_rank(steps: int, warmup: int, strategy: str = "ddp") -> dict:
             progress_bar=False,
             plot=False,
             save_final=False,
-            distributed_strategy=strategy if world > 1 else "none",
+            distributed_strategy=("pipeline" if virtual > 1 else strategy) if world > 1 else "none",
+            pp_virtual_stages=virtual if world > 1 else 1,
         ).train()
     seconds = stamps[-1] - stamps[warmup - 1]
     return {"tokens_per_s": (len(stamps) - warmup) * BATCH * SEQ * replicas / seconds}
@@ -422,7 +426,9 @@ def main() -> None:
             for worker in ("ds", "hf")
         )
         rows.append((mode, med))
-    scaling: dict[str, tuple[list[float], list[float]]] = {"ddp": ([], []), "pipeline": ([], [])}
+    scaling: dict[str, tuple[list[float], list[float]]] = {
+        k: ([], []) for k in ("ddp", "pipeline", "interleaved")
+    }
     for _ in range(0 if a.no_scaling else a.repeats):
         for strategy, (one, two) in scaling.items():
             flags = ["--worker", "scale", "--scale-strategy", strategy, *common]
@@ -464,6 +470,7 @@ def main() -> None:
         label = {
             "ddp": f"DDP, batch {BATCH} per process",
             "pipeline": f"pipeline, 2 stages, batch {BATCH} in 4 micro-batches",
+            "interleaved": f"pipeline, 2 x 2 interleaved stages, batch {BATCH} in 4",
         }
         print(f"| {label[strategy]} | {o:.0f} | {t:.0f} | {t / o:.2f}x |")
 

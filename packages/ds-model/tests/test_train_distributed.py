@@ -101,6 +101,17 @@ def test_pipeline_matches_one_process_resumes_and_exports(runs) -> None:
     assert dist["pipeline_eval"] == pytest.approx(ref["accum_evals"], rel=REL)
     # GPipe: one micro-batch of 4 per step (fewer micro-batches than stages).
     assert dist["pipeline_gpipe"] == pytest.approx(ref["dp"], rel=REL)
+    # Interleaved 1F1B (2 stages per rank, 4 micro-batches), and the looped BFS order
+    # for 5 micro-batches, as one process with the same global batch.
+    assert dist["pipeline_interleaved"] == pytest.approx(ref["interleaved"], rel=REL)
+    assert len(ref["interleaved_evals"]) == 2
+    assert dist["pipeline_interleaved_evals"] == pytest.approx(ref["interleaved_evals"], rel=REL)
+    assert dist["pipeline_looped"] == pytest.approx(ref["looped"], rel=REL)
+    # Training steps and evaluation (one micro-batch) both interleave at 4; 5 loops.
+    assert dist["pipeline_schedule_kinds"] == [
+        ["ScheduleInterleaved1F1B"],
+        ["ScheduleInterleaved1F1B", "ScheduleLoopedBFS"],
+    ]
     # Each rank holds its own stage only; together, the whole model, each weight once.
     first, last = (set(names) for names in dist["pipeline_params"])
     assert not first & last

@@ -58,6 +58,11 @@ def test_pipeline_with_fsdp_replicas_matches_one_process(runs) -> None:
     )
 
 
+def test_interleaved_stages_with_fsdp_replicas_match_one_process(runs) -> None:
+    dist, ref = runs
+    assert dist["pp_dp_interleaved"] == pytest.approx(ref["four_layers"], rel=REL)
+
+
 def test_replicas_agree_on_shapes_and_qlora_trains(runs) -> None:
     dist, ref = runs
     # Uneven evaluation batches: the replicas pad to one shape (else only one of them

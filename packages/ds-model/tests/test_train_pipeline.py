@@ -8,7 +8,7 @@ import ds_model
 import pytest
 import torch
 from ds_model.training import TrainingConfig
-from ds_model.training.pipeline import _Stage, keep_stage, split_layers
+from ds_model.training.pipeline import _Stage, keep_stage, keep_stages, split_layers
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -51,6 +51,35 @@ def test_stages_partition_the_model_and_compose_to_its_logits(stages) -> None:
     assert set().union(*kept) == names
     assert sum(len(k) for k in kept) == len(names)  # each weight on one stage only
     torch.testing.assert_close(h, expected, rtol=0, atol=1e-5)
+
+
+def test_interleaved_stages_compose_and_own_disjoint_parameters() -> None:
+    # 2 ranks x 2 stages each over 4 layers: rank 0 runs stages 0 and 2, rank 1 runs 1, 3.
+    config = {**V3, "num_hidden_layers": 4}
+    full = ds_model.from_config(config, seed=0)
+    ids = torch.randint(0, config["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = full(ids).logits
+    ranks = [ds_model.from_config(config, seed=0) for _ in range(2)]
+    chunks = {}
+    for rank, model in enumerate(ranks):
+        stage_ids = [rank, rank + 2]
+        ranges = keep_stages(model, stage_ids, 4)
+        assert [list(r) for r in ranges] == [[rank], [rank + 2]]
+        for sid, layers in zip(stage_ids, ranges, strict=True):
+            chunks[sid] = _Stage(model, layers, sid == 0, sid == 3, torch.no_grad)
+        # The rank's stages share its model's modules and split its parameters.
+        mine = [{id(p) for p in chunks[sid].parameters()} for sid in stage_ids]
+        assert not mine[0] & mine[1]
+        assert mine[0] | mine[1] == {id(p) for p in model.parameters()}
+    h = ids
+    for sid in range(4):
+        h = chunks[sid](h)
+    torch.testing.assert_close(h, expected, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="pp_virtual_stages=0: expected an integer >= 1"):
+        TrainingConfig(distributed_strategy="pipeline", pp_virtual_stages=0)
+    with pytest.raises(ValueError, match="pp_virtual_stages=2 needs pipeline stages"):
+        TrainingConfig(distributed_strategy="3d_parallel", pp_virtual_stages=2)
 
 
 def test_a_dropped_module_says_where_it_went() -> None:

@@ -166,9 +166,9 @@ def single_process_reference(out: Path) -> dict:
 
     trained = {}
 
-    def run(**kw):
+    def run(layers: int = 2, **kw):
         trainer = Trainer(
-            model=real_lm(),
+            model=real_lm(num_hidden_layers=layers),
             train_dataset=varied_texts(),
             tokenizer=ByteTokenizer(),
             output_dir=str(out / "ref"),
@@ -191,7 +191,13 @@ def single_process_reference(out: Path) -> dict:
     lora = run(per_device_train_batch_size=4, lora_config=lora_config())
     with torch.no_grad():
         lora_logits = trained["model"](ids).logits
+    four = dict(layers=4, eval_dataset=varied_texts(6), eval_steps=2)
+    interleaved = run(per_device_train_batch_size=4, **four)
+    interleaved_evals = trained["evals"]
     return {
+        "interleaved": interleaved,
+        "interleaved_evals": interleaved_evals,
+        "looped": run(per_device_train_batch_size=5, **four),
         "lora": lora,
         "lora_logits": lora_logits.tolist(),
         "qlora": run(per_device_train_batch_size=4, lora_config=lora_config(), quantization="int4"),
@@ -344,9 +350,9 @@ def pipeline_worker(rank: int, out: str, results: dict) -> None:
     import ds_model
     from ds_model.training import ByteTokenizer, DPOTrainer, Trainer
 
-    def run(name: str, resume: str | None = None, **kw) -> Trainer:
+    def run(name: str, resume: str | None = None, layers: int = 2, **kw) -> Trainer:
         trainer = Trainer(
-            model=real_lm(),
+            model=real_lm(num_hidden_layers=layers),
             train_dataset=varied_texts(),
             tokenizer=ByteTokenizer(),
             output_dir=os.path.join(out, name),
@@ -379,6 +385,16 @@ def pipeline_worker(rank: int, out: str, results: dict) -> None:
         gradient_accumulation_steps=2,
     )
     run("pipeline_gpipe", per_device_train_batch_size=4)
+    # Interleaved: 4 layers, 2 stages per rank (rank 0 runs layers 0 and 2).
+    interleaved = run("pipeline_interleaved", **INTERLEAVED)
+    evals = [e["eval_loss"] for e in interleaved.log_history if "eval_loss" in e]
+    results["pipeline_interleaved_evals"] = evals
+    # 5 micro-batches do not split into whole rounds of 2: the looped BFS order.
+    looped = run("pipeline_looped", **{**INTERLEAVED, "gradient_accumulation_steps": 5})
+    results["pipeline_schedule_kinds"] = [
+        sorted({type(s).__name__ for s in t._pipeline._schedules.values()})
+        for t in (interleaved, looped)
+    ]
     # LoRA: each stage trains its layers' adapters; checkpoints and exports hold them all.
     lora = run("pipeline_lora", save_steps=2, save_total_limit=None, **PIPELINE_LORA)
     base = {n: p for n, p in real_lm().named_parameters()}
@@ -417,6 +433,14 @@ PIPELINE_RUN = dict(
     eval_dataset=varied_texts(6),
     eval_steps=2,
 )
+INTERLEAVED = dict(
+    layers=4,
+    pp_virtual_stages=2,
+    per_device_train_batch_size=1,
+    gradient_accumulation_steps=4,
+    eval_dataset=varied_texts(6),
+    eval_steps=2,
+)
 PIPELINE_LORA = dict(
     lora_config=lora_config(), per_device_train_batch_size=2, gradient_accumulation_steps=2
 )
@@ -451,9 +475,9 @@ def mesh_reference(out: Path) -> dict:
     """One process, the global batch of the mesh runs: their losses, evals, logits."""
     from ds_model.training import ByteTokenizer, Trainer
 
-    def run(**kw):
+    def run(layers: int = 2, **kw):
         trainer = Trainer(
-            model=real_lm(),
+            model=real_lm(num_hidden_layers=layers),
             train_dataset=kw.pop("train_dataset", varied_texts()),
             tokenizer=ByteTokenizer(),
             output_dir=str(out / "mesh_ref"),
@@ -467,7 +491,9 @@ def mesh_reference(out: Path) -> dict:
     full, logits = run()
     lora, _ = run(lora_config=lora_config())
     uneven, _ = run(**UNEVEN)
+    four, _ = run(layers=4)
     return {
+        "four_layers": four.losses,
         "uneven_evals": [e["eval_loss"] for e in uneven.eval_history],
         "full": full.losses,
         "evals": [e["eval_loss"] for e in full.eval_history],
@@ -525,6 +551,9 @@ def mesh_worker(rank: int, world: int, port: int, out: str) -> None:
     run("pp_dp_lora", "pipeline", lora_config=lora_config(), **replicas)
     run("pp_dp_qlora", "pipeline", lora_config=lora_config(), quantization="int4", **replicas)
     run("pp_dp_uneven", "pipeline", **replicas, **UNEVEN)
+    # Interleaved stages (2 per rank), each its own FSDP2 root over the replicas.
+    deep = real_lm(num_hidden_layers=4)
+    run("pp_dp_interleaved", "pipeline", model=deep, pp_virtual_stages=2, **replicas)
     tensor = dict(tp_size=2, per_device_train_batch_size=4)
     run("pp_tp", "3d_parallel", **tensor)
     run("pp_tp_resumed", "3d_parallel", resume=ckpt2, **tensor)  # from the pp x dp run

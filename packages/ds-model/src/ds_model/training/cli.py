@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="pipeline stages (pipeline: 0 = all ranks; 3d_parallel: 0 = no pipeline)",
     )
+    p.add_argument(
+        "--pp_virtual_stages",
+        type=int,
+        default=1,
+        help="stages per pipeline rank; > 1 runs the interleaved 1F1B schedule",
+    )
     p.add_argument("--compress_gradients", action="store_true", help="ddp: 4-bit all-reduce")
     p.add_argument("--optimizer", choices=("grouped_adamw", "adamw"), default="grouped_adamw")
     p.add_argument("--save_steps", type=int, default=0)
@@ -180,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         distributed_strategy=strategy,
         tp_size=args.tp_size,
         pp_size=args.pp_size,
+        pp_virtual_stages=args.pp_virtual_stages,
         compress_gradients=args.compress_gradients,
         optimizer=args.optimizer,
         save_steps=args.save_steps,

@@ -57,6 +57,8 @@ class TrainingConfig:
     # Pipeline stages. pipeline: 0 = every rank a stage, else world / pp_size data-parallel
     # (FSDP2) replicas of a pp_size-stage pipeline; 3d_parallel: 0 or 1 = no pipeline.
     pp_size: int = 0
+    # Stages per pipeline rank: > 1 runs torch's interleaved 1F1B (fewer idle slots).
+    pp_virtual_stages: int = 1
     quantization: str = "none"
     optimizer: str = "grouped_adamw"
     progress_bar: bool = True
@@ -70,6 +72,7 @@ class TrainingConfig:
         _positive("gradient_accumulation_steps", self.gradient_accumulation_steps)
         _positive("max_seq_len", self.max_seq_len)
         _positive("logging_steps", self.logging_steps)
+        _positive("pp_virtual_stages", self.pp_virtual_stages)
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"max_steps={self.max_steps!r}: expected -1 (use epochs) or > 0")
         if not self.learning_rate > 0:
@@ -93,6 +96,11 @@ class TrainingConfig:
                 f"pp_size={self.pp_size} with distributed_strategy="
                 f"{self.distributed_strategy!r}: pipeline stages need 'pipeline' or "
                 "'3d_parallel'"
+            )
+        if self.pp_virtual_stages > 1 and not self.pipelined:
+            raise ValueError(
+                f"pp_virtual_stages={self.pp_virtual_stages} needs pipeline stages: "
+                "distributed_strategy='pipeline', or '3d_parallel' with pp_size > 1"
             )
         if self.pp_size == 1 and self.distributed_strategy == "pipeline":
             raise ValueError(

@@ -11,6 +11,11 @@ into consecutive stages, one per rank, run by ``torch.distributed.pipelining``.
   torch's 1F1B schedule runs them when there are at least as many as stages, GPipe
   when fewer; with one micro-batch per step the stages just take turns, so set
   ``gradient_accumulation_steps`` to at least the number of stages.
+- Interleaving (``pp_virtual_stages`` = v > 1): the layers are cut into pp * v stages
+  and rank r runs stages r, r + pp, ... (Megatron's interleaved order) under torch's
+  ``ScheduleInterleaved1F1B``, which idles less; when the step's micro-batch count
+  does not split into its rounds (max(1, n // pp) must divide n), under
+  ``ScheduleLoopedBFS``.
 - Shapes: torch's stages fix their tensor shapes on first use, so a step's
   micro-batches are right-padded to one (batch, length), the length rounded up to a
   multiple of ``PAD_MULTIPLE`` (the largest over data-parallel replicas, which run
@@ -45,7 +50,7 @@ from torch import nn
 
 from ds_model.training.loss import causal_lm_loss_sum
 
-__all__ = ["PAD_MULTIPLE", "PipelineRunner", "keep_stage", "split_layers"]
+__all__ = ["PAD_MULTIPLE", "PipelineRunner", "keep_stage", "keep_stages", "split_layers"]
 
 PAD_MULTIPLE = 16
 
@@ -83,6 +88,12 @@ class _Elsewhere(nn.Module):
 def keep_stage(model: nn.Module, stage: int, num_stages: int) -> range:
     """Drop, in place, every part of ``model`` (a ds-model ``DeepSeekForCausalLM``) that
     stage ``stage`` of ``num_stages`` does not run; returns the layers it keeps."""
+    return keep_stages(model, [stage], num_stages)[0]
+
+
+def keep_stages(model: nn.Module, stages: list[int], num_stages: int) -> list[range]:
+    """:func:`keep_stage` for a rank running several stages (interleaved schedules):
+    keeps the layers of every stage in ``stages``; returns their ranges in order."""
     decoder = getattr(model, "model", None)
     if not (hasattr(decoder, "layers") and hasattr(decoder, "forward_context")) or not hasattr(
         model, "lm_head"
@@ -100,16 +111,17 @@ def keep_stage(model: nn.Module, stage: int, num_stages: int) -> range:
             "distributed_strategy='pipeline' with tie_word_embeddings=True is not "
             "supported: the tied weight would live on the first and the last stage"
         )
-    layers = split_layers(len(decoder.layers), num_stages)[stage]
+    ranges = [split_layers(len(decoder.layers), num_stages)[s] for s in stages]
+    kept = {i for r in ranges for i in r}
     for i in range(len(decoder.layers)):
-        if i not in layers:
+        if i not in kept:
             decoder.layers[i] = _Elsewhere(f"model.layers.{i}")
-    if stage > 0:
+    if 0 not in stages:
         decoder.embed_tokens = _Elsewhere("model.embed_tokens")
-    if stage < num_stages - 1:
+    if num_stages - 1 not in stages:
         decoder.norm = _Elsewhere("model.norm")
         model.lm_head = _Elsewhere("lm_head")
-    return layers
+    return ranges
 
 
 def _weight(module: nn.Module) -> Any:
@@ -121,7 +133,10 @@ def _weight(module: nn.Module) -> Any:
 class _Stage(nn.Module):
     """One stage's forward: token ids (first stage) or hidden states (batch, seqlen,
     hidden) in; hidden states, or logits (batch, seqlen, vocab) on the last stage, out.
-    Right-padded batches under causal attention: positions 0..seqlen-1, no mask."""
+    Right-padded batches under causal attention: positions 0..seqlen-1, no mask.
+
+    It registers only the modules the stage runs (shared with ``model``, which keeps
+    its names for checkpoints), so each of a rank's stages owns disjoint parameters."""
 
     def __init__(
         self,
@@ -132,22 +147,25 @@ class _Stage(nn.Module):
         autocast: Callable[[], AbstractContextManager],
     ) -> None:
         super().__init__()
-        self.lm = model
-        self.layer_ids = list(layers)
+        decoder = model.model
+        object.__setattr__(self, "_decoder", decoder)  # not a submodule: not owned
+        self.embed_tokens = decoder.embed_tokens if first else None
+        self.layers = nn.ModuleList(decoder.layers[i] for i in layers)
+        self.norm = decoder.norm if last else None
+        self.lm_head = model.lm_head if last else None
         self.first, self.last = first, last
         self._autocast = autocast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        decoder = self.lm.model
         with self._autocast():
-            h = decoder.embed_tokens(x) if self.first else x
+            h = self.embed_tokens(x) if self.first else x
             b, t = h.shape[:2]
             positions = torch.arange(t, device=h.device).expand(b, t)
-            ctx = decoder.forward_context(positions)
-            for i in self.layer_ids:
-                h = decoder.layers[i](h, ctx)
+            ctx = self._decoder.forward_context(positions)
+            for layer in self.layers:
+                h = layer(h, ctx)
             if self.last:
-                h = self.lm.lm_head(decoder.norm(h))
+                h = self.lm_head(self.norm(h))
         return h
 
 
@@ -170,15 +188,22 @@ class PipelineRunner:
         model: nn.Module,
         ctx: Any,
         autocast: Callable[[], AbstractContextManager],
+        virtual: int = 1,
     ) -> None:
-        self.ctx = ctx
+        self.ctx, self.lm = ctx, model
         self.rank, self.num_stages, self.device = ctx.pp_rank, ctx.pp_size, ctx.device
         self.group = ctx.group("pp")  # None: the default group (every rank a stage)
         self.sharded = ctx.dp_size > 1 or ctx.tp_size > 1
         self.max_len = int(model.config.max_position_embeddings)
-        self.layers = keep_stage(model, self.rank, self.num_stages)
-        last = self.rank == self.num_stages - 1
-        self.module = _Stage(model, self.layers, self.rank == 0, last, autocast)
+        # Interleaved: stage ids rank, rank + pp, ... of pp * virtual (Megatron's order).
+        total = self.num_stages * virtual
+        self.stage_ids = [self.rank + k * self.num_stages for k in range(virtual)]
+        ranges = keep_stages(model, self.stage_ids, total)
+        self.layers = [i for r in ranges for i in r]
+        self.modules = [
+            _Stage(model, r, sid == 0, sid == total - 1, autocast)
+            for sid, r in zip(self.stage_ids, ranges, strict=True)
+        ]
         self._parallelized = False
         self._schedules: dict[tuple[Any, ...], Any] = {}
         self._scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss
@@ -192,13 +217,14 @@ class PipelineRunner:
 
         from ds_model.training.distributed import tensor_parallel
 
-        model, mesh = self.module.lm, self.ctx.mesh
+        model, mesh = self.lm, self.ctx.mesh
         if self.ctx.tp_size > 1:
             tensor_parallel(model, mesh["tp"])
         for i in self.layers:
             fully_shard(model.model.layers[i], mesh=mesh["dp"])
-        # The stage is FSDP's root: torch's schedules drive its gradient reduction.
-        fully_shard(self.module, mesh=mesh["dp"])
+        # Each stage is an FSDP root: torch's schedules drive its gradient reduction.
+        for module in self.modules:
+            fully_shard(module, mesh=mesh["dp"])
         self._parallelized = True
 
     @property
@@ -235,9 +261,10 @@ class PipelineRunner:
         if self.sharded:
             # FSDP2 keeps a root's parameters gathered after a forward with no backward
             # (evaluation); reshard, so the module holds the optimizer's sharded ones.
-            for m in self.module.modules():
-                if hasattr(m, "reshard"):
-                    m.reshard()
+            for stage in self.modules:
+                for m in stage.modules():
+                    if hasattr(m, "reshard"):
+                        m.reshard()
         total = torch.zeros(1, dtype=torch.float64, device=self.device)
         if self.is_last:
             # The last n calls: a new stage object's first step also runs the loss once,
@@ -252,19 +279,29 @@ class PipelineRunner:
         return self._scale(total)
 
     def _schedule(self, n_micro: int, shape: tuple[int, ...]):
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+        from torch.distributed import pipelining as pp
 
         key = (n_micro, shape)
         if key not in self._schedules:
             # Shapes are fixed per stage object (its receive buffers), hence one per shape.
-            stage = PipelineStage(
-                self.module, self.rank, self.num_stages, self.device, group=self.group
-            )
-            cls = Schedule1F1B if n_micro >= self.num_stages else ScheduleGPipe
+            total = self.num_stages * len(self.modules)
+            stages = [
+                pp.PipelineStage(m, sid, total, self.device, group=self.group)
+                for m, sid in zip(self.modules, self.stage_ids, strict=True)
+            ]
             # scale_grads=False: the loss is already normalised by the global batch.
-            self._schedules[key] = cls(
-                stage, n_microbatches=n_micro, loss_fn=self._loss, scale_grads=False
-            )
+            kw = dict(n_microbatches=n_micro, loss_fn=self._loss, scale_grads=False)
+            if len(stages) == 1:
+                cls = pp.Schedule1F1B if n_micro >= self.num_stages else pp.ScheduleGPipe
+                self._schedules[key] = cls(stages[0], **kw)
+            else:
+                # torch's interleaved 1F1B needs n_micro to split into whole rounds of
+                # max(1, n_micro // pp); otherwise (an epoch's short last step) the
+                # looped breadth-first order runs the same stages.
+                rounds = max(1, n_micro // self.num_stages)
+                interleaved = n_micro % rounds == 0
+                cls = pp.ScheduleInterleaved1F1B if interleaved else pp.ScheduleLoopedBFS
+                self._schedules[key] = cls(stages, **kw)
         return self._schedules[key]
 
     def _padded(self, batches) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

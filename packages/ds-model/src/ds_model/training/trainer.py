@@ -367,10 +367,12 @@ class Trainer:
     def _pipeline_for(self, model: nn.Module, ctx: DistContext) -> PipelineRunner:
         """This rank's stage of ``model``, split in place (``ds_model.training.pipeline``);
         a later ``train()`` of this trainer reuses the split."""
-        if self._pipeline is not None and self._pipeline.module.lm is model:
+        if self._pipeline is not None and self._pipeline.lm is model:
             return self._pipeline
         precision = self.args.precision
-        return PipelineRunner(model, ctx, lambda: _autocast(ctx.device, precision))
+        return PipelineRunner(
+            model, ctx, lambda: _autocast(ctx.device, precision), self.args.pp_virtual_stages
+        )
 
     def _materialize_model(self) -> nn.Module:
         if self.model is not None and getattr(self, "_prepared", False):
