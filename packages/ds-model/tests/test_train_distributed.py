@@ -107,6 +107,11 @@ def test_pipeline_matches_one_process_resumes_and_exports(runs) -> None:
     assert len(ref["interleaved_evals"]) == 2
     assert dist["pipeline_interleaved_evals"] == pytest.approx(ref["interleaved_evals"], rel=REL)
     assert dist["pipeline_looped"] == pytest.approx(ref["looped"], rel=REL)
+    assert dist["pipeline_interleaved_resumed"] == pytest.approx(ref["interleaved"], rel=REL)
+    # Resuming with another interleaving would give ranks other layers' optimizer state.
+    error = dist["pipeline_uninterleaved_error"]
+    assert error.startswith("CheckpointError: pipeline rank 0:")
+    assert "resume with the same pp_size and pp_virtual_stages" in error
     # Training steps and evaluation (one micro-batch) both interleave at 4; 5 loops.
     assert dist["pipeline_schedule_kinds"] == [
         ["ScheduleInterleaved1F1B"],

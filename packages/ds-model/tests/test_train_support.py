@@ -386,11 +386,17 @@ def pipeline_worker(rank: int, out: str, results: dict) -> None:
     )
     run("pipeline_gpipe", per_device_train_batch_size=4)
     # Interleaved: 4 layers, 2 stages per rank (rank 0 runs layers 0 and 2).
-    interleaved = run("pipeline_interleaved", **INTERLEAVED)
+    interleaved = run("pipeline_interleaved", save_steps=2, save_total_limit=None, **INTERLEAVED)
     evals = [e["eval_loss"] for e in interleaved.log_history if "eval_loss" in e]
     results["pipeline_interleaved_evals"] = evals
     # 5 micro-batches do not split into whole rounds of 2: the looped BFS order.
     looped = run("pipeline_looped", **{**INTERLEAVED, "gradient_accumulation_steps": 5})
+    ickpt = os.path.join(out, "pipeline_interleaved", "checkpoint-2")
+    run("pipeline_interleaved_resumed", resume=ickpt, **INTERLEAVED)
+    try:  # one stage per rank gives rank 0 layers 0-1 where it had 0 and 2
+        run("pipeline_uninterleaved", resume=ickpt, **{**INTERLEAVED, "pp_virtual_stages": 1})
+    except ValueError as e:
+        results["pipeline_uninterleaved_error"] = f"{type(e).__name__}: {e}"
     results["pipeline_schedule_kinds"] = [
         sorted({type(s).__name__ for s in t._pipeline._schedules.values()})
         for t in (interleaved, looped)

@@ -550,6 +550,22 @@ class Trainer:
         optim_state = torch.load(os.path.join(path, "optimizer.pt"), weights_only=False)
         optim_state = self._stage_optimizer_state(path, optim_state, ctx)
         if self._pipeline is not None:
+            # The stage's parameters must be the saved stage's (another interleaving,
+            # say, gives a rank other layers): checked on every rank together.
+            saved = {n for g in optim_state.get("param_groups", []) for n in g["params"]}
+            own = {n for n, p in model.named_parameters() if p.requires_grad}
+            error = None
+            if saved != own:
+                diff = sorted(saved ^ own)[:3]
+                error = (
+                    f"{path}: stage {ctx.pp_rank}'s saved optimizer state is for other "
+                    f"parameters (e.g. {diff}); resume with the same pp_size and "
+                    "pp_virtual_stages"
+                )
+            try:
+                self._pipeline.agree(error)
+            except ValueError as e:
+                raise ckpt.CheckpointError(str(e)) from None
             self._pipeline.load_state(model, weights, optimizer, optim_state)
         elif is_sharded(self.args.distributed_strategy, ctx):
             from torch.distributed.checkpoint.state_dict import (
