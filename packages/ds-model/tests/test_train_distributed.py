@@ -112,6 +112,10 @@ def test_pipeline_matches_one_process_resumes_and_exports(runs) -> None:
     error = dist["pipeline_uninterleaved_error"]
     assert error.startswith("CheckpointError: pipeline rank 0:")
     assert "resume with the same pp_size and pp_virtual_stages" in error
+    # Checked per stage: rank 0 trains layer 2, but its stage 0 has nothing to train.
+    assert dist["pipeline_frozen_stage_error"].startswith(
+        "pipeline rank 0: stage 0 has no trainable parameters"
+    )
     # Training steps and evaluation (one micro-batch) both interleave at 4; 5 loops.
     assert dist["pipeline_schedule_kinds"] == [
         ["ScheduleInterleaved1F1B"],
@@ -167,5 +171,5 @@ def test_pipeline_checkpoint_needs_a_pipeline_to_resume(runs, tmp_path) -> None:
         output_dir=str(tmp_path),
         **{**S.DIST_OPTS, "per_device_train_batch_size": 4},
     )
-    with pytest.raises(CheckpointError, match="2-stage pipeline"):
+    with pytest.raises(CheckpointError, match="2-rank pipeline"):
         trainer.train(resume_from=str(out / "pipeline" / "checkpoint-2"))

@@ -397,6 +397,14 @@ def pipeline_worker(rank: int, out: str, results: dict) -> None:
         run("pipeline_uninterleaved", resume=ickpt, **{**INTERLEAVED, "pp_virtual_stages": 1})
     except ValueError as e:
         results["pipeline_uninterleaved_error"] = f"{type(e).__name__}: {e}"
+    # LoRA on layers 1-3 only: rank 0's first stage (layer 0) has nothing to train.
+    from ds_lora import LoraConfig
+
+    later = LoraConfig(r=4, target_modules=r"model\.layers\.[123]\..*_proj")
+    try:
+        run("pipeline_frozen_stage", lora_config=later, **INTERLEAVED)
+    except ValueError as e:
+        results["pipeline_frozen_stage_error"] = str(e)
     results["pipeline_schedule_kinds"] = [
         sorted({type(s).__name__ for s in t._pipeline._schedules.values()})
         for t in (interleaved, looped)

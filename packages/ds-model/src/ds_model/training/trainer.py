@@ -221,11 +221,15 @@ class Trainer:
         self._tokenizer = tokenizer
         if self._pipeline is not None:
             # Checked on every rank together: a stage raising alone would hang the rest.
-            trainable = any(p.requires_grad for p in model.parameters())
+            frozen = [
+                sid
+                for sid, stage in zip(self._pipeline.stage_ids, self._pipeline.modules, strict=True)
+                if not any(p.requires_grad for p in stage.parameters())
+            ]
             self._pipeline.agree(
                 None
-                if trainable
-                else f"stage {ctx.pp_rank} has no trainable parameters (does the "
+                if not frozen
+                else f"stage {frozen[0]} has no trainable parameters (does the "
                 "LoRA target_modules pattern reach its layers?)"
             )
         optimizer = build_optimizer(model, args)
@@ -626,22 +630,23 @@ class Trainer:
 
     def _stage_optimizer_state(self, path: str, optim_state: Any, ctx: DistContext) -> Any:
         """This rank's optimizer state: a pipeline checkpoint keeps one per stage, and
-        resumes only as a pipeline of as many stages (each stage's optimizer knows its
+        resumes only as a pipeline of as many ranks (each rank's optimizer knows its
         own parameters only)."""
         stages = optim_state.get("pipeline_stages") if isinstance(optim_state, dict) else None
         if self._pipeline is None:
             if stages is not None:
                 raise ckpt.CheckpointError(
-                    f"{path} holds the optimizer state of a {len(stages)}-stage pipeline "
+                    f"{path} holds the optimizer state of a {len(stages)}-rank pipeline "
                     f"run; resume it with pipeline stages (distributed_strategy='pipeline', "
                     f"pp_size={len(stages)})"
                 )
             return optim_state
         if stages is None or len(stages) != ctx.pp_size:
-            found = "no pipeline" if stages is None else f"a {len(stages)}-stage pipeline"
+            found = "no pipeline" if stages is None else f"a {len(stages)}-rank pipeline"
             raise ckpt.CheckpointError(
                 f"{path} holds the optimizer state of {found} run; a pipeline resumes only "
-                f"from a pipeline checkpoint of as many stages ({ctx.pp_size} here)"
+                f"from a pipeline checkpoint of as many ranks per pipeline (pp_size "
+                f"{ctx.pp_size} here)"
             )
         stage = stages[ctx.pp_rank]
         if any(isinstance(k, int) for k in stage.get("state", {})):
