@@ -24,7 +24,6 @@ __all__ = [
     "load_model",
     "quantize_for_qlora",
     "resolve_tokenizer",
-    "save_adapter",
     "write_adapter",
 ]
 
@@ -184,15 +183,10 @@ def write_adapter(model: nn.Module, directory: str, tensors: dict[str, torch.Ten
         json.dump(config.to_peft_dict(), f, indent=2, sort_keys=True)
 
 
-def save_adapter(model: nn.Module, directory: str, state: dict[str, torch.Tensor] | None) -> None:
-    """The adapter in PEFT's format; ``state`` as for :func:`adapter_state`."""
-    write_adapter(model, directory, adapter_state(model, state))
-
-
 def load_adapter_state(
     model: nn.Module, directory: str, partial: bool = False
 ) -> dict[str, torch.Tensor]:
-    """{parameter name: tensor} from a PEFT-format adapter saved by :func:`save_adapter`.
+    """{parameter name: tensor} from a PEFT-format adapter written by :func:`write_adapter`.
     ``partial``: ``model`` is one pipeline stage, holding part of the adapter; the file's
     other tensors are skipped (every tensor the stage has must still be in the file)."""
     from safetensors.torch import load_file

@@ -396,16 +396,16 @@ class PipelineRunner:
         set_model_state_dict(model, weights, options=opts)
         set_optimizer_state_dict(model, optimizer, optim, options=opts)
 
-    def agree(self, error: str | None) -> None:
-        """Raise ``ValueError(first error)`` on every rank if any rank has one, so that
-        a problem found on one stage (its checkpoint part, its parameters) stops the
+    def agree(self, error: str | None, exc: type[Exception] = ValueError) -> None:
+        """Raise ``exc(first error)`` on every rank if any rank has one, so that a
+        problem found on one stage (its checkpoint part, its parameters) stops the
         whole job instead of leaving the others waiting on it."""
         errors: list[str | None] = [None] * self.ctx.world_size
         dist.all_gather_object(errors, error)
         found = [(rank, e) for rank, e in enumerate(errors) if e]
         if found:
             rank, message = found[0]
-            raise ValueError(f"pipeline rank {rank}: {message}")
+            raise exc(f"pipeline rank {rank}: {message}")
 
     def stage_keys(self, keys: list[str]) -> list[str]:
         """The union over all stages of ``keys`` (each stage's own)."""

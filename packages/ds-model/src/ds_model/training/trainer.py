@@ -566,10 +566,7 @@ class Trainer:
                     f"parameters (e.g. {diff}); resume with the same pp_size and "
                     "pp_virtual_stages"
                 )
-            try:
-                self._pipeline.agree(error)
-            except ValueError as e:
-                raise ckpt.CheckpointError(str(e)) from None
+            self._pipeline.agree(error, ckpt.CheckpointError)
             self._pipeline.load_state(model, weights, optimizer, optim_state)
         elif is_sharded(self.args.distributed_strategy, ctx):
             from torch.distributed.checkpoint.state_dict import (
@@ -622,10 +619,7 @@ class Trainer:
             unexpected = sorted(set(weights) - set(every))
             if unexpected:
                 error = f"{path}: unexpected weights {unexpected[:5]}"
-        try:
-            self._pipeline.agree(error)
-        except ValueError as e:
-            raise ckpt.CheckpointError(str(e)) from None
+        self._pipeline.agree(error, ckpt.CheckpointError)
         return {k: v for k, v in weights.items() if k in own}
 
     def _stage_optimizer_state(self, path: str, optim_state: Any, ctx: DistContext) -> Any:
