@@ -24,7 +24,7 @@ assert not requires, f"ds-batching must have no dependencies, declares {requires
 assert importlib.util.find_spec("torch") is None, "torch is installed next to ds-batching"
 assert "site-packages" in ds_batching.__file__, ds_batching.__file__
 
-# The seed's static batcher.
+# The static batcher.
 batches = []
 static = DynamicBatchScheduler(max_batch_size=2, max_tokens=8, on_batch=batches.append)
 for ids in ([1, 2, 3], [4, 5], [6, 7, 8, 9]):

@@ -5,7 +5,7 @@
   FlexAttention with the same block mask;
 - paged decode: batch 64, context 4k, as a fraction of peak HBM bandwidth.
 
-Issue goals: dense causal forward >= 0.8x SDPA; window 4k and block-sparse 1/8 at 32k
+Goals: dense causal forward >= 0.8x SDPA; window 4k and block-sparse 1/8 at 32k
 >= 5x SDPA-with-mask and >= FlexAttention; decode >= 60% of HBM bandwidth.
 
     uv run --frozen python packages/ds-attention/benchmarks/bench_gpu.py [--hbm-gbps 3350]

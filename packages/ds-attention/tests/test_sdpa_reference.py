@@ -96,7 +96,7 @@ def test_dynamic_mask_matches_seed_and_window():
     for s in (1, 2, 3, 8, 33):
         ids = torch.zeros(2, s, dtype=torch.long)
         mask = ds_attention.dynamic_attention_mask(ids, max_length=64)
-        # The seed's loop, verbatim in meaning.
+        # The published loop, verbatim in meaning.
         seed = torch.tril(torch.ones(s, s)).bool()
         w = min(512, s // 2)
         local = torch.zeros(s, s)

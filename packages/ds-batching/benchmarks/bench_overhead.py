@@ -41,7 +41,7 @@ import time
 
 from ds_batching import Request, Scheduler, SchedulerConfig
 
-GOAL_US = 100.0  # the goal at 256 running requests
+GOAL_US = 100.0  # the goal at 256 running requests
 
 
 def make_running(

@@ -1,4 +1,4 @@
-"""Simulated serving trace: static batching (the seed) versus continuous batching.
+"""Simulated serving trace: static batching versus continuous batching.
 
 1,000 requests with log-normal prompt and output lengths arrive as a Poisson process;
 60% of them open with one of 8 shared 256-token system prompts. No model runs: each
@@ -9,7 +9,7 @@ on one GPU with ~2 TB/s and ~300 TFLOP/s (all three terms are assumptions, print
             + 0.05 x tokens computed in the step
             + 0.00025 x KV tokens attended in the step
 
-* static: the seed's ``DynamicBatchScheduler(max_batch_size, max_tokens)``. Whenever
+* static: ``DynamicBatchScheduler(max_batch_size, max_tokens)``. Whenever
   the engine is idle it adds every request that has arrived and runs the batches this
   flushes (or flushes the partial batch rather than wait). A batch runs one prefill
   step, then decode steps until its longest output is done; finished rows keep being

@@ -1,6 +1,6 @@
 """Random interleavings of add / schedule / update / abort / drain against the Scheduler.
 
-After every step the machine checks the invariants of the issue: the token budget and
+After every step the machine checks the scheduler's invariants: the token budget and
 ``max_num_seqs`` hold; reference counts equal the number of block tables holding a
 block, never negative, and only cached prefix blocks are shared; free + cached +
 in use == num_blocks; no request gets tokens past max_tokens; and the KV a fake

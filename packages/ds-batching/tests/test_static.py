@@ -1,4 +1,4 @@
-"""The seed's DynamicBatchScheduler: flush before a request that would break a limit."""
+"""DynamicBatchScheduler: flush before a request that would break a limit."""
 
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ import warnings
 import torch
 
 SHAPES = {
-    # ~14M parameters: the "default model" scale named in the issue.
+    # ~14M parameters: the default model's scale.
     "v3-14M": {
         "vocab_size": 16384,
         "hidden_size": 256,

@@ -1,4 +1,4 @@
-"""LoRA and QLoRA fine-tuning through the seed's call forms."""
+"""LoRA and QLoRA fine-tuning through the published call forms."""
 
 from __future__ import annotations
 

@@ -70,23 +70,23 @@ def dense_mask(
 
 
 def dynamic_window(seq_length: int) -> int:
-    """The seed's adaptive window: ``min(512, seq_length // 2)``."""
+    """DeepSeek's published adaptive window: ``min(512, seq_length // 2)``."""
     return min(512, seq_length // 2)
 
 
 def dynamic_attention_mask(input_ids: torch.Tensor, max_length: int) -> torch.Tensor:
-    """The seed's dynamic attention mask, as a bool tensor (batch, seq_length, seq_length).
+    """DeepSeek's published dynamic attention mask, as a bool tensor (batch, seq_length, seq_length).
 
     Causal AND a local window of ``w = min(512, seq_length // 2)``: query ``i`` sees keys
     ``max(0, i - w) <= j <= i``. Pass ``window=dynamic_window(seq_length)`` with
     ``causal=True`` to :func:`ds_attention.attention` for the same pattern without
     materialising this tensor. One edge differs on purpose: at ``seq_length == 1`` the
-    seed's loop leaves the row empty (``w == 0``), so this function returns an all-False
-    mask as the seed does, while ``window=0`` lets the token see itself.
+    published loop leaves the row empty (``w == 0``), so this function returns an all-False
+    mask as the published loop does, while ``window=0`` lets the token see itself.
 
     ``input_ids``: (batch, seq_length) integer ids; only the shape and device are used.
     ``max_length``: the model's context limit; ``seq_length`` above it is a ValueError
-    (the seed took the argument without using it).
+    (the published function took the argument without using it).
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else None

@@ -1,7 +1,7 @@
 """ds-batching: a pure-Python continuous-batching scheduler with a paged KV block pool.
 
 ``Scheduler`` (continuous batching, chunked prefill, preemption by recompute, prefix
-caching) over ``BlockManager`` (the paged KV pool), and the seed's static
+caching) over ``BlockManager`` (the paged KV pool), and a static
 ``DynamicBatchScheduler``. No torch: it schedules token ids and block ids.
 """
 

@@ -1,4 +1,4 @@
-"""The seed's static batcher: collect requests until a limit would be exceeded, then flush.
+"""A static batcher: collect requests until a limit would be exceeded, then flush.
 
 ``DynamicBatchScheduler(max_batch_size=32, max_tokens=4096)``: ``add_request`` first
 flushes the current batch if it already holds ``max_batch_size`` requests or if the

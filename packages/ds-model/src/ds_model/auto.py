@@ -1,4 +1,4 @@
-"""Entry points: ``from_pretrained``, the seed's ``AutoModel.from_pretrained`` and
+"""Entry points: ``from_pretrained``, the published ``AutoModel.from_pretrained`` spelling and
 ``from_config`` for a fresh randomly initialised model (presets included)."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def from_config(
 
 
 class AutoModel:
-    """The seed's spelling: ``AutoModel.from_pretrained(path, device=...)``."""
+    """The published spelling: ``AutoModel.from_pretrained(path, device=...)``."""
 
     def __init__(self) -> None:
         raise TypeError("use AutoModel.from_pretrained(path) or ds_model.from_config(config)")

@@ -410,8 +410,8 @@ def _positive_int(name: str, value: Any) -> None:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The seed's two DeepSeek-Base configurations (a llama-shaped decoder); the depth
-    # and vocabulary, which the seed leaves open, follow DeepSeek-LLM (102400 tokens).
+    # DeepSeek-Base's two published configurations (a llama-shaped decoder); the depth
+    # and vocabulary, which the published shapes leave open, follow DeepSeek-LLM (102400 tokens).
     "standard": {
         "model_type": "llama",
         "vocab_size": 102400,

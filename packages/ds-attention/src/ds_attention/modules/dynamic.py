@@ -1,4 +1,4 @@
-"""``DynamicAttention``: the seed's gated attention, ``g * attn(x) + (1 - g) * x``."""
+"""``DynamicAttention``: DeepSeek's published gated attention, ``g * attn(x) + (1 - g) * x``."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from ds_attention.modules.cache import KVCache
 
 class DynamicAttention(nn.Module):
     """x (batch, seqlen, dim) -> (batch, seqlen, dim), with ``g = sigmoid(gate(x))``
-    per channel mixing attention output and the input (the seed's form).
+    per channel mixing attention output and the input (the published form).
 
-    The seed wrapped ``nn.MultiheadAttention`` without a mask; here the inner attention
-    is :class:`Attention` and is causal by default (``causal=False`` gives the seed's
-    bidirectional form). ``window="dynamic"`` applies the seed's dynamic mask
+    The published form wrapped ``nn.MultiheadAttention`` without a mask; here the inner attention
+    is :class:`Attention` and is causal by default (``causal=False`` gives the published
+    bidirectional form). ``window="dynamic"`` applies the published dynamic mask
     (``min(512, seqlen // 2)`` keys back) through the kernel's window, never
     materialising it; an int or (left, right) is a fixed window.
     """

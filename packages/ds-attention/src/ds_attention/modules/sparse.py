@@ -11,7 +11,7 @@ from ds_attention.modules.selection import candidate_blocks, pooled_block_scores
 
 
 class SparseAttention(Attention):
-    """x (batch, seqlen, dim) -> (batch, seqlen, dim); the seed's class made real.
+    """x (batch, seqlen, dim) -> (batch, seqlen, dim); DeepSeek's published sparse attention class, made real.
 
     For each (batch, head, query block of ``block_size`` rows) the key blocks are ranked
     by a cheap estimate, mean-pooled queries against mean-pooled keys, and the top

@@ -2,7 +2,7 @@
 
 The field names follow Hugging Face ``TrainingArguments`` where one exists
 (``per_device_train_batch_size``, ``num_train_epochs``, ``gradient_accumulation_steps``)
-so that the seed's keyword call form works unchanged.
+so that the published keyword call form works unchanged.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Reading training records from JSON / JSONL files, with file:line for every record.
 
 A ``.jsonl`` file holds one JSON object per line. A ``.json`` file holds either a JSON
-array of objects or, like the seed's ``custom_dataset.json``, JSON lines. Every record
+array of objects or, like DeepSeek's published ``custom_dataset.json`` example, JSON lines. Every record
 carries the 1-based line where it starts, so a bad record is reported as ``path:line``.
 """
 

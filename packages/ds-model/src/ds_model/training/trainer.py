@@ -72,14 +72,14 @@ class Trainer:
     """Train a causal LM whose ``forward(input_ids)`` returns an object with ``.logits``
     of shape (batch, seqlen, vocab).
 
-    Both seed call forms work::
+    Both published call forms work::
 
         Trainer(model_path="deepseek-7b", config=lora_config).train(data_path="d.json", epochs=3)
         Trainer(model=model, train_dataset=data, lora_config=lora_config,
                 per_device_train_batch_size=8, num_train_epochs=3).train()
 
     ``model`` is an ``nn.Module``, a checkpoint directory or a preset name;
-    ``config`` is a ``LoraConfig`` (the seed's meaning) or a :class:`TrainingConfig`;
+    ``config`` is a ``LoraConfig`` (the published example's meaning) or a :class:`TrainingConfig`;
     any :class:`TrainingConfig` field may also be passed as a keyword. Data is a path
     to a .json/.jsonl file, an iterable of records or strings, or a ready dataset.
     """
