@@ -1,4 +1,5 @@
-"""The dependency rule of DESIGN.md, checked statically (ast) on every source file.
+"""The workspace dependency rule (leaves import no ds package; ds-model imports the
+leaves; ds-serve imports ds-model and ds-batching), checked statically (ast) on every source file.
 
 - A leaf (attention, optim, quant, lora, batching) imports no other ds package.
 - ds-model may import the leaves; ds-serve the leaves and ds-model.
@@ -57,7 +58,7 @@ def check_package(package_dir: Path, package: str) -> tuple[list[Violation], set
                 used.add(module)
                 if module not in ALLOWED[package]:
                     allowed = sorted(ALLOWED[package]) or "no other ds package"
-                    rule = f"{package} may import {allowed} (DESIGN.md dependency rule)"
+                    rule = f"{package} may import {allowed} (workspace dependency rule)"
                     violations.append(Violation(shown, line, module, rule))
             if module in PURE_PYTHON.get(package, ()):
                 rule = f"{package} must stay pure Python (no {sorted(PURE_PYTHON[package])})"

@@ -81,8 +81,9 @@ class _Tracked:
 class Engine:
     """Continuous batching over a ds-batching ``Scheduler`` and a ds-model ``ModelRunner``.
 
-    ``scheduler`` and ``runner`` are built by ``ds_serve.loading``; ``tokenizer`` offers
-    ``encode`` / ``decode`` / ``apply_chat_template`` (see ``loading.TokenizerView``).
+    ``scheduler`` and ``runner`` are built by ``ds_serve.server.build_engine``;
+    ``tokenizer`` is ds-model's tokenizer (``encode`` / ``decode`` /
+    ``apply_chat_template``).
     """
 
     def __init__(
