@@ -1,5 +1,4 @@
-"""The workspace dependency rule (leaves import no ds package; ds-model imports the
-leaves; ds-serve imports ds-model and ds-batching), checked statically (ast) on every source file.
+"""The workspace dependency rule, checked statically (ast) on every source file.
 
 - A leaf (attention, optim, quant, lora, batching) imports no other ds package.
 - ds-model may import the leaves; ds-serve the leaves and ds-model.
