@@ -416,7 +416,7 @@ def check(package: str, package_dir: Path, module: ModuleType | None = None) -> 
     return Result(package, snapshot, package_version(package_dir), api, compare(snapshot.api, api))
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("packages", nargs="*", help="ds-* packages (default: all)")
     parser.add_argument("--update", action="store_true", help="rewrite the snapshots")
@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         help="with --update: write even where the version did not move as required",
     )
     args = parser.parse_args(argv)
-    dirs = package_dirs()
+    dirs = package_dirs(root)
     unknown = sorted(set(args.packages) - dirs.keys())
     if unknown:
         parser.error(f"unknown packages {unknown}; known: {sorted(dirs)}")
@@ -451,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.update and (result is None or result.stale):
             snapshot = Snapshot(package, package_version(package_dir), public_api(module))
             snapshot_path.write_text(snapshot.dumps())
-            print(f"{package}: wrote {snapshot_path.relative_to(ROOT)} ({snapshot.version})")
+            print(f"{package}: wrote {snapshot_path.relative_to(root)} ({snapshot.version})")
     return 1 if failed else 0
 
 
