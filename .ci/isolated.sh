@@ -2,6 +2,10 @@
 # Each package's tests against its own built wheel, in a fresh venv that holds only
 # that wheel, the ds-* wheels it declares, their locked third-party dependencies and
 # the test tools; then its smoke script (tests/smoke/smoke_<module>.py), if any.
+# The ds-* packages a package requires directly are installed at the lowest versions
+# its ranges allow (tools/lowest_siblings.py: from dist/ when that is the current
+# version, else built from the release tag), so ds-model and ds-serve are tested
+# against their oldest allowed siblings; the workspace run tests the newest.
 # Usage: bash .ci/isolated.sh [ds-x ...]   (default: every package; needs dist/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,12 +36,12 @@ for pkg in "${packages[@]}"; do
     fi
     uv export --frozen "${groups[@]}" --no-hashes --no-header --no-annotate \
         --no-emit-workspace >"$work/$pkg.test.txt"
-    wheels=()
-    for member in $(sed -n 's|^-e \./packages/||p' "$work/$pkg.all.txt"); do
-        wheels+=(dist/${member//-/_}-*.whl)
-    done
+    wheel_list=$("$python" tools/lowest_siblings.py "$pkg" --dist dist --build-dir "$work/tags")
+    mapfile -t wheels <<<"$wheel_list"
     uv pip install --quiet --python "$venv/bin/python" -r "$work/$pkg.txt" -r "$work/$pkg.test.txt"
     uv pip install --quiet --python "$venv/bin/python" --no-deps "${wheels[@]}"
+    # Every installed requirement satisfied: the chosen ds-* versions fit each other's ranges.
+    uv pip check --quiet --python "$venv/bin/python"
     # Prove the wheel, not the source tree, is what the tests import.
     "$venv/bin/python" - "$mod" <<'PY'
 import importlib, sys

@@ -4,6 +4,9 @@
 - ds-model may import the leaves; ds-serve the leaves and ds-model.
 - ds-batching is pure Python: no torch, triton or numpy.
 - Each package declares in its pyproject exactly the ds packages it imports.
+- Each declared ds package carries a compatible version range: a lower bound, and an upper
+  bound below the next version that may break it (the next minor below 1.0), admitting the
+  sibling's current version.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import tomllib
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 LEAVES = frozenset({"ds_attention", "ds_optim", "ds_quant", "ds_lora", "ds_batching"})
@@ -71,6 +76,52 @@ def declared_ds_dependencies(pyproject: Path) -> set[str]:
     return {name for name in names if name.startswith("ds_")}
 
 
+def first_breaking_version(version: Version) -> Version:
+    """The first release after ``version`` that semver lets break it (minor below 1.0)."""
+    if version.major == 0:
+        return Version(f"0.{version.minor + 1}.0")
+    return Version(f"{version.major + 1}.0.0")
+
+
+def range_problems(pyproject: Path, current: dict[str, str]) -> list[str]:
+    """What is wrong with the version range of each ds-* dependency in ``pyproject``.
+
+    ``current`` maps a sibling's distribution name to its version in this workspace.
+    """
+    problems = []
+    for line in tomllib.loads(pyproject.read_text())["project"].get("dependencies", []):
+        requirement = Requirement(line)
+        name, spec = requirement.name, requirement.specifier
+        if not name.startswith("ds-"):
+            continue
+        lower = [Version(s.version) for s in spec if s.operator in (">=", "~=", "==")]
+        if not lower or not any(s.operator in ("<", "~=", "==") for s in spec):
+            problems.append(
+                f"{pyproject.parent.name}: {line!r} needs a compatible range with a lower and "
+                f"an upper bound, such as '{name}>=0.2.0,<0.3'"
+            )
+            continue
+        breaking = first_breaking_version(max(lower))
+        if spec.contains(breaking, prereleases=True):
+            problems.append(
+                f"{pyproject.parent.name}: {line!r} admits {name} {breaking}, which semver lets "
+                f"break it; bound it below {breaking}"
+            )
+        if name in current and not spec.contains(current[name], prereleases=True):
+            problems.append(
+                f"{pyproject.parent.name}: {line!r} excludes {name} {current[name]}, the "
+                "version in this workspace"
+            )
+    return problems
+
+
+def workspace_versions() -> dict[str, str]:
+    return {
+        p.name: tomllib.loads((p / "pyproject.toml").read_text())["project"]["version"]
+        for p in (ROOT / "packages").glob("ds-*")
+    }
+
+
 def package_dir(package: str) -> Path:
     return ROOT / "packages" / package.replace("_", "-")
 
@@ -92,6 +143,12 @@ def test_pyproject_declares_exactly_the_ds_packages_imported(package):
     declared = declared_ds_dependencies(package_dir(package) / "pyproject.toml")
     assert used <= declared, f"{package} imports {sorted(used - declared)} without declaring them"
     assert declared <= used, f"{package} declares {sorted(declared - used)} but never imports them"
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_ds_dependencies_carry_compatible_ranges(package):
+    problems = range_problems(package_dir(package) / "pyproject.toml", workspace_versions())
+    assert not problems, "\n".join(problems)
 
 
 @pytest.mark.parametrize("package", PACKAGES)
@@ -161,3 +218,52 @@ def test_checker_flags_an_undeclared_ds_import(broken_tree):
     violations, used = check_package(pkg, "ds_model")
     assert not violations
     assert used - declared_ds_dependencies(pkg / "pyproject.toml") == {"ds_attention"}
+
+
+@pytest.fixture
+def pyproject_with(tmp_path):
+    def make(*deps: str) -> Path:
+        path = tmp_path / "ds-model" / "pyproject.toml"
+        path.parent.mkdir(exist_ok=True)
+        dep_list = ", ".join(f'"{d}"' for d in deps)
+        path.write_text(f'[project]\nname = "ds-model"\ndependencies = [{dep_list}]\n')
+        return path
+
+    return make
+
+
+def test_range_check_flags_an_unranged_ds_dependency(pyproject_with):
+    path = pyproject_with("ds-attention", "ds-quant>=0.2.0,<0.3", "torch>=2.4")
+    problems = range_problems(path, {"ds-attention": "0.2.0", "ds-quant": "0.2.0"})
+    assert len(problems) == 1
+    assert "'ds-attention' needs a compatible range" in problems[0]
+
+
+@pytest.mark.parametrize("spec", [">=0.2.0", "<0.3", "!=0.2.1"])
+def test_range_check_needs_both_bounds(pyproject_with, spec):
+    problems = range_problems(pyproject_with(f"ds-lora{spec}"), {"ds-lora": "0.2.0"})
+    assert len(problems) == 1 and "needs a compatible range" in problems[0]
+
+
+@pytest.mark.parametrize(
+    ("spec", "breaking"),
+    [(">=0.2.0,<1", "0.3.0"), ("~=0.2", "0.3.0"), (">=1.2,<3", "2.0.0")],
+)
+def test_range_check_flags_a_range_that_admits_a_breaking_version(pyproject_with, spec, breaking):
+    current = "1.2.0" if breaking == "2.0.0" else "0.2.0"
+    problems = range_problems(pyproject_with(f"ds-optim{spec}"), {"ds-optim": current})
+    assert problems == [
+        f"ds-model: 'ds-optim{spec}' admits ds-optim {breaking}, which semver lets break it; "
+        f"bound it below {breaking}"
+    ]
+
+
+def test_range_check_flags_a_range_without_the_workspace_version(pyproject_with):
+    problems = range_problems(pyproject_with("ds-quant>=0.2.0,<0.3"), {"ds-quant": "0.3.0"})
+    assert len(problems) == 1 and "excludes ds-quant 0.3.0" in problems[0]
+
+
+@pytest.mark.parametrize("spec", [">=0.2.0,<0.3", "~=0.2.1", ">=1.4,<2", "==0.2.0"])
+def test_range_check_accepts_compatible_ranges(pyproject_with, spec):
+    current = "1.4.0" if spec.startswith(">=1") else ("0.2.1" if "0.2.1" in spec else "0.2.0")
+    assert range_problems(pyproject_with(f"ds-attention{spec}"), {"ds-attention": current}) == []

@@ -16,7 +16,7 @@ from ds_attention.protocol import AttentionBackend, MaskSpec
 from ds_attention.reference import attention_reference, paged_decode_reference
 from ds_attention.validate import make_mask_spec
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Attention",

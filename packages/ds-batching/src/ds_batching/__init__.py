@@ -25,7 +25,7 @@ from ds_batching.request import FinishReason, Request, RequestStatus
 from ds_batching.scheduler import Scheduler
 from ds_batching.static import Batch, DynamicBatchScheduler
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Batch",

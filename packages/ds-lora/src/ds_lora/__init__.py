@@ -32,7 +32,7 @@ from ds_lora.tuner import (
     unmerge_adapter,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AdapterNotFoundError",

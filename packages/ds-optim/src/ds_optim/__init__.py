@@ -38,7 +38,7 @@ from ds_optim.protocol import GradientCompressor
 from ds_optim.sensitivity import SensitivityRegrouper
 from ds_optim.zero import zero_grouped_adamw
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BlockwiseGradientCompressor",

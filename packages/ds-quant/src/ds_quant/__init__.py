@@ -22,7 +22,7 @@ from ds_quant.protocol import QuantConfig, QuantizedLinearProtocol
 from ds_quant.quantize import AlreadyQuantizedError, quantize_, register_quant_handler
 from ds_quant.serialization import load_quantized, quantization_recipe, read_recipe, save_quantized
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AlreadyQuantizedError",

@@ -12,7 +12,7 @@ from ds_serve.protocol import EngineProtocol
 from ds_serve.sampling import SamplingParams
 from ds_serve.server import ENGINE_OPTIONS, build_engine, create_app
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ENGINE_OPTIONS",
