@@ -162,3 +162,18 @@ def test_untied_checkpoint_head_is_not_dropped_by_a_string_flag(tiny_dir):
         warnings.simplefilter("error")
         with pytest.raises(ConfigError, match="tie_word_embeddings='false'"):
             ds_model.from_pretrained(tiny_dir)
+
+
+def test_ds_model_cli_prints_one_line_and_debug_shows_the_error(tiny_dir, capsys):
+    from ds_model.cli import main
+
+    config = json.loads((tiny_dir / "config.json").read_text())
+    config["num_hidden_layers"] = 2.5
+    (tiny_dir / "config.json").write_text(json.dumps(config))
+    assert main(["info", str(tiny_dir)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (
+        f"ds-model: error: {tiny_dir / 'config.json'}: num_hidden_layers=2.5: expected an integer"
+    )
+    with pytest.raises(ConfigError, match="num_hidden_layers=2.5"):
+        main(["info", str(tiny_dir), "--debug"])
