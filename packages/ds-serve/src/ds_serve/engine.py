@@ -191,7 +191,7 @@ class Engine:
         """
         own = asyncio.Queue() if queue is None else None
         (request_id,) = self.submit_all(
-            [(prompt_token_ids, params)], adapter=adapter, queue=queue or own
+            [(prompt_token_ids, params)], adapter=adapter, queue=own if own is not None else queue
         )
         if own is not None:
             self._streams[request_id] = own
