@@ -175,5 +175,19 @@ def test_ds_model_cli_prints_one_line_and_debug_shows_the_error(tiny_dir, capsys
     assert line == (
         f"ds-model: error: {tiny_dir / 'config.json'}: num_hidden_layers=2.5: expected an integer"
     )
-    with pytest.raises(ConfigError, match="num_hidden_layers=2.5"):
+    with pytest.raises(ConfigError, match=r"num_hidden_layers=2\.5"):
         main(["info", str(tiny_dir), "--debug"])
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("rms_norm_eps", 0, "rms_norm_eps=0 must be > 0"),
+        ("rope_theta", -1.0, r"rope_theta=-1\.0 must be > 0"),
+        ("first_k_dense_replace", -1, "first_k_dense_replace=-1 must be >= 0"),
+        ("moe_layer_freq", 0, "moe_layer_freq=0 must be a positive integer"),
+    ],
+)
+def test_out_of_range_config_values_are_named(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_dict({**PRESETS["tiny"], field: value})

@@ -163,6 +163,12 @@ class ModelConfig:
             "max_position_embeddings",
         ):
             _positive_int(name, getattr(self, name))
+        for name in ("rms_norm_eps", "rope_theta"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be > 0")
+        for name in ("first_k_dense_replace", "num_nextn_predict_layers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be >= 0")
         if self.hidden_act != "silu":
             raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported; supported: silu")
         if self.num_key_value_heads is None:
@@ -199,7 +205,12 @@ class ModelConfig:
             )
 
     def _validate_moe(self) -> None:
-        for name in ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size"):
+        for name in (
+            "n_routed_experts",
+            "num_experts_per_tok",
+            "moe_intermediate_size",
+            "moe_layer_freq",
+        ):
             _positive_int(name, getattr(self, name))
         if self.num_experts_per_tok > self.n_routed_experts:
             raise ConfigError(
