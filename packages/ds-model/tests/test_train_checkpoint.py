@@ -210,3 +210,69 @@ class CheckpointDirectory(RuleBasedStateMachine):
 
 CheckpointDirectory.TestCase.settings = settings(max_examples=8, stateful_step_count=6)
 test_checkpoint_directory_state_machine = CheckpointDirectory.TestCase
+
+
+class _RunsCodeWhenUnpickled:
+    """What a crafted checkpoint file holds: unpickling it calls ``open(marker, "w")``,
+    standing for any code (``os.system``) an attacker would run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.fixture(scope="module")
+def saved_checkpoint(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("saved")
+    trainer = Trainer(
+        model=S.real_lm(),
+        train_dataset=S.make_texts(8),
+        tokenizer=ByteTokenizer(),
+        output_dir=str(out),
+        **{**OPTS, "max_steps": 2, "save_steps": 2},
+    )
+    trainer.train()
+    return out / "checkpoint-2"
+
+
+@pytest.mark.parametrize(
+    "victim",
+    [
+        "optimizer.pt",
+        "training_state.pt",
+        "rng_state_0.pt",
+        "model.safetensors",
+        "trainer_state.json",
+    ],
+)
+def test_malicious_pickle_in_a_checkpoint_file_is_refused_without_running(
+    saved_checkpoint: Path, tmp_path: Path, victim: str
+) -> None:
+    ckpt = tmp_path / "checkpoint-2"
+    shutil.copytree(saved_checkpoint, ckpt)
+    marker = tmp_path / "code-ran"
+    if victim.endswith(".pt"):
+        torch.save({"state": _RunsCodeWhenUnpickled(marker)}, ckpt / victim)
+    else:
+        import pickle
+
+        (ckpt / victim).write_bytes(pickle.dumps(_RunsCodeWhenUnpickled(marker)))
+    trainer = Trainer(
+        model=S.real_lm(),
+        train_dataset=S.make_texts(8),
+        tokenizer=ByteTokenizer(),
+        output_dir=str(tmp_path / "out"),
+        **{**OPTS, "max_steps": 4, "save_steps": 2},
+    )
+    with pytest.raises(CheckpointError, match=victim.replace(".", r"\.")):
+        trainer.train(resume_from=str(ckpt))
+    assert not marker.exists(), "unpickling the checkpoint ran code"
+
+
+def test_intact_resume_state_loads_without_pickled_code(saved_checkpoint: Path) -> None:
+    from ds_model.training.checkpoint import load_state_file
+
+    for name in ("optimizer.pt", "training_state.pt", "rng_state_0.pt"):
+        assert isinstance(load_state_file(str(saved_checkpoint / name)), dict)

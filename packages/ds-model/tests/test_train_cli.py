@@ -73,10 +73,15 @@ def test_lora_run_from_the_command_line(setup, tmp_path: Path, capsys) -> None:
     assert summary["steps"] == 4
 
 
-def test_missing_tokenizer_is_a_clear_error(setup, tmp_path: Path) -> None:
+def test_missing_tokenizer_is_a_clear_error(setup, tmp_path: Path, capsys) -> None:
     base, data = setup
+    argv = ["--model", str(base), "--data", str(data), "--output", str(tmp_path / "o")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0]
+    assert "has no tokenizer.json or tokenizer.model" in err[0]
     with pytest.raises(ValueError, match=r"has no tokenizer\.json or tokenizer\.model"):
-        cli.main(["--model", str(base), "--data", str(data), "--output", str(tmp_path / "o")])
+        cli.main([*argv, "--debug"])
 
 
 def test_bad_flags_exit_with_usage(capsys) -> None:
@@ -89,7 +94,7 @@ def test_bad_flags_exit_with_usage(capsys) -> None:
 
 def test_gpus_launches_torchrun_with_n_local_processes(monkeypatch) -> None:
     calls = []
-    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    monkeypatch.setattr(cli, "run_forwarding_signals", lambda cmd: calls.append(cmd) or 0)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     argv = ["--model", "tiny", "--data", "d.jsonl", "--gpus", "2", "--epochs", "3"]
     assert cli.main(argv) == 0

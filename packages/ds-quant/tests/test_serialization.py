@@ -147,3 +147,60 @@ def test_tied_weights_are_refused_with_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"shares memory"):
         save_quantized(model, tmp_path / "t.safetensors")
     assert all(isinstance(m, QuantizedLinear) for m in (model.fc1, model.fc2))
+
+
+def _with_recipe(src, dst, edit):
+    """Copy checkpoint ``src`` to ``dst`` with its recipe changed by ``edit(recipe)``."""
+    with safe_open(str(src), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    recipe = json.loads(meta["ds_quant.recipe"])
+    edit(recipe)
+    save_file(tensors, str(dst), metadata={**meta, "ds_quant.recipe": json.dumps(recipe)})
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda r: r["fc1"].pop("in_features"), r"recipe entry 'fc1' has no 'in_features' field"),
+        (lambda r: r["fc1"].update(dtype="float64"), r"recipe entry 'fc1': dtype='float64'"),
+        (lambda r: r["fc1"].update(bias="yes"), r"recipe entry 'fc1': bias='yes', expected true"),
+        (
+            lambda r: r["fc2"]["config"].update(name="int3"),
+            r"recipe entry 'fc2': config .*unknown quantization config name 'int3'",
+        ),
+        (lambda r: r.update(fc1=[1]), r"recipe entry 'fc1' must be an object"),
+    ],
+)
+def test_broken_recipe_entries_name_file_and_entry(tmp_path, edit, message):
+    path = tmp_path / "m.safetensors"
+    save_quantized(quantize_(Net(), Int8WeightOnlyConfig()), path)
+    bad = _with_recipe(path, tmp_path / "bad.safetensors", edit)
+    with pytest.raises(ValueError, match=rf"{bad}: {message}"):
+        load_quantized(Net(), bad)
+
+
+def test_quantized_weight_of_the_wrong_dtype_is_refused_at_load(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_quantized(quantize_(Net(), Int8WeightOnlyConfig()), path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    key = next(k for k in tensors if k.startswith("fc1.") and tensors[k].dtype == torch.int8)
+    tensors[key] = tensors[key].float()  # an attacker's or a converter's float32 "INT8"
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(
+        ValueError,
+        match=rf"tensor '{key}' of quantized layer 'fc1' is stored "
+        r"as torch.float32, but .* holds torch.int8",
+    ):
+        load_quantized(Net(), path)
+
+
+def test_truncated_file_names_the_file(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_quantized(quantize_(Net(), Int8WeightOnlyConfig()), path)
+    path.write_bytes(path.read_bytes()[:-64])
+    with pytest.raises(ValueError, match=rf"{path}: not a readable safetensors file"):
+        load_quantized(Net(), path)

@@ -18,8 +18,10 @@ __all__ = ["main"]
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ds-model", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="on bad input, show the traceback too")
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate text from a prompt")
+    gen = sub.add_parser("generate", parents=[common], help="generate text from a prompt")
     # [PATH] PROMPT as one list: argparse cannot place an optional positional before a
     # required one once options sit between them (PATH --max-new-tokens 6 PROMPT).
     gen.add_argument(
@@ -48,7 +50,9 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="torch.compile the decode step (a few seconds first; faster long outputs)",
     )
-    info = sub.add_parser("info", help="parameters, active parameters, KV bytes per token")
+    info = sub.add_parser(
+        "info", parents=[common], help="parameters, active parameters, KV bytes per token"
+    )
     info.add_argument(
         "path",
         nargs="?",
@@ -162,8 +166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "info":
             return _info(args.path, args.json)
         return _generate(args)
-    except (ValueError, TypeError, KeyError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ValueError, TypeError, KeyError, OSError) as exc:
+        if args.debug:
+            raise
+        print(f"ds-model: error: {exc}", file=sys.stderr)
         return 2
 
 

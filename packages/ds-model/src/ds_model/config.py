@@ -59,6 +59,7 @@ class RopeScaling:
     truncate: bool = True
 
     def __post_init__(self) -> None:
+        check_field_types(self, "rope_scaling.")
         if self.rope_type not in ROPE_TYPES:
             raise ConfigError(
                 f"rope_scaling type={self.rope_type!r} is not supported; "
@@ -71,6 +72,8 @@ class RopeScaling:
     def from_dict(cls, raw: dict[str, Any] | None) -> RopeScaling | None:
         if not raw:
             return None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"rope_scaling={raw!r}: expected an object (or null)")
         kind = raw.get("rope_type", raw.get("type", "default"))
         if kind == "default" and "factor" not in raw:
             return None
@@ -145,6 +148,7 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
                 f"model_type={self.model_type!r} is not supported; "
@@ -159,6 +163,12 @@ class ModelConfig:
             "max_position_embeddings",
         ):
             _positive_int(name, getattr(self, name))
+        for name in ("rms_norm_eps", "rope_theta"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be > 0")
+        for name in ("first_k_dense_replace", "num_nextn_predict_layers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be >= 0")
         if self.hidden_act != "silu":
             raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported; supported: silu")
         if self.num_key_value_heads is None:
@@ -195,7 +205,12 @@ class ModelConfig:
             )
 
     def _validate_moe(self) -> None:
-        for name in ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size"):
+        for name in (
+            "n_routed_experts",
+            "num_experts_per_tok",
+            "moe_intermediate_size",
+            "moe_layer_freq",
+        ):
             _positive_int(name, getattr(self, name))
         if self.num_experts_per_tok > self.n_routed_experts:
             raise ConfigError(
@@ -332,19 +347,21 @@ class ModelConfig:
                     original_max_position_embeddings=raw.get("max_position_embeddings", 4096),
                 )
         extra = {k: v for k, v in raw.items() if k not in names}
-        try:
-            return cls(**kwargs, extra=extra)
-        except TypeError as exc:  # a field of the wrong type surfaces here
-            raise ConfigError(f"invalid config for model_type={model_type!r}: {exc}") from exc
+        return cls(**kwargs, extra=extra)
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:
+        """Read ``config.json`` (or the one in a directory); every error names the file."""
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no config.json at {path}")
-        return cls.from_dict(json.loads(path.read_text()))
+        raw = read_json(path, ConfigError)
+        try:
+            return cls.from_dict(raw)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
@@ -402,6 +419,54 @@ class ModelConfig:
         if self.model_type == "deepseek_v2":
             out.pop("rope_interleave")
         return out
+
+
+def read_json(path: Path, error: type[Exception]) -> Any:
+    """``path``'s JSON; bad UTF-8 or JSON raises ``error`` naming the file and the place."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text (byte offset {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise error(
+            f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _is_token_ids(v: Any) -> bool:
+    ids = v if isinstance(v, list) else [v]
+    return bool(ids) and all(_is_int(i) for i in ids)
+
+
+# Field annotation -> (check, what is allowed). ``None`` passes every ``X | None``.
+_TYPE_CHECKS: dict[str, tuple[Any, str]] = {
+    "int": (_is_int, "an integer"),
+    "float": (_is_number, "a finite number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "int | list[int]": (_is_token_ids, "an integer token id or a non-empty list of them"),
+}
+
+
+def check_field_types(obj: Any, prefix: str = "") -> None:
+    """Raise ``ConfigError`` for the first field whose value is not of its declared type
+    (a JSON ``"1e-6"`` for a float, ``"no"`` for a bool, ``1.5`` for an integer)."""
+    for f in dataclasses.fields(obj):
+        kind = str(f.type).removesuffix(" | None")
+        value = getattr(obj, f.name)
+        if value is None and str(f.type).endswith(" | None"):
+            continue
+        check = _TYPE_CHECKS.get(kind)
+        if check is not None and not check[0](value):
+            raise ConfigError(f"{prefix}{f.name}={value!r}: expected {check[1]}")
 
 
 def _positive_int(name: str, value: Any) -> None:

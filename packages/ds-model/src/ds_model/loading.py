@@ -19,12 +19,13 @@ Key conversions (both directions):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import tempfile
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ds_model.config import PRESETS, ModelConfig
+from ds_model.config import PRESETS, ModelConfig, read_json
 from ds_model.model import DeepSeekForCausalLM
 
 __all__ = [
@@ -76,16 +77,43 @@ def _torch_dtype(value: Any) -> torch.dtype | None:
     return dtype
 
 
+@contextlib.contextmanager
+def open_safetensors(file: Path) -> Iterator[Any]:
+    """``safe_open`` whose errors (a truncated or corrupt file) name the file."""
+    try:
+        handle = safe_open(file, framework="pt")
+    except Exception as exc:  # SafetensorError, OSError: the message lacks the path
+        raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from None
+    with handle as f:
+        yield f
+
+
+def _shard_path(path: Path, index: Path, key: str, name: Any) -> Path:
+    """The shard ``name`` inside ``path``; an absolute name or one that climbs out with
+    ``..`` is refused. Checked on the name, not the resolved file, so a symlinked shard
+    (the Hugging Face cache's layout) still loads."""
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"{index}: weight_map[{key!r}]={name!r} is not a file name")
+    normal = os.path.normpath(name)
+    if os.path.isabs(name) or normal == ".." or normal.startswith(".." + os.sep):
+        raise CheckpointError(
+            f"{index}: weight_map[{key!r}]={name!r} points outside the checkpoint "
+            f"directory {path}; shards must be files inside it"
+        )
+    return path / normal
+
+
 def checkpoint_files(path: Path) -> dict[str, Path]:
     """Map every tensor key to the shard file that holds it."""
     index = path / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        raw = read_json(index, CheckpointError)
+        weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index} has no 'weight_map' object")
         files = {}
         for key, name in weight_map.items():
-            shard = path / name
+            shard = _shard_path(path, index, key, name)
             if not shard.is_file():
                 raise MissingShardError(
                     f"shard {name!r} listed in {INDEX_FILE} (for tensor {key!r}) is missing "
@@ -96,7 +124,7 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
     single = path / SINGLE_FILE
     if not single.is_file():
         raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}")
-    with safe_open(single, framework="pt") as f:
+    with open_safetensors(single) as f:
         return dict.fromkeys(f.keys(), single)
 
 
@@ -146,7 +174,7 @@ def load_state(
     for key, file in files.items():
         by_file.setdefault(file, []).append(key)
     for file, keys in by_file.items():
-        with safe_open(file, framework="pt") as f:
+        with open_safetensors(file) as f:
             present = set(f.keys())
             for key in keys:
                 if key.endswith("weight_scale_inv") or key.endswith(_IGNORED_SUFFIXES):
@@ -259,7 +287,7 @@ def _keep_fp8(model, key, target, tensor, files, scale_key, block, dtype, device
 def _read(files, scale_key: str, key: str) -> torch.Tensor:
     if scale_key not in files:
         raise CheckpointError(f"FP8 tensor {key!r} has no {scale_key!r} in the checkpoint")
-    with safe_open(files[scale_key], framework="pt") as f:
+    with open_safetensors(files[scale_key]) as f:
         return f.get_tensor(scale_key)
 
 

@@ -6,6 +6,11 @@ JSON mapping each quantized layer's name to its config, shapes, bias and float d
 Loading rebuilds those layers empty from the recipe and assigns the stored tensors:
 nothing is re-quantized and no float weight of a quantized layer is ever allocated
 (build the float skeleton under ``torch.device("meta")``).
+
+A file that is not such a checkpoint, a recipe entry with a missing or mistyped field, an
+unknown config or dtype, and a quantized tensor stored with another dtype than its layer
+holds (an INT8 weight replaced by float32) are refused at load with a ``ValueError``
+naming the file and the entry.
 """
 
 from __future__ import annotations
@@ -76,16 +81,58 @@ def save_quantized(
         raise
 
 
+def _open(path: str | os.PathLike[str], device: str = "cpu") -> Any:
+    try:
+        return safe_open(str(path), framework="pt", device=device)
+    except Exception as exc:  # SafetensorError, OSError: the message lacks the path
+        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
 def read_recipe(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     """The recipe stored in a checkpoint written by ``save_quantized``."""
-    with safe_open(str(path), framework="pt") as f:
+    with _open(path) as f:
         meta = f.metadata() or {}
     if meta.get(FORMAT_KEY) != FORMAT_VERSION or RECIPE_KEY not in meta:
         raise ValueError(
             f"{path} is not a ds-quant checkpoint (metadata {FORMAT_KEY!r} = "
             f"{meta.get(FORMAT_KEY)!r}, expected {FORMAT_VERSION!r})"
         )
-    return json.loads(meta[RECIPE_KEY])
+    try:
+        recipe = json.loads(meta[RECIPE_KEY])
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: metadata {RECIPE_KEY!r} is not valid JSON ({exc})") from None
+    if not isinstance(recipe, dict):
+        raise ValueError(f"{path}: metadata {RECIPE_KEY!r} must map layer names to entries")
+    return recipe
+
+
+_ENTRY_FIELDS = {
+    "in_features": (lambda v: type(v) is int and v > 0, "a positive integer"),
+    "out_features": (lambda v: type(v) is int and v > 0, "a positive integer"),
+    "bias": (lambda v: isinstance(v, bool), "true or false"),
+    "dtype": (lambda v: v in DTYPE_NAMES, f"one of {sorted(DTYPE_NAMES)}"),
+    "config": (lambda v: isinstance(v, dict), "a config object"),
+}
+
+
+def _checked_entry(path: Any, name: str, entry: Any) -> tuple[dict[str, Any], Any]:
+    """A recipe entry with every field checked, and its rebuilt config."""
+    where = f"{path}: recipe entry {name!r}"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where} must be an object, got {entry!r}")
+    for field, (ok, allowed) in _ENTRY_FIELDS.items():
+        if field not in entry:
+            raise ValueError(f"{where} has no {field!r} field (expected {allowed})")
+        if not ok(entry[field]):
+            raise ValueError(f"{where}: {field}={entry[field]!r}, expected {allowed}")
+    try:
+        config = config_from_dict(entry["config"])
+    except (ValueError, KeyError, TypeError) as exc:
+        reason = exc.args[0] if exc.args else exc
+        raise ValueError(f"{where}: config {entry['config']!r}: {reason}") from None
+    if config.name not in LAYER_FOR_CONFIG_NAME:
+        raise ValueError(f"{where}: config {config.name!r} has no quantized layer to load into")
+    return entry, config
 
 
 def load_quantized(
@@ -98,7 +145,8 @@ def load_quantized(
     every tensor of the file is assigned (strictly: missing or unexpected keys raise).
     """
     recipe = read_recipe(path)
-    for name, entry in recipe.items():
+    for name, raw_entry in recipe.items():
+        entry, config = _checked_entry(path, name, raw_entry)
         try:
             current = model.get_submodule(name)
         except AttributeError as err:
@@ -116,7 +164,6 @@ def load_quantized(
                 f"out={entry['out_features']}) does not match the model's "
                 f"(in={current.in_features}, out={current.out_features})"
             )
-        config = config_from_dict(entry["config"])
         layer_cls = LAYER_FOR_CONFIG_NAME[config.name]
         layer = layer_cls.empty(
             entry["in_features"],
@@ -129,10 +176,19 @@ def load_quantized(
         if entry.get("input_scale"):
             layer.input_scale = torch.empty(entry["in_features"], device="meta")
         _replace(model, name, layer)
+    expected = model.state_dict()  # the empty quantized layers' buffers, by key
     tensors: dict[str, torch.Tensor] = {}
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
+    with _open(path, device=str(device)) as f:
         for key in f.keys():
             tensor = f.get_tensor(key)
+            layer = key.rpartition(".")[0]
+            want = expected.get(key)
+            if layer in recipe and want is not None and tensor.dtype != want.dtype:
+                raise ValueError(
+                    f"{path}: tensor {key!r} of quantized layer {layer!r} is stored as "
+                    f"{tensor.dtype}, but its {recipe[layer]['config'].get('name')!r} layer "
+                    f"holds {want.dtype}"
+                )
             # Tensors at odd file offsets may be misaligned for SIMD kernels: copy them.
             if tensor.numel() and tensor.data_ptr() % 64:
                 tensor = tensor.clone()

@@ -1,7 +1,8 @@
 """The HTTP layer: an ASGI app (Starlette routing, uvicorn serving) over an ``Engine``.
 
 Bodies are msgspec Structs both ways. Every error is an OpenAI error body: 400 for an
-invalid request (naming the field), 401 for a missing or wrong API key, 404 for an
+invalid request (naming the field, a chat template's own error included), 401 for a
+missing or wrong API key (every route but ``/health`` when a key is set), 404 for an
 unknown model or route, 413 for an oversized body, 429 when the waiting queue is full,
 503 while shutting down.
 """
@@ -14,6 +15,7 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgspec
@@ -45,13 +47,20 @@ from ds_serve.choices import (
 from ds_serve.engine import Engine, EngineClosed
 from ds_serve.errors import APIError, error_from_msgspec
 from ds_serve.sse import SSEResponse
-from ds_serve.validation import ModelInfo, prepare_chat, prepare_completion, tokenize_ids
+from ds_serve.validation import (
+    ModelInfo,
+    check_prompt_chars,
+    prepare_chat,
+    prepare_completion,
+    tokenize_ids,
+)
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "App"]
 
 log = logging.getLogger("ds_serve.app")
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+TOKENIZER_THREADS = 4
 _encode = msgspec.json.encode
 
 
@@ -89,6 +98,9 @@ class App:
             eos_token_ids=tuple(engine.eos_token_ids),
         )
         self.created = int(time.time())
+        # Tokenizing and chat-template rendering; a pool of its own, so a flood of long
+        # prompts cannot hold up the default executor the engine's shutdown runs on.
+        self._workers = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="ds-tokenize")
         routes = [
             Route("/health", self._guard(self.health), methods=["GET"]),
             Route("/metrics", self._guard(self.metrics), methods=["GET"]),
@@ -107,11 +119,13 @@ class App:
     # ---- ASGI --------------------------------------------------------------------------
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and self.api_key and scope["path"].startswith("/v1/"):
+        # With a key, every route but /health (for load balancers and probes) needs it,
+        # unknown paths included: nothing else answers, or says what exists, without it.
+        if scope["type"] == "http" and self.api_key and scope["path"] != "/health":
             headers = dict(scope["headers"])
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            expected = f"Bearer {self.api_key}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
+            given = headers.get(b"authorization", b"")  # raw bytes: UTF-8 keys compare as sent
+            expected = b"Bearer " + self.api_key.encode("utf-8")
+            if not hmac.compare_digest(given, expected):
                 error = APIError(
                     401,
                     "Missing or incorrect API key: send 'Authorization: Bearer <key>'",
@@ -234,6 +248,11 @@ class App:
             chunks.append(chunk)
         return msgspec.json.decode(b"".join(chunks), type=kind)
 
+    async def _off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run tokenizing / template rendering on the worker threads, so a long prompt
+        never stalls the event loop (/health, streams, other requests)."""
+        return await asyncio.get_running_loop().run_in_executor(self._workers, fn, *args)
+
     def _too_large(self) -> APIError:
         return APIError(
             413,
@@ -282,7 +301,8 @@ class App:
 
     async def completions(self, request: Request):
         req = await self._body(request, CompletionRequest)
-        prepared = prepare_completion(req, self.info, self.engine.tokenizer)
+        check_prompt_chars(req, self.info)
+        prepared = await self._off_loop(prepare_completion, req, self.info, self.engine.tokenizer)
         choices = Choices(self.engine, prepared)
         echo = [self.engine.tokenizer.decode(p) if req.echo else "" for p in prepared.prompts]
         if req.stream:
@@ -292,7 +312,8 @@ class App:
 
     async def chat(self, request: Request):
         req = await self._body(request, ChatCompletionRequest)
-        prepared = prepare_chat(req, self.info, self.engine.tokenizer)
+        check_prompt_chars(req, self.info)
+        prepared = await self._off_loop(prepare_chat, req, self.info, self.engine.tokenizer)
         choices = Choices(self.engine, prepared)
         if req.stream:
             return SSEResponse(chat_events(req, prepared, choices), choices.abort)
@@ -300,7 +321,8 @@ class App:
 
     async def tokenize(self, request: Request) -> Response:
         req = await self._body(request, TokenizeRequest)
-        ids = tokenize_ids(req, self.info, self.engine.tokenizer)
+        check_prompt_chars(req, self.info)
+        ids = await self._off_loop(tokenize_ids, req, self.info, self.engine.tokenizer)
         return _json(
             TokenizeResponse(tokens=ids, count=len(ids), max_model_len=self.info.max_model_len)
         )

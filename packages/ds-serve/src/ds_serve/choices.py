@@ -29,7 +29,7 @@ from ds_serve.api import (
     CompletionResponse,
     Usage,
 )
-from ds_serve.engine import Delta, Engine
+from ds_serve.engine import Delta, Engine, RequestTooLarge
 from ds_serve.errors import APIError
 from ds_serve.sse import watch_disconnect
 from ds_serve.validation import Prepared
@@ -53,23 +53,25 @@ class Choices:
         self.prompt_tokens = sum(len(p) for p in prepared.prompts)
         self.completion_tokens = 0
         n = len(prepared.params)
+        sequences = [(prompt, params) for prompt in prepared.prompts for params in prepared.params]
         try:
-            for p, prompt in enumerate(prepared.prompts):
-                for j, params in enumerate(prepared.params):
-                    rid = engine.submit(prompt, params, adapter=prepared.adapter, queue=self.queue)
-                    self.index[rid] = p * n + j
+            ids = engine.submit_all(sequences, adapter=prepared.adapter, queue=self.queue)
+        except RequestTooLarge as exc:
+            raise APIError(
+                400,
+                f"The request cannot be served: {len(prepared.prompts)} prompts x n={n}: {exc}",
+                param="n",
+                code="request_too_large",
+            ) from exc
         except ValueError as exc:
             # The scheduler refuses a request that could never fit the KV pool.
-            self.abort()
             raise APIError(
                 400,
                 f"The request cannot be served: {exc}",
                 param="max_tokens",
                 code="kv_cache_too_small",
             ) from exc
-        except BaseException:
-            self.abort()  # all or nothing: a 429 leaves no half-submitted choices behind
-            raise
+        self.index = {rid: i for i, rid in enumerate(ids)}  # choice p * n + j
         self.unfinished = set(self.index)
 
     def abort(self) -> None:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 __all__ = ["main", "parse_args"]
+
+API_KEY_ENV = "DS_SERVE_API_KEY"
 
 _UNITS = {
     "": 1,
@@ -70,7 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
-        "--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*"
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every route but /health (default: the "
+        f"{API_KEY_ENV} environment variable, which keeps the key out of `ps`)",
     )
     parser.add_argument(
         "--served-model-name",
@@ -130,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.api_key is None:
+        args.api_key = os.environ.get(API_KEY_ENV) or None
+    if args.api_key is not None and not args.api_key.strip():
+        parser.error("--api-key is empty; give a key or leave it out")
     names = [name for name, _ in args.lora]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:

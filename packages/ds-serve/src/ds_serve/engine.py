@@ -37,7 +37,7 @@ from ds_serve.detokenizer import IncrementalDetokenizer, StopMatcher
 from ds_serve.metrics import Metrics
 from ds_serve.sampling import SamplingParams, sample
 
-__all__ = ["Delta", "Engine", "EngineClosed"]
+__all__ = ["Delta", "Engine", "EngineClosed", "RequestTooLarge"]
 
 log = logging.getLogger("ds_serve.engine")
 
@@ -46,6 +46,10 @@ GIL_SWITCH_INTERVAL = 0.0005  # seconds
 
 class EngineClosed(RuntimeError):
     """The engine is shutting down and takes no new requests (HTTP 503)."""
+
+
+class RequestTooLarge(ValueError):
+    """A request with more sequences than the engine could ever admit at once (HTTP 400)."""
 
 
 @dataclass
@@ -186,6 +190,26 @@ class Engine:
         ``queue`` lets several requests (the n choices of one HTTP request) share one
         output queue; by default each request gets its own, read with ``stream``.
         """
+        own = asyncio.Queue() if queue is None else None
+        (request_id,) = self.submit_all(
+            [(prompt_token_ids, params)], adapter=adapter, queue=own if own is not None else queue
+        )
+        if own is not None:
+            self._streams[request_id] = own
+        return request_id
+
+    def submit_all(
+        self,
+        sequences: list[tuple[list[int], SamplingParams]],
+        *,
+        adapter: str | None = None,
+        queue: asyncio.Queue,
+    ) -> list[str]:
+        """Queue the sequences of one HTTP request together or not at all: with too little
+        room in the waiting queue nothing is queued and ``QueueFull`` (429) is raised, so
+        a refused request never holds places that would shut out the next one. More
+        sequences than the waiting queue holds can never be admitted: ``RequestTooLarge``
+        (400); a sequence the KV pool could never hold: ``ValueError`` (400)."""
         if self._loop is None:
             raise EngineClosed("the engine has not been started")
         if adapter is not None and adapter not in self.adapters:
@@ -194,32 +218,47 @@ class Engine:
                 f"adapter={adapter!r} is not loaded; loaded adapters: {list(self.adapters)} "
                 "(or None for the base model)"
             )
-        request_id = f"req-{next(self._ids)}"
-        tracked = _Tracked(
-            request_id=request_id,
-            prompt_ids=list(prompt_token_ids),
-            params=params,
-            adapter=adapter,
-            queue=queue if queue is not None else asyncio.Queue(),
-            detokenizer=IncrementalDetokenizer(self.tokenizer.decode, prompt_token_ids),
-            stop=StopMatcher(params.stop),
-        )
+        max_waiting = self.scheduler.config.max_waiting
+        if max_waiting is not None and len(sequences) > max_waiting:
+            raise RequestTooLarge(
+                f"{len(sequences)} sequences (prompts x n) can never be admitted together: "
+                f"at most {max_waiting} wait at once (--max-waiting {max_waiting})"
+            )
+        tracked = [
+            _Tracked(
+                request_id=f"req-{next(self._ids)}",
+                prompt_ids=list(prompt),
+                params=params,
+                adapter=adapter,
+                queue=queue,
+                detokenizer=IncrementalDetokenizer(self.tokenizer.decode, prompt),
+                stop=StopMatcher(params.stop),
+            )
+            for prompt, params in sequences
+        ]
         with self._lock:
             if self.error is not None:
                 raise EngineClosed(f"the engine loop failed ({self.error!r}); restart the server")
             if self._closing:
                 raise EngineClosed("the server is shutting down")
-            try:
-                self.scheduler.add(self._request(request_id, prompt_token_ids, params, adapter))
-            except QueueFull:
+            waiting = self.scheduler.stats().num_waiting
+            if max_waiting is not None and waiting + len(tracked) > max_waiting:
                 self.metrics.on_reject()
+                raise QueueFull(waiting, max_waiting)
+            added: list[str] = []
+            try:
+                for t in tracked:
+                    self.scheduler.add(self._request(t.request_id, t.prompt_ids, t.params, adapter))
+                    added.append(t.request_id)
+            except BaseException:
+                for rid in added:  # not scheduled yet: dropping them leaves no trace
+                    self.scheduler.abort(rid)
                 raise
-            self._tracked[request_id] = tracked
-            if queue is None:
-                self._streams[request_id] = tracked.queue
+            self._tracked.update((t.request_id, t) for t in tracked)
             self._wake.notify()
-        self.metrics.on_prompt(len(prompt_token_ids))
-        return request_id
+        for t in tracked:
+            self.metrics.on_prompt(len(t.prompt_ids))
+        return [t.request_id for t in tracked]
 
     async def stream(self, request_id: str) -> AsyncIterator[Delta]:
         """The request's deltas until its finish (for requests submitted without ``queue``)."""

@@ -13,9 +13,34 @@ from ds_serve.api import ChatCompletionRequest, CompletionRequest, TokenizeReque
 from ds_serve.errors import APIError
 from ds_serve.sampling import SamplingParams
 
-__all__ = ["MAX_PROMPTS_PER_REQUEST", "ModelInfo", "Prepared", "prepare_chat", "prepare_completion"]
+__all__ = [
+    "MAX_CHARS_PER_TOKEN",
+    "MAX_PROMPTS_PER_REQUEST",
+    "ModelInfo",
+    "Prepared",
+    "check_prompt_chars",
+    "prepare_chat",
+    "prepare_completion",
+]
 
 MAX_PROMPTS_PER_REQUEST = 64
+# No token of a byte-level BPE or SentencePiece vocabulary covers this many characters,
+# so a text longer than max_model_len * MAX_CHARS_PER_TOKEN cannot fit the context:
+# refused before it is tokenized. (A tokenizer that collapses whitespace runs could fit
+# more; such prompts are refused too.)
+MAX_CHARS_PER_TOKEN = 128
+
+
+def _template_errors() -> tuple[type[Exception], ...]:
+    try:  # chat templates render with jinja2 (ds-model's tokenizer); raise_exception in
+        from jinja2 import TemplateError  # a template raises TemplateError
+
+        return (TemplateError,)
+    except ImportError:  # pragma: no cover - a tokenizer without templates
+        return ()
+
+
+_TEMPLATE_ERRORS = _template_errors()
 
 
 @dataclass(frozen=True)
@@ -179,7 +204,7 @@ def chat_prompt(messages, tokenizer, add_generation_prompt: bool) -> list[int]:
                 rendered, add_generation_prompt=add_generation_prompt, tokenize=True
             )
         )
-    except (ValueError, TypeError, KeyError, LookupError) as exc:
+    except (ValueError, TypeError, KeyError, LookupError, *_TEMPLATE_ERRORS) as exc:
         raise APIError(
             400, f"The chat template rejected the messages: {exc}", param="messages"
         ) from exc
@@ -198,6 +223,37 @@ def prepare_chat(req: ChatCompletionRequest, info: ModelInfo, tokenizer) -> Prep
     max_tokens = requested if requested is not None else max(1, info.max_model_len - len(ids))
     _check_length(ids, max_tokens, info, "messages")
     return Prepared([ids], _sampling(req, max_tokens, info), adapter, model)
+
+
+def _texts(req: CompletionRequest | ChatCompletionRequest | TokenizeRequest) -> list[str]:
+    if isinstance(req, ChatCompletionRequest) or getattr(req, "messages", None) is not None:
+        return [m.text() for m in req.messages]
+    prompt = req.prompt
+    if isinstance(prompt, str):
+        return [prompt]
+    return [p for p in prompt or () if isinstance(p, str)]
+
+
+def check_prompt_chars(
+    req: CompletionRequest | ChatCompletionRequest | TokenizeRequest, info: ModelInfo
+) -> None:
+    """Refuse, before tokenizing, a prompt (or a chat's messages together) of more
+    characters than ``max_model_len`` tokens can hold; cheap, on the event loop."""
+    limit = info.max_model_len * MAX_CHARS_PER_TOKEN
+    texts = _texts(req)
+    each = isinstance(req, CompletionRequest)  # several prompts: each is one sequence
+    for size in [len(t) for t in texts] if each else [sum(map(len, texts))]:
+        if size > limit:
+            param = "messages" if getattr(req, "messages", None) is not None else "prompt"
+            raise APIError(
+                400,
+                f"This model's maximum context length is {info.max_model_len} tokens; the "
+                f"prompt has {size} characters, more than the {limit} that many tokens can "
+                f"span ({MAX_CHARS_PER_TOKEN} characters per token at most); it was refused "
+                "without tokenizing",
+                param=param,
+                code="context_length_exceeded",
+            )
 
 
 def tokenize_ids(req: TokenizeRequest, info: ModelInfo, tokenizer) -> list[int]:

@@ -6,6 +6,11 @@ loss scaler), ``rng_state_<rank>.pt`` and ``trainer_state.json`` (step, data pos
 the loss history). Everything is written into ``.tmp-checkpoint-<step>/`` first, flushed
 to disk, and only then renamed to its final name, so a crash at any moment leaves either
 the previous checkpoints or the complete new one, never a half-written one.
+
+Loading never runs code from a checkpoint: weights are safetensors, and the ``.pt``
+files are read with ``torch.load(weights_only=True)``, which rebuilds tensors, numbers,
+strings and containers only; a file holding anything else (a pickled callable) is
+refused with a ``CheckpointError`` naming it.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ __all__ = [
     "capture_rng",
     "find_latest_checkpoint",
     "list_checkpoints",
+    "load_state_file",
     "load_weights",
     "restore_rng",
     "save_weights",
@@ -154,12 +160,34 @@ def load_weights(path: str) -> dict[str, torch.Tensor]:
     """Inverse of :func:`save_weights` (aliases come back as the same tensor)."""
     from safetensors import safe_open
 
-    tensors = load_file(path)
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-    for alias, name in json.loads(meta.get("aliases", "{}")).items():
-        tensors[alias] = tensors[name]
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: missing from the checkpoint")
+    try:
+        tensors = load_file(path)
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        aliases = json.loads(meta.get("aliases", "{}"))
+        for alias, name in aliases.items():
+            tensors[alias] = tensors[name]
+    except Exception as exc:  # SafetensorError, JSON, a dangling alias: name the file
+        raise CheckpointError(f"{path}: not a readable weights file ({exc})") from None
     return tensors
+
+
+def load_state_file(path: str) -> Any:
+    """A ``.pt`` file of resume state (optimizer, scheduler, RNG), read with
+    ``weights_only=True``: only tensors, numbers, strings and containers are rebuilt,
+    so a crafted file cannot run code; anything else is refused naming the file."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: missing from the checkpoint")
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as exc:  # UnpicklingError (a forbidden global), a truncated zip
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path}: refused to load resume state: it is not the tensors-and-numbers "
+            f"state this trainer writes ({reason})"
+        ) from None
 
 
 def capture_rng() -> dict[str, Any]:

@@ -5,7 +5,11 @@
 
 ``--gpus N`` (N > 1) relaunches the same command under ``torch.distributed.run`` with N
 local processes (one per GPU; on a machine without CUDA, N CPU processes on gloo). Under
-an outer ``torchrun`` the command just joins the process group.
+an outer ``torchrun`` the command just joins the process group. The launcher passes
+SIGINT and SIGTERM on to torchrun (which stops its ranks) and exits with its status.
+
+Bad input (a config, data or checkpoint error) prints one line and exits with status 2;
+``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -50,7 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight_decay", type=float, default=0.0)
     p.add_argument("--warmup_steps", type=int, default=0)
     p.add_argument("--max_grad_norm", type=float, default=1.0)
-    p.add_argument("--seq_len", type=int, default=512, help="packed sequence length")
+    p.add_argument(
+        "--seq_len",
+        type=int,
+        default=None,
+        help="packed sequence length (default: the model's context, at most 512)",
+    )
     p.add_argument("--no_packing", action="store_true", help="one example per sequence")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     p.add_argument(
@@ -88,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip_bad_records", action="store_true")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--collective_timeout",
+        type=float,
+        default=600.0,
+        help="seconds a collective waits for the other ranks before failing",
+    )
+    p.add_argument("--debug", action="store_true", help="on bad input, show the traceback")
     return p
 
 
@@ -129,7 +146,25 @@ def _launch(nproc: int, argv: Sequence[str], strategy: str) -> int:
         "ds_model.training.cli",
         *rest,
     ]
-    return subprocess.call(cmd)
+    return run_forwarding_signals(cmd)
+
+
+def run_forwarding_signals(cmd: list[str]) -> int:
+    """Run ``cmd`` and return its exit status (``128 + n`` when signal ``n`` ended it),
+    passing SIGINT and SIGTERM on to it. It gets its own session so a terminal's Ctrl-C
+    reaches it once, through this forwarding, rather than twice."""
+    proc = subprocess.Popen(cmd, start_new_session=True)
+
+    def forward(signum: int, _frame: Any) -> None:
+        proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 - code if code < 0 else code
 
 
 def _lora_config(args: argparse.Namespace) -> Any:
@@ -155,6 +190,16 @@ def _lora_config(args: argparse.Namespace) -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args, argv)
+    except (ValueError, OSError) as exc:  # config, data, checkpoint and path errors
+        if args.debug or isinstance(exc, (BlockingIOError, ConnectionError)):
+            raise
+        print(f"deepseek-train: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.gpus < 1:
         raise SystemExit(f"--gpus {args.gpus}: expected >= 1")
     under_torchrun = "LOCAL_RANK" in os.environ
@@ -195,6 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         skip_bad_records=args.skip_bad_records,
         progress_bar=not args.no_progress,
+        collective_timeout_s=args.collective_timeout,
     )
     trainer = Trainer(
         model_path=args.model,

@@ -21,7 +21,8 @@ OPTIMIZERS = ("grouped_adamw", "adamw")
 class TrainingConfig:
     """Hyper-parameters and run settings. Every field is validated in ``__post_init__``.
 
-    Sizes: ``max_seq_len`` is the packed sequence length in tokens; the global batch of
+    Sizes: ``max_seq_len`` is the packed sequence length in tokens (``None``: the
+    model's context, at most 512, filled in by the ``Trainer``); the global batch of
     one optimizer step is ``per_device_train_batch_size * gradient_accumulation_steps
     * world_size`` sequences.
     """
@@ -40,7 +41,7 @@ class TrainingConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
     precision: str = "fp32"
-    max_seq_len: int = 512
+    max_seq_len: int | None = None
     packing: bool = True
     skip_bad_records: bool = False
     shuffle: bool = True
@@ -64,13 +65,17 @@ class TrainingConfig:
     progress_bar: bool = True
     plot: bool = True
     torch_compile: bool = False  # torch.compile the model's forward (none / ddp only)
+    # Seconds a collective may wait for the other ranks before it fails (a rank that
+    # died or hangs); torch's own default is 30 minutes (NCCL: 10).
+    collective_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         _positive("num_train_epochs", self.num_train_epochs)
         _positive("per_device_train_batch_size", self.per_device_train_batch_size)
         _positive("per_device_eval_batch_size", self.per_device_eval_batch_size)
         _positive("gradient_accumulation_steps", self.gradient_accumulation_steps)
-        _positive("max_seq_len", self.max_seq_len)
+        if self.max_seq_len is not None:
+            _positive("max_seq_len", self.max_seq_len)
         _positive("logging_steps", self.logging_steps)
         _positive("pp_virtual_stages", self.pp_virtual_stages)
         if self.max_steps == 0 or self.max_steps < -1:
@@ -80,6 +85,14 @@ class TrainingConfig:
         for name in ("warmup_steps", "eval_steps", "save_steps", "tp_size", "pp_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected >= 0")
+        if not (
+            isinstance(self.collective_timeout_s, (int, float))
+            and not isinstance(self.collective_timeout_s, bool)
+            and self.collective_timeout_s > 0
+        ):
+            raise ValueError(
+                f"collective_timeout_s={self.collective_timeout_s!r}: expected seconds > 0"
+            )
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio={self.min_lr_ratio!r}: expected in [0, 1]")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:

@@ -25,6 +25,7 @@ __all__ = [
     "PreferenceDataset",
     "build_lm_dataset",
     "build_preference_dataset",
+    "check_data_file",
     "collate_lm",
     "micro_batch_indices",
 ]
@@ -70,6 +71,20 @@ def _usable(
             _bad(record.source, str(e), skip_bad_records, report)
             continue
         yield record, kind
+
+
+def check_data_file(source: Any, allowed: tuple[str, ...], skip_bad_records: bool) -> None:
+    """Parse and check every record of a data file (UTF-8, JSON, record content) so that
+    bad data is reported before a model is loaded; in-memory data is checked as it is
+    built (an iterator can be read once only)."""
+    import os
+
+    if not isinstance(source, (str, os.PathLike)):
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # skipped records are reported when building
+        for _ in _usable(source, allowed, skip_bad_records, DataReport()):
+            pass
 
 
 def _bad(where: str, reason: str, skip: bool, report: DataReport) -> None:

@@ -20,10 +20,15 @@ Mesh coordinates: ``rank = (pp_rank * dp_size + dp_rank) * tp_size + tp_rank``, 
 ranks of one tensor-parallel group are adjacent. Ranks of one tensor-parallel group, and
 the stages of one pipeline, must see the same data, so data is sharded by the
 data-parallel rank (``dp_rank`` of ``dp_size``), not by the global rank.
+
+Every collective of the process group is bounded by ``collective_timeout_s``: a rank
+that dies or hangs makes the others fail with :class:`CollectiveError` (naming the
+rank and the operation) after that long, instead of waiting forever.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 from collections.abc import Iterator
@@ -38,6 +43,7 @@ from torch import nn
 from ds_model.layout import row_major_weights
 
 __all__ = [
+    "CollectiveError",
     "DistContext",
     "default_tp_plan",
     "init_distributed",
@@ -50,6 +56,26 @@ _MLP_COLWISE = ("gate_proj", "up_proj", "w1", "w3")
 _ROUTED_EXPERT = re.compile(r"(^|\.)experts\.\d+\.")
 _MLP_ROWWISE = ("down_proj", "w2")
 _CPU = torch.device("cpu")
+
+
+class CollectiveError(RuntimeError):
+    """A collective that did not complete: another rank failed, hung or timed out."""
+
+
+@contextmanager
+def collective(rank: int, operation: str) -> Iterator[None]:
+    """Re-raise a failed or timed-out collective as :class:`CollectiveError` that names
+    this rank and the operation (torch's message names neither clearly)."""
+    try:
+        yield
+    except CollectiveError:
+        raise
+    except (RuntimeError, dist.DistError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CollectiveError(
+            f"rank {rank}: collective {operation} did not complete (another rank failed, "
+            f"hung or exceeded collective_timeout_s): {first}"
+        ) from exc
 
 
 @dataclass(frozen=True)
@@ -94,20 +120,27 @@ class DistContext:
         if not self.distributed:
             return list(values)
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
+        with collective(self.rank, "all_reduce"):
+            dist.all_reduce(t)
         return [v / (self.tp_size * self.pp_size) for v in t.tolist()]
 
     def barrier(self) -> None:
         if self.distributed:
-            dist.barrier()
+            with collective(self.rank, "barrier"):
+                dist.barrier()
 
 
 def init_distributed(
-    strategy: str, tp_size: int = 0, device: str | None = None, pp_size: int = 0
+    strategy: str,
+    tp_size: int = 0,
+    device: str | None = None,
+    pp_size: int = 0,
+    timeout_s: float = 600.0,
 ) -> DistContext:
     """Join the process group torchrun describes in the environment (gloo on CPU,
-    NCCL on CUDA) and lay out the mesh. Without ``WORLD_SIZE`` > 1 this is a single
-    process, whatever the strategy."""
+    NCCL on CUDA) and lay out the mesh; each collective fails after ``timeout_s``
+    seconds. Without ``WORLD_SIZE`` > 1 this is a single process, whatever the
+    strategy."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -138,7 +171,11 @@ def init_distributed(
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        with collective(rank, "init_process_group"):
+            dist.init_process_group(
+                "nccl" if dev.type == "cuda" else "gloo",
+                timeout=datetime.timedelta(seconds=timeout_s),
+            )
     mesh = None
     if strategy == "3d_parallel" or (pp > 1 and dp > 1):
         from torch.distributed.device_mesh import init_device_mesh

@@ -39,6 +39,8 @@ class DPOTrainer(Trainer):
         self.ref_model = ref_model
         self._all_precomputed = True
 
+    data_kinds = ("preference",)
+
     def build_dataset(self, source: Any, tokenizer: Any) -> tuple[Any, DataReport]:
         dataset, report = build_preference_dataset(
             source,

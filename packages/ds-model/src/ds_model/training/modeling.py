@@ -189,9 +189,9 @@ def load_adapter_state(
     """{parameter name: tensor} from a PEFT-format adapter written by :func:`write_adapter`.
     ``partial``: ``model`` is one pipeline stage, holding part of the adapter; the file's
     other tensors are skipped (every tensor the stage has must still be in the file)."""
-    from safetensors.torch import load_file
+    from ds_model.training.checkpoint import load_weights
 
-    saved = load_file(os.path.join(directory, "adapter_model.safetensors"))
+    saved = load_weights(os.path.join(directory, "adapter_model.safetensors"))
     keys = adapter_keys(model)
     missing = sorted(set(keys) - set(saved))
     extra = [] if partial else sorted(set(saved) - set(keys))

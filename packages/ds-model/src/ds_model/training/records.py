@@ -58,8 +58,15 @@ def _iter_file(path: str) -> Iterator[Record]:
         raise ValueError(f"data path {path!r} is a directory; expected a .json or .jsonl file")
     if not os.path.exists(path):
         raise FileNotFoundError(f"data path {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = 1 + raw.count(b"\n", 0, e.start)
+        raise BadRecordError(
+            f"{path}:{line}", f"not UTF-8 text (invalid byte at byte offset {e.start})"
+        ) from None
     stripped = text.lstrip()
     if stripped.startswith("["):
         yield from _iter_json_array(path, text)
@@ -93,6 +100,9 @@ def _iter_json_array(path: str, text: str) -> Iterator[Record]:
 
     pos = skip_ws(pos)
     if pos < len(text) and text[pos] == "]":
+        end = skip_ws(pos + 1)
+        if end < len(text):
+            raise BadRecordError(where(end), "trailing content after the JSON array")
         return
     while True:
         pos = skip_ws(pos)
@@ -107,6 +117,9 @@ def _iter_json_array(path: str, text: str) -> Iterator[Record]:
             pos += 1
             continue
         if pos < len(text) and text[pos] == "]":
+            end = skip_ws(pos + 1)
+            if end < len(text):
+                raise BadRecordError(where(end), "trailing content after the JSON array")
             return
         raise BadRecordError(where(min(pos, len(text))), "invalid JSON (expected ',' or ']')")
 

@@ -18,14 +18,23 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ds_model.config import read_json
 from ds_model.training import checkpoint as ckpt
 from ds_model.training.config import TrainingConfig
-from ds_model.training.data import DataReport, build_lm_dataset, collate_lm, micro_batch_indices
+from ds_model.training.data import (
+    LM_KINDS,
+    DataReport,
+    build_lm_dataset,
+    check_data_file,
+    collate_lm,
+    micro_batch_indices,
+)
 from ds_model.training.distributed import (
     DistContext,
     init_distributed,
@@ -111,7 +120,8 @@ class Trainer:
                 raise ValueError("config= (a LoRA config) and lora_config= are both given")
             lora_config = config
         args = args or TrainingConfig()
-        self.args = args.replace(**options) if options else args
+        args = args.replace(**options) if options else args
+        self.args = _fit_seq_len(args, model if model is not None else model_path)
         self.lora_config = lora_config
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
@@ -123,6 +133,8 @@ class Trainer:
         self._pipeline: PipelineRunner | None = None
 
     # ----------------------------------------------------------------- hooks
+    data_kinds: tuple[str, ...] = LM_KINDS  # the record kinds build_dataset accepts
+
     def build_dataset(self, source: Any, tokenizer: Any) -> tuple[Any, DataReport]:
         return build_lm_dataset(
             source,
@@ -177,9 +189,16 @@ class Trainer:
             self.eval_dataset = eval_data
         _check_output_dir(args.output_dir)
         resume_dir = ckpt.find_latest_checkpoint(resume_from) if resume_from else None
+        # Bad data is reported before the model loads (minutes, for a large one).
+        for data in (source, self.eval_dataset):
+            check_data_file(data, self.data_kinds, args.skip_bad_records)
 
         ctx = init_distributed(
-            args.distributed_strategy, args.tp_size, self._device, pp_size=args.pp_size
+            args.distributed_strategy,
+            args.tp_size,
+            self._device,
+            pp_size=args.pp_size,
+            timeout_s=args.collective_timeout_s,
         )
         pipelined = ctx.distributed and args.pipelined
         cpu_bf16 = args.precision == "bf16" and ctx.device.type == "cpu"
@@ -540,8 +559,9 @@ class Trainer:
         return adapter_state(model, state) if lora else state
 
     def _load_checkpoint(self, path, wrapped, optimizer, scheduler, scaler, ctx) -> dict:
-        with open(os.path.join(path, ckpt.STATE_FILE), encoding="utf-8") as f:
-            state = json.load(f)
+        state = read_json(Path(path) / ckpt.STATE_FILE, ckpt.CheckpointError)
+        if not isinstance(state, dict):
+            raise ckpt.CheckpointError(f"{path}/{ckpt.STATE_FILE}: expected a JSON object")
         model = unwrap(wrapped)
         if self._pipeline is not None:
             weights = self._stage_weights(path, model, bool(state.get("adapter_only")))
@@ -551,7 +571,7 @@ class Trainer:
             weights = load_adapter_state(model, path)
         else:
             weights = ckpt.load_weights(os.path.join(path, "model.safetensors"))
-        optim_state = torch.load(os.path.join(path, "optimizer.pt"), weights_only=False)
+        optim_state = ckpt.load_state_file(os.path.join(path, "optimizer.pt"))
         optim_state = self._stage_optimizer_state(path, optim_state, ctx)
         if self._pipeline is not None:
             # The stage's parameters must be the saved stage's (another interleaving,
@@ -585,12 +605,12 @@ class Trainer:
             if not state.get("adapter_only") and missing:
                 raise ckpt.CheckpointError(f"{path}: missing weights {missing[:5]}")
             optimizer.load_state_dict(optim_state)
-        extra = torch.load(os.path.join(path, "training_state.pt"), weights_only=False)
+        extra = ckpt.load_state_file(os.path.join(path, "training_state.pt"))
         scheduler.load_state_dict(extra["scheduler"])
         scaler.load_state_dict(extra["scaler"])
         rng_file = os.path.join(path, f"rng_state_{ctx.rank}.pt")
         if os.path.exists(rng_file):
-            ckpt.restore_rng(torch.load(rng_file, weights_only=False))
+            ckpt.restore_rng(ckpt.load_state_file(rng_file))
         else:
             warnings.warn(f"{path} has no RNG state for rank {ctx.rank}", stacklevel=2)
         return state
@@ -778,6 +798,42 @@ def _epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
         return list(range(n))
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.randperm(n, generator=g).tolist()
+
+
+DEFAULT_MAX_SEQ_LEN = 512
+
+
+def _model_context(source: Any) -> int | None:
+    """The model's context (``max_position_embeddings``) without loading its weights:
+    from a module's config, a checkpoint's ``config.json`` or a preset; ``None`` when
+    the module does not say."""
+    from ds_model.config import PRESETS, ModelConfig
+
+    if isinstance(source, nn.Module):
+        context = getattr(getattr(source, "config", None), "max_position_embeddings", None)
+        return context if isinstance(context, int) else None
+    if isinstance(source, (str, os.PathLike)):
+        if os.path.isfile(os.path.join(source, "config.json")):
+            return ModelConfig.from_file(source).max_position_embeddings
+        if str(source) in PRESETS:
+            return ModelConfig.from_preset(str(source)).max_position_embeddings
+    return None
+
+
+def _fit_seq_len(args: TrainingConfig, source: Any) -> TrainingConfig:
+    """``max_seq_len=None`` becomes the model's context capped at 512; an explicit value
+    past the context is refused now rather than at the first step."""
+    context = _model_context(source)
+    if args.max_seq_len is None:
+        fit = DEFAULT_MAX_SEQ_LEN if context is None else min(DEFAULT_MAX_SEQ_LEN, context)
+        return args.replace(max_seq_len=fit)
+    if context is not None and args.max_seq_len > context:
+        raise ValueError(
+            f"max_seq_len={args.max_seq_len} exceeds the model's context "
+            f"(max_position_embeddings={context}); use at most {context}, or leave it "
+            "unset to follow the model"
+        )
+    return args
 
 
 def _check_output_dir(path: str) -> None:
