@@ -198,11 +198,11 @@ def test_prompt_at_once_equals_token_by_token(params, prompt_len, seed):
     rows=st.integers(1, 3),
 )
 def test_greedy_picks_argmax_with_ties_and_nan(values, rows):
-    from ds_model.generation import SamplingParams, sample_next
+    from ds_model.sampling import SamplingParams, sample
 
     logits = torch.tensor(values * rows).view(rows, -1)
     logits[-1] = logits[-1].flip(0)
-    got = sample_next(logits, SamplingParams(temperature=0.0, top_p=1.0, top_k=0))
+    got = sample(logits, [SamplingParams(temperature=0.0)] * rows).token_ids
     assert torch.equal(got, logits.argmax(-1))
 
 
