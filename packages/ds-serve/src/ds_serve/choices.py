@@ -149,7 +149,7 @@ async def completion_events(
     decode = choices.engine.tokenizer.decode
     scored = req.logprobs is not None
     # Per choice: the token ids so far (the context of the next token's text) and the
-    # length of the text sent so far (the next token's text_offset).
+    # next token's text_offset (offsets count token texts, as in the whole response).
     context = [list(choices.prompt_of(i, n)) for i in range(len(choices.index))]
     sent = [0] * len(choices.index)
     try:
@@ -166,8 +166,8 @@ async def completion_events(
             if scored and delta.logprobs:
                 logprobs = completion_logprobs(decode, context[i], delta.logprobs, sent[i])
                 context[i] += delta.token_ids
+                sent[i] = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
             if delta.text or delta.finish_reason or logprobs is not None:
-                sent[i] += len(delta.text)
                 yield chunk([CompletionChunkChoice(i, delta.text, delta.finish_reason, logprobs)])
         if req.stream_options is not None and req.stream_options.include_usage:
             yield chunk([], usage=choices.usage())
