@@ -398,13 +398,15 @@ class Engine:
             tracked = self._tracked[item.request_id]
             start, prompt = item.start_position, tracked.prompt_ids
             targets = prompt[start + 1 : start + 1 + logits.shape[0]]
-            logprobs = logits[: len(targets)].float().log_softmax(dim=-1)
-            index = torch.tensor(targets, device=logprobs.device)[:, None]
-            chosen = logprobs.gather(1, index)[:, 0].tolist()
+            logits = logits[: len(targets)].float()
+            # logprob = logit - logsumexp: no (tokens, vocab) log_softmax is materialised.
+            norm = logits.logsumexp(dim=-1, keepdim=True)
+            index = torch.tensor(targets, device=logits.device)[:, None]
+            chosen = (logits.gather(1, index) - norm)[:, 0].tolist()
             k = tracked.params.prompt_logprobs
-            top = logprobs.topk(k, dim=-1) if k else None
+            top = logits.topk(k, dim=-1) if k else None
             top_ids = top.indices.tolist() if top is not None else [[]] * len(targets)
-            top_lps = top.values.tolist() if top is not None else [[]] * len(targets)
+            top_lps = (top.values - norm).tolist() if top is not None else [[]] * len(targets)
             for j, token in enumerate(targets):
                 tracked.prompt_scores[start + 1 + j] = TokenLogprob(
                     token, chosen[j], tuple(zip(top_ids[j], top_lps[j]))
