@@ -50,16 +50,30 @@ def test_top_k_draws_only_among_the_k_largest(seed, top_k, vocab):
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**32), top_p=st.floats(0.05, 0.99))
-def test_top_p_draws_only_from_the_nucleus(seed, top_p):
-    # vLLM's rule: a token stays while the mass ranked above it is below top_p.
-    logits = torch.randn(1, 30, generator=torch.Generator().manual_seed(seed)) * 3
-    probs, order = torch.softmax(logits[0], -1).sort(descending=True)
+@given(
+    seed=st.integers(0, 2**32),
+    top_p=st.floats(0.05, 0.99),
+    # A wide flat distribution's nucleus outgrows the top-k candidates (full sort); a
+    # peaked one's fits them.
+    shape=st.sampled_from([(30, 3.0), (3000, 0.05), (3000, 4.0)]),
+    top_k=st.sampled_from([0, 5, 2000]),
+)
+def test_top_p_draws_only_from_the_nucleus(seed, top_p, shape, top_k):
+    # vLLM's rule: a token stays while the mass ranked above it is below top_p, over
+    # the top-k renormalised distribution when top_k is set.
+    vocab, scale = shape
+    logits = torch.randn(2, vocab, generator=torch.Generator().manual_seed(seed)) * scale
+    ranked, order = logits[0].sort(descending=True)
+    if 0 < top_k < vocab:
+        ranked, order = ranked[:top_k], order[:top_k]
+    probs = torch.softmax(ranked, -1)
     before = torch.cumsum(probs, -1) - probs
     nucleus = set(order[before < top_p].tolist())
-    params = SamplingParams(temperature=1.0, top_p=top_p, seed=seed)
-    for step in range(10):
-        assert tokens(logits, [params], output_ids=[[0] * step])[0] in nucleus
+    params = SamplingParams(top_p=top_p, top_k=top_k, seed=seed)
+    open_row = SamplingParams(seed=seed + 1)
+    for step in range(5):
+        got = tokens(logits, [params, open_row], output_ids=[[0] * step] * 2)
+        assert got[0] in nucleus
 
 
 @settings(max_examples=40, deadline=None)

@@ -14,8 +14,11 @@ temperature 0 or 1 they are the model's own log-probabilities. Then ``min_p``,
 ``top_k`` and ``top_p`` filter, and temperature 0 rows take the argmax.
 
 ``top_p`` keeps a token while the probability mass of the tokens ranked above it is
-below ``top_p`` (vLLM's rule; the top token always stays). ``top_k`` keeps every token
-whose logit ties the k-th largest.
+below ``top_p`` (vLLM's rule; the top token always stays), over the top-k distribution
+when ``top_k`` is set. ``top_k`` keeps the k largest logits (ties at the k-th are
+broken by ``torch.topk``'s order). Both filter among the likeliest
+``NUCLEUS_CANDIDATES`` tokens found by one ``topk`` and fall back to a full sort only
+when a nucleus is wider than that.
 
 Random draws are counter-based: row ``i`` draws one uniform number from a hash of its
 seed and the number of tokens it has generated so far (``len(output_ids[i])``), and
@@ -293,6 +296,12 @@ def _apply_penalties(x, params, output_ids, prompt_ids) -> None:
     x[index] = sub
 
 
+# How many of the likeliest tokens a top-p row is first filtered among: the nucleus is
+# nearly always far smaller, and a top-k over the vocabulary costs a fraction of a full
+# sort (which runs only when some row's nucleus is wider than this).
+NUCLEUS_CANDIDATES = 1024
+
+
 def _filter(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """``x`` with the tokens outside min_p, top-k and the top-p nucleus set to -inf."""
     dev = x.device
@@ -302,17 +311,50 @@ def _filter(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
         floor = torch.tensor(min_p, device=dev)[:, None] * probs.max(dim=-1, keepdim=True).values
         x = x.masked_fill(probs < floor, float("-inf"))
     vocab = x.shape[1]
-    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-    top_p = [p.top_p for p in params]
-    if all(k == vocab for k in top_k) and all(p >= 1.0 for p in top_p):
+    ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    ps = [p.top_p for p in params]
+    if all(k == vocab for k in ks) and all(p >= 1.0 for p in ps):
         return x
-    ordered, order = x.sort(dim=-1, descending=True)
-    kth = ordered.gather(1, torch.tensor(top_k, device=dev)[:, None] - 1)
-    drop = ordered < kth
-    if any(p < 1.0 for p in top_p):
-        probs = ordered.masked_fill(drop, float("-inf")).softmax(dim=-1)
-        drop |= (probs.cumsum(dim=-1) - probs) >= torch.tensor(top_p, device=dev)[:, None]
-    return torch.empty_like(x).scatter_(1, order, ordered.masked_fill(drop, float("-inf")))
+    top_k = torch.tensor(ks, device=dev)
+    top_p = torch.tensor(ps, device=dev)
+    limited = [k for k in ks if k < vocab]
+    unlimited = len(limited) < len(ks)
+    width = min(vocab, max([*limited, NUCLEUS_CANDIDATES if unlimited else 0]))
+    values, order = x.topk(width, dim=-1)  # sorted, largest first
+    kept = _keep(values, top_k, top_p, x.logsumexp(dim=-1, keepdim=True))
+    if kept is None:  # some nucleus is wider than the candidates: sort everything
+        values, order = x.sort(dim=-1, descending=True)
+        kept = _keep(values, top_k, top_p, None)
+    out = torch.full_like(x, float("-inf")).scatter_(
+        1, order, values.masked_fill(~kept, float("-inf"))
+    )
+    # Rows with neither filter keep every token (their candidates were cut at width).
+    open_rows = (top_k == vocab) & (top_p >= 1.0)
+    return torch.where(open_rows[:, None], x, out) if bool(open_rows.any()) else out
+
+
+def _keep(values, top_k, top_p, full_norm):
+    """Which of each row's candidates (``values``, sorted descending) survive top-k
+    (the first k columns) and top-p (mass ranked above below top_p, over the top-k
+    renormalised distribution, or over the whole vocabulary without top-k); None when
+    a candidate set misses part of a row's nucleus."""
+    width = values.shape[1]
+    kept = torch.arange(width, device=values.device)[None, :] < top_k[:, None]
+    if not bool((top_p < 1.0).any()):
+        return kept
+    masked = values.masked_fill(~kept, float("-inf"))
+    norm = masked.logsumexp(dim=-1, keepdim=True)
+    if full_norm is not None:
+        limited = (top_k <= width)[:, None]
+        norm = torch.where(limited, norm, full_norm)
+    probs = (masked - norm).exp()
+    cumulative = probs.cumsum(dim=-1)
+    if full_norm is not None:
+        # A row's whole nucleus lies among its candidates once their mass reaches top_p.
+        complete = (cumulative[:, -1] >= top_p) | (top_k <= width) | (top_p >= 1.0)
+        if not bool(complete.all()):
+            return None
+    return kept & ((cumulative - probs) < top_p[:, None])
 
 
 _MASK32 = 0xFFFFFFFF
