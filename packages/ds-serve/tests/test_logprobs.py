@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from pathlib import Path
 
 import httpx
 import openai
@@ -213,11 +214,29 @@ def first_tokens(client, prompt: str, n: int, **extra) -> tuple[list[str], objec
     return result.choices[0].logprobs.tokens, result
 
 
-def test_stop_token_ids_min_tokens_ignore_eos_and_logit_bias(client, reference_model):
-    tok = reference_model.tokenizer
-    prompt = "import os\n"
+@pytest.fixture(scope="module")
+def builtin():
+    """The shipped model (models/ds-tiny-coder) served, and loaded for reference."""
+    import ds_model
+    from ds_serve.default_model import find_default_model
+
+    try:
+        path = find_default_model(Path(__file__).parent)
+    except FileNotFoundError:
+        pytest.skip("the built-in model is not in this checkout")
+    app = create_app(path, num_blocks=64, dtype="float32", served_model_name="tiny-coder")
+    with LiveServer(app) as live:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        yield client, ds_model.from_pretrained(path, dtype="float32")
+
+
+def test_stop_token_ids_min_tokens_ignore_eos_and_logit_bias(builtin):
+    client, model = builtin
+    tok = model.tokenizer
+    prompt = "def fibonacci(n):\n"
     ids = tok.encode(prompt)
-    out = greedy_ids(reference_model, ids, 6)
+    out = greedy_ids(model, ids, 6)
+    assert len(out) >= 3, "the built-in model ends this prompt at once"
     stop = out[2]
     first = out.index(stop)
     _, result = first_tokens(client, prompt, 6, extra_body={"stop_token_ids": [stop]})
