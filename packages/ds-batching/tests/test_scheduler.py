@@ -229,6 +229,21 @@ def test_repeated_prompt_is_served_from_the_prefix_cache():
     assert out.scheduled[0].start_position == 0 and out.scheduled[0].lora_name == "x"
 
 
+def test_skip_prefix_cache_computes_the_whole_prompt():
+    sched = make(block_size=4)
+    prompt = list(range(100, 111))
+    sched.add(Request("first", prompt, max_tokens=1))
+    step(sched)
+    sched.add(Request("scored", prompt, max_tokens=1, skip_prefix_cache=True))
+    out, finished = step(sched)
+    assert out.scheduled[0].start_position == 0 and out.scheduled[0].token_ids == prompt
+    assert finished[0].num_cached_tokens == 0
+    # The cached prefix is left intact for later requests.
+    sched.add(Request("later", prompt, max_tokens=1))
+    out, _ = step(sched)
+    assert out.scheduled[0].start_position == 8
+
+
 def test_prefix_caching_off_never_hits():
     sched = make(enable_prefix_caching=False)
     for rid in ("a", "b"):

@@ -99,6 +99,24 @@ def test_runner_step_matches_plain_forward(config):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
 
 
+def test_runner_returns_every_position_of_flagged_sequences():
+    model = tiny()
+    runner = ModelRunner(model, num_blocks=12, block_size=4)
+    rng = random.Random(1)
+    seqs = [[rng.randrange(model.config.vocab_size) for _ in range(n)] for n in (10, 3)]
+    tables = [[0, 1, 2], [3]]
+    # Sequence 0 in two chunks (flagged both times), sequence 1 whole and not flagged.
+    last, per = runner.step([seqs[0][:6], seqs[1]], [0, 0], tables, all_positions=[True, False])
+    assert per[1] is None and per[0].shape == (6, model.config.vocab_size)
+    torch.testing.assert_close(per[0][-1], last[0])
+    _, rest = runner.step([seqs[0][6:]], [6], tables[:1], all_positions=[True])
+    with torch.no_grad():
+        expected = model(torch.tensor([seqs[0]])).logits[0]
+    torch.testing.assert_close(torch.cat([per[0], rest[0]]), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="all_positions"):
+        runner.step([seqs[1]], [0], tables[1:], all_positions=[True, True])
+
+
 def test_runner_is_a_model_runner_protocol_and_sizes_its_pool():
     model = tiny()
     per_block = ds_model.PagedKVCache.bytes_per_block(model.config, 16, torch.float32)
@@ -198,11 +216,11 @@ def test_prompt_at_once_equals_token_by_token(params, prompt_len, seed):
     rows=st.integers(1, 3),
 )
 def test_greedy_picks_argmax_with_ties_and_nan(values, rows):
-    from ds_model.generation import SamplingParams, sample_next
+    from ds_model.sampling import SamplingParams, sample
 
     logits = torch.tensor(values * rows).view(rows, -1)
     logits[-1] = logits[-1].flip(0)
-    got = sample_next(logits, SamplingParams(temperature=0.0, top_p=1.0, top_k=0))
+    got = sample(logits, [SamplingParams(temperature=0.0)] * rows).token_ids
     assert torch.equal(got, logits.argmax(-1))
 
 

@@ -102,8 +102,10 @@ def forbid_eos(engine) -> None:
     eos = list(engine.eos_token_ids)
 
     def step_without_eos(*args, **kwargs):
-        logits = step(*args, **kwargs).clone()  # an inference tensor: copy to edit
+        out = step(*args, **kwargs)
+        logits, rest = out if isinstance(out, tuple) else (out, None)
+        logits = logits.clone()  # an inference tensor: copy to edit
         logits[:, eos] = float("-inf")
-        return logits
+        return logits if rest is None else (logits, rest)
 
     engine.runner.step = step_without_eos

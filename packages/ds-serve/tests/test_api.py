@@ -62,7 +62,7 @@ def test_any_json_object_decodes_or_gives_a_named_400(body, kind):
     [
         (b'{"prompt": "x", "temperature": 3}', "temperature"),
         (b'{"prompt": "x", "n": 0}', "n"),
-        (b'{"prompt": "x", "frobnicate": 1}', "frobnicate"),
+        (b'{"prompt": "x", "stream_options": {"frobnicate": 1}}', "stream_options.frobnicate"),
         (b'{"prompt": [1, -5]}', "prompt.1"),
         (b'{"max_tokens": 3}', "prompt"),
     ],

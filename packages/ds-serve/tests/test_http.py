@@ -78,7 +78,18 @@ fields = {
     "stream": st.booleans() | json_values,
     "stop": st.text(max_size=3) | json_values,
     "seed": st.integers(-(2**64), 2**64),
-    "logprobs": json_values,
+    "logprobs": st.integers(-1, 21) | json_values,
+    "top_logprobs": st.integers(-1, 21) | json_values,
+    "logit_bias": st.dictionaries(
+        st.text(max_size=4) | st.integers(-2, 600).map(str), st.floats(-200, 200), max_size=3
+    )
+    | json_values,
+    "min_tokens": st.integers(-1, 10),
+    "stop_token_ids": st.lists(st.integers(-2, 600), max_size=3) | json_values,
+    "repetition_penalty": st.floats(-1, 3),
+    "presence_penalty": st.floats(-3, 3),
+    "min_p": st.floats(-0.5, 1.5),
+    "ignore_eos": st.booleans(),
     "stream_options": json_values,
     "tokens": st.lists(st.integers(-2, 600), max_size=5),
     "echo": st.booleans(),
@@ -130,8 +141,17 @@ def test_tokenize_and_detokenize_round_trip(http):
 
 
 def test_unsupported_options_are_refused_not_ignored(http):
-    response = http.post("/v1/completions", json={"prompt": "x", "logprobs": 2})
-    assert response.status_code == 400 and assert_openai_error(response)["param"] == "logprobs"
+    response = http.post("/v1/completions", json={"prompt": "x", "suffix": "y"})
+    assert response.status_code == 400 and assert_openai_error(response)["param"] == "suffix"
+    body = {"prompt": "x", "include_stop_str_in_output": True}
+    response = http.post("/v1/completions", json=body)
+    assert assert_openai_error(response)["param"] == "include_stop_str_in_output"
+    response = http.post("/v1/chat/completions", json={"messages": [], "tools": []})
+    assert assert_openai_error(response)["param"] == "messages"
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    for field in ("tools", "tool_choice", "response_format", "parallel_tool_calls"):
+        response = http.post("/v1/chat/completions", json={**chat, field: None})
+        assert response.status_code == 400 and assert_openai_error(response)["param"] == field
     response = http.post("/v1/completions", json={"prompt": "x", "stream_options": {}})
     assert assert_openai_error(response)["param"] == "stream_options"
 

@@ -62,6 +62,9 @@ class Request:
     untouched for the engine's sampler; ``lora_name`` names the adapter to run with
     (it also keys the prefix cache, since KV differs per adapter). Under the
     ``priority`` policy a lower ``priority`` value is served first.
+    ``skip_prefix_cache`` computes the whole prompt even when a cached prefix exists
+    (its blocks are still published): an engine that scores every prompt token needs
+    the logits of every prompt position.
 
     The scheduler owns the mutable state below once the request is added.
     """
@@ -87,6 +90,7 @@ class Request:
         "sampling_params",
         "scheduled_item",
         "seq_no",
+        "skip_prefix_cache",
         "status",
         "stop_set",
         "stop_token_ids",
@@ -105,6 +109,7 @@ class Request:
         lora_name: str | None = None,
         priority: int = 0,
         arrival_time: float | None = None,
+        skip_prefix_cache: bool = False,
     ) -> None:
         if not isinstance(request_id, str) or not request_id:
             raise TypeError(f"request_id must be a non-empty str, got {request_id!r}")
@@ -130,6 +135,7 @@ class Request:
         self.sampling_params = sampling_params
         self.lora_name = lora_name
         self.priority = priority
+        self.skip_prefix_cache = bool(skip_prefix_cache)
         self.arrival_time = time.monotonic() if arrival_time is None else float(arrival_time)
         self.status = RequestStatus.WAITING
         self.finish_reason: FinishReason | None = None

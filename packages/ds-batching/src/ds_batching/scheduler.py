@@ -410,7 +410,7 @@ class Scheduler:
             req = waiting.peek()
             num_tokens = len(req.all_token_ids)
             hits: list[int] = []
-            if cfg.enable_prefix_caching:
+            if cfg.enable_prefix_caching and not req.skip_prefix_cache:
                 # At least the last token is recomputed: its logits give the next token.
                 hits = bm.find_cached_prefix(
                     req.all_token_ids, req.lora_name, (num_tokens - 1) // block_size

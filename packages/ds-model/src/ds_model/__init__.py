@@ -6,7 +6,7 @@ from ds_model.auto import AutoModel, from_config, from_pretrained
 from ds_model.cache import PagedKVCache, StaticKVCache
 from ds_model.config import PRESETS, SUPPORTED_MODEL_TYPES, ConfigError, ModelConfig, RopeScaling
 from ds_model.default_model import DefaultModelNotFound, find_default_model
-from ds_model.generation import SamplingParams, generate, stream
+from ds_model.generation import generate, stream
 from ds_model.loading import (
     CheckpointError,
     MissingShardError,
@@ -18,6 +18,7 @@ from ds_model.loading import (
 from ds_model.model import CausalLMOutput, DeepSeekForCausalLM
 from ds_model.protocol import CausalLM, ModelRunnerProtocol
 from ds_model.runner import ModelRunner, SequenceBatch, num_blocks_for_memory
+from ds_model.sampling import Sampled, SamplingParams, sample
 from ds_model.tokenizer import Tokenizer, load_tokenizer
 from ds_model.training import (
     DistillationTrainer,
@@ -48,6 +49,7 @@ __all__ = [
     "ModelRunnerProtocol",
     "PagedKVCache",
     "RopeScaling",
+    "Sampled",
     "SamplingParams",
     "SequenceBatch",
     "ShapeMismatchError",
@@ -65,6 +67,7 @@ __all__ = [
     "load_tokenizer",
     "num_blocks_for_memory",
     "parameter_counts",
+    "sample",
     "save_pretrained",
     "stream",
 ]

@@ -15,6 +15,8 @@ results are cut before it).
 
 from __future__ import annotations
 
+import dataclasses
+import random
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,49 +26,9 @@ import torch
 
 from ds_model.cache import StaticKVCache
 from ds_model.cuda_graph import GraphedDecoder, graphable, static_step_supported
+from ds_model.sampling import SamplingParams, sample
 
-__all__ = ["SamplingParams", "generate", "sample_next", "stream"]
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """``temperature=0`` is greedy; ``top_k=0`` and ``top_p=1`` disable those filters."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature!r} must be a number >= 0")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k!r} must be an int >= 0 (0 disables it)")
-
-
-def sample_next(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """``logits``: (batch, vocab) -> next token ids (batch,)."""
-    if params.temperature == 0:
-        # max's indices are argmax's (the first of tied maxima, NaN counting as the
-        # largest) at a third of the time on CPU: 60 vs 185 us for (8, 16384) logits, 3%
-        # of a compiled decode step.
-        return logits.max(dim=-1).indices
-    logits = logits.float() / params.temperature
-    if params.top_k and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens ranked above it already cover top_p.
-        drop = probs.cumsum(dim=-1) - probs > params.top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+__all__ = ["generate", "stream"]
 
 
 @dataclass
@@ -171,9 +133,9 @@ def _steps(
         ids[b, longest - len(r) :] = torch.tensor(r, dtype=torch.long)
         key_valid[b, : longest - len(r)] = False
     padded = any(n != longest for n in lengths)
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
+    # Row b draws with seed + b, so the rows of a batch differ and each is reproducible.
+    base_seed = seed if seed is not None else random.getrandbits(62)
+    row_params = [dataclasses.replace(params, seed=(base_seed + b) % 2**63) for b in range(batch)]
     decoder = _graphed_decoder(model, cuda_graph, compile, batch, longest + max_new_tokens)
     if decoder is not None:
         cache = decoder.cache
@@ -202,7 +164,7 @@ def _steps(
                 decoder.start(key_valid[:, :longest])
         for i in range(max_new_tokens):
             with torch.inference_mode():
-                token = sample_next(logits, params, generator)
+                token = sample(logits, row_params, output_ids=generated).token_ids
                 is_stop = torch.isin(token, stop_tensor).tolist() if stop_ids else [False] * batch
             token_list = token.tolist()
             step: list[int | None] = []
@@ -298,6 +260,8 @@ def _fingerprint(model) -> tuple:
 
 
 def _params(temperature: float, top_p: float, top_k: int) -> SamplingParams:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k={top_k!r} must be an int >= 0 (0 disables it)")
     return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
 
 

@@ -98,13 +98,19 @@ class ModelRunner:
         positions: Sequence[int],
         block_tables: Sequence[Sequence[int]],
         adapters: Sequence[str | None] | None = None,
+        all_positions: Sequence[bool] | None = None,
         **kwargs: Any,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor | None]]:
         """Run one step; returns each sequence's last-position logits (num_seqs, vocab).
 
         ``adapters``: per sequence, the name of a LoRA adapter loaded on the model (see
         ``ds_model.load_adapter``) or ``None`` for the base model; a mixed batch runs in
-        one pass through ds-lora's ``adapter_batch``."""
+        one pass through ds-lora's ``adapter_batch``.
+
+        ``all_positions``: per sequence, whether to also return the logits of every
+        token it feeds this step (prompt scoring). When given, the result is
+        ``(last_logits, per_sequence)`` where ``per_sequence[s]`` is
+        (len(token_ids[s]), vocab) for flagged sequences and ``None`` for the others."""
         if kwargs:
             raise TypeError(f"step() got unexpected arguments: {', '.join(sorted(kwargs))}")
         n_seqs = len(token_ids)
@@ -148,7 +154,35 @@ class ModelRunner:
                 )
             last = hidden[cu_q[1:].long() - 1, 0]
             with seq_rows:
-                return self.model.lm_head(last)
+                logits = self.model.lm_head(last)
+            if all_positions is None:
+                return logits
+            return logits, self._all_logits(hidden, all_positions, new_lens, adapters)
+
+    def _all_logits(self, hidden, flags, new_lens: list[int], adapters) -> list:
+        """The logits of every new token of the flagged sequences (one lm_head call)."""
+        if len(flags) != len(new_lens):
+            raise ValueError(
+                f"all_positions must have one entry per sequence ({len(new_lens)}), "
+                f"got {len(flags)}"
+            )
+        starts = [0, *_cumsum(new_lens)]
+        picked = [s for s, flag in enumerate(flags) if flag]
+        out: list[torch.Tensor | None] = [None] * len(flags)
+        if not picked:
+            return out
+        rows = torch.cat([torch.arange(starts[s], starts[s + 1]) for s in picked])
+        rows_adapters = contextlib.nullcontext()
+        if adapters is not None:
+            import ds_lora
+
+            names = [adapters[s] for s in picked for _ in range(new_lens[s])]
+            rows_adapters = ds_lora.adapter_batch(self.model, names)
+        with rows_adapters:
+            logits = self.model.lm_head(hidden[rows.to(hidden.device), 0])
+        for s, block in zip(picked, logits.split([new_lens[s] for s in picked])):
+            out[s] = block
+        return out
 
     def _adapter_rows(self, adapters, new_lens: list[int], ctx_lens: list[int]):
         """Context managers giving each new-token row, each sequence row, and each context

@@ -1,9 +1,11 @@
 """The OpenAI wire format as msgspec Structs: decoded, validated and encoded by msgspec.
 
-Requests forbid unknown fields, so a misspelt or unsupported argument is a 400 naming
-the field rather than a silently ignored option (OpenAI itself answers "Unrecognized
-request argument supplied"). Numeric ranges are msgspec ``Meta`` constraints, so the
-decoder reports the offending field's path (``$.temperature``) in its error.
+Unknown top-level request fields are accepted and ignored, as vLLM does: clients and
+frameworks send fields of newer API versions (``store``, ``metadata``...). The HTTP
+layer logs their names and counts them in /metrics. Nested objects (messages, content
+parts, stream options) still forbid unknown fields. Known fields with bad values are a
+400 naming the field: numeric ranges are msgspec ``Meta`` constraints, so the decoder
+reports the offending field's path (``$.temperature``) in its error.
 """
 
 from __future__ import annotations
@@ -13,17 +15,22 @@ from typing import Annotated, Literal
 from msgspec import Meta, Struct
 
 __all__ = [
+    "REFUSED_FIELDS",
     "ChatChoice",
     "ChatChunkChoice",
     "ChatCompletionChunk",
     "ChatCompletionRequest",
     "ChatCompletionResponse",
     "ChatDelta",
+    "ChatLogprobs",
     "ChatMessage",
     "ChatResponseMessage",
+    "ChatTokenLogprob",
+    "ChatTopLogprob",
     "CompletionChoice",
     "CompletionChunk",
     "CompletionChunkChoice",
+    "CompletionLogprobs",
     "CompletionRequest",
     "CompletionResponse",
     "ContentPart",
@@ -37,14 +44,24 @@ __all__ = [
     "StreamOptions",
     "TokenizeRequest",
     "TokenizeResponse",
+    "TokenizerInfo",
     "Usage",
+    "VersionResponse",
 ]
+
+# Request fields this server does not accept yet: refused with the same 400 as before
+# unknown fields were ignored, rather than ignored, since ignoring them changes answers.
+REFUSED_FIELDS = frozenset({"response_format", "tools", "tool_choice", "parallel_tool_calls"})
 
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
 # top_k is a vLLM extension; -1 (or 0) means "no top-k filter", as in vLLM.
 TopK = Annotated[int, Meta(ge=-1)]
 MaxTokens = Annotated[int, Meta(ge=1)]
+# Completions accept max_tokens 0: score the prompt (echo + logprobs), generate nothing.
+CompletionMaxTokens = Annotated[int, Meta(ge=0)]
+NumLogprobs = Annotated[int, Meta(ge=0, le=20)]
+Bias = Annotated[float, Meta(ge=-100.0, le=100.0)]
 NumChoices = Annotated[int, Meta(ge=1, le=16)]
 Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
 TokenId = Annotated[int, Meta(ge=0, lt=2**31)]
@@ -56,7 +73,7 @@ class StreamOptions(Struct, forbid_unknown_fields=True):
     include_usage: bool = False
 
 
-class _SamplingFields(Struct, forbid_unknown_fields=True, kw_only=True):
+class _SamplingFields(Struct, kw_only=True):
     """Fields shared by completions and chat completions."""
 
     model: str | None = None
@@ -69,12 +86,20 @@ class _SamplingFields(Struct, forbid_unknown_fields=True, kw_only=True):
     stop: str | StopList | None = None
     seed: Seed | None = None
     user: str | None = None
-    # Accepted so that clients which always send them work; only the neutral value
-    # is supported, anything else is a 400 naming the field (see validation.py).
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    logprobs: bool | int | None = None
-    logit_bias: dict[str, float] | None = None
+    # Token id (as a JSON object key) -> value added to its logit.
+    logit_bias: dict[str, Bias] | None = None
+    # vLLM's sampling extensions.
+    min_p: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
+    repetition_penalty: Annotated[float, Meta(gt=0.0, le=2.0)] | None = None
+    min_tokens: Annotated[int, Meta(ge=0)] = 0
+    ignore_eos: bool = False
+    stop_token_ids: Annotated[list[TokenId], Meta(max_length=64)] | None = None
+    # Accepted so that clients which always send them work; only the default is
+    # supported, anything else is a 400 naming the field (see validation.py).
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
 
 
 class CompletionRequest(_SamplingFields, kw_only=True):
@@ -85,7 +110,9 @@ class CompletionRequest(_SamplingFields, kw_only=True):
     """
 
     prompt: str | Annotated[list[str | TokenId | list[TokenId]], Meta(min_length=1)]
-    max_tokens: MaxTokens | None = 16
+    max_tokens: CompletionMaxTokens | None = 16
+    # Top alternatives per token (0: only the chosen token's logprob).
+    logprobs: NumLogprobs | None = None
     echo: bool = False
     best_of: NumChoices | None = None
     suffix: str | None = None
@@ -116,6 +143,8 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     max_tokens: MaxTokens | None = None
     max_completion_tokens: MaxTokens | None = None
     add_generation_prompt: bool = True
+    logprobs: bool = False
+    top_logprobs: NumLogprobs | None = None
 
 
 class Usage(Struct):
@@ -124,11 +153,21 @@ class Usage(Struct):
     total_tokens: int
 
 
+class CompletionLogprobs(Struct):
+    """The legacy completions format: parallel lists, one entry per token. The first
+    prompt token of an ``echo`` has no logprob (null) and no alternatives (null)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(Struct):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(Struct):
@@ -144,7 +183,7 @@ class CompletionChunkChoice(Struct):
     index: int
     text: str
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionChunk(Struct):
@@ -161,11 +200,28 @@ class ChatResponseMessage(Struct):
     role: str = "assistant"
 
 
+class ChatTopLogprob(Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[ChatTopLogprob]
+
+
+class ChatLogprobs(Struct):
+    content: list[ChatTokenLogprob] | None
+
+
 class ChatChoice(Struct):
     index: int
     message: ChatResponseMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(Struct):
@@ -186,7 +242,7 @@ class ChatChunkChoice(Struct):
     index: int
     delta: ChatDelta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(Struct):
@@ -213,7 +269,22 @@ class ModelList(Struct):
     object: str = "list"
 
 
-class TokenizeRequest(Struct, forbid_unknown_fields=True, kw_only=True):
+class VersionResponse(Struct):
+    version: str
+
+
+class TokenizerInfo(Struct, omit_defaults=True):
+    """vLLM's ``GET /tokenizer_info``: what a client needs to tokenize as the server does."""
+
+    tokenizer_class: str
+    vocab_size: int
+    model_max_length: int
+    bos_token: str | None = None
+    eos_token: str | None = None
+    chat_template: str | None = None
+
+
+class TokenizeRequest(Struct, kw_only=True):
     """vLLM's ``POST /tokenize``: either ``prompt`` or chat ``messages``."""
 
     model: str | None = None
@@ -229,7 +300,7 @@ class TokenizeResponse(Struct):
     max_model_len: int
 
 
-class DetokenizeRequest(Struct, forbid_unknown_fields=True, kw_only=True):
+class DetokenizeRequest(Struct, kw_only=True):
     tokens: list[TokenId]
     model: str | None = None
 

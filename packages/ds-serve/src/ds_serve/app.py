@@ -4,7 +4,8 @@ Bodies are msgspec Structs both ways. Every error is an OpenAI error body: 400 f
 invalid request (naming the field, a chat template's own error included), 401 for a
 missing or wrong API key (every route but ``/health`` when a key is set), 404 for an
 unknown model or route, 413 for an oversized body, 429 when the waiting queue is full,
-503 while shutting down.
+503 while shutting down. Unknown top-level request fields are ignored (logged, counted
+in /metrics). ``/openapi.json`` is generated from the msgspec types in ``api.py``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ds_serve.api import (
+    REFUSED_FIELDS,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -36,6 +38,8 @@ from ds_serve.api import (
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
+    TokenizerInfo,
+    VersionResponse,
 )
 from ds_serve.choices import (
     Choices,
@@ -46,6 +50,7 @@ from ds_serve.choices import (
 )
 from ds_serve.engine import Engine, EngineClosed
 from ds_serve.errors import APIError, error_from_msgspec
+from ds_serve.openapi import DOCS_HTML, openapi_schema
 from ds_serve.sse import SSEResponse
 from ds_serve.validation import (
     ModelInfo,
@@ -101,10 +106,16 @@ class App:
         # Tokenizing and chat-template rendering; a pool of its own, so a flood of long
         # prompts cannot hold up the default executor the engine's shutdown runs on.
         self._workers = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="ds-tokenize")
+        self._openapi: bytes | None = None
         routes = [
             Route("/health", self._guard(self.health), methods=["GET"]),
             Route("/metrics", self._guard(self.metrics), methods=["GET"]),
             Route("/v1/models", self._guard(self.models), methods=["GET"]),
+            Route("/v1/models/{model_id:path}", self._guard(self.model), methods=["GET"]),
+            Route("/openapi.json", self._guard(self.openapi), methods=["GET"]),
+            Route("/docs", self._guard(self.docs), methods=["GET"]),
+            Route("/version", self._guard(self.version), methods=["GET"]),
+            Route("/tokenizer_info", self._guard(self.tokenizer_info), methods=["GET"]),
             Route("/v1/completions", self._guard(self.completions), methods=["POST"]),
             Route("/v1/chat/completions", self._guard(self.chat), methods=["POST"]),
             Route("/tokenize", self._guard(self.tokenize), methods=["POST"]),
@@ -246,7 +257,22 @@ class App:
             if size > self.max_body_bytes:
                 raise self._too_large()
             chunks.append(chunk)
-        return msgspec.json.decode(b"".join(chunks), type=kind)
+        body = b"".join(chunks)
+        decoded = msgspec.json.decode(body, type=kind)
+        self._check_fields(body, kind)
+        return decoded
+
+    def _check_fields(self, body: bytes, kind: type) -> None:
+        """Log and count the top-level fields ``kind`` does not know (they are ignored);
+        the fields in ``REFUSED_FIELDS`` are refused as unknown fields always were."""
+        keys = msgspec.json.decode(body, type=dict[str, msgspec.Raw])
+        unknown = sorted(k for k in keys if k not in kind.__struct_fields__)
+        for name in unknown:
+            if name in REFUSED_FIELDS:
+                raise msgspec.ValidationError(f"Object contains unknown field `{name}`")
+        if unknown:
+            log.warning("ignoring unknown request fields: %s", ", ".join(unknown))
+            self.engine.metrics.on_unknown_fields(len(unknown))
 
     async def _off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run tokenizing / template rendering on the worker threads, so a long prompt
@@ -279,15 +305,16 @@ class App:
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def models(self, request: Request) -> Response:
-        cards = [
-            ModelCard(
-                id=self.info.name,
-                created=self.created,
-                root=self.info.name,
-                max_model_len=self.info.max_model_len,
-            )
-        ]
-        cards += [
+        return _json(ModelList(data=self._cards()))
+
+    def _cards(self) -> list[ModelCard]:
+        base = ModelCard(
+            id=self.info.name,
+            created=self.created,
+            root=self.info.name,
+            max_model_len=self.info.max_model_len,
+        )
+        adapters = [
             ModelCard(
                 id=name,
                 created=self.created,
@@ -297,7 +324,49 @@ class App:
             )
             for name in self.info.adapters
         ]
-        return _json(ModelList(data=cards))
+        return [base, *adapters]
+
+    async def model(self, request: Request) -> Response:
+        """``GET /v1/models/{id}``: the card of the base model or a loaded adapter."""
+        model_id = request.path_params["model_id"]
+        for card in self._cards():
+            if card.id == model_id:
+                return _json(card)
+        raise APIError(
+            404,
+            f"The model `{model_id}` does not exist",
+            param="model",
+            code="model_not_found",
+        )
+
+    async def openapi(self, request: Request) -> Response:
+        if self._openapi is None:
+            self._openapi = _encode(openapi_schema())
+        return Response(self._openapi, media_type="application/json")
+
+    async def docs(self, request: Request) -> Response:
+        return Response(DOCS_HTML, media_type="text/html; charset=utf-8")
+
+    async def version(self, request: Request) -> Response:
+        from ds_serve import __version__
+
+        return _json(VersionResponse(version=__version__))
+
+    async def tokenizer_info(self, request: Request) -> Response:
+        """vLLM's ``GET /tokenizer_info``: the tokenizer's class, special tokens, context
+        length and chat template (lm-eval's remote tokenizer reads it)."""
+        tok = self.engine.tokenizer
+        config = getattr(tok, "config", {}) or {}
+        return _json(
+            TokenizerInfo(
+                tokenizer_class=config.get("tokenizer_class") or type(tok).__name__,
+                vocab_size=self.info.vocab_size,
+                model_max_length=self.info.max_model_len,
+                bos_token=getattr(tok, "bos_token", None),
+                eos_token=getattr(tok, "eos_token", None),
+                chat_template=getattr(tok, "chat_template", None),
+            )
+        )
 
     async def completions(self, request: Request):
         req = await self._body(request, CompletionRequest)
@@ -308,7 +377,7 @@ class App:
         if req.stream:
             return SSEResponse(completion_events(req, prepared, choices, echo), choices.abort)
         results = await choices.collect(request.receive)
-        return _json(completion_body(prepared, choices, results, echo))
+        return _json(completion_body(req, prepared, choices, results, echo))
 
     async def chat(self, request: Request):
         req = await self._body(request, ChatCompletionRequest)
@@ -317,7 +386,8 @@ class App:
         choices = Choices(self.engine, prepared)
         if req.stream:
             return SSEResponse(chat_events(req, prepared, choices), choices.abort)
-        return _json(chat_body(prepared, choices, await choices.collect(request.receive)))
+        results = await choices.collect(request.receive)
+        return _json(chat_body(req, prepared, choices, results))
 
     async def tokenize(self, request: Request) -> Response:
         req = await self._body(request, TokenizeRequest)

@@ -10,6 +10,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -25,12 +26,14 @@ from ds_serve.api import (
     CompletionChoice,
     CompletionChunk,
     CompletionChunkChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     Usage,
 )
-from ds_serve.engine import Delta, Engine, RequestTooLarge
+from ds_serve.engine import Delta, Engine, RequestTooLarge, TokenLogprob
 from ds_serve.errors import APIError
+from ds_serve.logprobs import chat_logprobs, completion_logprobs
 from ds_serve.sse import watch_disconnect
 from ds_serve.validation import Prepared
 
@@ -43,11 +46,27 @@ def _sse(obj: Any) -> bytes:
     return b"data: " + msgspec.json.encode(obj) + b"\n\n"
 
 
+@dataclass
+class ChoiceResult:
+    """One finished choice: its text, why it ended, its tokens and their logprobs."""
+
+    text_parts: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
+
+
 class Choices:
     """The n choices of one HTTP request: engine ids, shared output queue, running totals."""
 
     def __init__(self, engine: Engine, prepared: Prepared) -> None:
         self.engine = engine
+        self.prompts = prepared.prompts
         self.queue: asyncio.Queue[Delta] = asyncio.Queue()
         self.index: dict[str, int] = {}
         self.prompt_tokens = sum(len(p) for p in prepared.prompts)
@@ -91,21 +110,29 @@ class Choices:
             self.prompt_tokens, self.completion_tokens, self.prompt_tokens + self.completion_tokens
         )
 
-    async def collect(self, receive) -> list[tuple[str, str | None]]:
-        """All choices' text and finish reasons (non-streamed); a client disconnect,
-        seen on the ASGI ``receive``, aborts them at once."""
-        texts: list[list[str]] = [[] for _ in self.index]
-        reasons: list[str | None] = [None] * len(self.index)
+    async def collect(self, receive) -> list[ChoiceResult]:
+        """All choices' results (non-streamed); a client disconnect, seen on the ASGI
+        ``receive``, aborts them at once."""
+        results = [ChoiceResult() for _ in self.index]
         watcher = watch_disconnect(receive, self.abort)
         try:
             async for i, delta in self.deltas():
-                texts[i].append(delta.text)
+                result = results[i]
+                result.text_parts.append(delta.text)
+                result.token_ids += delta.token_ids
+                if delta.logprobs:
+                    result.logprobs += delta.logprobs
+                if delta.prompt_logprobs is not None:
+                    result.prompt_logprobs = delta.prompt_logprobs
                 if delta.finish_reason is not None:
-                    reasons[i] = delta.finish_reason
+                    result.finish_reason = delta.finish_reason
         finally:
             watcher.cancel()
             self.abort()
-        return [("".join(t), r) for t, r in zip(texts, reasons)]
+        return results
+
+    def prompt_of(self, choice: int, n: int) -> list[int]:
+        return self.prompts[choice // n]
 
 
 def _ids(prefix: str) -> tuple[str, int]:
@@ -121,13 +148,29 @@ async def completion_events(
     def chunk(choice_list: list[CompletionChunkChoice], usage: Usage | None = None) -> bytes:
         return _sse(CompletionChunk(rid, created, prepared.model, choice_list, usage=usage))
 
+    decode = choices.engine.tokenizer.decode
+    scored = req.logprobs is not None
+    # Per choice: the token ids so far (the context of the next token's text) and the
+    # next token's text_offset (offsets count token texts, as in the whole response).
+    context = [list(choices.prompt_of(i, n)) for i in range(len(choices.index))]
+    sent = [0] * len(choices.index)
     try:
-        if req.echo:
+        if req.echo and not scored:
             for i in range(len(choices.index)):
                 yield chunk([CompletionChunkChoice(i, echo[i // n])])
         async for i, delta in choices.deltas():
-            if delta.text or delta.finish_reason:
-                yield chunk([CompletionChunkChoice(i, delta.text, delta.finish_reason)])
+            if scored and delta.prompt_logprobs is not None and req.echo:
+                # The prompt's scores arrive with the choice's first delta.
+                logprobs = completion_logprobs(decode, [], delta.prompt_logprobs, 0)
+                yield chunk([CompletionChunkChoice(i, echo[i // n], logprobs=logprobs)])
+                sent[i] = len(echo[i // n])
+            logprobs = None
+            if scored and delta.logprobs:
+                logprobs = completion_logprobs(decode, context[i], delta.logprobs, sent[i])
+                context[i] += delta.token_ids
+                sent[i] = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
+            if delta.text or delta.finish_reason or logprobs is not None:
+                yield chunk([CompletionChunkChoice(i, delta.text, delta.finish_reason, logprobs)])
         if req.stream_options is not None and req.stream_options.include_usage:
             yield chunk([], usage=choices.usage())
         yield DONE
@@ -136,19 +179,32 @@ async def completion_events(
 
 
 def completion_body(
-    prepared: Prepared, choices: Choices, results: list[tuple[str, str | None]], echo: list[str]
+    req: CompletionRequest,
+    prepared: Prepared,
+    choices: Choices,
+    results: list[ChoiceResult],
+    echo: list[str],
 ) -> CompletionResponse:
     rid, created = _ids("cmpl")
     n = len(prepared.params)
+    decode = choices.engine.tokenizer.decode
+    body = []
+    for i, result in enumerate(results):
+        logprobs = None
+        if req.logprobs is not None:
+            prompt = choices.prompt_of(i, n)
+            logprobs = completion_logprobs(decode, prompt, result.logprobs, len(echo[i // n]))
+            if req.echo and result.prompt_logprobs is not None:
+                head = completion_logprobs(decode, [], result.prompt_logprobs, 0)
+                logprobs = CompletionLogprobs(
+                    head.tokens + logprobs.tokens,
+                    head.token_logprobs + logprobs.token_logprobs,
+                    head.top_logprobs + logprobs.top_logprobs,
+                    head.text_offset + logprobs.text_offset,
+                )
+        body.append(CompletionChoice(i, echo[i // n] + result.text, result.finish_reason, logprobs))
     return CompletionResponse(
-        id=rid,
-        created=created,
-        model=prepared.model,
-        usage=choices.usage(),
-        choices=[
-            CompletionChoice(i, echo[i // n] + text, reason)
-            for i, (text, reason) in enumerate(results)
-        ],
+        id=rid, created=created, model=prepared.model, usage=choices.usage(), choices=body
     )
 
 
@@ -160,12 +216,18 @@ async def chat_events(
     def chunk(choice_list: list[ChatChunkChoice], usage: Usage | None = None) -> bytes:
         return _sse(ChatCompletionChunk(rid, created, prepared.model, choice_list, usage=usage))
 
+    decode = choices.engine.tokenizer.decode
+    context = [list(choices.prompt_of(i, len(prepared.params))) for i in range(len(choices.index))]
     try:
         for i in range(len(choices.index)):
             yield chunk([ChatChunkChoice(i, ChatDelta(role="assistant", content=""))])
         async for i, delta in choices.deltas():
-            if delta.text:
-                yield chunk([ChatChunkChoice(i, ChatDelta(content=delta.text))])
+            logprobs = None
+            if req.logprobs and delta.logprobs:
+                logprobs = chat_logprobs(decode, context[i], delta.logprobs)
+                context[i] += delta.token_ids
+            if delta.text or logprobs is not None:
+                yield chunk([ChatChunkChoice(i, ChatDelta(content=delta.text), None, logprobs)])
             if delta.finish_reason:
                 yield chunk([ChatChunkChoice(i, ChatDelta(), delta.finish_reason)])
         if req.stream_options is not None and req.stream_options.include_usage:
@@ -176,16 +238,18 @@ async def chat_events(
 
 
 def chat_body(
-    prepared: Prepared, choices: Choices, results: list[tuple[str, str | None]]
+    req: ChatCompletionRequest, prepared: Prepared, choices: Choices, results: list[ChoiceResult]
 ) -> ChatCompletionResponse:
     rid, created = _ids("chatcmpl")
+    decode = choices.engine.tokenizer.decode
+    body = []
+    for i, result in enumerate(results):
+        logprobs = None
+        if req.logprobs:
+            logprobs = chat_logprobs(
+                decode, choices.prompt_of(i, len(prepared.params)), result.logprobs
+            )
+        body.append(ChatChoice(i, ChatResponseMessage(result.text), result.finish_reason, logprobs))
     return ChatCompletionResponse(
-        id=rid,
-        created=created,
-        model=prepared.model,
-        usage=choices.usage(),
-        choices=[
-            ChatChoice(i, ChatResponseMessage(text), reason)
-            for i, (text, reason) in enumerate(results)
-        ],
+        id=rid, created=created, model=prepared.model, usage=choices.usage(), choices=body
     )

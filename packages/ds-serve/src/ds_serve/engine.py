@@ -7,8 +7,10 @@ One loop iteration is one model step:
 2. ``scheduler.schedule()`` picks the batch: decodes plus (chunked) prefills within the
    token budget, each with its block table;
 3. ``runner.step(...)`` runs the mixed batch on the paged KV cache and returns the
-   last-position logits of each scheduled sequence;
-4. the sampler draws a token for every sequence whose prompt is complete;
+   last-position logits of each scheduled sequence (and every position's logits for
+   the sequences whose prompt is being scored);
+4. the sampler (``ds_model.sampling``) draws a token for every sequence whose prompt
+   is complete, in one batched call, with the logprobs the requests asked for;
 5. ``scheduler.update(...)`` appends them and finishes requests on EOS / max_tokens;
    the engine detokenizes, matches stop strings (a hit aborts the request in the
    scheduler), and posts the text deltas to each request's asyncio queue.
@@ -31,13 +33,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from ds_batching import QueueFull, Request, Scheduler
 
 from ds_serve.detokenizer import IncrementalDetokenizer, StopMatcher
 from ds_serve.metrics import Metrics
-from ds_serve.sampling import SamplingParams, sample
+from ds_serve.sampling import Sampled, SamplingParams, sample
 
-__all__ = ["Delta", "Engine", "EngineClosed", "RequestTooLarge"]
+__all__ = ["Delta", "Engine", "EngineClosed", "RequestTooLarge", "TokenLogprob"]
 
 log = logging.getLogger("ds_serve.engine")
 
@@ -52,10 +55,25 @@ class RequestTooLarge(ValueError):
     """A request with more sequences than the engine could ever admit at once (HTTP 400)."""
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability and the ``top`` most likely tokens at its position,
+    as (token id, logprob) pairs, most likely first. ``logprob`` is None for the first
+    prompt token, which nothing predicts."""
+
+    token_id: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass
 class Delta:
     """New output of one request. The last delta of a request has ``finish_reason`` set:
-    ``stop`` (EOS or a stop string), ``length`` (max_tokens) or ``abort``."""
+    ``stop`` (EOS or a stop string), ``length`` (max_tokens) or ``abort``.
+
+    ``logprobs``: one entry per id in ``token_ids`` when the request asked for them.
+    ``prompt_logprobs``: one entry per prompt token, on the request's first delta, when
+    it asked for them."""
 
     request_id: str
     text: str
@@ -63,6 +81,8 @@ class Delta:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -80,6 +100,8 @@ class _Tracked:
     last_token_at: float | None = None
     output_ids: list[int] = field(default_factory=list)
     finished: bool = False
+    # Prompt scoring: entry p scores prompt token p, filled chunk by chunk.
+    prompt_scores: list[TokenLogprob | None] | None = None
 
 
 class Engine:
@@ -224,18 +246,7 @@ class Engine:
                 f"{len(sequences)} sequences (prompts x n) can never be admitted together: "
                 f"at most {max_waiting} wait at once (--max-waiting {max_waiting})"
             )
-        tracked = [
-            _Tracked(
-                request_id=f"req-{next(self._ids)}",
-                prompt_ids=list(prompt),
-                params=params,
-                adapter=adapter,
-                queue=queue,
-                detokenizer=IncrementalDetokenizer(self.tokenizer.decode, prompt),
-                stop=StopMatcher(params.stop),
-            )
-            for prompt, params in sequences
-        ]
+        tracked = [self._track(prompt, params, adapter, queue) for prompt, params in sequences]
         with self._lock:
             if self.error is not None:
                 raise EngineClosed(f"the engine loop failed ({self.error!r}); restart the server")
@@ -259,6 +270,23 @@ class Engine:
         for t in tracked:
             self.metrics.on_prompt(len(t.prompt_ids))
         return [t.request_id for t in tracked]
+
+    def _track(
+        self, prompt: list[int], params: SamplingParams, adapter: str | None, queue: asyncio.Queue
+    ) -> _Tracked:
+        tracked = _Tracked(
+            request_id=f"req-{next(self._ids)}",
+            prompt_ids=list(prompt),
+            params=params,
+            adapter=adapter,
+            queue=queue,
+            detokenizer=IncrementalDetokenizer(self.tokenizer.decode, prompt),
+            stop=StopMatcher(params.stop),
+        )
+        if params.prompt_logprobs is not None:
+            tracked.prompt_scores = [TokenLogprob(prompt[0], None)]
+            tracked.prompt_scores += [None] * (len(prompt) - 1)
+        return tracked
 
     async def stream(self, request_id: str) -> AsyncIterator[Delta]:
         """The request's deltas until its finish (for requests submitted without ``queue``)."""
@@ -308,11 +336,15 @@ class Engine:
         return Request(
             request_id,
             prompt,
-            params.max_tokens,
+            # max_tokens=0 (score the prompt only) runs the prefill and drops the token.
+            max(1, params.max_tokens),
             eos_token_id=eos,
             stop_token_ids=others,
             sampling_params=params,
             lora_name=adapter,
+            # Scoring every prompt token needs every prompt position's logits, which a
+            # prefix-cache hit would skip: such requests compute their whole prompt.
+            skip_prefix_cache=params.prompt_logprobs is not None,
         )
 
     # ---- the loop ----------------------------------------------------------------------
@@ -346,14 +378,34 @@ class Engine:
         # a batch of base requests only: left to itself ds-lora applies the last loaded
         # adapter to everything. A server without adapters passes nothing, so any runner
         # with the plain step(token_ids, positions, block_tables) works.
-        extra = {"adapters": [s.lora_name for s in batch.scheduled]} if self.adapters else {}
+        extra: dict[str, Any] = {}
+        if self.adapters:
+            extra["adapters"] = [s.lora_name for s in batch.scheduled]
+        scoring = [self._scores_prompt(s) for s in batch.scheduled]
+        if any(scoring):
+            # Only when some row scores its prompt: any runner with the plain step works.
+            extra["all_positions"] = scoring
         logits = self.runner.step(batch.token_ids, batch.positions, batch.block_tables, **extra)
+        if any(scoring):
+            logits, per_position = logits
+            self._score_prompts(batch, per_position)
         rows = [i for i, s in enumerate(batch.scheduled) if s.sample]
         sampled: dict[str, int] = {}
+        token_logprobs: dict[str, TokenLogprob] = {}
         if rows:
-            params = [self._tracked[batch.scheduled[i].request_id].params for i in rows]
-            tokens = sample(logits[rows], params)
+            tracked = [self._tracked[batch.scheduled[i].request_id] for i in rows]
+            params = [t.params for t in tracked]
+            repetition = any(p.repetition_penalty != 1.0 for p in params)
+            result = sample(
+                logits[rows],
+                params,
+                output_ids=[t.output_ids for t in tracked],
+                prompt_ids=[t.prompt_ids for t in tracked] if repetition else None,
+            )
+            tokens = result.token_ids.tolist()
             sampled = {batch.scheduled[i].request_id: t for i, t in zip(rows, tokens)}
+            if result.logprobs is not None:
+                token_logprobs = _token_logprobs(result, tracked, tokens)
         now = time.perf_counter()
         posts: list[tuple[asyncio.Queue, Delta]] = []
         with self._lock:
@@ -364,12 +416,57 @@ class Engine:
             for rid, token in sampled.items():
                 tracked = self._tracked.get(rid)
                 if tracked is not None:
-                    posts.append(self._on_token(tracked, token, reasons.get(rid), now))
+                    posts.append(
+                        self._on_token(
+                            tracked, token, reasons.get(rid), now, token_logprobs.get(rid)
+                        )
+                    )
         self._post(posts)
 
+    def _scores_prompt(self, item: Any) -> bool:
+        """Whether this step's chunk of the request holds prompt positions to score."""
+        tracked = self._tracked.get(item.request_id)
+        return (
+            tracked is not None
+            and tracked.prompt_scores is not None
+            and item.start_position < len(tracked.prompt_ids) - 1
+        )
+
+    def _score_prompts(self, batch: Any, per_position: list) -> None:
+        """Record the logprob of each prompt token the step's chunks predict: the logits
+        at position p score prompt token p + 1 (the model's own distribution)."""
+        for item, logits in zip(batch.scheduled, per_position):
+            if logits is None:
+                continue
+            tracked = self._tracked[item.request_id]
+            start, prompt = item.start_position, tracked.prompt_ids
+            targets = prompt[start + 1 : start + 1 + logits.shape[0]]
+            logits = logits[: len(targets)].float()
+            # logprob = logit - logsumexp: no (tokens, vocab) log_softmax is materialised.
+            norm = logits.logsumexp(dim=-1, keepdim=True)
+            index = torch.tensor(targets, device=logits.device)[:, None]
+            chosen = (logits.gather(1, index) - norm)[:, 0].tolist()
+            k = tracked.params.prompt_logprobs
+            top = logits.topk(k, dim=-1) if k else None
+            top_ids = top.indices.tolist() if top is not None else [[]] * len(targets)
+            top_lps = (top.values - norm).tolist() if top is not None else [[]] * len(targets)
+            for j, token in enumerate(targets):
+                tracked.prompt_scores[start + 1 + j] = TokenLogprob(
+                    token, chosen[j], tuple(zip(top_ids[j], top_lps[j]))
+                )
+
     def _on_token(
-        self, tracked: _Tracked, token: int, finish_reason: str | None, now: float
+        self,
+        tracked: _Tracked,
+        token: int,
+        finish_reason: str | None,
+        now: float,
+        logprob: TokenLogprob | None = None,
     ) -> tuple[asyncio.Queue, Delta]:
+        if tracked.params.max_tokens == 0:
+            # Prompt scoring only: the prefill's token is not part of the answer (the
+            # scheduler ran the request with max_tokens 1, so it has finished it).
+            return self._finish(tracked, "length")
         first = tracked.last_token_at is None
         self.metrics.on_token(
             ttft=now - tracked.arrival if first else None,
@@ -386,8 +483,8 @@ class Engine:
         if finish_reason is not None:
             if not tracked.stop.stopped:
                 text += tracked.stop.push(tracked.detokenizer.flush()) + tracked.stop.flush()
-            return self._finish(tracked, finish_reason, text, [token])
-        return tracked.queue, self._delta(tracked, text, [token], None)
+            return self._finish(tracked, finish_reason, text, [token], logprob)
+        return tracked.queue, self._delta(tracked, text, [token], None, logprob)
 
     def _apply_aborts(self, posts: list | None = None) -> None:
         """Under the lock: abort what clients gave up on; their blocks are free on return."""
@@ -407,15 +504,30 @@ class Engine:
             self._post(aborted)
 
     def _finish(
-        self, tracked: _Tracked, reason: str, text: str = "", token_ids: list[int] | None = None
+        self,
+        tracked: _Tracked,
+        reason: str,
+        text: str = "",
+        token_ids: list[int] | None = None,
+        logprob: TokenLogprob | None = None,
     ) -> tuple[asyncio.Queue, Delta]:
         tracked.finished = True
         self._tracked.pop(tracked.request_id, None)
         self.metrics.on_finish(reason, time.perf_counter() - tracked.arrival)
-        return tracked.queue, self._delta(tracked, text, token_ids or [], reason)
+        return tracked.queue, self._delta(tracked, text, token_ids or [], reason, logprob)
 
     @staticmethod
-    def _delta(tracked: _Tracked, text: str, ids: list[int], reason: str | None) -> Delta:
+    def _delta(
+        tracked: _Tracked,
+        text: str,
+        ids: list[int],
+        reason: str | None,
+        logprob: TokenLogprob | None = None,
+    ) -> Delta:
+        prompt_logprobs = None
+        if tracked.prompt_scores is not None and reason != "abort":
+            # Sent once, on the first delta; every entry is filled once the prompt is.
+            prompt_logprobs, tracked.prompt_scores = tracked.prompt_scores, None
         return Delta(
             request_id=tracked.request_id,
             text=text,
@@ -423,11 +535,29 @@ class Engine:
             finish_reason=reason,
             prompt_tokens=len(tracked.prompt_ids),
             completion_tokens=len(tracked.output_ids),
+            logprobs=[logprob] if logprob is not None and ids else None,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def _post(self, posts: list[tuple[asyncio.Queue, Delta]]) -> None:
         if posts and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(_deliver, posts)
+
+
+def _token_logprobs(
+    result: Sampled, tracked: list[_Tracked], tokens: list[int]
+) -> dict[str, TokenLogprob]:
+    """The sampled tokens' logprobs for the rows that asked, read off the sampler."""
+    chosen = result.logprobs.tolist()
+    top_ids = result.top_ids.tolist()
+    top_lps = result.top_logprobs.tolist()
+    out = {}
+    for row, t in enumerate(tracked):
+        k = t.params.logprobs
+        if k is not None:
+            top = tuple(zip(top_ids[row][:k], top_lps[row][:k]))
+            out[t.request_id] = TokenLogprob(tokens[row], chosen[row], top)
+    return out
 
 
 def _deliver(posts: list[tuple[asyncio.Queue, Delta]]) -> None:

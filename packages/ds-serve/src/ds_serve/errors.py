@@ -43,8 +43,9 @@ class APIError(Exception):
 
 
 def _dotted(path: str) -> str:
-    """msgspec's ``.messages[0].role`` as ``messages.0.role``."""
-    return re.sub(r"\[(\d+)\]", r".\1", path).lstrip(".")
+    """msgspec's ``.messages[0].role`` as ``messages.0.role``; a mapping's value
+    (``.logit_bias[...]``) as the mapping's name."""
+    return re.sub(r"\[(\d+)\]", r".\1", path.replace("[...]", "")).lstrip(".")
 
 
 def error_from_msgspec(exc: msgspec.DecodeError) -> APIError:

@@ -93,6 +93,7 @@ class Metrics:
         self.generation_tokens = 0
         self.requests_finished: dict[str, int] = {}
         self.requests_rejected = 0
+        self.unknown_fields = 0
         self.preemptions = 0
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
@@ -120,6 +121,10 @@ class Metrics:
     def on_reject(self) -> None:
         with self._lock:
             self.requests_rejected += 1
+
+    def on_unknown_fields(self, count: int) -> None:
+        with self._lock:
+            self.unknown_fields += count
 
     def render(self, gauges: dict[str, float]) -> str:
         """The exposition text. ``gauges``: running, waiting, kv_usage, prefix cache counts."""
@@ -194,6 +199,12 @@ class Metrics:
                 "counter",
                 "Requests refused because the waiting queue was full (HTTP 429).",
                 self.requests_rejected,
+            )
+            scalar(
+                "ds_serve:ignored_request_fields_total",
+                "counter",
+                "Unknown top-level request fields accepted and ignored.",
+                self.unknown_fields,
             )
             metric(
                 "vllm:request_success_total",

@@ -81,10 +81,8 @@ def resolve_model(requested: str | None, info: ModelInfo) -> tuple[str, str | No
 
 def _refuse_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
     unsupported = {
-        "logprobs": bool(req.logprobs) if not isinstance(req.logprobs, int) else req.logprobs,
-        "presence_penalty": req.presence_penalty not in (None, 0.0),
-        "frequency_penalty": req.frequency_penalty not in (None, 0.0),
-        "logit_bias": bool(req.logit_bias),
+        "include_stop_str_in_output": req.include_stop_str_in_output,
+        "skip_special_tokens": not req.skip_special_tokens,
     }
     if isinstance(req, CompletionRequest):
         unsupported["suffix"] = req.suffix is not None
@@ -97,6 +95,8 @@ def _refuse_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
                 param=name,
                 code="unsupported_parameter",
             )
+    if isinstance(req, ChatCompletionRequest) and req.top_logprobs and not req.logprobs:
+        raise APIError(400, "`top_logprobs` needs `logprobs: true`", param="top_logprobs")
     if req.stream_options is not None and not req.stream:
         raise APIError(
             400, "`stream_options` is only allowed when `stream` is true", param="stream_options"
@@ -137,8 +137,53 @@ def _check_length(ids: list[int], max_tokens: int, info: ModelInfo, param: str) 
         )
 
 
+def _logit_bias(req, info: ModelInfo) -> dict[int, float] | None:
+    if not req.logit_bias:
+        return None
+    bias = {}
+    for key, value in req.logit_bias.items():
+        token = int(key) if key.strip().isdigit() else -1
+        if not 0 <= token < info.vocab_size:
+            raise APIError(
+                400,
+                f"`logit_bias` keys must be token ids in [0, {info.vocab_size}), got {key!r}",
+                param="logit_bias",
+            )
+        bias[token] = value
+    return bias
+
+
+def _stop_token_ids(req, info: ModelInfo) -> tuple[int, ...]:
+    """The ids that end a sequence: EOS (unless ``ignore_eos``), then ``stop_token_ids``."""
+    extra = list(req.stop_token_ids or ())
+    bad = [t for t in extra if t >= info.vocab_size]
+    if bad:
+        raise APIError(
+            400,
+            f"`stop_token_ids` must be token ids in [0, {info.vocab_size}), got {bad[0]}",
+            param="stop_token_ids",
+        )
+    eos = () if req.ignore_eos else info.eos_token_ids
+    return tuple(dict.fromkeys([*eos, *extra]))
+
+
 def _sampling(req, max_tokens: int, info: ModelInfo) -> list[SamplingParams]:
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    if req.min_tokens > max_tokens:
+        raise APIError(
+            400,
+            f"`min_tokens` ({req.min_tokens}) must be <= max_tokens ({max_tokens})",
+            param="min_tokens",
+        )
+    if isinstance(req, CompletionRequest):
+        logprobs = req.logprobs
+        # echo + logprobs also scores the prompt, as OpenAI's legacy completions do.
+        prompt_logprobs = req.logprobs if req.echo else None
+    else:
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        prompt_logprobs = None
+    bias = _logit_bias(req, info)
+    stop_token_ids = _stop_token_ids(req, info)
     params = []
     for choice in range(req.n):
         # Choice j of a seeded request uses seed + j, so n > 1 gives n different samples
@@ -149,10 +194,19 @@ def _sampling(req, max_tokens: int, info: ModelInfo) -> list[SamplingParams]:
                 temperature=1.0 if req.temperature is None else req.temperature,
                 top_p=1.0 if req.top_p is None else req.top_p,
                 top_k=-1 if req.top_k is None else req.top_k,
+                min_p=req.min_p or 0.0,
+                presence_penalty=req.presence_penalty or 0.0,
+                frequency_penalty=req.frequency_penalty or 0.0,
+                repetition_penalty=req.repetition_penalty or 1.0,
+                logit_bias=bias,
                 max_tokens=max_tokens,
+                min_tokens=req.min_tokens,
                 seed=seed,
                 stop=stop,
-                stop_token_ids=info.eos_token_ids,
+                stop_token_ids=stop_token_ids,
+                ignore_eos=req.ignore_eos,
+                logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
             )
         )
     return params
