@@ -27,11 +27,14 @@ from ds_serve.api import (
     CompletionChunkChoice,
     CompletionRequest,
     CompletionResponse,
+    ToolCall,
+    ToolCallDelta,
     Usage,
 )
 from ds_serve.engine import Delta, Engine
 from ds_serve.errors import APIError
 from ds_serve.sse import watch_disconnect
+from ds_serve.structured import GrammarError
 from ds_serve.validation import Prepared
 
 __all__ = ["Choices", "chat_body", "chat_events", "completion_body", "completion_events"]
@@ -53,10 +56,25 @@ class Choices:
         self.prompt_tokens = sum(len(p) for p in prepared.prompts)
         self.completion_tokens = 0
         n = len(prepared.params)
+        grammar = None
+        if prepared.grammar is not None:
+            try:
+                grammar = engine.grammar_compiler.compile(prepared.grammar)
+            except GrammarError as exc:
+                raise APIError(
+                    400,
+                    f"The grammar engine cannot compile this: {exc}",
+                    param=prepared.grammar.param,
+                ) from exc
         try:
             for p, prompt in enumerate(prepared.prompts):
                 for j, params in enumerate(prepared.params):
-                    rid = engine.submit(prompt, params, adapter=prepared.adapter, queue=self.queue)
+                    extra = {"grammar": grammar.fork()} if grammar is not None else {}
+                    if prepared.tools is not None and prepared.tools[0].kind == "deepseek":
+                        extra["skip_special_tokens"] = False  # the calls are special tokens
+                    rid = engine.submit(
+                        prompt, params, adapter=prepared.adapter, queue=self.queue, **extra
+                    )
                     self.index[rid] = p * n + j
         except ValueError as exc:
             # The scheduler refuses a request that could never fit the KV pool.
@@ -158,14 +176,25 @@ async def chat_events(
     def chunk(choice_list: list[ChatChunkChoice], usage: Usage | None = None) -> bytes:
         return _sse(ChatCompletionChunk(rid, created, prepared.model, choice_list, usage=usage))
 
+    parsers = [prepared.tool_parser() for _ in choices.index]
+    calls_sent = [0] * len(parsers)
     try:
         for i in range(len(choices.index)):
             yield chunk([ChatChunkChoice(i, ChatDelta(role="assistant", content=""))])
         async for i, delta in choices.deltas():
-            if delta.text:
-                yield chunk([ChatChunkChoice(i, ChatDelta(content=delta.text))])
+            text, calls = delta.text, []
+            if parsers[i] is not None:
+                text, calls = parsers[i].push(text)
+                if delta.finish_reason:
+                    text += parsers[i].flush()
+            if text:
+                yield chunk([ChatChunkChoice(i, ChatDelta(content=text))])
+            if calls:
+                first, calls_sent[i] = calls_sent[i], calls_sent[i] + len(calls)
+                yield chunk([ChatChunkChoice(i, ChatDelta(tool_calls=_call_deltas(calls, first)))])
             if delta.finish_reason:
-                yield chunk([ChatChunkChoice(i, ChatDelta(), delta.finish_reason)])
+                reason = _finish_reason(delta.finish_reason, calls_sent[i])
+                yield chunk([ChatChunkChoice(i, ChatDelta(), reason)])
         if req.stream_options is not None and req.stream_options.include_usage:
             yield chunk([], usage=choices.usage())
         yield DONE
@@ -183,7 +212,36 @@ def chat_body(
         model=prepared.model,
         usage=choices.usage(),
         choices=[
-            ChatChoice(i, ChatResponseMessage(text), reason)
-            for i, (text, reason) in enumerate(results)
+            _chat_choice(i, text, reason, prepared) for i, (text, reason) in enumerate(results)
         ],
     )
+
+
+def _chat_choice(i: int, text: str, reason: str | None, prepared: Prepared) -> ChatChoice:
+    parser = prepared.tool_parser()
+    if parser is None:
+        return ChatChoice(i, ChatResponseMessage(text), reason)
+    content, calls = parser.push(text)
+    content += parser.flush()
+    message = ChatResponseMessage(
+        content if content or not calls else None, tool_calls=calls or None
+    )
+    return ChatChoice(i, message, _finish_reason(reason, len(calls)))
+
+
+def _finish_reason(reason: str | None, num_calls: int) -> str | None:
+    """OpenAI ends a turn that made tool calls with ``tool_calls`` rather than ``stop``."""
+    return "tool_calls" if num_calls and reason == "stop" else reason
+
+
+def _call_deltas(calls: list[ToolCall], first: int) -> list[ToolCallDelta]:
+    """Each completed call as one streamed delta (id, type, name and all its arguments)."""
+    return [
+        ToolCallDelta(
+            index=first + k,
+            id=call.id,
+            type="function",
+            function={"name": call.function.name, "arguments": call.function.arguments},
+        )
+        for k, call in enumerate(calls)
+    ]

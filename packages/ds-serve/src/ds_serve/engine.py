@@ -22,6 +22,7 @@ directly except ``add`` (under the lock, so ``QueueFull`` reaches the caller as 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import sys
@@ -36,6 +37,7 @@ from ds_batching import QueueFull, Request, Scheduler
 from ds_serve.detokenizer import IncrementalDetokenizer, StopMatcher
 from ds_serve.metrics import Metrics
 from ds_serve.sampling import SamplingParams, sample
+from ds_serve.structured import Grammar, GrammarCompiler, apply_allowed
 
 __all__ = ["Delta", "Engine", "EngineClosed"]
 
@@ -76,6 +78,7 @@ class _Tracked:
     last_token_at: float | None = None
     output_ids: list[int] = field(default_factory=list)
     finished: bool = False
+    grammar: Grammar | None = None
 
 
 class Engine:
@@ -118,6 +121,7 @@ class Engine:
         self._stopped = False
         self.aborted_total = 0
         self.error: BaseException | None = None
+        self._grammar_compiler: GrammarCompiler | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -170,6 +174,16 @@ class Engine:
         with self._lock:
             return len(self._tracked)
 
+    @property
+    def grammar_compiler(self) -> GrammarCompiler:
+        """Compiles ``response_format`` and forced tool-call grammars (built on first use:
+        reading the vocabulary takes a moment, and most servers never need it)."""
+        if self._grammar_compiler is None:
+            self._grammar_compiler = GrammarCompiler(
+                self.tokenizer, vocab_size=self.vocab_size, eos_ids=self.eos_token_ids
+            )
+        return self._grammar_compiler
+
     # ---- the EngineProtocol ------------------------------------------------------------
 
     def submit(
@@ -179,11 +193,15 @@ class Engine:
         *,
         adapter: str | None = None,
         queue: asyncio.Queue | None = None,
+        grammar: Grammar | None = None,
+        skip_special_tokens: bool = True,
     ) -> str:
         """Queue a request; returns its id. Raises ``QueueFull`` (429) or ``EngineClosed``.
 
         ``queue`` lets several requests (the n choices of one HTTP request) share one
         output queue; by default each request gets its own, read with ``stream``.
+        ``grammar`` constrains every sampled token; the request ends when it terminates.
+        ``skip_special_tokens=False`` keeps special tokens in the text (tool-call markers).
         """
         if self._loop is None:
             raise EngineClosed("the engine has not been started")
@@ -200,8 +218,14 @@ class Engine:
             params=params,
             adapter=adapter,
             queue=queue if queue is not None else asyncio.Queue(),
-            detokenizer=IncrementalDetokenizer(self.tokenizer.decode, prompt_token_ids),
+            detokenizer=IncrementalDetokenizer(
+                self.tokenizer.decode
+                if skip_special_tokens
+                else functools.partial(self.tokenizer.decode, skip_special_tokens=False),
+                prompt_token_ids,
+            ),
             stop=StopMatcher(params.stop),
+            grammar=grammar,
         )
         with self._lock:
             if self.error is not None:
@@ -312,7 +336,8 @@ class Engine:
         sampled: dict[str, int] = {}
         if rows:
             params = [self._tracked[batch.scheduled[i].request_id].params for i in rows]
-            tokens = sample(logits[rows], params)
+            grammars = [self._tracked[batch.scheduled[i].request_id].grammar for i in rows]
+            tokens = sample(self._constrain(logits[rows], grammars), params)
             sampled = {batch.scheduled[i].request_id: t for i, t in zip(rows, tokens)}
         now = time.perf_counter()
         posts: list[tuple[asyncio.Queue, Delta]] = []
@@ -327,6 +352,14 @@ class Engine:
                     posts.append(self._on_token(tracked, token, reasons.get(rid), now))
         self._post(posts)
 
+    def _constrain(self, logits: Any, grammars: list[Grammar | None]) -> Any:
+        """The rows' logits with the tokens their grammars forbid at -inf."""
+        rows = [k for k, g in enumerate(grammars) if g is not None]
+        if not rows:
+            return logits
+        allowed = self.grammar_compiler.allowed([grammars[k] for k in rows])
+        return apply_allowed(logits, rows, allowed)
+
     def _on_token(
         self, tracked: _Tracked, token: int, finish_reason: str | None, now: float
     ) -> tuple[asyncio.Queue, Delta]:
@@ -339,8 +372,12 @@ class Engine:
         tracked.output_ids.append(token)
         is_eos = finish_reason == "stop" and token in tracked.params.stop_token_ids
         text = "" if is_eos else tracked.stop.push(tracked.detokenizer.push(token))
-        if tracked.stop.stopped and finish_reason is None:
-            # A stop string ends the request here; the scheduler frees its blocks now.
+        if tracked.grammar is not None and not is_eos:
+            tracked.grammar.accept(token)
+        grammar_done = tracked.grammar is not None and tracked.grammar.terminated
+        if (tracked.stop.stopped or grammar_done) and finish_reason is None:
+            # A stop string or a complete grammar ends the request here; the scheduler
+            # frees its blocks now.
             self.scheduler.abort(tracked.request_id)
             finish_reason = "stop"
         if finish_reason is not None:

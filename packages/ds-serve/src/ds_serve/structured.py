@@ -25,6 +25,7 @@ __all__ = [
     "Grammar",
     "GrammarCompiler",
     "GrammarError",
+    "GrammarSpec",
     "TokenVocabulary",
     "apply_allowed",
     "token_vocabulary",
@@ -39,6 +40,18 @@ _BITS = torch.arange(32, dtype=torch.int32)
 
 class GrammarError(ValueError):
     """A schema or grammar the engine cannot compile (the request gets a 400)."""
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """What a request constrains its output to: ``kind`` "json_schema" (``source`` the
+    schema), "json_object" or "lark" (``source`` the grammar). ``param`` names the request
+    field it came from, for the 400 a grammar that does not compile gets."""
+
+    kind: str
+    source: Any = None
+    strict: bool = False
+    param: str = "response_format"
 
 
 @dataclass(frozen=True)
@@ -116,10 +129,10 @@ class GrammarCompiler:
     """
 
     def __init__(self, tokenizer: Any, *, vocab_size: int, eos_ids: tuple[int, ...]) -> None:
+        # Not llguidance.torch: importing it sets up torch.compile (~18 s on this CPU).
         import llguidance
-        import llguidance.torch as llg_torch
 
-        self._llg, self._llg_torch = llguidance, llg_torch
+        self._llg = llguidance
         self.vocab_size = vocab_size
         if getattr(tokenizer, "kind", None) == "sentencepiece":
             vocab = token_vocabulary(tokenizer, eos_ids)
@@ -131,9 +144,21 @@ class GrammarCompiler:
             )
         else:
             raise TypeError(f"no grammar support for tokenizer {tokenizer!r}")
-        self.executor = llguidance.LLExecutor(num_threads=1)
+        self.eos_ids = torch.tensor(eos_ids, dtype=torch.long)
+        self.executor = llguidance.LLExecutor()
 
     # -- grammars ------------------------------------------------------------------------
+
+    def compile(self, spec: GrammarSpec) -> Grammar:
+        if spec.kind == "json_schema":
+            return self.json_schema(spec.source, strict=spec.strict)
+        if spec.kind == "json_object":
+            return self.json_object()
+        if spec.kind == "lark":
+            return self.lark(spec.source)
+        raise ValueError(
+            f"GrammarSpec.kind must be json_schema, json_object or lark, got {spec.kind!r}"
+        )
 
     def json_schema(self, schema: dict[str, Any], *, strict: bool = False) -> Grammar:
         """The grammar of JSON documents valid under ``schema``. With ``strict`` a schema
@@ -161,13 +186,20 @@ class GrammarCompiler:
         """(len(grammars), vocab_size) bool: the tokens each grammar allows next."""
         words = (self.tokenizer.vocab_size + 31) // 32
         bitmask = torch.empty((len(grammars), words), dtype=torch.int32)
-        self._llg_torch.fill_next_token_bitmask_par(
-            self.executor, [(g.matcher, i) for i, g in enumerate(grammars)], bitmask
+        self.executor.unsafe_compute_mask_ptr(
+            [(g.matcher, i) for i, g in enumerate(grammars)],
+            bitmask.data_ptr(),
+            words * 4,
+            len(grammars),
         )
         bits = ((bitmask.unsqueeze(-1) >> _BITS) & 1).bool().flatten(1)
         allowed = torch.zeros((len(grammars), self.vocab_size), dtype=torch.bool)
         width = min(self.vocab_size, self.tokenizer.vocab_size)
         allowed[:, :width] = bits[:, :width]
+        # A grammar in an error state allows nothing: let it end the sequence instead.
+        dead = (~allowed.any(dim=-1)).nonzero().flatten()
+        if len(dead):
+            allowed[dead.unsqueeze(1), self.eos_ids] = True
         return allowed
 
 
@@ -176,6 +208,10 @@ class Grammar:
 
     def __init__(self, matcher: Any) -> None:
         self.matcher = matcher
+
+    def fork(self) -> Grammar:
+        """A copy in the same state (each choice of a request advances its own)."""
+        return Grammar(self.matcher.deep_copy())
 
     def accept(self, token: int) -> bool:
         """Advance by ``token``; False if the grammar did not allow it."""
