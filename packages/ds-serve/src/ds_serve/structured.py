@@ -107,13 +107,17 @@ class _SentencePieceForLLG:
         self.special_token_ids = sorted(vocab.special_ids)
         self.eos_token_id = vocab.eos_ids[0]
         self.bos_token_id = tokenizer.bos_token_id
+        self._dummy_prefix = self._spell(self._sp.encode("a")) == b" a"
+
+    def _spell(self, ids: list[int]) -> bytes:
+        return b"".join(self.tokens[i] for i in ids)
 
     def __call__(self, data: bytes | str) -> list[int]:
         text = data.decode("utf-8", errors="replace") if isinstance(data, bytes) else data
         ids = self._sp.encode(text)
         # A model trained with a dummy prefix encodes "x" as "▁x": spell the first piece
-        # without its added space in byte-fallback pieces.
-        if ids and not text.startswith(" ") and self.tokens[ids[0]].startswith(b" "):
+        # without its added space, in byte-fallback pieces.
+        if self._dummy_prefix and ids and self.tokens[ids[0]].startswith(b" "):
             head = self.tokens[ids[0]][1:]
             ids = [*(self._sp.piece_to_id(f"<0x{b:02X}>") for b in head), *ids[1:]]
         return ids
@@ -161,9 +165,11 @@ class GrammarCompiler:
         )
 
     def json_schema(self, schema: dict[str, Any], *, strict: bool = False) -> Grammar:
-        """The grammar of JSON documents valid under ``schema``. With ``strict`` a schema
-        keyword the engine would ignore is an error instead of a warning."""
-        schema = {**schema, "x-guidance": {**JSON_OPTIONS, **schema.get("x-guidance", {})}}
+        """The grammar of JSON documents valid under ``schema``. Without ``strict`` a schema
+        feature the engine does not implement (``contains``, an unknown ``format``) is
+        ignored, OpenAI's best effort; with ``strict`` it is an error."""
+        options = {**JSON_OPTIONS, "lenient": not strict, **schema.get("x-guidance", {})}
+        schema = {**schema, "x-guidance": options}
         return self._compile(self._llg.grammar_from("json_schema", json.dumps(schema)), strict)
 
     def json_object(self) -> Grammar:
