@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -156,7 +157,7 @@ def test_parser_splits_content_and_calls_wherever_the_text_is_cut(before, calls,
     parser = ToolCallParser(JSON_FORMAT, {"get_weather", "now"})
     content, found = [], []
     bounds = sorted({0, len(text), *[c for c in cuts if c < len(text)]})
-    for start, end in zip(bounds, bounds[1:]):
+    for start, end in itertools.pairwise(bounds):
         piece, new = parser.push(text[start:end])
         content.append(piece)
         found += new
