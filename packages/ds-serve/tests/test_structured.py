@@ -98,10 +98,12 @@ def test_masks_of_a_batch_are_per_row(compiler, builtin_tokenizer):
     assert allowed[0, brace] and not allowed[1, brace]
     assert allowed[1, quote] and not allowed[0, quote]
     logits = torch.randn(3, 8192)
-    out = apply_allowed(logits, [0, 2], allowed)
+    out = apply_allowed(logits.clone(), [0, 2], allowed)
     assert torch.equal(out[1], logits[1])
     assert torch.equal(torch.isfinite(out[0]), allowed[0])
     assert torch.equal(torch.isfinite(out[2]), allowed[1])
+    every = apply_allowed(logits.clone(), [0, 1, 2], torch.cat([allowed, allowed[:1]]))
+    assert torch.equal(torch.isfinite(every), torch.cat([allowed, allowed[:1]]))
 
 
 def test_strict_refuses_what_lenient_ignores(compiler):

@@ -353,7 +353,8 @@ class Engine:
         self._post(posts)
 
     def _constrain(self, logits: Any, grammars: list[Grammar | None]) -> Any:
-        """The rows' logits with the tokens their grammars forbid at -inf."""
+        """The rows' logits (a copy: indexed by row list) with the tokens their grammars
+        forbid at -inf."""
         rows = [k for k, g in enumerate(grammars) if g is not None]
         if not rows:
             return logits

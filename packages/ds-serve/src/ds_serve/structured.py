@@ -149,7 +149,6 @@ class GrammarCompiler:
         else:
             raise TypeError(f"no grammar support for tokenizer {tokenizer!r}")
         self.eos_ids = torch.tensor(eos_ids, dtype=torch.long)
-        self.executor = llguidance.LLExecutor()
 
     # -- grammars ------------------------------------------------------------------------
 
@@ -192,12 +191,12 @@ class GrammarCompiler:
         """(len(grammars), vocab_size) bool: the tokens each grammar allows next."""
         words = (self.tokenizer.vocab_size + 31) // 32
         bitmask = torch.empty((len(grammars), words), dtype=torch.int32)
-        self.executor.unsafe_compute_mask_ptr(
-            [(g.matcher, i) for i, g in enumerate(grammars)],
-            bitmask.data_ptr(),
-            words * 4,
-            len(grammars),
-        )
+        # One native call per row on this thread, not llguidance's thread pool: a pool's
+        # worker threads wait spinning and take CPU from the model step (measured on 2
+        # cores: 8 rows 1.37 ms per step with the pool, 1.31 ms without; 32 rows 4.9 ms
+        # with, 3.1 ms without).
+        for i, grammar in enumerate(grammars):
+            grammar.matcher.unsafe_compute_mask_ptr(bitmask[i].data_ptr(), words * 4)
         bits = ((bitmask.unsqueeze(-1) >> _BITS) & 1).bool().flatten(1)
         allowed = torch.zeros((len(grammars), self.vocab_size), dtype=torch.bool)
         width = min(self.vocab_size, self.tokenizer.vocab_size)
@@ -234,10 +233,11 @@ class Grammar:
 
 
 def apply_allowed(logits: torch.Tensor, rows: list[int], allowed: torch.Tensor) -> torch.Tensor:
-    """``logits`` (num_rows, vocab) with -inf where ``allowed`` (len(rows), vocab) is False,
-    for the given rows; the other rows are unchanged. Returns a new tensor."""
-    logits = logits.clone()
+    """Sets ``logits`` (num_rows, vocab) to -inf, in place, where ``allowed``
+    (len(rows), vocab) is False for the given rows; the other rows are unchanged."""
+    forbidden = ~allowed.to(logits.device)
+    if len(rows) == logits.shape[0]:
+        return logits.masked_fill_(forbidden, float("-inf"))
     index = torch.tensor(rows, dtype=torch.long, device=logits.device)
-    mask = ~allowed.to(logits.device)
-    logits[index] = logits[index].masked_fill(mask, float("-inf"))
+    logits[index] = logits[index].masked_fill(forbidden, float("-inf"))
     return logits
