@@ -169,18 +169,22 @@ class GrammarCompiler:
         ignored, OpenAI's best effort; with ``strict`` it is an error."""
         options = {**JSON_OPTIONS, "lenient": not strict, **schema.get("x-guidance", {})}
         schema = {**schema, "x-guidance": options}
-        return self._compile(self._llg.grammar_from("json_schema", json.dumps(schema)), strict)
+        return self._compile("json_schema", json.dumps(schema), strict)
 
     def json_object(self) -> Grammar:
         return self.json_schema({"type": "object"})
 
     def lark(self, grammar: str) -> Grammar:
-        return self._compile(self._llg.grammar_from("lark", grammar), strict=True)
+        return self._compile("lark", grammar, strict=True)
 
-    def _compile(self, grammar: str, strict: bool) -> Grammar:
-        is_error, messages = self._llg.LLMatcher.validate_grammar_with_warnings(
-            grammar, self.tokenizer
-        )
+    def _compile(self, kind: str, source: str, strict: bool) -> Grammar:
+        try:
+            grammar = self._llg.grammar_from(kind, source)
+            is_error, messages = self._llg.LLMatcher.validate_grammar_with_warnings(
+                grammar, self.tokenizer
+            )
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise GrammarError(str(exc)) from exc
         if is_error or (strict and messages):
             raise GrammarError("; ".join(messages) or "the grammar is invalid")
         return Grammar(self._llg.LLMatcher(self.tokenizer, grammar, log_level=0))
