@@ -11,7 +11,7 @@ from ds_model.tokenizer import load_tokenizer
 from ds_serve.api import FunctionDefinition, Tool
 from ds_serve.default_model import find_default_model
 from ds_serve.structured import GrammarCompiler, GrammarError, apply_allowed, token_vocabulary
-from ds_serve.tools import ToolCallParser, ToolFormat, call_grammar
+from ds_serve.tools import DEEPSEEK_TOKENS, ToolCallParser, ToolFormat, call_grammar, tool_format
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -180,4 +180,108 @@ def test_deepseek_calls_parse_from_their_special_tokens():
     assert content == "Checking."
     assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
         ("get_weather", {"city": "Oslo", "days": 2})
+    ]
+
+
+# ---- DeepSeek-V3's tool-call tokens ----------------------------------------------------
+
+DEEPSEEK_SPECIALS = [
+    "<｜begin▁of▁sentence｜>",
+    "<｜end▁of▁sentence｜>",
+    *DEEPSEEK_TOKENS.values(),
+    "<｜tool▁outputs▁begin｜>",
+    "<｜tool▁outputs▁end｜>",
+    "<｜tool▁output▁begin｜>",
+    "<｜tool▁output▁end｜>",
+    "<｜User｜>",
+    "<｜Assistant｜>",
+]
+# DeepSeek-V3's template, reduced to the parts that render messages and tool calls.
+DEEPSEEK_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+    "{% elif m['role'] == 'assistant' and m.get('tool_calls') %}<｜Assistant｜>"
+    "<｜tool▁calls▁begin｜>{% for c in m['tool_calls'] %}<｜tool▁call▁begin｜>{{ c['type'] }}"
+    "<｜tool▁sep｜>{{ c['function']['name'] }}\n```json\n{{ c['function']['arguments'] }}"
+    "\n```<｜tool▁call▁end｜>{% endfor %}<｜tool▁calls▁end｜><｜end▁of▁sentence｜>"
+    "{% elif m['role'] == 'assistant' %}<｜Assistant｜>{{ m['content'] }}<｜end▁of▁sentence｜>"
+    "{% elif m['role'] == 'tool' %}<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>"
+    "{{ m['content'] }}<｜tool▁output▁end｜><｜tool▁outputs▁end｜>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<｜Assistant｜>{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def deepseek_tokenizer():
+    """A byte-level BPE tokenizer.json (DeepSeek-V3's kind) with its special tokens."""
+    from ds_model.tokenizer import Tokenizer
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    backend = HFTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=DEEPSEEK_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    backend.train_from_iterator(['{"city": "Oslo", "days": 2}\n```json\nfunction'] * 50, trainer)
+    config = {
+        "bos_token": DEEPSEEK_SPECIALS[0],
+        "eos_token": DEEPSEEK_SPECIALS[1],
+        "chat_template": DEEPSEEK_TEMPLATE,
+    }
+    return Tokenizer(backend, "hf", config, None)
+
+
+DEEPSEEK_CALL = (
+    "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n"
+    '{"city": "Oslo", "days": 2}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>'
+)
+
+
+def test_deepseek_format_renders_calls_and_results_through_the_template(deepseek_tokenizer):
+    from ds_serve.api import ChatMessage, FunctionCall, ToolCall
+    from ds_serve.validation import chat_prompt
+
+    fmt = tool_format(deepseek_tokenizer)
+    assert fmt.kind == "deepseek"
+    messages = [
+        ChatMessage(role="user", content="Weather in Oslo?"),
+        ChatMessage(
+            role="assistant",
+            tool_calls=[
+                ToolCall(
+                    id="call_1", function=FunctionCall("get_weather", '{"city": "Oslo", "days": 2}')
+                )
+            ],
+        ),
+        ChatMessage(role="tool", tool_call_id="call_1", content="21 C"),
+    ]
+    ids = chat_prompt(messages, deepseek_tokenizer, True, TOOLS, True)
+    text = deepseek_tokenizer.decode(ids, skip_special_tokens=False)
+    assert DEEPSEEK_CALL in text
+    assert "<｜tool▁output▁begin｜>21 C<｜tool▁output▁end｜>" in text
+    assert text.endswith("<｜Assistant｜>")
+    content, calls = ToolCallParser(fmt, {"get_weather"}).push(text.split("<｜Assistant｜>")[1])
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Oslo", "days": 2})
+    ]
+    assert "get_weather" not in content and "tool▁calls" not in content
+
+
+def test_deepseek_call_grammar_walks_the_special_tokens(deepseek_tokenizer):
+    fmt = tool_format(deepseek_tokenizer)
+    eos = deepseek_tokenizer.eos_token_id
+    compiler = GrammarCompiler(
+        deepseek_tokenizer, vocab_size=deepseek_tokenizer.vocab_size, eos_ids=(eos,)
+    )
+    grammar = compiler.lark(call_grammar(TOOLS, fmt, parallel=False))
+    assert _walk(compiler, grammar, DEEPSEEK_CALL, deepseek_tokenizer)
+    assert grammar.terminated
+    plain = compiler.lark(call_grammar(TOOLS, fmt, parallel=False))
+    # The call must open with the special token, not with its text spelled in bytes.
+    assert not compiler.allowed([plain])[0][
+        deepseek_tokenizer.encode("<", add_special_tokens=False)[0]
     ]
