@@ -3,9 +3,9 @@ grammar matcher per request, and the per-step mask applied to the logits.
 
 A request with ``response_format`` json_object / json_schema, or tools called with
 ``tool_choice`` required / a named function, carries a ``Grammar``. Every decode step
-the engine fills the allowed-token bitmask of all constrained rows in one call
-(llguidance's executor, native code, no Python loop over the vocabulary), unpacks it to
-a boolean (rows, vocab) tensor with one vectorised shift, and sets the logits of
+the engine fills the allowed-token bitmask of each constrained row (one native
+llguidance call per row, no Python loop over the vocabulary), unpacks them to a
+boolean (rows, vocab) tensor with one vectorised shift, and sets the logits of
 disallowed tokens to -inf before sampling. The sampled token then advances the
 request's matcher; when the grammar admits nothing more the request finishes.
 
