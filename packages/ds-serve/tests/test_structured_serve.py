@@ -13,6 +13,7 @@ import pytest
 from ds_serve import create_app
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from serve_live import LiveServer
 
@@ -153,6 +154,36 @@ def test_streamed_json_schema_outputs_validate(http, schema, seed):
     assert reasons == ["stop", "stop"]
     for text in texts:
         jsonschema.validate(json.loads(text), schema)
+
+
+def test_completions_take_response_format_too(http):
+    schema = {
+        "type": "object",
+        "properties": {
+            "ok": {"type": "boolean"},
+            "n": {"type": "integer", "minimum": 0, "maximum": 9},
+        },
+        "required": ["ok", "n"],
+        "additionalProperties": False,
+    }
+    response = http.post(
+        "/v1/completions",
+        json={
+            "model": "tiny",
+            "prompt": ["# JSON:\n", "x = "],
+            "n": 2,
+            "max_tokens": 40,
+            "temperature": 1.0,
+            "seed": 3,
+            "response_format": _response_format(schema, True),
+        },
+    )
+    assert response.status_code == 200, response.text
+    result = Completion.model_validate(response.json())
+    assert len(result.choices) == 4
+    for choice in result.choices:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.text), schema)
 
 
 def test_json_object_output_is_an_object_when_complete(http):

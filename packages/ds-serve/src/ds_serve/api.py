@@ -98,6 +98,7 @@ class CompletionRequest(_SamplingFields, kw_only=True):
     echo: bool = False
     best_of: NumChoices | None = None
     suffix: str | None = None
+    response_format: ResponseFormat | None = None  # as vLLM: constrained like chat
 
 
 class ContentPart(Struct, forbid_unknown_fields=True):

@@ -175,7 +175,8 @@ def prepare_completion(req: CompletionRequest, info: ModelInfo, tokenizer) -> Pr
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
     for ids in prompts:
         _check_length(ids, max_tokens, info, "prompt")
-    return Prepared(prompts, _sampling(req, max_tokens, info), adapter, model)
+    grammar = _response_grammar(req)
+    return Prepared(prompts, _sampling(req, max_tokens, info), adapter, model, grammar)
 
 
 def chat_prompt(
@@ -194,7 +195,7 @@ def chat_prompt(
         ) from exc
 
 
-def _response_grammar(req: ChatCompletionRequest) -> GrammarSpec | None:
+def _response_grammar(req: CompletionRequest | ChatCompletionRequest) -> GrammarSpec | None:
     fmt = req.response_format
     if fmt is None or fmt.type == "text":
         return None
