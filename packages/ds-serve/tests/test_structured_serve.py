@@ -359,3 +359,23 @@ def test_bad_structured_requests_are_400_naming_the_field(http, body, param):
     response = http.post("/v1/chat/completions", json={"messages": ASK, **body})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
+
+
+def test_unconstrained_requests_sharing_batches_are_unchanged(http):
+    """Masks apply to their own rows only: a greedy request decoded alongside
+    constrained ones gives the same text as alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = {"messages": ASK, "max_tokens": 24, "temperature": 0}
+    alone = chat(http, **body).choices[0].message.content
+    constrained = {
+        "messages": MESSAGES,
+        "response_format": {"type": "json_object"},
+        "max_tokens": 24,
+        "temperature": 1.0,
+    }
+    with ThreadPoolExecutor(5) as pool:
+        others = [pool.submit(chat, http, **constrained, seed=s) for s in range(4)]
+        together = pool.submit(chat, http, **body)
+        assert all(o.result().choices[0].message.content.startswith("{") for o in others)
+        assert together.result().choices[0].message.content == alone
