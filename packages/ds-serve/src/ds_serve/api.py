@@ -15,7 +15,6 @@ from typing import Annotated, Literal
 from msgspec import Meta, Struct
 
 __all__ = [
-    "REFUSED_FIELDS",
     "ChatChoice",
     "ChatChunkChoice",
     "ChatCompletionChunk",
@@ -38,20 +37,25 @@ __all__ = [
     "DetokenizeResponse",
     "ErrorBody",
     "ErrorResponse",
+    "FunctionCall",
+    "FunctionDefinition",
+    "FunctionName",
     "HealthResponse",
+    "JSONSchemaFormat",
     "ModelCard",
     "ModelList",
+    "NamedToolChoice",
+    "ResponseFormat",
     "StreamOptions",
     "TokenizeRequest",
     "TokenizeResponse",
     "TokenizerInfo",
+    "Tool",
+    "ToolCall",
+    "ToolCallDelta",
     "Usage",
     "VersionResponse",
 ]
-
-# Request fields this server does not accept yet: refused with the same 400 as before
-# unknown fields were ignored, rather than ignored, since ignoring them changes answers.
-REFUSED_FIELDS = frozenset({"response_format", "tools", "tool_choice", "parallel_tool_calls"})
 
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
@@ -116,6 +120,7 @@ class CompletionRequest(_SamplingFields, kw_only=True):
     echo: bool = False
     best_of: NumChoices | None = None
     suffix: str | None = None
+    response_format: ResponseFormat | None = None  # as vLLM: constrained like chat
 
 
 class ContentPart(Struct, forbid_unknown_fields=True):
@@ -123,10 +128,23 @@ class ContentPart(Struct, forbid_unknown_fields=True):
     text: str
 
 
+class FunctionCall(Struct, forbid_unknown_fields=True):
+    name: str
+    arguments: str  # a JSON document, as OpenAI sends it
+
+
+class ToolCall(Struct, forbid_unknown_fields=True, kw_only=True):
+    id: str
+    function: FunctionCall
+    type: Literal["function"] = "function"
+
+
 class ChatMessage(Struct, forbid_unknown_fields=True, kw_only=True):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages
 
     def text(self) -> str:
         if self.content is None:
@@ -136,10 +154,50 @@ class ChatMessage(Struct, forbid_unknown_fields=True, kw_only=True):
         return "".join(part.text for part in self.content)
 
 
+FunctionNameStr = Annotated[str, Meta(min_length=1, max_length=64, pattern="^[A-Za-z0-9_.-]+$")]
+
+
+class FunctionDefinition(Struct, forbid_unknown_fields=True, kw_only=True):
+    name: FunctionNameStr
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema; None: no arguments
+    strict: bool | None = None
+
+
+class Tool(Struct, forbid_unknown_fields=True, kw_only=True):
+    function: FunctionDefinition
+    type: Literal["function"] = "function"
+
+
+class FunctionName(Struct, forbid_unknown_fields=True):
+    name: str
+
+
+class NamedToolChoice(Struct, forbid_unknown_fields=True, kw_only=True):
+    function: FunctionName
+    type: Literal["function"] = "function"
+
+
+class JSONSchemaFormat(Struct, forbid_unknown_fields=True, kw_only=True):
+    name: Annotated[str, Meta(min_length=1, max_length=64)]
+    schema: dict | None = None  # None: any JSON object
+    description: str | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(Struct, forbid_unknown_fields=True, kw_only=True):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
 class ChatCompletionRequest(_SamplingFields, kw_only=True):
     """``POST /v1/chat/completions``; the prompt is the tokenizer's chat template."""
 
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     max_tokens: MaxTokens | None = None
     max_completion_tokens: MaxTokens | None = None
     add_generation_prompt: bool = True
@@ -196,8 +254,9 @@ class CompletionChunk(Struct):
 
 
 class ChatResponseMessage(Struct):
-    content: str
+    content: str | None
     role: str = "assistant"
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatTopLogprob(Struct):
@@ -233,9 +292,19 @@ class ChatCompletionResponse(Struct):
     object: str = "chat.completion"
 
 
+class ToolCallDelta(Struct, omit_defaults=True, kw_only=True):
+    """One streamed piece of the ``index``-th tool call; the first carries id, type, name."""
+
+    index: int
+    id: str | None = None
+    type: str | None = None
+    function: dict[str, str] | None = None
+
+
 class ChatDelta(Struct, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(Struct):

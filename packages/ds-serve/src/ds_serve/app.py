@@ -28,7 +28,6 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ds_serve.api import (
-    REFUSED_FIELDS,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -263,13 +262,9 @@ class App:
         return decoded
 
     def _check_fields(self, body: bytes, kind: type) -> None:
-        """Log and count the top-level fields ``kind`` does not know (they are ignored);
-        the fields in ``REFUSED_FIELDS`` are refused as unknown fields always were."""
+        """Log and count the top-level fields ``kind`` does not know (they are ignored)."""
         keys = msgspec.json.decode(body, type=dict[str, msgspec.Raw])
         unknown = sorted(k for k in keys if k not in kind.__struct_fields__)
-        for name in unknown:
-            if name in REFUSED_FIELDS:
-                raise msgspec.ValidationError(f"Object contains unknown field `{name}`")
         if unknown:
             log.warning("ignoring unknown request fields: %s", ", ".join(unknown))
             self.engine.metrics.on_unknown_fields(len(unknown))

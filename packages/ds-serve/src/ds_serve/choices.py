@@ -22,6 +22,7 @@ from ds_serve.api import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
+    ChatLogprobs,
     ChatResponseMessage,
     CompletionChoice,
     CompletionChunk,
@@ -29,12 +30,15 @@ from ds_serve.api import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    ToolCall,
+    ToolCallDelta,
     Usage,
 )
 from ds_serve.engine import Delta, Engine, RequestTooLarge, TokenLogprob
 from ds_serve.errors import APIError
 from ds_serve.logprobs import chat_logprobs, completion_logprobs
 from ds_serve.sse import watch_disconnect
+from ds_serve.structured import GrammarError
 from ds_serve.validation import Prepared
 
 __all__ = ["Choices", "chat_body", "chat_events", "completion_body", "completion_events"]
@@ -72,9 +76,29 @@ class Choices:
         self.prompt_tokens = sum(len(p) for p in prepared.prompts)
         self.completion_tokens = 0
         n = len(prepared.params)
+        grammar = None
+        if prepared.grammar is not None:
+            try:
+                grammar = engine.grammar_compiler.compile(prepared.grammar)
+            except GrammarError as exc:
+                raise APIError(
+                    400,
+                    f"The grammar engine cannot compile this: {exc}",
+                    param=prepared.grammar.param,
+                ) from exc
         sequences = [(prompt, params) for prompt in prepared.prompts for params in prepared.params]
+        # Each choice advances its own copy of the grammar.
+        grammars = [grammar.fork() for _ in sequences] if grammar is not None else None
+        # DeepSeek-format tool calls are special tokens: keep them in the text to parse.
+        deepseek_tools = prepared.tools is not None and prepared.tools[0].kind == "deepseek"
         try:
-            ids = engine.submit_all(sequences, adapter=prepared.adapter, queue=self.queue)
+            ids = engine.submit_all(
+                sequences,
+                adapter=prepared.adapter,
+                queue=self.queue,
+                grammars=grammars,
+                skip_special_tokens=not deepseek_tools,
+            )
         except RequestTooLarge as exc:
             raise APIError(
                 400,
@@ -218,6 +242,8 @@ async def chat_events(
 
     decode = choices.engine.tokenizer.decode
     context = [list(choices.prompt_of(i, len(prepared.params))) for i in range(len(choices.index))]
+    parsers = [prepared.tool_parser() for _ in choices.index]
+    calls_sent = [0] * len(parsers)
     try:
         for i in range(len(choices.index)):
             yield chunk([ChatChunkChoice(i, ChatDelta(role="assistant", content=""))])
@@ -226,10 +252,19 @@ async def chat_events(
             if req.logprobs and delta.logprobs:
                 logprobs = chat_logprobs(decode, context[i], delta.logprobs)
                 context[i] += delta.token_ids
-            if delta.text or logprobs is not None:
-                yield chunk([ChatChunkChoice(i, ChatDelta(content=delta.text), None, logprobs)])
+            text, calls = delta.text, []
+            if parsers[i] is not None:
+                text, calls = parsers[i].push(text)
+                if delta.finish_reason:
+                    text += parsers[i].flush()
+            if text or logprobs is not None:
+                yield chunk([ChatChunkChoice(i, ChatDelta(content=text), None, logprobs)])
+            if calls:
+                first, calls_sent[i] = calls_sent[i], calls_sent[i] + len(calls)
+                yield chunk([ChatChunkChoice(i, ChatDelta(tool_calls=_call_deltas(calls, first)))])
             if delta.finish_reason:
-                yield chunk([ChatChunkChoice(i, ChatDelta(), delta.finish_reason)])
+                reason = _finish_reason(delta.finish_reason, calls_sent[i])
+                yield chunk([ChatChunkChoice(i, ChatDelta(), reason)])
         if req.stream_options is not None and req.stream_options.include_usage:
             yield chunk([], usage=choices.usage())
         yield DONE
@@ -249,7 +284,39 @@ def chat_body(
             logprobs = chat_logprobs(
                 decode, choices.prompt_of(i, len(prepared.params)), result.logprobs
             )
-        body.append(ChatChoice(i, ChatResponseMessage(result.text), result.finish_reason, logprobs))
+        body.append(_chat_choice(i, result.text, result.finish_reason, prepared, logprobs))
     return ChatCompletionResponse(
         id=rid, created=created, model=prepared.model, usage=choices.usage(), choices=body
     )
+
+
+def _chat_choice(
+    i: int, text: str, reason: str | None, prepared: Prepared, logprobs: ChatLogprobs | None
+) -> ChatChoice:
+    parser = prepared.tool_parser()
+    if parser is None:
+        return ChatChoice(i, ChatResponseMessage(text), reason, logprobs)
+    content, calls = parser.push(text)
+    content += parser.flush()
+    message = ChatResponseMessage(
+        content if content or not calls else None, tool_calls=calls or None
+    )
+    return ChatChoice(i, message, _finish_reason(reason, len(calls)), logprobs)
+
+
+def _finish_reason(reason: str | None, num_calls: int) -> str | None:
+    """OpenAI ends a turn that made tool calls with ``tool_calls`` rather than ``stop``."""
+    return "tool_calls" if num_calls and reason == "stop" else reason
+
+
+def _call_deltas(calls: list[ToolCall], first: int) -> list[ToolCallDelta]:
+    """Each completed call as one streamed delta (id, type, name and all its arguments)."""
+    return [
+        ToolCallDelta(
+            index=first + k,
+            id=call.id,
+            type="function",
+            function={"name": call.function.name, "arguments": call.function.arguments},
+        )
+        for k, call in enumerate(calls)
+    ]

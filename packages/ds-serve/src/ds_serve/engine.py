@@ -24,6 +24,7 @@ directly except ``add`` (under the lock, so ``QueueFull`` reaches the caller as 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import sys
@@ -39,6 +40,7 @@ from ds_batching import QueueFull, Request, Scheduler
 from ds_serve.detokenizer import IncrementalDetokenizer, StopMatcher
 from ds_serve.metrics import Metrics
 from ds_serve.sampling import Sampled, SamplingParams, sample
+from ds_serve.structured import Grammar, GrammarCompiler
 
 __all__ = ["Delta", "Engine", "EngineClosed", "RequestTooLarge", "TokenLogprob"]
 
@@ -102,6 +104,7 @@ class _Tracked:
     finished: bool = False
     # Prompt scoring: entry p scores prompt token p, filled chunk by chunk.
     prompt_scores: list[TokenLogprob | None] | None = None
+    grammar: Grammar | None = None
 
 
 class Engine:
@@ -145,6 +148,7 @@ class Engine:
         self._stopped = False
         self.aborted_total = 0
         self.error: BaseException | None = None
+        self._grammar_compiler: GrammarCompiler | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -197,6 +201,16 @@ class Engine:
         with self._lock:
             return len(self._tracked)
 
+    @property
+    def grammar_compiler(self) -> GrammarCompiler:
+        """Compiles ``response_format`` and forced tool-call grammars (built on first use:
+        reading the vocabulary takes a moment, and most servers never need it)."""
+        if self._grammar_compiler is None:
+            self._grammar_compiler = GrammarCompiler(
+                self.tokenizer, vocab_size=self.vocab_size, eos_ids=self.eos_token_ids
+            )
+        return self._grammar_compiler
+
     # ---- the EngineProtocol ------------------------------------------------------------
 
     def submit(
@@ -206,15 +220,23 @@ class Engine:
         *,
         adapter: str | None = None,
         queue: asyncio.Queue | None = None,
+        grammar: Grammar | None = None,
+        skip_special_tokens: bool = True,
     ) -> str:
         """Queue a request; returns its id. Raises ``QueueFull`` (429) or ``EngineClosed``.
 
         ``queue`` lets several requests (the n choices of one HTTP request) share one
         output queue; by default each request gets its own, read with ``stream``.
+        ``grammar`` constrains every sampled token; the request ends when it terminates.
+        ``skip_special_tokens=False`` keeps special tokens in the text (tool-call markers).
         """
         own = asyncio.Queue() if queue is None else None
         (request_id,) = self.submit_all(
-            [(prompt_token_ids, params)], adapter=adapter, queue=own if own is not None else queue
+            [(prompt_token_ids, params)],
+            adapter=adapter,
+            queue=own if own is not None else queue,
+            grammars=[grammar],
+            skip_special_tokens=skip_special_tokens,
         )
         if own is not None:
             self._streams[request_id] = own
@@ -226,12 +248,15 @@ class Engine:
         *,
         adapter: str | None = None,
         queue: asyncio.Queue,
+        grammars: list[Grammar | None] | None = None,
+        skip_special_tokens: bool = True,
     ) -> list[str]:
         """Queue the sequences of one HTTP request together or not at all: with too little
         room in the waiting queue nothing is queued and ``QueueFull`` (429) is raised, so
         a refused request never holds places that would shut out the next one. More
         sequences than the waiting queue holds can never be admitted: ``RequestTooLarge``
-        (400); a sequence the KV pool could never hold: ``ValueError`` (400)."""
+        (400); a sequence the KV pool could never hold: ``ValueError`` (400).
+        ``grammars`` holds one grammar state (or None) per sequence."""
         if self._loop is None:
             raise EngineClosed("the engine has not been started")
         if adapter is not None and adapter not in self.adapters:
@@ -246,7 +271,11 @@ class Engine:
                 f"{len(sequences)} sequences (prompts x n) can never be admitted together: "
                 f"at most {max_waiting} wait at once (--max-waiting {max_waiting})"
             )
-        tracked = [self._track(prompt, params, adapter, queue) for prompt, params in sequences]
+        grammars = grammars if grammars is not None else [None] * len(sequences)
+        tracked = [
+            self._track(prompt, params, adapter, queue, grammar, skip_special_tokens)
+            for (prompt, params), grammar in zip(sequences, grammars)
+        ]
         with self._lock:
             if self.error is not None:
                 raise EngineClosed(f"the engine loop failed ({self.error!r}); restart the server")
@@ -272,16 +301,26 @@ class Engine:
         return [t.request_id for t in tracked]
 
     def _track(
-        self, prompt: list[int], params: SamplingParams, adapter: str | None, queue: asyncio.Queue
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        adapter: str | None,
+        queue: asyncio.Queue,
+        grammar: Grammar | None,
+        skip_special_tokens: bool,
     ) -> _Tracked:
+        decode = self.tokenizer.decode
+        if not skip_special_tokens:
+            decode = functools.partial(decode, skip_special_tokens=False)
         tracked = _Tracked(
             request_id=f"req-{next(self._ids)}",
             prompt_ids=list(prompt),
             params=params,
             adapter=adapter,
             queue=queue,
-            detokenizer=IncrementalDetokenizer(self.tokenizer.decode, prompt),
+            detokenizer=IncrementalDetokenizer(decode, prompt),
             stop=StopMatcher(params.stop),
+            grammar=grammar,
         )
         if params.prompt_logprobs is not None:
             tracked.prompt_scores = [TokenLogprob(prompt[0], None)]
@@ -401,6 +440,7 @@ class Engine:
                 params,
                 output_ids=[t.output_ids for t in tracked],
                 prompt_ids=[t.prompt_ids for t in tracked] if repetition else None,
+                allowed=self._allowed([t.grammar for t in tracked], logits.shape[-1]),
             )
             tokens = result.token_ids.tolist()
             sampled = {batch.scheduled[i].request_id: t for i, t in zip(rows, tokens)}
@@ -455,6 +495,16 @@ class Engine:
                     token, chosen[j], tuple(zip(top_ids[j], top_lps[j]))
                 )
 
+    def _allowed(self, grammars: list[Grammar | None], vocab: int) -> torch.Tensor | None:
+        """(rows, vocab) bool: what each row's grammar allows next (every token for rows
+        without one); None when no row has a grammar."""
+        rows = [k for k, g in enumerate(grammars) if g is not None]
+        if not rows:
+            return None
+        allowed = torch.ones((len(grammars), vocab), dtype=torch.bool)
+        allowed[rows] = self.grammar_compiler.allowed([grammars[k] for k in rows])
+        return allowed
+
     def _on_token(
         self,
         tracked: _Tracked,
@@ -476,8 +526,12 @@ class Engine:
         tracked.output_ids.append(token)
         is_eos = finish_reason == "stop" and token in tracked.params.stop_token_ids
         text = "" if is_eos else tracked.stop.push(tracked.detokenizer.push(token))
-        if tracked.stop.stopped and finish_reason is None:
-            # A stop string ends the request here; the scheduler frees its blocks now.
+        if tracked.grammar is not None and not is_eos:
+            tracked.grammar.accept(token)
+        grammar_done = tracked.grammar is not None and tracked.grammar.terminated
+        if (tracked.stop.stopped or grammar_done) and finish_reason is None:
+            # A stop string or a complete grammar ends the request here; the scheduler
+            # frees its blocks now.
             self.scheduler.abort(tracked.request_id)
             finish_reason = "stop"
         if finish_reason is not None:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from ds_serve.api import ChatCompletionRequest, CompletionRequest, TokenizeRequest
 from ds_serve.errors import APIError
 from ds_serve.sampling import SamplingParams
+from ds_serve.structured import GrammarSpec
+from ds_serve.tools import ToolCallParser, ToolFormat, call_grammar, render_messages, tool_format
 
 __all__ = [
     "MAX_CHARS_PER_TOKEN",
@@ -62,6 +64,11 @@ class Prepared:
     params: list[SamplingParams]  # n entries; choice j of every prompt uses params[j]
     adapter: str | None
     model: str
+    grammar: GrammarSpec | None = None  # response_format or a forced tool call
+    tools: tuple[ToolFormat, frozenset[str]] | None = None  # parse calls out of the text
+
+    def tool_parser(self) -> ToolCallParser | None:
+        return None if self.tools is None else ToolCallParser(self.tools[0], set(self.tools[1]))
 
 
 def resolve_model(requested: str | None, info: ModelInfo) -> tuple[str, str | None]:
@@ -247,15 +254,18 @@ def prepare_completion(req: CompletionRequest, info: ModelInfo, tokenizer) -> Pr
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
     for ids in prompts:
         _check_length(ids, max_tokens, info, "prompt")
-    return Prepared(prompts, _sampling(req, max_tokens, info), adapter, model)
+    grammar = _response_grammar(req)
+    return Prepared(prompts, _sampling(req, max_tokens, info), adapter, model, grammar)
 
 
-def chat_prompt(messages, tokenizer, add_generation_prompt: bool) -> list[int]:
-    rendered = [{"role": m.role, "content": m.text()} for m in messages]
+def chat_prompt(
+    messages, tokenizer, add_generation_prompt: bool, tools=None, offer_tools: bool = False
+) -> list[int]:
+    rendered, extra = render_messages(messages, tools, tool_format(tokenizer), offer_tools)
     try:
         return list(
             tokenizer.apply_chat_template(
-                rendered, add_generation_prompt=add_generation_prompt, tokenize=True
+                rendered, add_generation_prompt=add_generation_prompt, tokenize=True, **extra
             )
         )
     except (ValueError, TypeError, KeyError, LookupError, *_TEMPLATE_ERRORS) as exc:
@@ -264,11 +274,70 @@ def chat_prompt(messages, tokenizer, add_generation_prompt: bool) -> list[int]:
         ) from exc
 
 
+def _response_grammar(req: CompletionRequest | ChatCompletionRequest) -> GrammarSpec | None:
+    fmt = req.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return GrammarSpec("json_object")
+    if fmt.json_schema is None:
+        raise APIError(
+            400,
+            "`response_format.json_schema` is required when `response_format.type` is "
+            "'json_schema'",
+            param="response_format.json_schema",
+        )
+    schema = fmt.json_schema.schema if fmt.json_schema.schema is not None else {"type": "object"}
+    return GrammarSpec(
+        "json_schema", schema, bool(fmt.json_schema.strict), "response_format.json_schema"
+    )
+
+
+def _tool_setup(req: ChatCompletionRequest, tokenizer):
+    """(tools offered in the prompt, grammar of a forced call, parser) for the request."""
+    tools = req.tools or []
+    choice = req.tool_choice if req.tool_choice is not None else ("auto" if tools else "none")
+    if choice != "none" and not tools:
+        raise APIError(400, "`tool_choice` needs a non-empty `tools` list", param="tool_choice")
+    names = [t.function.name for t in tools]
+    if len(set(names)) != len(names):
+        raise APIError(400, f"`tools` names a function twice: {names}", param="tools")
+    if choice == "none":
+        return [], None, None
+    fmt = tool_format(tokenizer)
+    parse = (fmt, frozenset(names))
+    if choice == "auto":
+        return tools, None, parse
+    forced = tools
+    if not isinstance(choice, str):
+        forced = [t for t in tools if t.function.name == choice.function.name]
+        if not forced:
+            raise APIError(
+                400,
+                f"`tool_choice` names function {choice.function.name!r}, which is not in "
+                f"`tools` ({names})",
+                param="tool_choice",
+            )
+    grammar = GrammarSpec("lark", call_grammar(forced, fmt, req.parallel_tool_calls), True, "tools")
+    return tools, grammar, parse
+
+
 def prepare_chat(req: ChatCompletionRequest, info: ModelInfo, tokenizer) -> Prepared:
     model, adapter = resolve_model(req.model, info)
     _refuse_unsupported(req)
+    tools, tool_grammar, parse = _tool_setup(req, tokenizer)
+    grammar = _response_grammar(req)
+    if grammar is not None and tool_grammar is not None:
+        raise APIError(
+            400,
+            "`response_format` cannot constrain the output while `tool_choice` forces a "
+            "tool call; drop one of them",
+            param="response_format",
+        )
     ids = _check_ids(
-        chat_prompt(req.messages, tokenizer, req.add_generation_prompt), info, "messages"
+        chat_prompt(req.messages, tokenizer, req.add_generation_prompt, tools, bool(tools)),
+        info,
+        "messages",
     )
     requested = (
         req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -276,7 +345,9 @@ def prepare_chat(req: ChatCompletionRequest, info: ModelInfo, tokenizer) -> Prep
     # Chat has no default cap in the OpenAI API: the rest of the context is the limit.
     max_tokens = requested if requested is not None else max(1, info.max_model_len - len(ids))
     _check_length(ids, max_tokens, info, "messages")
-    return Prepared([ids], _sampling(req, max_tokens, info), adapter, model)
+    return Prepared(
+        [ids], _sampling(req, max_tokens, info), adapter, model, grammar or tool_grammar, parse
+    )
 
 
 def _texts(req: CompletionRequest | ChatCompletionRequest | TokenizeRequest) -> list[str]:
