@@ -23,7 +23,38 @@ import torch.nn.functional as F
 
 from ds_model.unpad import Padding
 
-__all__ = ["attend"]
+__all__ = ["attend", "paged_decode"]
+
+# ds-model's attention_backend names ds-attention's general backends; its paged decode
+# has the same Triton kernel and reference, and a torch path in place of SDPA.
+_PAGED_BACKENDS = {None: None, "sdpa": "torch", "triton": "triton", "reference": "reference"}
+
+
+def paged_decode(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor | None,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    *,
+    softmax_scale: float,
+    v_head_dim: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """One query token per sequence over the paged pool, read in place through the block
+    table: ds-attention's ``paged_decode_attention``. ``q``: (batch, heads, d_qk);
+    ``k_pages``/``v_pages``: (num_blocks, block_size, kv_heads, d) -> (batch, heads, d_v).
+    ``v_pages=None``: values are the first ``v_head_dim`` channels of the keys (MLA)."""
+    return ds_attention.paged_decode_attention(
+        q,
+        k_pages,
+        v_pages,
+        block_tables,
+        context_lens,
+        softmax_scale=softmax_scale,
+        backend=_PAGED_BACKENDS[backend],
+        v_head_dim=v_head_dim,
+    )
 
 
 def attend(
