@@ -1,6 +1,21 @@
-"""The one place the model computes attention scores: through ds-attention.
+"""Where the model's attention layers compute attention scores: through ds-attention,
+save three measured shortcuts that run torch directly.
 
-``q``: (batch, seqlen_q, heads, d_qk); ``k``: (batch, seqlen_k, kv_heads, d_qk);
+- ``attend``: ds-attention's ``attention`` (dense, windowed, varlen) for every pass.
+- ``paged_decode``: ds-attention's ``paged_decode_attention`` for the serving runner's
+  decode rows, which read the paged pool in place through their block tables.
+
+The shortcuts, each for a case ds-attention's API does not express or where its
+per-call checks cost more than the attention itself:
+
+- a caller's arbitrary bool ``mask`` (``DeepSeekModel.forward(mask=...)``): torch SDPA
+  (no varlen form exists for it);
+- ``generate``'s padded single-token decode on CPU (``_padded_decode`` below): one SDPA
+  over the static cache with a key mask, no gather of the real keys;
+- MLA's single-token absorbed decode over ``generate``'s static cache
+  (``MLAttention._decode_one``, ``fast_decode``): four batched matmuls.
+
+``attend``'s tensors: ``q``: (batch, seqlen_q, heads, d_qk); ``k``: (batch, seqlen_k, kv_heads, d_qk);
 ``v``: (batch, seqlen_k, kv_heads, d_v) -> (batch, seqlen_q, heads, d_v).
 
 Causal attention is bottom-right aligned (query ``i`` of ``T`` new tokens sits at key
@@ -9,7 +24,7 @@ ds-attention's ``(left, right)``. Three batch layouts:
 
 - plain: every slot is a real token.
 - ``cu_seqlens=(cu_q, cu_k)``: packed ragged sequences with batch 1 (the serving
-  runner), as ds-attention's varlen API defines.
+  runner's prefill rows), as ds-attention's varlen API defines.
 - ``padding``: a padded batch (``ds_model.unpad.Padding``). The real queries and keys
   are gathered into packed rows, run through the same varlen API (causal and window
   count real tokens within each row), and scattered back; padded query slots get zeros.

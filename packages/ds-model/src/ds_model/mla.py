@@ -11,7 +11,10 @@ Keys and values are compressed into one ``kv_lora_rank`` latent per token plus a
   ``d_v = kv_lora_rank``; nothing per-head is ever materialised for the history.
 
 Both give the same result (tested); ``impl`` picks one: ``"auto"`` (naive for a pass
-with no cached history, absorbed otherwise), ``"naive"`` or ``"absorb"``.
+with no cached history, absorbed otherwise), ``"naive"`` or ``"absorb"``. Under the
+serving runner's paged pool, decode rows always take the absorbed form over the pool in
+place (ds-attention's paged decode with values = the latent); the runner gathers their
+contexts instead only where ``can_absorb()`` is False for some layer.
 """
 
 from __future__ import annotations

@@ -11,9 +11,14 @@ vLLM's scheduler and model runner do, so ds-model never imports ds-batching:
   ``p`` lives in slot ``block_tables[s][p // block_size] * block_size + p % block_size``.
 
 All new tokens are packed into one batch of N rows (one token each), so every linear
-layer runs once per step and LoRA can pick an adapter per row; attention runs through
-ds-attention's varlen API (``cu_seqlens`` for the new tokens and for each sequence's
-gathered context).
+layer runs once per step and LoRA can pick an adapter per row. Decode rows (sequences
+feeding one token) come first and attend over the pool in place: each layer hands
+ds-attention's ``paged_decode_attention`` the pool and the rows' block tables, nothing
+is copied per sequence, and MLA runs its absorbed form over the cached latent (one kv
+head of latent + rope key shared by all query heads; values = the latent). Prefill and
+chunked-prefill rows attend over their gathered contexts through ds-attention's varlen
+API (``cu_seqlens`` for their new tokens and contexts). Logits come back in the order
+the sequences were given.
 """
 
 from __future__ import annotations
