@@ -23,9 +23,8 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
-
 import ds_model
+import torch
 from ds_model.cache import StaticKVCache
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -34,12 +33,8 @@ ROOT = Path(__file__).resolve().parents[3]
 def runner_step(model, batch: int, context: int, block_size: int):
     """A closure running one paged batch decode step at ``context``."""
     blocks_per_seq = -(-context // block_size)
-    runner = ds_model.ModelRunner(
-        model, num_blocks=batch * blocks_per_seq, block_size=block_size
-    )
-    tables = [
-        list(range(s * blocks_per_seq, (s + 1) * blocks_per_seq)) for s in range(batch)
-    ]
+    runner = ds_model.ModelRunner(model, num_blocks=batch * blocks_per_seq, block_size=block_size)
+    tables = [list(range(s * blocks_per_seq, (s + 1) * blocks_per_seq)) for s in range(batch)]
     gen = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     prompts = torch.randint(0, vocab, (batch, context - 1), generator=gen).tolist()
@@ -63,9 +58,7 @@ def generate_step(model, batch: int, context: int):
     def step():
         with torch.inference_mode():
             cache.length = context - 1
-            hidden = model.model(
-                token[:, None], positions, cache=cache.writer(1), history=True
-            )
+            hidden = model.model(token[:, None], positions, cache=cache.writer(1), history=True)
             cache.length += 1
             return model.lm_head(hidden[:, -1])
 
@@ -107,7 +100,9 @@ def main() -> None:
         f"{args.threads} thread(s), block_size {args.block_size}, torch {torch.__version__}, "
         f"{platform.processor() or platform.machine()}\n"
     )
-    print("| context | runner step (ms) | generate step (ms) | runner / generate | runner / runner@first |")
+    print(
+        "| context | runner step (ms) | generate step (ms) | runner / generate | runner / runner@first |"
+    )
     print("|---:|---:|---:|---:|---:|")
     first = rows[0][1]
     for context, r, g in rows:
