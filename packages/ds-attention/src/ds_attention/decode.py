@@ -78,11 +78,11 @@ def _check(q, k_cache, v_cache, block_table, context_lens, v_head_dim) -> tuple[
     if batch == 0:
         return 0, 0
     capacity = block_table.shape[1] * k_cache.shape[1]
-    shortest, longest = (int(x) for x in torch.aminmax(context_lens))
+    lens = context_lens.tolist()  # one host copy: cheaper than two reductions
+    shortest, longest = min(lens), max(lens)
     if shortest < 0 or longest > capacity:
         raise ValueError(
-            f"context_lens must lie in 0..max_blocks * block_size = {capacity}, "
-            f"got {context_lens.tolist()}"
+            f"context_lens must lie in 0..max_blocks * block_size = {capacity}, got {lens}"
         )
     return shortest, longest
 
@@ -133,16 +133,20 @@ def paged_decode_torch(
     else:
         v = _gather_pages(v_cache, blocks).view(batch, span, kv_heads, d_v)
     groups = heads // kv_heads
-    scores = torch.matmul(q.view(batch, kv_heads, groups, d_qk), k.permute(0, 2, 3, 1))
-    lens = context_lens.to(device=q.device, dtype=torch.long)
-    padded = shortest < span
-    if padded:
+    # (batch * kv_heads, groups, d) rows against (batch * kv_heads, span, d): views when
+    # kv_heads is 1 (MLA), one copy of the gathered pages otherwise.
+    k = k.transpose(1, 2).reshape(batch * kv_heads, span, d_qk)
+    v = v.transpose(1, 2).reshape(batch * kv_heads, span, d_v)
+    q = (q * scale).view(batch * kv_heads, groups, d_qk)
+    scores = torch.bmm(q, k.transpose(1, 2)).view(batch, kv_heads, groups, span)
+    if shortest < span:
+        lens = context_lens.to(device=q.device, dtype=torch.long)
         hidden = torch.arange(span, device=q.device)[None, :] >= lens[:, None]
         scores = scores.masked_fill(hidden[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores * scale, dim=-1, dtype=torch.float32).to(v.dtype)
-    out = torch.matmul(probs, v.permute(0, 2, 1, 3)).reshape(batch, heads, d_v)
-    if shortest == 0:  # a sequence with no context attends to nothing: zeros, not softmax's NaN
-        out = out.masked_fill((lens == 0)[:, None, None], 0.0)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    out = torch.bmm(probs.view(batch * kv_heads, groups, span), v).view(batch, heads, d_v)
+    if shortest == 0:  # a sequence with no context attends to nothing: zeros, not NaN
+        out = out.masked_fill((context_lens == 0).to(q.device)[:, None, None], 0.0)
     return out
 
 
