@@ -125,25 +125,33 @@ def paged_decode_torch(
     if batch == 0:
         return q.new_zeros(0, heads, d_v)
     pages = max(1, -(-longest // page))
-    blocks = block_table[:, :pages].reshape(-1).to(device=q.device, dtype=torch.long)
     span = pages * page
+    if block_table.shape[1] != pages:
+        block_table = block_table[:, :pages]
+    blocks = block_table.reshape(-1)
+    if blocks.dtype != torch.long or blocks.device != q.device:
+        blocks = blocks.to(device=q.device, dtype=torch.long)
+    groups = heads // kv_heads
+    # (batch * kv_heads, groups, d) query rows against (batch * kv_heads, span, d) keys:
+    # views when kv_heads is 1 (MLA), one copy of the gathered pages otherwise.
     k = _gather_pages(k_cache, blocks).view(batch, span, kv_heads, d_qk)
+    if kv_heads > 1:
+        k = k.transpose(1, 2)
+    k = k.reshape(batch * kv_heads, span, d_qk)
     if v_cache is None:
         v = k[..., :d_v]
     else:
         v = _gather_pages(v_cache, blocks).view(batch, span, kv_heads, d_v)
-    groups = heads // kv_heads
-    # (batch * kv_heads, groups, d) rows against (batch * kv_heads, span, d): views when
-    # kv_heads is 1 (MLA), one copy of the gathered pages otherwise.
-    k = k.transpose(1, 2).reshape(batch * kv_heads, span, d_qk)
-    v = v.transpose(1, 2).reshape(batch * kv_heads, span, d_v)
+        v = (v.transpose(1, 2) if kv_heads > 1 else v).reshape(batch * kv_heads, span, d_v)
     q = (q * scale).view(batch * kv_heads, groups, d_qk)
     scores = torch.bmm(q, k.transpose(1, 2)).view(batch, kv_heads, groups, span)
     if shortest < span:
         lens = context_lens.to(device=q.device, dtype=torch.long)
         hidden = torch.arange(span, device=q.device)[None, :] >= lens[:, None]
         scores = scores.masked_fill(hidden[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    if probs.dtype != v.dtype:
+        probs = probs.to(v.dtype)
     out = torch.bmm(probs.view(batch * kv_heads, groups, span), v).view(batch, heads, d_v)
     if shortest == 0:  # a sequence with no context attends to nothing: zeros, not NaN
         out = out.masked_fill((context_lens == 0).to(q.device)[:, None, None], 0.0)

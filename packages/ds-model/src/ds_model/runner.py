@@ -202,7 +202,10 @@ class ModelRunner:
         if num_decode:
             width = max(widths)
             rows = [list(block_tables[s][:w]) + [0] * (width - w) for s, w in enumerate(widths)]
-            decode_tables = torch.tensor(rows, dtype=torch.int32, device=dev)
+            # int32 for the Triton kernel; the CPU torch path indexes with int64, so it
+            # gets int64 here rather than converting once per layer.
+            index = torch.int32 if dev.type == "cuda" else torch.long
+            decode_tables = torch.tensor(rows, dtype=index, device=dev)
             decode_lens = torch.tensor(ctx_lens[:num_decode], dtype=torch.int32, device=dev)
         if num_decode < len(token_ids):
             prefill_cu = (
