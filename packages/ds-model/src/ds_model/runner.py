@@ -128,7 +128,8 @@ class ModelRunner:
         decode = [s for s in range(n_seqs) if in_place and len(token_ids[s]) == 1]
         prefill = [s for s in range(n_seqs) if not (in_place and len(token_ids[s]) == 1)]
         order = decode + prefill
-        if order != list(range(n_seqs)):
+        permuted = order != list(range(n_seqs))
+        if permuted:
             token_ids = [token_ids[s] for s in order]
             positions = [positions[s] for s in order]
             block_tables = [block_tables[s] for s in order]
@@ -155,10 +156,11 @@ class ModelRunner:
                     cache=writer,
                     history=any(p > 0 for p in positions),
                 )
-            last = hidden[cu_q[1:].long() - 1, 0]
+            # Each sequence's last row; a decode-only step's rows are exactly those.
+            last = hidden[:, 0] if len(decode) == n_seqs else hidden[cu_q[1:].long() - 1, 0]
             with seq_rows:
                 logits = self.model.lm_head(last)
-            if order != list(range(n_seqs)):
+            if permuted:
                 logits = logits[torch.tensor(order, device=dev).argsort()]
             return logits
 
