@@ -46,10 +46,10 @@ def test_paged_decode_matches_dense(lens, kv_heads, groups, dims, dtype):
     q, kc, vc, table, lens_t, dense = paged_problem(lens, heads, kv_heads, *dims, 16, dtype)
     got = paged_decode_attention(q, kc, vc, table, lens_t, backend="triton").float()
     ref = paged_decode_attention(q, kc, vc, table, lens_t, backend="reference").float()
-    sdpa = paged_decode_attention(q, kc, vc, table, lens_t, backend="sdpa").float()
+    cpu = paged_decode_attention(q, kc, vc, table, lens_t, backend="torch").float()
     for b, (k, v) in enumerate(dense):
         if k.shape[0] == 0:
-            assert torch.all(got[b] == 0) and torch.all(ref[b] == 0) and torch.all(sdpa[b] == 0)
+            assert torch.all(got[b] == 0) and torch.all(ref[b] == 0) and torch.all(cpu[b] == 0)
             continue
         want = ds_attention.attention(
             q[b, None, None].float(), k[None].float(), v[None].float(), causal=False,
@@ -58,7 +58,7 @@ def test_paged_decode_matches_dense(lens, kv_heads, groups, dims, dtype):
         tol = 1e-4 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(got[b], want, atol=tol, rtol=0)
         torch.testing.assert_close(ref[b], want, atol=tol, rtol=0)
-        torch.testing.assert_close(sdpa[b], want, atol=tol, rtol=0)
+        torch.testing.assert_close(cpu[b], want, atol=tol, rtol=0)
 
 
 def test_paged_decode_bf16_and_other_page_size_reference():
@@ -67,22 +67,22 @@ def test_paged_decode_bf16_and_other_page_size_reference():
     ref = paged_decode_attention(q, kc, vc, table, lens_t, backend="reference").float()
     torch.testing.assert_close(got, ref, atol=2e-2, rtol=0)
     q, kc, vc, table, lens_t, _ = paged_problem([5, 13], 2, 1, 8, 8, 5, torch.float32)
-    out = paged_decode_attention(q, kc, vc, table, lens_t)  # default: sdpa for this page size
+    out = paged_decode_attention(q, kc, vc, table, lens_t)  # default: torch for this page size
     ref = paged_decode_attention(q, kc, vc, table, lens_t, backend="reference")
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="power-of-two block_size"):
         paged_decode_attention(q, kc, vc, table, lens_t, backend="triton")
 
 
-def test_default_backend_falls_back_to_sdpa_for_pages_triton_cannot_take(monkeypatch):
+def test_default_backend_falls_back_to_torch_for_pages_triton_cannot_take(monkeypatch):
     from ds_attention import decode
 
     monkeypatch.setattr(decode, "triton_available", lambda: True)
     assert decode._auto_backend(True, 16) == "triton"
     assert decode._auto_backend(True, 128) == "triton"
     for page in (5, 8, 24):  # not a power of two, or below tl.dot's 16
-        assert decode._auto_backend(True, page) == "sdpa"
-    assert decode._auto_backend(False, 16) == "sdpa"
+        assert decode._auto_backend(True, page) == "torch"
+    assert decode._auto_backend(False, 16) == "torch"
     # On this device, the default takes any page size; an explicit "triton" says why not.
     q, kc, vc, table, lens_t, _ = paged_problem([3, 20], 4, 2, 16, 16, 8, torch.float32)
     out = paged_decode_attention(q, kc, vc, table, lens_t)
@@ -111,3 +111,61 @@ def test_paged_decode_large_gpu():
     got = paged_decode_attention(q, kc, vc, table, lens_t, backend="triton").float()
     ref = paged_decode_attention(q, kc, vc, table, lens_t, backend="reference").float()
     torch.testing.assert_close(got, ref, atol=2e-2, rtol=0)
+
+
+def shared_latent_problem(lens, heads, latent, rope, page, dtype, seed=0):
+    """MLA's paged cache: one kv head of (latent + rope) per token; values = the latent.
+    Also returns a table with one spare column past every sequence's pages."""
+    q, kc, _, table, lens_t, dense = paged_problem(
+        lens, heads, 1, latent + rope, latent, page, dtype, seed
+    )
+    spare = torch.full((table.shape[0], 1), kc.shape[0] - 1, dtype=table.dtype, device=table.device)
+    return q, kc, torch.cat((table, spare), dim=1), lens_t, dense
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    lens=st.lists(st.integers(0, 50), min_size=1, max_size=4),
+    heads=st.sampled_from([1, 4, 6]),
+    dims=st.sampled_from([(16, 16), (32, 8)]),
+    page=st.sampled_from([16, 32]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_shared_latent_decode_matches_dense(lens, heads, dims, page, dtype, seed):
+    """v_cache=None: values are the keys' leading v_head_dim channels (MLA's absorbed
+    decode); every backend reads the pool in place and equals dense attention over the
+    gathered context, whatever the block order, page size and mix of lengths."""
+    latent, rope = dims
+    q, kc, table, lens_t, dense = shared_latent_problem(
+        lens, heads, latent, rope, page, dtype, seed
+    )
+    outs = {
+        backend: paged_decode_attention(
+            q, kc, None, table, lens_t, v_head_dim=latent, softmax_scale=0.3, backend=backend
+        ).float()
+        for backend in ("torch", "reference", "triton")
+    }
+    for b, (k, _) in enumerate(dense):
+        if k.shape[0] == 0:
+            for out in outs.values():
+                assert torch.all(out[b] == 0)
+            continue
+        k = k.float()
+        want = ds_attention.attention(
+            q[b, None, None].float(), k[None], k[None, ..., :latent], causal=False,
+            softmax_scale=0.3, backend="reference",
+        )[0, 0]  # fmt: skip
+        tol = 1e-4 if dtype == torch.float32 else 3e-2
+        for backend, out in outs.items():
+            torch.testing.assert_close(out[b], want, atol=tol, rtol=0, msg=backend)
+
+
+def test_shared_latent_bad_input():
+    q, kc, table, lens_t, _ = shared_latent_problem([5, 20], 4, 16, 16, 16, torch.float32)
+    with pytest.raises(ValueError, match="needs v_head_dim"):
+        paged_decode_attention(q, kc, None, table, lens_t)
+    with pytest.raises(ValueError, match=r"v_head_dim=40 must lie in 1\.\.32"):
+        paged_decode_attention(q, kc, None, table, lens_t, v_head_dim=40)
+    with pytest.raises(ValueError, match="only for v_cache=None"):
+        paged_decode_attention(q, kc, kc, table, lens_t, v_head_dim=16)

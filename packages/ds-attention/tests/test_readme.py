@@ -13,4 +13,5 @@ def test_readme_examples_run():
     for block in blocks:
         exec(compile(block, str(README), "exec"), namespace)
     assert namespace["out"].shape == (2, 8, 64)
+    assert namespace["latent_out"].shape == (2, 16, 512)
     assert namespace["y_next"].shape == (2, 1, 256)

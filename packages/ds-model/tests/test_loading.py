@@ -307,6 +307,13 @@ def test_runner_serves_a_mixed_adapter_batch(tiny_dir, tmp_path, targets):
         with torch.no_grad():
             want = alone(torch.tensor([[*prompts[row], 13 + row, token]])).logits[0, -1]
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # A prefill given before a decode row: each keeps its own adapter and logits row.
+    mixed = runner.step([[20, 21, 22], [18]], [0, 7], [[5], [0, 1]], adapters=["b", "a"])
+    for got, name, tokens in zip(mixed, "ba", ([20, 21, 22], [*prompts[0], 13, 16, 18])):
+        alone = ds_model.from_pretrained(path, adapter=dirs[name])
+        with torch.no_grad():
+            want = alone(torch.tensor([tokens])).logits[0, -1]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="one entry per sequence"):
         runner.step([[1]], [0], [[5]], adapters=["a", "b"])
 

@@ -1,21 +1,25 @@
 """``paged_decode_attention()``: one new token per sequence against a paged KV cache.
 
-This is the layout ds-batching's block manager hands out and ds-serve decodes with.
+This is the layout ds-batching's block manager hands out; ds-model's serving runner
+decodes through it (GQA over paged K/V, and MLA's absorbed form over the paged latent).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ds_attention.backends import interpreting, triton_available
 from ds_attention.reference import paged_decode_reference
-from ds_attention.sdpa import HAS_GQA
 from ds_attention.validate import SUPPORTED_DTYPES, check_softmax_scale
 
 
-def _check(q, k_cache, v_cache, block_table, context_lens) -> None:
-    for name, t, nd in (("q", q, 3), ("k_cache", k_cache, 4), ("v_cache", v_cache, 4)):
+def _check(q, k_cache, v_cache, block_table, context_lens, v_head_dim) -> tuple[int, int]:
+    """Validates the arguments; returns the shortest and longest context ((0, 0) for an
+    empty batch)."""
+    tensors = [("q", q, 3), ("k_cache", k_cache, 4)]
+    if v_cache is not None:
+        tensors.append(("v_cache", v_cache, 4))
+    for name, t, nd in tensors:
         if not isinstance(t, torch.Tensor) or t.dim() != nd:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             layout = (
@@ -28,6 +32,18 @@ def _check(q, k_cache, v_cache, block_table, context_lens) -> None:
             raise ValueError(
                 f"{name}.dtype {t.dtype} unsupported; allowed: float16, bfloat16, float32"
             )
+    if v_cache is None:
+        d_qk = k_cache.shape[3]
+        if isinstance(v_head_dim, bool) or not isinstance(v_head_dim, int):
+            raise ValueError(
+                f"v_cache=None (values are k_cache's leading channels) needs v_head_dim, an "
+                f"int in 1..{d_qk}; got {v_head_dim!r}"
+            )
+        if not 0 < v_head_dim <= d_qk:
+            raise ValueError(f"v_head_dim={v_head_dim} must lie in 1..{d_qk} (k_cache head_dim)")
+        v_cache = k_cache
+    elif v_head_dim is not None:
+        raise ValueError(f"v_head_dim={v_head_dim!r} is only for v_cache=None; got a v_cache too")
     if not (q.dtype == k_cache.dtype == v_cache.dtype):
         raise ValueError(
             f"q, k_cache, v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
@@ -59,12 +75,16 @@ def _check(q, k_cache, v_cache, block_table, context_lens) -> None:
         or context_lens.dtype not in (torch.int32, torch.int64)
     ):
         raise ValueError(f"context_lens must be an int tensor of shape ({batch},)")
+    if batch == 0:
+        return 0, 0
     capacity = block_table.shape[1] * k_cache.shape[1]
-    if batch and (int(context_lens.min()) < 0 or int(context_lens.max()) > capacity):
+    lens = context_lens.tolist()  # one host copy: cheaper than two reductions
+    shortest, longest = min(lens), max(lens)
+    if shortest < 0 or longest > capacity:
         raise ValueError(
-            f"context_lens must lie in 0..max_blocks * block_size = {capacity}, "
-            f"got {context_lens.tolist()}"
+            f"context_lens must lie in 0..max_blocks * block_size = {capacity}, got {lens}"
         )
+    return shortest, longest
 
 
 def _triton_page_ok(page: int) -> bool:
@@ -73,49 +93,84 @@ def _triton_page_ok(page: int) -> bool:
 
 
 def _auto_backend(on_cuda: bool, page: int) -> str:
-    """backend=None: Triton on CUDA, SDPA elsewhere; any page size must work by default,
-    so one the kernel cannot take goes to SDPA instead of raising."""
-    return "triton" if on_cuda and _triton_page_ok(page) and triton_available() else "sdpa"
+    """backend=None: Triton on CUDA, the torch path elsewhere; any page size must work by
+    default, so one the kernel cannot take goes to the torch path instead of raising."""
+    return "triton" if on_cuda and _triton_page_ok(page) and triton_available() else "torch"
 
 
-def paged_decode_sdpa(q, k_cache, v_cache, block_table, context_lens, scale: float):
-    """Gathers every sequence's pages into (batch, max_blocks * block_size) keys and runs
-    one batched SDPA with a key-padding mask: the CPU default, no Python loop."""
-    heads = q.shape[1]
-    table = block_table.long()
-    # The gather copies every live page once; that copy is most of the CPU time.
-    k = k_cache[table].flatten(1, 2)  # (batch, max_blocks * block_size, kv_heads, d_qk)
-    v = v_cache[table].flatten(1, 2)
-    lens = context_lens.to(q.device).long()
-    live = torch.arange(k.shape[1], device=q.device)[None, :] < lens[:, None]
-    # A sequence with no context opens key 0 and is zeroed afterwards (SDPA would NaN).
-    first = torch.arange(k.shape[1], device=q.device)[None, :] == 0
-    mask = live | ((lens[:, None] == 0) & first)
-    groups = heads // k.shape[2]
-    kt, vt = k.transpose(1, 2), v.transpose(1, 2)
-    kwargs: dict = {"scale": scale}
-    if groups > 1 and HAS_GQA:
-        kwargs["enable_gqa"] = True  # repeating the gathered KV would cost more than SDPA
-    elif groups > 1:
-        kt = kt.repeat_interleave(groups, dim=1)
-        vt = vt.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(
-        q[:, :, None], kt, vt, attn_mask=mask[:, None, None], **kwargs
-    )[:, :, 0]
-    return out * (lens > 0)[:, None, None].to(out.dtype)
+def _gather_pages(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``cache[blocks]`` for a flat (n,) int64 list of block ids -> (n, block_size, ...).
+    A contiguous pool is copied in whole-block rows by ``index_select``, 2-5x faster on
+    CPU than advanced indexing's per-element gather (0.16 against 0.8 ms for 8 x 960
+    latent tokens, one thread)."""
+    if cache.is_contiguous():
+        return cache.view(cache.shape[0], -1).index_select(0, blocks).view(-1, *cache.shape[1:])
+    return cache[blocks]
+
+
+def paged_decode_torch(
+    q, k_cache, v_cache, block_table, context_lens, scale: float, lens_range, v_head_dim=None
+):
+    """The block-table-aware torch path (the CPU default): each sequence's live pages,
+    and only those (the table is cut at the longest context), are copied once into
+    (batch, pages * block_size) keys, then the query heads of each kv head are the rows
+    of one batched matmul (no grouped-query expansion of K/V), with a key-padding mask
+    only when some sequence is shorter than the copied span. ``v_cache=None``: values
+    are the first ``v_head_dim`` channels of the copied keys (MLA's shared latent), so
+    the pool is read once. ``lens_range``: (shortest, longest) of ``context_lens``."""
+    shortest, longest = lens_range
+    batch, heads, d_qk = q.shape
+    page, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    d_v = v_head_dim if v_cache is None else v_cache.shape[3]
+    if batch == 0:
+        return q.new_zeros(0, heads, d_v)
+    pages = max(1, -(-longest // page))
+    span = pages * page
+    if block_table.shape[1] != pages:
+        block_table = block_table[:, :pages]
+    blocks = block_table.reshape(-1)
+    if blocks.dtype != torch.long or blocks.device != q.device:
+        blocks = blocks.to(device=q.device, dtype=torch.long)
+    groups = heads // kv_heads
+    # (batch * kv_heads, groups, d) query rows against (batch * kv_heads, span, d) keys:
+    # views when kv_heads is 1 (MLA), one copy of the gathered pages otherwise.
+    k = _gather_pages(k_cache, blocks).view(batch, span, kv_heads, d_qk)
+    if kv_heads > 1:
+        k = k.transpose(1, 2)
+    k = k.reshape(batch * kv_heads, span, d_qk)
+    if v_cache is None:
+        v = k[..., :d_v]
+    else:
+        v = _gather_pages(v_cache, blocks).view(batch, span, kv_heads, d_v)
+        v = (v.transpose(1, 2) if kv_heads > 1 else v).reshape(batch * kv_heads, span, d_v)
+    q = (q * scale).view(batch * kv_heads, groups, d_qk)
+    scores = torch.bmm(q, k.transpose(1, 2)).view(batch, kv_heads, groups, span)
+    if shortest < span:
+        lens = context_lens.to(device=q.device, dtype=torch.long)
+        hidden = torch.arange(span, device=q.device)[None, :] >= lens[:, None]
+        scores = scores.masked_fill(hidden[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    if probs.dtype != v.dtype:
+        probs = probs.to(v.dtype)
+    out = torch.bmm(probs.view(batch * kv_heads, groups, span), v).view(batch, heads, d_v)
+    if shortest == 0:  # a sequence with no context attends to nothing: zeros, not NaN
+        out = out.masked_fill((context_lens == 0).to(q.device)[:, None, None], 0.0)
+    return out
 
 
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    v_cache: torch.Tensor | None,
     block_table: torch.Tensor,
     context_lens: torch.Tensor,
     *,
     softmax_scale: float | None = None,
     backend: str | None = None,
+    v_head_dim: int | None = None,
 ) -> torch.Tensor:
-    """Attention of one new query per sequence over its cached tokens.
+    """Attention of one new query per sequence over its cached tokens, read in place
+    through the block table.
 
     q: (batch, heads, d_qk); k_cache: (num_blocks, block_size, kv_heads, d_qk); v_cache:
     (num_blocks, block_size, kv_heads, d_v); block_table: (batch, max_blocks) int32, row
@@ -123,28 +178,36 @@ def paged_decode_attention(
     how many cached tokens sequence ``b`` attends to (write the new token's k/v first).
     Returns (batch, heads, d_v). A sequence with context 0 gets zeros. Forward only.
 
+    ``v_cache=None`` with ``v_head_dim=d_v``: the values are the first ``d_v`` channels
+    of each key, as in MLA's absorbed decode (key = latent + rope key, value = latent,
+    one kv head shared by every query head, like FlashMLA); the pool is read once.
+
     ``backend``: ``None`` uses the Triton kernel on CUDA when block_size is a power of two
-    >= 16, and ``"sdpa"`` (gather the pages, one batched torch SDPA) otherwise (CPU, or a
-    page size the kernel cannot take); ``"triton"`` (raises on such a page size),
-    ``"sdpa"`` or ``"reference"`` (float32, one sequence at a time) forces one.
+    >= 16, and ``"torch"`` (copy the live pages once, batched matmuls) otherwise (CPU, or
+    a page size the kernel cannot take); ``"triton"`` (raises on such a page size),
+    ``"torch"`` or ``"reference"`` (float32, one sequence at a time) forces one.
     """
-    _check(q, k_cache, v_cache, block_table, context_lens)
+    lens_range = _check(q, k_cache, v_cache, block_table, context_lens, v_head_dim)
     scale = check_softmax_scale(softmax_scale, q.shape[-1])
     page = k_cache.shape[1]
     if backend is None:
         backend = _auto_backend(q.is_cuda, page)
-    if backend == "sdpa":
-        return paged_decode_sdpa(q, k_cache, v_cache, block_table, context_lens, scale)
+    if backend == "torch":
+        return paged_decode_torch(
+            q, k_cache, v_cache, block_table, context_lens, scale, lens_range, v_head_dim
+        )
+    if v_cache is None:
+        v_cache = k_cache[..., :v_head_dim]
     if backend == "reference":
         return paged_decode_reference(
             q, k_cache, v_cache, block_table, context_lens, softmax_scale=scale
         )
     if backend != "triton":
-        raise ValueError(f"backend must be 'triton', 'sdpa', 'reference' or None, got {backend!r}")
+        raise ValueError(f"backend must be 'triton', 'torch', 'reference' or None, got {backend!r}")
     if not _triton_page_ok(page):
         raise ValueError(
             f"the Triton decode kernel needs a power-of-two block_size >= 16, got {page}; "
-            "use backend=None or 'sdpa'"
+            "use backend=None or 'torch'"
         )
     if not q.is_cuda and not interpreting():
         raise ValueError(

@@ -1,6 +1,21 @@
-"""The one place the model computes attention scores: through ds-attention.
+"""Where the model's attention layers compute attention scores: through ds-attention,
+save three measured shortcuts that run torch directly.
 
-``q``: (batch, seqlen_q, heads, d_qk); ``k``: (batch, seqlen_k, kv_heads, d_qk);
+- ``attend``: ds-attention's ``attention`` (dense, windowed, varlen) for every pass.
+- ``paged_decode``: ds-attention's ``paged_decode_attention`` for the serving runner's
+  decode rows, which read the paged pool in place through their block tables.
+
+The shortcuts, each for a case ds-attention's API does not express or where its
+per-call checks cost more than the attention itself:
+
+- a caller's arbitrary bool ``mask`` (``DeepSeekModel.forward(mask=...)``): torch SDPA
+  (no varlen form exists for it);
+- ``generate``'s padded single-token decode on CPU (``_padded_decode`` below): one SDPA
+  over the static cache with a key mask, no gather of the real keys;
+- MLA's single-token absorbed decode over ``generate``'s static cache
+  (``MLAttention._decode_one``, ``fast_decode``): four batched matmuls.
+
+``attend``'s tensors: ``q``: (batch, seqlen_q, heads, d_qk); ``k``: (batch, seqlen_k, kv_heads, d_qk);
 ``v``: (batch, seqlen_k, kv_heads, d_v) -> (batch, seqlen_q, heads, d_v).
 
 Causal attention is bottom-right aligned (query ``i`` of ``T`` new tokens sits at key
@@ -9,7 +24,7 @@ ds-attention's ``(left, right)``. Three batch layouts:
 
 - plain: every slot is a real token.
 - ``cu_seqlens=(cu_q, cu_k)``: packed ragged sequences with batch 1 (the serving
-  runner), as ds-attention's varlen API defines.
+  runner's prefill rows), as ds-attention's varlen API defines.
 - ``padding``: a padded batch (``ds_model.unpad.Padding``). The real queries and keys
   are gathered into packed rows, run through the same varlen API (causal and window
   count real tokens within each row), and scattered back; padded query slots get zeros.
@@ -23,7 +38,38 @@ import torch.nn.functional as F
 
 from ds_model.unpad import Padding
 
-__all__ = ["attend"]
+__all__ = ["attend", "paged_decode"]
+
+# ds-model's attention_backend names ds-attention's general backends; its paged decode
+# has the same Triton kernel and reference, and a torch path in place of SDPA.
+_PAGED_BACKENDS = {None: None, "sdpa": "torch", "triton": "triton", "reference": "reference"}
+
+
+def paged_decode(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor | None,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    *,
+    softmax_scale: float,
+    v_head_dim: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """One query token per sequence over the paged pool, read in place through the block
+    table: ds-attention's ``paged_decode_attention``. ``q``: (batch, heads, d_qk);
+    ``k_pages``/``v_pages``: (num_blocks, block_size, kv_heads, d) -> (batch, heads, d_v).
+    ``v_pages=None``: values are the first ``v_head_dim`` channels of the keys (MLA)."""
+    return ds_attention.paged_decode_attention(
+        q,
+        k_pages,
+        v_pages,
+        block_tables,
+        context_lens,
+        softmax_scale=softmax_scale,
+        backend=_PAGED_BACKENDS[backend],
+        v_head_dim=v_head_dim,
+    )
 
 
 def attend(

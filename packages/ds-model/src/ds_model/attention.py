@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ds_model.attend import attend
+from ds_model.attend import attend, paged_decode
+from ds_model.cache import PagedWriter
 from ds_model.config import ModelConfig
 from ds_model.context import ForwardContext
 from ds_model.rope import apply_rotary
@@ -36,6 +37,9 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         q = apply_rotary(q, ctx.cos, ctx.sin, interleaved=False)
         k = apply_rotary(k, ctx.cos, ctx.sin, interleaved=False)
+        if isinstance(ctx.cache, PagedWriter):
+            out = self._paged(q, k, v, ctx)
+            return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer_idx, [k, v])
         if ctx.cu_seqlens is not None:  # packed tokens arrive as (tokens, 1, ...) rows
@@ -52,3 +56,38 @@ class Attention(nn.Module):
             backend=ctx.backend,
         )
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+
+    def _paged(self, q, k, v, ctx: ForwardContext) -> torch.Tensor:
+        """A serving step over the paged pool; rows are packed new tokens (N, 1, ...).
+        Decode rows attend over the paged K/V in place (ds-attention's paged decode, the
+        query heads of each kv head as one group); prefill rows attend over their
+        gathered context. -> (N, 1, heads, head_dim)."""
+        cache: PagedWriter = ctx.cache
+        cache.write(self.layer_idx, [k, v])
+        n, rows = cache.num_decode, q.shape[0]
+        outs = []
+        if n:
+            k_pages, v_pages = cache.pages(self.layer_idx)
+            out = paged_decode(
+                q[:n].reshape(n, self.num_heads, self.head_dim).to(k_pages.dtype),
+                k_pages,
+                v_pages,
+                cache.block_tables,
+                cache.context_lens,
+                softmax_scale=self.softmax_scale,
+                backend=ctx.backend,
+            )
+            outs.append(out.to(q.dtype).unsqueeze(1))
+        if n < rows:
+            k_ctx, v_ctx = cache.context(self.layer_idx)
+            out = attend(
+                q[n:].reshape(1, rows - n, self.num_heads, self.head_dim),
+                k_ctx,
+                v_ctx,
+                softmax_scale=self.softmax_scale,
+                cu_seqlens=cache.prefill_cu_seqlens,
+                window=ctx.window,
+                backend=ctx.backend,
+            )
+            outs.append(out.reshape(rows - n, 1, self.num_heads, self.head_dim))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)

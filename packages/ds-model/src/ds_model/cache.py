@@ -122,21 +122,60 @@ class PagedKVCache:
 
 
 class PagedWriter:
-    """Packed new tokens (1, N, ...) in; packed contexts (1, sum(context_lens), ...) out.
+    """One serving step's access to the block pool. The step's new tokens are packed
+    rows (N, 1, ...); the first ``num_decode`` rows are decode rows (one token per
+    sequence, attending over the pool in place through ``block_tables``), the rest
+    belong to prefill (or chunked-prefill) sequences, which read their gathered context.
 
-    ``write_slots`` (N,): pool slot of each new token; ``read_slots``
-    (sum(context_lens),): pool slots of every sequence's context, sequence after sequence.
+    ``write_slots`` (N,): pool slot of each new token. ``block_tables`` (num_decode,
+    max_blocks) int32 and ``context_lens`` (num_decode,) int32: the decode rows' blocks
+    and context lengths (their new token included), as ds-attention's
+    ``paged_decode_attention`` takes them. ``read_slots``: pool slots of every prefill
+    sequence's context, sequence after sequence; ``prefill_cu_seqlens`` (cu_q, cu_k):
+    the prefill rows' varlen boundaries; ``prefill_history``: whether any prefill
+    sequence has cached tokens before its new ones (a chunked prefill).
     """
 
     def __init__(
-        self, cache: PagedKVCache, write_slots: torch.Tensor, read_slots: torch.Tensor
+        self,
+        cache: PagedKVCache,
+        write_slots: torch.Tensor,
+        read_slots: torch.Tensor,
+        *,
+        block_tables: torch.Tensor | None = None,
+        context_lens: torch.Tensor | None = None,
+        prefill_cu_seqlens: tuple[torch.Tensor, torch.Tensor] | None = None,
+        prefill_history: bool = False,
     ) -> None:
         self.cache, self.write_slots, self.read_slots = cache, write_slots, read_slots
+        self.block_tables, self.context_lens = block_tables, context_lens
+        self.num_decode = 0 if context_lens is None else int(context_lens.shape[0])
+        self.prefill_cu_seqlens = prefill_cu_seqlens
+        self.prefill_history = prefill_history
 
-    def update(self, layer_idx: int, new: list[torch.Tensor]) -> list[torch.Tensor]:
-        out = []
+    def write(self, layer_idx: int, new: list[torch.Tensor]) -> None:
+        """Store the new rows' entries (N, 1, ...) each in their slots."""
         for pool, t, shape in zip(self.cache.layers[layer_idx], new, self.cache.shapes):
             flat = pool.view(-1, *shape)
             flat.index_copy_(0, self.write_slots, t.reshape(-1, *shape).to(pool.dtype))
-            out.append(flat.index_select(0, self.read_slots).unsqueeze(0))
-        return out
+
+    def pages(self, layer_idx: int) -> list[torch.Tensor]:
+        """The layer's pool tensors, (num_blocks, block_size, ...) each: read in place."""
+        return self.cache.layers[layer_idx]
+
+    def context(self, layer_idx: int) -> list[torch.Tensor]:
+        """The prefill sequences' packed contexts, (1, sum(context_lens), ...) each."""
+        return [
+            pool.view(-1, *shape).index_select(0, self.read_slots).unsqueeze(0)
+            for pool, shape in zip(self.cache.layers[layer_idx], self.cache.shapes)
+        ]
+
+    def update(self, layer_idx: int, new: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``write`` then ``context``: for a step without decode rows."""
+        if self.num_decode:
+            raise RuntimeError(
+                f"this step has {self.num_decode} decode rows that read the pool in place "
+                "(block_tables); the attention layer must use write/pages/context"
+            )
+        self.write(layer_idx, new)
+        return self.context(layer_idx)

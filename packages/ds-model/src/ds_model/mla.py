@@ -11,15 +11,21 @@ Keys and values are compressed into one ``kv_lora_rank`` latent per token plus a
   ``d_v = kv_lora_rank``; nothing per-head is ever materialised for the history.
 
 Both give the same result (tested); ``impl`` picks one: ``"auto"`` (naive for a pass
-with no cached history, absorbed otherwise), ``"naive"`` or ``"absorb"``.
+with no cached history, absorbed otherwise), ``"naive"`` or ``"absorb"``. Under the
+serving runner's paged pool, decode rows always take the absorbed form over the pool in
+place (ds-attention's paged decode with values = the latent); the runner gathers their
+contexts instead only where ``can_absorb()`` is False for some layer.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
-from ds_model.attend import attend
+from ds_model.attend import attend, paged_decode
+from ds_model.cache import PagedWriter
 from ds_model.config import ModelConfig
 from ds_model.context import ForwardContext
 from ds_model.norm import RMSNorm
@@ -82,6 +88,9 @@ class MLAttention(nn.Module):
         # Under autocast the norm's float32 weight promotes its output; the cache and
         # kv_b_proj take the projection's dtype (kv_b_proj would cast it to that anyway).
         kv = torch.cat((self.kv_a_layernorm(latent).to(k_pe.dtype), k_pe), dim=-1)
+        if isinstance(ctx.cache, PagedWriter):
+            out = self._paged(q_nope, q_pe, kv, ctx)
+            return self.o_proj(out.reshape(b, t, self.num_heads * self.v_dim))
         if ctx.cache is not None:
             (kv,) = ctx.cache.update(self.layer_idx, [kv])
         if ctx.cu_seqlens is not None:  # packed tokens arrive as (tokens, 1, ...) rows
@@ -93,14 +102,64 @@ class MLAttention(nn.Module):
             out = self._naive(q_nope, q_pe, kv, ctx)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.v_dim))
 
-    def _absorb(self, ctx: ForwardContext) -> bool:
+    def can_absorb(self) -> bool:
+        """Whether the absorbed form may run: not forced naive, and ``kv_b_proj`` a plain
+        linear (the absorbed path reads its weight; a wrapped projection, LoRA or
+        quantized, keeps the naive path, which calls the module as it is)."""
         if self.impl not in MLA_IMPLS:
             raise ValueError(f"MLA impl={self.impl!r} is not one of {MLA_IMPLS}")
-        # The absorbed path reads kv_b_proj's weight; a wrapped projection (LoRA,
-        # quantized) keeps the naive path, which calls the module as it is.
-        if self.impl == "naive" or type(self.kv_b_proj) is not nn.Linear:
+        return self.impl != "naive" and type(self.kv_b_proj) is nn.Linear
+
+    def _absorb(self, ctx: ForwardContext) -> bool:
+        if not self.can_absorb():
             return False
         return self.impl == "absorb" or ctx.history
+
+    def _paged(self, q_nope, q_pe, kv, ctx: ForwardContext) -> torch.Tensor:
+        """A serving step over the paged pool; rows are packed new tokens (N, 1, ...).
+        Decode rows run the absorbed form over the cached latent in place (ds-attention's
+        paged decode, values = the latent); prefill rows attend over their gathered
+        context as before. -> (N, 1, heads, v_dim)."""
+        cache: PagedWriter = ctx.cache
+        cache.write(self.layer_idx, [kv])
+        n, rows = cache.num_decode, q_nope.shape[0]
+        outs = []
+        if n:
+            outs.append(self._paged_decode(q_nope[:n], q_pe[:n], cache, ctx.backend))
+        if n < rows:
+            (context,) = cache.context(self.layer_idx)
+            sub = dataclasses.replace(
+                ctx, cu_seqlens=cache.prefill_cu_seqlens, history=cache.prefill_history
+            )
+            q_n = q_nope[n:].reshape(1, rows - n, self.num_heads, self.nope_dim)
+            q_p = q_pe[n:].reshape(1, rows - n, self.num_heads, self.rope_dim)
+            attend_ = self._absorbed if self._absorb(sub) else self._naive
+            outs.append(attend_(q_n, q_p, context, sub).reshape(rows - n, 1, self.num_heads, -1))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _paged_decode(self, q_nope, q_pe, cache: PagedWriter, backend) -> torch.Tensor:
+        """``q_nope``/``q_pe``: (n, 1, heads, d) -> (n, 1, heads, v_dim). One kv head of
+        (latent + rope key) shared by every query head, as FlashMLA decodes."""
+        n, h = q_nope.shape[0], self.num_heads
+        w = self.kv_b_proj.weight.view(h, self.nope_dim + self.v_dim, -1)
+        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]
+        # (h, n, nope) @ (h, nope, r) -> (h, n, r): the key half of kv_b_proj absorbed.
+        q_latent = torch.bmm(q_nope.view(n, h, -1).transpose(0, 1), w_uk)
+        q = torch.cat((q_latent.transpose(0, 1), q_pe.view(n, h, -1)), dim=-1)
+        (pages,) = cache.pages(self.layer_idx)
+        out = paged_decode(
+            q.to(pages.dtype),
+            pages.unsqueeze(2),
+            None,
+            cache.block_tables,
+            cache.context_lens,
+            softmax_scale=self.softmax_scale,
+            v_head_dim=self.kv_lora_rank,
+            backend=backend,
+        )  # (n, h, r)
+        # (h, n, r) @ (h, r, v) -> (h, n, v): the value half of kv_b_proj absorbed.
+        out = torch.bmm(out.transpose(0, 1).to(w_uv.dtype), w_uv.transpose(1, 2))
+        return out.transpose(0, 1).unsqueeze(1)
 
     def _naive(self, q_nope, q_pe, kv, ctx: ForwardContext) -> torch.Tensor:
         b, s, _ = kv.shape

@@ -11,9 +11,14 @@ vLLM's scheduler and model runner do, so ds-model never imports ds-batching:
   ``p`` lives in slot ``block_tables[s][p // block_size] * block_size + p % block_size``.
 
 All new tokens are packed into one batch of N rows (one token each), so every linear
-layer runs once per step and LoRA can pick an adapter per row; attention runs through
-ds-attention's varlen API (``cu_seqlens`` for the new tokens and for each sequence's
-gathered context).
+layer runs once per step and LoRA can pick an adapter per row. Decode rows (sequences
+feeding one token) come first and attend over the pool in place: each layer hands
+ds-attention's ``paged_decode_attention`` the pool and the rows' block tables, nothing
+is copied per sequence, and MLA runs its absorbed form over the cached latent (one kv
+head of latent + rope key shared by all query heads; values = the latent). Prefill and
+chunked-prefill rows attend over their gathered contexts through ds-attention's varlen
+API (``cu_seqlens`` for their new tokens and contexts). Logits come back in the order
+the sequences were given.
 """
 
 from __future__ import annotations
@@ -121,28 +126,38 @@ class ModelRunner:
                 f"token_ids, positions and block_tables must have one entry per sequence; "
                 f"got {n_seqs}, {len(positions)} and {len(block_tables)}"
             )
-        flat_tokens: list[int] = []
-        flat_pos: list[int] = []
-        new_lens, ctx_lens = [], []
+        if all_positions is not None and len(all_positions) != n_seqs:
+            raise ValueError(
+                f"all_positions must have one entry per sequence ({n_seqs}), "
+                f"got {len(all_positions)}"
+            )
         for s, (toks, start, table) in enumerate(zip(token_ids, positions, block_tables)):
             self._check(s, toks, start, table)
-            flat_tokens.extend(toks)
-            flat_pos.extend(range(start, start + len(toks)))
-            new_lens.append(len(toks))
-            ctx_lens.append(start + len(toks))
-        dev, bs = self.device, self.block_size
-        write, read = [], []
-        for s, table in enumerate(block_tables):
-            blocks = torch.as_tensor(list(table), dtype=torch.long, device=dev)
-            slots = (blocks[:, None] * bs + self._offsets).reshape(-1)
-            read.append(slots[: ctx_lens[s]])
-            write.append(slots[positions[s] : ctx_lens[s]])
+        # Decode rows (one token each) go first: they read the pool in place through
+        # their block tables; the prefill rows after them read gathered contexts.
+        in_place = self._decodes_in_place()
+        decode = [s for s in range(n_seqs) if in_place and len(token_ids[s]) == 1]
+        prefill = [s for s in range(n_seqs) if not (in_place and len(token_ids[s]) == 1)]
+        order = decode + prefill
+        permuted = order != list(range(n_seqs))
+        if permuted:
+            token_ids = [token_ids[s] for s in order]
+            positions = [positions[s] for s in order]
+            block_tables = [block_tables[s] for s in order]
+            if adapters is not None and len(adapters) == n_seqs:
+                adapters = [adapters[s] for s in order]
+        writer, flat_tokens, flat_pos, new_lens, ctx_lens = self._writer(
+            token_ids, positions, block_tables, len(decode)
+        )
+        dev = self.device
         cu_q = torch.tensor([0, *_cumsum(new_lens)], dtype=torch.int32, device=dev)
         cu_k = torch.tensor([0, *_cumsum(ctx_lens)], dtype=torch.int32, device=dev)
-        writer = PagedWriter(self.cache, torch.cat(write), torch.cat(read))
         ids = torch.tensor(flat_tokens, dtype=torch.long, device=dev)[:, None]
         pos = torch.tensor(flat_pos, dtype=torch.long, device=dev)[:, None]
-        token_rows, seq_rows, context_rows = self._adapter_rows(adapters, new_lens, ctx_lens)
+        # kv_b_proj's context rows are the gathered contexts: the prefill sequences'.
+        token_rows, seq_rows, context_rows = self._adapter_rows(
+            adapters, new_lens, ctx_lens[len(decode) :], len(decode)
+        )
         with torch.inference_mode():
             with token_rows, context_rows:
                 hidden = self.model.model(
@@ -152,20 +167,22 @@ class ModelRunner:
                     cache=writer,
                     history=any(p > 0 for p in positions),
                 )
-            last = hidden[cu_q[1:].long() - 1, 0]
+            # Each sequence's last row; a decode-only step's rows are exactly those.
+            last = hidden[:, 0] if len(decode) == n_seqs else hidden[cu_q[1:].long() - 1, 0]
             with seq_rows:
                 logits = self.model.lm_head(last)
+            if permuted:
+                logits = logits[torch.tensor(order, device=dev).argsort()]
             if all_positions is None:
                 return logits
-            return logits, self._all_logits(hidden, all_positions, new_lens, adapters)
+            flags = [all_positions[s] for s in order]
+            per_sequence: list[torch.Tensor | None] = [None] * n_seqs
+            for s, block in zip(order, self._all_logits(hidden, flags, new_lens, adapters)):
+                per_sequence[s] = block
+            return logits, per_sequence
 
     def _all_logits(self, hidden, flags, new_lens: list[int], adapters) -> list:
         """The logits of every new token of the flagged sequences (one lm_head call)."""
-        if len(flags) != len(new_lens):
-            raise ValueError(
-                f"all_positions must have one entry per sequence ({len(new_lens)}), "
-                f"got {len(flags)}"
-            )
         starts = [0, *_cumsum(new_lens)]
         picked = [s for s, flag in enumerate(flags) if flag]
         out: list[torch.Tensor | None] = [None] * len(flags)
@@ -184,11 +201,73 @@ class ModelRunner:
             out[s] = block
         return out
 
-    def _adapter_rows(self, adapters, new_lens: list[int], ctx_lens: list[int]):
+    def _decodes_in_place(self) -> bool:
+        """Whether decode rows may attend over the pool in place: not under a sliding
+        window (ds-attention's paged decode has none), and for MLA only where every layer
+        can run the absorbed form (a LoRA or quantized ``kv_b_proj`` must be applied to
+        each cached latent, so those decode rows read gathered contexts instead)."""
+        if self.config.sliding_window is not None:
+            return False
+        return all(layer.self_attn.can_absorb() for layer in self._mla_layers())
+
+    def _mla_layers(self) -> list[Any]:
+        return list(self.model.model.layers) if self.config.is_mla else []
+
+    def _writer(self, token_ids, positions, block_tables, num_decode: int):
+        """The step's ``PagedWriter`` and its packed rows: tokens, positions, new and
+        context lengths per sequence. Sequences ``[0, num_decode)`` are decode rows."""
+        dev, bs = self.device, self.block_size
+        flat_tokens: list[int] = []
+        flat_pos: list[int] = []
+        new_lens, ctx_lens = [], []
+        for toks, start in zip(token_ids, positions):
+            flat_tokens.extend(toks)
+            flat_pos.extend(range(start, start + len(toks)))
+            new_lens.append(len(toks))
+            ctx_lens.append(start + len(toks))
+        decode_slots, widths = [], []
+        for s in range(num_decode):
+            p, table = positions[s], block_tables[s]
+            decode_slots.append(table[p // bs] * bs + p % bs)
+            widths.append(-(-ctx_lens[s] // bs))
+        write = [torch.tensor(decode_slots, dtype=torch.long, device=dev)]
+        read = []
+        for s in range(num_decode, len(token_ids)):
+            blocks = torch.as_tensor(list(block_tables[s]), dtype=torch.long, device=dev)
+            slots = (blocks[:, None] * bs + self._offsets).reshape(-1)
+            read.append(slots[: ctx_lens[s]])
+            write.append(slots[positions[s] : ctx_lens[s]])
+        decode_tables = decode_lens = prefill_cu = None
+        if num_decode:
+            width = max(widths)
+            rows = [list(block_tables[s][:w]) + [0] * (width - w) for s, w in enumerate(widths)]
+            # int32 for the Triton kernel; the CPU torch path indexes with int64, so it
+            # gets int64 here rather than converting once per layer.
+            index = torch.int32 if dev.type == "cuda" else torch.long
+            decode_tables = torch.tensor(rows, dtype=index, device=dev)
+            decode_lens = torch.tensor(ctx_lens[:num_decode], dtype=torch.int32, device=dev)
+        if num_decode < len(token_ids):
+            prefill_cu = (
+                torch.tensor([0, *_cumsum(new_lens[num_decode:])], dtype=torch.int32, device=dev),
+                torch.tensor([0, *_cumsum(ctx_lens[num_decode:])], dtype=torch.int32, device=dev),
+            )
+        writer = PagedWriter(
+            self.cache,
+            torch.cat(write) if len(write) > 1 else write[0],
+            torch.cat(read) if read else write[0][:0],
+            block_tables=decode_tables,
+            context_lens=decode_lens,
+            prefill_cu_seqlens=prefill_cu,
+            prefill_history=any(p > 0 for p in positions[num_decode:]),
+        )
+        return writer, flat_tokens, flat_pos, new_lens, ctx_lens
+
+    def _adapter_rows(self, adapters, new_lens: list[int], ctx_lens: list[int], skip: int):
         """Context managers giving each new-token row, each sequence row, and each context
         row its adapter. The last is for MLA's ``kv_b_proj``, the one projection applied
-        to every cached context token (the naive path expands the latents of the whole
-        packed context) rather than to the step's new tokens."""
+        to every gathered context token (the naive path expands the latents of the packed
+        contexts) rather than to the step's new tokens; ``ctx_lens`` are the gathered
+        contexts' lengths, those of the sequences after the first ``skip``."""
         none = contextlib.nullcontext()
         if adapters is None:
             return none, none, none
@@ -201,7 +280,7 @@ class ModelRunner:
         per_token = [name for name, n in zip(adapters, new_lens) for _ in range(n)]
         context_rows = none
         if any(isinstance(layer, ds_lora.LoraLinear) for layer in self._kv_b_projs()):
-            per_context = [name for name, n in zip(adapters, ctx_lens) for _ in range(n)]
+            per_context = [name for name, n in zip(adapters[skip:], ctx_lens) for _ in range(n)]
             context_rows = ds_lora.adapter_batch(self.model, per_context, only=["kv_b_proj"])
         return (
             ds_lora.adapter_batch(self.model, per_token),
@@ -231,7 +310,9 @@ class ModelRunner:
                 f"sequence {s}: block table has {len(table)} blocks but positions up to "
                 f"{end - 1} need {need} (block_size={self.block_size})"
             )
-        bad = [b for b in table if not 0 <= b < self.cache.num_blocks]
+        bad = []
+        if table and not (0 <= min(table) and max(table) < self.cache.num_blocks):
+            bad = [b for b in table if not 0 <= b < self.cache.num_blocks]
         if bad:
             raise ValueError(
                 f"sequence {s}: block ids {bad[:5]} are outside the pool "
