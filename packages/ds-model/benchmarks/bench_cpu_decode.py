@@ -15,6 +15,9 @@ ds-quant's dequantize-then-matmul reference), at each ``--batch``:
   router; not the embedding (one row).
 - copy bandwidth: a 256 MiB tensor copy in the same run (bytes read + written / s);
   "achieved" = active bytes x batch-1 tokens/s, and its share of the copy bandwidth.
+- linears: one pass over the layers a token's step runs (routed experts: ``top_k`` of
+  them), on random inputs, without the step's glue (attention, routing, norms,
+  Python): the kernels' own time, rate and share of the copy bandwidth.
 
 Run (one thread, as decode on a shared host):
 
@@ -128,6 +131,33 @@ def active_bytes(model: nn.Module) -> int:
     return int(total)
 
 
+def active_linears(model: nn.Module) -> list[nn.Module]:
+    """The linear layers one token's decode step runs: all but the routed experts, and
+    ``top_k`` of those per MoE layer."""
+    config = model.config
+    top_k = config.num_experts_per_tok or 0
+    layers = []
+    for name, module in model.named_modules():
+        if not (isinstance(module, nn.Linear) or hasattr(module, "dequantize")):
+            continue
+        parts = name.split(".")
+        if "experts" in parts and int(parts[parts.index("experts") + 1]) >= top_k:
+            continue
+        layers.append(module)
+    return layers
+
+
+def linears_seconds(layers: list[nn.Module], dtype: torch.dtype, batch: int) -> float:
+    """One pass over ``layers`` with fresh (batch, in_features) inputs: the weight-reading
+    part of a decode step without its glue (attention, routing, norms, Python)."""
+    inputs = [torch.randn(batch, m.in_features, dtype=dtype) for m in layers]
+    with torch.inference_mode():
+        start = time.perf_counter()
+        for module, x in zip(layers, inputs, strict=True):
+            module(x)
+        return time.perf_counter() - start
+
+
 def load(path: str, fmt: str) -> nn.Module:
     import ds_model
 
@@ -189,9 +219,17 @@ def main() -> None:
             for model in models.values():
                 decode_seconds(model, ids, 2)  # warm-up: first-call caches, allocator
             times: dict[str, list[float]] = {fmt: [] for fmt in formats}
+            kernel_times: dict[str, list[float]] = {fmt: [] for fmt in formats}
+            layers = {fmt: active_linears(model) for fmt, model in models.items()}
             for _ in range(args.repeats):
                 for fmt, model in models.items():
                     times[fmt].append(decode_seconds(model, ids, args.tokens))
+                    dtype = next(model.model.norm.parameters()).dtype
+                    kernel_times[fmt].append(
+                        statistics.median(
+                            linears_seconds(layers[fmt], dtype, batch) for _ in range(5)
+                        )
+                    )
                 bandwidths.append(copy_bandwidth(3))
             bandwidth = statistics.median(bandwidths)
             print(
@@ -199,20 +237,27 @@ def main() -> None:
                 f"{args.tokens} new tokens, median of {args.repeats}; "
                 f"copy bandwidth {bandwidth / 1e9:.1f} GB/s\n"
             )
-            print("| weights | active MB/token | tokens/s | vs fp32 | achieved GB/s | of copy bw |")
-            print("|---|---:|---:|---:|---:|---:|")
-            base_tps = None
+            print(
+                "| weights | active MB/token | tokens/s | vs fp32 | achieved GB/s | of copy bw "
+                "| linears ms | linears vs fp32 | linears GB/s (of copy bw) |"
+            )
+            print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+            base_tps = base_kernel = None
             for fmt in formats:
                 tps = batch * args.tokens / statistics.median(times[fmt])
-                base_tps = base_tps or tps
+                kernel = statistics.median(kernel_times[fmt])
+                base_tps, base_kernel = base_tps or tps, base_kernel or kernel
                 nbytes = active_bytes(models[fmt])
                 if batch == 1:
                     achieved = nbytes * tps
                     share = f"{achieved / 1e9:.1f} | {100 * achieved / bandwidth:.0f}%"
+                    rate = nbytes / kernel
+                    kernel_share = f"{rate / 1e9:.1f} ({100 * rate / bandwidth:.0f}%)"
                 else:
-                    share = "- | -"  # a batch reads more experts than one token's
+                    share, kernel_share = "- | -", "-"  # a batch reads more experts
                 print(
-                    f"| {fmt} | {nbytes / 1e6:.1f} | {tps:.1f} | {tps / base_tps:.2f}x | {share} |"
+                    f"| {fmt} | {nbytes / 1e6:.1f} | {tps:.1f} | {tps / base_tps:.2f}x | {share} "
+                    f"| {1e3 * kernel:.2f} | {base_kernel / kernel:.2f}x | {kernel_share} |"
                 )
 
 

@@ -286,7 +286,8 @@ def from_pretrained(
 
     ``dtype``: the weights' dtype; ``None`` uses ``config.json``'s ``torch_dtype``
     (``dtype`` in transformers 5) when it names a float type, else float32; FP8
-    checkpoints load as bfloat16. ``quantization``: a ds-quant config, a ds-quant config
+    checkpoints load as bfloat16; ``"auto"``: bfloat16 where the device multiplies it
+    natively, else float32 (``auto_dtype``). ``quantization``: a ds-quant config, a ds-quant config
     name, or a short name (``"int8"``, ``"int4"``, ``"w8a8"``, ``"fp8"``), applied after
     loading with ``ds_quant.quantize_`` to every linear layer but the LM head. ``adapter``: a PEFT-format LoRA directory
     attached through ds-lora. ``tokenizer``: attach ``model.tokenizer`` when the
@@ -294,6 +295,8 @@ def from_pretrained(
     layers in FP8 (ds-quant ``Fp8BlockLinear``) instead of dequantizing at load.
     """
     path = Path(path)
+    if isinstance(dtype, str) and dtype == "auto":
+        dtype = auto_dtype(device)
     if not path.is_dir() and str(path) in PRESETS:
         from ds_model.auto import from_config
 
@@ -320,6 +323,20 @@ def from_pretrained(
         if Tokenizer.available(path):
             model.tokenizer = Tokenizer.from_dir(path)
     return model
+
+
+def auto_dtype(device: torch.device | str = "cpu") -> torch.dtype:
+    """What ``dtype="auto"`` loads: bfloat16 on a CPU that multiplies it natively
+    (``avx512_bf16`` / ``amx_bf16`` / Arm ``bf16``) and on a CUDA device that supports
+    it, float32 elsewhere (emulated bf16 matmuls are slower than float32 ones)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        from ds_model.training.trainer import cpu_has_bf16
+
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    return torch.float32
 
 
 def _default_dtype(config: ModelConfig) -> torch.dtype:
