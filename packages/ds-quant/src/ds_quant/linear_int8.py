@@ -67,9 +67,9 @@ class Int8WeightOnlyLinear(_Int8Base):
         return self._cpu_unit
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend not in INT8_BACKENDS:
-            raise ValueError(f"backend must be one of {INT8_BACKENDS}, got {self.backend!r}")
-        if self.backend == "reference":
+        if self.backend != "auto":
+            if self.backend != "reference":
+                raise ValueError(f"backend must be one of {INT8_BACKENDS}, got {self.backend!r}")
             return int8_weight_matmul_reference(x, self.weight, self.weight_scale)
         if int8_cpu_supported(x, self.weight):
             return int8_weight_matmul_cpu(x, self.weight, self.weight_scale, self._cpu_unit_scale())

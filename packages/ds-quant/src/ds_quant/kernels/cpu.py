@@ -84,11 +84,14 @@ def w4a16_matmul_cpu(
     """``x`` (..., in_features) -> (..., out_features) in ``x.dtype`` with the prepacked
     INT4 weight, computed with activations in ``scales_and_zeros.dtype``."""
     k_pad = scales_and_zeros.shape[0] * group_size
-    x2 = x.reshape(-1, in_features).to(scales_and_zeros.dtype)
+    x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
+    x2 = x2.to(scales_and_zeros.dtype, memory_format=torch.contiguous_format)
     if k_pad != in_features:
         x2 = torch.nn.functional.pad(x2, (0, k_pad - in_features))
-    y = _ops._weight_int4pack_mm_for_cpu(x2.contiguous(), cpu_weight, group_size, scales_and_zeros)
-    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+    y = _ops._weight_int4pack_mm_for_cpu(x2, cpu_weight, group_size, scales_and_zeros)
+    if x.dtype != y.dtype:
+        y = y.to(x.dtype)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def aligned(t: torch.Tensor, alignment: int = ALIGNMENT) -> bool:
@@ -110,8 +113,13 @@ def int8_weight_matmul_cpu(
     """
     if unit is None:
         unit = torch.ones(q.shape[0], dtype=COMPUTE_DTYPE)
-    x2 = x.reshape(-1, x.shape[-1]).to(COMPUTE_DTYPE).contiguous()
-    if not aligned(x2):
-        x2 = x2.clone()
+    # Few calls per layer: at batch 1 each costs about as much as a small layer's matmul.
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if x2.dtype != COMPUTE_DTYPE:
+        x2 = x2.to(COMPUTE_DTYPE, memory_format=torch.contiguous_format)  # fresh: aligned
+    elif not (x2.is_contiguous() and aligned(x2)):
+        x2 = x2.clone(memory_format=torch.contiguous_format)
     y = torch.mul(_ops._weight_int8pack_mm(x2, q, unit), scale)  # float32 (rows, out)
-    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+    if x.dtype != y.dtype:
+        y = y.to(x.dtype)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
