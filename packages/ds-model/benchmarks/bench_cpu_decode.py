@@ -1,7 +1,7 @@
 """CPU decode tokens/s per weight format, against the machine's memory bandwidth.
 
 Batch-1 decode on a CPU reads every active weight once per token, so its ceiling is
-(memory bandwidth) / (active weight bytes per token). For a ~140M DeepSeek-V3-shaped
+(memory bandwidth) / (active weight bytes per token). For a ~110M DeepSeek-V3-shaped
 random model and a llama-shaped one of about the same size, each saved once and loaded
 through ``ds_model.from_pretrained(dtype=..., quantization=...)`` (the path ds-serve's
 ``--quantization`` takes), this measures greedy ``generate`` decode tokens/s for fp32,
@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 SHAPES = {
-    "v3-142M": {
+    "v3-110M": {
         "model_type": "deepseek_v3",
         "vocab_size": 32000,
         "hidden_size": 512,
