@@ -289,7 +289,8 @@ def from_pretrained(
     checkpoints load as bfloat16; ``"auto"``: bfloat16 where the device multiplies it
     natively, else float32 (``auto_dtype``). ``quantization``: a ds-quant config, a ds-quant config
     name, or a short name (``"int8"``, ``"int4"``, ``"w8a8"``, ``"fp8"``), applied after
-    loading with ``ds_quant.quantize_`` to every linear layer but the LM head. ``adapter``: a PEFT-format LoRA directory
+    loading with ``ds_quant.quantize_`` to every linear layer but the LM head, which
+    weight-only recipes (INT8, INT4) quantize to INT8. ``adapter``: a PEFT-format LoRA directory
     attached through ds-lora. ``tokenizer``: attach ``model.tokenizer`` when the
     directory has tokenizer files. ``keep_fp8``: FP8 checkpoints keep their linear
     layers in FP8 (ds-quant ``Fp8BlockLinear``) instead of dequantizing at load.

@@ -113,7 +113,8 @@ def int8_weight_matmul_cpu(
     """
     if unit is None:
         unit = torch.ones(q.shape[0], dtype=COMPUTE_DTYPE)
-    # Few calls per layer: at batch 1 each costs about as much as a small layer's matmul.
+    # Only the casts the op needs: at batch 1 each tensor op costs about as much as a
+    # small layer's matmul.
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if x2.dtype != COMPUTE_DTYPE:
         x2 = x2.to(COMPUTE_DTYPE, memory_format=torch.contiguous_format)  # fresh: aligned
