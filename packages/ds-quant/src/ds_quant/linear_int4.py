@@ -116,6 +116,10 @@ class Int4WeightOnlyLinear(QuantizedLinear):
             x = x / self.input_scale.to(x.dtype)
         gs = self.config.group_size
         backend = choose_w4a16_backend(x, self.out_features, gs, self.backend)
+        if backend == "cpu_packed" and self.backend == "auto" and torch.compiler.is_compiling():
+            # The op's layout cache is keyed on data_ptr(), which breaks a compiled graph
+            # at every layer (see Int8WeightOnlyLinear): traced, the reference compiles whole.
+            backend = "reference"
         if backend == "cpu_packed":
             cpu_weight, scales_and_zeros = self._cpu_operands(COMPUTE_DTYPE)
             y = w4a16_matmul_cpu(x, cpu_weight, scales_and_zeros, gs, self.in_features)

@@ -71,6 +71,11 @@ class Int8WeightOnlyLinear(_Int8Base):
             if self.backend != "reference":
                 raise ValueError(f"backend must be one of {INT8_BACKENDS}, got {self.backend!r}")
             return int8_weight_matmul_reference(x, self.weight, self.weight_scale)
+        if x.device.type == "cpu" and torch.compiler.is_compiling():
+            # The CPU op's guards read data_ptr() (alignment), which breaks a compiled
+            # graph at every layer and recompiles per weight shape, past dynamo's limit
+            # in a compiled decode step: traced, the reference compiles whole.
+            return int8_weight_matmul_reference(x, self.weight, self.weight_scale)
         if int8_cpu_supported(x, self.weight):
             return int8_weight_matmul_cpu(x, self.weight, self.weight_scale, self._cpu_unit_scale())
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
