@@ -160,7 +160,9 @@ def test_quantization_at_load(tiny_dir):
     # Routed experts are linear layers too: in a MoE model they are most of the weights.
     experts = loaded.model.layers[1].mlp.experts
     assert all(isinstance(e.down_proj, quant.QuantizedLinear) for e in experts)
-    assert isinstance(loaded.lm_head, torch.nn.Linear)  # the head stays full precision
+    # The head, the largest matrix a decode step reads, is INT8 under weight-only recipes.
+    assert isinstance(loaded.lm_head, quant.Int8WeightOnlyLinear)
+    assert isinstance(loaded.model.layers[1].mlp.gate.weight, torch.nn.Parameter)  # router
     ref = logits(model)
     assert (logits(loaded) - ref).abs().max() < 0.05 * ref.abs().max()
     assert loaded.generate([1, 2, 3], 4) is not None
@@ -243,6 +245,8 @@ def test_quantization_by_name_and_named_adapters(tiny_dir, tmp_path):
     path, _ = tiny_dir
     int4 = ds_model.from_pretrained(path, quantization="int4")
     assert isinstance(int4.model.layers[0].mlp.gate_proj, quant.Int4WeightOnlyLinear)
+    assert isinstance(int4.lm_head, quant.Int8WeightOnlyLinear)  # 8-bit head under 4-bit
+    assert isinstance(ds_model.from_pretrained(path, quantization="fp8").lm_head, torch.nn.Linear)
     by_ds_quant_name = ds_model.from_pretrained(path, quantization="int8_weight_only")
     assert isinstance(by_ds_quant_name.model.layers[0].mlp.gate_proj, quant.Int8WeightOnlyLinear)
     with pytest.raises(ValueError, match="quantization='int3' is unknown"):

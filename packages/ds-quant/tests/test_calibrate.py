@@ -59,7 +59,11 @@ def test_calibrated_layer_dequantize_matches_its_forward():
     )
     x = torch.randn(3, 128) * 5
     with torch.no_grad():
-        torch.testing.assert_close(model.up(x), x @ model.up.dequantize().T + model.up.bias)
+        want = x @ model.up.dequantize().T + model.up.bias
+        # The packed CPU kernel takes bfloat16 activations (test_cpu_kernels bounds it).
+        assert float((model.up(x) - want).abs().mean() / want.abs().mean()) < 5e-3
+        model.up.backend = "reference"
+        torch.testing.assert_close(model.up(x), want)
 
 
 def test_forward_fn_and_filter_fn():

@@ -70,8 +70,16 @@ def test_layer_satisfies_the_protocol_and_forward_matches_dequantize(config):
     x = torch.randn(2, 5, 96)
     y = q(x)
     assert y.shape == (2, 5, 48) and y.dtype == x.dtype
-    if config.name != "int8_dynamic_activation_int8_weight":  # W8A8 also rounds x
+    if config.name == "fp8_block":
         torch.testing.assert_close(y, x @ w.T + linear.bias, rtol=1e-4, atol=1e-4)
+    elif config.name == "int8_weight_only":
+        # The packed CPU kernels take bfloat16 activations and return a bfloat16 result
+        # (test_cpu_kernels bounds every path's rounding; INT4's bf16 scales add to it).
+        exact = x.bfloat16().float() @ w.T
+        torch.testing.assert_close(y - linear.bias, exact, rtol=2**-8, atol=1e-5)
+    elif config.name == "int4_weight_only":
+        exact = x.bfloat16().float() @ w.T + linear.bias
+        assert float((y - exact).abs().mean() / exact.abs().mean()) < 5e-3
 
 
 @settings(max_examples=15)
@@ -88,7 +96,8 @@ def test_int4_in_features_not_a_multiple_of_group_size(in_features, out_features
     x = torch.randn(3, in_features)
     with torch.no_grad():
         ref = x @ q.dequantize().T + linear.bias
-        torch.testing.assert_close(q(x), ref, rtol=1e-4, atol=1e-4)
+        # bfloat16 activations in the packed CPU kernel (test_cpu_kernels bounds them).
+        assert float((q(x) - ref).abs().mean() / ref.abs().mean()) < 5e-3
         # The partial last group is quantized like any other: within half its step.
         step = q.weight_scale.repeat_interleave(group_size, dim=1)[:, :in_features]
         assert torch.all((q.dequantize() - linear.weight).abs() <= 0.5 * step * (1 + 1e-5))

@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--modes", default=None, help="comma-separated subset, plain first")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     levels = [int(x) for x in args.levels.split(",")]
@@ -106,6 +107,8 @@ def main() -> None:
             "int8": (["--quantization", "int8"], (None,)),
             "int4": (["--quantization", "int4"], (None,)),
         }
+        if args.modes:
+            modes = {mode: modes[mode] for mode in ["plain", *args.modes.split(",")]}
         results = {
             mode: measure(path, free_port(), args, extra, models, prompt_list, levels)
             for mode, (extra, models) in modes.items()

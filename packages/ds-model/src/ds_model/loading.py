@@ -314,14 +314,18 @@ def from_pretrained(
 
     ``dtype``: the weights' dtype; ``None`` uses ``config.json``'s ``torch_dtype``
     (``dtype`` in transformers 5) when it names a float type, else float32; FP8
-    checkpoints load as bfloat16. ``quantization``: a ds-quant config, a ds-quant config
+    checkpoints load as bfloat16; ``"auto"``: bfloat16 where the device multiplies it
+    natively, else float32 (``auto_dtype``). ``quantization``: a ds-quant config, a ds-quant config
     name, or a short name (``"int8"``, ``"int4"``, ``"w8a8"``, ``"fp8"``), applied after
-    loading with ``ds_quant.quantize_`` to every linear layer but the LM head. ``adapter``: a PEFT-format LoRA directory
+    loading with ``ds_quant.quantize_`` to every linear layer but the LM head, which
+    weight-only recipes (INT8, INT4) quantize to INT8. ``adapter``: a PEFT-format LoRA directory
     attached through ds-lora. ``tokenizer``: attach ``model.tokenizer`` when the
     directory has tokenizer files. ``keep_fp8``: FP8 checkpoints keep their linear
     layers in FP8 (ds-quant ``Fp8BlockLinear``) instead of dequantizing at load.
     """
     path = Path(path)
+    if isinstance(dtype, str) and dtype == "auto":
+        dtype = auto_dtype(device)
     if not path.is_dir() and str(path) in PRESETS:
         from ds_model.auto import from_config
 
@@ -348,6 +352,20 @@ def from_pretrained(
         if Tokenizer.available(path):
             model.tokenizer = Tokenizer.from_dir(path)
     return model
+
+
+def auto_dtype(device: torch.device | str = "cpu") -> torch.dtype:
+    """What ``dtype="auto"`` loads: bfloat16 on a CPU that multiplies it natively
+    (``avx512_bf16`` / ``amx_bf16`` / Arm ``bf16``) and on a CUDA device that supports
+    it, float32 elsewhere (emulated bf16 matmuls are slower than float32 ones)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        from ds_model.training.trainer import cpu_has_bf16
+
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    return torch.float32
 
 
 def _default_dtype(config: ModelConfig) -> torch.dtype:
@@ -391,12 +409,30 @@ def _quant_config(config: Any) -> Any:
 def _quantize(model: nn.Module, config: Any) -> None:
     import ds_quant
 
-    # The LM head and router stay in full precision, as DeepSeek's own FP8 model keeps them.
-    ds_quant.quantize_(model, _quant_config(config), filter_fn=_quantizable)
+    config = _quant_config(config)
+    # The router stays in full precision, as DeepSeek's own FP8 model keeps it.
+    ds_quant.quantize_(model, config, filter_fn=_quantizable)
+    if isinstance(config, _weight_only_head_configs()) and not model.config.tie_word_embeddings:
+        # The LM head is the largest matrix a decode step reads (half the active bytes of
+        # a 100M V3 shape with a 32k vocabulary), so a weight-only recipe that leaves it in
+        # float cannot decode much faster than float. INT8 for INT4 recipes too, as
+        # llama.cpp keeps its output matrix at 6-8 bits when the rest is 4-bit. A tied
+        # head shares the embedding's weight and stays float.
+        ds_quant.quantize_(model, ds_quant.Int8WeightOnlyConfig(), filter_fn=_is_lm_head)
+
+
+def _weight_only_head_configs() -> tuple[type, ...]:
+    import ds_quant
+
+    return (ds_quant.Int8WeightOnlyConfig, ds_quant.Int4WeightOnlyConfig)
 
 
 def _quantizable(module: nn.Module, name: str) -> bool:
     return isinstance(module, nn.Linear) and not name.endswith("lm_head")
+
+
+def _is_lm_head(module: nn.Module, name: str) -> bool:
+    return isinstance(module, nn.Linear) and name == "lm_head"
 
 
 def load_adapter(

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ds_quant.config import Int4WeightOnlyConfig
-from ds_quant.kernels.cpu import prepack_int4_cpu, w4a16_matmul_cpu
+from ds_quant.kernels.cpu import COMPUTE_DTYPE, prepack_int4_cpu, w4a16_matmul_cpu
 from ds_quant.kernels.reference import w4a16_matmul_reference
 from ds_quant.kernels.select import choose_w4a16_backend
 from ds_quant.linear import QuantizedLinear
@@ -116,8 +116,12 @@ class Int4WeightOnlyLinear(QuantizedLinear):
             x = x / self.input_scale.to(x.dtype)
         gs = self.config.group_size
         backend = choose_w4a16_backend(x, self.out_features, gs, self.backend)
+        if backend == "cpu_packed" and self.backend == "auto" and torch.compiler.is_compiling():
+            # The op's layout cache is keyed on data_ptr(), which breaks a compiled graph
+            # at every layer (see Int8WeightOnlyLinear): traced, the reference compiles whole.
+            backend = "reference"
         if backend == "cpu_packed":
-            cpu_weight, scales_and_zeros = self._cpu_operands(x.dtype)
+            cpu_weight, scales_and_zeros = self._cpu_operands(COMPUTE_DTYPE)
             y = w4a16_matmul_cpu(x, cpu_weight, scales_and_zeros, gs, self.in_features)
         elif backend == "triton":
             from ds_quant.kernels.triton_w4a16 import w4a16_matmul_triton

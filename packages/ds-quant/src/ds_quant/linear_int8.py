@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ds_quant.config import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
-from ds_quant.kernels.cpu import int8_cpu_supported, int8_weight_matmul_cpu
+from ds_quant.kernels.cpu import COMPUTE_DTYPE, int8_cpu_supported, int8_weight_matmul_cpu
 from ds_quant.kernels.reference import int8_weight_matmul_reference
 from ds_quant.kernels.select import GEMV_MAX_ROWS, HAS_TRITON
 from ds_quant.linear import QuantizedLinear
@@ -44,14 +44,40 @@ class _Int8Base(QuantizedLinear):
         return dequantize_int8(self.weight, self.weight_scale, dtype or self.orig_dtype)
 
 
+INT8_BACKENDS = ("auto", "reference")
+
+
 class Int8WeightOnlyLinear(_Int8Base):
-    """W8A16: activations stay float; on CPU torch's ``_weight_int8pack_mm`` runs it."""
+    """W8A16: activations stay float; on CPU torch's ``_weight_int8pack_mm`` runs it on
+    the stored int8 weight as is, with bfloat16 activations (see ``kernels.cpu``).
+    ``backend`` "reference" forces dequantize-then-matmul (the ground truth)."""
 
     config_type = Int8WeightOnlyConfig
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.backend = "auto"
+        # The CPU op's unit scales (see ``int8_weight_matmul_cpu``): made once, kept out
+        # of the state dict.
+        self._cpu_unit: torch.Tensor | None = None
+
+    def _cpu_unit_scale(self) -> torch.Tensor:
+        if self._cpu_unit is None or self._cpu_unit.shape[0] != self.out_features:
+            self._cpu_unit = torch.ones(self.out_features, dtype=COMPUTE_DTYPE)
+        return self._cpu_unit
+
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend != "auto":
+            if self.backend != "reference":
+                raise ValueError(f"backend must be one of {INT8_BACKENDS}, got {self.backend!r}")
+            return int8_weight_matmul_reference(x, self.weight, self.weight_scale)
+        if x.device.type == "cpu" and torch.compiler.is_compiling():
+            # The CPU op's guards read data_ptr() (alignment), which breaks a compiled
+            # graph at every layer and recompiles per weight shape, past dynamo's limit
+            # in a compiled decode step: traced, the reference compiles whole.
+            return int8_weight_matmul_reference(x, self.weight, self.weight_scale)
         if int8_cpu_supported(x, self.weight):
-            return int8_weight_matmul_cpu(x, self.weight, self.weight_scale)
+            return int8_weight_matmul_cpu(x, self.weight, self.weight_scale, self._cpu_unit_scale())
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if x.is_cuda and HAS_TRITON and rows and rows <= GEMV_MAX_ROWS:
             # Decode on a GPU: stream the int8 weight once instead of dequantizing it.

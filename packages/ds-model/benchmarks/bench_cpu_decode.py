@@ -1,0 +1,265 @@
+"""CPU decode tokens/s per weight format, against the machine's memory bandwidth.
+
+Batch-1 decode on a CPU reads every active weight once per token, so its ceiling is
+(memory bandwidth) / (active weight bytes per token). For a ~110M DeepSeek-V3-shaped
+random model and a llama-shaped one of about the same size, each saved once and loaded
+through ``ds_model.from_pretrained(dtype=..., quantization=...)`` (the path ds-serve's
+``--quantization`` takes), this measures greedy ``generate`` decode tokens/s for fp32,
+bf16, INT8 weight-only, INT4 g128 (and, with ``--reference``, INT8 / INT4 forced onto
+ds-quant's dequantize-then-matmul reference), at each ``--batch``:
+
+- decode time = generate(1 + N tokens) - generate(1 token), so the prefill cancels;
+  formats run interleaved in every repeat; medians over ``--repeats``.
+- active weight bytes per token: every linear layer's stored bytes (weights, scales,
+  bias) except the routed experts, of which a token reads ``top_k / n_routed``; the
+  router; not the embedding (one row).
+- copy bandwidth: a 256 MiB tensor copy in the same run (bytes read + written / s);
+  "achieved" = active bytes x batch-1 tokens/s, and its share of the copy bandwidth.
+- linears: one pass over the layers a token's step runs (routed experts: ``top_k`` of
+  them), on random inputs, without the step's glue (attention, routing, norms,
+  Python): the kernels' own time, rate and share of the copy bandwidth.
+
+Run (one thread, as decode on a shared host):
+
+    OMP_NUM_THREADS=1 uv run --frozen python packages/ds-model/benchmarks/bench_cpu_decode.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+from torch import nn
+
+SHAPES = {
+    "v3-110M": {
+        "model_type": "deepseek_v3",
+        "vocab_size": 32000,
+        "hidden_size": 512,
+        "intermediate_size": 1408,
+        "moe_intermediate_size": 256,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "q_lora_rank": 192,
+        "kv_lora_rank": 128,
+        "qk_nope_head_dim": 64,
+        "qk_rope_head_dim": 32,
+        "v_head_dim": 64,
+        "n_routed_experts": 24,
+        "num_experts_per_tok": 2,
+        "n_shared_experts": 1,
+        "n_group": 4,
+        "topk_group": 2,
+        "first_k_dense_replace": 1,
+        "topk_method": "noaux_tc",
+        "scoring_func": "sigmoid",
+        "norm_topk_prob": True,
+        "max_position_embeddings": 1024,
+    },
+    "llama-134M": {
+        "model_type": "llama",
+        "vocab_size": 32000,
+        "hidden_size": 768,
+        "intermediate_size": 2048,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "max_position_embeddings": 1024,
+    },
+}
+
+# name -> (dtype, quantization, force the reference kernels)
+FORMATS = {
+    "fp32": ("float32", None, False),
+    "bf16": ("bfloat16", None, False),
+    "int8": ("float32", "int8", False),
+    "int4": ("float32", "int4", False),
+    "int8 reference": ("float32", "int8", True),
+    "int4 reference": ("float32", "int4", True),
+}
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    flags: set[str] = set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name") and model == "unknown CPU":
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return (
+        f"{model} ({platform.machine()}, {'+'.join(isa) or 'no AVX'}), "
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+    )
+
+
+def copy_bandwidth(repeats: int = 7) -> float:
+    """Bytes read + written per second copying a 256 MiB tensor (median)."""
+    src = torch.ones(64 * 2**20)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * src.element_size() / statistics.median(times)
+
+
+def active_bytes(model: nn.Module) -> int:
+    """Weight bytes one token's decode step reads (see module doc)."""
+    config = model.config
+    routed_share = 1.0
+    if config.n_routed_experts:
+        routed_share = config.num_experts_per_tok / config.n_routed_experts
+    total = 0.0
+    for name, module in model.named_modules():
+        if not (isinstance(module, nn.Linear) or hasattr(module, "dequantize")):
+            if not name.endswith(".gate") or not hasattr(module, "top_k"):
+                continue
+        tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        total += size * (routed_share if ".experts." in name else 1.0)
+    return int(total)
+
+
+def active_linears(model: nn.Module) -> list[nn.Module]:
+    """The linear layers one token's decode step runs: all but the routed experts, and
+    ``top_k`` of those per MoE layer."""
+    config = model.config
+    top_k = config.num_experts_per_tok or 0
+    layers = []
+    for name, module in model.named_modules():
+        if not (isinstance(module, nn.Linear) or hasattr(module, "dequantize")):
+            continue
+        parts = name.split(".")
+        if "experts" in parts and int(parts[parts.index("experts") + 1]) >= top_k:
+            continue
+        layers.append(module)
+    return layers
+
+
+def linears_seconds(layers: list[nn.Module], dtype: torch.dtype, batch: int) -> float:
+    """One pass over ``layers`` with fresh (batch, in_features) inputs: the weight-reading
+    part of a decode step without its glue (attention, routing, norms, Python)."""
+    inputs = [torch.randn(batch, m.in_features, dtype=dtype) for m in layers]
+    with torch.inference_mode():
+        start = time.perf_counter()
+        for module, x in zip(layers, inputs, strict=True):
+            module(x)
+        return time.perf_counter() - start
+
+
+def load(path: str, fmt: str) -> nn.Module:
+    import ds_model
+
+    dtype, quantization, reference = FORMATS[fmt]
+    model = ds_model.from_pretrained(path, dtype=dtype, quantization=quantization)
+    model.config = dataclasses.replace(model.config, eos_token_id=None)
+    model.tokenizer = None
+    if reference:
+        for module in model.modules():
+            if hasattr(module, "backend"):
+                module.backend = "reference"
+    return model
+
+
+def decode_seconds(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> float:
+    with torch.inference_mode():
+        start = time.perf_counter()
+        model.generate(ids, 1)
+        one = time.perf_counter() - start
+        start = time.perf_counter()
+        model.generate(ids, 1 + new_tokens)
+        return time.perf_counter() - start - one
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--formats", nargs="+", default=["fp32", "bf16", "int8", "int4"])
+    parser.add_argument("--reference", action="store_true", help="add reference-kernel rows")
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--prompt-len", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    formats = list(args.formats)
+    if args.reference:
+        formats += [f"{f} reference" for f in ("int8", "int4") if f in formats]
+    for fmt in formats:
+        if fmt not in FORMATS:
+            parser.error(f"--formats: {fmt!r} is not one of {sorted(FORMATS)}")
+    import ds_model
+
+    print(f"machine: {machine()}")
+    bandwidths = [copy_bandwidth()]
+    for shape in args.shapes:
+        with tempfile.TemporaryDirectory() as path:
+            base = ds_model.from_config(dict(SHAPES[shape]), dtype=torch.float32, seed=0)
+            params = sum(p.numel() for p in base.parameters())
+            base.save_pretrained(path)
+            del base
+            models = {fmt: load(path, fmt) for fmt in formats}
+        vocab = SHAPES[shape]["vocab_size"]
+        for batch in args.batches:
+            ids = torch.randint(
+                3, vocab, (batch, args.prompt_len), generator=torch.Generator().manual_seed(batch)
+            )
+            for model in models.values():
+                decode_seconds(model, ids, 2)  # warm-up: first-call caches, allocator
+            times: dict[str, list[float]] = {fmt: [] for fmt in formats}
+            kernel_times: dict[str, list[float]] = {fmt: [] for fmt in formats}
+            layers = {fmt: active_linears(model) for fmt, model in models.items()}
+            for _ in range(args.repeats):
+                for fmt, model in models.items():
+                    times[fmt].append(decode_seconds(model, ids, args.tokens))
+                    dtype = next(model.model.norm.parameters()).dtype
+                    kernel_times[fmt].append(
+                        statistics.median(
+                            linears_seconds(layers[fmt], dtype, batch) for _ in range(5)
+                        )
+                    )
+                bandwidths.append(copy_bandwidth(3))
+            bandwidth = statistics.median(bandwidths)
+            print(
+                f"\n### {shape} ({params / 1e6:.0f}M parameters), batch {batch}, "
+                f"{args.tokens} new tokens, median of {args.repeats}; "
+                f"copy bandwidth {bandwidth / 1e9:.1f} GB/s\n"
+            )
+            print(
+                "| weights | active MB/token | tokens/s | vs fp32 | achieved GB/s | of copy bw "
+                "| linears ms | linears vs fp32 | linears GB/s (of copy bw) |"
+            )
+            print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+            base_tps = base_kernel = None
+            for fmt in formats:
+                tps = batch * args.tokens / statistics.median(times[fmt])
+                kernel = statistics.median(kernel_times[fmt])
+                base_tps, base_kernel = base_tps or tps, base_kernel or kernel
+                nbytes = active_bytes(models[fmt])
+                if batch == 1:
+                    achieved = nbytes * tps
+                    share = f"{achieved / 1e9:.1f} | {100 * achieved / bandwidth:.0f}%"
+                    rate = nbytes / kernel
+                    kernel_share = f"{rate / 1e9:.1f} ({100 * rate / bandwidth:.0f}%)"
+                else:
+                    share, kernel_share = "- | -", "-"  # a batch reads more experts
+                print(
+                    f"| {fmt} | {nbytes / 1e6:.1f} | {tps:.1f} | {tps / base_tps:.2f}x | {share} "
+                    f"| {1e3 * kernel:.2f} | {base_kernel / kernel:.2f}x | {kernel_share} |"
+                )
+
+
+if __name__ == "__main__":
+    main()
