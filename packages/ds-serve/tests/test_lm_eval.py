@@ -3,8 +3,8 @@ loglikelihood task and a generate_until task the test writes itself (local JSON 
 the server's own tokenizer through ``/tokenizer_info`` and ``/tokenize``: nothing from
 the hub). Its loglikelihoods equal ds-model's.
 
-lm-eval is not in the locked dev groups (a ~580 MB install whose import takes ~15 s);
-``uv pip install lm-eval`` enables this test."""
+lm-eval comes with the workspace's interop dev group; where it is not installed (the
+isolated wheel run) the test is skipped."""
 
 from __future__ import annotations
 
