@@ -64,6 +64,9 @@ class TrainingConfig:
     progress_bar: bool = True
     plot: bool = True
     torch_compile: bool = False  # torch.compile the model's forward (none / ddp only)
+    # Train RMSNorm, SwiGLU MLPs and routed experts through ds_model.lean_backward's
+    # hand-written backward passes (fewer saved activations; docs/benchmarks.md).
+    lean_backward: bool = True
 
     def __post_init__(self) -> None:
         _positive("num_train_epochs", self.num_train_epochs)
