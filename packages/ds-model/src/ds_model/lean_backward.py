@@ -191,7 +191,7 @@ class _RoutedExperts(torch.autograd.Function):
         groups = _groups(counts, row_bucket(x, mm_dtype))
         # One buffer for every pair's gate and one for its up rows, the same size each
         # step: per-expert tensors, whose sizes change with the routing, fragmented the
-        # heap (peak RSS 248 -> 216 MiB, LoRA on the shipped model's shape).
+        # heap (a larger peak RSS, measured training LoRA on the shipped model's shape).
         padded = groups[-1][2].stop if groups else 0
         g_all = x.new_empty(padded, flat[0].shape[0], dtype=mm_dtype)
         u_all = torch.empty_like(g_all)
@@ -254,7 +254,7 @@ def row_bucket(x: torch.Tensor, mm_dtype: torch.dtype | None = None) -> int:
     """``routed_experts`` pads each expert's row count to a multiple of this. On CPU,
     bf16/fp16 matrix multiplies go through oneDNN, which builds (JIT-compiles and
     caches) a kernel per new shape, so a routing that gives experts new row counts every
-    step made bf16 training 2.3x slower than float32 and took 1 GiB more memory (see
+    step made bf16 training slower than float32 and took far more memory (figures in
     docs/benchmarks.md). Padding with zero rows bounds the shapes at a few per expert.
     ``mm_dtype``: the matmuls' dtype, ``matmul_dtype(x)`` when None."""
     if x.is_cpu and (mm_dtype or matmul_dtype(x)) in (torch.bfloat16, torch.float16):

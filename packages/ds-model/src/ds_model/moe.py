@@ -256,16 +256,16 @@ def _stack(plain: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, torch.T
 
 
 def _grouped_fits(x: torch.Tensor, down: torch.Tensor) -> bool:
-    """Whether the grouped form runs here: ``F.grouped_mm`` accepts rows of a multiple of
-    16 bytes (hidden and intermediate sizes of 4 fp32 or 8 bf16 values), and the step is
-    not bf16/fp16 training on CPU, where oneDNN builds a kernel per new row count and
-    grouped_mm's per-expert counts change every step (0.66x HF's tokens/s and 1.4 GiB
-    peak RSS training the shipped model's shape; the loop pads rows to bounded
-    shapes instead, see ``lean_backward.row_bucket``)."""
+    """Whether the grouped form runs here: ``F.grouped_mm`` exists and accepts rows of
+    a multiple of 16 bytes (hidden and intermediate sizes of 4 fp32 or 8 bf16 values),
+    and the step is not bf16/fp16 training on CPU, where oneDNN builds a kernel per new
+    row count and grouped_mm's per-expert counts change every step (slower than
+    transformers and 1 GiB more memory, docs/benchmarks.md); the loop pads rows to
+    bounded shapes instead (``lean_backward.row_bucket``)."""
     hidden, inter = down.shape
     size = lean_backward.matmul_dtype(x).itemsize
-    if (hidden * size) % 16 or (inter * size) % 16:
-        return False
+    if not hasattr(F, "grouped_mm") or (hidden * size) % 16 or (inter * size) % 16:
+        return False  # grouped_mm is in torch >= 2.9
     return not (torch.is_grad_enabled() and lean_backward.row_bucket(x) > 1)
 
 
