@@ -16,8 +16,8 @@ class MLP(nn.Module):
     (``gate_proj``/``up_proj``/``down_proj``) so LoRA and quantization can target them.
 
     Plain layers run as bare ``F.linear`` calls (skipping three module calls, a
-    measurable share of a decode step); ``lean_backward`` (set by ``ds_model.lean_backward.enable``) trains
-    them through ``lean_backward.swiglu``."""
+    measurable share of a decode step); ``lean_backward`` (set by
+    ``ds_model.lean_backward.enable``) trains them through ``lean_backward.swiglu``."""
 
     lean_backward = False
 
