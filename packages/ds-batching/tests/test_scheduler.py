@@ -343,27 +343,25 @@ def test_stats_track_running_waiting_and_usage():
     assert stats.num_free_blocks + stats.num_cached_blocks == 2
 
 
-def test_a_running_request_reuses_its_scheduled_item_with_each_steps_values():
-    # One ScheduledRequest per request, updated in place: it must show this step's
-    # tokens, position, table and sample flag, never the previous step's.
+def test_each_steps_items_keep_their_values_after_later_steps():
+    # An output describes its own step: later schedule() calls change nothing in it.
     sched = make(block_size=4, max_num_batched_tokens=2)
     sched.add(Request("a", [1, 2, 3], max_tokens=5, sampling_params="p", lora_name="x"))
     out1, _ = step(sched, token=7)  # chunk [1, 2]: no sample
-    item = out1.scheduled[0]
-    assert (item.token_ids, item.start_position, item.sample) == ([1, 2], 0, False)
-    first_table = item.block_table
     out2, _ = step(sched, token=8)  # chunk [3]: samples 8
-    assert out2.scheduled[0] is item
-    assert (item.token_ids, item.start_position, item.sample) == ([3], 2, True)
-    assert item.block_table is first_table  # unchanged table: the same tuple, no copy
     out3, _ = step(sched, token=9)  # decode of 8 at position 3: still block 0
-    assert out3.scheduled[0] is item and out3.token_ids == [[8]] and out3.positions == [3]
-    assert item.block_table is first_table and item.sample
     out4, _ = step(sched, token=9)  # decode of 9 at position 4: a second block
-    assert out4.scheduled[0] is item and item.token_ids == [9] and item.start_position == 4
+    got = [
+        (o.scheduled[0].token_ids, o.scheduled[0].start_position, o.scheduled[0].sample)
+        for o in (out1, out2, out3, out4)
+    ]
+    assert got == [([1, 2], 0, False), ([3], 2, True), ([8], 3, True), ([9], 4, True)]
+    first_table = out1.scheduled[0].block_table
+    assert out2.scheduled[0].block_table == out3.scheduled[0].block_table == first_table
+    item = out4.scheduled[0]
     assert len(item.block_table) == 2 and item.block_table[0] == first_table[0]
     assert item.block_table == tuple(sched.requests["a"].block_table)
-    assert first_table == item.block_table[:1]  # the old snapshot was never mutated
+    assert len(first_table) == 1  # the earlier table was never mutated
     assert (item.sampling_params, item.lora_name) == ("p", "x")
 
 
@@ -438,7 +436,7 @@ def test_published_blocks_chain_on_the_hit_and_adapters_miss():
     assert out.scheduled[0].start_position == 2  # hit on [1, 2]
     hit = out.scheduled[0].block_table[0]
     assert bm.block_key(b.block_table[1]) == (bm.prefix_id(hit), 3, 4)
-    assert b.chain_parent == bm.prefix_id(b.block_table[1])
+    assert sched._entries["b"].chain_parent == bm.prefix_id(b.block_table[1])
     step()  # b publishes [6, 5] and finishes
     assert b.is_finished
     c = Request("c", [1, 2, 3, 4, 6, 5, 9], max_tokens=1)
@@ -450,4 +448,4 @@ def test_published_blocks_chain_on_the_hit_and_adapters_miss():
     d = Request("d", [1, 2, 3, 4, 6, 5, 9], max_tokens=1, lora_name="x")
     sched.add(d)
     out = sched.schedule()
-    assert out.scheduled[0].start_position == 0 and d.chain_parent == "x"
+    assert out.scheduled[0].start_position == 0 and sched._entries["d"].chain_parent == "x"

@@ -289,7 +289,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert not bm._key_to_block
         for req in sched.running:  # a published block's key holds the request's own tokens
             bs = bm.block_size
-            for k in range(req.num_registered_blocks):
+            for k in range(sched._entries[req.request_id].num_registered_blocks):
                 key = bm.block_key(req.block_table[k])
                 if key is not None:
                     assert list(key[1:]) == req.all_token_ids[k * bs : (k + 1) * bs]

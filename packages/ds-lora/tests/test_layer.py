@@ -458,3 +458,33 @@ def test_adapter_batch_only_some_layers_and_nesting_restores_rows():
     with pytest.raises(ValueError, match=r"only=\['v_prj'\] matches no LoRA layer"):
         with ds_lora.adapter_batch(model, [None], only=["v_prj"]):
             pass
+
+
+@settings(max_examples=15, deadline=None)
+@given(tokens=st.integers(1, 10), seed=st.integers(0, 1000))
+def test_adapter_rows_gives_a_submodule_the_adapters_of_its_rows(tokens, seed):
+    """A submodule run on some rows of a mixed batch (as a MoE expert is) computes what
+    those rows alone compute under their own adapters, and gets its rows back after."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    ds_lora.inject(model, LoraConfig(r=2, target_modules=["0", "1"]), adapter_name="a")
+    ds_lora.inject(model, LoraConfig(r=3, target_modules=["0", "1"]), adapter_name="b")
+    randomize_adapters(model, seed=seed)
+    model.eval()
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    assert len(layers) == 2 and all(isinstance(m, ds_lora.MixedAdapterLayer) for m in layers)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, 8, generator=gen)
+    names = [("a", "b", None)[int(i)] for i in torch.randint(0, 3, (tokens,), generator=gen)]
+    rows = torch.randperm(tokens, generator=gen)[: max(1, tokens // 2)]
+    expert = model[1]
+    with torch.no_grad(), ds_lora.adapter_batch(model, names):
+        before = expert.row_adapters_state()[1].clone()
+        with ds_lora.adapter_rows(expert, rows):
+            got = expert(x[rows])
+        assert torch.equal(expert.row_adapters_state()[1], before)
+    with torch.no_grad(), ds_lora.adapter_batch(model, [names[int(r)] for r in rows]):
+        want = expert(x[rows])
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    with ds_lora.adapter_rows(expert, rows):  # outside a mixed batch: nothing to narrow
+        assert expert.row_adapters_state()[1] is None

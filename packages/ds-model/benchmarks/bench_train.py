@@ -141,6 +141,7 @@ def run_ds(
     compile: bool = False,
     memory: bool = False,
     precision: str = "fp32",
+    lean_backward: bool = True,
 ) -> dict:
     import ds_model
     import torch
@@ -180,6 +181,7 @@ def run_ds(
             max_grad_norm=1.0,
             torch_compile=compile,
             precision=precision,
+            lean_backward=lean_backward,
         )
         if memory:
             return {"peak_tensor_mib": peak_tensor_mib(trainer.train)}
@@ -374,7 +376,7 @@ def _child(args: list[str], torchrun: int = 0) -> dict:
 def _worker_flags(a, worker: str, mode: str, common: list[str]) -> list[str]:
     compiled = a.compile == "both" or (a.compile == "ds" and worker == "ds")
     flags = ["--worker", worker, "--mode", mode, "--arch", a.arch, "--precision", a.precision]
-    flags += common
+    flags += common + ["--no-lean-backward"] * a.no_lean_backward
     return flags + ["--compiled"] * compiled
 
 
@@ -398,11 +400,18 @@ def main() -> None:
     p.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)  # worker
     p.add_argument("--scale-strategy", default="ddp", help=argparse.SUPPRESS)  # worker
     p.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)  # worker
+    p.add_argument(
+        "--no-lean-backward",
+        action="store_true",
+        help="ds-model trains with TrainingConfig(lean_backward=False): autograd's graph",
+    )
     a = p.parse_args()
     if a.worker:
         fn = {"ds": run_ds, "hf": run_hf}.get(a.worker)
         if fn:
-            result = fn(a.mode, a.steps, a.warmup, a.arch, a.compiled, a.memory, a.precision)
+            extra = {"lean_backward": not a.no_lean_backward} if fn is run_ds else {}
+            args = (a.mode, a.steps, a.warmup, a.arch, a.compiled, a.memory, a.precision)
+            result = fn(*args, **extra)
         else:
             result = run_scaling_rank(a.steps, a.warmup, a.scale_strategy)
         if int(os.environ.get("RANK", "0")) == 0:

@@ -304,7 +304,7 @@ def test_runner_serves_a_mixed_adapter_batch(tiny_dir, tmp_path, targets):
             after = alone(torch.tensor([[*prompts[row], 13 + row]])).logits[0, -1]
         torch.testing.assert_close(logits[row], expected, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(decode[row], after, atol=1e-5, rtol=1e-5)
-    # Two single-token rows: few enough (token, expert) pairs for the MoE's per-pair path.
+    # Two single-token rows: each routed expert serves one or two rows of the batch.
     pair = runner.step([[16], [17]], [6, 5], [[0, 1], [3, 4]], adapters=["a", "b"])
     for got, row, token in zip(pair, (0, 2), (16, 17)):
         alone = ds_model.from_pretrained(path, adapter=dirs[names[row]])

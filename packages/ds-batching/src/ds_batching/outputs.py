@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from ds_batching.request import FinishReason
 
@@ -24,9 +24,8 @@ def slot_of(block_table: Sequence[int], position: int, block_size: int) -> int:
     return block_table[position // block_size] * block_size + position % block_size
 
 
-@dataclass(slots=True)
-class ScheduledRequest:
-    """One request's share of a model step.
+class ScheduledRequest(NamedTuple):
+    """One request's share of a model step (immutable).
 
     token_ids: the tokens to feed now: a prefill chunk, or the single last token to decode.
     start_position: position of ``token_ids[0]``; equals the tokens whose KV is already in
@@ -37,9 +36,9 @@ class ScheduledRequest:
         ``Scheduler.update`` expects exactly one token for each request with ``sample``.
     sampling_params / lora_name: carried untouched from the ``Request``.
 
-    The scheduler keeps one object per request and updates it in place at each step it
-    runs (it never mutates the list or tuple in a field; it assigns new ones), so an
-    item describes the latest ``schedule()``.
+    Each ``schedule()`` makes new ones, so an item describes the step it came from. A
+    named tuple: the scheduler builds one per running request per step, and a tuple
+    is the cheapest record Python builds (docs/benchmarks.md, scheduler overhead).
     """
 
     request_id: str
@@ -68,10 +67,6 @@ class SchedulerOutput:
         recomputed from position 0 (the runner must forget any state it keeps for them).
     finished_request_ids: requests that finished or were aborted since the previous
         ``schedule()``; the runner can drop their per-request state.
-
-    Valid until the next ``schedule()``, which updates the same ``ScheduledRequest``
-    objects in place; keep the columns (``token_ids``, ``block_tables``...) to hold on
-    to a step.
     """
 
     scheduled: list[ScheduledRequest] = field(default_factory=list)

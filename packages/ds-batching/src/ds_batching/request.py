@@ -6,10 +6,7 @@ import enum
 import operator
 import time
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from ds_batching.outputs import ScheduledRequest
+from typing import Any
 
 __all__ = ["FinishReason", "Request", "RequestStatus"]
 
@@ -66,35 +63,30 @@ class Request:
     (its blocks are still published): an engine that scores every prompt token needs
     the logits of every prompt position.
 
-    The scheduler owns the mutable state below once the request is added.
+    Once the request is added, the scheduler updates ``status``, ``finish_reason``,
+    ``num_computed_tokens``, ``num_cached_tokens``, ``num_preemptions``, ``block_table``
+    (the KV blocks it holds) and appends sampled tokens to ``all_token_ids``; its own
+    bookkeeping stays in the scheduler.
     """
 
     __slots__ = (
         "all_token_ids",
         "arrival_time",
         "block_table",
-        "chain_parent",
         "eos_token_id",
         "finish_reason",
         "lora_name",
         "max_tokens",
-        "max_total_tokens",
-        "next_publish_at",
         "num_cached_tokens",
         "num_computed_tokens",
         "num_preemptions",
         "num_prompt_tokens",
-        "num_registered_blocks",
         "priority",
         "request_id",
         "sampling_params",
-        "scheduled_item",
-        "seq_no",
         "skip_prefix_cache",
         "status",
-        "stop_set",
         "stop_token_ids",
-        "table_snapshot",
     )
 
     def __init__(
@@ -143,19 +135,6 @@ class Request:
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at first admission
         self.num_preemptions = 0
         self.block_table: list[int] = []
-        self.table_snapshot: tuple[int, ...] | None = None  # immutable copy handed out
-        self.num_registered_blocks = 0  # leading blocks of block_table published in the cache
-        # The prefix-cache parent of the next block to publish: the adapter name before
-        # any block is published, then the prefix id of the last published (or hit) block.
-        self.chain_parent: int | str | None = lora_name
-        self.seq_no = -1  # arrival order, set by the scheduler
-        # The ScheduledRequest handed out for this request, reused every step it runs;
-        # while table_snapshot is set, its block_table is table_snapshot.
-        self.scheduled_item: ScheduledRequest | None = None
-        # Fixed by the scheduler at add(): what update() checks per token, precomputed.
-        self.stop_set: frozenset[int] = frozenset()  # stop_token_ids + eos_token_id
-        self.max_total_tokens = 0  # num_prompt_tokens + max_tokens
-        self.next_publish_at = 0  # computed tokens at which the next full block is published
 
     @property
     def num_tokens(self) -> int:

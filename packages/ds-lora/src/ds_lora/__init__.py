@@ -14,12 +14,13 @@ from ds_lora.layer import LoraLinear
 from ds_lora.lora_model import LoraModel, get_peft_model
 from ds_lora.modules_to_save import ModulesToSaveWrapper
 from ds_lora.peft_format import adapter_tensors, load_adapter, save_adapter
-from ds_lora.protocol import LinearLike, QuantizedLinearLike, Requantizable
+from ds_lora.protocol import LinearLike, MixedAdapterLayer, QuantizedLinearLike, Requantizable
 from ds_lora.tuner import (
     active_adapter,
     adapter_batch,
     adapter_configs,
     adapter_names,
+    adapter_rows,
     delete_adapter,
     disable_adapters,
     inject,
@@ -43,6 +44,7 @@ __all__ = [
     "LoraConfigError",
     "LoraLinear",
     "LoraModel",
+    "MixedAdapterLayer",
     "ModulesToSaveWrapper",
     "QuantizedLinearLike",
     "QuantizedMergeWarning",
@@ -53,6 +55,7 @@ __all__ = [
     "adapter_batch",
     "adapter_configs",
     "adapter_names",
+    "adapter_rows",
     "adapter_tensors",
     "delete_adapter",
     "disable_adapters",

@@ -4,11 +4,15 @@
 ``.weight``; a quantized layer instead offers ``dequantize()`` (``QuantizedLinearLike``),
 and if it also offers ``requantize(weight)`` (``Requantizable``) adapters can be merged into
 it. ds-quant's quantized linear satisfies these structurally, without importing ds-lora.
+
+``MixedAdapterLayer`` is the other direction: what a LoRA layer offers for batches in
+which each row has its own adapter. ``LoraLinear`` implements it; ``adapter_batch`` and
+``adapter_rows`` drive it, and a model uses those two rather than the methods.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -56,3 +60,23 @@ class Requantizable(QuantizedLinearLike, Protocol):
     """
 
     def requantize(self, weight: torch.Tensor) -> None: ...
+
+
+@runtime_checkable
+class MixedAdapterLayer(Protocol):
+    """A layer that serves a batch whose rows use different adapters.
+
+    ``set_row_adapters(names, row_index, plan=None)``: ``names`` is the adapter
+    vocabulary and ``row_index`` a (rows,) int64 tensor, ``row_index[i]`` in
+    ``[0, len(names)]`` picking ``names[row_index[i]]`` for row ``i`` of the layer's
+    input (``len(names)``: no adapter); ``row_index=None`` goes back to the single
+    active adapter. ``plan``: the rows grouped by adapter, built when not given.
+    ``row_adapters_state()`` returns the last call's ``(names, row_index, plan)``, so a
+    caller can restore it.
+    """
+
+    def row_adapters_state(self) -> tuple[tuple[str, ...], torch.Tensor | None, Any]: ...
+
+    def set_row_adapters(
+        self, names: tuple[str, ...], row_index: torch.Tensor | None, plan: Any = None
+    ) -> None: ...

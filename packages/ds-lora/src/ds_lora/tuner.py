@@ -322,6 +322,31 @@ def adapter_batch(
             layer.set_row_adapters(*state)
 
 
+@contextlib.contextmanager
+def adapter_rows(module: nn.Module, rows: torch.Tensor) -> Iterator[None]:
+    """Inside an ``adapter_batch`` block, for the forwards inside this one, the wrapped
+    layers under ``module`` serve only the batch rows ``rows`` ((n,) int64 indices into
+    the batch): their input's row ``j`` takes the adapter of batch row ``rows[j]``.
+
+    For a model that runs a submodule on a subset of the batch's rows, such as a
+    mixture-of-experts layer running each expert on the tokens routed to it. Layers
+    not in a mixed-adapter batch are left alone, so this costs one pass over
+    ``module``'s submodules otherwise. On exit each layer gets back its rows."""
+    layers = [
+        m
+        for m in module.modules()
+        if isinstance(m, LoraLinear) and m.row_adapters_state()[1] is not None
+    ]
+    before = [layer.row_adapters_state() for layer in layers]
+    try:
+        for layer, (names, row_index, _) in zip(layers, before):
+            layer.set_row_adapters(names, row_index[rows.to(row_index.device)])
+        yield
+    finally:
+        for layer, state in zip(layers, before):
+            layer.set_row_adapters(*state)
+
+
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts, as PEFT counts them (buffers excluded)."""
     trainable = total = 0

@@ -9,8 +9,8 @@ fixed shapes and no host syncs, so it differs from the eager step in three ways:
 - the new token's KV entry is written at a slot held in a device tensor, and attention
   reads the whole ``StaticKVCache`` (``capacity`` slots) under a (batch, capacity) bool
   visibility mask: real tokens written so far (left padding excluded);
-- routed experts run under ``ds_model.moe.sync_free`` (no routing read back to the
-  host), with their weights stacked so the step gathers only the routed experts;
+- routed experts take their grouped form (``ds_model.moe``: no routing read back to
+  the host while compiling or capturing), over weights stacked once beforehand;
 - the step's inputs (token, position, slot) are copied into static buffers, and its
   output is a static logits buffer, valid until the next replay.
 
@@ -26,7 +26,7 @@ import torch
 
 from ds_model.cache import StaticKVCache
 from ds_model.layout import input_major_weights
-from ds_model.moe import RoutedExperts, sync_free
+from ds_model.moe import RoutedExperts
 
 # Compiled decode steps after a generation's first skip torch.compile's guards (see
 # GraphedDecoder._run_step). While one runs, compiled code in other threads skips its
@@ -48,8 +48,14 @@ def static_step_supported(model) -> bool:
 
 
 def graphable(model) -> bool:
-    """Whether ``model``'s decode step can be captured: the fixed-shape step, on CUDA."""
-    return model.device.type == "cuda" and static_step_supported(model)
+    """Whether ``model``'s decode step can be captured: the fixed-shape step, on CUDA,
+    with routed experts that can take their grouped form (plain layers: wrapped or
+    hooked experts run a loop that reads the routing on the host)."""
+    return (
+        model.device.type == "cuda"
+        and static_step_supported(model)
+        and all(m.stack_weights() for m in model.modules() if isinstance(m, RoutedExperts))
+    )
 
 
 class _SlotWriter:
@@ -133,14 +139,13 @@ class GraphedDecoder:
 
     def _forward(self) -> torch.Tensor:
         self.visible.index_fill_(1, self.slot, True)
-        with sync_free():
-            hidden = self.model.model(
-                self.tokens,
-                self.positions,
-                mask=self.visible[:, None, None, :],
-                cache=_SlotWriter(self.cache, self.slot),
-                history=True,
-            )
+        hidden = self.model.model(
+            self.tokens,
+            self.positions,
+            mask=self.visible[:, None, None, :],
+            cache=_SlotWriter(self.cache, self.slot),
+            history=True,
+        )
         return self.model.lm_head(hidden[:, -1])
 
     def step(self, token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

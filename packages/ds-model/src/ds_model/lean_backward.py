@@ -15,19 +15,20 @@ element-wise parts in backward, as torch.compile's partitioner does:
   is its form for torch.compile (two grouped matmuls, no data-dependent Python); it
   stacks the experts' weights inside, so the copies are not saved either.
 
-Training the shipped model's shape (batch 8 x 128 tokens), that halves the activations
-autograd's graph of the same ops saves (154 -> 81 MiB), with fewer passes over memory
-in backward (no full-size zero gradient per expert). Forward outputs are bit-identical
-to the module code they replace, which still runs wherever these do not apply: no
-gradient needed, wrapped or hooked layers (LoRA, quantized, observed), DTensor
-weights. Under torch.compile they are traced like any autograd.Function, so the
-compiled graph saves what they save; ``routed_experts``, whose loop reads the routing
-on the host, runs eagerly between graphs (``moe.run_experts_eagerly``). Under autocast
-the matrix multiplies take the autocast dtype, as ``F.linear`` would.
+Forward outputs are bit-identical to the module code they replace, which still runs
+wherever these do not apply: no gradient needed, wrapped or hooked layers (LoRA,
+quantized, observed), DTensor weights. Under torch.compile they are traced like any
+autograd.Function, so the compiled graph saves what they save; ``routed_experts``, whose
+loop reads the routing on the host, runs eagerly between graphs. Under autocast the
+matrix multiplies take the autocast dtype, as ``F.linear`` would. The saving in
+activation memory and the step time with and without are in docs/benchmarks.md.
+
+They are used by the modules ``enable(model)`` marks (the Trainer does, unless
+``TrainingConfig.lean_backward=False``); an unmarked model trains through autograd's
+graph of the module code (same results within float rounding).
 
 Tensor layouts: ``x`` (..., hidden); weights as ``nn.Linear`` stores them,
-(out_features, in_features). Set ``ds_model.lean_backward.ENABLED = False`` to train
-through autograd's graph instead (same results within float rounding).
+(out_features, in_features).
 """
 
 from __future__ import annotations
@@ -35,17 +36,38 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ENABLED", "applies", "grouped_experts", "rms_norm", "routed_experts", "swiglu"]
+__all__ = [
+    "applies",
+    "enable",
+    "grouped_experts",
+    "matmul_dtype",
+    "rms_norm",
+    "routed_experts",
+    "row_bucket",
+    "swiglu",
+]
 
-ENABLED = True
+
+def enable(model: torch.nn.Module, on: bool = True) -> int:
+    """Mark (or, ``on=False``, unmark) every RMSNorm, SwiGLU MLP and routed-expert block
+    of ``model`` to train through the functions here; returns how many it set."""
+    from ds_model.mlp import MLP
+    from ds_model.moe import RoutedExperts
+    from ds_model.norm import RMSNorm
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, (MLP, RMSNorm, RoutedExperts)):
+            module.lean_backward = on
+            count += 1
+    return count
 
 
 def applies(x: torch.Tensor, *tensors: torch.Tensor) -> bool:
-    """Whether the hand-written backward should run: ``ENABLED``, a gradient is needed,
-    and every tensor is a plain tensor (not a DTensor or other subclass, whose sharding
-    the hand-written ops do not know). Under torch.compile the functions are traced
-    like any autograd.Function, so the compiled graph saves what they save."""
-    if not (ENABLED and torch.is_grad_enabled()):
+    """Whether the hand-written backward can run: a gradient is needed, and every tensor
+    is a plain tensor (not a DTensor or other subclass, whose sharding the hand-written
+    ops do not know)."""
+    if not torch.is_grad_enabled():
         return False
     if not (x.requires_grad or any(t.requires_grad for t in tensors)):
         return False
@@ -166,10 +188,10 @@ class _RoutedExperts(torch.autograd.Function):
         counts = torch.bincount(pairs, minlength=len(flat) // 3).tolist()
         token_of = order // k
         pair_weights = weights.reshape(-1)[order].to(x.dtype)
-        groups = _groups(counts, _row_bucket(x, mm_dtype))
+        groups = _groups(counts, row_bucket(x, mm_dtype))
         # One buffer for every pair's gate and one for its up rows, the same size each
         # step: per-expert tensors, whose sizes change with the routing, fragmented the
-        # heap (peak RSS 248 -> 216 MiB, LoRA on the shipped model's shape).
+        # heap (a larger peak RSS, measured training LoRA on the shipped model's shape).
         padded = groups[-1][2].stop if groups else 0
         g_all = x.new_empty(padded, flat[0].shape[0], dtype=mm_dtype)
         u_all = torch.empty_like(g_all)
@@ -228,23 +250,14 @@ def matmul_dtype(x: torch.Tensor) -> torch.dtype:
     return _autocast_dtype(x) or x.dtype
 
 
-def varying_shapes_are_costly(x: torch.Tensor) -> bool:
-    """Whether matmuls whose shapes follow the routing are slow here: bf16/fp16
-    (autocast or not) on CPU, where each new shape compiles a oneDNN kernel. The
-    grouped form's per-expert groups change size every step, so under torch.compile
-    the MoE then keeps the loop of ``routed_experts``, which pads rows to bounded
-    shapes (grouped in bf16: 0.66x HF's tokens/s and 1.4 GiB peak RSS training the
-    shipped model's shape; the loop: see docs/benchmarks.md)."""
-    return _row_bucket(x, matmul_dtype(x)) > 1
-
-
-def _row_bucket(x: torch.Tensor, mm_dtype: torch.dtype) -> int:
-    """Row counts per expert are padded to a multiple of this. On CPU, bf16/fp16
-    matrix multiplies go through oneDNN, which builds (JIT-compiles and caches) a
-    kernel per new shape: 2 ms and ~1 MiB each, so a routing that gives experts new row
-    counts every step made bf16 training 2.3x slower than float32 and took 1 GiB more
-    memory. Padding with zero rows bounds the shapes at a few per expert."""
-    if x.is_cpu and mm_dtype in (torch.bfloat16, torch.float16):
+def row_bucket(x: torch.Tensor, mm_dtype: torch.dtype | None = None) -> int:
+    """``routed_experts`` pads each expert's row count to a multiple of this. On CPU,
+    bf16/fp16 matrix multiplies go through oneDNN, which builds (JIT-compiles and
+    caches) a kernel per new shape, so a routing that gives experts new row counts every
+    step made bf16 training slower than float32 and took far more memory (figures in
+    docs/benchmarks.md). Padding with zero rows bounds the shapes at a few per expert.
+    ``mm_dtype``: the matmuls' dtype, ``matmul_dtype(x)`` when None."""
+    if x.is_cpu and (mm_dtype or matmul_dtype(x)) in (torch.bfloat16, torch.float16):
         return 64
     return 1
 

@@ -12,7 +12,10 @@ __all__ = ["RMSNorm"]
 
 
 class RMSNorm(nn.Module):
-    """``x / rms(x) * weight`` over the last dim. ``x``: (..., dim)."""
+    """``x / rms(x) * weight`` over the last dim. ``x``: (..., dim). ``lean_backward``
+    (set by ``ds_model.lean_backward.enable``): train through ``lean_backward.rms_norm``."""
+
+    lean_backward = False
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -20,7 +23,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if lean_backward.applies(x, self.weight):
+        if self.lean_backward and lean_backward.applies(x, self.weight):
             return lean_backward.rms_norm(x, self.weight, self.eps)
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             # One fused op; the same arithmetic as below when no cast is needed.

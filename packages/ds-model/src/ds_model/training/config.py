@@ -68,6 +68,9 @@ class TrainingConfig:
     # Seconds a collective may wait for the other ranks before it fails (a rank that
     # died or hangs); torch's own default is 30 minutes (NCCL: 10).
     collective_timeout_s: float = 600.0
+    # Train RMSNorm, SwiGLU MLPs and routed experts through ds_model.lean_backward's
+    # hand-written backward passes (fewer saved activations; docs/benchmarks.md).
+    lean_backward: bool = True
 
     def __post_init__(self) -> None:
         _positive("num_train_epochs", self.num_train_epochs)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ds_model import lean_backward
 from ds_model.config import read_json
 from ds_model.training import checkpoint as ckpt
 from ds_model.training.config import TrainingConfig
@@ -213,6 +214,7 @@ class Trainer:
             self._check_pipeline_supported()  # before the model is touched
         torch.manual_seed(args.seed)
         model = self._materialize_model()
+        lean_backward.enable(model, args.lean_backward)
         tokenizer = resolve_tokenizer(self._tokenizer, self._model_source, model)
         dataset, report = self.build_dataset(source, tokenizer)
         eval_set = None
@@ -230,9 +232,6 @@ class Trainer:
         # its buckets); evaluation, checkpoints and `trainer.model` stay the eager model.
         forward_model = wrapped
         if args.torch_compile:
-            from ds_model.moe import run_experts_eagerly
-
-            run_experts_eagerly(model)
             forward_model = torch.compile(wrapped)
         self.model = model
         self._wrapped = wrapped
