@@ -242,7 +242,17 @@ class _RoutedExperts(torch.autograd.Function):
                 grad_pairs[sl] = (dh[:count] * h[:count]).sum(-1)
             if need_x:
                 grad_x.index_add_(0, rows, dx[:count].to(x.dtype))
+        grad_flat = _idle_as_zeros(grad_flat, flat, ctx.needs_input_grad[4:])
         return (grad_x, _unsort(grad_pairs, order, ctx), None, None, *grad_flat)
+
+
+def _idle_as_zeros(grads: list, flat: list[torch.Tensor], needs) -> list:
+    """An expert no token chose still gets a (zero) gradient where one is wanted: a
+    data-parallel rank whose tokens left it idle must reduce the same gradients as the
+    other ranks (FSDP2 reduce-scatters only the parameters that have one)."""
+    return [
+        torch.zeros_like(w) if g is None and need else g for g, w, need in zip(grads, flat, needs)
+    ]
 
 
 def matmul_dtype(x: torch.Tensor) -> torch.dtype:
@@ -318,6 +328,7 @@ class _GroupedExperts(torch.autograd.Function):
             for e in range(len(flat) // 3):
                 grads = (d_gate_up[e, :inter], d_gate_up[e, inter:], d_down[e])
                 grad_flat[3 * e : 3 * e + 3] = _as_dtypes(grads, flat[3 * e : 3 * e + 3])
+        grad_flat = _idle_as_zeros(grad_flat, flat, ctx.needs_input_grad[4:])
         return (grad_x, _unsort(grad_pairs, order, ctx), None, None, *grad_flat)
 
 

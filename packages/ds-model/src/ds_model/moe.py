@@ -135,8 +135,13 @@ class RoutedExperts(nn.ModuleList):
         pair_weights = weights.reshape(-1)[order].to(x.dtype)
         out = torch.zeros_like(x)
         start = 0
+        # Training runs every expert, an idle one on no rows, so each has a (zero)
+        # gradient: data-parallel ranks must reduce the same parameters (FSDP2
+        # reduce-scatters only those with a gradient, and the ranks' collectives would
+        # no longer match).
+        every = torch.is_grad_enabled()
         for expert, count in zip(self, counts):
-            if count:
+            if count or every:
                 rows = token_of[start : start + count]
                 if _wrapped(expert):
                     with ds_lora.adapter_rows(expert, rows):
