@@ -44,14 +44,16 @@ def test_first_output_token_keeps_its_leading_space(sp):
     assert "".join(stream_text(sp, prompt, output)).startswith(" ")
 
 
-def reference_stop(pieces: list[str], stops: list[str]) -> tuple[str, bool]:
-    """Check after every piece, as the engine does: cut at the earliest stop start."""
+def reference_stop(pieces: list[str], stops: list[str], include=False) -> tuple[str, bool]:
+    """Check after every piece, as the engine does: cut at the earliest stop start (or,
+    with ``include``, after that stop; the shorter one where two start together)."""
     text = ""
     for piece in pieces:
         text += piece
-        hits = [text.find(s) for s in stops if s in text]
+        hits = [(text.find(s), len(s)) for s in stops if s in text]
         if hits:
-            return text[: min(hits)], True
+            start, length = min(hits)
+            return text[: start + length if include else start], True
     return text, False
 
 
@@ -76,6 +78,21 @@ def test_stop_strings_split_across_pieces_are_caught_and_never_emitted(pieces, s
     assert matcher.stopped == stopped
     for stop in stops:
         assert stop not in "".join(emitted)
+
+
+@settings(max_examples=200)
+@given(
+    pieces=st.lists(st.text(alphabet, max_size=4), max_size=12),
+    stops=st.lists(st.text(alphabet, min_size=1, max_size=4), max_size=3),
+)
+def test_include_keeps_the_matched_stop_string_and_nothing_after(pieces, stops):
+    matcher = StopMatcher(stops, include=True)
+    emitted = "".join(matcher.push(piece) for piece in pieces) + matcher.flush()
+    expected, stopped = reference_stop(pieces, stops, include=True)
+    assert emitted == expected
+    assert matcher.stopped == stopped
+    if stopped:
+        assert any(emitted.endswith(stop) for stop in stops)
 
 
 def test_stop_string_split_across_tokens_example():

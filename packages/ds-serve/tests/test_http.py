@@ -143,9 +143,6 @@ def test_tokenize_and_detokenize_round_trip(http):
 def test_unsupported_options_are_refused_not_ignored(http):
     response = http.post("/v1/completions", json={"prompt": "x", "suffix": "y"})
     assert response.status_code == 400 and assert_openai_error(response)["param"] == "suffix"
-    body = {"prompt": "x", "include_stop_str_in_output": True}
-    response = http.post("/v1/completions", json=body)
-    assert assert_openai_error(response)["param"] == "include_stop_str_in_output"
     response = http.post("/v1/chat/completions", json={"messages": [], "tools": []})
     assert assert_openai_error(response)["param"] == "messages"
     response = http.post("/v1/completions", json={"prompt": "x", "stream_options": {}})

@@ -257,6 +257,32 @@ def test_stop_token_ids_min_tokens_ignore_eos_and_logit_bias(builtin):
     assert result.choices[0].logprobs.token_logprobs[0] > -1e-3  # the biased distribution
 
 
+def test_skip_special_tokens_and_include_stop_str_in_output(builtin):
+    client, model = builtin
+    tok = model.tokenizer
+    prompt = "def fibonacci(n):\n"
+    # A huge bias makes BOS, a special token, the greedy choice.
+    forced = dict(model="tiny-coder", prompt=prompt, max_tokens=2, temperature=0)
+    forced["logit_bias"] = {str(tok.bos_token_id): 100}
+    assert client.completions.create(**forced).choices[0].text == ""
+    kept = client.completions.create(**forced, extra_body={"skip_special_tokens": False})
+    assert kept.choices[0].text == tok.decode([tok.bos_token_id] * 2, skip_special_tokens=False)
+    assert kept.choices[0].text.startswith("<s>")
+    # A stop string: cut before it by default, kept with include_stop_str_in_output.
+    plain = client.completions.create(
+        model="tiny-coder", prompt=prompt, max_tokens=12, temperature=0
+    )
+    text = plain.choices[0].text
+    assert len(text) > 4, "the built-in model ends this prompt at once"
+    stop = text[2:4]
+    cut = text[: text.index(stop)]
+    base = dict(model="tiny-coder", prompt=prompt, max_tokens=12, temperature=0, stop=[stop])
+    assert client.completions.create(**base).choices[0].text == cut
+    both = client.completions.create(**base, extra_body={"include_stop_str_in_output": True})
+    assert both.choices[0].text == cut + stop
+    assert both.choices[0].finish_reason == "stop"
+
+
 def test_bad_sampling_values_name_the_field(server):
     cases = [
         ({"logprobs": 21}, "logprobs"),

@@ -126,10 +126,23 @@ class Tokenizer:
         ids = [int(i) for i in ids]
         if self.kind == "hf":
             return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        special = {self.bos_token_id, self.eos_token_id}
         if skip_special_tokens:
-            special = {self.bos_token_id, self.eos_token_id}
             ids = [i for i in ids if i not in special and not self._backend.is_control(i)]
-        return self._backend.decode(ids)
+            return self._backend.decode(ids)
+        # SentencePiece drops control pieces when decoding; spell them out between the
+        # decoded runs of ordinary tokens, as transformers does.
+        parts: list[str] = []
+        run: list[int] = []
+        for i in ids:
+            if i in special or self._backend.is_control(i):
+                parts.append(self._backend.decode(run) if run else "")
+                parts.append(self._backend.id_to_piece(i))
+                run = []
+            else:
+                run.append(i)
+        parts.append(self._backend.decode(run) if run else "")
+        return "".join(parts)
 
     # -- chat ----------------------------------------------------------------------------
 

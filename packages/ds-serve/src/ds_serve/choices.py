@@ -97,7 +97,8 @@ class Choices:
                 adapter=prepared.adapter,
                 queue=self.queue,
                 grammars=grammars,
-                skip_special_tokens=not deepseek_tools,
+                skip_special_tokens=prepared.skip_special_tokens and not deepseek_tools,
+                include_stop_str=prepared.include_stop_str_in_output,
             )
         except RequestTooLarge as exc:
             raise APIError(

@@ -52,12 +52,14 @@ class IncrementalDetokenizer:
 
 
 class StopMatcher:
-    """Finds stop strings in streamed text; the stop string and what follows are dropped."""
+    """Finds stop strings in streamed text; what follows the first match is dropped, and
+    the matched stop string too unless ``include`` (vLLM's ``include_stop_str_in_output``)."""
 
-    def __init__(self, stop: Sequence[str]) -> None:
+    def __init__(self, stop: Sequence[str], include: bool = False) -> None:
         if any(not s for s in stop):
             raise ValueError(f"stop strings must be non-empty, got {list(stop)!r}")
         self._stop = tuple(stop)
+        self._include = include
         self._pending = ""
         self.stopped = False
 
@@ -68,11 +70,12 @@ class StopMatcher:
         if not self._stop:
             return delta
         text = self._pending + delta
-        hits = [i for i in (text.find(s) for s in self._stop) if i >= 0]
+        hits = [(i, len(s)) for i, s in ((text.find(s), s) for s in self._stop) if i >= 0]
         if hits:
             self.stopped = True
             self._pending = ""
-            return text[: min(hits)]
+            start, length = min(hits)
+            return text[: start + length] if self._include else text[:start]
         hold = self._longest_stop_prefix_suffix(text)
         self._pending = text[len(text) - hold :] if hold else ""
         return text[: len(text) - hold]

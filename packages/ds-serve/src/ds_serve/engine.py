@@ -250,13 +250,16 @@ class Engine:
         queue: asyncio.Queue,
         grammars: list[Grammar | None] | None = None,
         skip_special_tokens: bool = True,
+        include_stop_str: bool = False,
     ) -> list[str]:
         """Queue the sequences of one HTTP request together or not at all: with too little
         room in the waiting queue nothing is queued and ``QueueFull`` (429) is raised, so
         a refused request never holds places that would shut out the next one. More
         sequences than the waiting queue holds can never be admitted: ``RequestTooLarge``
         (400); a sequence the KV pool could never hold: ``ValueError`` (400).
-        ``grammars`` holds one grammar state (or None) per sequence."""
+        ``grammars`` holds one grammar state (or None) per sequence;
+        ``skip_special_tokens=False`` keeps special tokens in the text and
+        ``include_stop_str`` the matched stop string."""
         if self._loop is None:
             raise EngineClosed("the engine has not been started")
         if adapter is not None and adapter not in self.adapters:
@@ -273,7 +276,9 @@ class Engine:
             )
         grammars = grammars if grammars is not None else [None] * len(sequences)
         tracked = [
-            self._track(prompt, params, adapter, queue, grammar, skip_special_tokens)
+            self._track(
+                prompt, params, adapter, queue, grammar, skip_special_tokens, include_stop_str
+            )
             for (prompt, params), grammar in zip(sequences, grammars)
         ]
         with self._lock:
@@ -308,6 +313,7 @@ class Engine:
         queue: asyncio.Queue,
         grammar: Grammar | None,
         skip_special_tokens: bool,
+        include_stop_str: bool = False,
     ) -> _Tracked:
         decode = self.tokenizer.decode
         if not skip_special_tokens:
@@ -319,7 +325,7 @@ class Engine:
             adapter=adapter,
             queue=queue,
             detokenizer=IncrementalDetokenizer(decode, prompt),
-            stop=StopMatcher(params.stop),
+            stop=StopMatcher(params.stop, include=include_stop_str),
             grammar=grammar,
         )
         if params.prompt_logprobs is not None:

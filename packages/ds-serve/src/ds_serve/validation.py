@@ -66,6 +66,8 @@ class Prepared:
     model: str
     grammar: GrammarSpec | None = None  # response_format or a forced tool call
     tools: tuple[ToolFormat, frozenset[str]] | None = None  # parse calls out of the text
+    skip_special_tokens: bool = True  # drop special tokens from the text
+    include_stop_str_in_output: bool = False  # keep the matched stop string in the text
 
     def tool_parser(self) -> ToolCallParser | None:
         return None if self.tools is None else ToolCallParser(self.tools[0], set(self.tools[1]))
@@ -87,10 +89,7 @@ def resolve_model(requested: str | None, info: ModelInfo) -> tuple[str, str | No
 
 
 def _refuse_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
-    unsupported = {
-        "include_stop_str_in_output": req.include_stop_str_in_output,
-        "skip_special_tokens": not req.skip_special_tokens,
-    }
+    unsupported = {}
     if isinstance(req, CompletionRequest):
         unsupported["suffix"] = req.suffix is not None
         unsupported["best_of"] = req.best_of is not None and req.best_of != req.n
@@ -255,7 +254,15 @@ def prepare_completion(req: CompletionRequest, info: ModelInfo, tokenizer) -> Pr
     for ids in prompts:
         _check_length(ids, max_tokens, info, "prompt")
     grammar = _response_grammar(req)
-    return Prepared(prompts, _sampling(req, max_tokens, info), adapter, model, grammar)
+    return Prepared(
+        prompts,
+        _sampling(req, max_tokens, info),
+        adapter,
+        model,
+        grammar,
+        skip_special_tokens=req.skip_special_tokens,
+        include_stop_str_in_output=req.include_stop_str_in_output,
+    )
 
 
 def chat_prompt(
@@ -346,7 +353,14 @@ def prepare_chat(req: ChatCompletionRequest, info: ModelInfo, tokenizer) -> Prep
     max_tokens = requested if requested is not None else max(1, info.max_model_len - len(ids))
     _check_length(ids, max_tokens, info, "messages")
     return Prepared(
-        [ids], _sampling(req, max_tokens, info), adapter, model, grammar or tool_grammar, parse
+        [ids],
+        _sampling(req, max_tokens, info),
+        adapter,
+        model,
+        grammar or tool_grammar,
+        parse,
+        skip_special_tokens=req.skip_special_tokens,
+        include_stop_str_in_output=req.include_stop_str_in_output,
     )
 
 
