@@ -4,7 +4,8 @@ shipped model, and measure it.
     uv run python models/ds-tiny-coder/recipe/export.py \
         --init build/ds-tiny-coder/init --checkpoint build/ds-tiny-coder/run/checkpoint-600
 
-writes bfloat16 weights (the repo budget is 25 MB), config.json and the tokenizer into
+writes bfloat16 weights (the repo budget is 25 MB), config.json and the tokenizer
+(tokenizer.model, tokenizer.json, tokenizer_config.json) into
 models/ds-tiny-coder/, a held-out sample (heldout-sample.jsonl) that the test suite
 scores, and prints the held-out loss of the exported weights on that sample and on the
 whole held-out split.
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     model = ds_model.from_pretrained(args.init, dtype=torch.float32)
     model.load_state_dict(load_file(args.checkpoint / "model.safetensors"))
     ds_model.save_pretrained(model.to(torch.bfloat16), args.out)
-    for name in ("tokenizer.model", "tokenizer_config.json"):
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
         if (args.init / name).resolve() != (args.out / name).resolve():
             shutil.copyfile(args.init / name, args.out / name)
 

@@ -472,6 +472,7 @@ class Trainer:
                     write_adapter(unwrap(wrapped), tmp_dir, model_state)
                 else:
                     ckpt.save_weights(model_state, os.path.join(tmp_dir, "model.safetensors"))
+                    self._write_model_files(tmp_dir)
                 torch.save(optim_state, os.path.join(tmp_dir, "optimizer.pt"))
                 torch.save(
                     {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()},
@@ -489,6 +490,17 @@ class Trainer:
             )
         ctx.barrier()
         return final
+
+    def _write_model_files(self, path: str) -> None:
+        """config.json and the tokenizer's files next to a checkpoint's full weights, so
+        the checkpoint loads with ``from_pretrained`` and ``transformers.AutoTokenizer``."""
+        to_dict = getattr(getattr(self.model, "config", None), "to_hf_dict", None)
+        if callable(to_dict):
+            with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+                json.dump(to_dict(), f, indent=2)
+        save = getattr(self._tokenizer, "save_pretrained", None)
+        if callable(save):
+            save(path)
 
     def _gather_states(self, wrapped, optimizer, sharded: bool, ctx: DistContext):
         """Rank 0's (model weights, optimizer state) to checkpoint: full weights, or for
