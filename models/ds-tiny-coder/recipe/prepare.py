@@ -268,7 +268,8 @@ def build(
     write_atomic(out / "tokenizer.model", model)
 
     sp = spm.SentencePieceProcessor(model_proto=model)
-    token_counts = {s.path: len(sp.encode(s.text)) + 1 for s in kept}  # + BOS, as trained
+    lengths = sp.encode([s.text for s in kept], num_threads=os.cpu_count() or 1)
+    token_counts = {s.path: len(ids) + 1 for s, ids in zip(kept, lengths)}  # + BOS
     result = manifest(
         train, heldout, token_counts, removed, redacted, distributions, heldout_every, vocab_size
     )

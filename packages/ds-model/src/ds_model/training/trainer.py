@@ -255,6 +255,7 @@ class Trainer:
 
         progress = _progress(total_steps, step, ctx.is_main and args.progress_bar)
         started, tokens_seen, last_ckpt = time.perf_counter(), 0, None
+        last_save = time.monotonic()
         wrapped.train()
         while step < total_steps:
             if micro >= micro_per_epoch:
@@ -310,7 +311,11 @@ class Trainer:
                 self._log(metrics_path, result, ctx)
                 wrapped.train()
             is_save_step = args.save_steps and step % args.save_steps == 0
+            if args.save_minutes and not is_save_step:
+                due = time.monotonic() - last_save >= args.save_minutes * 60
+                is_save_step = ctx.all_reduce_sum([float(due)])[0] > 0  # every rank agrees
             if is_save_step or (step == total_steps and args.save_final):
+                last_save = time.monotonic()
                 state = {
                     "global_step": step,
                     "epoch": epoch,
