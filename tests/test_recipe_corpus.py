@@ -5,9 +5,11 @@ exact and near deduplication, the held-out split and the manifest."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
+import ds_model
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -213,3 +215,49 @@ def test_heldout_split_shares_no_file_with_training_and_manifest_counts_them(tmp
     totals = manifest["totals"]
     assert totals["train"]["bytes"] == sum(len(r["text"].encode()) for r in train)
     assert json.loads((tmp_path / "manifest.json").read_text()) == manifest
+
+
+# -- initial checkpoint and training launcher --------------------------------------------------
+
+TINY_DEEPSEEK_V3 = {
+    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 400,
+    "hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 16,
+    "num_hidden_layers": 2, "first_k_dense_replace": 1, "num_attention_heads": 2,
+    "num_key_value_heads": 2, "q_lora_rank": None, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
+    "qk_rope_head_dim": 8, "v_head_dim": 8, "n_routed_experts": 4, "n_shared_experts": 1,
+    "num_experts_per_tok": 2, "topk_method": "noaux_tc", "scoring_func": "sigmoid",
+    "n_group": 1, "topk_group": 1, "norm_topk_prob": True, "max_position_embeddings": 128,
+    "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+}  # fmt: skip
+
+
+def test_recipe_trains_from_the_prepared_corpus_and_resumes_from_its_output(tmp_path):
+    import init_model
+    import train
+
+    transformers = pytest.importorskip("transformers")
+
+    data, init, run = tmp_path / "data", tmp_path / "init", tmp_path / "run"
+    prepare.build([src(f"pkg/m{i}.py", program(i)) for i in range(30)], data, 400, 4)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY_DEEPSEEK_V3))
+    init_model.main(["--out", str(init), "--config", str(config),
+                     "--tokenizer", str(data / "tokenizer.model")])  # fmt: skip
+    hyper = {"max_steps": 2, "batch_size": 2, "seq_len": 32, "learning_rate": 0.001,
+             "warmup_steps": 0, "weight_decay": 0.1, "save_minutes": 15, "eval_steps": 2,
+             "logging_steps": 1, "seed": 0}  # fmt: skip
+    hyper_file = tmp_path / "train.json"
+    hyper_file.write_text(json.dumps(hyper))
+    common = ["--data", str(data), "--init", str(init), "--output", str(run),
+              "--hyperparameters", str(hyper_file)]  # fmt: skip
+    assert train.main(common) == 0
+    assert (run / "checkpoint-2" / "tokenizer.json").is_file()
+    hyper_file.write_text(json.dumps({**hyper, "max_steps": 3}))
+    assert train.main([*common, "--resume"]) == 0
+    assert (run / "checkpoint-3").is_dir()
+    steps = [json.loads(x).get("step") for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(s for s in steps if s is not None) == 3
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    text = program(3)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(run / "checkpoint-3"))
+    assert theirs(text)["input_ids"] == ds_model.load_tokenizer(run / "checkpoint-3").encode(text)
