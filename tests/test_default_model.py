@@ -19,6 +19,8 @@ from pathlib import Path
 import ds_model
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "ds-tiny-coder"
@@ -127,3 +129,68 @@ def test_ds_model_generate_without_a_path_completes_with_the_shipped_model(monke
     # On a CPU the command runs the bf16 checkpoint in float32 (dtype auto).
     shipped = ds_model.from_pretrained(MODEL, dtype=torch.float32)
     assert printed.strip() and printed == shipped.generate("def fibonacci(n):", 12) + "\n"
+
+
+SHIPPED_TEXT_FRAGMENTS = [
+    " ",
+    "   ",
+    "    ",
+    "\t",
+    "\t\t",
+    "\n",
+    "\n\n",
+    "\r\n",
+    "def ",
+    "class ",
+    "return ",
+    "self.",
+    "(x, y):",
+    "# comment",
+    '"""doc"""',
+    "<s>",
+    "</s>",
+    "<unk>",
+    "12345",
+    "0xFF",
+    "ünïcödé",
+    "日本語",
+    "😀",
+    "\x00",
+    "\u3000",
+]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    text=st.lists(
+        st.one_of(st.sampled_from(SHIPPED_TEXT_FRAGMENTS), st.text(max_size=8)), max_size=30
+    ).map("".join)
+)
+def test_shipped_tokenizer_loads_in_transformers_autotokenizer_with_identical_ids(text):
+    """transformers.AutoTokenizer (offline) encodes every text to the ids of the shipped
+    SentencePiece model and of ds-model's tokenizer, and decodes them to the same text."""
+    import sentencepiece
+
+    transformers = pytest.importorskip("transformers")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    theirs = _auto_tokenizer(transformers)
+    reference = sentencepiece.SentencePieceProcessor(model_file=str(MODEL / "tokenizer.model"))
+    ours = _auto_tokenizer(ds_model)
+    expected = reference.encode(text)
+    assert theirs(text, add_special_tokens=False)["input_ids"] == expected
+    assert theirs(text)["input_ids"] == [reference.bos_id(), *expected] == ours.encode(text)
+    assert theirs.decode(expected) == reference.decode(expected) == ours.decode(expected)
+    if "\u2581" not in text:  # SentencePiece's space mark reads back as a space
+        assert theirs.decode(expected) == text
+
+
+_TOKENIZERS = {}
+
+
+def _auto_tokenizer(library):
+    """The shipped tokenizer loaded once per library (transformers or ds_model)."""
+    if library.__name__ not in _TOKENIZERS:
+        load = getattr(library, "AutoTokenizer", None)
+        load = load.from_pretrained if load is not None else library.load_tokenizer
+        _TOKENIZERS[library.__name__] = load(str(MODEL))
+    return _TOKENIZERS[library.__name__]

@@ -4,10 +4,11 @@ shipped model, and measure it.
     uv run python models/ds-tiny-coder/recipe/export.py \
         --init build/ds-tiny-coder/init --checkpoint build/ds-tiny-coder/run/checkpoint-600
 
-writes bfloat16 weights (the repo budget is 25 MB), config.json and the tokenizer into
-models/ds-tiny-coder/, a held-out sample (heldout-sample.jsonl) that the test suite
-scores, and prints the held-out loss of the exported weights on that sample and on the
-whole held-out split.
+writes bfloat16 weights (the repo budget is 25 MB), config.json and the tokenizer
+(tokenizer.model, tokenizer.json, tokenizer_config.json) into models/ds-tiny-coder/, a
+held-out sample (heldout-sample.jsonl) that the test suite scores and the corpus manifest
+(corpus-manifest.json, from the --heldout file's directory), and prints the held-out loss
+of the exported weights on that sample and on the whole held-out split.
 """
 
 from __future__ import annotations
@@ -58,9 +59,13 @@ def main(argv: list[str] | None = None) -> None:
     model = ds_model.from_pretrained(args.init, dtype=torch.float32)
     model.load_state_dict(load_file(args.checkpoint / "model.safetensors"))
     ds_model.save_pretrained(model.to(torch.bfloat16), args.out)
-    for name in ("tokenizer.model", "tokenizer_config.json"):
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
         if (args.init / name).resolve() != (args.out / name).resolve():
             shutil.copyfile(args.init / name, args.out / name)
+
+    manifest = args.heldout.parent / "manifest.json"
+    if manifest.is_file():  # the corpus the weights were trained on, per package
+        shutil.copyfile(manifest, args.out / "corpus-manifest.json")
 
     records = [json.loads(line) for line in args.heldout.read_text().splitlines() if line]
     sample = [r for r in records if 4_000 <= len(r["text"]) <= 12_000][:SAMPLE_FILES]

@@ -2,15 +2,16 @@
 
     uv run python models/ds-tiny-coder/recipe/init_model.py --out build/ds-tiny-coder/init
 
-writes config.json (recipe/config.json), seeded random weights, the tokenizer from
-step 1 and its tokenizer_config.json, as a checkpoint directory deepseek-train starts from.
+writes config.json (--config, default recipe/config.json), seeded random weights and the
+tokenizer from step 1 (--tokenizer: tokenizer.model, with tokenizer.json and
+tokenizer_config.json for transformers), as a checkpoint directory deepseek-train starts
+from.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import ds_model
@@ -23,13 +24,20 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("build/ds-tiny-coder/init"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--tokenizer", type=Path, default=MODEL_DIR / "tokenizer.model", help="SentencePiece model"
+    )
+    parser.add_argument("--config", type=Path, default=RECIPE / "config.json")
     args = parser.parse_args(argv)
 
-    config = json.loads((RECIPE / "config.json").read_text())
+    config = json.loads(args.config.read_text())
     model = ds_model.from_config(config, seed=args.seed)
     ds_model.save_pretrained(model, args.out)
-    for name in ("tokenizer.model", "tokenizer_config.json"):
-        shutil.copyfile(MODEL_DIR / name, args.out / name)
+    # The chat template and special tokens stay the shipped model's; the SentencePiece
+    # model is the one prepare.py trained. save_pretrained also writes tokenizer.json.
+    template = json.loads((MODEL_DIR / "tokenizer_config.json").read_text())
+    template = {k: v for k, v in template.items() if k != "tokenizer_class"}
+    ds_model.Tokenizer.from_sentencepiece(args.tokenizer, template).save_pretrained(args.out)
     total, active = ds_model.parameter_counts(model)
     print(f"{args.out}: {total:,} parameters, {active:,} active per token")
 

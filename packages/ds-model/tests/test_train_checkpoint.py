@@ -276,3 +276,23 @@ def test_intact_resume_state_loads_without_pickled_code(saved_checkpoint: Path) 
 
     for name in ("optimizer.pt", "training_state.pt", "rng_state_0.pt"):
         assert isinstance(load_state_file(str(saved_checkpoint / name)), dict)
+
+
+def test_save_minutes_checkpoints_by_elapsed_time_and_resumes_exactly(tmp_path, monkeypatch):
+    clock = iter(range(0, 10_000, 7 * 60))  # every reading of the clock is 7 minutes later
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
+
+    def run(out: Path, resume: str | None = None) -> list[float]:
+        trainer = Trainer(
+            model=S.real_lm(),
+            train_dataset=S.make_texts(24),
+            tokenizer=ByteTokenizer(),
+            output_dir=str(out),
+            **{**OPTS, "max_steps": 6, "save_steps": 0, "save_minutes": 10},
+        )
+        return trainer.train(resume_from=resume).losses
+
+    reference = run(tmp_path / "a")
+    saved = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "a").glob("checkpoint-*"))
+    assert saved == [2, 4, 6]  # 14 minutes after the last save at steps 2 and 4, and the end
+    assert run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-2")) == reference

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
+import warnings
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
@@ -61,7 +61,11 @@ class Tokenizer:
         if (path / TOKENIZER_JSON).is_file():
             from tokenizers import Tokenizer as HFTokenizer
 
-            return cls(HFTokenizer.from_file(str(path / TOKENIZER_JSON)), "hf", config, path)
+            backend = HFTokenizer.from_file(str(path / TOKENIZER_JSON))
+            # transformers' switch (tokenizer_config.json): special tokens written in a
+            # text are its characters, as SentencePiece reads them.
+            backend.encode_special_tokens = bool(config.get("split_special_tokens", False))
+            return cls(backend, "hf", config, path)
         if (path / SENTENCEPIECE).is_file():
             return cls.from_sentencepiece(path / SENTENCEPIECE, config)
         raise FileNotFoundError(f"no {TOKENIZER_JSON} or {SENTENCEPIECE} in {path}")
@@ -105,7 +109,13 @@ class Tokenizer:
         post-processor (tokenizer.json) or prepends BOS when ``add_bos_token``."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        if add_special_tokens and self.bos_token and text.startswith(self.bos_token):
+        if (
+            add_special_tokens
+            and self.bos_token
+            and text.startswith(self.bos_token)
+            and self.kind == "hf"
+            and not self._backend.encode_special_tokens
+        ):
             add_special_tokens = False  # a rendered chat template already wrote BOS
         if self.kind == "hf":
             ids = self._backend.encode(text, add_special_tokens=add_special_tokens).ids
@@ -179,17 +189,61 @@ class Tokenizer:
     # -- files ---------------------------------------------------------------------------
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Copy the tokenizer files next to a saved model (atomically, file by file)."""
+        """Write the tokenizer files next to a saved model (atomically, file by file): a
+        copy of the source's files, or for a SentencePiece tokenizer its model with the
+        ``tokenizer.json`` and ``tokenizer_config.json`` that ``transformers.AutoTokenizer``
+        loads with the same ids (see ``ds_model.sentencepiece_json``)."""
         path = Path(path)
-        if self.source is None or self.source.resolve() == path.resolve():
-            return
-        for name in _COPIED:
-            src = self.source / name
-            if src.is_file():
-                fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{name}.", suffix=".tmp")
-                os.close(fd)
-                shutil.copyfile(src, tmp)
-                os.replace(tmp, path / name)
+        if self.kind == "sentencepiece":
+            self._write_sentencepiece_files(path)
+        elif self.source is not None and self.source.resolve() != path.resolve():
+            for name in _COPIED:
+                src = self.source / name
+                if src.is_file():
+                    _write_atomic(path / name, src.read_bytes())
+
+    def _write_sentencepiece_files(self, path: Path) -> None:
+        from ds_model.sentencepiece_json import sentencepiece_to_tokenizer_json
+
+        sp = self._backend
+        proto = sp.serialized_model_proto()
+        model_file = path / SENTENCEPIECE
+        if not model_file.is_file() or model_file.read_bytes() != proto:
+            _write_atomic(model_file, proto)
+        config = dict(self.config)
+        try:
+            converted = sentencepiece_to_tokenizer_json(proto, add_bos_token=self.add_bos_token)
+        except ValueError as err:  # a model kind the converter does not reproduce exactly
+            warnings.warn(f"{path}: no tokenizer.json written: {err}", stacklevel=3)
+            (path / TOKENIZER_JSON).unlink(missing_ok=True)  # it would win over the model
+        else:
+            _write_atomic(path / TOKENIZER_JSON, converted.encode())
+            config["tokenizer_class"] = "PreTrainedTokenizerFast"
+            config["split_special_tokens"] = True
+            for name, i in (
+                ("bos_token", sp.bos_id()),
+                ("eos_token", sp.eos_id()),
+                ("unk_token", sp.unk_id()),
+                ("pad_token", sp.pad_id()),
+            ):
+                if i >= 0:
+                    config.setdefault(name, sp.id_to_piece(i))
+            config["add_bos_token"] = self.add_bos_token
+            config.setdefault("add_eos_token", False)
+        if config:
+            _write_atomic(path / TOKENIZER_CONFIG, (json.dumps(config, indent=2) + "\n").encode())
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def _raise_exception(message: str) -> None:

@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compress_gradients", action="store_true", help="ddp: 4-bit all-reduce")
     p.add_argument("--optimizer", choices=("grouped_adamw", "adamw"), default="grouped_adamw")
     p.add_argument("--save_steps", type=int, default=0)
+    p.add_argument("--save_minutes", type=float, default=0.0, help="also save this often (0: off)")
     p.add_argument("--eval_steps", type=int, default=0)
     p.add_argument("--logging_steps", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -235,6 +236,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         compress_gradients=args.compress_gradients,
         optimizer=args.optimizer,
         save_steps=args.save_steps,
+        save_minutes=args.save_minutes,
         eval_steps=args.eval_steps,
         logging_steps=args.logging_steps,
         seed=args.seed,

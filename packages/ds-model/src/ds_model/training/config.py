@@ -49,6 +49,9 @@ class TrainingConfig:
     logging_steps: int = 1
     eval_steps: int = 0  # 0: evaluate only at the end (when an eval set is given)
     save_steps: int = 0  # 0: save only at the end
+    # Also save when this many minutes passed since the last save (0: off): long runs on
+    # shared or preemptible machines keep a bounded amount of work at risk.
+    save_minutes: float = 0.0
     save_total_limit: int | None = 2
     save_final: bool = True
     distributed_strategy: str = "none"
@@ -85,7 +88,8 @@ class TrainingConfig:
             raise ValueError(f"max_steps={self.max_steps!r}: expected -1 (use epochs) or > 0")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate={self.learning_rate!r}: expected > 0")
-        for name in ("warmup_steps", "eval_steps", "save_steps", "tp_size", "pp_size"):
+        for name in ("warmup_steps", "eval_steps", "save_steps", "save_minutes", "tp_size",
+                     "pp_size"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected >= 0")
         if not (

@@ -273,6 +273,7 @@ class Trainer:
 
         progress = _progress(total_steps, step, ctx.is_main and args.progress_bar)
         started, tokens_seen, last_ckpt = time.perf_counter(), 0, None
+        last_save = time.monotonic()
         wrapped.train()
         while step < total_steps:
             if micro >= micro_per_epoch:
@@ -328,7 +329,11 @@ class Trainer:
                 self._log(metrics_path, result, ctx)
                 wrapped.train()
             is_save_step = args.save_steps and step % args.save_steps == 0
+            if args.save_minutes and not is_save_step:
+                due = time.monotonic() - last_save >= args.save_minutes * 60
+                is_save_step = ctx.all_reduce_sum([float(due)])[0] > 0  # every rank agrees
             if is_save_step or (step == total_steps and args.save_final):
+                last_save = time.monotonic()
                 state = {
                     "global_step": step,
                     "epoch": epoch,
@@ -490,6 +495,7 @@ class Trainer:
                     write_adapter(unwrap(wrapped), tmp_dir, model_state)
                 else:
                     ckpt.save_weights(model_state, os.path.join(tmp_dir, "model.safetensors"))
+                    self._write_model_files(tmp_dir)
                 torch.save(optim_state, os.path.join(tmp_dir, "optimizer.pt"))
                 torch.save(
                     {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()},
@@ -507,6 +513,17 @@ class Trainer:
             )
         ctx.barrier()
         return final
+
+    def _write_model_files(self, path: str) -> None:
+        """config.json and the tokenizer's files next to a checkpoint's full weights, so
+        the checkpoint loads with ``from_pretrained`` and ``transformers.AutoTokenizer``."""
+        to_dict = getattr(getattr(self.model, "config", None), "to_hf_dict", None)
+        if callable(to_dict):
+            with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+                json.dump(to_dict(), f, indent=2)
+        save = getattr(self._tokenizer, "save_pretrained", None)
+        if callable(save):
+            save(path)
 
     def _gather_states(self, wrapped, optimizer, sharded: bool, ctx: DistContext):
         """Rank 0's (model weights, optimizer state) to checkpoint: full weights, or for
