@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +24,9 @@ TEXT = st.text(
 
 @pytest.fixture(scope="module")
 def builtin_tokenizer():
-    return load_tokenizer(find_default_model(__file__))
+    # The SentencePiece model itself: the served checkpoint also ships a tokenizer.json
+    # (same ids), which llguidance reads on its own.
+    return load_tokenizer(Path(find_default_model(__file__)) / "tokenizer.model")
 
 
 @pytest.fixture(scope="module")
