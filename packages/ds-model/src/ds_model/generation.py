@@ -26,6 +26,7 @@ import torch
 
 from ds_model.cache import StaticKVCache
 from ds_model.cuda_graph import GraphedDecoder, graphable, static_step_supported
+from ds_model.generation_config import resolve
 from ds_model.sampling import SamplingParams, sample
 
 __all__ = ["generate", "stream"]
@@ -147,6 +148,7 @@ def _steps(
     done = [False] * batch
     texts = [""] * batch
     generated: list[list[int]] = [[] for _ in rows]
+    penalised = rows if params.repetition_penalty != 1.0 else None  # counts the prompt too
     stop_tensor = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     # Inference mode around each computation, never across a ``yield``: a context held
     # open over a yield leaks into the caller, and two interleaved streams would undo
@@ -164,7 +166,9 @@ def _steps(
                 decoder.start(key_valid[:, :longest])
         for i in range(max_new_tokens):
             with torch.inference_mode():
-                token = sample(logits, row_params, output_ids=generated).token_ids
+                token = sample(
+                    logits, row_params, output_ids=generated, prompt_ids=penalised
+                ).token_ids
                 is_stop = torch.isin(token, stop_tensor).tolist() if stop_ids else [False] * batch
             token_list = token.tolist()
             step: list[int | None] = []
@@ -259,27 +263,38 @@ def _fingerprint(model) -> tuple:
     )
 
 
-def _params(temperature: float, top_p: float, top_k: int) -> SamplingParams:
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k={top_k!r} must be an int >= 0 (0 disables it)")
-    return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+def _prepare(model, prompt: Any, stop: Any, **keywords: Any):
+    """The prompt's rows, the resolved settings and the stop ids and strings."""
+    p = _normalise(model, prompt)
+    settings = resolve(model, max((len(r) for r in p.rows), default=0), keywords)
+    stop_ids, stop_strings = _stop_sets(model, stop)
+    return p, settings, stop_ids | settings.stop_ids, stop_strings
 
 
 def generate(
     model,
     prompt: Any,
-    max_new_tokens: int = 32,
+    max_new_tokens: int | None = None,
     *,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
     stop: int | str | Sequence[int | str] | None = None,
     seed: int | None = None,
     cuda_graph: bool | None = None,
     compile: bool = False,
+    max_length: int | None = None,
+    do_sample: bool | None = None,
+    repetition_penalty: float | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
 ) -> Any:
-    """Generate up to ``max_new_tokens`` per prompt. Returns text for text prompts
-    (a list for a list), else new token ids (a list of lists for a batch).
+    """Generate up to ``max_new_tokens`` per prompt (default 32, or the checkpoint's
+    ``generation_config.json``). Returns text for text prompts (a list for a list), else
+    new token ids (a list of lists for a batch). Greedy unless ``temperature`` > 0 or
+    ``do_sample=True``; transformers' keywords (``max_length``, ``do_sample``,
+    ``repetition_penalty``, ``eos_token_id``, ``pad_token_id``) mean what they mean there
+    (``ds_model.generation_config``).
 
     ``cuda_graph``: replay each decode step as one captured CUDA graph
     (``ds_model.cuda_graph``); ``None`` does so on CUDA whenever the model allows it,
@@ -288,9 +303,21 @@ def generate(
     that fixed-shape step through ``torch.compile`` on any device, compiled on the first
     call for a batch size (seconds; before any capture); fusing the step's many small
     ops pays off over long or repeated generations."""
-    p = _normalise(model, prompt)
-    stop_ids, stop_strings = _stop_sets(model, stop)
-    params = _params(temperature, top_p, top_k)
+    p, settings, stop_ids, stop_strings = _prepare(
+        model,
+        prompt,
+        stop,
+        max_new_tokens=max_new_tokens,
+        max_length=max_length,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+    params, max_new_tokens = settings.params, settings.max_new_tokens
     outs: list[list[int]] = [[] for _ in p.rows]
     steps = _steps(
         model, p.rows, max_new_tokens, params, stop_ids, stop_strings, seed, cuda_graph, compile
@@ -313,21 +340,38 @@ def _cut(text: str, stop_strings: list[str]) -> str:
 def stream(
     model,
     prompt: Any,
-    max_new_tokens: int = 32,
+    max_new_tokens: int | None = None,
     *,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
     stop: int | str | Sequence[int | str] | None = None,
     seed: int | None = None,
     cuda_graph: bool | None = None,
     compile: bool = False,
+    max_length: int | None = None,
+    do_sample: bool | None = None,
+    repetition_penalty: float | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
 ) -> Iterator[Any]:
     """Like ``generate`` but yields as it goes: text pieces for one text prompt, token
     ids for one id prompt, and per-step lists (``None`` for finished rows) for batches."""
-    p = _normalise(model, prompt)
-    stop_ids, stop_strings = _stop_sets(model, stop)
-    params = _params(temperature, top_p, top_k)
+    p, settings, stop_ids, stop_strings = _prepare(
+        model,
+        prompt,
+        stop,
+        max_new_tokens=max_new_tokens,
+        max_length=max_length,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+    params, max_new_tokens = settings.params, settings.max_new_tokens
     steps = _steps(
         model, p.rows, max_new_tokens, params, stop_ids, stop_strings, seed, cuda_graph, compile
     )

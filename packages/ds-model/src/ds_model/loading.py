@@ -34,7 +34,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ds_model.config import PRESETS, ModelConfig, read_json
+from ds_model.config import PRESETS, ConfigError, ModelConfig, read_json
+from ds_model.generation_config import GENERATION_CONFIG_FILE
 from ds_model.model import DeepSeekForCausalLM
 
 __all__ = [
@@ -306,6 +307,8 @@ def from_pretrained(
     adapter: str | os.PathLike | None = None,
     tokenizer: bool = True,
     keep_fp8: bool = False,
+    torch_dtype: torch.dtype | str | None = None,
+    device_map: Any = None,
 ) -> DeepSeekForCausalLM:
     """Load a model from a local checkpoint directory (never the network).
 
@@ -322,7 +325,13 @@ def from_pretrained(
     attached through ds-lora. ``tokenizer``: attach ``model.tokenizer`` when the
     directory has tokenizer files. ``keep_fp8``: FP8 checkpoints keep their linear
     layers in FP8 (ds-quant ``Fp8BlockLinear``) instead of dequantizing at load.
+    ``torch_dtype`` is transformers' name for ``dtype``; ``device_map`` places the whole
+    model on one device (``"auto"``: CUDA when available, else the CPU; ``"cpu"``,
+    ``"cuda:1"``, an index or a ``torch.device``), as transformers does for a model
+    that fits one device. ``generation_config.json``, when present, gives ``generate``
+    its defaults (``model.generation_config``).
     """
+    dtype, device = _transformers_spelling(dtype, device, torch_dtype, device_map)
     path = Path(path)
     if isinstance(dtype, str) and dtype == "auto":
         dtype = auto_dtype(device)
@@ -351,7 +360,47 @@ def from_pretrained(
 
         if Tokenizer.available(path):
             model.tokenizer = Tokenizer.from_dir(path)
+    generation = path / GENERATION_CONFIG_FILE
+    if generation.is_file():
+        saved = read_json(generation, ConfigError)
+        if not isinstance(saved, dict):
+            raise ConfigError(f"{generation}: expected a JSON object, got {type(saved).__name__}")
+        model.generation_config = saved
     return model
+
+
+def _transformers_spelling(dtype: Any, device: Any, torch_dtype: Any, device_map: Any):
+    """``torch_dtype`` / ``device_map`` (transformers' keywords) as ``dtype`` / ``device``."""
+    if torch_dtype is not None:
+        if dtype is not None:
+            raise ValueError(
+                f"dtype={dtype!r} and torch_dtype={torch_dtype!r} are the same setting; "
+                "give one of them"
+            )
+        dtype = torch_dtype
+    if device_map is None:
+        return dtype, device
+    if str(device) != "cpu":
+        raise ValueError(
+            f"device={device!r} and device_map={device_map!r} are the same setting; give one"
+        )
+    if isinstance(device_map, dict):
+        raise ValueError(
+            "device_map as a dict (per-module placement) is not supported: ds-model loads "
+            "the whole model on one device; give 'auto', 'cpu', 'cuda', an index or a "
+            "torch.device (tensor and pipeline parallelism are ds_model.training's)"
+        )
+    if device_map == "auto":
+        return dtype, "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(device_map, bool) or not isinstance(device_map, (str, int, torch.device)):
+        raise ValueError(
+            f"device_map={device_map!r}: use 'auto', 'cpu', 'cuda', 'cuda:N', an index or a "
+            "torch.device"
+        )
+    try:
+        return dtype, torch.device(device_map)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"device_map={device_map!r} is not a device: {exc}") from None
 
 
 def auto_dtype(device: torch.device | str = "cpu") -> torch.dtype:
@@ -490,6 +539,9 @@ def save_pretrained(
     shards = _split(state, max_shard_bytes)
     config = model.config.to_hf_dict()
     config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    generation = getattr(model, "generation_config", None)
+    if generation:
+        _atomic_text(path / GENERATION_CONFIG_FILE, json.dumps(generation, indent=2))
     written = []
     if len(shards) == 1:
         _atomic(path / SINGLE_FILE, lambda p: save_file(shards[0], p, metadata={"format": "pt"}))

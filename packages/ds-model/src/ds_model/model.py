@@ -176,6 +176,8 @@ class DeepSeekForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.tokenizer: Any = None
+        # generation_config.json's defaults for generate (read by from_pretrained).
+        self.generation_config: dict[str, Any] = {}
 
     @property
     def device(self) -> torch.device:
@@ -259,13 +261,15 @@ class DeepSeekForCausalLM(nn.Module):
             loss = causal_lm_loss(logits, labels)
         return CausalLMOutput(logits=logits, loss=loss)
 
-    def generate(self, prompt: Any, max_new_tokens: int = 32, **kwargs: Any) -> Any:
+    def generate(self, prompt: Any, max_new_tokens: int | None = None, **kwargs: Any) -> Any:
         """See ``ds_model.generation.generate``."""
         from ds_model.generation import generate
 
         return generate(self, prompt, max_new_tokens, **kwargs)
 
-    def stream(self, prompt: Any, max_new_tokens: int = 32, **kwargs: Any) -> Iterator[Any]:
+    def stream(
+        self, prompt: Any, max_new_tokens: int | None = None, **kwargs: Any
+    ) -> Iterator[Any]:
         """See ``ds_model.generation.stream``."""
         from ds_model.generation import stream
 
