@@ -7,6 +7,7 @@ neither option may change what a request gets beyond what the option itself mean
 
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -266,3 +267,75 @@ def test_the_engine_refuses_an_adapter_it_has_not_loaded(checkpoint):
 
     with pytest.raises(ValueError, match=r"adapter='sql' is not loaded"):
         asyncio.run(submit())
+
+
+# ---- train, then serve ---------------------------------------------------------------
+
+
+def test_a_lora_fine_tune_output_serves_as_it_is(checkpoint, tmp_path):
+    """`ds-serve OUTPUT_DIR` on a LoRA run's output directory: its newest checkpoint, an
+    adapter folder naming its base, served as the base with the trained adapter."""
+    from ds_model.training import Trainer
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(
+        "".join(f'{{"text": "def f{i}(x):\\n    return x + {i}\\n"}}\n' for i in range(8))
+    )
+    out = tmp_path / "lora-run"
+    lora = ds_lora.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+    Trainer(
+        model_path=str(checkpoint),
+        config=lora,
+        output_dir=str(out),
+        max_steps=3,
+        learning_rate=5e-2,
+        per_device_train_batch_size=4,
+        progress_bar=False,
+        plot=False,
+    ).train(data_path=str(data))
+    final = out / "checkpoint-3"
+    assert json.loads((final / "adapter_config.json").read_text())[
+        "base_model_name_or_path"
+    ] == str(checkpoint.resolve())
+    reference = ds_model.from_pretrained(checkpoint, dtype="float32", adapter=final)
+    base = ds_model.from_pretrained(checkpoint, dtype="float32")
+    app = create_app(out, num_blocks=64, dtype="float32")
+    assert app.engine.model_name == "lora-run"
+    with LiveServer(app) as live:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0)
+        served = [complete(client, "lora-run", prompt) for prompt in PROMPTS]
+    assert served == [greedy_reference(reference, p, MAX_TOKENS) for p in PROMPTS]
+    assert served != [greedy_reference(base, p, MAX_TOKENS) for p in PROMPTS]
+
+
+def test_an_adapter_folder_without_its_base_is_refused(tmp_path):
+    (tmp_path / "adapter_config.json").write_text('{"base_model_name_or_path": "nowhere"}')
+    with pytest.raises(FileNotFoundError, match="base_model_name_or_path='nowhere'"):
+        create_app(tmp_path, num_blocks=16)
+    (tmp_path / "adapter_config.json").write_text('{"r": 4}')
+    with pytest.raises(ValueError, match="base_model_name_or_path=None"):
+        create_app(tmp_path, num_blocks=16)
+
+
+def test_a_full_fine_tune_output_serves_its_newest_checkpoint(checkpoint, tmp_path):
+    from ds_model.training import Trainer
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(f'{{"text": "x = {i}\\n"}}\n' for i in range(8)))
+    out = tmp_path / "full-run"
+    Trainer(
+        model_path=str(checkpoint),
+        output_dir=str(out),
+        max_steps=2,
+        save_steps=1,
+        save_total_limit=None,
+        per_device_train_batch_size=4,
+        progress_bar=False,
+        plot=False,
+    ).train(data_path=str(data))
+    reference = ds_model.from_pretrained(out / "checkpoint-2", dtype="float32")
+    app = create_app(out, num_blocks=64, dtype="float32")
+    with LiveServer(app) as live:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0)
+        served = [complete(client, "full-run", prompt) for prompt in PROMPTS]
+    assert served == [greedy_reference(reference, p, MAX_TOKENS) for p in PROMPTS]

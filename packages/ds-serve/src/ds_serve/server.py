@@ -10,6 +10,7 @@ ds-serve declares ds-model and ds-batching and nothing else.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -126,10 +127,51 @@ def _useful_num_blocks(max_num_seqs: int, max_model_len: int, block_size: int) -
 
 def _load_model(path: Path, dtype, device: torch.device, quantization: Any):
     """The model through ds-model, quantized there (its ``quantization=`` takes the short
-    names and ds-quant config objects) before any adapter is attached, as QLoRA does."""
+    names and ds-quant config objects) before any adapter is attached, as QLoRA does. A
+    PEFT adapter folder (``adapter_config.json``, no ``config.json``: what a LoRA
+    fine-tune writes) serves its base with the adapter applied to every request."""
     import ds_model
 
-    return ds_model.from_pretrained(path, dtype=dtype, device=device, quantization=quantization)
+    adapter = None
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        adapter, path = path, adapter_base(path)
+    return ds_model.from_pretrained(
+        path, dtype=dtype, device=device, quantization=quantization, adapter=adapter
+    )
+
+
+def _newest_checkpoint(path: Path) -> Path:
+    """A training run's output directory (``checkpoint-<step>/`` folders, no model files
+    of its own) serves its newest complete checkpoint; any other directory itself."""
+    if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
+        return path
+    from ds_model.training.checkpoint import list_checkpoints
+
+    found = list_checkpoints(str(path))
+    return Path(found[-1][1]) if found else path
+
+
+def adapter_base(adapter: Path) -> Path:
+    """The base checkpoint an adapter folder names (``base_model_name_or_path``): an
+    absolute path, or one relative to the working directory or to the adapter folder."""
+    config_file = adapter / "adapter_config.json"
+    try:
+        base = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (ValueError, AttributeError) as exc:
+        raise ValueError(f"{config_file}: not a JSON object ({exc})") from None
+    if not isinstance(base, str) or not base:
+        raise ValueError(
+            f"{config_file}: base_model_name_or_path={base!r} does not name the base model's "
+            "directory; set it (deepseek-train records it when it trains from a directory)"
+        )
+    for candidate in (Path(base), adapter / base):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(
+        f"{config_file}: base_model_name_or_path={base!r} is not a local directory "
+        "(absolute, or relative to the working directory or to the adapter folder); "
+        "ds-serve never downloads"
+    )
 
 
 def _load_adapters(model, lora: dict[str, Path]) -> None:
@@ -173,7 +215,7 @@ def build_engine(model_path: str | os.PathLike | None = None, **engine_options: 
         raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
     device = torch.device(options["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _serving_dtype(options["dtype"], device)
-    model = _load_model(path, dtype, device, options["quantization"])
+    model = _load_model(_newest_checkpoint(path), dtype, device, options["quantization"])
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise FileNotFoundError(

@@ -171,16 +171,29 @@ def adapter_state(
     return out
 
 
-def write_adapter(model: nn.Module, directory: str, tensors: dict[str, torch.Tensor]) -> None:
+def write_adapter(
+    model: nn.Module, directory: str, tensors: dict[str, torch.Tensor], base: str | None = None
+) -> None:
     """``tensors`` (from :func:`adapter_state`) in PEFT's format: ``adapter_model.safetensors``
-    + ``adapter_config.json`` (the config of ``model``'s default adapter)."""
+    + ``adapter_config.json`` (the config of ``model``'s default adapter). ``base``: the
+    base checkpoint's directory, recorded as ``base_model_name_or_path`` so the adapter
+    folder alone can be served (``ds-serve DIR``) or loaded by PEFT."""
     from ds_lora.tuner import adapter_configs
     from safetensors.torch import save_file
 
-    config = adapter_configs(model)["default"]
+    config = adapter_configs(model)["default"].to_peft_dict()
+    if base is not None:
+        config["base_model_name_or_path"] = base
     save_file(tensors, os.path.join(directory, "adapter_model.safetensors"), {"format": "pt"})
     with open(os.path.join(directory, "adapter_config.json"), "w", encoding="utf-8") as f:
-        json.dump(config.to_peft_dict(), f, indent=2, sort_keys=True)
+        json.dump(config, f, indent=2, sort_keys=True)
+
+
+def base_directory(source: Any) -> str | None:
+    """The absolute path of a model given as a checkpoint directory, else None."""
+    if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+        return os.path.abspath(source)
+    return None
 
 
 def load_adapter_state(

@@ -49,6 +49,7 @@ from ds_model.training.modeling import (
     adapter_keys,
     adapter_state,
     apply_lora,
+    base_directory,
     build_optimizer,
     load_model,
     quantize_for_qlora,
@@ -127,6 +128,7 @@ class Trainer:
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
         self._model_source = model if model is not None else model_path
+        self._base = base_directory(self._model_source)  # adapters name their base
         self._tokenizer = tokenizer
         self._device = device
         self.model: nn.Module | None = model if isinstance(model, nn.Module) else None
@@ -492,7 +494,7 @@ class Trainer:
 
             def write(tmp_dir: str) -> None:
                 if self.lora_config is not None:
-                    write_adapter(unwrap(wrapped), tmp_dir, model_state)
+                    write_adapter(unwrap(wrapped), tmp_dir, model_state, self._base)
                 else:
                     ckpt.save_weights(model_state, os.path.join(tmp_dir, "model.safetensors"))
                     self._write_model_files(tmp_dir)
@@ -703,7 +705,7 @@ class Trainer:
             if ctx.is_main:
                 os.makedirs(path, exist_ok=True)
                 if self.lora_config is not None:
-                    write_adapter(self.model, path, state)
+                    write_adapter(self.model, path, state, self._base)
                 else:
                     ckpt.save_weights(state, os.path.join(path, "model.safetensors"))
                     to_dict = getattr(getattr(self.model, "config", None), "to_hf_dict", None)
@@ -714,7 +716,7 @@ class Trainer:
             return
         os.makedirs(path, exist_ok=True)
         if self.lora_config is not None:
-            write_adapter(self.model, path, adapter_state(self.model))
+            write_adapter(self.model, path, adapter_state(self.model), self._base)
         elif hasattr(self.model, "save_pretrained"):
             self.model.save_pretrained(path)
         else:
