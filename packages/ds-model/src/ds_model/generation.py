@@ -26,7 +26,7 @@ import torch
 
 from ds_model.cache import StaticKVCache
 from ds_model.cuda_graph import GraphedDecoder, graphable, static_step_supported
-from ds_model.generation_config import resolve
+from ds_model.generation_config import KEYWORDS, resolve
 from ds_model.sampling import SamplingParams, sample
 
 __all__ = ["generate", "stream"]
@@ -263,7 +263,7 @@ def _fingerprint(model) -> tuple:
     )
 
 
-def _prepare(model, prompt: Any, stop: Any, **keywords: Any):
+def _prepare(model, prompt: Any, stop: Any, keywords: dict[str, Any]):
     """The prompt's rows, the resolved settings and the stop ids and strings."""
     p = _normalise(model, prompt)
     settings = resolve(model, max((len(r) for r in p.rows), default=0), keywords)
@@ -303,20 +303,8 @@ def generate(
     that fixed-shape step through ``torch.compile`` on any device, compiled on the first
     call for a batch size (seconds; before any capture); fusing the step's many small
     ops pays off over long or repeated generations."""
-    p, settings, stop_ids, stop_strings = _prepare(
-        model,
-        prompt,
-        stop,
-        max_new_tokens=max_new_tokens,
-        max_length=max_length,
-        do_sample=do_sample,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        repetition_penalty=repetition_penalty,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-    )
+    given = {name: value for name, value in locals().items() if name in KEYWORDS}
+    p, settings, stop_ids, stop_strings = _prepare(model, prompt, stop, given)
     params, max_new_tokens = settings.params, settings.max_new_tokens
     outs: list[list[int]] = [[] for _ in p.rows]
     steps = _steps(
@@ -357,20 +345,8 @@ def stream(
 ) -> Iterator[Any]:
     """Like ``generate`` but yields as it goes: text pieces for one text prompt, token
     ids for one id prompt, and per-step lists (``None`` for finished rows) for batches."""
-    p, settings, stop_ids, stop_strings = _prepare(
-        model,
-        prompt,
-        stop,
-        max_new_tokens=max_new_tokens,
-        max_length=max_length,
-        do_sample=do_sample,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        repetition_penalty=repetition_penalty,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-    )
+    given = {name: value for name, value in locals().items() if name in KEYWORDS}
+    p, settings, stop_ids, stop_strings = _prepare(model, prompt, stop, given)
     params, max_new_tokens = settings.params, settings.max_new_tokens
     steps = _steps(
         model, p.rows, max_new_tokens, params, stop_ids, stop_strings, seed, cuda_graph, compile

@@ -21,9 +21,22 @@ from typing import Any
 
 from ds_model.sampling import SamplingParams
 
-__all__ = ["GENERATION_CONFIG_FILE", "Settings", "resolve"]
+__all__ = ["GENERATION_CONFIG_FILE", "KEYWORDS", "Settings", "resolve"]
 
 GENERATION_CONFIG_FILE = "generation_config.json"
+# The keywords resolved here (generate's and stream's, beside prompt, stop and the
+# decode-step switches).
+KEYWORDS = (
+    "max_new_tokens",
+    "max_length",
+    "do_sample",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "eos_token_id",
+    "pad_token_id",
+)
 DEFAULT_MAX_NEW_TOKENS = 32
 
 
