@@ -438,20 +438,20 @@ class Engine:
         sampled: dict[str, int] = {}
         token_logprobs: dict[str, TokenLogprob] = {}
         if rows:
-            tracked = [self._tracked[batch.scheduled[i].request_id] for i in rows]
-            params = [t.params for t in tracked]
+            sampling = [self._tracked[batch.scheduled[i].request_id] for i in rows]
+            params = [t.params for t in sampling]
             repetition = any(p.repetition_penalty != 1.0 for p in params)
             result = sample(
                 logits[rows],
                 params,
-                output_ids=[t.output_ids for t in tracked],
-                prompt_ids=[t.prompt_ids for t in tracked] if repetition else None,
-                allowed=self._allowed([t.grammar for t in tracked], logits.shape[-1]),
+                output_ids=[t.output_ids for t in sampling],
+                prompt_ids=[t.prompt_ids for t in sampling] if repetition else None,
+                allowed=self._allowed([t.grammar for t in sampling], logits.shape[-1]),
             )
             tokens = result.token_ids.tolist()
             sampled = {batch.scheduled[i].request_id: t for i, t in zip(rows, tokens)}
             if result.logprobs is not None:
-                token_logprobs = _token_logprobs(result, tracked, tokens)
+                token_logprobs = _token_logprobs(result, sampling, tokens)
         now = time.perf_counter()
         posts: list[tuple[asyncio.Queue, Delta]] = []
         with self._lock:
