@@ -34,28 +34,16 @@ import tempfile
 import time
 
 import torch
+from bench_generate import SHAPES as GENERATE_SHAPES
 from torch import nn
 
+# bench_generate.py's 100M V3 shape with top-2 routing, DeepSeek-V3's gate and a longer
+# context.
 SHAPES = {
     "v3-110M": {
+        **GENERATE_SHAPES["v3-100M"],
         "model_type": "deepseek_v3",
-        "vocab_size": 32000,
-        "hidden_size": 512,
-        "intermediate_size": 1408,
-        "moe_intermediate_size": 256,
-        "num_hidden_layers": 8,
-        "num_attention_heads": 8,
-        "q_lora_rank": 192,
-        "kv_lora_rank": 128,
-        "qk_nope_head_dim": 64,
-        "qk_rope_head_dim": 32,
-        "v_head_dim": 64,
-        "n_routed_experts": 24,
         "num_experts_per_tok": 2,
-        "n_shared_experts": 1,
-        "n_group": 4,
-        "topk_group": 2,
-        "first_k_dense_replace": 1,
         "topk_method": "noaux_tc",
         "scoring_func": "sigmoid",
         "norm_topk_prob": True,
