@@ -194,3 +194,21 @@ def _auto_tokenizer(library):
         load = load.from_pretrained if load is not None else library.load_tokenizer
         _TOKENIZERS[library.__name__] = load(str(MODEL))
     return _TOKENIZERS[library.__name__]
+
+
+def test_function_completion_score_in_the_model_card_reproduces():
+    """pass@1 of the card's function-completion problems, scored through ds-serve by the
+    recipe's evaluate.py, equals the figure the card states."""
+    import re
+
+    sys.path.insert(0, str(MODEL / "recipe"))
+    import evaluate
+
+    card = (MODEL / "README.md").read_text()
+    match = re.search(r"pass@1 greedy through `ds-serve` \| \*\*(\d+)/(\d+)\*\*", card)
+    assert match, "the model card states no pass@1 figure"
+    results = evaluate.pass_at_1(MODEL)
+    assert len(results) == int(match.group(2))
+    assert sum(r["passed"] for r in results) == int(match.group(1)), [
+        r["name"] for r in results if r["passed"]
+    ]

@@ -19,6 +19,7 @@ sys.path.insert(0, str(RECIPE))
 
 import dedup  # noqa: E402
 import eval_problems  # noqa: E402
+import evaluate  # noqa: E402
 import prepare  # noqa: E402
 import privacy  # noqa: E402
 import quality  # noqa: E402
@@ -182,15 +183,52 @@ def test_files_containing_an_evaluation_problem_are_kept_out_of_the_corpus():
     assert kept_paths([src("pkg/leak.py", leaked), src("pkg/ok.py", program(8))]) == ["pkg/ok.py"]
 
 
+REFERENCE_SOLUTIONS = {
+    "add": "return a + b",
+    "square": "return x * x",
+    "first_item": "return items[0]",
+    "reverse_string": "return s[::-1]",
+    "last_item": "return items[-1]",
+    "is_even": "return n % 2 == 0",
+    "subtract": "return a - b",
+    "multiply": "return a * b",
+    "cube": "return x ** 3",
+    "list_length": "return len(items)",
+    "largest": "return max(numbers)",
+    "smallest": "return min(numbers)",
+    "total": "return sum(numbers)",
+    "average": "return sum(numbers) / len(numbers)",
+    "to_upper": "return text.upper()",
+    "absolute": "return abs(x)",
+    "maximum_of_two": "return a if a > b else b",
+    "is_empty": "return len(items) == 0",
+    "count_char": "return text.count(char)",
+    "factorial": "return 1 if n == 0 else n * factorial(n - 1)",
+    "double_all": "return [2 * n for n in numbers]",
+    "is_palindrome": "return s == s[::-1]",
+    "join_words": "return ' '.join(words)",
+    "celsius_to_fahrenheit": "return c * 9 / 5 + 32",
+    "get_value": "return mapping.get(key, default)",
+}
+
+
+def candidate(problem: dict, body: str) -> str:
+    return problem["prompt"] + "    " + body + "\n\n" + problem["tests"] + "\n"
+
+
 def test_evaluation_problems_have_passing_reference_solutions_and_failing_wrong_ones():
-    """Each problem's asserts can tell a right completion from a wrong one."""
-    solutions = {"add": "    return a + b\n", "square": "    return x * x\n"}
-    for name, body in solutions.items():
-        [problem] = [p for p in eval_problems.PROBLEMS if p["name"] == name]
-        namespace: dict = {}
-        exec(problem["prompt"] + body + problem["tests"], namespace)
-        with pytest.raises(AssertionError):
-            exec(problem["prompt"] + "    return None\n" + problem["tests"], {})
+    """Each problem's asserts, run by the card's scorer (a separate isolated process), tell
+    a right completion from a wrong one, and a completion that never ends fails."""
+    assert sorted(REFERENCE_SOLUTIONS) == sorted(p["name"] for p in eval_problems.PROBLEMS)
+    for problem in eval_problems.PROBLEMS:
+        right = candidate(problem, REFERENCE_SOLUTIONS[problem["name"]])
+        assert evaluate.passes(right), problem["name"]
+        assert not evaluate.passes(candidate(problem, "return None")), problem["name"]
+    evaluate.RUN_TIMEOUT_S, limit = 1, evaluate.RUN_TIMEOUT_S
+    try:
+        assert not evaluate.passes(candidate(eval_problems.PROBLEMS[0], "while True: pass"))
+    finally:
+        evaluate.RUN_TIMEOUT_S = limit
 
 
 # -- split and manifest -------------------------------------------------------------------
