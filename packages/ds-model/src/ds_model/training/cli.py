@@ -3,6 +3,9 @@
     deepseek-train --model tiny --data train.jsonl --batch_size 8 --learning_rate 2e-4 \\
         --lora_rank 8 --epochs 3 --output runs/tiny-lora
 
+``--method dpo`` / ``--method distill`` pick the DPO or distillation trainer
+(``ds_model.training.methods``).
+
 ``--gpus N`` (N > 1) relaunches the same command under ``torch.distributed.run`` with N
 local processes (one per GPU; on a machine without CUDA, N CPU processes on gloo). Under
 an outer ``torchrun`` the command just joins the process group. The launcher passes
@@ -39,7 +42,8 @@ __all__ = ["build_parser", "main"]
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="deepseek-train",
-        description="Train or fine-tune a DeepSeek model (full, LoRA or QLoRA).",
+        description="Train or fine-tune a DeepSeek model (full, LoRA or QLoRA; SFT, DPO or "
+        "distillation).",
     )
     p.add_argument("--model", required=True, help="checkpoint directory or preset name")
     p.add_argument(

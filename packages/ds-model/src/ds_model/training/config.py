@@ -67,12 +67,6 @@ class TrainingConfig:
     pp_virtual_stages: int = 1
     quantization: str = "none"
     optimizer: str = "grouped_adamw"
-    # grouped_adamw's parameter groups: "static" (by name and module type) or
-    # "sensitivity" (lr tiers by grad-to-weight ratio, regrouped every regroup_every steps).
-    optimizer_grouping: str = "static"
-    regroup_every: int = 100
-    # 1: ZeRO-1, optimizer state sharded across ddp ranks (a no-op on one process).
-    zero_stage: int = 0
     progress_bar: bool = True
     plot: bool = True
     torch_compile: bool = False  # torch.compile the model's forward (none / ddp only)
@@ -82,6 +76,12 @@ class TrainingConfig:
     # Train RMSNorm, SwiGLU MLPs and routed experts through ds_model.lean_backward's
     # hand-written backward passes (fewer saved activations; docs/benchmarks.md).
     lean_backward: bool = True
+    # grouped_adamw's parameter groups: "static" (by name and module type) or
+    # "sensitivity" (lr tiers by grad-to-weight ratio, regrouped every regroup_every steps).
+    optimizer_grouping: str = "static"
+    regroup_every: int = 100
+    # 1: ZeRO-1, optimizer state sharded across ddp ranks (a no-op on one process).
+    zero_stage: int = 0
 
     def __post_init__(self) -> None:
         _positive("num_train_epochs", self.num_train_epochs)
