@@ -1,5 +1,7 @@
-"""ZeRO-1 (``zero_stage=1``) on 2 gloo ranks: the same training as ``zero_stage=0``, each
-rank checkpointing its own optimizer shard, and a resume that continues exactly.
+"""The optimizer options on 2 gloo ddp ranks. ZeRO-1 (``zero_stage=1``): the same
+training as ``zero_stage=0``, each rank checkpointing its own optimizer shard, and a
+resume that continues exactly. Sensitivity grouping: the same losses, weights and tier
+membership as one process with the same global batch.
 
 Tolerance: ZeRO-1 runs the same AdamW arithmetic on each tensor, only on the rank
 that owns it, and broadcasts the result, so weights and losses agree to 1e-5.
@@ -51,6 +53,7 @@ def zero_worker(rank: int, world: int, port: int, out: str) -> None:
     results["zero1_resumed"] = run(
         "zero1_resumed", resume=os.path.join(out, "zero1", "checkpoint-2"), zero_stage=1
     )
+    results["sensitivity"] = run("sensitivity", optimizer_grouping="sensitivity", regroup_every=2)
     try:
         run("mixed", resume=os.path.join(out, "zero1", "checkpoint-2"))
     except CheckpointError as exc:
@@ -73,15 +76,26 @@ def runs(tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("zero")
     S.real_lm().save_pretrained(out / "base")
     S.write_jsonl(out / "d.jsonl", [{"text": t} for t in S.varied_texts()])
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        pids = S.fork_ranks(2, zero_worker, str(out))
-        codes = S.wait_pids(pids, timeout=400)
-    finally:
-        torch.set_num_threads(before)
-    assert codes == [0, 0], "a rank failed; its traceback is in the captured stderr"
-    return json.loads((out / "results.json").read_text()), out
+    reference = S.forked_runs(out, 2, zero_worker, one_process_sensitivity)
+    results = json.loads((out / "results.json").read_text())
+    results["one_process_sensitivity"] = reference
+    return results, out
+
+
+def one_process_sensitivity(out: Path) -> list[float]:
+    """The sensitivity-grouped run in one process with the 2 ranks' global batch."""
+    from ds_model.training import ByteTokenizer, Trainer
+
+    trainer = Trainer(
+        model=S.real_lm(),
+        train_dataset=S.varied_texts(),
+        tokenizer=ByteTokenizer(),
+        output_dir=str(out / "sensitivity_one"),
+        **{**OPTS, "per_device_train_batch_size": 4},
+        optimizer_grouping="sensitivity",
+        regroup_every=2,
+    )
+    return trainer.train().losses
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -127,6 +141,23 @@ def test_zero1_resume_on_two_ranks_equals_the_uninterrupted_run(runs) -> None:
 def test_zero1_checkpoint_does_not_resume_without_zero1(runs) -> None:
     results, _ = runs
     assert "resume it with zero_stage=1" in results["zero0_from_zero1"]
+
+
+def test_sensitivity_grouping_on_two_ddp_ranks_equals_one_process(runs) -> None:
+    from ds_model.training.checkpoint import load_state_file
+
+    results, out = runs
+    assert results["sensitivity"] == pytest.approx(results["one_process_sensitivity"], rel=TOL)
+    _assert_same_weights(
+        out / "sensitivity" / "checkpoint-4", out / "sensitivity_one" / "checkpoint-4"
+    )
+
+    def groups(run: str) -> dict:
+        state = load_state_file(str(out / run / "checkpoint-4" / "optimizer.pt"))
+        return {g["name"]: sorted(g["param_names"]) for g in state["param_groups"]}
+
+    assert groups("sensitivity") == groups("sensitivity_one")
+    assert any(members for name, members in groups("sensitivity").items() if "tier1" not in name)
 
 
 def test_zero_stage_flag_equals_the_python_api(runs) -> None:
