@@ -52,7 +52,7 @@ def test_each_method_trains_from_the_command_line_and_writes_a_loadable_model(
 
     if method == "dpo":
         data = S.write_jsonl(tmp_path / "pairs.jsonl", PAIRS * 4)
-        extra = ["--beta", "0.2"]
+        extra = ["--beta", "0.2", "--ref_model", str(base)]
     else:
         data = S.write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in S.make_texts(16)])
         extra = []
