@@ -110,8 +110,15 @@ def test_optimizer_options_are_validated() -> None:
         TrainingConfig(zero_stage=1, distributed_strategy="ddp", optimizer_grouping="sensitivity")
     with pytest.raises(ValueError, match="regroup_every=0"):
         TrainingConfig(regroup_every=0)
-    # ddp in one process (no WORLD_SIZE): ZeRO-1 has nothing to shard and is allowed.
-    assert TrainingConfig(zero_stage=1, distributed_strategy="ddp").zero_stage == 1
+    # ddp in one process (no WORLD_SIZE): ZeRO-1 has nothing to shard; the optimizer is
+    # the plain GroupedAdamW.
+    from ds_model.training.optimizer import build_optimizer
+    from ds_optim import GroupedAdamW, SensitivityRegrouper
+
+    zero = build_optimizer(S.real_lm(), TrainingConfig(zero_stage=1, distributed_strategy="ddp"))
+    assert type(zero) is GroupedAdamW and zero.regrouper is None
+    tiers = build_optimizer(S.real_lm(), TrainingConfig(optimizer_grouping="sensitivity"))
+    assert isinstance(tiers.regrouper, SensitivityRegrouper)
 
 
 def _groups(checkpoint: Path) -> dict[str, list[str]]:
