@@ -3,6 +3,9 @@
     deepseek-train --model tiny --data train.jsonl --batch_size 8 --learning_rate 2e-4 \\
         --lora_rank 8 --epochs 3 --output runs/tiny-lora
 
+``--method dpo`` / ``--method distill`` pick the DPO or distillation trainer
+(``ds_model.training.methods``).
+
 ``--gpus N`` (N > 1) relaunches the same command under ``torch.distributed.run`` with N
 local processes (one per GPU; on a machine without CUDA, N CPU processes on gloo). Under
 an outer ``torchrun`` the command just joins the process group. The launcher passes
@@ -24,7 +27,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ds_model.training.config import PRECISIONS, QUANTIZATIONS, STRATEGIES
+from ds_model.training.config import (
+    OPTIMIZER_GROUPINGS,
+    PRECISIONS,
+    QUANTIZATIONS,
+    STRATEGIES,
+    ZERO_STAGES,
+)
+from ds_model.training.methods import add_method_arguments, build_trainer, check_method_arguments
 
 __all__ = ["build_parser", "main"]
 
@@ -32,7 +42,8 @@ __all__ = ["build_parser", "main"]
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="deepseek-train",
-        description="Train or fine-tune a DeepSeek model (full, LoRA or QLoRA).",
+        description="Train or fine-tune a DeepSeek model (full, LoRA or QLoRA; SFT, DPO or "
+        "distillation).",
     )
     p.add_argument("--model", required=True, help="checkpoint directory or preset name")
     p.add_argument(
@@ -92,6 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--compress_gradients", action="store_true", help="ddp: 4-bit all-reduce")
     p.add_argument("--optimizer", choices=("grouped_adamw", "adamw"), default="grouped_adamw")
+    p.add_argument(
+        "--optimizer_grouping",
+        choices=OPTIMIZER_GROUPINGS,
+        default="static",
+        help="grouped_adamw's groups: static, or sensitivity (lr tiers, regrouped)",
+    )
+    p.add_argument(
+        "--regroup_every", type=int, default=100, help="sensitivity: steps between regroupings"
+    )
+    p.add_argument(
+        "--zero_stage",
+        type=int,
+        choices=ZERO_STAGES,
+        default=0,
+        help="1: ZeRO-1, optimizer state sharded across ddp ranks",
+    )
     p.add_argument("--save_steps", type=int, default=0)
     p.add_argument("--save_minutes", type=float, default=0.0, help="also save this often (0: off)")
     p.add_argument("--eval_steps", type=int, default=0)
@@ -105,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=600.0,
         help="seconds a collective waits for the other ranks before failing",
     )
+    add_method_arguments(p)
     p.add_argument("--debug", action="store_true", help="on bad input, show the traceback")
     return p
 
@@ -203,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.gpus < 1:
         raise SystemExit(f"--gpus {args.gpus}: expected >= 1")
+    check_method_arguments(args)
     under_torchrun = "LOCAL_RANK" in os.environ
     strategy = args.distributed_strategy
     if args.gpus > 1 and not under_torchrun:
@@ -211,7 +240,6 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         strategy = "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "none"
 
     from ds_model.training.config import TrainingConfig
-    from ds_model.training.trainer import Trainer
 
     config = TrainingConfig(
         output_dir=args.output,
@@ -235,6 +263,9 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         pp_virtual_stages=args.pp_virtual_stages,
         compress_gradients=args.compress_gradients,
         optimizer=args.optimizer,
+        optimizer_grouping=args.optimizer_grouping,
+        regroup_every=args.regroup_every,
+        zero_stage=args.zero_stage,
         save_steps=args.save_steps,
         save_minutes=args.save_minutes,
         eval_steps=args.eval_steps,
@@ -244,7 +275,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         progress_bar=not args.no_progress,
         collective_timeout_s=args.collective_timeout,
     )
-    trainer = Trainer(
+    trainer = build_trainer(
+        args,
         model_path=args.model,
         args=config,
         lora_config=_lora_config(args),

@@ -15,6 +15,8 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 STRATEGIES = ("none", "ddp", "fsdp", "3d_parallel", "pipeline")
 QUANTIZATIONS = ("none", "int4")
 OPTIMIZERS = ("grouped_adamw", "adamw")
+OPTIMIZER_GROUPINGS = ("static", "sensitivity")
+ZERO_STAGES = (0, 1)
 
 
 @dataclass
@@ -74,6 +76,12 @@ class TrainingConfig:
     # Train RMSNorm, SwiGLU MLPs and routed experts through ds_model.lean_backward's
     # hand-written backward passes (fewer saved activations; docs/benchmarks.md).
     lean_backward: bool = True
+    # grouped_adamw's parameter groups: "static" (by name and module type) or
+    # "sensitivity" (lr tiers by grad-to-weight ratio, regrouped every regroup_every steps).
+    optimizer_grouping: str = "static"
+    regroup_every: int = 100
+    # 1: ZeRO-1, optimizer state sharded across ddp ranks (a no-op on one process).
+    zero_stage: int = 0
 
     def __post_init__(self) -> None:
         _positive("num_train_epochs", self.num_train_epochs)
@@ -135,9 +143,50 @@ class TrainingConfig:
             )
         _choice("quantization", self.quantization, QUANTIZATIONS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
+        self._check_optimizer_options()
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ValueError(f"save_total_limit={self.save_total_limit!r}: expected >= 1 or None")
         self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
+
+    def _check_optimizer_options(self) -> None:
+        _choice("optimizer_grouping", self.optimizer_grouping, OPTIMIZER_GROUPINGS)
+        _positive("regroup_every", self.regroup_every)
+        if self.zero_stage not in ZERO_STAGES or isinstance(self.zero_stage, bool):
+            raise ValueError(f"zero_stage={self.zero_stage!r}: expected one of {list(ZERO_STAGES)}")
+        for name, value, off in (
+            ("optimizer_grouping", self.optimizer_grouping, "static"),
+            ("zero_stage", self.zero_stage, 0),
+        ):
+            if value != off and self.optimizer != "grouped_adamw":
+                raise ValueError(
+                    f"{name}={value!r} needs optimizer='grouped_adamw' (ds-optim's), got "
+                    f"optimizer={self.optimizer!r}"
+                )
+        strategy = self.distributed_strategy
+        if self.zero_stage == 1 and strategy != "ddp":
+            why = (
+                "one process has nothing to shard"
+                if strategy == "none"
+                else "fsdp, 3d_parallel and pipeline already shard optimizer state with "
+                "the parameters (FSDP2)"
+            )
+            raise ValueError(
+                f"zero_stage=1 with distributed_strategy={strategy!r}: ZeRO-1 shards the "
+                f"optimizer state of ddp ranks; {why}. Use distributed_strategy='ddp' or "
+                "zero_stage=0"
+            )
+        if self.zero_stage == 1 and self.optimizer_grouping == "sensitivity":
+            raise ValueError(
+                "zero_stage=1 with optimizer_grouping='sensitivity': ZeRO-1 assigns "
+                "parameters to ranks once, by group, so groups cannot change; use "
+                "optimizer_grouping='static' or zero_stage=0"
+            )
+        if self.optimizer_grouping == "sensitivity" and strategy not in ("none", "ddp"):
+            raise ValueError(
+                f"optimizer_grouping='sensitivity' with distributed_strategy={strategy!r}: "
+                "sensitivity regrouping runs with 'none' or 'ddp' (every rank sees whole "
+                "gradients, so all make the same grouping); use optimizer_grouping='static'"
+            )
 
     @property
     def pipelined(self) -> bool:

@@ -218,22 +218,7 @@ def load_adapter_state(
 
 # -------------------------------------------------------------------- optimizer
 def build_optimizer(model: nn.Module, args: TrainingConfig) -> torch.optim.Optimizer:
-    """ds-optim's ``GroupedAdamW`` over its static parameter groups (no weight decay on
-    biases, norms and embeddings), or ``torch.optim.AdamW`` over the same split."""
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not trainable:
-        raise ValueError("the model has no trainable parameters")
-    kwargs = {
-        "lr": args.learning_rate,
-        "betas": tuple(args.adam_betas),
-        "eps": args.adam_eps,
-        "weight_decay": args.weight_decay,
-    }
-    if args.optimizer == "grouped_adamw":
-        from ds_optim import GroupedAdamW, group_parameters
+    """The optimizer ``args`` names (see :mod:`ds_model.training.optimizer`)."""
+    from ds_model.training import optimizer
 
-        return GroupedAdamW(group_parameters(model), **kwargs)
-    decay = [p for _, p in trainable if p.ndim >= 2]
-    no_decay = [p for _, p in trainable if p.ndim < 2]
-    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], **kwargs)
+    return optimizer.build_optimizer(model, args)

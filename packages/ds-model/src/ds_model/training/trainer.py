@@ -56,6 +56,11 @@ from ds_model.training.modeling import (
     resolve_tokenizer,
     write_adapter,
 )
+from ds_model.training.optimizer import (
+    load_optimizer_state,
+    optimizer_state,
+    save_optimizer_shard,
+)
 from ds_model.training.pipeline import PipelineRunner
 from ds_model.training.plot import write_loss_png
 from ds_model.training.schedule import warmup_cosine
@@ -487,6 +492,7 @@ class Trainer:
         ctx.barrier()
         tmp = ckpt.tmp_dir_for(args.output_dir, step)
         torch.save(ckpt.capture_rng(), os.path.join(tmp, f"rng_state_{ctx.rank}.pt"))
+        save_optimizer_shard(optimizer, tmp, ctx.rank)  # ZeRO-1: every rank its own
         model_state, optim_state = self._gather_states(wrapped, optimizer, sharded, ctx)
         ctx.barrier()
         final = os.path.join(args.output_dir, f"checkpoint-{step}")
@@ -545,7 +551,7 @@ class Trainer:
 
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
             return model_state, get_optimizer_state_dict(wrapped, optimizer, options=opts)
-        return model_state, optimizer.state_dict()
+        return model_state, optimizer_state(optimizer)
 
     def _model_state(self, wrapped, sharded: bool, ctx: DistContext) -> dict[str, torch.Tensor]:
         """What rank 0 writes (a collective under fsdp / 3d_parallel / pipeline): the full
@@ -622,7 +628,7 @@ class Trainer:
                 raise ckpt.CheckpointError(f"{path}: unexpected weights {unexpected[:5]}")
             if not state.get("adapter_only") and missing:
                 raise ckpt.CheckpointError(f"{path}: missing weights {missing[:5]}")
-            optimizer.load_state_dict(optim_state)
+            load_optimizer_state(optimizer, optim_state, path, ctx.rank)
         extra = ckpt.load_state_file(os.path.join(path, "training_state.pt"))
         scheduler.load_state_dict(extra["scheduler"])
         scaler.load_state_dict(extra["scaler"])
