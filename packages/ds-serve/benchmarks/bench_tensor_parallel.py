@@ -1,0 +1,79 @@
+"""Tensor-parallel serving on the CPU: the engine over two gloo ranks against one rank.
+
+Both engines serve the same checkpoint (the built-in model by default, float32, one
+torch thread per process) in one process, the TP=2 engine with the worker process it
+starts itself; no HTTP. Each round sends ``--clients`` concurrent greedy requests of
+``--max-tokens`` tokens (no EOS stop) to each engine in turn; output tokens/s is
+completion tokens over the round's wall time. Medians of ``--repeats`` rounds, the two
+engines interleaved in every round, and their ratio. Run:
+
+    OMP_NUM_THREADS=1 uv run --frozen python \
+        packages/ds-serve/benchmarks/bench_tensor_parallel.py [--model PATH] [--clients 1,8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import time
+
+import torch
+from ds_serve import SamplingParams, build_engine
+
+PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1)"
+
+
+async def round_trip(engine, prompt: list[int], clients: int, max_tokens: int) -> float:
+    """Output tokens/s of ``clients`` concurrent requests."""
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+    async def one(i: int) -> int:
+        request_id = engine.submit([*prompt, i + 3], params)
+        return sum([len(d.token_ids) async for d in engine.stream(request_id)])
+
+    start = time.perf_counter()
+    tokens = sum(await asyncio.gather(*(one(i) for i in range(clients))))
+    return tokens / (time.perf_counter() - start)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="a model directory; default: built-in")
+    parser.add_argument("--clients", default="1,8")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    levels = [int(c) for c in args.clients.split(",")]
+    options = {"device": "cpu", "dtype": "float32", "num_blocks": 256}
+    engines = {
+        1: build_engine(args.model, **options),
+        2: build_engine(args.model, tensor_parallel_size=2, **options),
+    }
+    prompt = engines[1].tokenizer.encode(PROMPT)
+    for engine in engines.values():
+        engine.start()
+        await round_trip(engine, prompt, max(levels), 8)  # warm-up
+    rates: dict[tuple[int, int], list[float]] = {}
+    for _ in range(args.repeats):
+        for clients in levels:
+            for tp, engine in engines.items():
+                rate = await round_trip(engine, prompt, clients, args.max_tokens)
+                rates.setdefault((clients, tp), []).append(rate)
+    for engine in engines.values():
+        engine.shutdown()
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; ")
+    print(f"{args.max_tokens} output tokens per request, median of {args.repeats}\n")
+    print("| clients | TP=1 tok/s | TP=2 tok/s | TP=2 / TP=1 |")
+    print("|---|---:|---:|---:|")
+    for clients in levels:
+        one = statistics.median(rates[(clients, 1)])
+        two = statistics.median(rates[(clients, 2)])
+        print(f"| {clients} | {one:.1f} | {two:.1f} | {two / one:.2f}x |")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
