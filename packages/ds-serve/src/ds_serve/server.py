@@ -324,7 +324,7 @@ def _pool_size(options: dict[str, Any], model, max_model_len: int, device: torch
 def _start_ranks(checkpoint: Path, options: dict[str, Any], config) -> Ranks:
     """Check that the model splits into ``tensor_parallel_size`` ranks, then start or
     join them (see ``ds_serve.ranks``)."""
-    from ds_model.tensor_parallel import check_tensor_parallel_size
+    from ds_model import check_tensor_parallel_size
 
     tp = options["tensor_parallel_size"]
     try:
@@ -336,7 +336,7 @@ def _start_ranks(checkpoint: Path, options: dict[str, Any], config) -> Ranks:
 
 def _shard(model, ranks: Ranks):
     """This rank's shard of ``model``, on its device."""
-    from ds_model.tensor_parallel import shard_model
+    from ds_model import shard_model
 
     shard_model(model, ranks.rank, ranks.world_size, group=ranks.model_group)
     return model.to(ranks.device)
