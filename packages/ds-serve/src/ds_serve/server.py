@@ -255,14 +255,18 @@ def build_engine(model_path: str | os.PathLike | None = None, **engine_options: 
             f"{config.max_position_embeddings}"
         )
     block_size = options["block_size"]
-    ranks = None
-    if tp > 1:
-        ranks = _start_ranks(checkpoint, options, config)
-        model, device = _shard(model, ranks), ranks.device
-    num_blocks = _pool_size(options, model, max_model_len, device)
-    if ranks is not None:
-        num_blocks = ranks.agree_min(num_blocks)
-    runner = ds_model.ModelRunner(model, num_blocks=num_blocks, block_size=block_size)
+    ranks = _start_ranks(checkpoint, options, config) if tp > 1 else None
+    try:
+        if ranks is not None:
+            model, device = _shard(model, ranks), ranks.device
+        num_blocks = _pool_size(options, model, max_model_len, device)
+        if ranks is not None:
+            num_blocks = ranks.agree_min(num_blocks)
+        runner = ds_model.ModelRunner(model, num_blocks=num_blocks, block_size=block_size)
+    except BaseException:
+        if ranks is not None:  # no worker may outlive a server that failed to start
+            ranks.stop(timeout=0.0)
+        raise
     _probe_adapters(runner, adapters)
     if ranks is not None:
         runner = TensorParallelRunner(runner, ranks)
