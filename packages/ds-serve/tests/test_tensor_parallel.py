@@ -9,23 +9,14 @@ import asyncio
 import os
 import signal
 import time
-from unittest import mock
 
 import ds_model
 import httpx
 import pytest
-import torch
-from ds_model.tensor_parallel import (
-    allowed_tensor_parallel_sizes,
-    check_tensor_parallel_size,
-    shard_model,
-)
 from ds_serve import create_app
 from ds_serve.cli import main
 from ds_serve.sampling import SamplingParams
 from ds_serve.server import build_engine
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from serve_checkpoints import write_checkpoint
 from serve_live import LiveServer
 
@@ -60,12 +51,6 @@ def llama_config(**overrides) -> ds_model.ModelConfig:
     return ds_model.ModelConfig(**{**fields, **overrides})
 
 
-def v3_config(**overrides) -> ds_model.ModelConfig:
-    return ds_model.ModelConfig.from_preset(
-        "tiny", vocab_size=512, bos_token_id=1, eos_token_id=2, **overrides
-    )
-
-
 @pytest.fixture(scope="module")
 def llama_checkpoint(tmp_path_factory, sp_model_path):
     return write_checkpoint(
@@ -73,64 +58,7 @@ def llama_checkpoint(tmp_path_factory, sp_model_path):
     )
 
 
-# ---- the split itself, one process ---------------------------------------------------
-
-
-@settings(max_examples=12, deadline=None)
-@given(
-    mla=st.booleans(),
-    heads=st.sampled_from([2, 4, 8]),
-    kv_divisor=st.sampled_from([1, 2]),
-    experts=st.sampled_from([3, 4, 8]),
-    seed=st.integers(0, 2**16),
-)
-def test_the_ranks_partial_outputs_sum_to_the_whole_layer(mla, heads, kv_divisor, experts, seed):
-    if mla:
-        config = v3_config(
-            num_attention_heads=heads,
-            n_routed_experts=experts,
-            n_group=1,
-            topk_group=1,
-            first_k_dense_replace=1,
-            q_lora_rank=None if seed % 2 else 32,
-        )
-    else:
-        config = llama_config(num_attention_heads=heads, num_key_value_heads=heads // kv_divisor)
-    world = max(allowed_tensor_parallel_sizes(config)[1:2] or [1])
-    whole = ds_model.from_config(config, dtype=torch.float32, seed=seed)
-    # The all-reduce hook is the identity here, so each shard returns its partial sum.
-    with mock.patch("ds_model.tensor_parallel.dist.all_reduce"):
-        shards = [
-            shard_model(ds_model.from_config(config, dtype=torch.float32, seed=seed), r, world)
-            for r in range(world)
-        ]
-        x = torch.randn(2, 5, config.hidden_size, generator=torch.Generator().manual_seed(seed))
-        positions = torch.arange(5).expand(2, 5)
-        with torch.inference_mode():
-            for i, layer in enumerate(whole.model.layers):
-                ctx = whole.model.forward_context(positions)
-                parts = [s.model.layers[i] for s in shards]
-                attn = sum(
-                    p.self_attn(x, s.model.forward_context(positions))
-                    for p, s in zip(parts, shards)
-                )
-                torch.testing.assert_close(attn, layer.self_attn(x, ctx), atol=2e-6, rtol=1e-5)
-                mlp = sum(p.mlp(x) for p in parts)
-                torch.testing.assert_close(mlp, layer.mlp(x), atol=2e-6, rtol=1e-5)
-    # Each rank keeps its share of the heads, so its KV pool holds only those.
-    assert shards[0].config.num_attention_heads == heads // world
-
-
-# ---- sizes the model cannot be split into --------------------------------------------
-
-
-def test_sizes_that_do_not_divide_the_model_are_refused_with_the_allowed_ones():
-    config = v3_config()  # 4 heads
-    assert allowed_tensor_parallel_sizes(config) == [1, 2, 4]
-    with pytest.raises(ValueError, match=r"tensor_parallel_size=3 .*allowed sizes.*1, 2, 4"):
-        check_tensor_parallel_size(config, 3)
-    with pytest.raises(ValueError, match=r"num_key_value_heads=2"):
-        check_tensor_parallel_size(llama_config(), 4)
+# ---- sizes the model cannot be split into (ds-model's tests cover the split itself) ---
 
 
 @pytest.mark.parametrize("size", [3, 8])
