@@ -99,7 +99,11 @@ class Ranks:
         """The smallest ``value`` over the ranks (each sizes its KV pool from its memory;
         all must use the same number of blocks)."""
         t = torch.tensor([value], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.step_group)
+        try:
+            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.step_group)
+        except RuntimeError as exc:  # a worker failed while loading its shard
+            time.sleep(WATCH_INTERVAL)  # its exit may lag its closed connection
+            raise RankFailed(f"{self.stopped_worker() or 'a rank stopped'} while starting") from exc
         return int(t.item())
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -150,7 +154,8 @@ def start(world_size: int, model_path: str, options: dict[str, Any], device: str
                 "options": options,
                 "num_threads": torch.get_num_threads(),
                 "parent": os.getpid(),
-            }
+            },
+            default=_plain_option,
         ),
     }
     workers = {}
@@ -183,6 +188,16 @@ def join(device: str | None) -> Ranks:
     backend = "nccl" if local.type == "cuda" else "gloo"
     model_group = dist.new_group(backend=backend, timeout=COLLECTIVE_TIMEOUT)
     return Ranks(rank, world, local, step_group=step_group, model_group=model_group)
+
+
+def _plain_option(value: Any) -> str:
+    """Engine options travel to the workers as JSON: a torch dtype by its name."""
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    raise TypeError(
+        f"engine option value {value!r} cannot be sent to the other tensor-parallel ranks; "
+        "give plain values (strings, numbers)"
+    )
 
 
 def _free_port() -> int:
