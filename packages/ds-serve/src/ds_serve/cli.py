@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     from ds_serve.default_model import DefaultModelNotFound, find_default_model
+    from ds_serve.ranks import RankFailed
     from ds_serve.server import create_app, follow_steps
 
     engine_options = dict(
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             max_body_bytes=args.max_body_bytes,
             **engine_options,
         )
-    except (DefaultModelNotFound, FileNotFoundError, ValueError) as exc:
+    except (DefaultModelNotFound, FileNotFoundError, ValueError, RankFailed) as exc:
         print(f"ds-serve: error: {exc}", file=sys.stderr)
         return 2
     app.run(
