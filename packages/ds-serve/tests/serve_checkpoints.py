@@ -19,13 +19,16 @@ CHAT_TEMPLATE = (
 )
 
 
-def write_checkpoint(directory: Path, tokenizer_model: Path, seed: int = 0, **overrides) -> Path:
-    """A tiny DeepSeek-V3-shaped fp32 model (MLA + MoE) with random weights, saved as a
-    checkpoint directory a server can load: config.json, model.safetensors,
-    tokenizer.model, tokenizer_config.json (with a chat template)."""
-    config = ds_model.ModelConfig.from_preset(
-        "tiny", vocab_size=512, bos_token_id=1, eos_token_id=2, **overrides
-    )
+def write_checkpoint(
+    directory: Path, tokenizer_model: Path, seed: int = 0, config=None, **overrides
+) -> Path:
+    """A tiny DeepSeek-V3-shaped fp32 model (MLA + MoE; or ``config``'s model) with
+    random weights, saved as a checkpoint directory a server can load: config.json,
+    model.safetensors, tokenizer.model, tokenizer_config.json (with a chat template)."""
+    if config is None:
+        config = ds_model.ModelConfig.from_preset(
+            "tiny", vocab_size=512, bos_token_id=1, eos_token_id=2, **overrides
+        )
     model = ds_model.from_config(config, dtype=torch.float32, seed=seed)
     directory.mkdir(parents=True, exist_ok=True)
     ds_model.save_pretrained(model, directory)

@@ -19,6 +19,11 @@ from ds_model.model import CausalLMOutput, DeepSeekForCausalLM
 from ds_model.protocol import CausalLM, ModelRunnerProtocol
 from ds_model.runner import ModelRunner, SequenceBatch, num_blocks_for_memory
 from ds_model.sampling import Sampled, SamplingParams, sample
+from ds_model.tensor_parallel import (
+    allowed_tensor_parallel_sizes,
+    check_tensor_parallel_size,
+    shard_model,
+)
 from ds_model.tokenizer import Tokenizer, load_tokenizer
 from ds_model.training import (
     DistillationTrainer,
@@ -59,6 +64,8 @@ __all__ = [
     "Trainer",
     "TrainingConfig",
     "__version__",
+    "allowed_tensor_parallel_sizes",
+    "check_tensor_parallel_size",
     "find_default_model",
     "from_config",
     "from_pretrained",
@@ -69,5 +76,6 @@ __all__ = [
     "parameter_counts",
     "sample",
     "save_pretrained",
+    "shard_model",
     "stream",
 ]

@@ -122,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument(
+        "--tensor-parallel-size",
+        type=_positive,
+        default=1,
+        help="split the model across N ranks (heads, MLPs, routed experts by expert): "
+        "ds-serve starts N-1 worker processes (gloo on CPU, NCCL with one GPU each), or "
+        "runs under torchrun, where RANK 0 serves HTTP (default 1)",
+    )
     parser.add_argument("--max-body-bytes", type=_positive, default=4 * 1024 * 1024)
     parser.add_argument(
         "--shutdown-grace",
@@ -150,28 +158,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    from ds_serve.default_model import DefaultModelNotFound
-    from ds_serve.server import create_app
+    from ds_serve.default_model import DefaultModelNotFound, find_default_model
+    from ds_serve.ranks import RankFailed
+    from ds_serve.server import create_app, follow_steps
 
+    engine_options = dict(
+        served_model_name=args.served_model_name,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_waiting=args.max_waiting,
+        block_size=args.block_size,
+        kv_cache_memory=args.kv_cache_memory,
+        max_model_len=args.max_model_len,
+        quantization=args.quantization,
+        lora=dict(args.lora),
+        dtype=args.dtype,
+        device=args.device,
+        enable_prefix_caching=not args.no_prefix_caching,
+        tensor_parallel_size=args.tensor_parallel_size,
+    )
     try:
+        if args.tensor_parallel_size > 1 and int(os.environ.get("RANK", "0")) > 0:
+            # Under torchrun: the ranks other than 0 follow rank 0's steps; no HTTP.
+            model_path = args.model_path or find_default_model()
+            follow_steps(model_path, **engine_options)
+            return 0
         app = create_app(
             args.model_path,
             api_key=args.api_key,
             max_body_bytes=args.max_body_bytes,
-            served_model_name=args.served_model_name,
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            max_waiting=args.max_waiting,
-            block_size=args.block_size,
-            kv_cache_memory=args.kv_cache_memory,
-            max_model_len=args.max_model_len,
-            quantization=args.quantization,
-            lora=dict(args.lora),
-            dtype=args.dtype,
-            device=args.device,
-            enable_prefix_caching=not args.no_prefix_caching,
+            **engine_options,
         )
-    except (DefaultModelNotFound, FileNotFoundError, ValueError) as exc:
+    except (DefaultModelNotFound, FileNotFoundError, ValueError, RankFailed) as exc:
         print(f"ds-serve: error: {exc}", file=sys.stderr)
         return 2
     app.run(

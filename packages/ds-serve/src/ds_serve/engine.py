@@ -182,6 +182,21 @@ class Engine:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
+        close = getattr(self.runner, "close", None)
+        if close is not None:  # a tensor-parallel runner stops its other ranks
+            close()
+
+    def fail(self, error: BaseException) -> None:
+        """Stop serving because of ``error`` (a tensor-parallel rank stopped): in-flight
+        requests end with finish_reason ``abort``, new ones get a 503 naming ``error``,
+        /health turns 503. Callable from any thread."""
+        with self._lock:
+            if self.error is None:
+                self.error = error
+            posts = [self._finish(t, "abort") for t in list(self._tracked.values())]
+            self._stopped = True
+            self._wake.notify()
+        self._post(posts)
 
     @property
     def closing(self) -> bool:
@@ -413,7 +428,8 @@ class Engine:
                 self._step(batch)
         except BaseException as exc:  # the loop must never die silently
             log.exception("engine loop failed; failing every request in flight")
-            self.error = exc
+            if self.error is None:  # fail() may have named the cause first
+                self.error = exc
             with self._lock:
                 posts = [self._finish(t, "abort") for t in list(self._tracked.values())]
             self._post(posts)

@@ -19,9 +19,12 @@ from typing import Any
 import torch
 from ds_batching import Scheduler, SchedulerConfig
 
+from ds_serve import ranks as ranks_
 from ds_serve.app import DEFAULT_MAX_BODY_BYTES, App
 from ds_serve.default_model import find_default_model
 from ds_serve.engine import Engine
+from ds_serve.ranks import Ranks
+from ds_serve.tensor_parallel import TensorParallelRunner, follow
 
 __all__ = ["ENGINE_OPTIONS", "build_engine", "create_app"]
 
@@ -44,6 +47,8 @@ ENGINE_OPTIONS = {
     "enable_prefix_caching": True,
     "enable_chunked_prefill": True,
     "served_model_name": None,
+    # ranks the model is split across (heads, MLPs, experts): see ds_serve.tensor_parallel
+    "tensor_parallel_size": 1,
 }
 # The short names ds-model's from_pretrained(quantization=) accepts (see docs/ds-model.md):
 # weight-only int8 / int4 (W4A16), int8 weights and dynamic int8 activations, and
@@ -72,7 +77,8 @@ def _options(engine_options: dict[str, Any]) -> dict[str, Any]:
         raise TypeError(f"unknown engine options {unknown}; accepted: {sorted(ENGINE_OPTIONS)}")
     options = {**ENGINE_OPTIONS, **engine_options}
     # The sizes ds-serve computes with (the KV pool) are checked here, by ds-serve's names.
-    for name in ("max_num_seqs", "block_size", "kv_cache_memory", "num_blocks", "max_model_len"):
+    sizes = ("max_num_seqs", "block_size", "kv_cache_memory", "num_blocks", "max_model_len")
+    for name in (*sizes, "tensor_parallel_size"):
         value = options[name]
         if value is None and ENGINE_OPTIONS[name] is None:
             continue
@@ -87,6 +93,14 @@ def _options(engine_options: dict[str, Any]) -> dict[str, Any]:
             f"got {quantization!r}"
         )
     options["lora"] = _adapter_paths(options["lora"])
+    if options["tensor_parallel_size"] > 1:
+        for name in ("quantization", "lora"):
+            if options[name]:
+                raise ValueError(
+                    f"{name} is not supported with tensor_parallel_size > 1 "
+                    f"(--tensor-parallel-size {options['tensor_parallel_size']}): the "
+                    "ranks split plain linear layers"
+                )
     return options
 
 
@@ -215,7 +229,11 @@ def build_engine(model_path: str | os.PathLike | None = None, **engine_options: 
         raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
     device = torch.device(options["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _serving_dtype(options["dtype"], device)
-    model = _load_model(_newest_checkpoint(path), dtype, device, options["quantization"])
+    checkpoint = _newest_checkpoint(path)
+    tp = options["tensor_parallel_size"]
+    # Split ranks load on the CPU and keep their shard on the device.
+    load_on = torch.device("cpu") if tp > 1 else device
+    model = _load_model(checkpoint, dtype, load_on, options["quantization"])
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise FileNotFoundError(
@@ -237,19 +255,21 @@ def build_engine(model_path: str | os.PathLike | None = None, **engine_options: 
             f"{config.max_position_embeddings}"
         )
     block_size = options["block_size"]
-    num_blocks = options["num_blocks"]
-    if num_blocks is None:
-        budget = options["kv_cache_memory"]
-        num_blocks = None
-        if budget is None:
-            num_blocks = _useful_num_blocks(options["max_num_seqs"], max_model_len, block_size)
-            budget = _default_kv_memory(device)
-        fits = ds_model.num_blocks_for_memory(config, budget, block_size, model.dtype)
-        num_blocks = fits if num_blocks is None else min(num_blocks, fits)
-        if num_blocks < 1:
-            raise ValueError(f"kv_cache_memory={budget} bytes is smaller than one KV block")
-    runner = ds_model.ModelRunner(model, num_blocks=num_blocks, block_size=block_size)
+    ranks = _start_ranks(checkpoint, options, config) if tp > 1 else None
+    try:
+        if ranks is not None:
+            model, device = _shard(model, ranks), ranks.device
+        num_blocks = _pool_size(options, model, max_model_len, device)
+        if ranks is not None:
+            num_blocks = ranks.agree_min(num_blocks)
+        runner = ds_model.ModelRunner(model, num_blocks=num_blocks, block_size=block_size)
+    except BaseException:
+        if ranks is not None:  # no worker may outlive a server that failed to start
+            ranks.stop(timeout=0.0)
+        raise
     _probe_adapters(runner, adapters)
+    if ranks is not None:
+        runner = TensorParallelRunner(runner, ranks)
     scheduler = Scheduler(
         SchedulerConfig(
             max_num_seqs=options["max_num_seqs"],
@@ -263,14 +283,15 @@ def build_engine(model_path: str | os.PathLike | None = None, **engine_options: 
     )
     eos = [i for i in (tokenizer.eos_token_id, *config.eos_token_ids) if i is not None]
     log.info(
-        "serving %s on %s: %d KV blocks x %d tokens, adapters %s",
+        "serving %s on %s: %d KV blocks x %d tokens, adapters %s, tensor parallel %d",
         path,
         device,
         num_blocks,
         block_size,
         list(adapters),
+        tp,
     )
-    return Engine(
+    engine = Engine(
         scheduler=scheduler,
         runner=runner,
         tokenizer=tokenizer,
@@ -280,6 +301,71 @@ def build_engine(model_path: str | os.PathLike | None = None, **engine_options: 
         vocab_size=min(config.vocab_size, tokenizer.vocab_size),
         eos_token_ids=tuple(dict.fromkeys(eos)),
     )
+    if ranks is not None:
+        ranks.watch(engine.fail)
+    return engine
+
+
+def _pool_size(options: dict[str, Any], model, max_model_len: int, device: torch.device) -> int:
+    """The KV pool's blocks: ``num_blocks``, else what ``kv_cache_memory`` (default: a
+    share of free memory) holds, at most what the running sequences can use."""
+    import ds_model
+
+    block_size = options["block_size"]
+    num_blocks = options["num_blocks"]
+    if num_blocks is None:
+        budget = options["kv_cache_memory"]
+        if budget is None:
+            num_blocks = _useful_num_blocks(options["max_num_seqs"], max_model_len, block_size)
+            budget = _default_kv_memory(device)
+        fits = ds_model.num_blocks_for_memory(model.config, budget, block_size, model.dtype)
+        num_blocks = fits if num_blocks is None else min(num_blocks, fits)
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory={budget} bytes is smaller than one KV block")
+    return num_blocks
+
+
+def _start_ranks(checkpoint: Path, options: dict[str, Any], config) -> Ranks:
+    """Check that the model splits into ``tensor_parallel_size`` ranks, then start or
+    join them (see ``ds_serve.ranks``)."""
+    from ds_model import check_tensor_parallel_size
+
+    tp = options["tensor_parallel_size"]
+    try:
+        check_tensor_parallel_size(config, tp)
+    except ValueError as exc:
+        raise ValueError(f"--tensor-parallel-size {tp}: {exc}") from None
+    return ranks_.start(tp, str(checkpoint), options, options["device"])
+
+
+def _shard(model, ranks: Ranks):
+    """This rank's shard of ``model``, on its device."""
+    from ds_model import shard_model
+
+    shard_model(model, ranks.rank, ranks.world_size, group=ranks.model_group)
+    return model.to(ranks.device)
+
+
+def follow_steps(model_path: str | os.PathLike, **engine_options: Any) -> None:
+    """A tensor-parallel rank other than 0 (a worker ``ds-serve`` started, or a
+    ``torchrun`` process with RANK > 0): load and shard the model as rank 0 does, size
+    the same KV pool, then run the steps rank 0 sends until it stops."""
+    import ds_model
+
+    options = _options(engine_options)
+    ranks = ranks_.join(options["device"])
+    try:
+        dtype = _serving_dtype(options["dtype"], ranks.device)
+        path = _newest_checkpoint(Path(model_path))
+        model = _shard(_load_model(path, dtype, torch.device("cpu"), None), ranks)
+        max_model_len = options["max_model_len"] or model.config.max_position_embeddings
+        num_blocks = ranks.agree_min(_pool_size(options, model, max_model_len, ranks.device))
+        runner = ds_model.ModelRunner(
+            model, num_blocks=num_blocks, block_size=options["block_size"]
+        )
+        follow(runner, ranks)
+    finally:
+        ranks.stop()
 
 
 def create_app(
