@@ -208,3 +208,30 @@ def test_a_weights_file_without_the_recipe_or_with_float_weights_is_refused(save
     (saved_int4 / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=r"model\.safetensors is missing"):
         ds_model.from_pretrained(saved_int4)
+
+
+# ---- ds-model quantize -------------------------------------------------------------------
+
+
+def test_the_quantize_command_saves_what_from_pretrained_quantizes(tmp_path, capsys):
+    from ds_model.cli import main
+
+    build("v3").save_pretrained(tmp_path / "float")
+    argv = ["quantize", str(tmp_path / "float"), str(tmp_path / "q"), "--method", "int4"]
+    assert main([*argv, "--group-size", "32"]) == 0
+    expected = ds_model.from_pretrained(
+        tmp_path / "float", quantization=ds_quant.Int4WeightOnlyConfig(group_size=32)
+    )
+    loaded = ds_model.from_pretrained(tmp_path / "q")
+    assert (
+        json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"][
+            "group_size"
+        ]
+        == 32
+    )
+    assert greedy(loaded) == greedy(expected)
+    assert main([*argv, "--group-size", "3"]) == 2
+    assert "group_size must be a power of two" in capsys.readouterr().err
+    argv[-1] = "int8"
+    assert main([*argv, "--group-size", "32"]) == 2
+    assert "--group-size applies to --method int4" in capsys.readouterr().err
