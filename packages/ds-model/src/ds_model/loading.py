@@ -578,9 +578,9 @@ def save_pretrained(
     path.mkdir(parents=True, exist_ok=True)
     config = model.config.to_hf_dict()
     config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    _refuse_adapter_layers(model)
     quantized = is_quantized(model)
     if quantized:
-        _refuse_adapter_layers(model)
         state: dict[str, torch.Tensor] = {}
         shards: list[dict[str, torch.Tensor]] = []
     else:

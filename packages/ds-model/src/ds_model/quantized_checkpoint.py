@@ -36,11 +36,13 @@ from ds_model.config import ConfigError, ModelConfig
 
 __all__ = [
     "QUANT_METHOD",
+    "checked_block",
     "is_quantized",
     "is_quantized_checkpoint",
     "load_quantized_pretrained",
     "quantization_config_block",
     "save_quantized_weights",
+    "saved_method",
 ]
 
 QUANT_METHOD = "ds_quant"
