@@ -12,6 +12,8 @@ import ds_quant
 import pytest
 import torch
 from ds_model import ModelConfig
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 LLAMA = {
@@ -71,6 +73,40 @@ def test_a_quantized_model_loads_back_exactly(tmp_path, kind, method):
     assert block["bits"] == (4 if method == "int4" else 8)
     if method == "int4":
         assert block["group_size"] == 32
+
+
+@settings(
+    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    config=st.sampled_from(
+        [
+            *CONFIGS.values(),
+            ds_quant.Int4WeightOnlyConfig(group_size=16, symmetric=True),
+            ds_quant.Fp8BlockConfig(block=(32, 8)),
+        ]
+    ),
+    hidden=st.sampled_from([24, 32, 48]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    tied=st.booleans(),
+    seed=st.integers(0, 50),
+)
+def test_any_recipe_shape_and_dtype_round_trips_bit_exact(
+    tmp_path_factory, config, hidden, dtype, tied, seed
+):
+    shape = {**LLAMA, "hidden_size": hidden, "intermediate_size": 2 * hidden}
+    model_config = ModelConfig.from_dict({**shape, "tie_word_embeddings": tied})
+    model = ds_model.from_config(model_config, seed=seed, dtype=dtype)
+    ds_quant.quantize_(
+        model, config, filter_fn=lambda m, n: isinstance(m, torch.nn.Linear) and n != "lm_head"
+    )
+    path = tmp_path_factory.mktemp("q")
+    model.save_pretrained(path)
+    loaded = ds_model.from_pretrained(path)
+    assert loaded.dtype == dtype
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == tied
+    with torch.no_grad():
+        assert torch.equal(loaded(PROMPT).logits, model(PROMPT).logits)
 
 
 def test_the_record_names_other_recipes_and_float_layers(tmp_path):
