@@ -26,6 +26,7 @@ TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj", "gate_proj", 
 TARGETS += ["down_proj", "lm_head"]
 PROMPTS = ["def add(a, b):\n    return", "class Stack:\n    def push(self, x):"]
 MAX_TOKENS = 10
+QUANT_METHODS = {"int8": "int8_weight_only", "int4": "int4_weight_only", "fp8": "fp8_block"}
 
 
 def write_adapter(checkpoint, directory, seed: int, targets=TARGETS, **config):
@@ -118,6 +119,25 @@ def test_quantized_model_serves_and_matches_ds_model(checkpoint, name):
         client = openai.OpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0)
         for prompt in PROMPTS:
             assert complete(client, "q", prompt) == greedy_reference(reference, prompt, MAX_TOKENS)
+
+
+@pytest.mark.parametrize("name", ["int8", "int4", "fp8"])
+def test_a_quantized_save_serves_as_saved(checkpoint, tmp_path, name):
+    """`ds-serve DIR` on a model saved quantized (ds-quant's format): served as saved,
+    with the greedy output of the model that was saved; another --quantization is refused."""
+    quantized = ds_model.from_pretrained(checkpoint, dtype="float32", quantization=name)
+    saved = tmp_path / "quantized"
+    quantized.save_pretrained(saved)
+    app = create_app(saved, num_blocks=64, dtype="float32")
+    served = app.engine.runner.model
+    assert served.config.extra["quantization_config"]["method"] == (QUANT_METHODS[name])
+    with LiveServer(app) as live:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0)
+        got = [complete(client, "quantized", prompt) for prompt in PROMPTS]
+    assert got == [greedy_reference(quantized, prompt, MAX_TOKENS) for prompt in PROMPTS]
+    other = "w8a8"
+    with pytest.raises(ValueError, match=rf"quantization='{other}' conflicts with .*{saved}"):
+        create_app(saved, num_blocks=16, quantization=other)
 
 
 # ---- LoRA adapters ---------------------------------------------------------------------

@@ -1,6 +1,10 @@
-"""``ds-model generate [PATH] "prompt"`` and ``ds-model info [PATH]``.
+"""``ds-model generate [PATH] "prompt"``, ``ds-model info [PATH]`` and
+``ds-model quantize SRC DST --method int8``.
 
-Without PATH, both use the project's built-in model (``models/ds-tiny-coder``, found
+``quantize`` loads SRC, quantizes its linear layers with ds-quant (as
+``from_pretrained(quantization=)`` does) and saves the result to DST in ds-quant's
+format, which ``from_pretrained`` and ``ds-serve DST`` load as saved. Without PATH,
+``generate`` and ``info`` use the project's built-in model (``models/ds-tiny-coder``, found
 from the current directory upward; see ``ds_model.default_model``).
 """
 
@@ -60,7 +64,39 @@ def _parser() -> argparse.ArgumentParser:
         help="a checkpoint directory or preset name (default: the built-in model)",
     )
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    quant = sub.add_parser(
+        "quantize", parents=[common], help="save a quantized copy of a checkpoint (ds-quant)"
+    )
+    quant.add_argument("source", help="a local checkpoint directory")
+    quant.add_argument("destination", help="the directory to write the quantized checkpoint to")
+    quant.add_argument(
+        "--method",
+        required=True,
+        choices=["int8", "int4", "w8a8", "fp8"],
+        help="int8: INT8 weights; int4: W4A16 (the LM head INT8); w8a8: INT8 weights and "
+        "activations; fp8: DeepSeek-V3's FP8 blocks",
+    )
+    quant.add_argument("--group-size", type=int, default=None, help="int4: channels per scale")
+    quant.add_argument(
+        "--dtype", default=None, help="float parts' dtype (default: the checkpoint's own)"
+    )
     return parser
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from ds_model.loading import from_pretrained
+
+    method: object = args.method
+    if args.group_size is not None:
+        if args.method != "int4":
+            raise ValueError(f"--group-size applies to --method int4, not {args.method}")
+        import ds_quant
+
+        method = ds_quant.Int4WeightOnlyConfig(group_size=args.group_size)
+    model = from_pretrained(args.source, dtype=args.dtype, quantization=method)
+    model.save_pretrained(args.destination)
+    print(f"saved {args.source} quantized ({args.method}) to {args.destination}")
+    return 0
 
 
 def _info(path: str, as_json: bool) -> int:
@@ -135,6 +171,8 @@ def _generate(args: argparse.Namespace) -> int:
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
+    if args.command == "quantize":
+        args.path = args.source
     if args.command != "generate":
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -165,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.path = str(find_default_model())
         if args.command == "info":
             return _info(args.path, args.json)
+        if args.command == "quantize":
+            return _quantize(args)
         return _generate(args)
     except (ValueError, TypeError, KeyError, OSError) as exc:
         if args.debug:

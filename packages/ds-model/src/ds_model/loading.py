@@ -37,6 +37,13 @@ from torch import nn
 from ds_model.config import PRESETS, ConfigError, ModelConfig, read_json
 from ds_model.generation_config import GENERATION_CONFIG_FILE
 from ds_model.model import DeepSeekForCausalLM
+from ds_model.quantized_checkpoint import (
+    is_quantized,
+    is_quantized_checkpoint,
+    load_quantized_pretrained,
+    save_quantized_weights,
+    saved_method,
+)
 
 __all__ = [
     "CheckpointError",
@@ -344,14 +351,18 @@ def from_pretrained(
             f"{str(path)!r} is not a local checkpoint directory (ds-model never downloads)"
         )
     config = ModelConfig.from_file(path)
-    files = checkpoint_files(path)
-    dtype = _torch_dtype(dtype) or _default_dtype(config)
-    with torch.device("meta"):
-        model = DeepSeekForCausalLM(config)
-    for note in load_state(model, files, dtype=dtype, device=device, keep_fp8=keep_fp8):
-        warnings.warn(f"{path.name}: {note}", stacklevel=2)
-    if quantization is not None:
-        _quantize(model, quantization)
+    if is_quantized_checkpoint(config):
+        _check_requested_quantization(path, config, quantization)
+        model = load_quantized_pretrained(path, config, dtype=_torch_dtype(dtype), device=device)
+    else:
+        files = checkpoint_files(path)
+        dtype = _torch_dtype(dtype) or _default_dtype(config)
+        with torch.device("meta"):
+            model = DeepSeekForCausalLM(config)
+        for note in load_state(model, files, dtype=dtype, device=device, keep_fp8=keep_fp8):
+            warnings.warn(f"{path.name}: {note}", stacklevel=2)
+        if quantization is not None:
+            _quantize(model, quantization)
     if adapter is not None:
         _attach_adapter(model, Path(adapter))
     model.eval()  # last: layers swapped in above start in training mode (LoRA dropout)
@@ -470,6 +481,22 @@ def _quantize(model: nn.Module, config: Any) -> None:
         ds_quant.quantize_(model, ds_quant.Int8WeightOnlyConfig(), filter_fn=_is_lm_head)
 
 
+def _check_requested_quantization(path: Path, config: ModelConfig, quantization: Any) -> None:
+    """A checkpoint saved quantized loads as it was saved; asking for another recipe is
+    refused rather than stacking a second quantization on the stored one."""
+    if quantization is None:
+        return
+    saved = saved_method(config)
+    requested = _quant_config(quantization)
+    same = requested.name == saved.name if isinstance(quantization, str) else requested == saved
+    if not same:
+        raise ValueError(
+            f"quantization={quantization!r} conflicts with {path}, which is saved quantized "
+            f"as {saved.to_dict()} (config.json quantization_config); load it without "
+            "quantization (it is used as saved) or give the same method"
+        )
+
+
 def _weight_only_head_configs() -> tuple[type, ...]:
     import ds_quant
 
@@ -508,6 +535,15 @@ def _attach_adapter(model: nn.Module, adapter: Path) -> None:
 # -- saving ----------------------------------------------------------------------------
 
 
+def _refuse_adapter_layers(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        if "lora" in type(module).__name__.lower():
+            raise CheckpointError(
+                f"cannot save module {name!r} ({type(module).__name__}): merge the adapter "
+                "or save it on its own (ds_lora.save_adapter) before save_pretrained"
+            )
+
+
 def export_state_dict(model: DeepSeekForCausalLM) -> dict[str, torch.Tensor]:
     """The checkpoint layout: per-expert keys, no tied LM head, contiguous unshared tensors."""
     for name, module in model.named_modules():
@@ -532,18 +568,32 @@ def save_pretrained(
 ) -> None:
     """Write ``config.json`` and safetensors (sharded with an index above
     ``max_shard_bytes``) loadable here and by transformers. Every file is written to a
-    temporary name and moved into place with ``os.replace``."""
+    temporary name and moved into place with ``os.replace``.
+
+    A model quantized by ds-quant is written in ds-quant's format instead (one
+    ``model.safetensors`` holding the quantized tensors as stored, the recipe recorded in
+    ``config.json``'s ``quantization_config``; see ``ds_model.quantized_checkpoint``),
+    which ``from_pretrained`` loads back exactly; transformers does not read it."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.to("cpu") for k, v in export_state_dict(model).items()}
-    shards = _split(state, max_shard_bytes)
     config = model.config.to_hf_dict()
     config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    _refuse_adapter_layers(model)
+    quantized = is_quantized(model)
+    if quantized:
+        state: dict[str, torch.Tensor] = {}
+        shards: list[dict[str, torch.Tensor]] = []
+    else:
+        state = {k: v.to("cpu") for k, v in export_state_dict(model).items()}
+        shards = _split(state, max_shard_bytes)
     generation = getattr(model, "generation_config", None)
     if generation:
         _atomic_text(path / GENERATION_CONFIG_FILE, json.dumps(generation, indent=2))
     written = []
-    if len(shards) == 1:
+    if quantized:
+        config["quantization_config"] = save_quantized_weights(model, path)
+        written.append(SINGLE_FILE)
+    elif len(shards) == 1:
         _atomic(path / SINGLE_FILE, lambda p: save_file(shards[0], p, metadata={"format": "pt"}))
         written.append(SINGLE_FILE)
     else:

@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--quantization",
         choices=["int8", "int4", "w8a8", "fp8"],
         default=None,
-        help="quantize the linear layers at load (through ds-model / ds-quant)",
+        help="quantize the linear layers at load (through ds-model / ds-quant); a checkpoint "
+        "saved quantized is served as saved, and another method is refused",
     )
     parser.add_argument(
         "--lora",
