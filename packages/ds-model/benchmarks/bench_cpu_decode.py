@@ -66,6 +66,10 @@ FORMATS = {
     "bf16": ("bfloat16", None, False),
     "int8": ("float32", "int8", False),
     "int4": ("float32", "int4", False),
+    # The same weights with bfloat16 activations throughout (the CPU ops compute in
+    # bf16 either way; this drops the layers' casts and runs the rest of the step in bf16).
+    "int8 bf16": ("bfloat16", "int8", False),
+    "int4 bf16": ("bfloat16", "int4", False),
     "int8 reference": ("float32", "int8", True),
     "int4 reference": ("float32", "int4", True),
 }

@@ -12,11 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 
-def _decode_logits(model, prompt, steps, *, fast: bool, impl: str = "auto") -> torch.Tensor:
+def _decode_logits(
+    model, prompt, steps, *, fast: bool, impl: str = "auto", dtype=torch.float32
+) -> torch.Tensor:
     for layer in model.model.layers:
         layer.self_attn.fast_decode = fast
         layer.self_attn.impl = impl
-    cache = StaticKVCache(model.config, prompt.shape[0], 24, torch.float32, "cpu")
+    cache = StaticKVCache(model.config, prompt.shape[0], 24, dtype, "cpu")
     with torch.inference_mode():
         logits = [model(prompt, cache=cache).logits[:, -1]]
         for t in range(steps.shape[1]):
@@ -270,3 +272,42 @@ def test_decode_layouts_made_under_inference_mode_leave_the_model_trainable():
     model.train()
     model(ids, labels=ids).loss.backward()
     assert all(p.grad is not None for p in model.model.layers[0].parameters())
+
+
+@settings(max_examples=15, deadline=None)
+@given(k=st.integers(1, 4), seed=st.integers(0, 100), quantized=st.booleans())
+def test_one_token_expert_decode_equals_the_sorted_loop(k, seed, quantized):
+    # Batch-1 decode sums the token's k experts directly; the sorted loop (what a
+    # batch of tokens takes) is the ground truth, quantized experts included.
+    from ds_model.moe import RoutedExperts
+
+    gen = torch.Generator().manual_seed(seed)
+    experts = RoutedExperts(6, 32, 48)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    if quantized:
+        quant = pytest.importorskip("ds_quant")
+        quant.quantize_(experts, quant.Int8WeightOnlyConfig())
+    x = torch.randn(1, 32, generator=gen)
+    idx = torch.randperm(6, generator=gen)[:k][None]
+    weights = torch.rand(1, k, generator=gen)
+    with torch.inference_mode():
+        one = experts(x, weights, idx)
+        # The same token as row 0 of a two-token batch takes the sorted loop.
+        pair = experts(torch.cat((x, x)), weights.repeat(2, 1), idx.repeat(2, 1))
+    torch.testing.assert_close(one, pair[:1], atol=1e-5, rtol=1e-4)  # summation order
+
+
+def test_bf16_absorbed_decode_matches_float32():
+    # The bfloat16 decode runs its products over the cache in float32; its logits track
+    # the float32 model's within bfloat16's rounding of the weights and activations.
+    config = ModelConfig.from_preset("tiny")
+    model = ds_model.from_config(config, seed=3)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, config.vocab_size, (2, 7), generator=gen)
+    steps = torch.randint(0, config.vocab_size, (2, 6), generator=gen)
+    want = _decode_logits(model, prompt, steps, fast=True)
+    model = model.to(torch.bfloat16)
+    got = _decode_logits(model, prompt, steps, fast=True, dtype=torch.bfloat16).float()
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()

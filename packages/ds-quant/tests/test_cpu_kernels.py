@@ -169,3 +169,65 @@ def test_state_dict_keeps_the_canonical_format_after_cpu_calls():
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert after["weight"].dtype == torch.uint8 and after["weight"].shape == (64, 128)
+
+
+@pytest.mark.skipif(not HAS_INT4_CPU, reason="torch has no packed INT4 CPU op")
+@settings(max_examples=15, deadline=None)
+@given(
+    groups=st.integers(0, 3),
+    partial=st.integers(1, 255),
+    group_size=st.sampled_from([32, 64, 128, 256]),
+    n16=st.integers(1, 4),
+    rows=st.integers(1, 9),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+)
+def test_int4_layer_with_a_partial_last_group(groups, partial, group_size, n16, rows, dtype, seed):
+    # A partial last group of at least 32 values takes the op (MLA's 192-wide input in
+    # groups of 128) within its bounds; fewer take the reference, exactly.
+    partial = partial % group_size or 1
+    k, n = groups * group_size + partial, 16 * n16
+    torch.manual_seed(seed)
+    layer = quantize_(
+        nn.Linear(k, n, bias=False).to(dtype), Int4WeightOnlyConfig(group_size=group_size)
+    )
+    x = torch.randn(rows, k, dtype=dtype)
+    got = layer(x)
+    args = (layer.weight, layer.weight_scale, layer.weight_zero, group_size, k)
+    if partial < 32:
+        w = dequantize_int4(*args)
+        assert torch.equal(got, torch.nn.functional.linear(x, w.to(dtype)))
+        return
+    xb = x.bfloat16().float()
+    exact = w4a16_matmul_reference(xb, *args)
+    centred = (unpack_int4(layer.weight).float() - 8).view(n, -1, group_size).abs()
+    s = layer.weight_scale.bfloat16().float()[..., None]
+    z = ((8 - layer.weight_zero) * layer.weight_scale).abs()[..., None]
+    terms = xb.abs() @ (centred * s + z).view(n, -1)[:, :k].t()
+    bound = (BF16_ROUNDOFF + OUTPUT_ROUNDING[dtype]) * 1.01 * exact.abs() + BF16_ROUNDOFF * terms
+    assert ((got.float() - exact).abs() <= bound + 1e-30).all()
+
+
+@pytest.mark.skipif(not HAS_INT4_CPU, reason="torch has no packed INT4 CPU op")
+def test_int4_cpu_layout_is_made_at_quantize_and_load_not_per_call(monkeypatch):
+    import ds_quant.linear_int4 as linear_int4
+
+    made: list[int] = []
+    prepack = linear_int4.prepack_int4_cpu
+    monkeypatch.setattr(
+        linear_int4, "prepack_int4_cpu", lambda *a, **k: made.append(1) or prepack(*a, **k)
+    )
+    torch.manual_seed(0)
+    layer = quantize_(nn.Linear(256, 64), Int4WeightOnlyConfig(group_size=128))
+    assert len(made) == 1  # at quantize time
+    x = torch.randn(2, 256)
+    first = layer(x)
+    layer(torch.randn(1, 256))
+    assert len(made) == 1  # calls reuse it
+    other = quantize_(nn.Linear(256, 64), Int4WeightOnlyConfig(group_size=128))
+    made.clear()
+    layer.load_state_dict(other.state_dict())  # new values: a new layout, once
+    assert len(made) == 1
+    torch.testing.assert_close(layer(x), other(x))
+    assert not torch.equal(layer(x), first)
+    assert len(made) == 1

@@ -115,7 +115,11 @@ def test_auto_backend_selection():
     assert choose_w4a16_backend(x, 64, 128) == ("cpu_packed" if HAS_INT4_CPU else "reference")
     assert choose_w4a16_backend(x, 40, 128) == "reference"  # out_features % 16 != 0
     assert choose_w4a16_backend(x, 64, 16) == "reference"  # group size the op lacks
-    assert choose_w4a16_backend(x[:, :96], 64, 64) == "reference"  # a partial last group
+    packed = "cpu_packed" if HAS_INT4_CPU else "reference"
+    # A partial last group: the op takes it from 32 real values (MLA's 192 in groups of 128).
+    assert choose_w4a16_backend(x[:, :80], 64, 64) == "reference"  # 16 values
+    assert choose_w4a16_backend(x[:, :96], 64, 64) == packed  # 32 values
+    assert choose_w4a16_backend(torch.randn(1, 192), 64, 128) == packed
     assert choose_w4a16_backend(x.double(), 64, 128) == "reference"
     with pytest.raises(ValueError, match=r"backend must be one of"):
         choose_w4a16_backend(x, 64, 128, "fastest")

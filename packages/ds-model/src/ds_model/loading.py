@@ -504,6 +504,11 @@ def _weight_only_head_configs() -> tuple[type, ...]:
 
 
 def _quantizable(module: nn.Module, name: str) -> bool:
+    # MLA's kv_b_proj stays float: absorbed decode multiplies its per-head halves as
+    # batched-matmul operands, and a quantized one sends every step to the naive form,
+    # which expands the whole cached latent through it (2% of a 110M V3 shape's bytes).
+    if name.endswith("kv_b_proj"):
+        return False
     return isinstance(module, nn.Linear) and not name.endswith("lm_head")
 
 

@@ -243,7 +243,12 @@ class MLAttention(nn.Module):
         # (h, b, nope) @ (h, nope, r) -> (h, b, r): the key half of kv_b_proj absorbed.
         q_latent = torch.bmm(q_nope.view(b, h, -1).transpose(0, 1), w_uk)
         q = torch.cat((q_latent.transpose(0, 1), q_pe.view(b, h, -1)), dim=-1)
-        scores = torch.bmm(q, kv.transpose(1, 2))  # (b, h, s)
+        if kv.is_cpu and kv.dtype == torch.bfloat16:
+            # CPU bfloat16 bmm goes through oneDNN, which builds a kernel for each new
+            # shape (18 ms a call measured on the AVX-512 host, one thread), and the cache
+            # is one longer at every step: the two products over it run in float32.
+            kv = kv.float()
+        scores = torch.bmm(q.to(kv.dtype), kv.transpose(1, 2))  # (b, h, s)
         if key_valid is not None:
             # The last slot stays visible so no row is all -inf (NaN); zeroed below.
             visible = key_valid.clone()
@@ -255,7 +260,7 @@ class MLAttention(nn.Module):
             probs = probs * key_valid[:, -1:, None]
         out = torch.bmm(probs.to(kv.dtype), kv[..., : self.kv_lora_rank])  # (b, h, r)
         # (h, b, r) @ (h, r, v) -> (h, b, v): the value half of kv_b_proj absorbed.
-        out = torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2))
+        out = torch.bmm(out.transpose(0, 1).to(w_uv.dtype), w_uv.transpose(1, 2))
         return out.transpose(0, 1).unsqueeze(1)
 
 

@@ -128,6 +128,8 @@ class RoutedExperts(nn.ModuleList):
             flat = [] if plain is None else [w for triple in plain for w in triple]
             if plain is not None and lean_backward.applies(x, weights, *flat):
                 return lean_backward.routed_experts(x, weights, idx, plain)
+        if x.shape[0] == 1 and not torch.is_grad_enabled():
+            return self._one_token(x, weights, idx)
         flat_idx = idx.reshape(-1)
         counts = torch.bincount(flat_idx, minlength=len(self)).tolist()
         order = torch.argsort(flat_idx, stable=True)
@@ -150,6 +152,18 @@ class RoutedExperts(nn.ModuleList):
                     y = expert(x[rows])
                 out.index_add_(0, rows, y * pair_weights[start : start + count, None])
                 start += count
+        return out
+
+    def _one_token(self, x, weights, idx) -> torch.Tensor:
+        """Batch-1 decode: the token's k experts in turn, each weighted and summed, with
+        none of the sort, scatter and per-expert row gathers (about ten small ops per
+        layer, as much time as an expert's matmuls at this size). The token is row 0 of
+        a one-row batch, so a mixed-adapter LoRA batch needs no row remapping."""
+        pair_weights = weights.to(x.dtype)
+        out = None
+        for j, e in enumerate(idx[0].tolist()):
+            y = self[e](x) * pair_weights[:, j : j + 1]
+            out = y if out is None else out + y
         return out
 
     def _grouped(self, x, weights, idx, plain) -> torch.Tensor:
@@ -281,10 +295,11 @@ def _outside_graph(fn):
 
 
 def _wrapped(expert: MLP) -> bool:
-    """Whether any of the expert's layers is wrapped (LoRA, quantized): only those can
-    be in a mixed-adapter batch, whose LoRA layers must then see only the expert's rows
-    (``ds_lora.adapter_rows``). Plain ``nn.Linear`` layers skip that lookup."""
-    return any(type(layer) is not nn.Linear for layer in expert._modules.values())
+    """Whether any of the expert's layers is a LoRA layer: only those can be in a
+    mixed-adapter batch, whose LoRA layers must then see only the expert's rows
+    (``ds_lora.adapter_rows``). Plain and quantized layers skip that lookup (a pass over
+    the expert's modules per call)."""
+    return any(isinstance(layer, ds_lora.LoraLinear) for layer in expert._modules.values())
 
 
 class MoE(nn.Module):

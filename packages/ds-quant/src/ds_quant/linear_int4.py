@@ -19,7 +19,12 @@ import torch
 from torch import nn
 
 from ds_quant.config import Int4WeightOnlyConfig
-from ds_quant.kernels.cpu import COMPUTE_DTYPE, prepack_int4_cpu, w4a16_matmul_cpu
+from ds_quant.kernels.cpu import (
+    COMPUTE_DTYPE,
+    int4_cpu_supported,
+    prepack_int4_cpu,
+    w4a16_matmul_cpu,
+)
 from ds_quant.kernels.reference import w4a16_matmul_reference
 from ds_quant.kernels.select import choose_w4a16_backend
 from ds_quant.linear import QuantizedLinear
@@ -40,9 +45,14 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         super().__init__(*args, **kwargs)
         self.backend = "auto"
         self.register_buffer("input_scale", None)
-        # torch's CPU op wants its own weight layout: built on first CPU call, kept out
-        # of the state dict, rebuilt if the buffers change (keyed on their versions).
+        # torch's CPU op wants its own weight layout: built once when the layer is made
+        # by quantizing or loaded (a state dict's buffers), kept out of the state dict
+        # (which holds the canonical tensors), rebuilt if the buffers change (keyed on
+        # their versions) and dropped when the layer moves (``_apply``). Made at load,
+        # not on a first call: a decode step that meets an expert for the first time
+        # would otherwise pay the conversion (about 1 ms per expert layer).
         self._cpu_cache: tuple[Any, ...] | None = None
+        self.register_load_state_dict_post_hook(_prepack_after_load)
 
     @classmethod
     def _from_float(cls, linear: nn.Linear, config: Any) -> QuantizedLinear:
@@ -73,6 +83,7 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         layer.register_buffer("weight", pack_int4(q))
         layer.register_buffer("weight_scale", scale)
         layer.register_buffer("weight_zero", zero)
+        layer._prepack_cpu()
         return layer
 
     def _allocate(self, device: torch.device | str | None) -> None:
@@ -103,9 +114,25 @@ class Int4WeightOnlyLinear(QuantizedLinear):
             w = w / self.input_scale.to(torch.float32)
         return w.to(dtype or self.orig_dtype)
 
+    def _prepack_cpu(self) -> None:
+        """Build the CPU op's layout now if the layer's buffers are on the CPU in a
+        shape the op takes (``int4_cpu_supported``)."""
+        weight = self.weight
+        if weight.device.type != "cpu" or weight.numel() == 0:
+            return
+        probe = torch.empty(0, self.in_features)
+        if int4_cpu_supported(probe, self.out_features, self.config.group_size):
+            self._cpu_operands(COMPUTE_DTYPE)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        self._cpu_cache = None  # the buffers move or change dtype: the layout is stale
+        return super()._apply(fn, recurse)
+
     def _cpu_operands(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         buffers = (self.weight, self.weight_scale, self.weight_zero)
-        key = (dtype, *((t.data_ptr(), t._version) for t in buffers))
+        # Inference tensors (made under inference_mode) have no version counter; they
+        # cannot be changed in place outside it either.
+        key = (dtype, *((t.data_ptr(), 0 if t.is_inference() else t._version) for t in buffers))
         if self._cpu_cache is None or self._cpu_cache[0] != key:
             packed = prepack_int4_cpu(self.weight, self.weight_scale, self.weight_zero, dtype)
             self._cpu_cache = (key, *packed)
@@ -134,3 +161,8 @@ class Int4WeightOnlyLinear(QuantizedLinear):
                 x, self.weight, self.weight_scale, self.weight_zero, gs, self.in_features
             )
         return y
+
+
+def _prepack_after_load(layer: Int4WeightOnlyLinear, incompatible_keys: Any) -> None:
+    """``load_state_dict`` post-hook: the loaded buffers' CPU layout, made once here."""
+    layer._prepack_cpu()

@@ -34,18 +34,26 @@ COMPUTE_DTYPE = torch.bfloat16
 ALIGNMENT = 64  # bytes; what torch's allocator gives every fresh CPU tensor
 
 
+# The fewest real values a partial last group may hold for the op to take it.
+MIN_PARTIAL_GROUP = min(INT4_CPU_GROUP_SIZES)
+
+
 def int4_cpu_supported(x: torch.Tensor, out_features: int, group_size: int) -> bool:
-    # A partial last group (in_features not a multiple of the group size) takes the
-    # reference path: the op's bfloat16 scale and zero lose the precision a group of a
-    # few values needs (measured: 1.7% mean relative error at in_features=1 and 1.3% at
-    # 33 with groups of 32, against 0.2-0.3% on whole groups).
+    # A partial last group (in_features not a multiple of the group size; the input is
+    # zero-padded to the whole group) goes to the op when it holds at least 32 real
+    # values, as MLA's 192-wide q_b_proj input does in groups of 128: the op's bfloat16
+    # scale and zero then cost what they cost on a whole group of 32. Fewer values take
+    # the reference path, since there they lose the precision a group of a few values
+    # needs (measured: 1.7% mean relative error at in_features=1 and 1.3% at 33 with
+    # groups of 32, against 0.2-0.3% on whole groups).
+    partial = x.shape[-1] % group_size
     return (
         HAS_INT4_CPU
         and x.device.type == "cpu"
         and x.dtype in CPU_DTYPES
         and out_features % 16 == 0
         and group_size in INT4_CPU_GROUP_SIZES
-        and x.shape[-1] % group_size == 0
+        and (partial == 0 or partial >= MIN_PARTIAL_GROUP)
     )
 
 
@@ -90,7 +98,8 @@ def w4a16_matmul_cpu(
     INT4 weight, computed with activations in ``scales_and_zeros.dtype``."""
     k_pad = scales_and_zeros.shape[0] * group_size
     x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
-    x2 = x2.to(scales_and_zeros.dtype, memory_format=torch.contiguous_format)
+    # ``to`` returns a non-contiguous input as it is when the dtype already matches.
+    x2 = x2.to(scales_and_zeros.dtype).contiguous()
     if k_pad != in_features:
         x2 = torch.nn.functional.pad(x2, (0, k_pad - in_features))
     y = _ops._weight_int4pack_mm_for_cpu(x2, cpu_weight, group_size, scales_and_zeros)

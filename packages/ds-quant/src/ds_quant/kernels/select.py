@@ -31,8 +31,10 @@ def choose_w4a16_backend(
     if requested == "cpu_packed" and not int4_cpu_supported(x, out_features, group_size):
         raise ValueError(
             "backend 'cpu_packed' needs a CPU float32/bfloat16/float16 input, "
-            f"out_features % 16 == 0 and group_size in (32, 64, 128, 256); got device "
-            f"{x.device}, dtype {x.dtype}, out_features {out_features}, group_size {group_size}"
+            "out_features % 16 == 0, group_size in (32, 64, 128, 256) and in_features a "
+            "multiple of group_size or leaving a last group of at least 32; got device "
+            f"{x.device}, dtype {x.dtype}, out_features {out_features}, group_size "
+            f"{group_size}, in_features {x.shape[-1]}"
         )
     if requested != "auto":
         return requested
