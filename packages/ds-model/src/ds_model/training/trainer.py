@@ -145,6 +145,18 @@ class StepMetrics:
     tokens: int
     extras: dict[str, float] = field(default_factory=dict)  # e.g. kl / ce per unit
 
+    def record(self, step: int, epoch: int, tokens_per_s: float) -> dict[str, Any]:
+        """The step's line in ``metrics.jsonl``."""
+        return {
+            "step": step,
+            "epoch": epoch,
+            "loss": self.loss,
+            "lr": self.lr,
+            "grad_norm": self.grad_norm,
+            "tokens_per_s": tokens_per_s,
+            **self.extras,
+        }
+
 
 class Trainer:
     """Train a causal LM whose ``forward(input_ids)`` returns an object with ``.logits``
@@ -277,22 +289,12 @@ class Trainer:
             metrics = self.train_step()
             step, done = position.step, position.step == setup.total_steps
             tokens_per_s = position.tokens_seen / max(time.perf_counter() - started, 1e-9)
-            record = {
-                "step": step,
-                "epoch": position.epoch,
-                "loss": metrics.loss,
-                "lr": metrics.lr,
-                "grad_norm": metrics.grad_norm,
-                "tokens_per_s": tokens_per_s,
-                **metrics.extras,
-            }
             progress.update(1)
             progress.set_postfix(loss=f"{metrics.loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
             if step % args.logging_steps == 0 or done:
+                record = metrics.record(step, position.epoch, tokens_per_s)
                 self._log(metrics_path, record, ctx)
-            if setup.eval_set is not None and (
-                (args.eval_steps and step % args.eval_steps == 0) or done
-            ):
+            if setup.eval_set is not None and (_every(args.eval_steps, step) or done):
                 result = {**self.evaluate(setup.eval_set), "step": step}
                 position.evals.append(result)
                 self._log(metrics_path, result, ctx)
@@ -664,10 +666,14 @@ def _agree_every_stage_trains(pipeline: PipelineRunner) -> None:
     )
 
 
+def _every(interval: int, step: int) -> bool:
+    return bool(interval) and step % interval == 0
+
+
 def _is_save_step(args: TrainingConfig, step: int, due: bool, ctx: DistContext) -> bool:
     """Every ``save_steps`` steps, or when ``save_minutes`` passed on any rank (every
     rank agrees through an all-reduce, so all of them save)."""
-    if args.save_steps and step % args.save_steps == 0:
+    if _every(args.save_steps, step):
         return True
     if args.save_minutes:
         return ctx.all_reduce_sum([float(due)])[0] > 0
