@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -140,3 +141,19 @@ def test_parser_has_the_seed_flags() -> None:
         "--max_steps",
     }
     assert seed <= flags
+
+
+def test_max_restarts_launches_torchrun_with_restarts_on_fresh_rendezvous(monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(cli, "run_forwarding_signals", lambda cmd: calls.append(cmd) or 0)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "0")  # restored after the test
+    argv = ["--model", "tiny", "--data", "d.jsonl", "--gpus", "2", "--max_restarts", "3"]
+    assert cli.main([*argv, "--resume", "auto"]) == 0
+    (cmd,) = calls
+    launcher, rest = cmd[: cmd.index("-m", 3)], cmd[cmd.index("ds_model.training.cli") + 1 :]
+    assert "--max-restarts=3" in launcher and "--rdzv-backend=c10d" in launcher
+    assert os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+    assert "--max_restarts" not in rest and rest[-4:-2] == ["--resume", "auto"]
+    with pytest.raises(SystemExit, match=r"--max_restarts 3: .*only with --gpus > 1"):
+        cli.main(["--model", "tiny", "--data", "d.jsonl", "--max_restarts", "3"])

@@ -406,7 +406,7 @@ def pipeline_worker(rank: int, out: str, results: dict) -> None:
     except ValueError as e:
         results["pipeline_frozen_stage_error"] = str(e)
     results["pipeline_schedule_kinds"] = [
-        sorted({type(s).__name__ for s in t._pipeline._schedules.values()})
+        sorted({type(s).__name__ for s in t.setup.pipeline._schedules.values()})
         for t in (interleaved, looped)
     ]
     # LoRA: each stage trains its layers' adapters; checkpoints and exports hold them all.
@@ -550,7 +550,7 @@ def mesh_worker(rank: int, world: int, port: int, out: str) -> None:
 
     replicas = dict(per_device_train_batch_size=2)
     trainer = run("pp_dp", "pipeline", save_steps=2, save_total_limit=None, **replicas)
-    ctx = trainer._ctx
+    ctx = trainer.setup.ctx
     results[f"coords_{rank}"] = [ctx.pp_rank, ctx.dp_rank, ctx.tp_rank]
     export = os.path.join(out, "pp_dp_export")
     trainer.save_model(export)
@@ -613,7 +613,7 @@ def cube_worker(rank: int, world: int, port: int, out: str) -> None:
         per_device_train_batch_size=2,
     )
     result = trainer.train()
-    ctx = trainer._ctx
+    ctx = trainer.setup.ctx
     mine = {
         "losses": result.losses,
         "evals": [e["eval_loss"] for e in result.eval_history],

@@ -317,3 +317,25 @@ def test_torch_compile_trains_the_same_losses_and_saves_plain_weights(tmp_path: 
 def test_torch_compile_is_refused_with_sharded_strategies() -> None:
     with pytest.raises(ValueError, match=r"torch_compile=True with distributed_strategy='fsdp'"):
         TrainingConfig(torch_compile=True, distributed_strategy="fsdp")
+
+
+def test_constructor_spellings_and_wrong_types_name_the_argument() -> None:
+    from ds_model import LoraConfig
+
+    lora = LoraConfig(r=2, target_modules="all-linear")
+    config = TrainingConfig(max_steps=3)
+    trainer = Trainer(S.tiny_lm(), args=config, lora_config=lora)
+    assert (trainer.args.max_steps, trainer.lora_config) == (3, lora)
+    published = Trainer(model_path="tiny", config=lora)  # DeepSeek's published form
+    assert published.lora_config is lora and published.args.max_steps == -1
+    assert Trainer(S.tiny_lm(), config=config, max_steps=5).args.max_steps == 5
+    with pytest.raises(TypeError, match=r"config= got a dict: expected a LoraConfig"):
+        Trainer(S.tiny_lm(), config={"r": 8})
+    with pytest.raises(TypeError, match=r"args= got a dict: expected a TrainingConfig"):
+        Trainer(S.tiny_lm(), args={"max_steps": 3})
+    with pytest.raises(TypeError, match=r"lora_config must be a ds_model.LoraConfig"):
+        Trainer(S.tiny_lm(), lora_config="r=8")
+    with pytest.raises(ValueError, match=r"config= \(a LoRA config\) and lora_config="):
+        Trainer(S.tiny_lm(), config=lora, lora_config=lora)
+    with pytest.raises(ValueError, match=r"train_step\(\) runs inside train\(\)"):
+        Trainer(S.tiny_lm()).train_step()

@@ -35,6 +35,7 @@ __all__ = [
     "load_state_file",
     "load_weights",
     "restore_rng",
+    "resume_checkpoint",
     "save_weights",
     "write_checkpoint",
 ]
@@ -70,6 +71,20 @@ def find_latest_checkpoint(path: str) -> str:
             f"resume_from={path!r}: not a checkpoint directory and holds no checkpoint-<step>/"
         )
     return found[-1][1]
+
+
+def resume_checkpoint(resume_from: str | None, output_dir: str) -> str | None:
+    """The checkpoint a run resumes from: none for ``None``; for ``"auto"`` the newest
+    complete checkpoint in ``output_dir``, or none (a fresh start) when it holds none,
+    so a restarted job recovers by itself; else ``resume_from`` itself (a checkpoint,
+    or a directory whose newest checkpoint is taken; an error when it holds none).
+    Temporary ``.tmp-checkpoint-*`` directories of an interrupted save are never taken."""
+    if resume_from is None:
+        return None
+    if resume_from == "auto":
+        found = list_checkpoints(output_dir)
+        return found[-1][1] if found else None
+    return find_latest_checkpoint(resume_from)
 
 
 def _fsync_dir(path: str) -> None:

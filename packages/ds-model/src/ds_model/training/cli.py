@@ -10,6 +10,9 @@
 local processes (one per GPU; on a machine without CUDA, N CPU processes on gloo). Under
 an outer ``torchrun`` the command just joins the process group. The launcher passes
 SIGINT and SIGTERM on to torchrun (which stops its ranks) and exits with its status.
+``--max_restarts N`` lets torch's elastic agent restart every rank after one fails; with
+``--resume auto`` the restarted ranks continue from the newest complete checkpoint, so
+the job recovers by itself.
 
 Bad input (a config, data or checkpoint error) prints one line and exits with status 2;
 ``--debug`` shows the traceback instead.
@@ -55,7 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--eval_data", help="evaluation .json/.jsonl file")
     p.add_argument("--output", default="ds-train-output", help="output directory")
-    p.add_argument("--resume", help="checkpoint or output directory to resume from")
+    p.add_argument(
+        "--resume",
+        help="checkpoint or output directory to resume from, or 'auto': the newest complete "
+        "checkpoint in --output if there is one, else a fresh start",
+    )
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--max_steps", type=int, default=-1, help="> 0 overrides --epochs")
     p.add_argument(
@@ -87,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quantization", choices=QUANTIZATIONS, default="none", help="int4: QLoRA")
     p.add_argument("--gpus", type=int, default=1, help="local processes to launch")
+    p.add_argument(
+        "--max_restarts",
+        type=int,
+        default=0,
+        help="with --gpus: times torchrun restarts every rank after one fails; with "
+        "--resume auto each restart continues from the newest checkpoint",
+    )
     p.add_argument("--distributed_strategy", choices=STRATEGIES, default=None)
     p.add_argument("--tp_size", type=int, default=0, help="3d_parallel: tensor-parallel degree")
     p.add_argument(
@@ -143,34 +157,45 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _without_gpus(argv: Sequence[str]) -> list[str]:
+_LAUNCHER_FLAGS = ("--gpus", "--max_restarts")  # the launcher's own, not the ranks'
+
+
+def _without_launcher_flags(argv: Sequence[str]) -> list[str]:
     out: list[str] = []
     skip = False
     for arg in argv:
         if skip:
             skip = False
             continue
-        if arg == "--gpus":
+        if arg in _LAUNCHER_FLAGS:
             skip = True
             continue
-        if arg.startswith("--gpus="):
+        if arg.split("=")[0] in _LAUNCHER_FLAGS:
             continue
         out.append(arg)
     return out
 
 
-def _launch(nproc: int, argv: Sequence[str], strategy: str) -> int:
-    rest = _without_gpus(argv)
+def _launch(nproc: int, argv: Sequence[str], strategy: str, max_restarts: int = 0) -> int:
+    rest = _without_launcher_flags(argv)
     if not any(a.split("=")[0] == "--distributed_strategy" for a in rest):
         rest += ["--distributed_strategy", strategy]
+    rendezvous = ["--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
+    if max_restarts:
+        # A restart needs fresh rendezvous keys: with the agent's store shared (the
+        # static rendezvous, or c10d's default) the restarted ranks read the dead ranks'
+        # gloo addresses and fail to connect. c10d with sharing off gives each round a
+        # new store (pytorch/pytorch#135712).
+        rendezvous = ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}"]
+        rendezvous.append(f"--max-restarts={max_restarts}")
+        os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"  # read by torchrun's agent
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nnodes=1",
         f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
+        *rendezvous,
         "-m",
         "ds_model.training.cli",
         *rest,
@@ -233,9 +258,15 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         raise SystemExit(f"--gpus {args.gpus}: expected >= 1")
     check_method_arguments(args)
     under_torchrun = "LOCAL_RANK" in os.environ
+    launching = args.gpus > 1 and not under_torchrun
+    if args.max_restarts < 0 or (args.max_restarts and not launching):
+        raise SystemExit(
+            f"--max_restarts {args.max_restarts}: expected >= 0, and only with --gpus > 1 "
+            "(under your own torchrun, pass --max-restarts to torchrun)"
+        )
     strategy = args.distributed_strategy
-    if args.gpus > 1 and not under_torchrun:
-        return _launch(args.gpus, argv, strategy or "ddp")
+    if launching:
+        return _launch(args.gpus, argv, strategy or "ddp", args.max_restarts)
     if strategy is None:
         strategy = "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "none"
 

@@ -1,9 +1,12 @@
 """``Trainer``: full training and LoRA / QLoRA fine-tuning of a causal LM.
 
-One optimizer step = ``gradient_accumulation_steps`` micro-batches of
-``per_device_train_batch_size`` sequences on each data-parallel rank. The loss of a
-step is the sum of token losses over that whole global batch divided by its number of
-trained tokens, exactly as one process with the same global batch would compute it.
+One optimizer step (:meth:`Trainer.train_step`) = ``gradient_accumulation_steps``
+micro-batches of ``per_device_train_batch_size`` sequences on each data-parallel rank.
+The loss of a step is the sum of token losses over that whole global batch divided by
+its number of trained tokens, exactly as one process with the same global batch would
+compute it. ``train()`` builds the run's parts once (:class:`TrainingSetup`), restores a
+checkpoint if asked, then loops over ``train_step()``, logging, evaluating and saving
+(:class:`~ds_model.training.checkpointer.Checkpointer`) as configured.
 
 Subclasses (``DPOTrainer``, ``DistillationTrainer``) change what a batch is and how its
 loss is computed by overriding ``build_dataset``, ``loss_weight`` and ``compute_loss``.
@@ -18,15 +21,22 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from ds_model import lean_backward
-from ds_model.config import read_json
 from ds_model.training import checkpoint as ckpt
+from ds_model.training.builders import (
+    apply_lora,
+    base_directory,
+    build_optimizer,
+    load_model,
+    quantize_for_qlora,
+    resolve_tokenizer,
+)
+from ds_model.training.checkpointer import Checkpointer
 from ds_model.training.config import TrainingConfig
 from ds_model.training.data import (
     LM_KINDS,
@@ -41,31 +51,15 @@ from ds_model.training.distributed import (
     init_distributed,
     is_sharded,
     no_grad_sync,
-    unwrap,
     wrap_model,
 )
 from ds_model.training.loss import causal_lm_loss_sum
-from ds_model.training.modeling import (
-    adapter_keys,
-    adapter_state,
-    apply_lora,
-    base_directory,
-    build_optimizer,
-    load_model,
-    quantize_for_qlora,
-    resolve_tokenizer,
-    write_adapter,
-)
-from ds_model.training.optimizer import (
-    load_optimizer_state,
-    optimizer_state,
-    save_optimizer_shard,
-)
+from ds_model.training.peft_adapter import adapter_state, write_adapter
 from ds_model.training.pipeline import PipelineRunner
 from ds_model.training.plot import write_loss_png
 from ds_model.training.schedule import warmup_cosine
 
-__all__ = ["TrainResult", "Trainer"]
+__all__ = ["RunPosition", "StepMetrics", "TrainResult", "Trainer", "TrainingSetup"]
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -84,20 +78,105 @@ class TrainResult:
     data_report: DataReport | None = None
 
 
+@dataclass
+class RunPosition:
+    """Where a run is: steps done, the data position ``(epoch, micro-batch within the
+    epoch)`` and the loss and eval history. What a checkpoint's ``trainer_state.json``
+    records, so a resumed run continues exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    micro: int = 0
+    losses: list[float] = field(default_factory=list)
+    evals: list[dict[str, float]] = field(default_factory=list)
+    tokens_seen: int = 0  # since this train() call began (for tokens/s), not saved
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "global_step": self.step,
+            "epoch": self.epoch,
+            "micro_in_epoch": self.micro,
+            "losses": self.losses,
+            "eval_history": self.evals,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> RunPosition:
+        return cls(
+            step=state["global_step"],
+            epoch=state["epoch"],
+            micro=state["micro_in_epoch"],
+            losses=list(state["losses"]),
+            evals=list(state["eval_history"]),
+        )
+
+
+@dataclass
+class TrainingSetup:
+    """Everything ``train()`` builds before its first step: where this process sits,
+    the model as loaded and as trained (wrapped, compiled), its pipeline stage, the
+    optimizer, schedule and loss scaler, the data, the step count and the checkpointer."""
+
+    ctx: DistContext
+    model: nn.Module  # the eager model (LoRA injected, QLoRA quantized); `Trainer.model`
+    wrapped: nn.Module  # as trained: DDP / FSDP2 / tensor-parallel, or one pipeline stage
+    forward_model: nn.Module  # `wrapped`, or its torch.compile'd form for the forward
+    pipeline: PipelineRunner | None
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    dataset: Any
+    eval_set: Any
+    report: DataReport
+    micro_per_epoch: int
+    total_steps: int
+    checkpointer: Checkpointer
+    position: RunPosition = field(default_factory=RunPosition)
+    order: list[int] = field(default_factory=list)  # the current epoch's sample order
+
+
+@dataclass
+class StepMetrics:
+    """One optimizer step's numbers (reduced over every rank)."""
+
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens: int
+    extras: dict[str, float] = field(default_factory=dict)  # e.g. kl / ce per unit
+
+    def record(self, step: int, epoch: int, tokens_per_s: float) -> dict[str, Any]:
+        """The step's line in ``metrics.jsonl``."""
+        return {
+            "step": step,
+            "epoch": epoch,
+            "loss": self.loss,
+            "lr": self.lr,
+            "grad_norm": self.grad_norm,
+            "tokens_per_s": tokens_per_s,
+            **self.extras,
+        }
+
+
 class Trainer:
     """Train a causal LM whose ``forward(input_ids)`` returns an object with ``.logits``
     of shape (batch, seqlen, vocab).
 
-    Both published call forms work::
+    The call form::
 
-        Trainer(model_path="deepseek-7b", config=lora_config).train(data_path="d.json", epochs=3)
-        Trainer(model=model, train_dataset=data, lora_config=lora_config,
-                per_device_train_batch_size=8, num_train_epochs=3).train()
+        Trainer(model, args=TrainingConfig(...), lora_config=lora_config,
+                train_dataset=data, eval_dataset=None, tokenizer=None).train()
 
-    ``model`` is an ``nn.Module``, a checkpoint directory or a preset name;
-    ``config`` is a ``LoraConfig`` (the published example's meaning) or a :class:`TrainingConfig`;
-    any :class:`TrainingConfig` field may also be passed as a keyword. Data is a path
-    to a .json/.jsonl file, an iterable of records or strings, or a ready dataset.
+    ``model`` is an ``nn.Module``, a checkpoint directory or a preset name; ``args`` a
+    :class:`TrainingConfig`, and any of its fields may be passed as a keyword instead
+    (``per_device_train_batch_size=8, num_train_epochs=3``, as HF's ``Trainer``);
+    ``lora_config`` a ``LoraConfig`` (none: full training). Data is a path to a
+    .json/.jsonl file, an iterable of records or strings, or a ready dataset.
+
+    DeepSeek's published form also works: ``Trainer(model_path=path,
+    config=lora_config).train(data_path="d.json", epochs=3)``, where ``model_path=``
+    names the model and ``config=`` is the ``LoraConfig`` (a ``TrainingConfig`` there is
+    taken as ``args``).
     """
 
     def __init__(
@@ -114,31 +193,21 @@ class Trainer:
         device: str | None = None,
         **options: Any,
     ) -> None:
-        if model is not None and model_path is not None:
-            raise ValueError("pass either model= or model_path=, not both")
-        if model is None and model_path is None:
-            raise ValueError("no model: pass model= (a module, path or preset) or model_path=")
-        if isinstance(config, TrainingConfig):
-            if args is not None:
-                raise ValueError("config= is a TrainingConfig and args= is given too")
-            args = config
-        elif config is not None:
-            if lora_config is not None:
-                raise ValueError("config= (a LoRA config) and lora_config= are both given")
-            lora_config = config
-        args = args or TrainingConfig()
-        args = args.replace(**options) if options else args
-        self.args = _fit_seq_len(args, model if model is not None else model_path)
+        source, args, lora_config = _resolve_arguments(
+            model, model_path, config, args, lora_config, options
+        )
+        self.args = _fit_seq_len(args, source)
         self.lora_config = lora_config
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
-        self._model_source = model if model is not None else model_path
-        self._base = base_directory(self._model_source)  # adapters name their base
+        self.model: nn.Module | None = source if isinstance(source, nn.Module) else None
+        self.log_history: list[dict[str, Any]] = []
+        self.setup: TrainingSetup | None = None  # built by train()
+        self._model_source = source
+        self._base = base_directory(source)  # adapters name their base
         self._tokenizer = tokenizer
         self._device = device
-        self.model: nn.Module | None = model if isinstance(model, nn.Module) else None
-        self.log_history: list[dict[str, Any]] = []
-        self._pipeline: PipelineRunner | None = None
+        self._model_ready = False  # quantized / LoRA-injected once, reused by later train()s
 
     # ----------------------------------------------------------------- hooks
     data_kinds: tuple[str, ...] = LM_KINDS  # the record kinds build_dataset accepts
@@ -181,26 +250,161 @@ class Trainer:
         max_steps: int | None = None,
         eval_data: Any = None,
     ) -> TrainResult:
-        """Run training; ``resume_from`` is a checkpoint or an output directory (its
-        newest checkpoint is used) and continues the run exactly."""
+        """Run training. ``resume_from`` is a checkpoint or an output directory (its
+        newest checkpoint is used), or ``"auto"``: the newest complete checkpoint in
+        ``output_dir`` if there is one, else a fresh start; a resumed run continues
+        exactly as the uninterrupted one would have."""
         changes: dict[str, Any] = {}
         if epochs is not None:
             changes["num_train_epochs"] = epochs
         if max_steps is not None:
             changes["max_steps"] = max_steps
-        args = self.args.replace(**changes) if changes else self.args
-        self.args = args
+        args = self.args = self.args.replace(**changes) if changes else self.args
         source = data_path if data_path is not None else self.train_dataset
         if source is None:
             raise ValueError("no training data: pass train_dataset= or train(data_path=...)")
         if eval_data is not None:
             self.eval_dataset = eval_data
         _check_output_dir(args.output_dir)
-        resume_dir = ckpt.find_latest_checkpoint(resume_from) if resume_from else None
+        resume_dir = ckpt.resume_checkpoint(resume_from, args.output_dir)
         # Bad data is reported before the model loads (minutes, for a large one).
         for data in (source, self.eval_dataset):
             check_data_file(data, self.data_kinds, args.skip_bad_records)
 
+        setup = self.setup = self._build(source)
+        ctx = setup.ctx
+        if resume_dir is not None:
+            setup.position = RunPosition.from_state(setup.checkpointer.load(resume_dir))
+        position = setup.position
+        metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+        if ctx.is_main:
+            os.makedirs(args.output_dir, exist_ok=True)
+            _truncate_metrics(metrics_path, position.step)
+        setup.order = _epoch_order(len(setup.dataset), args.seed, position.epoch, args.shuffle)
+
+        progress = _progress(setup.total_steps, position.step, ctx.is_main and args.progress_bar)
+        started, last_checkpoint, last_save = time.perf_counter(), None, time.monotonic()
+        setup.wrapped.train()
+        while position.step < setup.total_steps:
+            metrics = self.train_step()
+            step, done = position.step, position.step == setup.total_steps
+            tokens_per_s = position.tokens_seen / max(time.perf_counter() - started, 1e-9)
+            progress.update(1)
+            progress.set_postfix(loss=f"{metrics.loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
+            if step % args.logging_steps == 0 or done:
+                record = metrics.record(step, position.epoch, tokens_per_s)
+                self._log(metrics_path, record, ctx)
+            if setup.eval_set is not None and (_every(args.eval_steps, step) or done):
+                result = {**self.evaluate(setup.eval_set), "step": step}
+                position.evals.append(result)
+                self._log(metrics_path, result, ctx)
+                setup.wrapped.train()
+            due = args.save_minutes and time.monotonic() - last_save >= args.save_minutes * 60
+            if _is_save_step(args, step, due, ctx) or (done and args.save_final):
+                last_save = time.monotonic()
+                last_checkpoint = setup.checkpointer.save(step, position.to_state(), args.to_dict())
+        progress.close()
+        return TrainResult(
+            global_step=position.step,
+            losses=position.losses,
+            eval_history=position.evals,
+            checkpoint=last_checkpoint,
+            metrics_path=metrics_path,
+            plot_path=self._plot(position),
+            data_report=setup.report,
+        )
+
+    def train_step(self) -> StepMetrics:
+        """One optimizer step over the run's next micro-batches: forward and backward of
+        each (the loss sum scaled by the global batch's weight), gradients clipped, the
+        optimizer, loss scaler and learning-rate schedule stepped. Advances
+        ``setup.position``; every rank calls it."""
+        setup = self._require_setup()
+        ctx, position = setup.ctx, setup.position
+        batches = self._next_batches(setup)
+        weights = [0.0 if "zero_weight" in b else self.loss_weight(b) for b in batches]
+        sums = ctx.all_reduce_sum([sum(weights), float(sum(_tokens(b) for b in batches))])
+        global_weight, global_tokens = sums
+        if global_weight <= 0:
+            raise ValueError(f"step {position.step + 1}: the global batch has no trained tokens")
+        scale = _loss_scale(setup.scaler, ctx.dp_size / global_weight)
+        if setup.pipeline is not None:
+            loss_total, extra_total = setup.pipeline.step(batches, scale), {}
+        else:
+            loss_total, extra_total = self._accumulate(setup, batches, scale)
+        grad_norm = self._optimizer_step(setup)
+        reduced = ctx.all_reduce_sum([loss_total, *extra_total.values()])
+        loss = reduced[0] / global_weight
+        position.micro += len(batches)
+        position.step += 1
+        position.tokens_seen += int(global_tokens)
+        position.losses.append(loss)
+        return StepMetrics(
+            loss=loss,
+            lr=setup.scheduler.get_last_lr()[0],
+            grad_norm=grad_norm,
+            tokens=int(global_tokens),
+            extras={k: v / global_weight for k, v in zip(extra_total, reduced[1:], strict=True)},
+        )
+
+    def _next_batches(self, setup: TrainingSetup) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches of the next step (a new epoch begins when the last
+        one is used up; its last step may have fewer micro-batches)."""
+        args, ctx, position = self.args, setup.ctx, setup.position
+        if position.micro >= setup.micro_per_epoch:
+            position.epoch, position.micro = position.epoch + 1, 0
+            setup.order = _epoch_order(len(setup.dataset), args.seed, position.epoch, args.shuffle)
+        count = min(args.gradient_accumulation_steps, setup.micro_per_epoch - position.micro)
+        batches = []
+        for m in range(position.micro, position.micro + count):
+            idx = micro_batch_indices(
+                setup.order, m, args.per_device_train_batch_size, ctx.dp_size, ctx.dp_rank
+            )
+            batches.append(self._batch(setup.dataset, idx, setup.order, ctx))
+        return batches
+
+    def _accumulate(self, setup: TrainingSetup, batches, scale) -> tuple[float, dict[str, float]]:
+        """Forward and backward over a step's micro-batches, back-propagating
+        ``scale(loss sum)`` of each; returns the step's loss sum and extra metric sums."""
+        args = self.args
+        loss_total, extra_total = 0.0, {}
+        for i, batch in enumerate(batches):
+            with no_grad_sync(setup.wrapped, args.distributed_strategy, i < len(batches) - 1):
+                with _autocast(setup.ctx.device, args.precision):
+                    loss_sum, extra = self.compute_loss(setup.forward_model, batch)
+                if "zero_weight" in batch:
+                    # Same keys on every rank, or the all-reduce below mismatches.
+                    loss_sum, extra = loss_sum * 0.0, dict.fromkeys(extra, 0.0)
+                scale(loss_sum).backward()
+            loss_total += float(loss_sum.detach())
+            for k, v in extra.items():
+                extra_total[k] = extra_total.get(k, 0.0) + v
+        return loss_total, extra_total
+
+    def _optimizer_step(self, setup: TrainingSetup) -> float:
+        """Unscale, clip (returns the norm before clipping), step, update the scaler and
+        the schedule, clear the gradients."""
+        args, optimizer, scaler = self.args, setup.optimizer, setup.scaler
+        scaler.unscale_(optimizer)
+        grad_norm = float("nan")
+        if args.max_grad_norm is not None:
+            params = [p for p in setup.wrapped.parameters() if p.grad is not None]
+            # Pipeline stages hold disjoint parameters: the norm sums theirs over `pp`.
+            pp = setup.pipeline
+            grad_norm = clip_grad_norm(
+                params, args.max_grad_norm, across_ranks=pp is not None, group=pp and pp.group
+            )
+        scaler.step(optimizer)
+        scaler.update()
+        setup.scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    # ---------------------------------------------------------------- set-up
+    def _build(self, source: Any) -> TrainingSetup:
+        """The run's parts, in the order exact resume depends on (the seed is set before
+        the model is prepared, the optimizer built after wrapping)."""
+        args = self.args
         ctx = init_distributed(
             args.distributed_strategy,
             args.tp_size,
@@ -215,178 +419,68 @@ class Trainer:
                 "precision='bf16' on a CPU without native bf16 instructions (no avx512_bf16, "
                 "amx_bf16 or Arm bf16 in /proc/cpuinfo): bf16 matmuls are emulated there "
                 "and ran ~30x slower than fp32 on such a host; precision='fp32' is faster",
-                stacklevel=2,
+                stacklevel=3,
             )
         if pipelined:
             self._check_pipeline_supported()  # before the model is touched
         torch.manual_seed(args.seed)
         model = self._materialize_model()
         lean_backward.enable(model, args.lean_backward)
-        tokenizer = resolve_tokenizer(self._tokenizer, self._model_source, model)
+        tokenizer = self._tokenizer = resolve_tokenizer(self._tokenizer, self._model_source, model)
         dataset, report = self.build_dataset(source, tokenizer)
         eval_set = None
         if self.eval_dataset is not None:
             eval_set, _ = self.build_dataset(self.eval_dataset, tokenizer)
 
         # Split first: a rank then moves (and holds on the device) only its own stage.
-        self._pipeline = self._pipeline_for(model, ctx) if pipelined else None
+        pipeline = self._pipeline_for(model, ctx) if pipelined else None
         model.to(ctx.device)
         self.prepare_models(ctx)
         wrapped = wrap_model(model, args.distributed_strategy, ctx, args)
-        if self._pipeline is not None:
-            self._pipeline.parallelize()  # replicas: TP / FSDP2 within each stage
+        if pipeline is not None:
+            pipeline.parallelize()  # replicas: TP / FSDP2 within each stage
+            _agree_every_stage_trains(pipeline)
         # Only the training forward is compiled (DDP's compiled form splits graphs at
         # its buckets); evaluation, checkpoints and `trainer.model` stay the eager model.
-        forward_model = wrapped
-        if args.torch_compile:
-            forward_model = torch.compile(wrapped)
-        self.model = model
-        self._wrapped = wrapped
-        self._ctx = ctx
-        self._tokenizer = tokenizer
-        if self._pipeline is not None:
-            # Checked on every rank together: a stage raising alone would hang the rest.
-            frozen = [
-                sid
-                for sid, stage in zip(self._pipeline.stage_ids, self._pipeline.modules, strict=True)
-                if not any(p.requires_grad for p in stage.parameters())
-            ]
-            self._pipeline.agree(
-                None
-                if not frozen
-                else f"stage {frozen[0]} has no trainable parameters (does the "
-                "LoRA target_modules pattern reach its layers?)"
-            )
+        forward_model = torch.compile(wrapped) if args.torch_compile else wrapped
         optimizer = build_optimizer(model, args)
-        n = len(dataset)
-        micro_per_epoch = math.ceil(n / (args.per_device_train_batch_size * ctx.dp_size))
+        micro_per_epoch = math.ceil(len(dataset) / (args.per_device_train_batch_size * ctx.dp_size))
         steps_per_epoch = math.ceil(micro_per_epoch / args.gradient_accumulation_steps)
         total_steps = (
             args.max_steps if args.max_steps > 0 else steps_per_epoch * args.num_train_epochs
         )
         scheduler = warmup_cosine(optimizer, args.warmup_steps, total_steps, args.min_lr_ratio)
         scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.precision == "fp16")
-
-        step, epoch, micro, losses, evals = 0, 0, 0, [], []
-        if resume_dir is not None:
-            state = self._load_checkpoint(resume_dir, wrapped, optimizer, scheduler, scaler, ctx)
-            step, epoch, micro = state["global_step"], state["epoch"], state["micro_in_epoch"]
-            losses, evals = list(state["losses"]), list(state["eval_history"])
-        metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-        if ctx.is_main:
-            os.makedirs(args.output_dir, exist_ok=True)
-            _truncate_metrics(metrics_path, step)
-        order = _epoch_order(n, args.seed, epoch, args.shuffle)
-
-        progress = _progress(total_steps, step, ctx.is_main and args.progress_bar)
-        started, tokens_seen, last_ckpt = time.perf_counter(), 0, None
-        last_save = time.monotonic()
-        wrapped.train()
-        while step < total_steps:
-            if micro >= micro_per_epoch:
-                epoch, micro = epoch + 1, 0
-                order = _epoch_order(n, args.seed, epoch, args.shuffle)
-            count = min(args.gradient_accumulation_steps, micro_per_epoch - micro)
-            batches = []
-            for m in range(micro, micro + count):
-                idx = micro_batch_indices(
-                    order, m, args.per_device_train_batch_size, ctx.dp_size, ctx.dp_rank
-                )
-                batches.append(self._batch(dataset, idx, order, ctx))
-            weights = [0.0 if "zero_weight" in b else self.loss_weight(b) for b in batches]
-            sums = ctx.all_reduce_sum([sum(weights), float(sum(_tokens(b) for b in batches))])
-            global_weight, global_tokens = sums
-            if global_weight <= 0:
-                raise ValueError(f"step {step + 1}: the global batch has no trained tokens")
-            scale = _loss_scale(scaler, ctx.dp_size / global_weight)
-            if self._pipeline is not None:
-                loss_total = self._pipeline.step(batches, scale)
-                extra_total: dict[str, float] = {}
-            else:
-                loss_total, extra_total = self._accumulate(forward_model, wrapped, batches, scale)
-            grad_norm = self._optimizer_step(wrapped, optimizer, scheduler, scaler)
-            reduced = ctx.all_reduce_sum([loss_total, *extra_total.values()])
-            loss = reduced[0] / global_weight
-            micro += count
-            step += 1
-            tokens_seen += int(global_tokens)
-            losses.append(loss)
-            elapsed = time.perf_counter() - started
-            record = {
-                "step": step,
-                "epoch": epoch,
-                "loss": loss,
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm,
-                "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
-            }
-            record.update(
-                {k: v / global_weight for k, v in zip(extra_total, reduced[1:], strict=True)}
-            )
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            if step % args.logging_steps == 0 or step == total_steps:
-                self._log(metrics_path, record, ctx)
-            if eval_set is not None and (
-                (args.eval_steps and step % args.eval_steps == 0) or step == total_steps
-            ):
-                result = self.evaluate(eval_set)
-                result["step"] = step
-                evals.append(result)
-                self._log(metrics_path, result, ctx)
-                wrapped.train()
-            is_save_step = args.save_steps and step % args.save_steps == 0
-            if args.save_minutes and not is_save_step:
-                due = time.monotonic() - last_save >= args.save_minutes * 60
-                is_save_step = ctx.all_reduce_sum([float(due)])[0] > 0  # every rank agrees
-            if is_save_step or (step == total_steps and args.save_final):
-                last_save = time.monotonic()
-                state = {
-                    "global_step": step,
-                    "epoch": epoch,
-                    "micro_in_epoch": micro,
-                    "losses": losses,
-                    "eval_history": evals,
-                }
-                last_ckpt = self._save_checkpoint(
-                    step, wrapped, optimizer, scheduler, scaler, ctx, state
-                )
-        progress.close()
-        plot_path = None
-        if ctx.is_main and args.plot and losses:
-            plot_path = os.path.join(args.output_dir, "loss.png")
-            write_loss_png(
-                plot_path,
-                list(enumerate(losses, start=1)),
-                [(e["step"], e["eval_loss"]) for e in evals],
-            )
-        return TrainResult(
-            global_step=step,
-            losses=losses,
-            eval_history=evals,
-            checkpoint=last_ckpt,
-            metrics_path=metrics_path,
-            plot_path=plot_path,
-            data_report=report,
+        checkpointer = Checkpointer(
+            output_dir=args.output_dir,
+            ctx=ctx,
+            wrapped=wrapped,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            pipeline=pipeline,
+            sharded=is_sharded(args.distributed_strategy, ctx),
+            adapter=self.lora_config is not None,
+            base=self._base,
+            tokenizer=tokenizer,
+            save_total_limit=args.save_total_limit,
         )
-
-    def _accumulate(self, forward_model, wrapped, batches, scale):
-        """Forward and backward over a step's micro-batches, back-propagating
-        ``scale(loss sum)`` of each; returns the step's loss sum and extra metric sums."""
-        args, ctx = self.args, self._ctx
-        loss_total, extra_total = 0.0, {}
-        for i, batch in enumerate(batches):
-            with no_grad_sync(wrapped, args.distributed_strategy, i < len(batches) - 1):
-                with _autocast(ctx.device, args.precision):
-                    loss_sum, extra = self.compute_loss(forward_model, batch)
-                if "zero_weight" in batch:
-                    # Same keys on every rank, or the all-reduce below mismatches.
-                    loss_sum, extra = loss_sum * 0.0, dict.fromkeys(extra, 0.0)
-                scale(loss_sum).backward()
-            loss_total += float(loss_sum.detach())
-            for k, v in extra.items():
-                extra_total[k] = extra_total.get(k, 0.0) + v
-        return loss_total, extra_total
+        return TrainingSetup(
+            ctx=ctx,
+            model=model,
+            wrapped=wrapped,
+            forward_model=forward_model,
+            pipeline=pipeline,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            dataset=dataset,
+            eval_set=eval_set,
+            report=report,
+            micro_per_epoch=micro_per_epoch,
+            total_steps=total_steps,
+            checkpointer=checkpointer,
+        )
 
     def _check_pipeline_supported(self) -> None:
         if type(self).compute_loss is not Trainer.compute_loss or (
@@ -401,15 +495,18 @@ class Trainer:
     def _pipeline_for(self, model: nn.Module, ctx: DistContext) -> PipelineRunner:
         """This rank's stage of ``model``, split in place (``ds_model.training.pipeline``);
         a later ``train()`` of this trainer reuses the split."""
-        if self._pipeline is not None and self._pipeline.lm is model:
-            return self._pipeline
+        previous = self.setup.pipeline if self.setup is not None else None
+        if previous is not None and previous.lm is model:
+            return previous
         precision = self.args.precision
         return PipelineRunner(
             model, ctx, lambda: _autocast(ctx.device, precision), self.args.pp_virtual_stages
         )
 
     def _materialize_model(self) -> nn.Module:
-        if self.model is not None and getattr(self, "_prepared", False):
+        """The model to train: loaded, its base quantized (QLoRA), the adapter injected;
+        once per trainer, so a later ``train()`` continues the same model."""
+        if self.model is not None and self._model_ready:
             return self.model
         model = self.model if self.model is not None else load_model(self._model_source)
         if self.args.quantization == "int4":
@@ -419,8 +516,13 @@ class Trainer:
         if self.lora_config is not None:
             model = apply_lora(model, self.lora_config)
         self.model = model
-        self._prepared = True
+        self._model_ready = True
         return model
+
+    def _require_setup(self) -> TrainingSetup:
+        if self.setup is None:
+            raise ValueError("train_step() runs inside train(): call train() first")
+        return self.setup
 
     def _batch(
         self, dataset: Any, idx: list[int], order: list[int], ctx: DistContext
@@ -435,23 +537,6 @@ class Trainer:
             batch["zero_weight"] = torch.ones(1)
         return {k: v.to(ctx.device) for k, v in batch.items()}
 
-    def _optimizer_step(self, wrapped, optimizer, scheduler, scaler) -> float:
-        args = self.args
-        scaler.unscale_(optimizer)
-        grad_norm = float("nan")
-        if args.max_grad_norm is not None:
-            params = [p for p in wrapped.parameters() if p.grad is not None]
-            # Pipeline stages hold disjoint parameters: the norm sums theirs over `pp`.
-            pp = self._pipeline
-            grad_norm = clip_grad_norm(
-                params, args.max_grad_norm, across_ranks=pp is not None, group=pp and pp.group
-            )
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        return grad_norm
-
     # ------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, dataset: Any = None) -> dict[str, float]:
@@ -460,8 +545,10 @@ class Trainer:
             if self.eval_dataset is None:
                 raise ValueError("no evaluation data: pass eval_dataset= or evaluate(dataset)")
             dataset, _ = self.build_dataset(self.eval_dataset, self._tokenizer)
-        model = getattr(self, "_wrapped", None) or self.model
-        ctx = getattr(self, "_ctx", DistContext())
+        setup = self.setup
+        model = setup.wrapped if setup is not None else self.model
+        ctx = setup.ctx if setup is not None else DistContext()  # before train(): one process
+        pipeline = setup.pipeline if setup is not None else None
         if model is None:
             raise ValueError("evaluate() needs a model: call train() first or pass model=")
         model.eval()
@@ -471,8 +558,8 @@ class Trainer:
         for m in range(math.ceil(len(order) / (bs * ctx.dp_size))):
             idx = micro_batch_indices(order, m, bs, ctx.dp_size, ctx.dp_rank)
             batch = self._batch(dataset, idx, order, ctx)
-            if self._pipeline is not None:
-                loss_sum = self._pipeline.loss_sum(batch)  # every rank: the same value
+            if pipeline is not None:
+                loss_sum = pipeline.loss_sum(batch)  # every rank: the same value
             else:
                 with _autocast(ctx.device, self.args.precision):
                     loss_sum, _ = self.compute_loss(model, batch)
@@ -483,218 +570,7 @@ class Trainer:
         loss = total / max(weight, 1e-9)
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0))}
 
-    # ----------------------------------------------------------- checkpoints
-    def _save_checkpoint(self, step, wrapped, optimizer, scheduler, scaler, ctx, state) -> str:
-        args = self.args
-        sharded = is_sharded(args.distributed_strategy, ctx)
-        if ctx.is_main:
-            ckpt.prepare_tmp(args.output_dir, step)
-        ctx.barrier()
-        tmp = ckpt.tmp_dir_for(args.output_dir, step)
-        torch.save(ckpt.capture_rng(), os.path.join(tmp, f"rng_state_{ctx.rank}.pt"))
-        save_optimizer_shard(optimizer, tmp, ctx.rank)  # ZeRO-1: every rank its own
-        model_state, optim_state = self._gather_states(wrapped, optimizer, sharded, ctx)
-        ctx.barrier()
-        final = os.path.join(args.output_dir, f"checkpoint-{step}")
-        if ctx.is_main:
-
-            def write(tmp_dir: str) -> None:
-                if self.lora_config is not None:
-                    write_adapter(unwrap(wrapped), tmp_dir, model_state, self._base)
-                else:
-                    ckpt.save_weights(model_state, os.path.join(tmp_dir, "model.safetensors"))
-                    self._write_model_files(tmp_dir)
-                torch.save(optim_state, os.path.join(tmp_dir, "optimizer.pt"))
-                torch.save(
-                    {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()},
-                    os.path.join(tmp_dir, "training_state.pt"),
-                )
-
-            full_state = {
-                **state,
-                "world_size": ctx.world_size,
-                "config": args.to_dict(),
-                "adapter_only": self.lora_config is not None,
-            }
-            final = ckpt.write_checkpoint(
-                args.output_dir, step, write, full_state, args.save_total_limit, prepare=False
-            )
-        ctx.barrier()
-        return final
-
-    def _write_model_files(self, path: str) -> None:
-        """config.json and the tokenizer's files next to a checkpoint's full weights, so
-        the checkpoint loads with ``from_pretrained`` and ``transformers.AutoTokenizer``."""
-        to_dict = getattr(getattr(self.model, "config", None), "to_hf_dict", None)
-        if callable(to_dict):
-            with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
-                json.dump(to_dict(), f, indent=2)
-        save = getattr(self._tokenizer, "save_pretrained", None)
-        if callable(save):
-            save(path)
-
-    def _gather_states(self, wrapped, optimizer, sharded: bool, ctx: DistContext):
-        """Rank 0's (model weights, optimizer state) to checkpoint: full weights, or for
-        LoRA the adapter (PEFT keys, :func:`adapter_state`)."""
-        pipeline = self._pipeline
-        if pipeline is not None:
-            # One optimizer state per stage: resumable with the same number of stages.
-            stage_state = pipeline.optimizer_state(unwrap(wrapped), optimizer)
-            optim_state = {"pipeline_stages": pipeline.gather(stage_state)}
-            return self._model_state(wrapped, sharded, ctx), optim_state
-        model_state = self._model_state(wrapped, sharded, ctx)
-        if sharded:
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                get_optimizer_state_dict,
-            )
-
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            return model_state, get_optimizer_state_dict(wrapped, optimizer, options=opts)
-        return model_state, optimizer_state(optimizer)
-
-    def _model_state(self, wrapped, sharded: bool, ctx: DistContext) -> dict[str, torch.Tensor]:
-        """What rank 0 writes (a collective under fsdp / 3d_parallel / pipeline): the full
-        weights by name, or for LoRA the adapter by PEFT key; ``{}`` on other ranks
-        where the weights are gathered."""
-        model = unwrap(wrapped)
-        lora = self.lora_config is not None
-        if self._pipeline is not None:
-            # Every stage sends its part (weights, or adapter) to rank 0.
-            if not lora:
-                return self._pipeline.merged(self._pipeline.model_state(model)) or {}
-            keys = adapter_keys(model)  # {PEFT key: parameter name}
-            whole = self._pipeline.model_state(model, set(keys.values()))
-            part = None if whole is None else {k: whole[n] for k, n in keys.items()}
-            return self._pipeline.merged(part) or {}
-        if not sharded:
-            if not ctx.is_main:
-                return {}
-            return adapter_state(model) if lora else model.state_dict()
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-        )
-
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state = get_model_state_dict(wrapped, options=opts)
-        if not ctx.is_main:
-            return {}
-        return adapter_state(model, state) if lora else state
-
-    def _load_checkpoint(self, path, wrapped, optimizer, scheduler, scaler, ctx) -> dict:
-        state = read_json(Path(path) / ckpt.STATE_FILE, ckpt.CheckpointError)
-        if not isinstance(state, dict):
-            raise ckpt.CheckpointError(f"{path}/{ckpt.STATE_FILE}: expected a JSON object")
-        model = unwrap(wrapped)
-        if self._pipeline is not None:
-            weights = self._stage_weights(path, model, bool(state.get("adapter_only")))
-        elif state.get("adapter_only"):
-            from ds_model.training.modeling import load_adapter_state
-
-            weights = load_adapter_state(model, path)
-        else:
-            weights = ckpt.load_weights(os.path.join(path, "model.safetensors"))
-        optim_state = ckpt.load_state_file(os.path.join(path, "optimizer.pt"))
-        optim_state = self._stage_optimizer_state(path, optim_state, ctx)
-        if self._pipeline is not None:
-            # The stage's parameters must be the saved stage's (another interleaving,
-            # say, gives a rank other layers): checked on every rank together.
-            saved = {n for g in optim_state.get("param_groups", []) for n in g["params"]}
-            own = {n for n, p in model.named_parameters() if p.requires_grad}
-            error = None
-            if saved != own:
-                diff = sorted(saved ^ own)[:3]
-                error = (
-                    f"{path}: stage {ctx.pp_rank}'s saved optimizer state is for other "
-                    f"parameters (e.g. {diff}); resume with the same pp_size and "
-                    "pp_virtual_stages"
-                )
-            self._pipeline.agree(error, ckpt.CheckpointError)
-            self._pipeline.load_state(model, weights, optimizer, optim_state)
-        elif is_sharded(self.args.distributed_strategy, ctx):
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                set_model_state_dict,
-                set_optimizer_state_dict,
-            )
-
-            opts = StateDictOptions(full_state_dict=True, strict=not state.get("adapter_only"))
-            set_model_state_dict(wrapped, weights, options=opts)
-            set_optimizer_state_dict(wrapped, optimizer, optim_state, options=opts)
-        else:
-            missing, unexpected = model.load_state_dict(weights, strict=False)
-            if unexpected:
-                raise ckpt.CheckpointError(f"{path}: unexpected weights {unexpected[:5]}")
-            if not state.get("adapter_only") and missing:
-                raise ckpt.CheckpointError(f"{path}: missing weights {missing[:5]}")
-            load_optimizer_state(optimizer, optim_state, path, ctx.rank)
-        extra = ckpt.load_state_file(os.path.join(path, "training_state.pt"))
-        scheduler.load_state_dict(extra["scheduler"])
-        scaler.load_state_dict(extra["scaler"])
-        rng_file = os.path.join(path, f"rng_state_{ctx.rank}.pt")
-        if os.path.exists(rng_file):
-            ckpt.restore_rng(ckpt.load_state_file(rng_file))
-        else:
-            warnings.warn(f"{path} has no RNG state for rank {ctx.rank}", stacklevel=2)
-        return state
-
-    def _stage_weights(self, path: str, model: nn.Module, adapter_only: bool) -> dict:
-        """This stage's part of a checkpoint's weights (or adapter). Every stage checks
-        its part and the file's keys against all stages' together, and all raise
-        ``CheckpointError`` if any finds a problem."""
-        from ds_model.training.modeling import load_adapter_state
-
-        assert self._pipeline is not None
-        own = list(model.state_dict().keys())
-        error, weights = None, {}
-        try:
-            if adapter_only:
-                weights = load_adapter_state(model, path, partial=True)
-            else:
-                weights = ckpt.load_weights(os.path.join(path, "model.safetensors"))
-                missing = [k for k in own if k not in weights]
-                if missing:
-                    error = f"{path}: missing weights {missing[:5]}"
-        except (ValueError, OSError) as e:
-            error = str(e)
-        every = self._pipeline.stage_keys(own)
-        if error is None and not adapter_only:
-            unexpected = sorted(set(weights) - set(every))
-            if unexpected:
-                error = f"{path}: unexpected weights {unexpected[:5]}"
-        self._pipeline.agree(error, ckpt.CheckpointError)
-        return {k: v for k, v in weights.items() if k in own}
-
-    def _stage_optimizer_state(self, path: str, optim_state: Any, ctx: DistContext) -> Any:
-        """This rank's optimizer state: a pipeline checkpoint keeps one per stage, and
-        resumes only as a pipeline of as many ranks (each rank's optimizer knows its
-        own parameters only)."""
-        stages = optim_state.get("pipeline_stages") if isinstance(optim_state, dict) else None
-        if self._pipeline is None:
-            if stages is not None:
-                raise ckpt.CheckpointError(
-                    f"{path} holds the optimizer state of a {len(stages)}-rank pipeline "
-                    f"run; resume it with pipeline stages (distributed_strategy='pipeline', "
-                    f"pp_size={len(stages)})"
-                )
-            return optim_state
-        if stages is None or len(stages) != ctx.pp_size:
-            found = "no pipeline" if stages is None else f"a {len(stages)}-rank pipeline"
-            raise ckpt.CheckpointError(
-                f"{path} holds the optimizer state of {found} run; a pipeline resumes only "
-                f"from a pipeline checkpoint of as many ranks per pipeline (pp_size "
-                f"{ctx.pp_size} here)"
-            )
-        stage = stages[ctx.pp_rank]
-        if any(isinstance(k, int) for k in stage.get("state", {})):
-            raise ckpt.CheckpointError(
-                f"{path} holds a pipeline optimizer state keyed by parameter index (an "
-                "earlier development format); it cannot be matched to this stage's "
-                "parameters"
-            )
-        return stage
-
+    # --------------------------------------------------------------- output
     def save_model(self, path: str) -> None:
         """The trained weights: the adapter (PEFT format) for LoRA, else the model
         through its own ``save_pretrained`` when it has one, else ``model.safetensors``.
@@ -703,22 +579,9 @@ class Trainer:
         (+ ``config.json`` when the model's config has ``to_hf_dict``) or the adapter."""
         if self.model is None:
             raise ValueError("save_model() needs a model: call train() first")
-        ctx = getattr(self, "_ctx", DistContext())
-        wrapped = getattr(self, "_wrapped", None)
-        sharded = wrapped is not None and is_sharded(self.args.distributed_strategy, ctx)
-        if sharded or self._pipeline is not None:
-            state = self._model_state(wrapped, sharded, ctx)  # a collective
-            if ctx.is_main:
-                os.makedirs(path, exist_ok=True)
-                if self.lora_config is not None:
-                    write_adapter(self.model, path, state, self._base)
-                else:
-                    ckpt.save_weights(state, os.path.join(path, "model.safetensors"))
-                    to_dict = getattr(getattr(self.model, "config", None), "to_hf_dict", None)
-                    if callable(to_dict):
-                        with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
-                            json.dump(to_dict(), f, indent=2)
-            ctx.barrier()
+        setup = self.setup
+        if setup is not None and (setup.checkpointer.sharded or setup.pipeline is not None):
+            setup.checkpointer.export(path)  # a collective
             return
         os.makedirs(path, exist_ok=True)
         if self.lora_config is not None:
@@ -733,6 +596,88 @@ class Trainer:
         if ctx.is_main:
             with open(path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def _plot(self, position: RunPosition) -> str | None:
+        """``loss.png`` in the output directory (rank 0): training loss, eval dots."""
+        assert self.setup is not None
+        if not (self.setup.ctx.is_main and self.args.plot and position.losses):
+            return None
+        path = os.path.join(self.args.output_dir, "loss.png")
+        write_loss_png(
+            path,
+            list(enumerate(position.losses, start=1)),
+            [(e["step"], e["eval_loss"]) for e in position.evals],
+        )
+        return path
+
+
+def _resolve_arguments(
+    model: Any, model_path: Any, config: Any, args: Any, lora_config: Any, options: dict
+) -> tuple[Any, TrainingConfig, Any]:
+    """(model source, TrainingConfig, LoRA config) from the constructor's spellings:
+    ``model`` or ``model_path``; ``args`` or keyword fields; ``lora_config``, or
+    ``config`` holding either a LoRA config or a TrainingConfig."""
+    from ds_lora import LoraConfig
+
+    if model is not None and model_path is not None:
+        raise ValueError("pass either model= or model_path=, not both")
+    if model is None and model_path is None:
+        raise ValueError("no model: pass model= (a module, path or preset) or model_path=")
+    if isinstance(config, TrainingConfig):
+        if args is not None:
+            raise ValueError("config= is a TrainingConfig and args= is given too")
+        args = config
+    elif isinstance(config, LoraConfig):
+        if lora_config is not None:
+            raise ValueError("config= (a LoRA config) and lora_config= are both given")
+        lora_config = config
+    elif config is not None:
+        raise TypeError(
+            f"config= got a {type(config).__name__}: expected a LoraConfig (the adapter "
+            "to train) or a TrainingConfig"
+        )
+    if args is not None and not isinstance(args, TrainingConfig):
+        raise TypeError(f"args= got a {type(args).__name__}: expected a TrainingConfig")
+    if lora_config is not None and not isinstance(lora_config, LoraConfig):
+        raise TypeError(
+            f"lora_config must be a ds_model.LoraConfig (ds_lora.LoraConfig), got "
+            f"{type(lora_config).__name__}"
+        )
+    args = args or TrainingConfig()
+    return (
+        (model if model is not None else model_path),
+        (args.replace(**options) if options else args),
+        lora_config,
+    )
+
+
+def _agree_every_stage_trains(pipeline: PipelineRunner) -> None:
+    """Checked on every rank together: a stage raising alone would hang the rest."""
+    frozen = [
+        sid
+        for sid, stage in zip(pipeline.stage_ids, pipeline.modules, strict=True)
+        if not any(p.requires_grad for p in stage.parameters())
+    ]
+    pipeline.agree(
+        None
+        if not frozen
+        else f"stage {frozen[0]} has no trainable parameters (does the "
+        "LoRA target_modules pattern reach its layers?)"
+    )
+
+
+def _every(interval: int, step: int) -> bool:
+    return bool(interval) and step % interval == 0
+
+
+def _is_save_step(args: TrainingConfig, step: int, due: bool, ctx: DistContext) -> bool:
+    """Every ``save_steps`` steps, or when ``save_minutes`` passed on any rank (every
+    rank agrees through an all-reduce, so all of them save)."""
+    if _every(args.save_steps, step):
+        return True
+    if args.save_minutes:
+        return ctx.all_reduce_sum([float(due)])[0] > 0
+    return False
 
 
 def forward_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
