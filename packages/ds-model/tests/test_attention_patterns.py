@@ -282,6 +282,13 @@ def test_transformers_refuses_a_non_dense_checkpoint(tmp_path):
     assert transformers.AutoConfig.from_pretrained(tmp_path / "dense").model_type == "llama"
 
 
+def test_a_pattern_checkpoint_without_its_family_is_refused():
+    raw = ModelConfig.from_dict({**LLAMA, "attention": "gated"}).to_hf_dict()
+    del raw["ds_model_type"]
+    with pytest.raises(ConfigError, match="model_type='ds_model' needs ds_model_type"):
+        ModelConfig.from_dict(raw)
+
+
 def test_presets_take_the_pattern():
     for preset in ("standard", "light"):
         config = ModelConfig.from_preset(preset, attention=PATTERNS["block_sparse"])

@@ -352,6 +352,11 @@ class ModelConfig:
         model_type = raw.get("model_type")
         if model_type == PATTERN_MODEL_TYPE:  # written by to_hf_dict for a non-dense pattern
             model_type = raw.get("ds_model_type")
+            if model_type not in SUPPORTED_MODEL_TYPES:
+                raise ConfigError(
+                    f"model_type={PATTERN_MODEL_TYPE!r} needs ds_model_type, the model "
+                    f"family, one of {', '.join(SUPPORTED_MODEL_TYPES)}; got {model_type!r}"
+                )
             raw = {k: v for k, v in raw.items() if k != "ds_model_type"}
             raw["model_type"] = model_type
         if model_type not in SUPPORTED_MODEL_TYPES:
