@@ -2,6 +2,7 @@
 
 from ds_lora import LoraConfig
 
+from ds_model.attention_pattern import ATTENTION_KINDS, AttentionPattern
 from ds_model.auto import AutoModel, from_config, from_pretrained
 from ds_model.cache import PagedKVCache, StaticKVCache
 from ds_model.config import PRESETS, SUPPORTED_MODEL_TYPES, ConfigError, ModelConfig, RopeScaling
@@ -36,8 +37,10 @@ from ds_model.training import (
 __version__ = "0.2.0"
 
 __all__ = [
+    "ATTENTION_KINDS",
     "PRESETS",
     "SUPPORTED_MODEL_TYPES",
+    "AttentionPattern",
     "AutoModel",
     "CausalLM",
     "CausalLMOutput",

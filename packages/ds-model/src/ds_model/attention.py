@@ -9,6 +9,7 @@ from ds_model.attend import attend, paged_decode
 from ds_model.cache import PagedWriter
 from ds_model.config import ModelConfig
 from ds_model.context import ForwardContext
+from ds_model.patterns import PatternAttention
 from ds_model.rope import apply_rotary
 
 __all__ = ["Attention"]
@@ -29,6 +30,15 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        self.pattern = None  # a per-query attention pattern, else ds-attention's call
+        if config.attention.masked:
+            self.pattern = PatternAttention(
+                config.attention,
+                hidden_size=hidden,
+                num_heads=self.num_heads,
+                d_qk=self.head_dim,
+                d_v=self.head_dim,
+            )
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         b, t, _ = x.shape
@@ -44,6 +54,9 @@ class Attention(nn.Module):
             k, v = ctx.cache.update(self.layer_idx, [k, v])
         if ctx.cu_seqlens is not None:  # packed tokens arrive as (tokens, 1, ...) rows
             q = q.reshape(1, b * t, *q.shape[2:])
+        if self.pattern is not None:
+            out = self.pattern(q, k, v, x, ctx, self.softmax_scale)
+            return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
         out = attend(
             q,
             k,
@@ -62,6 +75,10 @@ class Attention(nn.Module):
         Decode rows attend over the paged K/V in place (ds-attention's paged decode, the
         query heads of each kv head as one group); prefill rows attend over their
         gathered context. -> (N, 1, heads, head_dim)."""
+        if self.pattern is not None:
+            raise ValueError(
+                f"attention kind={self.pattern.pattern.kind!r} cannot run over a paged cache"
+            )
         cache: PagedWriter = ctx.cache
         cache.write(self.layer_idx, [k, v])
         n, rows = cache.num_decode, q.shape[0]

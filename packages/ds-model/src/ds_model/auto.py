@@ -21,15 +21,21 @@ def from_config(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     seed: int | None = 0,
+    attention: Any = None,
 ) -> DeepSeekForCausalLM:
     """A randomly initialised model from a config, a ``config.json`` dict or a preset
-    name (``"standard"``, ``"light"``, ``"tiny"``)."""
+    name (``"standard"``, ``"light"``, ``"tiny"``). ``attention``: the attention
+    pattern in place of the config's, a kind name (``"dense"``, ``"sliding_window"``,
+    ``"dynamic_window"``, ``"block_sparse"``, ``"nsa"``, ``"gated"``) or an object
+    ``{"kind": ..., <parameters>}`` (see ``ds_model.attention_pattern``)."""
     if isinstance(config, str):
         config = ModelConfig.from_preset(config)
     elif isinstance(config, dict):
         config = ModelConfig.from_dict(config)
     elif not isinstance(config, ModelConfig):
         raise TypeError(f"config must be a ModelConfig, dict or preset name, got {config!r}")
+    if attention is not None:
+        config = config.replace(attention=attention)
     model = DeepSeekForCausalLM(config).init_weights(seed=seed)
     return model.to(device=device, dtype=dtype).eval()
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ds_model.attention_pattern import AttentionPattern
+
 __all__ = [
     "PRESETS",
     "SUPPORTED_MODEL_TYPES",
@@ -29,6 +31,11 @@ __all__ = [
 ]
 
 SUPPORTED_MODEL_TYPES = ("llama", "deepseek_v2", "deepseek_v3")
+# config.json's model_type for a model with a non-dense attention pattern: a name
+# transformers (and vLLM's architectures) do not know, so they refuse the checkpoint
+# instead of loading it as dense; the family is kept under our own "ds_model_type".
+PATTERN_MODEL_TYPE = "ds_model"
+PATTERN_ARCHITECTURE = "DsModelPatternAttentionForCausalLM"
 ROPE_TYPES = ("default", "linear", "yarn")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
@@ -145,6 +152,8 @@ class ModelConfig:
     norm_topk_prob: bool = False
     routed_scaling_factor: float = 1.0
     num_nextn_predict_layers: int = 0
+    # Attention pattern (ours): an AttentionPattern, or its config.json object / kind name.
+    attention: AttentionPattern = field(default_factory=AttentionPattern)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -198,10 +207,29 @@ class ModelConfig:
             self._validate_moe()
         if self.sliding_window is not None:
             _positive_int("sliding_window", self.sliding_window)
+        self._validate_attention()
         if self.attention_backend not in (None, *ATTENTION_BACKENDS):
             raise ConfigError(
                 f"attention_backend={self.attention_backend!r} is not one of "
                 f"{', '.join(ATTENTION_BACKENDS)} (or null for ds-attention's default)"
+            )
+
+    def _validate_attention(self) -> None:
+        pattern = AttentionPattern.parse(self.attention)
+        object.__setattr__(self, "attention", pattern)
+        if pattern.kind == "sliding_window":
+            # One window for every path: the fixed sliding_window option is this pattern.
+            if self.sliding_window is None:
+                object.__setattr__(self, "sliding_window", pattern.window)
+            elif self.sliding_window != pattern.window:
+                raise ConfigError(
+                    f"sliding_window={self.sliding_window} disagrees with attention "
+                    f"window={pattern.window}; set one of them"
+                )
+        elif pattern.kind != "dense" and self.sliding_window is not None:
+            raise ConfigError(
+                f"sliding_window={self.sliding_window} cannot combine with attention "
+                f"kind={pattern.kind!r}; use kind 'sliding_window' or unset sliding_window"
             )
 
     def _validate_moe(self) -> None:
@@ -322,6 +350,15 @@ class ModelConfig:
         if not isinstance(raw, dict):
             raise ConfigError(f"config must be a dict, got {type(raw).__name__}")
         model_type = raw.get("model_type")
+        if model_type == PATTERN_MODEL_TYPE:  # written by to_hf_dict for a non-dense pattern
+            model_type = raw.get("ds_model_type")
+            if model_type not in SUPPORTED_MODEL_TYPES:
+                raise ConfigError(
+                    f"model_type={PATTERN_MODEL_TYPE!r} needs ds_model_type, the model "
+                    f"family, one of {', '.join(SUPPORTED_MODEL_TYPES)}; got {model_type!r}"
+                )
+            raw = {k: v for k, v in raw.items() if k != "ds_model_type"}
+            raw["model_type"] = model_type
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
                 f"model_type={model_type!r} is not supported; "
@@ -329,6 +366,7 @@ class ModelConfig:
             )
         names = {f.name for f in dataclasses.fields(cls)} - {"extra", "rope_scaling"}
         kwargs: dict[str, Any] = {k: raw[k] for k in names if k in raw and raw[k] is not None}
+        kwargs["attention"] = AttentionPattern.parse(raw.get("attention"))
         if model_type == "deepseek_v3":
             # V3 always routes by sigmoid + noaux_tc; older configs omit the fields.
             kwargs.setdefault("topk_method", "noaux_tc")
@@ -376,7 +414,7 @@ class ModelConfig:
         """The ``config.json`` transformers (4.x remote code and 5.x) reads back."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
-            if f.name in ("extra", "rope_scaling"):
+            if f.name in ("extra", "rope_scaling", "attention"):
                 continue
             out[f.name] = getattr(self, f.name)
         out["rope_scaling"] = self.rope_scaling.to_dict() if self.rope_scaling else None
@@ -386,6 +424,8 @@ class ModelConfig:
             "deepseek_v3": "DeepseekV3ForCausalLM",
         }
         out["architectures"] = [architectures[self.model_type]]
+        if self.attention.kind != "dense":
+            out["attention"] = self.attention.to_dict()
         for name in ("sliding_window", "attention_backend"):  # ours; omitted when unset
             if out.get(name) is None:
                 out.pop(name, None)
@@ -418,6 +458,10 @@ class ModelConfig:
                 out.pop(name)
         if self.model_type == "deepseek_v2":
             out.pop("rope_interleave")
+        if self.attention.kind != "dense":
+            out["ds_model_type"] = self.model_type
+            out["model_type"] = PATTERN_MODEL_TYPE
+            out["architectures"] = [PATTERN_ARCHITECTURE]
         return out
 
 

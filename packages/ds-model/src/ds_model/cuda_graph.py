@@ -44,7 +44,9 @@ CAPACITY_STEP = 256
 def static_step_supported(model) -> bool:
     """Whether ``model`` can decode with the fixed-shape step: no sliding window and no
     forced attention backend (the step attends through a mask; see above)."""
-    return model.config.sliding_window is None and model.config.attention_backend is None
+    config = model.config
+    plain = config.sliding_window is None and config.attention_backend is None
+    return plain and not config.attention.masked  # a per-query pattern has no mask form
 
 
 def graphable(model) -> bool:

@@ -29,6 +29,7 @@ from ds_model.cache import PagedWriter
 from ds_model.config import ModelConfig
 from ds_model.context import ForwardContext
 from ds_model.norm import RMSNorm
+from ds_model.patterns import PatternAttention
 from ds_model.rope import apply_rotary
 
 __all__ = ["MLAttention"]
@@ -70,6 +71,16 @@ class MLAttention(nn.Module):
             self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False
         )
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=bias)
+        # A per-query attention pattern runs on the naive path's per-head keys.
+        self.pattern = None
+        if config.attention.masked:
+            self.pattern = PatternAttention(
+                config.attention,
+                hidden_size=hidden,
+                num_heads=self.num_heads,
+                d_qk=self.qk_dim,
+                d_v=self.v_dim,
+            )
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         b, t, _ = x.shape
@@ -89,6 +100,10 @@ class MLAttention(nn.Module):
         # kv_b_proj take the projection's dtype (kv_b_proj would cast it to that anyway).
         kv = torch.cat((self.kv_a_layernorm(latent).to(k_pe.dtype), k_pe), dim=-1)
         if isinstance(ctx.cache, PagedWriter):
+            if self.pattern is not None:
+                raise ValueError(
+                    f"attention kind={self.pattern.pattern.kind!r} cannot run over a paged cache"
+                )
             out = self._paged(q_nope, q_pe, kv, ctx)
             return self.o_proj(out.reshape(b, t, self.num_heads * self.v_dim))
         if ctx.cache is not None:
@@ -99,16 +114,18 @@ class MLAttention(nn.Module):
         if self._absorb(ctx):
             out = self._absorbed(q_nope, q_pe, kv, ctx)
         else:
-            out = self._naive(q_nope, q_pe, kv, ctx)
+            out = self._naive(q_nope, q_pe, kv, ctx, x)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.v_dim))
 
     def can_absorb(self) -> bool:
         """Whether the absorbed form may run: not forced naive, and ``kv_b_proj`` a plain
         linear (the absorbed path reads its weight; a wrapped projection, LoRA or
-        quantized, keeps the naive path, which calls the module as it is)."""
+        quantized, keeps the naive path, which calls the module as it is), and no
+        per-query attention pattern (it selects over the naive path's per-head keys)."""
         if self.impl not in MLA_IMPLS:
             raise ValueError(f"MLA impl={self.impl!r} is not one of {MLA_IMPLS}")
-        return self.impl != "naive" and type(self.kv_b_proj) is nn.Linear
+        plain = self.impl != "naive" and type(self.kv_b_proj) is nn.Linear
+        return plain and self.pattern is None
 
     def _absorb(self, ctx: ForwardContext) -> bool:
         if not self.can_absorb():
@@ -161,7 +178,7 @@ class MLAttention(nn.Module):
         out = torch.bmm(out.transpose(0, 1).to(w_uv.dtype), w_uv.transpose(1, 2))
         return out.transpose(0, 1).unsqueeze(1)
 
-    def _naive(self, q_nope, q_pe, kv, ctx: ForwardContext) -> torch.Tensor:
+    def _naive(self, q_nope, q_pe, kv, ctx: ForwardContext, x=None) -> torch.Tensor:
         b, s, _ = kv.shape
         latent, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         if ctx.cu_seqlens is not None:
@@ -172,6 +189,8 @@ class MLAttention(nn.Module):
         k_nope, v = kv_heads.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat((k_nope, k_pe[:, :, None, :].expand(-1, -1, self.num_heads, -1)), dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)
+        if self.pattern is not None:
+            return self.pattern(q, k, v, x, ctx, self.softmax_scale)
         pad = self.qk_dim - self.v_dim
         if pad > 0 and ctx.mask is None and ctx.backend in (None, "sdpa") and _flash_pays(q):
             # torch's fused CPU attention needs d_v == d_qk, else SDPA falls back to the

@@ -46,9 +46,19 @@ class DecoderLayer(nn.Module):
             self.mlp = MLP(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # The "gated" pattern: g * attn(h) + (1 - g) * h with g = sigmoid(attn_gate(h)),
+        # ds-attention's DynamicAttention around the layer's own attention.
+        self.attn_gate = None
+        if config.attention.kind == "gated":
+            self.attn_gate = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), ctx)
+        h = self.input_layernorm(x)
+        attn = self.self_attn(h, ctx)
+        if self.attn_gate is not None:
+            g = torch.sigmoid(self.attn_gate(h))
+            attn = g * attn + (1 - g) * h
+        x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

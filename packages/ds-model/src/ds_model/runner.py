@@ -35,6 +35,11 @@ from ds_model.config import ModelConfig
 
 __all__ = ["ModelRunner", "SequenceBatch", "num_blocks_for_memory"]
 
+# Attention patterns the paged pool serves: dense and sliding_window through
+# ds-attention's paged decode / varlen calls, gated around them. The per-query patterns
+# (dynamic_window, block_sparse, nsa) are refused at load.
+PAGED_ATTENTION_KINDS = ("dense", "sliding_window", "gated")
+
 
 def num_blocks_for_memory(
     config: ModelConfig,
@@ -78,6 +83,13 @@ class ModelRunner:
     ) -> None:
         self.model = model.eval()
         self.config: ModelConfig = model.config
+        kind = self.config.attention.kind
+        if kind not in PAGED_ATTENTION_KINDS:
+            raise ValueError(
+                f"attention kind={kind!r} cannot run in the paged runner (its per-query "
+                f"selection needs each sequence's keys as one tensor); paged attention "
+                f"kinds: {', '.join(PAGED_ATTENTION_KINDS)}"
+            )
         dtype = dtype or model.dtype
         if (num_blocks is None) == (memory_bytes is None):
             raise ValueError("give exactly one of num_blocks= or memory_bytes=")
