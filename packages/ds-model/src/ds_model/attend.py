@@ -19,8 +19,8 @@ ds-attention with that backend); the first has no ds-attention form at all:
    (``_padded_decode`` below: ``generate``'s left-padded batch decode for MHA/GQA
    layers, and for MLA layers whose ``kv_b_proj`` is wrapped): one SDPA call over the
    cache as it lies, with the padding as a key mask. A single query sees every real
-   key, so the varlen path's gather of the real keys and its per-call checks are pure
-   overhead at this size (docs/ds-model.md, "Attention through ds-attention").
+   key, so the varlen path's gather of the real keys per layer and step, and its
+   per-call checks, buy nothing at this size.
 3. MLA's single-token absorbed decode (``MLAttention._decode_one`` in ``ds_model.mla``:
    one new token per row, no window, no packing, no backend chosen; unpadded, padded,
    or under the fixed-shape step's visibility mask): four batched matmuls and a softmax
@@ -28,7 +28,8 @@ ds-attention with that backend); the first has no ds-attention form at all:
    attention itself at decode sizes (docs/benchmarks.md, "Decode paths").
 
 Tests compare each shortcut with the ds-attention path (``tests/test_fast_paths.py``,
-``tests/test_cuda_graph.py``).
+``tests/test_cuda_graph.py``; for the second, a padded row against the row alone in
+``tests/test_model.py``).
 
 ``attend``'s tensors: ``q``: (batch, seqlen_q, heads, d_qk); ``k``: (batch, seqlen_k, kv_heads, d_qk);
 ``v``: (batch, seqlen_k, kv_heads, d_v) -> (batch, seqlen_q, heads, d_v).

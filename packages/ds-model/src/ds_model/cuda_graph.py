@@ -32,10 +32,11 @@ from ds_model.cache import StaticKVCache
 from ds_model.layout import input_major_weights
 from ds_model.moe import RoutedExperts
 
-# Compiled steps after a generation's first skip torch.compile's guards: compiled/eager
-# 1.66x vs 1.58x at batch 1, 1.51x vs 1.43x at batch 8 (bench_decode_cpu_time.py).
-# torch's stance is process-wide, so compiled code in other threads skips its guards
-# meanwhile too: set False in a process where such code may need to recompile.
+# Compiled steps after a generation's first skip torch.compile's guards: without that,
+# bench_decode_cpu_time.py's compiled/eager ratio drops 4-12% (docs/benchmarks.md,
+# "Decode paths"). torch's stance is process-wide, so compiled code in other threads
+# skips its guards meanwhile too: set False in a process where such code may need to
+# recompile.
 SKIP_GUARDS = True
 _STANCE_LOCK = threading.Lock()
 
@@ -115,8 +116,8 @@ class GraphedDecoder:
             if isinstance(module, RoutedExperts):
                 module.stack_weights()
         if device.type == "cpu":
-            # Few-row matmuls read (in, out) weights faster: compiled/eager 1.51x vs
-            # 1.26x at batch 8 without it (bench_decode_cpu_time.py; ds_model.layout).
+            # Few-row matmuls read (in, out) weights faster: without it, batch-8
+            # compiled/eager in bench_decode_cpu_time.py drops 7-17% (ds_model.layout).
             input_major_weights(model)
         self.cache = StaticKVCache(model.config, batch, capacity, model.dtype, device)
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
