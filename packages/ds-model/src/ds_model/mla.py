@@ -190,7 +190,8 @@ class MLAttention(nn.Module):
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, -1)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]
         # One new token per row with no window, packing or chosen backend skips
-        # ds-attention (see ds_model.attend): four batched matmuls and a softmax.
+        # ds-attention (ds_model.attend, shortcut 3): eager decode is 6-10% slower
+        # without it (bench_decode_cpu_time.py --without mla-direct-decode).
         if _plain_decode(q_nope, ctx):
             key_valid = ctx.padding.key_valid if ctx.padding is not None else None
             return self._decode_one(q_nope, q_pe, kv, w_uk, w_uv, key_valid)
