@@ -165,15 +165,15 @@ def test_wrapped_experts_are_not_stacked_and_not_graphable():
 def test_decoder_is_reused_until_the_model_changes(graphable_everywhere):
     model = v3()
     model.generate([1, 2, 3], 4)
-    first = generation._DECODERS[model][1]
+    first = generation._DECODERS[model]
     model.generate([4, 5], 6)
-    assert generation._DECODERS[model][1] is first  # same batch size, fits the capacity
+    assert generation._DECODERS[model] is first  # same batch size, fits the capacity
     model.generate([[4, 5], [6]], 6)
-    second = generation._DECODERS[model][1]
+    second = generation._DECODERS[model]
     assert second is not first  # another batch size: a new capture
     handle = model.model.layers[0].register_forward_hook(lambda *a: None)
     model.generate([[4, 5], [6]], 6)
-    assert generation._DECODERS[model][1] is not second  # a hook the graph lacks
+    assert generation._DECODERS[model] is not second  # a hook the graph lacks
     handle.remove()
 
 
@@ -194,7 +194,7 @@ def test_interleaved_streams_each_get_their_own_tokens(graphed, request):
     assert got_a + list(a) == want_a
     assert got_b + list(b) == want_b
     if graphed:
-        assert not generation._DECODERS[model][1].in_use
+        assert not generation._DECODERS[model].in_use
 
 
 def test_cuda_graph_and_compile_arguments_are_checked():
@@ -227,9 +227,9 @@ assert model.generate(prompts, 8, compile=True) == eager, "compiled != eager"
 # 8 tokens: 7 compiled steps, the first with guards, the other 6 without.
 assert skipped == [True] * 6, skipped
 torch.compiler.set_stance = set_stance
-decoder = generation._DECODERS[model][1]
+decoder = generation._DECODERS[model]
 assert model.generate(prompts, 6, compile=True) == [row[:6] for row in eager]
-assert generation._DECODERS[model][1] is decoder, "the compiled step was rebuilt"
+assert generation._DECODERS[model] is decoder, "the compiled step was rebuilt"
 # Later steps of a generation skip torch.compile's guards; the first step of each
 # generation still checks them, so a change between generations recompiles.
 for layer in model.model.layers:

@@ -4,6 +4,8 @@ reference backend."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import ds_model
 import pytest
 import torch
@@ -12,11 +14,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 
+def _ds_attention_twin(model):
+    """The same weights with ``attention_backend="sdpa"``: a chosen backend sends every
+    attention call through ds-attention, single-token decode included."""
+    config = dataclasses.replace(model.config, attention_backend="sdpa")
+    twin = ds_model.from_config(config, seed=0)
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
 def _decode_logits(
     model, prompt, steps, *, fast: bool, impl: str = "auto", dtype=torch.float32
 ) -> torch.Tensor:
+    if not fast:
+        model = _ds_attention_twin(model)
     for layer in model.model.layers:
-        layer.self_attn.fast_decode = fast
         layer.self_attn.impl = impl
     cache = StaticKVCache(model.config, prompt.shape[0], 24, dtype, "cpu")
     with torch.inference_mode():
@@ -57,16 +69,15 @@ def test_fast_mla_decode_with_padding_equals_ds_attention_path(fast_first):
     step_mask[2, 2] = 0  # a padding query: zero attention output, finite logits
 
     def run(fast: bool) -> torch.Tensor:
-        for layer in model.model.layers:
-            layer.self_attn.fast_decode = fast
+        runner = model if fast else _ds_attention_twin(model)
         cache = StaticKVCache(config, 3, 24, torch.float32, "cpu")
         mask = prompt_mask
         with torch.inference_mode():
-            out = [model(prompt, attention_mask=mask, cache=cache).logits[:, -1]]
+            out = [runner(prompt, attention_mask=mask, cache=cache).logits[:, -1]]
             for t in range(steps.shape[1]):
                 mask = torch.cat((mask, step_mask[:, t : t + 1]), dim=1)
                 out.append(
-                    model(steps[:, t : t + 1], attention_mask=mask, cache=cache).logits[:, -1]
+                    runner(steps[:, t : t + 1], attention_mask=mask, cache=cache).logits[:, -1]
                 )
         return torch.stack(out)
 
@@ -75,7 +86,7 @@ def test_fast_mla_decode_with_padding_equals_ds_attention_path(fast_first):
     torch.testing.assert_close(first, second, atol=1e-5, rtol=1e-5)
 
 
-def test_fast_decode_really_skips_ds_attention(monkeypatch):
+def test_mla_decode_skips_ds_attention_unless_a_backend_is_chosen(monkeypatch):
     model = ds_model.from_config(ModelConfig.from_preset("tiny"), seed=0)
     calls = []
     import ds_model.mla as mla
@@ -85,10 +96,8 @@ def test_fast_decode_really_skips_ds_attention(monkeypatch):
     model.generate([1, 2, 3], 4)
     prefill_calls = model.config.num_hidden_layers
     assert len(calls) == prefill_calls  # decode steps took the direct path
-    for layer in model.model.layers:
-        layer.self_attn.fast_decode = False
     calls.clear()
-    model.generate([1, 2, 3], 4)
+    _ds_attention_twin(model).generate([1, 2, 3], 4)  # a chosen backend: every step
     assert len(calls) == prefill_calls * 4
 
 

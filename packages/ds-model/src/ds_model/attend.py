@@ -1,19 +1,35 @@
 """Where the model's attention layers compute attention scores: through ds-attention,
-save three measured shortcuts that run torch directly.
+except in the three shortcuts listed below.
 
 - ``attend``: ds-attention's ``attention`` (dense, windowed, varlen) for every pass.
 - ``paged_decode``: ds-attention's ``paged_decode_attention`` for the serving runner's
   decode rows, which read the paged pool in place through their block tables.
 
-The shortcuts, each for a case ds-attention's API does not express or where its
-per-call checks cost more than the attention itself:
+Shortcuts that run torch directly instead of ds-attention. Setting the model's
+``attention_backend`` turns off the second and third (every call then goes through
+ds-attention with that backend); the first has no ds-attention form at all:
 
-- a caller's arbitrary bool ``mask`` (``DeepSeekModel.forward(mask=...)``): torch SDPA
-  (no varlen form exists for it);
-- ``generate``'s padded single-token decode on CPU (``_padded_decode`` below): one SDPA
-  over the static cache with a key mask, no gather of the real keys;
-- MLA's single-token absorbed decode over ``generate``'s static cache
-  (``MLAttention._decode_one``, ``fast_decode``): four batched matmuls.
+1. ``attend(mask=...)``, a caller's arbitrary bool visibility mask
+   (``DeepSeekModel.forward(mask=...)``; the fixed-shape decode step of
+   ``ds_model.cuda_graph`` passes one, which MLA layers that absorb take to shortcut 3
+   instead): torch SDPA with that mask.
+   ds-attention expresses causal, window, block and varlen masks only, and such a mask
+   need not be any of them.
+2. ``attend(padding=...)`` with one query per row, on CPU, no window, no backend chosen
+   (``_padded_decode`` below: ``generate``'s left-padded batch decode for MHA/GQA
+   layers, and for MLA layers whose ``kv_b_proj`` is wrapped): one SDPA call over the
+   cache as it lies, with the padding as a key mask. A single query sees every real
+   key, so the varlen path's gather of the real keys per layer and step, and its
+   per-call checks, buy nothing at this size.
+3. MLA's single-token absorbed decode (``MLAttention._decode_one`` in ``ds_model.mla``:
+   one new token per row, no window, no packing, no backend chosen; unpadded, padded,
+   or under the fixed-shape step's visibility mask): four batched matmuls and a softmax
+   over the cached latents. ds-attention's per-call validation costs more than the
+   attention itself at decode sizes (docs/benchmarks.md, "Decode paths").
+
+Tests compare each shortcut with the ds-attention path (``tests/test_fast_paths.py``,
+``tests/test_cuda_graph.py``; for the second, a padded row against the row alone in
+``tests/test_model.py``).
 
 ``attend``'s tensors: ``q``: (batch, seqlen_q, heads, d_qk); ``k``: (batch, seqlen_k, kv_heads, d_qk);
 ``v``: (batch, seqlen_k, kv_heads, d_v) -> (batch, seqlen_q, heads, d_v).
@@ -133,9 +149,9 @@ def attend(
 def _padded_decode(q, k, v, key_valid: torch.Tensor, softmax_scale: float) -> torch.Tensor:
     """One new token per row of a padded batch, on CPU without a window: it sees every
     real key, so the padding is a key mask on one SDPA call over the cache as it lies,
-    with no gather of the real keys (that gather and ds-attention's per-call checks cost
-    ~20% of a padded batch-8 decode step). ``key_valid`` (batch, seqlen_k); the new
-    token is the last slot. A row whose new token is padding gets zeros."""
+    with no gather of the real keys (shortcut 2 of the module doc). ``key_valid``
+    (batch, seqlen_k); the new token is the last slot. A row whose new token is padding
+    gets zeros."""
     visible = key_valid.clone()
     visible[:, -1] = True  # no all-masked row (SDPA would give NaN); zeroed below
     out = F.scaled_dot_product_attention(

@@ -1,10 +1,13 @@
-"""CUDA-graph decode: one captured graph replays a whole decode step.
+"""The fixed-shape decode step: captured as one CUDA graph, compiled, or both.
 
-At batch 1 a decode step is hundreds of small kernels, and on a GPU launching them from
-Python costs far more than running them (a ~1B-parameter V3 shape ran at ~1% of its
-memory-bandwidth roofline eagerly). ``GraphedDecoder`` records the step once (the way
-gpt-fast and vLLM do) and then replays it with one launch. A captured step must have
-fixed shapes and no host syncs, so it differs from the eager step in three ways:
+At batch 1 a decode step is hundreds of small kernels; on a GPU launching them from
+Python costs far more than running them, so ``GraphedDecoder`` records the step once
+(as gpt-fast and vLLM do) and replays it with one launch. It captures by hand
+(``torch.cuda.graph``) rather than through ``torch.compile(mode="reduce-overhead")``
+because ``generate`` captures by default on CUDA, where a capture costs a few eager
+steps and a compile seconds per batch size; ``compile=True`` compiles the same step
+first (and only that, on CPU). A fixed-shape step differs from the eager step in three
+ways:
 
 - the new token's KV entry is written at a slot held in a device tensor, and attention
   reads the whole ``StaticKVCache`` (``capacity`` slots) under a (batch, capacity) bool
@@ -15,6 +18,7 @@ fixed shapes and no host syncs, so it differs from the eager step in three ways:
   output is a static logits buffer, valid until the next replay.
 
 Models with a sliding window or a forced attention backend keep the eager step.
+Measured speeds: docs/benchmarks.md ("Generation", "Decode paths").
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ from ds_model.cache import StaticKVCache
 from ds_model.layout import input_major_weights
 from ds_model.moe import RoutedExperts
 
-# Compiled decode steps after a generation's first skip torch.compile's guards (see
-# GraphedDecoder._run_step). While one runs, compiled code in other threads skips its
-# guards too: set False where that code may need to recompile concurrently.
+# Compiled steps after a generation's first skip torch.compile's guards: without that,
+# bench_decode_cpu_time.py's compiled/eager ratio drops 4-12% (docs/benchmarks.md,
+# "Decode paths"). torch's stance is process-wide, so compiled code in other threads
+# skips its guards meanwhile too: set False in a process where such code may need to
+# recompile.
 SKIP_GUARDS = True
 _STANCE_LOCK = threading.Lock()
 
@@ -112,7 +118,9 @@ class GraphedDecoder:
             if isinstance(module, RoutedExperts):
                 module.stack_weights()
         if device.type == "cpu":
-            input_major_weights(model)  # faster few-row matmuls; see ds_model.layout
+            # Few-row matmuls read (in, out) weights faster: without it, batch-8
+            # compiled/eager in bench_decode_cpu_time.py drops 7-17% (ds_model.layout).
+            input_major_weights(model)
         self.cache = StaticKVCache(model.config, batch, capacity, model.dtype, device)
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
@@ -122,6 +130,7 @@ class GraphedDecoder:
         self.graph: torch.cuda.CUDAGraph | None = None
         self._guards_checked = False
         self.in_use = False  # set by generation while a generate/stream call runs on it
+        self._built_for = _fingerprint(model)  # after stacking, which renews parameters
 
     @property
     def model(self):
@@ -130,8 +139,15 @@ class GraphedDecoder:
             raise RuntimeError("the model this decode step was captured for is gone")
         return model
 
-    def fits(self, batch: int, needed: int, compile: bool = False) -> bool:
-        return batch == self.batch and needed <= self.capacity and compile == self.compiled
+    def fits(self, model, batch: int, needed: int, capture: bool, compile: bool) -> bool:
+        """Whether this step serves a generation of ``batch`` rows needing ``needed``
+        cache slots, with these settings, on ``model`` as it was built for: the same
+        weight addresses, modules and hooks (a captured graph reads exactly those)."""
+        return (
+            (batch, capture, compile) == (self.batch, self.capture, self.compiled)
+            and needed <= self.capacity
+            and self._built_for == _fingerprint(model)
+        )
 
     def start(self, key_valid: torch.Tensor) -> None:
         """After prefill: ``key_valid`` (batch, cache.length) marks real prompt slots."""
@@ -170,11 +186,9 @@ class GraphedDecoder:
         # The first step of each generation checks torch.compile's guards (~1,600 for a
         # 4-layer V3: every module attribute and weight the step reads), recompiling if
         # anything changed; later steps of the same generation skip them, as replaying a
-        # CUDA graph does (275 us of a 5 ms batch-8 CPU step). Changing the model while
-        # a generation is under way is unsupported on either path. torch's stance is
-        # process-wide: the lock keeps two threads from nesting it (one leaving would
-        # restore the other's), and SKIP_GUARDS = False turns this off for processes
-        # where other threads run compiled code that may need to recompile meanwhile.
+        # CUDA graph does (see SKIP_GUARDS). Changing the model while a generation is
+        # under way is unsupported on either path. The lock keeps two threads from
+        # nesting the process-wide stance (one leaving would restore the other's).
         if (
             SKIP_GUARDS
             and self.compiled
@@ -211,7 +225,8 @@ class GraphedDecoder:
 def _default_stance() -> bool:
     """Whether torch.compile is in its default stance: ``set_stance`` (how guards are
     skipped) replaces the whole stance, and must not undo one the caller chose, such as
-    ``force_eager``. torch has no public getter for it."""
+    ``force_eager``."""
+    # Private: torch has no public getter for the stance; needed by SKIP_GUARDS' skip.
     import torch._dynamo.eval_frame as eval_frame
 
     stance = getattr(eval_frame, "_stance", None)
@@ -220,4 +235,15 @@ def _default_stance() -> bool:
         and stance.stance == "default"
         and stance.backend is None
         and not stance.skip_guard_eval_unsafe
+    )
+
+
+def _fingerprint(model) -> tuple:
+    """What a built step depends on: every weight's and buffer's address and every
+    module with its hook counts (a moved weight, a replaced or hooked module needs a new
+    step)."""
+    return (
+        tuple(t.data_ptr() for t in model.parameters()),
+        tuple(t.data_ptr() for t in model.buffers()),
+        tuple((id(m), len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()),
     )

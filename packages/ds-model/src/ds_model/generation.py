@@ -210,7 +210,7 @@ def _next_logits(model, decoder, cache, token, positions, key_valid, padded) -> 
     return model.lm_head(hidden[:, -1])
 
 
-# One captured decode step per model (the latest batch size), dropped with the model.
+# One fixed-shape decode step per model (the latest batch size), dropped with the model.
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -218,8 +218,8 @@ def _graphed_decoder(
     model, cuda_graph: bool | None, compile: bool, batch: int, needed: int
 ) -> GraphedDecoder | None:
     """The model's fixed-shape decode step for this batch size (captured as a CUDA
-    graph, compiled, or both), reused while the model's weights, modules and hooks are
-    the ones it was built for; ``None`` for the ordinary eager step."""
+    graph, compiled, or both), kept while it fits (``GraphedDecoder.fits``); ``None``
+    for the ordinary eager step."""
     if cuda_graph is not None and not isinstance(cuda_graph, bool):
         raise TypeError(f"cuda_graph must be True, False or None, got {cuda_graph!r}")
     if not isinstance(compile, bool):
@@ -236,31 +236,17 @@ def _graphed_decoder(
             f"{model.config.attention_backend!r})"
         )
     held = _DECODERS.get(model)
-    if held is not None and held[1].in_use:
+    if held is not None and held.in_use:
         # Another generation of this model is mid-way (interleaved streams): its cache
         # must not be shared, so this one gets a decode step of its own, not kept.
         return GraphedDecoder(model, batch, needed, capture=capture, compile=compile)
-    if (
-        held is not None
-        and held[0] == _fingerprint(model)
-        and held[1].fits(batch, needed, compile)
-        and held[1].capture == capture
-    ):
-        return held[1]
+    if held is not None and held.fits(model, batch, needed, capture, compile):
+        return held
     _DECODERS.pop(model, None)  # free the old graph and cache before building anew
-    decoder = GraphedDecoder(model, batch, needed, capture=capture, compile=compile)
-    _DECODERS[model] = (_fingerprint(model), decoder)  # stacking renews parameters
-    return decoder
-
-
-def _fingerprint(model) -> tuple:
-    """What a captured graph depends on: every weight's address and every module and
-    its hooks (a replaced or hooked module, or a moved weight, needs a new capture)."""
-    return (
-        tuple(t.data_ptr() for t in model.parameters()),
-        tuple(t.data_ptr() for t in model.buffers()),
-        tuple((id(m), len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()),
+    decoder = _DECODERS[model] = GraphedDecoder(
+        model, batch, needed, capture=capture, compile=compile
     )
+    return decoder
 
 
 def _prepare(model, prompt: Any, stop: Any, keywords: dict[str, Any]):

@@ -2,22 +2,19 @@
 
 ``nn.Linear`` stores its weight row-major as (out_features, in_features), so
 ``F.linear(x, w)`` multiplies by a transposed operand. For the few rows of a decode
-step, MKL's float32 matrix multiply on x86 CPUs reads a weight that is stored
-input-major, (in_features, out_features) row-major, faster: measured on the 2-core
-development VM, a (16384, 256) LM head took 0.86 instead of 1.36 ms at batch 1 and a
-(32000, 512) one 3.9 instead of 5.2 ms, both streamed from memory. Whole compiled
-decode steps (A/B in separate processes): batch 8 19-27% faster for a 14M V3 shape and
-the shipped model, batch 1 10% for a 100M one, batch 1 of the small models within 3%
-(slower by that much, this machine's noise). The eager serving runner's steps
-measured 0.93-1.04x, so it keeps row-major weights. ``input_major_weights`` re-lays
-weights that way in place: same Parameter objects, shapes, values and state-dict entries, only the
-strides change (``weight.stride() == (1, out_features)``), so optimizers and hooks keep
-working. What needs row-major weights makes them so: ds-quant's quantizers, FSDP2 and
-the other distributed wrappers (``row_major_weights``), safetensors saving. The
-re-layout stays with the model object: after a compiled CPU ``generate`` its eager
-steps run on input-major weights too (a 512-token prefill of the shipped model's
-architecture, byte vocabulary, measured 3% faster), while the Trainer restores row-major weights before training (the shipped
-model's shape trained 3.6% slower input-major, forward + backward).
+step, MKL's float32 matrix multiply on x86 CPUs reads a weight stored input-major,
+(in_features, out_features) row-major, faster. The fixed-shape CPU decode step
+(``generate(compile=True)``, ``ds_model.cuda_graph``) calls ``input_major_weights``;
+the eager serving runner keeps row-major weights (no gain measured there). Figures:
+docs/benchmarks.md, "Decode paths".
+
+``input_major_weights`` re-lays weights in place: same Parameter objects, shapes, values
+and state-dict entries, only the strides change (``weight.stride() == (1,
+out_features)``), so optimizers and hooks keep working. What needs row-major weights
+makes them so: ds-quant's quantizers, FSDP2 and the other distributed wrappers
+(``row_major_weights``), safetensors saving, and the Trainer before training. The
+re-layout stays with the model object, so eager steps after a compiled CPU
+``generate`` run on input-major weights too.
 """
 
 from __future__ import annotations

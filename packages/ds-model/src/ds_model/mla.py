@@ -53,11 +53,6 @@ class MLAttention(nn.Module):
         self.softmax_scale = config.softmax_scale
         self.interleaved = config.interleaved_rope
         self.impl = "auto"
-        # Single-token decode without padding/mask/window/packing skips ds-attention (its
-        # per-call validation costs more than the attention itself at decode sizes) and
-        # runs the absorbed attention as four batched matmuls; tested against the
-        # general path. Set False to route every call through ds-attention.
-        self.fast_decode = True
         hidden, bias = config.hidden_size, config.attention_bias
         if self.q_lora_rank is None:
             self.q_proj = nn.Linear(hidden, self.num_heads * self.qk_dim, bias=False)
@@ -213,10 +208,13 @@ class MLAttention(nn.Module):
     def _absorbed(self, q_nope, q_pe, kv, ctx: ForwardContext) -> torch.Tensor:
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, -1)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]
-        if self.fast_decode and _plain_decode(q_nope, ctx):
+        # One new token per row with no window, packing or chosen backend skips
+        # ds-attention (ds_model.attend, shortcut 3): eager decode is 6-10% slower
+        # without it (bench_decode_cpu_time.py --without mla-direct-decode).
+        if _plain_decode(q_nope, ctx):
             key_valid = ctx.padding.key_valid if ctx.padding is not None else None
             return self._decode_one(q_nope, q_pe, kv, w_uk, w_uv, key_valid)
-        if self.fast_decode and _masked_decode(q_nope, ctx):
+        if _masked_decode(q_nope, ctx):
             return self._decode_one(q_nope, q_pe, kv, w_uk, w_uv, visible=ctx.mask[:, 0, 0])
         q_latent = torch.matmul(q_nope.unsqueeze(-2), w_uk).squeeze(-2)  # (b, t, h, r)
         q = torch.cat((q_latent, q_pe), dim=-1)
