@@ -122,6 +122,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--no-prefix-caching", action="store_true")
+    steps = parser.add_mutually_exclusive_group()
+    steps.add_argument(
+        "--compile",
+        dest="decode_steps",
+        action="store_const",
+        const="compile",
+        default=None,
+        help="run decode steps through torch.compile, padded to batch-size buckets "
+        "(compiled at startup: minutes on a small CPU; then faster steps)",
+    )
+    steps.add_argument(
+        "--cuda-graph",
+        dest="decode_steps",
+        action="store_const",
+        const="cuda_graph",
+        help="replay decode steps as CUDA graphs, one per batch-size bucket (CUDA only)",
+    )
     parser.add_argument("--max-body-bytes", type=_positive, default=4 * 1024 * 1024)
     parser.add_argument(
         "--shutdown-grace",
@@ -170,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             device=args.device,
             enable_prefix_caching=not args.no_prefix_caching,
+            decode_steps=args.decode_steps,
         )
     except (DefaultModelNotFound, FileNotFoundError, ValueError) as exc:
         print(f"ds-serve: error: {exc}", file=sys.stderr)

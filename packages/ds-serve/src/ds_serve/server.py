@@ -44,11 +44,15 @@ ENGINE_OPTIONS = {
     "enable_prefix_caching": True,
     "enable_chunked_prefill": True,
     "served_model_name": None,
+    # None: eager steps; "compile" | "cuda_graph": decode steps compiled / captured per
+    # batch-size bucket (ds_model.decode_buckets), built before the server starts.
+    "decode_steps": None,
 }
 # The short names ds-model's from_pretrained(quantization=) accepts (see docs/ds-model.md):
 # weight-only int8 / int4 (W4A16), int8 weights and dynamic int8 activations, and
 # DeepSeek's FP8 block quantization.
 QUANTIZATIONS = ("int8", "int4", "w8a8", "fp8")
+DECODE_STEPS = ("compile", "cuda_graph")
 
 
 def _serving_dtype(option: str, device: torch.device) -> str | None:
@@ -87,6 +91,11 @@ def _options(engine_options: dict[str, Any]) -> dict[str, Any]:
             f"got {quantization!r}"
         )
     options["lora"] = _adapter_paths(options["lora"])
+    if options["decode_steps"] not in (None, *DECODE_STEPS):
+        raise ValueError(
+            f"decode_steps must be None (eager), 'compile' or 'cuda_graph', "
+            f"got {options['decode_steps']!r}"
+        )
     return options
 
 
@@ -248,7 +257,16 @@ def build_engine(model_path: str | os.PathLike | None = None, **engine_options: 
         num_blocks = fits if num_blocks is None else min(num_blocks, fits)
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory={budget} bytes is smaller than one KV block")
-    runner = ds_model.ModelRunner(model, num_blocks=num_blocks, block_size=block_size)
+    runner = ds_model.ModelRunner(
+        model, num_blocks=num_blocks, block_size=block_size, decode_steps=options["decode_steps"]
+    )
+    if runner.decode_steps is not None:
+        log.info(
+            "building %s decode steps for batch sizes %s",
+            options["decode_steps"],
+            runner.decode_steps.buckets,
+        )
+        runner.decode_steps.warm_up()
     _probe_adapters(runner, adapters)
     scheduler = Scheduler(
         SchedulerConfig(
