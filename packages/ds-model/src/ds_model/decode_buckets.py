@@ -4,9 +4,9 @@ A decode-only step of ``ModelRunner`` (every sequence feeds one token, no adapte
 prompt scoring) is padded up to the smallest bucket that holds it, so a handful of
 shapes cover every batch size, the way vLLM and nano-vllm capture their decode graphs:
 
-- ``mode="compile"``: the step runs through ``torch.compile``. The batch is a bucket
-  size; the block-table width is a dynamic dimension (one graph for every context
-  length). On CPU the compiled step fuses the many small element-wise ops of a decode
+- ``mode="compile"``: the step runs through ``torch.compile``. The block-table width
+  and the batch (a bucket size) are dynamic dimensions: one graph for batch 1, one for
+  every larger bucket, whatever the context lengths. On CPU the compiled step fuses the many small element-wise ops of a decode
   step, which is what a small model's step is made of.
 - ``mode="cuda_graph"``: one CUDA graph per bucket, recorded on first use over static
   input buffers whose block table spans the model's whole context; a replay is one
@@ -78,13 +78,19 @@ class DecodeBuckets:
         self.mode = mode
         self.model, self.cache, self.scratch = model, cache, scratch_block
         self.device = model.device
-        for module in model.modules():
-            if isinstance(module, RoutedExperts):
-                module.stack_weights()  # the grouped form reads them in place
+        # The grouped form of routed experts reads them in place, stacked.
+        stacked = [m.stack_weights() for m in model.modules() if isinstance(m, RoutedExperts)]
+        if mode == "cuda_graph" and not all(stacked):
+            raise ValueError(
+                "mode='cuda_graph' needs routed experts that can be stacked for their grouped "
+                "form (no wrapped, quantized or hooked experts: their loop reads the routing "
+                "on the host)"
+            )
         if self.device.type == "cpu" and mode == "compile":
             input_major_weights(model)  # faster few-row matmuls; see ds_model.layout
         self._compiled = torch.compile(self._forward) if mode == "compile" else None
         self._graphs: dict[int, _Graph] = {}
+        self._pool = None  # the captured graphs' shared memory pool (replays never overlap)
         # The captured steps' table spans the model's whole context.
         bs = cache.block_size
         self.max_width = -(-model.config.max_position_embeddings // bs)
@@ -102,17 +108,16 @@ class DecodeBuckets:
         bs, n = self.cache.block_size, len(token_ids)
         pad = bucket - n
         slots = [table[p // bs] * bs + p % bs for p, table in zip(positions, block_tables)]
-        rows = []
-        for p, table in zip(positions, block_tables):
-            used = p // bs + 1
-            rows.append(list(table[:used]) + [self.scratch] * (width - used))
-        rows += [[self.scratch] * width] * pad
         index = torch.int32 if self.device.type == "cuda" else torch.long
+        tables = torch.full((bucket, width), self.scratch, dtype=index)
+        for row, (p, table) in enumerate(zip(positions, block_tables)):
+            used = p // bs + 1
+            tables[row, :used] = torch.tensor(table[:used], dtype=index)
         return (
             torch.tensor([*token_ids, *[0] * pad], dtype=torch.long)[:, None],
             torch.tensor([*positions, *[0] * pad], dtype=torch.long)[:, None],
             torch.tensor([*slots, *[self.scratch * bs] * pad], dtype=torch.long),
-            torch.tensor(rows, dtype=index),
+            tables,
             torch.tensor([p + 1 for p in positions] + [1] * pad, dtype=torch.int32),
         )
 
@@ -120,7 +125,8 @@ class DecodeBuckets:
         """Compile (or capture) the step of every bucket now, on padding rows only (they
         touch nothing but the scratch block), so that no request waits for it."""
         width = self.max_width if self.mode == "cuda_graph" else MIN_TABLE_WIDTH
-        for bucket in self.buckets:
+        # Largest first: the captured graphs share one memory pool, sized by the first.
+        for bucket in reversed(self.buckets):
             self._call(self.inputs([], [], [], bucket, width), bucket)
 
     def run(
@@ -146,11 +152,17 @@ class DecodeBuckets:
             if self.mode == "cuda_graph":
                 graph = self._graphs.get(bucket)
                 if graph is None:
-                    graph = self._graphs[bucket] = _Graph(self._forward, inputs)
+                    if self._pool is None:
+                        self._pool = torch.cuda.graph_pool_handle()
+                    graph = self._graphs[bucket] = _Graph(self._forward, inputs, self._pool)
                 return graph.replay(inputs).clone()
             inputs = [t.to(self.device) for t in inputs]
-            # One graph for every context length (the first call specialises nothing).
+            # One graph for every context length, and one for every bucket above 1
+            # (torch.compile specialises a size of 1, so batch 1 gets its own).
             torch._dynamo.mark_dynamic(inputs[3], 1)
+            if bucket > 1:
+                for t in inputs:
+                    torch._dynamo.mark_dynamic(t, 0)
             return self._compiled(*inputs)
 
     def _forward(self, ids, positions, slots, tables, context_lens) -> torch.Tensor:
@@ -164,7 +176,7 @@ class DecodeBuckets:
 class _Graph:
     """One captured decode step: static inputs, one CUDA graph, a static logits buffer."""
 
-    def __init__(self, forward, example: tuple[torch.Tensor, ...]):
+    def __init__(self, forward, example: tuple[torch.Tensor, ...], pool) -> None:
         self.inputs = [t.to("cuda") for t in example]
         # Warm up on a side stream (lazy initialisations, cuBLAS workspaces) before the
         # capture, as torch.cuda.graphs documents. Every write lands in the slots the
@@ -176,7 +188,7 @@ class _Graph:
                 forward(*self.inputs)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=pool):
             self.logits = forward(*self.inputs)
 
     def replay(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
