@@ -140,7 +140,8 @@ def start_server(
     proc = subprocess.Popen(cmd, env=env)
     import httpx
 
-    deadline = time.monotonic() + 120
+    # Compiled decode steps are built before the server listens: minutes on a small CPU.
+    deadline = time.monotonic() + (900 if "--compile" in extra else 120)
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
