@@ -159,6 +159,9 @@ class DecodeBuckets:
             inputs = [t.to(self.device) for t in inputs]
             # One graph for every context length, and one for every bucket above 1
             # (torch.compile specialises a size of 1, so batch 1 gets its own).
+            # mark_dynamic is torch's documented way to say so up front (under torch._dynamo):
+            # without it the first new width or bucket recompiles, mid-request. With it the
+            # warm-up builds every graph (tests/test_decode_buckets.py counts them).
             torch._dynamo.mark_dynamic(inputs[3], 1)
             if bucket > 1:
                 for t in inputs:
