@@ -1,16 +1,24 @@
-"""One client through the in-process engine against ``ds_model.generate`` (eager).
+"""The in-process engine against ``ds_model.generate``: one client, and concurrent ones.
 
-The same model object serves both: ``build_engine`` loads it (the built-in model by
-default), one greedy request at a time streams through ``Engine.submit`` /
+``build_engine`` loads the model (the built-in model by default) and the same model
+object serves both: greedy requests stream through ``Engine.submit`` /
 ``Engine.stream`` (scheduler, paged runner, sampler, detokenizer; no HTTP), and
-``ds_model.generate`` decodes the same prompt. Neither stops at EOS, so both produce
-``--max-tokens`` tokens. Tokens/s per request (prefill included), medians of
-``--repeats`` rounds, the two interleaved in each round; also the share of the engine's
-wall time spent inside ``runner.step`` (the rest is scheduling, sampling,
-detokenizing and handing each delta to the event loop). Run:
+``ds_model.generate`` decodes the same prompts one at a time (sequential generate).
+Nothing stops at EOS, so every request produces ``--max-tokens`` tokens. Per round, the
+modes run interleaved; figures are medians of ``--repeats`` rounds:
+
+- one client: tokens/s per request (prefill included), and the share of the engine's
+  wall time spent inside ``runner.step`` (the rest is scheduling, sampling,
+  detokenizing and handing deltas to the event loop);
+- ``--clients 8,32``: total output tokens/s of that many concurrent requests;
+- ``--compile``: a second engine whose decode steps run compiled per batch-size bucket
+  (``decode_steps="compile"``, on its own copy of the model, compiled before timing)
+  against ``generate(compile=True)`` on that copy.
+
+Greedy outputs of the engine and ``generate`` are checked equal. Run:
 
     OMP_NUM_THREADS=1 uv run --frozen python packages/ds-serve/benchmarks/bench_engine.py \
-        [--model PATH] [--max-tokens 128] [--prompt-len 32]
+        [--model PATH] [--max-tokens 128] [--prompt-len 32] [--clients 8,32] [--compile]
 """
 
 from __future__ import annotations
@@ -41,29 +49,43 @@ class TimedRunner:
             self.seconds += time.perf_counter() - start
 
 
-async def engine_run(engine, prompt: list[int], max_tokens: int) -> tuple[float, float, list[int]]:
-    """(tokens/s, share of the wall time in runner.step, tokens)."""
+async def engine_run(engine, prompts: list[list[int]], max_tokens: int):
+    """All ``prompts`` at once: (total tokens/s, share of the wall time in runner.step,
+    each request's tokens)."""
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     engine.runner.seconds = 0.0
+
+    async def one(request_id: str) -> list[int]:
+        tokens: list[int] = []
+        async for delta in engine.stream(request_id):
+            tokens.extend(delta.token_ids)
+        return tokens
+
     start = time.perf_counter()
-    request_id = engine.submit(prompt, params)
-    tokens: list[int] = []
-    async for delta in engine.stream(request_id):
-        tokens.extend(delta.token_ids)
+    ids = [engine.submit(prompt, params) for prompt in prompts]
+    outputs = await asyncio.gather(*(one(i) for i in ids))
     wall = time.perf_counter() - start
-    return len(tokens) / wall, engine.runner.seconds / wall, tokens
+    return sum(map(len, outputs)) / wall, engine.runner.seconds / wall, outputs
 
 
-def generate_run(model, prompt: list[int], max_tokens: int) -> tuple[float, list[int]]:
+def generate_run(model, prompt: list[int], max_tokens: int, compile: bool = False):
     config, tokenizer = model.config, model.tokenizer
     model.config = dataclasses.replace(config, eos_token_id=None)
     model.tokenizer = None  # its EOS id would stop generate early
     try:
         start = time.perf_counter()
-        tokens = ds_model.generate(model, prompt, max_new_tokens=max_tokens)
+        tokens = ds_model.generate(model, prompt, max_new_tokens=max_tokens, compile=compile)
         return len(tokens) / (time.perf_counter() - start), list(tokens)
     finally:
         model.config, model.tokenizer = config, tokenizer
+
+
+def start_engine(path, compiled: bool):
+    options = {"decode_steps": "compile"} if compiled else {}
+    engine = build_engine(path, device="cpu", **options)
+    engine.runner = TimedRunner(engine.runner)
+    engine.start(asyncio.get_running_loop())
+    return engine
 
 
 async def main() -> None:
@@ -73,37 +95,61 @@ async def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clients", default="", help="concurrency levels, e.g. 8,32")
+    parser.add_argument("--compile", action="store_true", help="also the compiled decode steps")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    engine = build_engine(args.model, device="cpu")
-    model = engine.runner.model
-    engine.runner = TimedRunner(engine.runner)
-    engine.start(asyncio.get_running_loop())
+    levels = [int(c) for c in args.clients.split(",") if c]
+    engines = {"eager": start_engine(args.model, compiled=False)}
+    if args.compile:
+        engines["compiled"] = start_engine(args.model, compiled=True)
+    models = {name: e.runner.runner.model for name, e in engines.items()}
     gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(3, model.config.vocab_size, (args.prompt_len,), generator=gen).tolist()
-    await engine_run(engine, prompt, 8)  # warm-up
-    generate_run(model, prompt, 8)
-    served, plain, shares = [], [], []
+    vocab = models["eager"].config.vocab_size
+    prompts = [
+        torch.randint(3, vocab, (args.prompt_len,), generator=gen).tolist()
+        for _ in range(max([1, *levels]))
+    ]
+    for name, engine in engines.items():  # warm-up (and generate's compile)
+        await engine_run(engine, prompts[:1], 8)
+        generate_run(models[name], prompts[0], 8, compile=name == "compiled")
+    rates: dict[tuple[str, str, int], list[float]] = {}
+    shares: dict[str, list[float]] = {}
     for _ in range(args.repeats):
-        rate, share, served_tokens = await engine_run(engine, prompt, args.max_tokens)
-        served.append(rate)
-        shares.append(share)
-        rate, plain_tokens = generate_run(model, prompt, args.max_tokens)
-        plain.append(rate)
-        if served_tokens != plain_tokens:
-            raise SystemExit("greedy outputs differ between the engine and generate")
-    engine.shutdown()
-    s, g = statistics.median(served), statistics.median(plain)
+        for name, engine in engines.items():
+            rate, share, (served,) = await engine_run(engine, prompts[:1], args.max_tokens)
+            rates.setdefault(("engine", name, 1), []).append(rate)
+            shares.setdefault(name, []).append(share)
+            rate, plain = generate_run(models[name], prompts[0], args.max_tokens, name != "eager")
+            rates.setdefault(("generate", name, 1), []).append(rate)
+            if served != plain:
+                raise SystemExit(f"greedy outputs differ between the {name} engine and generate")
+            for clients in levels:
+                rate, _, _ = await engine_run(engine, prompts[:clients], args.max_tokens)
+                rates.setdefault(("engine", name, clients), []).append(rate)
+    for engine in engines.values():
+        engine.shutdown()
+    median = {key: statistics.median(values) for key, values in rates.items()}
+    eager, compiled = median[("generate", "eager", 1)], median.get(("generate", "compiled", 1))
     print(
-        f"\none client, {args.prompt_len}-token prompt, {args.max_tokens} new tokens, "
-        f"{model.dtype}, {args.threads} thread(s), torch {torch.__version__}, "
-        f"{platform.processor() or platform.machine()}\n"
+        f"\n{args.prompt_len}-token prompts, {args.max_tokens} new tokens each, "
+        f"{models['eager'].dtype}, {args.threads} thread(s), torch {torch.__version__}, "
+        f"{platform.processor() or platform.machine()}, median of {args.repeats}\n"
     )
-    share = statistics.median(shares)
-    print("| path | tokens/s | vs generate | runner.step share of wall time |")
-    print("|---|---:|---:|---:|")
-    print(f"| ds_model.generate (eager) | {g:.1f} | 1.00x | |")
-    print(f"| Engine, in-process | {s:.1f} | {s / g:.2f}x | {share:.0%} |")
+    print(
+        "| path | steps | clients | tokens/s | vs generate | vs generate(compile=True) | runner.step share |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for (kind, name, clients), rate in median.items():
+        label = "ds_model.generate" if kind == "generate" else "Engine, in-process"
+        vs_compiled = f"{rate / compiled:.2f}x" if compiled else ""
+        share = (
+            f"{statistics.median(shares[name]):.0%}" if kind == "engine" and clients == 1 else ""
+        )
+        print(
+            f"| {label} | {name} | {clients} | {rate:.1f} | {rate / eager:.2f}x | "
+            f"{vs_compiled} | {share} |"
+        )
 
 
 if __name__ == "__main__":

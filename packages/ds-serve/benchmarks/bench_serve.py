@@ -10,6 +10,11 @@ so every mode does the same work. Each figure is the median of ``--repeats`` run
 
     OMP_NUM_THREADS=1 uv run --frozen python packages/ds-serve/benchmarks/bench_serve.py
 
+``--compile`` serves with compiled decode steps and adds ``generate(compile=True)`` to
+the sequential baselines; ``--in-process`` also drives the same engine in this process
+without HTTP after each server run (the HTTP/SSE overhead column);
+``--no-transformers`` skips that baseline.
+
 Every process uses ``--threads`` torch threads (default 1: on a shared 2-core machine,
 more threads per process spin against each other).
 """
@@ -135,7 +140,8 @@ def start_server(
     proc = subprocess.Popen(cmd, env=env)
     import httpx
 
-    deadline = time.monotonic() + 120
+    # Compiled decode steps are built before the server listens: minutes on a small CPU.
+    deadline = time.monotonic() + (900 if "--compile" in extra else 120)
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
@@ -194,6 +200,29 @@ async def run_level(url, prompt_list, clients, per_client, max_tokens, models=(N
     return stats["tokens"] / wall, stats["ttft"], stats["itl"]
 
 
+async def engine_level(engine, prompt_ids, clients, per_client, max_tokens):
+    """Output tokens/s of the in-process engine (no HTTP) under the same load as
+    ``run_level``: ``clients`` concurrent streams, ``per_client`` requests each."""
+    from ds_serve import SamplingParams
+
+    params = SamplingParams(
+        temperature=0.0, max_tokens=max_tokens, stop_token_ids=engine.eos_token_ids
+    )
+    tokens = 0
+
+    async def worker(c):
+        nonlocal tokens
+        for r in range(per_client):
+            k = c * per_client + r
+            request_id = engine.submit(prompt_ids[k % len(prompt_ids)], params)
+            async for delta in engine.stream(request_id):
+                tokens += len(delta.token_ids)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(c) for c in range(clients)))
+    return tokens / (time.perf_counter() - start)
+
+
 def pct(values, q):
     if not values:
         return float("nan")
@@ -201,15 +230,15 @@ def pct(values, q):
     return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
 
 
-def sequential_ds_model(path, prompt_list, max_tokens, device):
+def sequential_ds_model(path, prompt_list, max_tokens, device, compile=False):
     import ds_model
 
     model = ds_model.from_pretrained(path, dtype="float32", device=device)
     ids = [model.tokenizer.encode(p) for p in prompt_list]
-    ds_model.generate(model, ids[0], max_new_tokens=4)  # warm-up
+    ds_model.generate(model, ids[0], max_new_tokens=4, compile=compile)  # warm-up
     start, tokens = time.perf_counter(), 0
     for row in ids:
-        tokens += len(ds_model.generate(model, row, max_new_tokens=max_tokens))
+        tokens += len(ds_model.generate(model, row, max_new_tokens=max_tokens, compile=compile))
     return tokens / (time.perf_counter() - start)
 
 
@@ -239,6 +268,19 @@ def main() -> None:
     parser.add_argument("--baseline-requests", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu or cuda, for every mode")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="serve with --compile (and run the in-process engine so); the sequential "
+        "baselines add generate(compile=True)",
+    )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="also the same engine in this process without HTTP, alternating with the "
+        "server at each level: the HTTP/SSE overhead",
+    )
+    parser.add_argument("--no-transformers", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     levels = [int(x) for x in args.levels.split(",")]
@@ -250,36 +292,49 @@ def main() -> None:
         build_checkpoint(path)
         tokenizer = ds_model.Tokenizer.from_dir(path)
         prompt_list = prompts(tokenizer, 128, args.prompt_len)
+        prompt_ids = [tokenizer.encode(p) for p in prompt_list]
         base = prompt_list[: args.baseline_requests]
         ds_tps = statistics.median(
             sequential_ds_model(path, base, args.max_tokens, args.device)
             for _ in range(args.repeats)
         )
-        hf_tps = statistics.median(
-            sequential_transformers(path, base, args.max_tokens, tokenizer, args.device)
-            for _ in range(args.repeats)
-        )
+        compiled_tps = None
+        if args.compile:
+            compiled_tps = statistics.median(
+                sequential_ds_model(path, base, args.max_tokens, args.device, compile=True)
+                for _ in range(args.repeats)
+            )
+        hf_tps = None
+        if not args.no_transformers:
+            hf_tps = statistics.median(
+                sequential_transformers(path, base, args.max_tokens, tokenizer, args.device)
+                for _ in range(args.repeats)
+            )
+        engine = None
+        if args.in_process:
+            from ds_serve import build_engine
+
+            engine = build_engine(
+                path,
+                max_num_seqs=64,
+                max_num_batched_tokens=2048,
+                max_waiting=512,
+                kv_cache_memory=256 << 20,
+                dtype="float32",
+                device=args.device,
+                decode_steps="compile" if args.compile else None,
+            )
         port = free_port()
-        server = start_server(path, port, args.threads, args.device)
+        extra = ("--compile",) if args.compile else ()
+        server = start_server(path, port, args.threads, args.device, extra)
         url = f"http://127.0.0.1:{port}"
-        rows = []
         try:
-            asyncio.run(run_level(url, prompt_list, 2, 1, 8))  # warm-up
-            for clients in levels:
-                per_client = max(1, 8 // clients) if clients < 8 else 2
-                runs = [
-                    asyncio.run(run_level(url, prompt_list, clients, per_client, args.max_tokens))
-                    for _ in range(args.repeats)
-                ]
-                tps = statistics.median(r[0] for r in runs)
-                ttft = [t for r in runs for t in r[1]]
-                itl = [t for r in runs for t in r[2]]
-                rows.append(
-                    (clients, tps, pct(ttft, 50), pct(ttft, 99), pct(itl, 50), pct(itl, 99))
-                )
+            rows = asyncio.run(measure(args, levels, url, prompt_list, prompt_ids, engine))
         finally:
             server.terminate()
             server.wait(timeout=60)
+            if engine is not None:
+                engine.shutdown()
 
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(
@@ -290,20 +345,55 @@ def main() -> None:
         f"model: random DeepSeek-V3-shaped ({SHAPE['hidden_size']} hidden, "
         f"{SHAPE['num_hidden_layers']} layers, {SHAPE['n_routed_experts']} experts), fp32; "
         f"prompts ~{args.prompt_len} tokens, {args.max_tokens} output tokens, greedy; "
-        f"median of {args.repeats}\n"
+        f"decode steps {'compiled' if args.compile else 'eager'}; median of {args.repeats}\n"
     )
     print(f"sequential ds_model.generate: {ds_tps:.1f} output tokens/s")
-    print(f"sequential transformers generate: {hf_tps:.1f} output tokens/s\n")
+    if compiled_tps is not None:
+        print(f"sequential ds_model.generate(compile=True): {compiled_tps:.1f} output tokens/s")
+    if hf_tps is not None:
+        print(f"sequential transformers generate: {hf_tps:.1f} output tokens/s")
     print(
-        "| clients | output tok/s | vs ds-model seq | vs transformers seq | TTFT p50 (ms) "
+        "\n| clients | output tok/s | vs ds-model seq | vs generate(compile=True) seq "
+        "| vs transformers seq | in-process engine tok/s | HTTP overhead | TTFT p50 (ms) "
         "| TTFT p99 (ms) | ITL p50 (ms) | ITL p99 (ms) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    for clients, tps, t50, t99, i50, i99 in rows:
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for clients, tps, inproc, t50, t99, i50, i99 in rows:
+        vs_compiled = f"{tps / compiled_tps:.2f}x" if compiled_tps else ""
+        vs_hf = f"{tps / hf_tps:.2f}x" if hf_tps else ""
+        engine_tps = f"{inproc:.1f}" if inproc else ""
+        overhead = f"{1 - tps / inproc:.0%}" if inproc else ""
         print(
-            f"| {clients} | {tps:.1f} | {tps / ds_tps:.2f}x | {tps / hf_tps:.2f}x | "
-            f"{t50 * 1e3:.0f} | {t99 * 1e3:.0f} | {i50 * 1e3:.1f} | {i99 * 1e3:.1f} |"
+            f"| {clients} | {tps:.1f} | {tps / ds_tps:.2f}x | {vs_compiled} | {vs_hf} | "
+            f"{engine_tps} | {overhead} | {t50 * 1e3:.0f} | {t99 * 1e3:.0f} | "
+            f"{i50 * 1e3:.1f} | {i99 * 1e3:.1f} |"
         )
+
+
+async def measure(args, levels, url, prompt_list, prompt_ids, engine):
+    """Per level: the server's runs, each followed by the in-process engine's (if any)."""
+    await run_level(url, prompt_list, 2, 1, 8)  # warm-up
+    if engine is not None:
+        engine.start(asyncio.get_running_loop())
+        await engine_level(engine, prompt_ids, 2, 1, 8)
+    rows = []
+    for clients in levels:
+        per_client = max(1, 8 // clients) if clients < 8 else 2
+        runs, inproc = [], []
+        for _ in range(args.repeats):
+            runs.append(await run_level(url, prompt_list, clients, per_client, args.max_tokens))
+            if engine is not None:
+                inproc.append(
+                    await engine_level(engine, prompt_ids, clients, per_client, args.max_tokens)
+                )
+        tps = statistics.median(r[0] for r in runs)
+        ttft = [t for r in runs for t in r[1]]
+        itl = [t for r in runs for t in r[2]]
+        engine_tps = statistics.median(inproc) if inproc else None
+        rows.append(
+            (clients, tps, engine_tps, pct(ttft, 50), pct(ttft, 99), pct(itl, 50), pct(itl, 99))
+        )
+    return rows
 
 
 if __name__ == "__main__":

@@ -72,6 +72,20 @@ def test_repeated_lora_names_are_refused(capsys):
     assert "repeated: ['a']" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "steps"), [([], None), (["--compile"], "compile"), (["--cuda-graph"], "cuda_graph")]
+)
+def test_decode_step_flags(argv, steps):
+    assert parse_args(argv).decode_steps == steps
+
+
+def test_compile_and_cuda_graph_exclude_each_other(capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--compile", "--cuda-graph"])
+    assert info.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", ["int8", "int4", "w8a8", "fp8"])
 def test_every_quantization_ds_model_names_is_accepted(name):
     assert parse_args(["--quantization", name]).quantization == name

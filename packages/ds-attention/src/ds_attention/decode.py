@@ -13,9 +13,12 @@ from ds_attention.reference import paged_decode_reference
 from ds_attention.validate import SUPPORTED_DTYPES, check_softmax_scale
 
 
-def _check(q, k_cache, v_cache, block_table, context_lens, v_head_dim) -> tuple[int, int]:
+def _check(
+    q, k_cache, v_cache, block_table, context_lens, v_head_dim, read_lens: bool = True
+) -> tuple[int, int]:
     """Validates the arguments; returns the shortest and longest context ((0, 0) for an
-    empty batch)."""
+    empty batch). ``read_lens=False`` (a compiled or captured step) leaves
+    ``context_lens`` on the device and returns the bounds the table allows, (0, capacity)."""
     tensors = [("q", q, 3), ("k_cache", k_cache, 4)]
     if v_cache is not None:
         tensors.append(("v_cache", v_cache, 4))
@@ -78,6 +81,8 @@ def _check(q, k_cache, v_cache, block_table, context_lens, v_head_dim) -> tuple[
     if batch == 0:
         return 0, 0
     capacity = block_table.shape[1] * k_cache.shape[1]
+    if not read_lens:
+        return 0, capacity
     lens = context_lens.tolist()  # one host copy: cheaper than two reductions
     shortest, longest = min(lens), max(lens)
     if shortest < 0 or longest > capacity:
@@ -177,6 +182,9 @@ def paged_decode_attention(
     ``b`` lists the cache blocks of sequence ``b`` in order; context_lens: (batch,) int32,
     how many cached tokens sequence ``b`` attends to (write the new token's k/v first).
     Returns (batch, heads, d_v). A sequence with context 0 gets zeros. Forward only.
+    Inside ``torch.compile`` or a CUDA-graph capture ``context_lens`` stays on the device
+    (no host read, no check of its values): the torch path then reads every page of
+    ``block_table``, masked past each context, so padding the table costs reads.
 
     ``v_cache=None`` with ``v_head_dim=d_v``: the values are the first ``d_v`` channels
     of each key, as in MLA's absorbed decode (key = latent + rope key, value = latent,
@@ -187,7 +195,14 @@ def paged_decode_attention(
     a page size the kernel cannot take); ``"triton"`` (raises on such a page size),
     ``"torch"`` or ``"reference"`` (float32, one sequence at a time) forces one.
     """
-    lens_range = _check(q, k_cache, v_cache, block_table, context_lens, v_head_dim)
+    # A step being compiled or captured cannot read context_lens on the host: the torch
+    # path then attends over the whole table width under the key-padding mask.
+    static = torch.compiler.is_compiling() or (
+        q.is_cuda and torch.cuda.is_current_stream_capturing()
+    )
+    lens_range = _check(
+        q, k_cache, v_cache, block_table, context_lens, v_head_dim, read_lens=not static
+    )
     scale = check_softmax_scale(softmax_scale, q.shape[-1])
     page = k_cache.shape[1]
     if backend is None:

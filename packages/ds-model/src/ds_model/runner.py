@@ -32,6 +32,7 @@ import torch
 
 from ds_model.cache import PagedKVCache, PagedWriter
 from ds_model.config import ModelConfig
+from ds_model.decode_buckets import DECODE_BUCKETS, DecodeBuckets
 
 __all__ = ["ModelRunner", "SequenceBatch", "num_blocks_for_memory"]
 
@@ -70,7 +71,13 @@ class SequenceBatch:
 
 
 class ModelRunner:
-    """Satisfies ``ModelRunnerProtocol``. Give ``num_blocks`` or ``memory_bytes``."""
+    """Satisfies ``ModelRunnerProtocol``. Give ``num_blocks`` or ``memory_bytes``.
+
+    ``decode_steps``: ``"compile"`` or ``"cuda_graph"`` runs decode-only steps (no
+    adapters, no prompt scoring) padded to the smallest of ``decode_buckets`` that
+    holds them, through ``torch.compile`` or one CUDA graph per bucket (see
+    ``ds_model.decode_buckets``); other steps, and batches beyond the largest bucket,
+    run eagerly. The pool then keeps one extra scratch block for the padding rows."""
 
     def __init__(
         self,
@@ -80,6 +87,8 @@ class ModelRunner:
         memory_bytes: int | None = None,
         block_size: int = 16,
         dtype: torch.dtype | None = None,
+        decode_steps: str | None = None,
+        decode_buckets: Sequence[int] = DECODE_BUCKETS,
     ) -> None:
         self.model = model.eval()
         self.config: ModelConfig = model.config
@@ -102,12 +111,26 @@ class ModelRunner:
                 )
         self.block_size = block_size
         self.device = model.device
-        self.cache = PagedKVCache(self.config, num_blocks, block_size, dtype, self.device)
+        self._num_blocks = num_blocks
+        scratch = 1 if decode_steps is not None else 0
+        self.cache = PagedKVCache(self.config, num_blocks + scratch, block_size, dtype, self.device)
         self._offsets = torch.arange(block_size, device=self.device)
+        self.decode_steps: DecodeBuckets | None = None
+        if decode_steps is not None:
+            if not self._decodes_in_place():
+                raise ValueError(
+                    f"decode_steps={decode_steps!r} needs decode rows that read the pool in "
+                    "place: no sliding_window, and MLA's kv_b_proj a plain nn.Linear (not "
+                    "LoRA-wrapped or quantized)"
+                )
+            self.decode_steps = DecodeBuckets(
+                model, self.cache, num_blocks, mode=decode_steps, buckets=decode_buckets
+            )
 
     @property
     def num_blocks(self) -> int:
-        return self.cache.num_blocks
+        """Blocks sequences may use (the scratch block of bucketed decode steps excluded)."""
+        return self._num_blocks
 
     def step(
         self,
@@ -148,6 +171,16 @@ class ModelRunner:
         # Decode rows (one token each) go first: they read the pool in place through
         # their block tables; the prefill rows after them read gathered contexts.
         in_place = self._decodes_in_place()
+        if (
+            self.decode_steps is not None
+            and in_place
+            and adapters is None
+            and all_positions is None
+            and all(len(t) == 1 for t in token_ids)
+        ):
+            logits = self.decode_steps.run([t[0] for t in token_ids], positions, block_tables)
+            if logits is not None:
+                return logits
         decode = [s for s in range(n_seqs) if in_place and len(token_ids[s]) == 1]
         prefill = [s for s in range(n_seqs) if not (in_place and len(token_ids[s]) == 1)]
         order = decode + prefill
@@ -323,12 +356,11 @@ class ModelRunner:
                 f"{end - 1} need {need} (block_size={self.block_size})"
             )
         bad = []
-        if table and not (0 <= min(table) and max(table) < self.cache.num_blocks):
-            bad = [b for b in table if not 0 <= b < self.cache.num_blocks]
+        if table and not (0 <= min(table) and max(table) < self.num_blocks):
+            bad = [b for b in table if not 0 <= b < self.num_blocks]
         if bad:
             raise ValueError(
-                f"sequence {s}: block ids {bad[:5]} are outside the pool "
-                f"[0, {self.cache.num_blocks})"
+                f"sequence {s}: block ids {bad[:5]} are outside the pool [0, {self.num_blocks})"
             )
         vocab = self.config.vocab_size
         if any(not 0 <= t < vocab for t in toks):

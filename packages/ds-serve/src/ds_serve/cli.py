@@ -131,6 +131,23 @@ def build_parser() -> argparse.ArgumentParser:
         "ds-serve starts N-1 worker processes (gloo on CPU, NCCL with one GPU each), or "
         "runs under torchrun, where RANK 0 serves HTTP (default 1)",
     )
+    steps = parser.add_mutually_exclusive_group()
+    steps.add_argument(
+        "--compile",
+        dest="decode_steps",
+        action="store_const",
+        const="compile",
+        default=None,
+        help="run decode steps through torch.compile, padded to batch-size buckets "
+        "(compiled at startup: minutes on a small CPU; then faster steps)",
+    )
+    steps.add_argument(
+        "--cuda-graph",
+        dest="decode_steps",
+        action="store_const",
+        const="cuda_graph",
+        help="replay decode steps as CUDA graphs, one per batch-size bucket (CUDA only)",
+    )
     parser.add_argument("--max-body-bytes", type=_positive, default=4 * 1024 * 1024)
     parser.add_argument(
         "--shutdown-grace",
@@ -177,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         enable_prefix_caching=not args.no_prefix_caching,
         tensor_parallel_size=args.tensor_parallel_size,
+        decode_steps=args.decode_steps,
     )
     try:
         if args.tensor_parallel_size > 1 and int(os.environ.get("RANK", "0")) > 0:

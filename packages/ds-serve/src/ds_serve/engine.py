@@ -17,7 +17,8 @@ One loop iteration is one model step:
 
 The model step runs in a thread, not on the event loop, so HTTP keeps being served
 while torch computes; the thread hands results to the loop with
-``call_soon_threadsafe``, once per step. HTTP handlers never touch the scheduler
+``call_soon_threadsafe``, at most once per step: a step whose deltas find an earlier
+delivery still pending adds them to it without waking the loop again. HTTP handlers never touch the scheduler
 directly except ``add`` (under the lock, so ``QueueFull`` reaches the caller as a 429).
 """
 
@@ -140,6 +141,9 @@ class Engine:
         self._wake = threading.Condition(self._lock)
         self._tracked: dict[str, _Tracked] = {}
         self._pending_aborts: set[str] = set()
+        # Deltas made on the engine thread, not yet delivered on the loop (see _post).
+        self._outbox: list[tuple[asyncio.Queue, Delta]] = []
+        self._outbox_lock = threading.Lock()
         self._streams: dict[str, asyncio.Queue] = {}
         self._ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -616,8 +620,24 @@ class Engine:
         )
 
     def _post(self, posts: list[tuple[asyncio.Queue, Delta]]) -> None:
-        if posts and self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(_deliver, posts)
+        """Hand deltas to the event loop. Waking the loop (``call_soon_threadsafe``
+        writes to its self-pipe, and the loop's thread then competes for the GIL) is the
+        costly part, so it happens only when the outbox was empty: while a delivery is
+        still pending, later steps' deltas join it and go out in the same callback."""
+        if not posts or self._loop is None or self._loop.is_closed():
+            return
+        with self._outbox_lock:
+            pending = bool(self._outbox)
+            self._outbox.extend(posts)
+        if not pending:
+            self._loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        """On the event loop: every delta in the outbox into its queue, in order."""
+        with self._outbox_lock:
+            posts, self._outbox = self._outbox, []
+        for queue, delta in posts:
+            queue.put_nowait(delta)
 
 
 def _token_logprobs(
@@ -634,8 +654,3 @@ def _token_logprobs(
             top = tuple(zip(top_ids[row][:k], top_lps[row][:k]))
             out[t.request_id] = TokenLogprob(tokens[row], chosen[row], top)
     return out
-
-
-def _deliver(posts: list[tuple[asyncio.Queue, Delta]]) -> None:
-    for queue, delta in posts:
-        queue.put_nowait(delta)

@@ -49,11 +49,15 @@ ENGINE_OPTIONS = {
     "served_model_name": None,
     # ranks the model is split across (heads, MLPs, experts): see ds_serve.tensor_parallel
     "tensor_parallel_size": 1,
+    # None: eager steps; "compile" | "cuda_graph": decode steps compiled / captured per
+    # batch-size bucket (ds_model.decode_buckets), built before the server starts.
+    "decode_steps": None,
 }
 # The short names ds-model's from_pretrained(quantization=) accepts (see docs/ds-model.md):
 # weight-only int8 / int4 (W4A16), int8 weights and dynamic int8 activations, and
 # DeepSeek's FP8 block quantization.
 QUANTIZATIONS = ("int8", "int4", "w8a8", "fp8")
+DECODE_STEPS = ("compile", "cuda_graph")
 
 
 def _serving_dtype(option: str, device: torch.device) -> str | None:
@@ -93,13 +97,22 @@ def _options(engine_options: dict[str, Any]) -> dict[str, Any]:
             f"got {quantization!r}"
         )
     options["lora"] = _adapter_paths(options["lora"])
+    if options["decode_steps"] not in (None, *DECODE_STEPS):
+        raise ValueError(
+            f"decode_steps must be None (eager), 'compile' or 'cuda_graph', "
+            f"got {options['decode_steps']!r}"
+        )
     if options["tensor_parallel_size"] > 1:
-        for name in ("quantization", "lora"):
+        reasons = {
+            "quantization": "the ranks split plain linear layers",
+            "lora": "the ranks split plain linear layers",
+            "decode_steps": "every rank runs the same eager step",
+        }
+        for name, reason in reasons.items():
             if options[name]:
                 raise ValueError(
                     f"{name} is not supported with tensor_parallel_size > 1 "
-                    f"(--tensor-parallel-size {options['tensor_parallel_size']}): the "
-                    "ranks split plain linear layers"
+                    f"(--tensor-parallel-size {options['tensor_parallel_size']}): {reason}"
                 )
     return options
 
@@ -262,7 +275,19 @@ def build_engine(model_path: str | os.PathLike | None = None, **engine_options: 
         num_blocks = _pool_size(options, model, max_model_len, device)
         if ranks is not None:
             num_blocks = ranks.agree_min(num_blocks)
-        runner = ds_model.ModelRunner(model, num_blocks=num_blocks, block_size=block_size)
+        runner = ds_model.ModelRunner(
+            model,
+            num_blocks=num_blocks,
+            block_size=block_size,
+            decode_steps=options["decode_steps"],
+        )
+        if runner.decode_steps is not None:
+            log.info(
+                "building %s decode steps for batch sizes %s",
+                options["decode_steps"],
+                runner.decode_steps.buckets,
+            )
+            runner.decode_steps.warm_up()
     except BaseException:
         if ranks is not None:  # no worker may outlive a server that failed to start
             ranks.stop(timeout=0.0)

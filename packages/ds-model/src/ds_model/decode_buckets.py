@@ -1,0 +1,201 @@
+"""The serving runner's decode steps, compiled or CUDA-graph captured per batch-size bucket.
+
+A decode-only step of ``ModelRunner`` (every sequence feeds one token, no adapters, no
+prompt scoring) is padded up to the smallest bucket that holds it, so a handful of
+shapes cover every batch size, the way vLLM and nano-vllm capture their decode graphs:
+
+- ``mode="compile"``: the step runs through ``torch.compile``. The block-table width
+  and the batch (a bucket size) are dynamic dimensions: one graph for batch 1, one for
+  every larger bucket, whatever the context lengths. On CPU the compiled step fuses the many small element-wise ops of a decode
+  step, which is what a small model's step is made of.
+- ``mode="cuda_graph"``: one CUDA graph per bucket, recorded on first use over static
+  input buffers whose block table spans the model's whole context; a replay is one
+  launch. Larger batches than the largest bucket run eagerly.
+
+Padding rows feed token 0 at position 0 with a context of one token held in the
+pool's scratch block, a block the runner keeps out of the scheduler's pool, so they
+never touch a real sequence's cache. Inside the step ds-attention's paged decode does not
+read the context lengths on the host (see ``paged_decode_attention``); routed experts
+take their grouped form (no routing read back), as in ``ds_model.cuda_graph``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ds_model.cache import PagedKVCache, PagedWriter
+from ds_model.layout import input_major_weights
+from ds_model.moe import RoutedExperts
+
+__all__ = ["DECODE_BUCKETS", "DecodeBuckets", "pick_bucket"]
+
+DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+STEP_MODES = ("compile", "cuda_graph")
+# The compiled step's table has at least this many blocks: torch.compile specialises a
+# dimension of size 1, and the width is meant to stay dynamic.
+MIN_TABLE_WIDTH = 2
+
+
+def pick_bucket(num_rows: int, buckets: Sequence[int]) -> int | None:
+    """The smallest bucket holding ``num_rows`` rows; None when none does (run eagerly)."""
+    for size in buckets:
+        if size >= num_rows:
+            return size
+    return None
+
+
+def check_buckets(buckets: Sequence[int]) -> tuple[int, ...]:
+    """``buckets`` as a sorted tuple of distinct positive ints, or a ValueError."""
+    if not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets):
+        raise ValueError(f"decode buckets must be positive ints, got {list(buckets)!r}")
+    return tuple(sorted(set(buckets)))
+
+
+class DecodeBuckets:
+    """Runs decode-only steps of ``model`` over ``cache`` padded to a bucket.
+
+    ``scratch_block``: a pool block no sequence owns; padding rows write and read there.
+    ``run(token_ids, positions, block_tables)`` (one token per sequence) returns the
+    (num_seqs, vocab) logits, or None when the batch is larger than every bucket (the
+    caller runs its eager step)."""
+
+    def __init__(
+        self,
+        model,
+        cache: PagedKVCache,
+        scratch_block: int,
+        *,
+        mode: str = "compile",
+        buckets: Sequence[int] = DECODE_BUCKETS,
+    ) -> None:
+        if mode not in STEP_MODES:
+            raise ValueError(f"mode={mode!r} must be one of {STEP_MODES}")
+        if mode == "cuda_graph" and model.device.type != "cuda":
+            raise ValueError(f"mode='cuda_graph' needs a CUDA model, got {model.device}")
+        self.buckets = check_buckets(buckets)
+        self.mode = mode
+        self.model, self.cache, self.scratch = model, cache, scratch_block
+        self.device = model.device
+        # The grouped form of routed experts reads them in place, stacked.
+        stacked = [m.stack_weights() for m in model.modules() if isinstance(m, RoutedExperts)]
+        if mode == "cuda_graph" and not all(stacked):
+            raise ValueError(
+                "mode='cuda_graph' needs routed experts that can be stacked for their grouped "
+                "form (no wrapped, quantized or hooked experts: their loop reads the routing "
+                "on the host)"
+            )
+        if self.device.type == "cpu" and mode == "compile":
+            input_major_weights(model)  # faster few-row matmuls; see ds_model.layout
+        self._compiled = torch.compile(self._forward) if mode == "compile" else None
+        self._graphs: dict[int, _Graph] = {}
+        self._pool = None  # the captured graphs' shared memory pool (replays never overlap)
+        # The captured steps' table spans the model's whole context.
+        bs = cache.block_size
+        self.max_width = -(-model.config.max_position_embeddings // bs)
+
+    def inputs(
+        self,
+        token_ids: Sequence[int],
+        positions: Sequence[int],
+        block_tables: Sequence[Sequence[int]],
+        bucket: int,
+        width: int,
+    ) -> tuple[torch.Tensor, ...]:
+        """The padded step inputs on the host: ids (bucket, 1), positions (bucket, 1),
+        write slots (bucket,), block tables (bucket, width), context lengths (bucket,)."""
+        bs, n = self.cache.block_size, len(token_ids)
+        pad = bucket - n
+        slots = [table[p // bs] * bs + p % bs for p, table in zip(positions, block_tables)]
+        index = torch.int32 if self.device.type == "cuda" else torch.long
+        tables = torch.full((bucket, width), self.scratch, dtype=index)
+        for row, (p, table) in enumerate(zip(positions, block_tables)):
+            used = p // bs + 1
+            tables[row, :used] = torch.tensor(table[:used], dtype=index)
+        return (
+            torch.tensor([*token_ids, *[0] * pad], dtype=torch.long)[:, None],
+            torch.tensor([*positions, *[0] * pad], dtype=torch.long)[:, None],
+            torch.tensor([*slots, *[self.scratch * bs] * pad], dtype=torch.long),
+            tables,
+            torch.tensor([p + 1 for p in positions] + [1] * pad, dtype=torch.int32),
+        )
+
+    def warm_up(self) -> None:
+        """Compile (or capture) the step of every bucket now, on padding rows only (they
+        touch nothing but the scratch block), so that no request waits for it."""
+        width = self.max_width if self.mode == "cuda_graph" else MIN_TABLE_WIDTH
+        # Largest first: the captured graphs share one memory pool, sized by the first.
+        for bucket in reversed(self.buckets):
+            self._call(self.inputs([], [], [], bucket, width), bucket)
+
+    def run(
+        self,
+        token_ids: Sequence[int],
+        positions: Sequence[int],
+        block_tables: Sequence[Sequence[int]],
+    ) -> torch.Tensor | None:
+        n = len(token_ids)
+        bucket = pick_bucket(n, self.buckets)
+        if bucket is None:
+            return None
+        bs = self.cache.block_size
+        if self.mode == "cuda_graph":
+            width = self.max_width
+        else:
+            width = max(MIN_TABLE_WIDTH, max(p // bs + 1 for p in positions))
+        inputs = self.inputs(token_ids, positions, block_tables, bucket, width)
+        return self._call(inputs, bucket)[:n]
+
+    def _call(self, inputs: tuple[torch.Tensor, ...], bucket: int) -> torch.Tensor:
+        with torch.inference_mode():
+            if self.mode == "cuda_graph":
+                graph = self._graphs.get(bucket)
+                if graph is None:
+                    if self._pool is None:
+                        self._pool = torch.cuda.graph_pool_handle()
+                    graph = self._graphs[bucket] = _Graph(self._forward, inputs, self._pool)
+                return graph.replay(inputs).clone()
+            inputs = [t.to(self.device) for t in inputs]
+            # One graph for every context length, and one for every bucket above 1
+            # (torch.compile specialises a size of 1, so batch 1 gets its own).
+            # mark_dynamic is torch's documented way to say so up front (under torch._dynamo):
+            # without it the first new width or bucket recompiles, mid-request. With it the
+            # warm-up builds every graph (tests/test_decode_buckets.py counts them).
+            torch._dynamo.mark_dynamic(inputs[3], 1)
+            if bucket > 1:
+                for t in inputs:
+                    torch._dynamo.mark_dynamic(t, 0)
+            return self._compiled(*inputs)
+
+    def _forward(self, ids, positions, slots, tables, context_lens) -> torch.Tensor:
+        writer = PagedWriter(
+            self.cache, slots, slots[:0], block_tables=tables, context_lens=context_lens
+        )
+        hidden = self.model.model(ids, positions, cache=writer, history=True)
+        return self.model.lm_head(hidden[:, 0])
+
+
+class _Graph:
+    """One captured decode step: static inputs, one CUDA graph, a static logits buffer."""
+
+    def __init__(self, forward, example: tuple[torch.Tensor, ...], pool) -> None:
+        self.inputs = [t.to("cuda") for t in example]
+        # Warm up on a side stream (lazy initialisations, cuBLAS workspaces) before the
+        # capture, as torch.cuda.graphs documents. Every write lands in the slots the
+        # real step writes next anyway.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                forward(*self.inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.logits = forward(*self.inputs)
+
+    def replay(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        for static, new in zip(self.inputs, inputs):
+            static.copy_(new, non_blocking=True)
+        self.graph.replay()
+        return self.logits

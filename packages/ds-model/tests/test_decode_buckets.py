@@ -1,0 +1,160 @@
+"""Bucketed decode steps of the serving runner: decode-only batches padded to a
+batch-size bucket (padding rows in the scratch block), run through torch.compile or a
+CUDA graph, must give the eager runner's logits and leave every real block of the pool
+as the eager runner leaves it; other steps and oversized batches run eagerly."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+
+import ds_model
+import pytest
+import torch
+from ds_model import ModelConfig, ModelRunner
+from ds_model.decode_buckets import DecodeBuckets, pick_bucket
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+LLAMA = {
+    "model_type": "llama",
+    "vocab_size": 128,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+}
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(1, 128), min_size=1, max_size=6, unique=True), st.integers(1, 200))
+def test_pick_bucket_is_the_smallest_that_holds_the_batch(buckets, rows):
+    buckets = sorted(buckets)
+    got = pick_bucket(rows, buckets)
+    holding = [b for b in buckets if b >= rows]
+    assert got == (min(holding) if holding else None)
+
+
+def _serve(runner, model, steps, block_size, seed):
+    """Prefills 5 sequences, then runs the decode ``steps`` (lists of sequence indices);
+    returns every step's logits."""
+    rng = random.Random(seed)
+    vocab = model.config.vocab_size
+    lengths = [rng.randrange(1, 3 * block_size) for _ in range(5)]
+    free = list(range(runner.num_blocks))
+    rng.shuffle(free)
+    per_seq = -(-(max(lengths) + len(steps)) // block_size)
+    tables = [[free.pop() for _ in range(per_seq)] for _ in lengths]
+    seqs = [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
+    out = [runner.step(seqs, [0] * 5, tables)]
+    for rows in steps:
+        tokens = [[rng.randrange(vocab)] for _ in rows]
+        out.append(runner.step(tokens, [len(seqs[s]) for s in rows], [tables[s] for s in rows]))
+        for s, t in zip(rows, tokens):
+            seqs[s] += t
+    return out
+
+
+@pytest.mark.parametrize("kind", ["mla", "gqa"])
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_padded_decode_steps_equal_the_eager_runner(kind, block_size):
+    """The fixed-shape padded step (run eagerly under ``force_eager``: the same code
+    torch.compile traces) against the eager runner; batches of 3 and 1 pad to buckets
+    4 and 2, a batch of 5 is beyond the buckets and runs eagerly."""
+    config = ModelConfig.from_preset("tiny") if kind == "mla" else LLAMA
+    model = ds_model.from_config(config, seed=0)
+    eager = ModelRunner(model, num_blocks=40, block_size=block_size)
+    bucketed = ModelRunner(
+        model, num_blocks=40, block_size=block_size, decode_steps="compile", decode_buckets=(2, 4)
+    )
+    steps = [[0, 2, 4], [1], [0, 1, 2, 3, 4], [3, 4, 0], [2]]
+    want = _serve(eager, model, steps, block_size, seed=block_size)
+    with torch.compiler.set_stance("force_eager"):
+        got = _serve(bucketed, model, steps, block_size, seed=block_size)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=2e-5)
+    # Padding rows wrote only the scratch block: every real block matches.
+    for mine, theirs in zip(bucketed.cache.layers, eager.cache.layers):
+        for a, b in zip(mine, theirs):
+            torch.testing.assert_close(a[:40], b, atol=2e-5, rtol=2e-5)
+
+
+def test_the_scratch_block_is_not_the_schedulers():
+    model = ds_model.from_config(ModelConfig.from_preset("tiny"), seed=0)
+    runner = ModelRunner(model, num_blocks=6, block_size=4, decode_steps="compile")
+    assert runner.num_blocks == 6 and runner.cache.num_blocks == 7
+    with pytest.raises(ValueError, match=r"block ids \[6\] are outside the pool \[0, 6\)"):
+        runner.step([[1, 2]], [0], [[6]])
+
+
+def test_bad_decode_step_options_are_refused():
+    model = ds_model.from_config(ModelConfig.from_preset("tiny"), seed=0)
+    with pytest.raises(ValueError, match="mode='graphs' must be one of"):
+        ModelRunner(model, num_blocks=4, decode_steps="graphs")
+    with pytest.raises(ValueError, match="mode='cuda_graph' needs a CUDA model"):
+        ModelRunner(model, num_blocks=4, decode_steps="cuda_graph")
+    with pytest.raises(ValueError, match="decode buckets must be positive ints"):
+        ModelRunner(model, num_blocks=4, decode_steps="compile", decode_buckets=(0, 2))
+    windowed = ds_model.from_config(ModelConfig.from_preset("tiny", sliding_window=8), seed=0)
+    with pytest.raises(ValueError, match="needs decode rows that read the pool in place"):
+        ModelRunner(windowed, num_blocks=4, decode_steps="compile")
+
+
+COMPILED_CHECK = """
+import random, torch
+import torch._dynamo.utils as dynamo_utils
+import ds_model
+from ds_model import ModelConfig, ModelRunner
+from test_decode_buckets import _serve
+torch.set_num_threads(1)
+model = ds_model.from_config(ModelConfig.from_preset("tiny"), seed=0)
+eager = ModelRunner(model, num_blocks=40, block_size=4)
+compiled = ModelRunner(model, num_blocks=40, block_size=4, decode_steps="compile",
+                       decode_buckets=(2, 4))
+compiled.decode_steps.warm_up()
+graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+# Batches of 3, 1, 2 pad to buckets 4, 2, 2; 5 rows run eagerly.
+steps = [[0, 2, 4], [1], [0, 1, 2, 3, 4], [3, 4, 0], [2, 1], [0, 1]] * 3
+want = _serve(eager, model, steps, 4, seed=1)
+got = _serve(compiled, model, steps, 4, seed=1)
+for g, w in zip(got, want):
+    torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    assert g.argmax(-1).tolist() == w.argmax(-1).tolist()
+# One graph for both buckets, built by the warm-up; growing contexts compile nothing.
+assert graphs == 1, graphs
+assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs, "recompiled after warm-up"
+"""
+
+
+def test_compiled_decode_steps_equal_the_eager_runner():
+    """The real torch.compile, in a child process (compiling starts worker threads and
+    processes, after which this process's fork-based tests cannot fork safely)."""
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILED_CHECK],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=__file__.rsplit("/", 1)[0],
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["mla", "gqa"])
+def test_cuda_graph_decode_steps_equal_the_eager_runner(kind):
+    config = ModelConfig.from_preset("tiny") if kind == "mla" else LLAMA
+    model = ds_model.from_config(config, seed=0, device="cuda")
+    eager = ModelRunner(model, num_blocks=40, block_size=16)
+    graphed = ModelRunner(
+        model, num_blocks=40, block_size=16, decode_steps="cuda_graph", decode_buckets=(2, 4)
+    )
+    assert isinstance(graphed.decode_steps, DecodeBuckets)
+    steps = [[0, 2, 4], [1], [0, 1, 2, 3, 4], [3, 4, 0], [2]] * 2
+    want = _serve(eager, model, steps, 16, seed=0)
+    got = _serve(graphed, model, steps, 16, seed=0)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
