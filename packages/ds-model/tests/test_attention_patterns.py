@@ -320,6 +320,21 @@ def test_paged_runner_refuses_per_query_patterns(kind):
         ModelRunner(model, num_blocks=8, block_size=4)
 
 
+@pytest.mark.parametrize("kind", ["dynamic_window", "block_sparse", "nsa"])
+def test_compiled_generate_refuses_per_query_patterns_naming_the_pattern(kind):
+    model = ds_model.from_config("tiny", attention=PATTERNS[kind])
+    with pytest.raises(ValueError, match=f"compile=True needs .*attention='{kind}'"):
+        model.generate([[5, 6, 7]], max_new_tokens=2, compile=True)
+
+
+def test_cli_info_names_the_attention_pattern(tmp_path, capsys):
+    from ds_model.cli import main
+
+    ds_model.from_config(LLAMA, attention="gated").save_pretrained(tmp_path)
+    assert main(["info", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["attention_pattern"] == "gated"
+
+
 @pytest.mark.parametrize("kind", ["gated", "sliding_window"])
 def test_paged_runner_serves_gated_and_sliding_window(kind):
     model = _model("v3", PATTERNS[kind])

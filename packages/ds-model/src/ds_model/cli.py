@@ -113,6 +113,7 @@ def _info(path: str, as_json: bool) -> int:
         "layers": config.num_hidden_layers,
         "hidden_size": config.hidden_size,
         "attention": "MLA" if config.is_mla else "MHA/GQA",
+        "attention_pattern": config.attention.kind,
         "moe": bool(config.is_moe),
         "parameters": total,
         "active_parameters_per_token": active,

@@ -230,10 +230,11 @@ def _graphed_decoder(
     if not static_step_supported(model) or (capture and not graphable(model)):
         flag = "cuda_graph=True" if capture else "compile=True"
         raise ValueError(
-            f"{flag} needs a {'CUDA ' if capture else ''}model without sliding_window or "
-            f"a forced attention_backend (device {model.device}, sliding_window="
-            f"{model.config.sliding_window}, attention_backend="
-            f"{model.config.attention_backend!r})"
+            f"{flag} needs a {'CUDA ' if capture else ''}model without sliding_window, a "
+            f"forced attention_backend or a per-query attention pattern (device "
+            f"{model.device}, sliding_window={model.config.sliding_window}, "
+            f"attention_backend={model.config.attention_backend!r}, attention="
+            f"{model.config.attention.kind!r})"
         )
     held = _DECODERS.get(model)
     if held is not None and held.in_use:
