@@ -62,6 +62,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow  # a multi-process launcher job: see .ci/isolated.sh
 def test_a_killed_rank_restarts_and_the_job_ends_with_uninterrupted_weights(tmp_path):
     S.real_lm().save_pretrained(tmp_path / "base")
     data = S.write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in S.make_texts(12)])

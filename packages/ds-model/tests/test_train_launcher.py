@@ -44,6 +44,7 @@ def _processes_mentioning(marker: str) -> list[int]:
     return found
 
 
+@pytest.mark.slow  # a multi-process launcher job: see .ci/isolated.sh
 def test_sigterm_to_the_launcher_stops_every_rank(tmp_path: Path) -> None:
     S.real_lm().save_pretrained(tmp_path / "base")
     data = S.write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in S.make_texts(16)])

@@ -47,5 +47,6 @@ def test_two_ranks():
     spawn(2, ["hook_bound", "many_buckets", "no_sync", "convergence", "zero1", "fsdp2"])
 
 
+@pytest.mark.slow  # a multi-process launcher job: see .ci/isolated.sh
 def test_four_ranks():
     spawn(4, ["hook_bound", "many_buckets"])
