@@ -246,6 +246,7 @@ assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs, "force_eager c
 """
 
 
+@pytest.mark.slow
 def test_compiled_step_equals_eager():
     """compile=True on CPU: the fixed-shape step through torch.compile, compiled once
     for the batch size and reused by the next call. In a child process: compiling

@@ -129,6 +129,7 @@ assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs, "recompiled af
 """
 
 
+@pytest.mark.slow
 def test_compiled_decode_steps_equal_the_eager_runner():
     """The real torch.compile, in a child process (compiling starts worker threads and
     processes, after which this process's fork-based tests cannot fork safely)."""

@@ -333,6 +333,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_compiled_training_through_the_lean_functions_matches_eager_autograd():
     # In a child process: compiling here would start threads that break this process's
     # later fork-based tests (SIGKILL resume, distributed).

@@ -17,9 +17,7 @@ import pytest
 import torch
 from ds_model.training.checkpoint import load_weights, resume_checkpoint
 
-_spec = importlib.util.spec_from_file_location(
-    "_s", Path(__file__).with_name("test_train_support.py")
-)
+_spec = importlib.util.spec_from_file_location("_s", Path(__file__).with_name("train_testutils.py"))
 S = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(S)
 S = S.support()
@@ -62,7 +60,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.mark.slow  # a multi-process launcher job: see .ci/isolated.sh
+@pytest.mark.slow
 def test_a_killed_rank_restarts_and_the_job_ends_with_uninterrupted_weights(tmp_path):
     S.real_lm().save_pretrained(tmp_path / "base")
     data = S.write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in S.make_texts(12)])

@@ -15,9 +15,7 @@ from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location(
-    "_s", Path(__file__).with_name("test_train_support.py")
-)
+_spec = importlib.util.spec_from_file_location("_s", Path(__file__).with_name("train_testutils.py"))
 S = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(S)
 S = S.support()
@@ -44,7 +42,7 @@ def _processes_mentioning(marker: str) -> list[int]:
     return found
 
 
-@pytest.mark.slow  # a multi-process launcher job: see .ci/isolated.sh
+@pytest.mark.slow
 def test_sigterm_to_the_launcher_stops_every_rank(tmp_path: Path) -> None:
     S.real_lm().save_pretrained(tmp_path / "base")
     data = S.write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in S.make_texts(16)])

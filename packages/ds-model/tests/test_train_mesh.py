@@ -16,16 +16,17 @@ from pathlib import Path
 import pytest
 import torch
 
-_spec = importlib.util.spec_from_file_location(
-    "_s", Path(__file__).with_name("test_train_support.py")
-)
+_spec = importlib.util.spec_from_file_location("_s", Path(__file__).with_name("train_testutils.py"))
 S = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(S)
 S = S.support()
 single_thread = S.single_thread  # autouse fixture
 
 REL = 1e-5
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+pytestmark = [
+    pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork"),
+    pytest.mark.slow,
+]
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,7 @@ import torch
 from ds_model.training import Trainer, TrainingConfig, cli
 from ds_model.training.checkpoint import load_state_file, load_weights
 
-_spec = importlib.util.spec_from_file_location(
-    "_s", Path(__file__).with_name("test_train_support.py")
-)
+_spec = importlib.util.spec_from_file_location("_s", Path(__file__).with_name("train_testutils.py"))
 S = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(S)
 S = S.support()

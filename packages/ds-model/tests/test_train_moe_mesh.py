@@ -17,16 +17,17 @@ from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location(
-    "_s", Path(__file__).with_name("test_train_support.py")
-)
+_spec = importlib.util.spec_from_file_location("_s", Path(__file__).with_name("train_testutils.py"))
 S = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(S)
 S = S.support()
 single_thread = S.single_thread  # autouse fixture
 
 REL = 1e-5
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+pytestmark = [
+    pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork"),
+    pytest.mark.slow,
+]
 
 # A global batch of 8 per step: 1 sequence x 2 micro-batches x 4 replicas, 2 x 2 x 2
 # with tensor parallelism or pipeline replicas, 4 x 2 in one process.

@@ -43,10 +43,11 @@ def spawn(world: int, names: list[str]) -> None:
         raise AssertionError(f"distributed scenario failed\n{detail or exc}") from exc
 
 
+@pytest.mark.slow
 def test_two_ranks():
     spawn(2, ["hook_bound", "many_buckets", "no_sync", "convergence", "zero1", "fsdp2"])
 
 
-@pytest.mark.slow  # a multi-process launcher job: see .ci/isolated.sh
+@pytest.mark.slow
 def test_four_ranks():
     spawn(4, ["hook_bound", "many_buckets"])

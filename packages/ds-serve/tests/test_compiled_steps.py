@@ -47,6 +47,7 @@ for text, prompt, got in zip(texts, prompts, served):
 """
 
 
+@pytest.mark.slow
 def test_concurrent_greedy_with_compiled_decode_steps_equals_generate(checkpoint):
     """In a child process: compiling starts worker threads and processes, after which
     this process's fork-based tests cannot fork safely."""
