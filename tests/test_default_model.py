@@ -24,26 +24,12 @@ from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "ds-tiny-coder"
+sys.path.insert(0, str(MODEL / "recipe"))
+import evaluate_model  # noqa: E402  (the recipe's scorer: the model card's figures)
+
 # The recipe measured 2.7379 nats/token on this sample (models/ds-tiny-coder/README.md);
 # a few percent of slack absorbs kernel and thread-count differences, not damage.
 HELDOUT_LOSS_LIMIT = 2.85
-
-
-@torch.inference_mode()
-def sample_loss(model, tokenizer, texts, seq_len=256):
-    total, count = 0.0, 0
-    for text in texts:
-        ids = tokenizer.encode(text)
-        for start in range(0, len(ids) - 1, seq_len):
-            window = torch.tensor([ids[start : start + seq_len + 1]])
-            if window.shape[1] < 2:
-                continue
-            logits = model(window[:, :-1]).logits.float()
-            total += torch.nn.functional.cross_entropy(
-                logits[0], window[0, 1:], reduction="sum"
-            ).item()
-            count += window.shape[1] - 1
-    return total / count
 
 
 def test_shipped_model_fits_the_repo_budget():
@@ -56,7 +42,7 @@ def test_heldout_loss_is_below_the_recipe_threshold():
     tokenizer = ds_model.load_tokenizer(MODEL)
     lines = (MODEL / "heldout-sample.jsonl").read_text().splitlines()
     texts = [json.loads(line)["text"] for line in lines if line]
-    loss = sample_loss(model, tokenizer, texts)
+    loss, _, _ = evaluate_model.heldout_bits_per_byte(model, tokenizer, texts)
     assert loss < HELDOUT_LOSS_LIMIT, f"held-out loss {loss:.4f} >= {HELDOUT_LOSS_LIMIT}"
 
 
@@ -198,16 +184,13 @@ def _auto_tokenizer(library):
 
 def test_function_completion_score_in_the_model_card_reproduces():
     """pass@1 of the card's function-completion problems, scored through ds-serve by the
-    recipe's evaluate.py, equals the figure the card states."""
+    recipe's evaluate_model.py, equals the figure the card states."""
     import re
-
-    sys.path.insert(0, str(MODEL / "recipe"))
-    import evaluate
 
     card = (MODEL / "README.md").read_text()
     match = re.search(r"pass@1 greedy through `ds-serve` \| \*\*(\d+)/(\d+)\*\*", card)
     assert match, "the model card states no pass@1 figure"
-    results = evaluate.pass_at_1(MODEL)
+    results = evaluate_model.pass_at_1(MODEL)
     assert len(results) == int(match.group(2))
     assert sum(r["passed"] for r in results) == int(match.group(1)), [
         r["name"] for r in results if r["passed"]

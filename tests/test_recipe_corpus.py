@@ -19,7 +19,7 @@ sys.path.insert(0, str(RECIPE))
 
 import dedup  # noqa: E402
 import eval_problems  # noqa: E402
-import evaluate  # noqa: E402
+import evaluate_model  # noqa: E402
 import prepare  # noqa: E402
 import privacy  # noqa: E402
 import quality  # noqa: E402
@@ -222,13 +222,13 @@ def test_evaluation_problems_have_passing_reference_solutions_and_failing_wrong_
     assert sorted(REFERENCE_SOLUTIONS) == sorted(p["name"] for p in eval_problems.PROBLEMS)
     for problem in eval_problems.PROBLEMS:
         right = candidate(problem, REFERENCE_SOLUTIONS[problem["name"]])
-        assert evaluate.passes(right), problem["name"]
-        assert not evaluate.passes(candidate(problem, "return None")), problem["name"]
-    evaluate.RUN_TIMEOUT_S, limit = 1, evaluate.RUN_TIMEOUT_S
+        assert evaluate_model.passes(right), problem["name"]
+        assert not evaluate_model.passes(candidate(problem, "return None")), problem["name"]
+    evaluate_model.RUN_TIMEOUT_S, limit = 1, evaluate_model.RUN_TIMEOUT_S
     try:
-        assert not evaluate.passes(candidate(eval_problems.PROBLEMS[0], "while True: pass"))
+        assert not evaluate_model.passes(candidate(eval_problems.PROBLEMS[0], "while True: pass"))
     finally:
-        evaluate.RUN_TIMEOUT_S = limit
+        evaluate_model.RUN_TIMEOUT_S = limit
 
 
 # -- split and manifest -------------------------------------------------------------------

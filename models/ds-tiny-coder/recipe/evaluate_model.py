@@ -1,6 +1,6 @@
 """Step 6 of the ds-tiny-coder recipe: the figures in the model card.
 
-    uv run python models/ds-tiny-coder/recipe/evaluate.py [--model DIR] [--heldout FILE]
+    uv run python models/ds-tiny-coder/recipe/evaluate_model.py [--model DIR] [--heldout FILE]
 
 - held-out loss (nats/token) and bits per byte on Python files the model never trained on
   (``--heldout``: JSON lines with a ``text`` field; default the shipped held-out sample;
