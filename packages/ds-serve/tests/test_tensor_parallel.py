@@ -72,6 +72,8 @@ def test_zero_and_unsupported_combinations_are_refused(checkpoint):
         create_app(checkpoint, tensor_parallel_size=0)
     with pytest.raises(ValueError, match=r"quantization is not supported with tensor_parallel"):
         create_app(checkpoint, quantization="int8", tensor_parallel_size=2)
+    with pytest.raises(ValueError, match=r"decode_steps is not supported with tensor_parallel"):
+        create_app(checkpoint, decode_steps="compile", tensor_parallel_size=2)
 
 
 def test_the_cli_names_the_flag(checkpoint, capsys):
