@@ -104,12 +104,15 @@ def serve(model: Path):
     """Start `ds-serve MODEL` on a free port; returns (process, base URL) once healthy."""
     port = _free_port()
     command = [str(Path(sys.executable).parent / "ds-serve"), str(model), "--port", str(port)]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # The server's log goes to a file: an unread pipe would fill and stall the server.
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"ds-serve exited with {proc.returncode}: {proc.stderr.read()}")
+            log.seek(0)
+            raise RuntimeError(f"ds-serve exited with {proc.returncode}: {log.read()}")
         try:
             with urllib.request.urlopen(f"{base}/health", timeout=2):
                 return proc, base
@@ -123,7 +126,7 @@ def pass_at_1(model: Path) -> list[dict]:
     """One greedy completion per problem through ds-serve, scored by its asserts."""
     proc, base = serve(model)
     try:
-        [served] = _post_get(f"{base}/v1/models")["data"]
+        [served] = _get(f"{base}/v1/models")["data"]
 
         def complete(problem: dict) -> dict:
             body = {
@@ -150,7 +153,7 @@ def pass_at_1(model: Path) -> list[dict]:
             proc.kill()
 
 
-def _post_get(url: str) -> dict:
+def _get(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=30) as response:
         return json.loads(response.read())
 
