@@ -8,37 +8,29 @@ against the loop). The ``gpu`` tests capture for real.
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
 import ds_model
 import ds_model.generation as generation
 import pytest
 import torch
-from ds_model import ModelConfig
 from ds_model.cuda_graph import GraphedDecoder, graphable
 from ds_model.moe import RoutedExperts
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-LLAMA = {
-    "model_type": "llama",
-    "vocab_size": 128,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 512,
-}
-
-
-def v3(**overrides):
-    return ds_model.from_config(ModelConfig.from_preset("tiny", **overrides), seed=0)
+_spec = importlib.util.spec_from_file_location("_s", Path(__file__).with_name("train_testutils.py"))
+S = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(S)
+S = S.support()
+v3 = S.tiny_v3
 
 
 def llama():
-    return ds_model.from_config(ModelConfig.from_dict(LLAMA), seed=0)
+    return S.gqa_llama(max_position_embeddings=512)
 
 
 @pytest.fixture

@@ -5,9 +5,11 @@ as the eager runner leaves it; other steps and oversized batches run eagerly."""
 
 from __future__ import annotations
 
+import importlib.util
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import ds_model
 import pytest
@@ -17,16 +19,11 @@ from ds_model.decode_buckets import DecodeBuckets, pick_bucket
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-LLAMA = {
-    "model_type": "llama",
-    "vocab_size": 128,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 128,
-}
+_spec = importlib.util.spec_from_file_location("_s", Path(__file__).with_name("train_testutils.py"))
+S = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(S)
+S = S.support()
+LLAMA = S.LLAMA_GQA
 
 
 @settings(max_examples=50, deadline=None)

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import random
+from pathlib import Path
 
 import ds_model
 import pytest
@@ -13,21 +15,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-
-def tiny(**overrides) -> ds_model.DeepSeekForCausalLM:
-    return ds_model.from_config(ModelConfig.from_preset("tiny", **overrides), seed=0)
-
-
-LLAMA = {
-    "model_type": "llama",
-    "vocab_size": 128,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 128,
-}
+_spec = importlib.util.spec_from_file_location("_s", Path(__file__).with_name("train_testutils.py"))
+S = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(S)
+S = S.support()
+tiny = S.tiny_v3
+LLAMA = S.LLAMA_GQA
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

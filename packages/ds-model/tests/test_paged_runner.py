@@ -5,11 +5,13 @@ must equal the model's plain forward over its whole context."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import ds_model
 import pytest
@@ -18,20 +20,11 @@ from ds_model import ModelConfig, ModelRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-LLAMA = {
-    "model_type": "llama",
-    "vocab_size": 128,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 128,
-}
-MODELS = {
-    "mla": ds_model.from_config(ModelConfig.from_preset("tiny"), seed=0),
-    "gqa": ds_model.from_config(LLAMA, seed=0),
-}
+_spec = importlib.util.spec_from_file_location("_s", Path(__file__).with_name("train_testutils.py"))
+S = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(S)
+S = S.support()
+MODELS = {"mla": S.tiny_v3(), "gqa": S.gqa_llama()}
 
 
 def serve_and_compare(model, block_size: int, cached: list[int], new: list[int], seed: int):
@@ -107,13 +100,10 @@ def test_lora_kv_b_proj_decodes_over_gathered_contexts():
     serve_and_compare(model, 4, [5, 0, 3], [1, 4, 1], seed=1)
 
 
-TRITON_SCRIPT = textwrap.dedent(
+TRITON_SCRIPT = f"LLAMA = {S.LLAMA_GQA!r}\n" + textwrap.dedent(
     """
     import random, torch, ds_model
     from ds_model import ModelConfig, ModelRunner
-    LLAMA = dict(model_type="llama", vocab_size=128, hidden_size=32, intermediate_size=64,
-                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 max_position_embeddings=128)
     for make in (lambda **k: ModelConfig.from_preset("tiny", **k),
                  lambda **k: ModelConfig.from_dict({**LLAMA, **k})):
         plain = ds_model.from_config(make(), seed=0)

@@ -5,7 +5,9 @@ field name."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import ds_model
 import ds_quant
@@ -16,16 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-LLAMA = {
-    "model_type": "llama",
-    "vocab_size": 128,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 128,
-}
+_spec = importlib.util.spec_from_file_location("_s", Path(__file__).with_name("train_testutils.py"))
+S = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(S)
+S = S.support()
+LLAMA = S.LLAMA_GQA
 CONFIGS = {
     "int8": ds_quant.Int8WeightOnlyConfig(),
     "int4": ds_quant.Int4WeightOnlyConfig(group_size=32),

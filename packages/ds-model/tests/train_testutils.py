@@ -1,6 +1,7 @@
-"""Shared helpers of the training tests (no tests here): a tiny llama-shaped causal LM
-with the ds-model forward contract, generated text data, and a loader for this module
-(test modules are imported by path, so they load it with ``support()``)."""
+"""Shared helpers of ds-model's tests (no tests here): the tiny model configs several
+test modules build, a tiny llama-shaped causal LM with the ds-model forward contract,
+generated text data, and a loader for this module (test modules are imported by path,
+so they load it with ``support()``)."""
 
 from __future__ import annotations
 
@@ -97,6 +98,35 @@ def real_lm(seed: int = 0, **overrides):
     import ds_model
 
     return ds_model.from_config({**LLAMA_TINY, **overrides}, seed=seed)
+
+
+# A llama with grouped-query attention (4 query heads over 2 key/value heads): the
+# GQA model of the cache, runner and quantization tests, beside the ``tiny`` V3 preset.
+LLAMA_GQA = {
+    "model_type": "llama",
+    "vocab_size": 128,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+}
+
+
+def gqa_llama(seed: int = 0, **overrides):
+    """ds-model's DeepSeekForCausalLM built from ``LLAMA_GQA`` with ``overrides``."""
+    import ds_model
+
+    return ds_model.from_config({**LLAMA_GQA, **overrides}, seed=seed)
+
+
+def tiny_v3(seed: int = 0, **overrides):
+    """The ``tiny`` preset (DeepSeek-V3 layout: MLA, layer 0 dense, layer 1 MoE with 8
+    routed experts, top-2, a shared expert) with ``overrides``."""
+    import ds_model
+
+    return ds_model.from_config(ds_model.ModelConfig.from_preset("tiny", **overrides), seed=seed)
 
 
 WORDS = "the cat sat on a mat and dog ran to big red ball".split()
