@@ -68,3 +68,23 @@ def test_bad_block_mask_and_cu_seqlens():
     q2, k2, v2 = qkv(b=2)
     with pytest.raises(ValueError, match="batch must be 1"):
         ds_attention.attention(q2, k2, v2, cu_seqlens=torch.tensor([0, 8], dtype=torch.int32))
+
+
+def test_bad_block_selection_arguments():
+    scores = torch.randn(1, 2, 3, 4)
+    cand = torch.ones(3, 4, dtype=torch.bool)
+    local = torch.tensor([0, 1, 3])
+    select = ds_attention.select_blocks
+    with pytest.raises(ValueError, match=r"scores must be a \(batch, heads, q_rows, k_blocks\)"):
+        select(scores[0], cand, local, 0.5, 1)
+    with pytest.raises(ValueError, match=r"candidates must be a bool tensor of shape .* \(3, 4\)"):
+        select(scores, cand[:2], local, 0.5, 1)
+    with pytest.raises(ValueError, match="candidates must be a bool tensor"):
+        select(scores, cand.long(), local, 0.5, 1)
+    with pytest.raises(ValueError, match=r"local must be an integer tensor of shape \(3,\)"):
+        select(scores, cand, local.float(), 0.5, 1)
+    for keep in (0.0, 1.5, 0, True, "2"):
+        with pytest.raises(ValueError, match=r"keep must be a float in \(0, 1\] or an int >= 1"):
+            select(scores, cand, local, keep, 1)
+    with pytest.raises(ValueError, match="local_blocks must be an int >= 0, got -1"):
+        select(scores, cand, local, 2, -1)

@@ -1,4 +1,5 @@
-"""Module behaviour: sparse with ratio 1 is dense, the gate's limits, KV-cache decoding."""
+"""Module behaviour: sparse with ratio 1 is dense, the gate's limits, KV-cache decoding,
+and the top-k block selection the sparse modules share."""
 
 import ds_attention
 import pytest
@@ -9,7 +10,10 @@ from ds_attention import (
     KVCache,
     NativeSparseAttention,
     SparseAttention,
+    select_blocks,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def _x(b=2, s=70, dim=64, seed=0):
@@ -31,6 +35,42 @@ def test_sparse_ratio_one_equals_dense():
     dense.load_state_dict(sparse.state_dict())
     x = _x()
     torch.testing.assert_close(sparse(x), dense(x), atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 6),
+    blocks=st.integers(1, 8),
+    keep=st.one_of(st.floats(0.01, 1.0), st.integers(1, 9)),
+    local_blocks=st.integers(0, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_select_blocks_keeps_the_forced_blocks_then_the_best_scores(
+    rows, blocks, keep, local_blocks, seed
+):
+    """Per row: only candidates; block 0 and the local window always; as many blocks as
+    the budget (or the forced ones) allow; every other kept block outscores every
+    dropped candidate."""
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randn(2, 3, rows, blocks, generator=gen)
+    local = torch.randint(0, blocks, (rows,), generator=gen)
+    candidates = torch.rand(rows, blocks, generator=gen) < 0.7
+    layout = select_blocks(scores, candidates, local, keep, local_blocks)
+    assert layout.shape == scores.shape and layout.dtype == torch.bool
+    assert not (layout & ~candidates).any()
+    kb = torch.arange(blocks)
+    forced = (kb == 0) | ((kb <= local[:, None]) & (kb > local[:, None] - local_blocks))
+    forced &= candidates
+    assert (layout | ~forced).all()
+    n_cand = candidates.sum(-1)
+    budget = torch.ceil(n_cand * keep).long() if isinstance(keep, float) else n_cand.clamp(max=keep)
+    want = torch.maximum(budget, forced.sum(-1))
+    assert (layout.sum(-1) == want).all()
+    chosen = layout & ~forced
+    dropped = candidates & ~layout
+    low = scores.masked_fill(~chosen, float("inf")).amin(-1)
+    high = scores.masked_fill(~dropped, float("-inf")).amax(-1)
+    assert (low >= high).all()
 
 
 def test_sparse_selection_is_real_top_k():

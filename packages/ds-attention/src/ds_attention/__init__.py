@@ -11,6 +11,7 @@ from ds_attention.modules.attention import Attention
 from ds_attention.modules.cache import KVCache
 from ds_attention.modules.dynamic import DynamicAttention
 from ds_attention.modules.nsa import NativeSparseAttention
+from ds_attention.modules.selection import select_blocks
 from ds_attention.modules.sparse import SparseAttention
 from ds_attention.protocol import AttentionBackend, MaskSpec
 from ds_attention.reference import attention_reference, paged_decode_reference
@@ -38,4 +39,5 @@ __all__ = [
     "make_mask_spec",
     "paged_decode_attention",
     "paged_decode_reference",
+    "select_blocks",
 ]

@@ -21,8 +21,7 @@ from __future__ import annotations
 import ds_attention
 import torch
 import torch.nn.functional as F
-from ds_attention import dynamic_window
-from ds_attention.modules.selection import select_blocks
+from ds_attention import dynamic_window, select_blocks
 from torch import nn
 
 from ds_model.attention_pattern import AttentionPattern

@@ -1,4 +1,5 @@
-"""Top-k key-block selection: the block layouts SparseAttention and NSA hand the kernel.
+"""Top-k key-block selection: the block layouts SparseAttention and NSA hand the kernel
+(``select_blocks`` is public, for models that select per query row themselves).
 
 Blocks are indexed over positions: query row ``i`` of ``seqlen_q`` sits at position
 ``i + seqlen_k - seqlen_q``; query block ``qb`` covers rows ``qb*B .. qb*B + B - 1``
@@ -34,14 +35,22 @@ def select_blocks(
     keep: float | int,
     local_blocks: int,
 ) -> torch.Tensor:
-    """Keep, per (batch, head, query block), the best-scoring candidate key blocks.
+    """Keep, per (batch, head, query row), the best-scoring candidate key blocks: the
+    top-k block selection of ``SparseAttention`` and ``NativeSparseAttention``.
 
-    ``scores`` (batch, heads, q_blocks, k_blocks); ``keep`` a fraction in (0, 1] of the
-    candidates (rounded up) or an int count. Block 0 and the ``local_blocks`` blocks
-    ending at ``local`` are always kept. Returns a bool layout of the same shape.
+    ``scores`` float (batch, heads, q_rows, k_blocks); a query row is a query block (as
+    the modules use it) or a single query (per-token selection). ``candidates`` bool
+    (q_rows, k_blocks): the key blocks each row may see at all. ``local`` integer
+    (q_rows,): the key block holding each row's last position. ``keep``: a float
+    fraction in (0, 1] of each row's candidates (rounded up) or an int count >= 1.
+    Block 0 (a sink) and the ``local_blocks`` blocks ending at ``local`` are always
+    kept, where they are candidates, and rank first within the budget. Returns a bool
+    layout (batch, heads, q_rows, k_blocks), for ``attention(..., block_mask=...)``
+    when rows are query blocks. Not differentiable (a selection).
     """
+    _check_selection(scores, candidates, local, keep, local_blocks)
     nk = scores.shape[-1]
-    n_cand = candidates.sum(-1)  # (q_blocks,)
+    n_cand = candidates.sum(-1)  # (q_rows,)
     if isinstance(keep, float):
         n_keep = torch.ceil(n_cand.float() * keep).long()
     else:
@@ -59,6 +68,39 @@ def select_blocks(
     rank.scatter_(-1, order, kb.expand_as(order).contiguous())
     keep_mask = rank < n_keep[:, None]
     return (keep_mask | forced) & candidates
+
+
+def _check_selection(scores, candidates, local, keep, local_blocks) -> None:
+    def got(x) -> str:
+        return f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else repr(x)
+
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 4:
+        raise ValueError(
+            f"scores must be a (batch, heads, q_rows, k_blocks) tensor, got {got(scores)}"
+        )
+    rows, blocks = scores.shape[-2:]
+    if not (
+        isinstance(candidates, torch.Tensor)
+        and candidates.dtype == torch.bool
+        and candidates.shape == (rows, blocks)
+    ):
+        raise ValueError(
+            f"candidates must be a bool tensor of shape (q_rows, k_blocks) = ({rows}, {blocks}), "
+            f"got {got(candidates)}"
+        )
+    if not (
+        isinstance(local, torch.Tensor)
+        and not local.dtype.is_floating_point
+        and local.dtype != torch.bool
+        and local.shape == (rows,)
+    ):
+        raise ValueError(f"local must be an integer tensor of shape ({rows},), got {got(local)}")
+    fraction = isinstance(keep, float) and 0 < keep <= 1
+    count = isinstance(keep, int) and not isinstance(keep, bool) and keep >= 1
+    if not (fraction or count):
+        raise ValueError(f"keep must be a float in (0, 1] or an int >= 1, got {keep!r}")
+    if isinstance(local_blocks, bool) or not isinstance(local_blocks, int) or local_blocks < 0:
+        raise ValueError(f"local_blocks must be an int >= 0, got {local_blocks!r}")
 
 
 def pooled_block_scores(q: torch.Tensor, k: torch.Tensor, block: int) -> torch.Tensor:
