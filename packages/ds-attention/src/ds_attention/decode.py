@@ -107,7 +107,7 @@ def _gather_pages(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """``cache[blocks]`` for a flat (n,) int64 list of block ids -> (n, block_size, ...).
     A contiguous pool is copied in whole-block rows by ``index_select``, 2-5x faster on
     CPU than advanced indexing's per-element gather (0.16 against 0.8 ms for 8 x 960
-    latent tokens, one thread)."""
+    latent tokens, one thread on the EPYC-512 host, 2026-12-06)."""
     if cache.is_contiguous():
         return cache.view(cache.shape[0], -1).index_select(0, blocks).view(-1, *cache.shape[1:])
     return cache[blocks]

@@ -119,7 +119,7 @@ class GraphedDecoder:
                 module.stack_weights()
         if device.type == "cpu":
             # Few-row matmuls read (in, out) weights faster: without it, batch-8
-            # compiled/eager in bench_decode_cpu_time.py drops 7-17% (ds_model.layout).
+            # compiled/eager drops 7-17% (measured in docs/benchmarks.md, "Decode paths").
             input_major_weights(model)
         self.cache = StaticKVCache(model.config, batch, capacity, model.dtype, device)
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)

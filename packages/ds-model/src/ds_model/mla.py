@@ -189,8 +189,8 @@ class MLAttention(nn.Module):
         pad = self.qk_dim - self.v_dim
         if pad > 0 and ctx.mask is None and ctx.backend in (None, "sdpa") and _flash_pays(q):
             # torch's fused CPU attention needs d_v == d_qk, else SDPA falls back to the
-            # math path (scores materialised, 2-3x slower at 512 tokens). Zero columns
-            # in v give zero output columns, sliced off below.
+            # math path (scores materialised, 2-3x slower at 512 tokens on the Intel
+            # host, 2026-11-23). Zero columns in v give zero output columns, sliced off.
             v = torch.nn.functional.pad(v, (0, pad))
         out = attend(
             q,
@@ -210,7 +210,7 @@ class MLAttention(nn.Module):
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]
         # One new token per row with no window, packing or chosen backend skips
         # ds-attention (ds_model.attend, shortcut 3): eager decode is 6-10% slower
-        # without it (bench_decode_cpu_time.py --without mla-direct-decode).
+        # without it (measured in docs/benchmarks.md, "Decode paths").
         if _plain_decode(q_nope, ctx):
             key_valid = ctx.padding.key_valid if ctx.padding is not None else None
             return self._decode_one(q_nope, q_pe, kv, w_uk, w_uv, key_valid)
@@ -223,7 +223,8 @@ class MLAttention(nn.Module):
         b, t, h, _ = q.shape
         if t == 1 and _unmasked(ctx) and ctx.window is None:
             # One new token sees every cached key, so its heads can be the query rows of
-            # a single-head, non-causal call: no grouped-query expansion (2x faster on CPU).
+            # a single-head, non-causal call: no grouped-query expansion (2x faster on
+            # the Intel host's CPU, 2026-11-23).
             out = attend(
                 q.view(b, h, 1, -1),
                 k,
@@ -262,8 +263,9 @@ class MLAttention(nn.Module):
         q = torch.cat((q_latent.transpose(0, 1), q_pe.view(b, h, -1)), dim=-1)
         if kv.is_cpu and kv.dtype == torch.bfloat16:
             # CPU bfloat16 bmm goes through oneDNN, which builds a kernel for each new
-            # shape (18 ms a call measured on the AVX-512 host, one thread), and the cache
-            # is one longer at every step: the two products over it run in float32.
+            # shape (about 18 ms a call: docs/benchmarks.md, "CPU decode by weight
+            # format"), and the cache is one longer at every step: the two products over
+            # it run in float32.
             kv = kv.float()
         scores = torch.bmm(q.to(kv.dtype), kv.transpose(1, 2))  # (b, h, s)
         if key_valid is not None:

@@ -50,7 +50,8 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         # (which holds the canonical tensors), rebuilt if the buffers change (keyed on
         # their versions) and dropped when the layer moves (``_apply``). Made at load,
         # not on a first call: a decode step that meets an expert for the first time
-        # would otherwise pay the conversion (about 1 ms per expert layer).
+        # would otherwise pay the conversion (about 1 ms per expert layer: measured in
+        # docs/benchmarks.md, "CPU decode by weight format").
         self._cpu_cache: tuple[Any, ...] | None = None
         self.register_load_state_dict_post_hook(_prepack_after_load)
 
