@@ -88,3 +88,19 @@ def test_bad_block_selection_arguments():
             select(scores, cand, local, keep, 1)
     with pytest.raises(ValueError, match="local_blocks must be an int >= 0, got -1"):
         select(scores, cand, local, 2, -1)
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        ds_attention.Attention(32, 4),
+        ds_attention.SparseAttention(32, 4, block_size=16),
+        ds_attention.NativeSparseAttention(32, 4, block_size=16),
+    ],
+    ids=["dense", "sparse", "nsa"],
+)
+def test_modules_refuse_input_without_a_batch_dimension(module):
+    with pytest.raises(ValueError, match=r"x must be \(batch, seqlen, dim\), got shape \(5, 32\)"):
+        module(torch.randn(5, 32))
+    with pytest.raises(ValueError, match=r"x must be \(batch, seqlen, dim\)"):
+        module(torch.randn(5, 32), cache=ds_attention.KVCache(8))

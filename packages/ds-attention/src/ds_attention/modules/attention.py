@@ -60,11 +60,16 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
         return q, k, v
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def _qkv(self, x: torch.Tensor, cache: KVCache | None):
+        """``project(x)`` with ``cache``'s earlier keys and values in front of k and v."""
         if x.dim() != 3:
             raise ValueError(f"x must be (batch, seqlen, dim), got shape {tuple(x.shape)}")
         q, k, v = self.project(x)
         if cache is not None:
             k, v = cache.update(k, v)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        q, k, v = self._qkv(x, cache)
         out = attention(q, k, v, causal=self.causal, window=self.window, backend=self.backend)
         return self.o_proj(out.flatten(2))

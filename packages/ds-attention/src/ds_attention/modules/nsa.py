@@ -105,11 +105,7 @@ class NativeSparseAttention(Attention):
         return select_blocks(scores, cand, local, self.num_selected, 1)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        if x.dim() != 3:
-            raise ValueError(f"x must be (batch, seqlen, dim), got shape {tuple(x.shape)}")
-        q, k, v = self.project(x)
-        if cache is not None:
-            k, v = cache.update(k, v)
+        q, k, v = self._qkv(x, cache)
         sq, sk = q.shape[1], k.shape[1]
         k_cmp, v_cmp = self.compress(k, v)
         out_cmp, probs = self.compressed_branch(q, k_cmp, v_cmp, sk)

@@ -56,11 +56,7 @@ class SparseAttention(Attention):
         return select_blocks(scores, cand, local, self.sparse_ratio, self.local_blocks)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        if x.dim() != 3:
-            raise ValueError(f"x must be (batch, seqlen, dim), got shape {tuple(x.shape)}")
-        q, k, v = self.project(x)
-        if cache is not None:
-            k, v = cache.update(k, v)
+        q, k, v = self._qkv(x, cache)
         with torch.no_grad():
             layout = self.block_mask(q, k)
         out = attention(
