@@ -13,6 +13,7 @@ __all__ = ["FinishReason", "Request", "RequestStatus"]
 # The largest token id accepted (prompts, EOS / stop ids, sampled tokens): the engine
 # puts token ids into int64 tensors.
 MAX_TOKEN_ID = 2**63 - 1
+_INT_ONLY = {int}
 
 
 class RequestStatus(enum.Enum):
@@ -33,20 +34,27 @@ class FinishReason(str, enum.Enum):
         return self.value
 
 
+def token_id(token: object, name: str, key: object) -> int:
+    """``token`` as a plain int token id in [0, MAX_TOKEN_ID]; a bad one raises, naming
+    it ``name[key]`` (``key`` shown as its repr)."""
+    try:
+        value = operator.index(token)
+    except TypeError:
+        raise TypeError(
+            f"{name}[{key!r}] must be an int token id, got {type(token).__name__} {token!r}"
+        ) from None
+    if not 0 <= value <= MAX_TOKEN_ID:
+        raise ValueError(f"{name}[{key!r}] must be a token id in [0, 2**63), got {value}")
+    return value
+
+
 def _token_list(name: str, tokens: object) -> list[int]:
     if isinstance(tokens, (str, bytes)) or not isinstance(tokens, Iterable):
         raise TypeError(f"{name} must be a sequence of int token ids, got {type(tokens).__name__}")
-    out: list[int] = []
-    for i, token in enumerate(tokens):
-        try:
-            value = operator.index(token)
-        except TypeError:
-            raise TypeError(
-                f"{name}[{i}] must be an int token id, got {type(token).__name__} {token!r}"
-            ) from None
-        if not 0 <= value <= MAX_TOKEN_ID:
-            raise ValueError(f"{name}[{i}] must be a token id in [0, 2**63), got {value}")
-        out.append(value)
+    out = list(tokens)
+    # At C speed for the common case, plain ints in range; else each token by index.
+    if out and (set(map(type, out)) != _INT_ONLY or min(out) < 0 or max(out) > MAX_TOKEN_ID):
+        out = [token_id(token, name, i) for i, token in enumerate(out)]
     return out
 
 

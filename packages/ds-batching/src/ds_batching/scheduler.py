@@ -38,7 +38,7 @@ from ds_batching.config import SchedulerConfig
 from ds_batching.errors import DuplicateRequestError, QueueFull, UnknownRequestError
 from ds_batching.outputs import FinishedRequest, ScheduledRequest, SchedulerOutput, SchedulerStats
 from ds_batching.queues import make_waiting_queue
-from ds_batching.request import MAX_TOKEN_ID, FinishReason, Request, RequestStatus
+from ds_batching.request import MAX_TOKEN_ID, FinishReason, Request, RequestStatus, token_id
 
 __all__ = ["Scheduler"]
 
@@ -481,16 +481,4 @@ def _check_sampled(sampled: Mapping, batch, items, sample_ids: set[str]) -> None
         set(map(type, values)) != _INT_ONLY or min(values) < 0 or max(values) > MAX_TOKEN_ID
     ):
         for rid, token in sampled.items():
-            _check_token(rid, token)
-
-
-def _check_token(request_id: str, token: object) -> int:
-    try:
-        value = operator.index(token)
-    except TypeError:
-        raise TypeError(
-            f"sampled[{request_id!r}] must be an int token id, got {type(token).__name__}"
-        ) from None
-    if not 0 <= value <= MAX_TOKEN_ID:
-        raise ValueError(f"sampled[{request_id!r}] must be a token id in [0, 2**63), got {value}")
-    return value
+            token_id(token, "sampled", rid)
