@@ -255,7 +255,8 @@ def _masked(q, k, v, visible: torch.Tensor, scale: float) -> torch.Tensor:
         # torch's fused CPU attention takes an additive float mask and needs d_v == d_qk;
         # a bool mask or MLA's narrower values fall back to the math path. Measured at
         # 2048 tokens, 4 heads, d_qk 48 / d_v 32, forward + backward: 4.2 s as given,
-        # 1.8 s with zero-padded values (columns sliced off) and a float mask.
+        # 1.8 s with zero-padded values (columns sliced off) and a float mask (EPYC-512
+        # host of docs/benchmarks.md, 2026-12-06).
         v = F.pad(v, (0, max(0, q.shape[-1] - d_v)))
         visible = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill(
             ~visible, float("-inf")

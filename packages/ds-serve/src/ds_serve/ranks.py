@@ -226,8 +226,9 @@ def worker_main() -> None:
     from ds_serve.server import follow_steps
 
     follow_steps(args["model_path"], **args["options"])
-    # Interpreter teardown with torch and gloo loaded took 4-6 s of a busy 2-core machine,
-    # all of it on the server's shutdown path; the worker has nothing left to release.
+    # Interpreter teardown with torch and gloo loaded took 4-6 s on the busy 2-core
+    # EPYC-512 host (2026-12-06), all of it on the server's shutdown path; the worker
+    # has nothing left to release.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
