@@ -15,7 +15,7 @@ __all__ = ["adapter_keys", "adapter_state", "load_adapter_state", "write_adapter
 
 def adapter_keys(model: nn.Module) -> dict[str, str]:
     """{PEFT checkpoint key: this model's parameter name} for the default adapter."""
-    from ds_lora.peft_format import adapter_tensors
+    from ds_lora import adapter_tensors
 
     names = {id(p): n for n, p in model.named_parameters()}
     out = {}
@@ -48,7 +48,7 @@ def write_adapter(
     + ``adapter_config.json`` (the config of ``model``'s default adapter). ``base``: the
     base checkpoint's directory, recorded as ``base_model_name_or_path`` so the adapter
     folder alone can be served (``ds-serve DIR``) or loaded by PEFT."""
-    from ds_lora.tuner import adapter_configs
+    from ds_lora import adapter_configs
     from safetensors.torch import save_file
 
     config = adapter_configs(model)["default"].to_peft_dict()
