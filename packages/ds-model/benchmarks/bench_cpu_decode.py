@@ -19,15 +19,15 @@ ds-quant's dequantize-then-matmul reference), at each ``--batch``:
   them), on random inputs, without the step's glue (attention, routing, norms,
   Python): the kernels' own time, rate and share of the copy bandwidth.
 
+Run (one thread, as decode on a shared host):
+
+    OMP_NUM_THREADS=1 uv run --frozen python packages/ds-model/benchmarks/bench_cpu_decode.py
+
 With ``--llama-cpp PYTHON --llama-cpp-converter convert_hf_to_gguf.py``, the
 llama-shaped checkpoint is also converted by llama.cpp's own converter and decoded by
 llama.cpp (F32, BF16, Q8_0, Q4_0; one thread) in a subprocess of PYTHON, interleaved
 with ds-model's formats, as extra batch-1 rows (see llama_cpp_peer.py); "active MB" is
 then every GGUF tensor but the token embedding.
-
-Run (one thread, as decode on a shared host):
-
-    OMP_NUM_THREADS=1 uv run --frozen python packages/ds-model/benchmarks/bench_cpu_decode.py
 """
 
 from __future__ import annotations
@@ -204,11 +204,6 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--formats", nargs="+", default=["fp32", "bf16", "int8", "int4"])
     parser.add_argument("--reference", action="store_true", help="add reference-kernel rows")
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
-    parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--prompt-len", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--llama-cpp",
         metavar="PYTHON",
@@ -220,11 +215,12 @@ def main() -> None:
         metavar="PATH",
         help="llama.cpp's convert_hf_to_gguf.py (for --llama-cpp)",
     )
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--prompt-len", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    if args.llama_cpp_converter and not args.llama_cpp:
-        parser.error("--llama-cpp-converter is used only with --llama-cpp PYTHON")
-    if args.llama_cpp:
-        llama_cpp_version = llama_cpp_peer.check(args.llama_cpp, args.llama_cpp_converter)
     torch.set_num_threads(args.threads)
     formats = list(args.formats)
     if args.reference:
@@ -235,8 +231,11 @@ def main() -> None:
     import ds_model
 
     print(f"machine: {machine()}")
+    if args.llama_cpp_converter and not args.llama_cpp:
+        parser.error("--llama-cpp-converter is used only with --llama-cpp PYTHON")
     if args.llama_cpp:
-        print(f"llama-cpp-python {llama_cpp_version} (one thread)")
+        version = llama_cpp_peer.check(args.llama_cpp, args.llama_cpp_converter)
+        print(f"llama-cpp-python {version} (one thread)")
     bandwidths = [copy_bandwidth()]
     for shape in args.shapes:
         worker = gguf_dir = None
@@ -244,13 +243,13 @@ def main() -> None:
             base = ds_model.from_config(dict(SHAPES[shape]), dtype=torch.float32, seed=0)
             params = sum(p.numel() for p in base.parameters())
             base.save_pretrained(path)
-            del base
             if args.llama_cpp and SHAPES[shape]["model_type"] == "llama":
                 gguf_dir = tempfile.TemporaryDirectory()
                 ggufs = llama_cpp_peer.convert(
                     args.llama_cpp, args.llama_cpp_converter, Path(path), Path(gguf_dir.name)
                 )
                 worker = llama_cpp_peer.Worker(args.llama_cpp, ggufs)
+            del base
             models = {fmt: load(path, fmt) for fmt in formats}
         vocab = SHAPES[shape]["vocab_size"]
         for batch in args.batches:
