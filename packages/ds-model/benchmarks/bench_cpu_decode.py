@@ -158,6 +158,23 @@ def linears_seconds(layers: list[nn.Module], dtype: torch.dtype, batch: int) -> 
         return time.perf_counter() - start
 
 
+def llama_cpp_rows(
+    worker: llama_cpp_peer.Worker,
+    seconds: dict[str, list[float]],
+    tokens: int,
+    base_tps: float,
+    bandwidth: float,
+) -> None:
+    """Batch-1 table rows for the llama.cpp formats (no "linears" figures)."""
+    for name, times in seconds.items():
+        tps = tokens / statistics.median(times)
+        achieved = worker.bytes[name] * tps
+        print(
+            f"| {name} | {worker.bytes[name] / 1e6:.1f} | {tps:.1f} | {tps / base_tps:.2f}x "
+            f"| {achieved / 1e9:.1f} | {100 * achieved / bandwidth:.0f}% | - | - | - |"
+        )
+
+
 def load(path: str, fmt: str) -> nn.Module:
     import ds_model
 
@@ -180,23 +197,6 @@ def decode_seconds(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> floa
         start = time.perf_counter()
         model.generate(ids, 1 + new_tokens)
         return time.perf_counter() - start - one
-
-
-def llama_cpp_rows(
-    worker: llama_cpp_peer.Worker,
-    seconds: dict[str, list[float]],
-    tokens: int,
-    base_tps: float,
-    bandwidth: float,
-) -> None:
-    """Batch-1 table rows for the llama.cpp formats (no "linears" figures)."""
-    for name, times in seconds.items():
-        tps = tokens / statistics.median(times)
-        achieved = worker.bytes[name] * tps
-        print(
-            f"| {name} | {worker.bytes[name] / 1e6:.1f} | {tps:.1f} | {tps / base_tps:.2f}x "
-            f"| {achieved / 1e9:.1f} | {100 * achieved / bandwidth:.0f}% | - | - | - |"
-        )
 
 
 def main() -> None:
