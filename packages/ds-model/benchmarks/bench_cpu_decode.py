@@ -26,8 +26,8 @@ Run (one thread, as decode on a shared host):
 With ``--llama-cpp PYTHON --llama-cpp-converter convert_hf_to_gguf.py``, the
 llama-shaped checkpoint is also converted by llama.cpp's own converter and decoded by
 llama.cpp (F32, BF16, Q8_0, Q4_0; one thread) in a subprocess of PYTHON, interleaved
-with ds-model's formats, as extra batch-1 rows (see llama_cpp_peer.py); "active MB" is
-then every GGUF tensor but the token embedding.
+with ds-model's formats, in a second batch-1 table (see llama_cpp_peer.py); "active
+MB" is there every GGUF tensor but the token embedding.
 """
 
 from __future__ import annotations
@@ -165,13 +165,16 @@ def llama_cpp_rows(
     base_tps: float,
     bandwidth: float,
 ) -> None:
-    """Batch-1 table rows for the llama.cpp formats (no "linears" figures)."""
+    """The batch-1 table of the llama.cpp formats, measured in the same repeats as the
+    table above it ("vs fp32": against ds-model's first format)."""
+    print("\n| weights | active MB/token | tokens/s | vs fp32 | achieved GB/s | of copy bw |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, times in seconds.items():
         tps = tokens / statistics.median(times)
         achieved = worker.bytes[name] * tps
         print(
             f"| {name} | {worker.bytes[name] / 1e6:.1f} | {tps:.1f} | {tps / base_tps:.2f}x "
-            f"| {achieved / 1e9:.1f} | {100 * achieved / bandwidth:.0f}% | - | - | - |"
+            f"| {achieved / 1e9:.1f} | {100 * achieved / bandwidth:.0f}% |"
         )
 
 
