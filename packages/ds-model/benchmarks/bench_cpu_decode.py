@@ -22,6 +22,12 @@ ds-quant's dequantize-then-matmul reference), at each ``--batch``:
 Run (one thread, as decode on a shared host):
 
     OMP_NUM_THREADS=1 uv run --frozen python packages/ds-model/benchmarks/bench_cpu_decode.py
+
+With ``--llama-cpp PYTHON --llama-cpp-converter convert_hf_to_gguf.py``, the
+llama-shaped checkpoint is also converted by llama.cpp's own converter and decoded by
+llama.cpp (F32, BF16, Q8_0, Q4_0; one thread) in a subprocess of PYTHON, interleaved
+with ds-model's formats, in a second batch-1 table (see llama_cpp_peer.py); "active
+MB" is there every GGUF tensor but the token embedding.
 """
 
 from __future__ import annotations
@@ -32,7 +38,9 @@ import platform
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
+import llama_cpp_peer
 import torch
 from bench_generate import SHAPES as GENERATE_SHAPES
 from torch import nn
@@ -150,6 +158,26 @@ def linears_seconds(layers: list[nn.Module], dtype: torch.dtype, batch: int) -> 
         return time.perf_counter() - start
 
 
+def llama_cpp_rows(
+    worker: llama_cpp_peer.Worker,
+    seconds: dict[str, list[float]],
+    tokens: int,
+    base_tps: float,
+    bandwidth: float,
+) -> None:
+    """The batch-1 table of the llama.cpp formats, measured in the same repeats as the
+    table above it ("vs fp32": against ds-model's first format)."""
+    print("\n| weights | active MB/token | tokens/s | vs fp32 | achieved GB/s | of copy bw |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, times in seconds.items():
+        tps = tokens / statistics.median(times)
+        achieved = worker.bytes[name] * tps
+        print(
+            f"| {name} | {worker.bytes[name] / 1e6:.1f} | {tps:.1f} | {tps / base_tps:.2f}x "
+            f"| {achieved / 1e9:.1f} | {100 * achieved / bandwidth:.0f}% |"
+        )
+
+
 def load(path: str, fmt: str) -> nn.Module:
     import ds_model
 
@@ -179,6 +207,17 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--formats", nargs="+", default=["fp32", "bf16", "int8", "int4"])
     parser.add_argument("--reference", action="store_true", help="add reference-kernel rows")
+    parser.add_argument(
+        "--llama-cpp",
+        metavar="PYTHON",
+        help="an interpreter with llama-cpp-python and gguf: add llama.cpp rows "
+        "to the llama-shaped batch-1 table",
+    )
+    parser.add_argument(
+        "--llama-cpp-converter",
+        metavar="PATH",
+        help="llama.cpp's convert_hf_to_gguf.py (for --llama-cpp)",
+    )
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=8)
@@ -195,12 +234,24 @@ def main() -> None:
     import ds_model
 
     print(f"machine: {machine()}")
+    if args.llama_cpp_converter and not args.llama_cpp:
+        parser.error("--llama-cpp-converter is used only with --llama-cpp PYTHON")
+    if args.llama_cpp:
+        version = llama_cpp_peer.check(args.llama_cpp, args.llama_cpp_converter)
+        print(f"llama-cpp-python {version} (one thread)")
     bandwidths = [copy_bandwidth()]
     for shape in args.shapes:
+        worker = gguf_dir = None
         with tempfile.TemporaryDirectory() as path:
             base = ds_model.from_config(dict(SHAPES[shape]), dtype=torch.float32, seed=0)
             params = sum(p.numel() for p in base.parameters())
             base.save_pretrained(path)
+            if args.llama_cpp and SHAPES[shape]["model_type"] == "llama":
+                gguf_dir = tempfile.TemporaryDirectory()
+                ggufs = llama_cpp_peer.convert(
+                    args.llama_cpp, args.llama_cpp_converter, Path(path), Path(gguf_dir.name)
+                )
+                worker = llama_cpp_peer.Worker(args.llama_cpp, ggufs)
             del base
             models = {fmt: load(path, fmt) for fmt in formats}
         vocab = SHAPES[shape]["vocab_size"]
@@ -213,6 +264,17 @@ def main() -> None:
             times: dict[str, list[float]] = {fmt: [] for fmt in formats}
             kernel_times: dict[str, list[float]] = {fmt: [] for fmt in formats}
             layers = {fmt: active_linears(model) for fmt, model in models.items()}
+            llama_times: dict[str, list[float]] = {}
+            if worker is not None and batch == 1:
+                with torch.inference_mode():
+                    ours = torch.as_tensor(models[formats[0]].generate(ids, args.tokens))
+                theirs = worker.decode(ids[0].tolist(), args.tokens)["generated"]
+                same = sum(a == b for a, b in zip(ours.view(-1).tolist(), theirs["llama.cpp F32"]))
+                print(
+                    f"greedy tokens: llama.cpp F32 equals ds-model {formats[0]} at "
+                    f"{same} of {args.tokens} positions"
+                )
+                llama_times = {name: [] for name in theirs}
             for _ in range(args.repeats):
                 for fmt, model in models.items():
                     times[fmt].append(decode_seconds(model, ids, args.tokens))
@@ -222,6 +284,10 @@ def main() -> None:
                             linears_seconds(layers[fmt], dtype, batch) for _ in range(5)
                         )
                     )
+                if llama_times:
+                    reply = worker.decode(ids[0].tolist(), args.tokens)["seconds"]
+                    for name, seconds in reply.items():
+                        llama_times[name].append(seconds)
                 bandwidths.append(copy_bandwidth(3))
             bandwidth = statistics.median(bandwidths)
             print(
@@ -251,6 +317,11 @@ def main() -> None:
                     f"| {fmt} | {nbytes / 1e6:.1f} | {tps:.1f} | {tps / base_tps:.2f}x | {share} "
                     f"| {1e3 * kernel:.2f} | {base_kernel / kernel:.2f}x | {kernel_share} |"
                 )
+            if llama_times:
+                llama_cpp_rows(worker, llama_times, args.tokens, base_tps, bandwidth)
+        if worker is not None:
+            worker.close()
+            gguf_dir.cleanup()
 
 
 if __name__ == "__main__":
