@@ -25,6 +25,9 @@ transformers and of each engine are compared (same weights, same float32 math up
 summation order) and the share of identical requests printed.
 
     OMP_NUM_THREADS=1 uv run --frozen python packages/ds-serve/benchmarks/bench_vs_transformers.py
+
+``--deepseek-v3`` only checks whether transformers' continuous batching runs the
+DeepSeek-V3 (MLA) shape of ``bench_serve.py`` at all, and prints its error if not.
 """
 
 from __future__ import annotations
@@ -252,6 +255,34 @@ async def server_run(url: str, prompts: list[str], max_tokens: int) -> float:
         return tokens / (time.perf_counter() - start)
 
 
+def transformers_on_deepseek_v3() -> str:
+    """Whether transformers' continuous batching runs the DeepSeek-V3 shape of the other
+    ds-serve tables (MLA) on this device: its two greedy requests' outcome, or the error."""
+    import transformers
+    from bench_serve import SHAPE
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    torch.manual_seed(0)
+    config = transformers.DeepseekV3Config(
+        **SHAPE, num_key_value_heads=SHAPE["num_attention_heads"], max_position_embeddings=1024
+    )
+    model = transformers.DeepseekV3ForCausalLM(config).eval()
+    model.set_attn_implementation("sdpa")
+    out = model.generate_batch(
+        [[1, 5, 6, 7, 8, 9], [1, 10, 11, 12]],
+        generation_config=GenerationConfig(
+            max_new_tokens=8, do_sample=False, eos_token_id=-1, pad_token_id=0
+        ),
+        continuous_batching_config=ContinuousBatchingConfig(
+            page_size=BLOCK_SIZE, num_blocks=64, max_batch_tokens=256
+        ),
+    )
+    errors = {r.error for r in out.values() if r.error is not None}
+    if errors or len(out) != 2:
+        return f"fails: {'; '.join(sorted(errors)) or 'requests missing'}"
+    return f"works: {[r.generated_tokens for r in out.values()]}"
+
+
 # ---- the run -------------------------------------------------------------------------------
 
 
@@ -315,8 +346,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled engine")
+    parser.add_argument(
+        "--deepseek-v3",
+        action="store_true",
+        help="only check whether transformers' continuous batching runs the V3 (MLA) shape",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.deepseek_v3:
+        import transformers
+
+        print(
+            f"transformers {transformers.__version__}, continuous batching on DeepSeek-V3 "
+            f"(MLA), CPU: {transformers_on_deepseek_v3()}"
+        )
+        return
     levels = [int(c) for c in args.clients.split(",") if c]
     import transformers
 
