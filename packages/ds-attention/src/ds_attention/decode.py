@@ -120,11 +120,12 @@ def paged_decode_torch(
     """The block-table-aware torch path (the CPU default): each sequence's live pages,
     and only those (the table is cut at the longest context), are copied once into
     (batch, pages * block_size) keys, with a key-padding mask only when some sequence
-    is shorter than the copied span. Float32 with a ``v_cache`` (MHA/GQA): one SDPA
-    call reads the copied pages through strides, query heads grouped over their kv head
-    (``enable_gqa``), with no per-head copy of K/V. Otherwise the query heads of each kv
-    head are the rows of one batched matmul over per-head copies (no grouped-query
-    expansion of K/V); ``v_cache=None``: the values are the first ``v_head_dim``
+    is shorter than the copied span. Float32 with a ``v_cache`` (MHA/GQA), outside
+    ``torch.compile``: one SDPA call reads the copied pages through strides, query heads
+    grouped over their kv head (``enable_gqa``), with no per-head copy of K/V. Otherwise
+    the query heads of each kv head are the rows of one batched matmul over per-head
+    copies (no grouped-query expansion of K/V); compiled llama serving steps ran slower
+    with the SDPA call inside them (ds-serve's bench_vs_transformers.py, 32 clients); ``v_cache=None``: the values are the first ``v_head_dim``
     channels of the copied keys (MLA's shared latent), so the pool is read once.
     ``lens_range``: (shortest, longest) of ``context_lens``."""
     shortest, longest = lens_range
@@ -140,7 +141,7 @@ def paged_decode_torch(
     blocks = block_table.reshape(-1)
     if blocks.dtype != torch.long or blocks.device != q.device:
         blocks = blocks.to(device=q.device, dtype=torch.long)
-    if v_cache is not None and q.dtype == torch.float32:
+    if v_cache is not None and q.dtype == torch.float32 and not torch.compiler.is_compiling():
         return _paged_decode_sdpa(q, k_cache, v_cache, blocks, context_lens, scale, span, shortest)
     groups = heads // kv_heads
     # (batch * kv_heads, groups, d) query rows against (batch * kv_heads, span, d) keys:
