@@ -19,7 +19,8 @@ ignored) to, in turn:
 
 Output tokens/s = generated tokens over the wall time from submitting the first request
 to the last one finishing. Contenders are interleaved within each round; figures are
-medians of ``--repeats`` rounds, ratios are against transformers in the same run.
+medians of ``--repeats`` rounds; ratios are the median of the per-round ratios against
+transformers (and their range).
 Every process runs ``--threads`` torch threads (default 1). Greedy outputs of
 transformers and of each engine are compared (same weights, same float32 math up to
 summation order) and the share of identical requests printed.
@@ -400,15 +401,20 @@ def main() -> None:
         "compiled": "ds-serve engine, in-process, compiled",
         "server": "ds-serve HTTP server (eager)",
     }
-    print("| path | clients | output tok/s | vs transformers |")
-    print("|---|---:|---:|---:|")
+    print("| path | clients | output tok/s | vs transformers | per-round ratios |")
+    print("|---|---:|---:|---:|---|")
     for clients in levels:
-        base = statistics.median(rates[("transformers", clients)])
+        base = rates[("transformers", clients)]
         for name, label in labels.items():
             if (name, clients) not in rates:
                 continue
-            rate = statistics.median(rates[(name, clients)])
-            print(f"| {label} | {clients} | {rate:.1f} | {rate / base:.2f}x |")
+            runs = rates[(name, clients)]
+            # Contenders alternate within a round, so a round's ratio sees the same load.
+            ratios = [r / b for r, b in zip(runs, base)]
+            print(
+                f"| {label} | {clients} | {statistics.median(runs):.1f} | "
+                f"{statistics.median(ratios):.2f}x | {min(ratios):.2f}-{max(ratios):.2f}x |"
+            )
 
 
 if __name__ == "__main__":
