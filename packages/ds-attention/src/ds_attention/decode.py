@@ -175,8 +175,7 @@ def _paged_decode_sdpa(q, k_cache, v_cache, blocks, context_lens, scale, span, s
     span, kv_heads, d) and SDPA reads them as (batch, kv_heads, span, d) through
     strides. Against per-head copies and batched matmuls this measured 1.1-2.2x faster
     per layer in float32 and 0.2-0.4x in bfloat16 (batch 32, 12/4 heads, contexts up to
-    48-160, one thread), hence float32 only (docs/benchmarks.md, ds-serve, "Against
-    transformers' continuous batching")."""
+    48-160, one thread), hence float32 only (docs/ds-attention.md, "Paged decode")."""
     batch, heads, d_qk = q.shape
     kv_heads, d_v = k_cache.shape[2], v_cache.shape[3]
     k = _gather_pages(k_cache, blocks).view(batch, span, kv_heads, d_qk).transpose(1, 2)
