@@ -7,6 +7,7 @@ decodes through it (GQA over paged K/V, and MLA's absorbed form over the paged l
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ds_attention.backends import interpreting, triton_available
 from ds_attention.reference import paged_decode_reference
@@ -118,11 +119,15 @@ def paged_decode_torch(
 ):
     """The block-table-aware torch path (the CPU default): each sequence's live pages,
     and only those (the table is cut at the longest context), are copied once into
-    (batch, pages * block_size) keys, then the query heads of each kv head are the rows
-    of one batched matmul (no grouped-query expansion of K/V), with a key-padding mask
-    only when some sequence is shorter than the copied span. ``v_cache=None``: values
-    are the first ``v_head_dim`` channels of the copied keys (MLA's shared latent), so
-    the pool is read once. ``lens_range``: (shortest, longest) of ``context_lens``."""
+    (batch, pages * block_size) keys, with a key-padding mask only when some sequence
+    is shorter than the copied span. Float32 with a ``v_cache`` (MHA/GQA), outside
+    ``torch.compile``: one SDPA call reads the copied pages through strides, query heads
+    grouped over their kv head (``enable_gqa``), with no per-head copy of K/V. Otherwise
+    the query heads of each kv head are the rows of one batched matmul over per-head
+    copies (no grouped-query expansion of K/V); compiled llama serving steps ran slower
+    with the SDPA call inside them (ds-serve's bench_vs_transformers.py, 32 clients); ``v_cache=None``: the values are the first ``v_head_dim``
+    channels of the copied keys (MLA's shared latent), so the pool is read once.
+    ``lens_range``: (shortest, longest) of ``context_lens``."""
     shortest, longest = lens_range
     batch, heads, d_qk = q.shape
     page, kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -136,6 +141,8 @@ def paged_decode_torch(
     blocks = block_table.reshape(-1)
     if blocks.dtype != torch.long or blocks.device != q.device:
         blocks = blocks.to(device=q.device, dtype=torch.long)
+    if v_cache is not None and q.dtype == torch.float32 and not torch.compiler.is_compiling():
+        return _paged_decode_sdpa(q, k_cache, v_cache, blocks, context_lens, scale, span, shortest)
     groups = heads // kv_heads
     # (batch * kv_heads, groups, d) query rows against (batch * kv_heads, span, d) keys:
     # views when kv_heads is 1 (MLA), one copy of the gathered pages otherwise.
@@ -158,6 +165,31 @@ def paged_decode_torch(
     if probs.dtype != v.dtype:
         probs = probs.to(v.dtype)
     out = torch.bmm(probs.view(batch * kv_heads, groups, span), v).view(batch, heads, d_v)
+    if shortest == 0:  # a sequence with no context attends to nothing: zeros, not NaN
+        out = out.masked_fill((context_lens == 0).to(q.device)[:, None, None], 0.0)
+    return out
+
+
+def _paged_decode_sdpa(q, k_cache, v_cache, blocks, context_lens, scale, span, shortest):
+    """Float32 MHA/GQA rows of ``paged_decode_torch``: the gathered pages stay (batch,
+    span, kv_heads, d) and SDPA reads them as (batch, kv_heads, span, d) through
+    strides. Against per-head copies and batched matmuls this measured 1.1-2.2x faster
+    per layer in float32 and 0.2-0.4x in bfloat16 (batch 32, 12/4 heads, contexts up to
+    48-160, one thread), hence float32 only (docs/ds-attention.md, "Paged decode")."""
+    batch, heads, d_qk = q.shape
+    kv_heads, d_v = k_cache.shape[2], v_cache.shape[3]
+    k = _gather_pages(k_cache, blocks).view(batch, span, kv_heads, d_qk).transpose(1, 2)
+    v = _gather_pages(v_cache, blocks).view(batch, span, kv_heads, d_v).transpose(1, 2)
+    mask = None
+    if shortest < span:
+        # A row with no context keeps key 0 visible (SDPA would give NaN for a row with
+        # nothing to see); the caller zeroes such rows.
+        lens = context_lens.to(device=q.device, dtype=torch.long).clamp(min=1)
+        mask = (torch.arange(span, device=q.device)[None, :] < lens[:, None])[:, None, None]
+    out = F.scaled_dot_product_attention(
+        q[:, :, None], k, v, attn_mask=mask, scale=scale, enable_gqa=kv_heads != heads
+    )
+    out = out[:, :, 0]
     if shortest == 0:  # a sequence with no context attends to nothing: zeros, not NaN
         out = out.masked_fill((context_lens == 0).to(q.device)[:, None, None], 0.0)
     return out
