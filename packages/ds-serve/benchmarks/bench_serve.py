@@ -13,7 +13,8 @@ so every mode does the same work. Each figure is the median of ``--repeats`` run
 ``--compile`` serves with compiled decode steps and adds ``generate(compile=True)`` to
 the sequential baselines; ``--in-process`` also drives the same engine in this process
 without HTTP after each server run (the HTTP/SSE overhead column);
-``--no-transformers`` skips that baseline.
+``--no-transformers`` skips that baseline; ``--stream-interval k`` is passed to the server
+(k tokens per streamed event; the ITL columns then measure gaps between events).
 
 Every process uses ``--threads`` torch threads (default 1: on a shared 2-core machine,
 more threads per process spin against each other).
@@ -281,6 +282,9 @@ def main() -> None:
         "server at each level: the HTTP/SSE overhead",
     )
     parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument(
+        "--stream-interval", type=int, default=1, help="the server's --stream-interval"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     levels = [int(x) for x in args.levels.split(",")]
@@ -326,6 +330,7 @@ def main() -> None:
             )
         port = free_port()
         extra = ("--compile",) if args.compile else ()
+        extra += ("--stream-interval", str(args.stream_interval))
         server = start_server(path, port, args.threads, args.device, extra)
         url = f"http://127.0.0.1:{port}"
         try:

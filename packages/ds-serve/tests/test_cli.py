@@ -57,12 +57,23 @@ def test_bad_sizes_are_refused(text):
 
 
 @pytest.mark.parametrize(
-    "argv", [["--lora", "nopath"], ["--max-num-seqs", "0"], ["--quantization", "fp3"]]
+    "argv",
+    [
+        ["--lora", "nopath"],
+        ["--max-num-seqs", "0"],
+        ["--quantization", "fp3"],
+        ["--stream-interval", "0"],
+    ],
 )
 def test_bad_options_exit_with_usage(argv, capsys):
     with pytest.raises(SystemExit) as info:
         parse_args(argv)
     assert info.value.code == 2
+
+
+def test_stream_interval_defaults_to_one_token_per_event():
+    assert parse_args([]).stream_interval == 1
+    assert parse_args(["--stream-interval", "4"]).stream_interval == 4
 
 
 def test_repeated_lora_names_are_refused(capsys):

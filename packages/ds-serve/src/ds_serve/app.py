@@ -88,10 +88,20 @@ class App:
         *,
         api_key: str | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        stream_interval: int = 1,
     ) -> None:
         if max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes!r}")
+        if (
+            isinstance(stream_interval, bool)
+            or not isinstance(stream_interval, int)
+            or stream_interval < 1
+        ):
+            raise ValueError(f"stream_interval must be an int >= 1, got {stream_interval!r}")
         self.engine = engine
+        # Tokens a streamed choice holds before it sends them (its first and last go
+        # out at once): fewer, larger events for less per-token work on the event loop.
+        self.stream_interval = stream_interval
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
         self.info = ModelInfo(
@@ -367,7 +377,7 @@ class App:
         req = await self._body(request, CompletionRequest)
         check_prompt_chars(req, self.info)
         prepared = await self._off_loop(prepare_completion, req, self.info, self.engine.tokenizer)
-        choices = Choices(self.engine, prepared)
+        choices = Choices(self.engine, prepared, self.stream_interval if req.stream else 1)
         echo = [self.engine.tokenizer.decode(p) if req.echo else "" for p in prepared.prompts]
         if req.stream:
             return SSEResponse(completion_events(req, prepared, choices, echo), choices.abort)
@@ -378,7 +388,7 @@ class App:
         req = await self._body(request, ChatCompletionRequest)
         check_prompt_chars(req, self.info)
         prepared = await self._off_loop(prepare_chat, req, self.info, self.engine.tokenizer)
-        choices = Choices(self.engine, prepared)
+        choices = Choices(self.engine, prepared, self.stream_interval if req.stream else 1)
         if req.stream:
             return SSEResponse(chat_events(req, prepared, choices), choices.abort)
         results = await choices.collect(request.receive)

@@ -46,8 +46,11 @@ __all__ = ["Choices", "chat_body", "chat_events", "completion_body", "completion
 DONE = b"data: [DONE]\n\n"
 
 
+_encode = msgspec.json.Encoder().encode
+
+
 def _sse(obj: Any) -> bytes:
-    return b"data: " + msgspec.json.encode(obj) + b"\n\n"
+    return b"data: %b\n\n" % _encode(obj)
 
 
 @dataclass
@@ -68,8 +71,10 @@ class ChoiceResult:
 class Choices:
     """The n choices of one HTTP request: engine ids, shared output queue, running totals."""
 
-    def __init__(self, engine: Engine, prepared: Prepared) -> None:
+    def __init__(self, engine: Engine, prepared: Prepared, stream_interval: int = 1) -> None:
         self.engine = engine
+        self.stream_interval = stream_interval
+        self.streamed: set[int] = set()  # choices that have sent an event
         self.prompts = prepared.prompts
         self.queue: asyncio.Queue[Delta] = asyncio.Queue()
         self.index: dict[str, int] = {}
@@ -125,10 +130,47 @@ class Choices:
     async def deltas(self) -> AsyncIterator[tuple[int, Delta]]:
         while self.unfinished:
             delta = await self.queue.get()
-            self.completion_tokens += len(delta.token_ids)
-            if delta.finish_reason is not None:
-                self.unfinished.discard(delta.request_id)
+            self._count(delta)
             yield self.index[delta.request_id], delta
+
+    async def ready(self) -> AsyncIterator[list[tuple[int, Delta]]]:
+        """The deltas waiting in the queue, each choice's joined into one, in order.
+
+        A stream that falls behind the engine (a busy event loop, a slow client) sends
+        the tokens that piled up as one event rather than one event per token, as vLLM
+        does under load. With ``stream_interval`` k > 1 a choice's tokens are held until
+        k of them are waiting (SGLang's ``--stream-interval``): its first token and its
+        last delta go out at once."""
+        queue, interval = self.queue, self.stream_interval
+        joined: dict[int, Delta] = {}
+        while self.unfinished:
+            delta = await queue.get()
+            self._join(joined, delta)
+            while not queue.empty():
+                self._join(joined, queue.get_nowait())
+            if interval > 1 and self.unfinished and not any(map(self._due, joined.values())):
+                continue
+            self.streamed.update(joined)
+            yield list(joined.items())
+            joined = {}
+
+    def _join(self, joined: dict[int, Delta], delta: Delta) -> None:
+        self._count(delta)
+        i = self.index[delta.request_id]
+        earlier = joined.get(i)
+        joined[i] = delta if earlier is None else _join(earlier, delta)
+
+    def _due(self, delta: Delta) -> bool:
+        return (
+            delta.finish_reason is not None
+            or len(delta.token_ids) >= self.stream_interval
+            or self.index[delta.request_id] not in self.streamed
+        )
+
+    def _count(self, delta: Delta) -> None:
+        self.completion_tokens += len(delta.token_ids)
+        if delta.finish_reason is not None:
+            self.unfinished.discard(delta.request_id)
 
     def usage(self) -> Usage:
         return Usage(
@@ -160,6 +202,25 @@ class Choices:
         return self.prompts[choice // n]
 
 
+def _join(first: Delta, then: Delta) -> Delta:
+    """One delta holding ``first`` followed by ``then`` (of the same choice)."""
+    logprobs = None
+    if first.logprobs is not None or then.logprobs is not None:
+        logprobs = (first.logprobs or []) + (then.logprobs or [])
+    return Delta(
+        request_id=first.request_id,
+        text=first.text + then.text,
+        token_ids=first.token_ids + then.token_ids,
+        finish_reason=then.finish_reason,
+        prompt_tokens=then.prompt_tokens,
+        completion_tokens=then.completion_tokens,
+        logprobs=logprobs,
+        prompt_logprobs=(
+            first.prompt_logprobs if first.prompt_logprobs is not None else then.prompt_logprobs
+        ),
+    )
+
+
 def _ids(prefix: str) -> tuple[str, int]:
     return f"{prefix}-{uuid.uuid4().hex}", int(time.time())
 
@@ -167,6 +228,8 @@ def _ids(prefix: str) -> tuple[str, int]:
 async def completion_events(
     req: CompletionRequest, prepared: Prepared, choices: Choices, echo: list[str]
 ) -> AsyncIterator[bytes]:
+    """The stream's events; the events of the deltas that arrived together go out as
+    one write."""
     rid, created = _ids("cmpl")
     n = len(prepared.params)
 
@@ -175,30 +238,40 @@ async def completion_events(
 
     decode = choices.engine.tokenizer.decode
     scored = req.logprobs is not None
+    include_usage = req.stream_options is not None and req.stream_options.include_usage
     # Per choice: the token ids so far (the context of the next token's text) and the
     # next token's text_offset (offsets count token texts, as in the whole response).
     context = [list(choices.prompt_of(i, n)) for i in range(len(choices.index))]
     sent = [0] * len(choices.index)
     try:
         if req.echo and not scored:
-            for i in range(len(choices.index)):
-                yield chunk([CompletionChunkChoice(i, echo[i // n])])
-        async for i, delta in choices.deltas():
-            if scored and delta.prompt_logprobs is not None and req.echo:
-                # The prompt's scores arrive with the choice's first delta.
-                logprobs = completion_logprobs(decode, [], delta.prompt_logprobs, 0)
-                yield chunk([CompletionChunkChoice(i, echo[i // n], logprobs=logprobs)])
-                sent[i] = len(echo[i // n])
-            logprobs = None
-            if scored and delta.logprobs:
-                logprobs = completion_logprobs(decode, context[i], delta.logprobs, sent[i])
-                context[i] += delta.token_ids
-                sent[i] = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
-            if delta.text or delta.finish_reason or logprobs is not None:
-                yield chunk([CompletionChunkChoice(i, delta.text, delta.finish_reason, logprobs)])
-        if req.stream_options is not None and req.stream_options.include_usage:
-            yield chunk([], usage=choices.usage())
-        yield DONE
+            yield b"".join(
+                chunk([CompletionChunkChoice(i, echo[i // n])]) for i in range(len(choices.index))
+            )
+        async for ready in choices.ready():
+            events = []
+            for i, delta in ready:
+                if scored and delta.prompt_logprobs is not None and req.echo:
+                    # The prompt's scores arrive with the choice's first delta.
+                    logprobs = completion_logprobs(decode, [], delta.prompt_logprobs, 0)
+                    events.append(
+                        chunk([CompletionChunkChoice(i, echo[i // n], logprobs=logprobs)])
+                    )
+                    sent[i] = len(echo[i // n])
+                logprobs = None
+                if scored and delta.logprobs:
+                    logprobs = completion_logprobs(decode, context[i], delta.logprobs, sent[i])
+                    context[i] += delta.token_ids
+                    sent[i] = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
+                if delta.text or delta.finish_reason or logprobs is not None:
+                    choice = CompletionChunkChoice(i, delta.text, delta.finish_reason, logprobs)
+                    events.append(chunk([choice]))
+            if not choices.unfinished:
+                if include_usage:
+                    events.append(chunk([], usage=choices.usage()))
+                events.append(DONE)
+            if events:
+                yield b"".join(events)
     finally:
         choices.abort()
 
@@ -236,39 +309,52 @@ def completion_body(
 async def chat_events(
     req: ChatCompletionRequest, prepared: Prepared, choices: Choices
 ) -> AsyncIterator[bytes]:
+    """The stream's events; the events of the deltas that arrived together go out as
+    one write."""
     rid, created = _ids("chatcmpl")
 
     def chunk(choice_list: list[ChatChunkChoice], usage: Usage | None = None) -> bytes:
         return _sse(ChatCompletionChunk(rid, created, prepared.model, choice_list, usage=usage))
 
     decode = choices.engine.tokenizer.decode
+    include_usage = req.stream_options is not None and req.stream_options.include_usage
     context = [list(choices.prompt_of(i, len(prepared.params))) for i in range(len(choices.index))]
     parsers = [prepared.tool_parser() for _ in choices.index]
     calls_sent = [0] * len(parsers)
     try:
-        for i in range(len(choices.index)):
-            yield chunk([ChatChunkChoice(i, ChatDelta(role="assistant", content=""))])
-        async for i, delta in choices.deltas():
-            logprobs = None
-            if req.logprobs and delta.logprobs:
-                logprobs = chat_logprobs(decode, context[i], delta.logprobs)
-                context[i] += delta.token_ids
-            text, calls = delta.text, []
-            if parsers[i] is not None:
-                text, calls = parsers[i].push(text)
+        yield b"".join(
+            chunk([ChatChunkChoice(i, ChatDelta(role="assistant", content=""))])
+            for i in range(len(choices.index))
+        )
+        async for ready in choices.ready():
+            events = []
+            for i, delta in ready:
+                logprobs = None
+                if req.logprobs and delta.logprobs:
+                    logprobs = chat_logprobs(decode, context[i], delta.logprobs)
+                    context[i] += delta.token_ids
+                text, calls = delta.text, []
+                if parsers[i] is not None:
+                    text, calls = parsers[i].push(text)
+                    if delta.finish_reason:
+                        text += parsers[i].flush()
+                if text or logprobs is not None:
+                    events.append(
+                        chunk([ChatChunkChoice(i, ChatDelta(content=text), None, logprobs)])
+                    )
+                if calls:
+                    first, calls_sent[i] = calls_sent[i], calls_sent[i] + len(calls)
+                    call_deltas = _call_deltas(calls, first)
+                    events.append(chunk([ChatChunkChoice(i, ChatDelta(tool_calls=call_deltas))]))
                 if delta.finish_reason:
-                    text += parsers[i].flush()
-            if text or logprobs is not None:
-                yield chunk([ChatChunkChoice(i, ChatDelta(content=text), None, logprobs)])
-            if calls:
-                first, calls_sent[i] = calls_sent[i], calls_sent[i] + len(calls)
-                yield chunk([ChatChunkChoice(i, ChatDelta(tool_calls=_call_deltas(calls, first)))])
-            if delta.finish_reason:
-                reason = _finish_reason(delta.finish_reason, calls_sent[i])
-                yield chunk([ChatChunkChoice(i, ChatDelta(), reason)])
-        if req.stream_options is not None and req.stream_options.include_usage:
-            yield chunk([], usage=choices.usage())
-        yield DONE
+                    reason = _finish_reason(delta.finish_reason, calls_sent[i])
+                    events.append(chunk([ChatChunkChoice(i, ChatDelta(), reason)]))
+            if not choices.unfinished:
+                if include_usage:
+                    events.append(chunk([], usage=choices.usage()))
+                events.append(DONE)
+            if events:
+                yield b"".join(events)
     finally:
         choices.abort()
 

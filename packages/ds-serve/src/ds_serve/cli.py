@@ -150,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-body-bytes", type=_positive, default=4 * 1024 * 1024)
     parser.add_argument(
+        "--stream-interval",
+        type=_positive,
+        default=1,
+        help="tokens per streamed event (default 1); a choice's first token and its end "
+        "are sent at once. Larger values cut the server's per-token work under load",
+    )
+    parser.add_argument(
         "--shutdown-grace",
         type=float,
         default=30.0,
@@ -206,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             args.model_path,
             api_key=args.api_key,
             max_body_bytes=args.max_body_bytes,
+            stream_interval=args.stream_interval,
             **engine_options,
         )
     except (DefaultModelNotFound, FileNotFoundError, ValueError, RankFailed) as exc:

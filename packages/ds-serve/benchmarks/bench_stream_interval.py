@@ -1,0 +1,117 @@
+"""The HTTP/SSE overhead against ``--stream-interval``, in one run.
+
+One server per interval (``python -m ds_serve.cli ... --stream-interval k``, each a
+subprocess) on ``bench_serve.py``'s random DeepSeek-V3-shaped checkpoint, and the same
+engine in this process without HTTP; per round, every server and then the in-process
+engine serve the same load (``clients`` concurrent streams, 2 requests each, 64 output
+tokens, greedy). Overhead = 1 - server / in-process; ITL is the gap between streamed
+events at the client (an event carries up to k tokens). Medians of ``--repeats`` rounds.
+
+    OMP_NUM_THREADS=1 uv run --frozen python packages/ds-serve/benchmarks/bench_stream_interval.py \
+        [--intervals 1,2,4] [--clients 32] [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+from bench_serve import (
+    build_checkpoint,
+    engine_level,
+    free_port,
+    pct,
+    prompts,
+    run_level,
+    start_server,
+)
+
+
+async def measure(args, urls, engine, prompt_list, prompt_ids):
+    for url in urls.values():
+        await run_level(url, prompt_list, 2, 1, 8)  # warm-up
+    engine.start(asyncio.get_running_loop())
+    await engine_level(engine, prompt_ids, 2, 1, 8)
+    rates = {k: [] for k in [*urls, "in-process"]}
+    gaps = {k: [] for k in urls}
+    for _ in range(args.repeats):
+        for k, url in urls.items():
+            rate, _, itl = await run_level(url, prompt_list, args.clients, 2, args.max_tokens)
+            rates[k].append(rate)
+            gaps[k] += itl
+        rate = await engine_level(engine, prompt_ids, args.clients, 2, args.max_tokens)
+        rates["in-process"].append(rate)
+    return rates, gaps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--intervals", default="1,2,4")
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="compiled decode steps")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    intervals = [int(k) for k in args.intervals.split(",")]
+    from ds_model import Tokenizer
+    from ds_serve import build_engine
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bench-v3"
+        build_checkpoint(path)
+        tokenizer = Tokenizer.from_dir(path)
+        prompt_list = prompts(tokenizer, 128, 32)
+        prompt_ids = [tokenizer.encode(p) for p in prompt_list]
+        compiled = ("--compile",) if args.compile else ()
+        servers, urls = [], {}
+        try:
+            for k in intervals:
+                port = free_port()
+                extra = (*compiled, "--stream-interval", str(k))
+                servers.append(start_server(path, port, 1, "cpu", extra))
+                urls[k] = f"http://127.0.0.1:{port}"
+            engine = build_engine(
+                path,
+                max_num_seqs=64,
+                max_num_batched_tokens=2048,
+                max_waiting=512,
+                kv_cache_memory=256 << 20,
+                dtype="float32",
+                device="cpu",
+                decode_steps="compile" if args.compile else None,
+            )
+            try:
+                rates, gaps = asyncio.run(measure(args, urls, engine, prompt_list, prompt_ids))
+            finally:
+                engine.shutdown()
+        finally:
+            for server in servers:
+                server.terminate()
+                server.wait(timeout=60)
+    median = {k: statistics.median(v) for k, v in rates.items()}
+    inproc = median["in-process"]
+    steps = "compiled" if args.compile else "eager"
+    print(
+        f"\n{args.clients} streaming clients, {args.max_tokens} output tokens, {steps} decode "
+        f"steps, median of {args.repeats}, load average {os.getloadavg()[0]:.1f}\n"
+    )
+    print(
+        "| stream interval | server tok/s | in-process engine tok/s | HTTP/SSE overhead "
+        "| ITL p50 between events (ms) |"
+    )
+    print("|---:|---:|---:|---:|---:|")
+    for k in intervals:
+        print(
+            f"| {k} | {median[k]:.1f} | {inproc:.1f} | {1 - median[k] / inproc:.0%} "
+            f"| {pct(gaps[k], 50) * 1e3:.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
