@@ -123,10 +123,15 @@ class RoutedExperts(nn.ModuleList):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         if device_side(x):
+            inference = torch.compiler.is_compiling() and not torch.is_grad_enabled()
+            if inference and x.device.type == "cpu":
+                # CPU grouped_mm runs a matmul per expert, idle ones included: about
+                # 3 ms a call at batch 1 in the compiled 110M V3 step, a third of it.
+                return torch.ops.ds_model.routed_experts(x, weights, idx, self._op_key)
             plain = self._plain_weights()
             if plain is not None and _grouped_fits(x, plain[0][2]):
                 return self._grouped(x, weights, idx, plain)
-            if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+            if inference:
                 return torch.ops.ds_model.routed_experts(x, weights, idx, self._op_key)
             return _outside_graph(self._per_expert)(x, weights, idx)
         return self._per_expert(x, weights, idx)
