@@ -40,10 +40,29 @@ with tempfile.TemporaryDirectory() as path:
     compiled_model = ds_model.from_pretrained(path, dtype=dtype, quantization=quantization)
 for model in (eager_model, compiled_model):
     model.config = dataclasses.replace(model.config, eos_token_id=None)
+
+# bf16: the compiled step's fused kernels round differently from eager bf16 ops (float32
+# inside a fused kernel), so a near-tie may break the other way; each token must still be
+# the eager model's greedy choice up to bf16 rounding of the logits.
+def check_greedy_choices(prompt, tokens):
+    ids = list(prompt)
+    with torch.inference_mode():
+        for token in tokens:
+            logits = eager_model(torch.tensor([ids])).logits[0, -1].float()
+            margin = 2**-6 * logits.abs().max()
+            assert logits[token] >= logits.max() - margin, (ids, token, logits.argmax())
+            ids.append(token)
+
+
 for prompts in ([[5, 6, 7, 8]], [[5, 6, 7, 8], [9, 10]]):
     eager = eager_model.generate(prompts, 6)
     compiled = compiled_model.generate(prompts, 6, compile=True)
-    assert compiled == eager, (prompts, compiled, eager)
+    if dtype == "bfloat16":
+        assert [row[0] for row in compiled] == [row[0] for row in eager]
+        for prompt, row in zip(prompts, compiled):
+            check_greedy_choices(prompt, row)
+    else:
+        assert compiled == eager, (prompts, compiled, eager)
 assert not dynamo_utils.counters["graph_break"], dict(dynamo_utils.counters["graph_break"])
 # One graph per batch size: the whole step, routed experts included.
 assert dynamo_utils.counters["stats"]["unique_graphs"] == 2, dict(dynamo_utils.counters["stats"])
@@ -58,9 +77,10 @@ assert dynamo_utils.counters["stats"]["unique_graphs"] == 2, dict(dynamo_utils.c
     ids=["bf16", "int8", "int4"],
 )
 def test_compiled_decode_equals_eager(shape, dtype, quantization):
-    """Greedy tokens at batch 1 and 2 (ragged prompts). In a child process: compiling
-    starts threads and worker processes, after which fork-based tests cannot fork
-    safely."""
+    """Greedy tokens at batch 1 and 2 (ragged prompts): equal for INT8 / INT4 (the
+    same kernels run), greedy choices of the eager model up to rounding for bf16. In a
+    child process: compiling starts threads and worker processes, after which
+    fork-based tests cannot fork safely."""
     done = subprocess.run(
         [sys.executable, "-c", COMPILED_CHECK, shape, dtype, quantization],
         capture_output=True,
