@@ -18,6 +18,11 @@ ds-quant's dequantize-then-matmul reference), at each ``--batch``:
 - linears: one pass over the layers a token's step runs (routed experts: ``top_k`` of
   them), on random inputs, without the step's glue (attention, routing, norms,
   Python): the kernels' own time, rate and share of the copy bandwidth.
+- ``--compile``: each format again, loaded a second time and decoded with
+  ``generate(..., compile=True)`` (the fixed-shape step through ``torch.compile``),
+  interleaved with the eager rows in every repeat; compiled once per batch size before
+  timing (the compile time is printed, not timed). Those rows' "vs fp32" is against
+  fp32 eager and "vs fp32 compiled" against fp32 compiled.
 
 Run (one thread, as decode on a shared host):
 
@@ -192,14 +197,19 @@ def load(path: str, fmt: str) -> nn.Module:
     return model
 
 
-def decode_seconds(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> float:
+def decode_seconds(
+    model: nn.Module, ids: torch.Tensor, new_tokens: int, compile: bool = False
+) -> float:
     with torch.inference_mode():
         start = time.perf_counter()
-        model.generate(ids, 1)
+        model.generate(ids, 1, compile=compile)
         one = time.perf_counter() - start
         start = time.perf_counter()
-        model.generate(ids, 1 + new_tokens)
+        model.generate(ids, 1 + new_tokens, compile=compile)
         return time.perf_counter() - start - one
+
+
+COMPILED = " compiled"
 
 
 def main() -> None:
@@ -223,6 +233,9 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--compile", action="store_true", help="add generate(compile=True) rows per format"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     formats = list(args.formats)
@@ -231,6 +244,11 @@ def main() -> None:
     for fmt in formats:
         if fmt not in FORMATS:
             parser.error(f"--formats: {fmt!r} is not one of {sorted(FORMATS)}")
+    if args.compile:
+        formats += [fmt + COMPILED for fmt in formats]
+        # One compiled step per model and batch size, all of GraphedDecoder._forward:
+        # more than dynamo's default of 8 per function in this one process.
+        torch._dynamo.config.recompile_limit = 64
     import ds_model
 
     print(f"machine: {machine()}")
@@ -253,14 +271,21 @@ def main() -> None:
                 )
                 worker = llama_cpp_peer.Worker(args.llama_cpp, ggufs)
             del base
-            models = {fmt: load(path, fmt) for fmt in formats}
+            models = {fmt: load(path, fmt.removesuffix(COMPILED)) for fmt in formats}
         vocab = SHAPES[shape]["vocab_size"]
         for batch in args.batches:
             ids = torch.randint(
                 3, vocab, (batch, args.prompt_len), generator=torch.Generator().manual_seed(batch)
             )
-            for model in models.values():
-                decode_seconds(model, ids, 2)  # warm-up: first-call caches, allocator
+            for fmt, model in models.items():
+                start = time.perf_counter()
+                # warm-up: first-call caches, allocator; compiling the step
+                decode_seconds(model, ids, 2, fmt.endswith(COMPILED))
+                if fmt.endswith(COMPILED):
+                    print(
+                        f"{shape} batch {batch} {fmt}: compiled in "
+                        f"{time.perf_counter() - start:.1f} s"
+                    )
             times: dict[str, list[float]] = {fmt: [] for fmt in formats}
             kernel_times: dict[str, list[float]] = {fmt: [] for fmt in formats}
             layers = {fmt: active_linears(model) for fmt, model in models.items()}
@@ -277,7 +302,10 @@ def main() -> None:
                 llama_times = {name: [] for name in theirs}
             for _ in range(args.repeats):
                 for fmt, model in models.items():
-                    times[fmt].append(decode_seconds(model, ids, args.tokens))
+                    compiled = fmt.endswith(COMPILED)
+                    times[fmt].append(decode_seconds(model, ids, args.tokens, compiled))
+                    if compiled:  # the same layers as the eager row's (not re-timed)
+                        continue
                     dtype = next(model.model.norm.parameters()).dtype
                     kernel_times[fmt].append(
                         statistics.median(
@@ -295,14 +323,24 @@ def main() -> None:
                 f"{args.tokens} new tokens, median of {args.repeats}; "
                 f"copy bandwidth {bandwidth / 1e9:.1f} GB/s\n"
             )
+            compiled_column = " vs fp32 compiled |" if args.compile else ""
             print(
-                "| weights | active MB/token | tokens/s | vs fp32 | achieved GB/s | of copy bw "
+                "| weights | active MB/token | tokens/s | vs fp32 |"
+                + compiled_column
+                + " achieved GB/s | of copy bw "
                 "| linears ms | linears vs fp32 | linears GB/s (of copy bw) |"
             )
-            print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-            base_tps = base_kernel = None
+            print(
+                "|---|---:|---:|---:|"
+                + "---:|" * bool(compiled_column)
+                + "---:|---:|---:|---:|---:|"
+            )
+            base_tps = base_kernel = base_compiled = None
             for fmt in formats:
                 tps = batch * args.tokens / statistics.median(times[fmt])
+                if fmt.endswith(COMPILED):
+                    base_compiled = base_compiled or tps
+                    kernel_times[fmt] = kernel_times[fmt.removesuffix(COMPILED)]
                 kernel = statistics.median(kernel_times[fmt])
                 base_tps, base_kernel = base_tps or tps, base_kernel or kernel
                 nbytes = active_bytes(models[fmt])
@@ -313,8 +351,12 @@ def main() -> None:
                     kernel_share = f"{rate / 1e9:.1f} ({100 * rate / bandwidth:.0f}%)"
                 else:
                     share, kernel_share = "- | -", "-"  # a batch reads more experts
+                if compiled_column:
+                    versus = f" {tps / base_compiled:.2f}x |" if base_compiled else " - |"
+                else:
+                    versus = ""
                 print(
-                    f"| {fmt} | {nbytes / 1e6:.1f} | {tps:.1f} | {tps / base_tps:.2f}x | {share} "
+                    f"| {fmt} | {nbytes / 1e6:.1f} | {tps:.1f} | {tps / base_tps:.2f}x |{versus} {share} "
                     f"| {1e3 * kernel:.2f} | {base_kernel / kernel:.2f}x | {kernel_share} |"
                 )
             if llama_times:

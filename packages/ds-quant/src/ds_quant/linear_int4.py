@@ -144,10 +144,15 @@ class Int4WeightOnlyLinear(QuantizedLinear):
             x = x / self.input_scale.to(x.dtype)
         gs = self.config.group_size
         backend = choose_w4a16_backend(x, self.out_features, gs, self.backend)
-        if backend == "cpu_packed" and self.backend == "auto" and torch.compiler.is_compiling():
-            # The op's layout cache is keyed on data_ptr(), which breaks a compiled graph
-            # at every layer (see Int8WeightOnlyLinear): traced, the reference compiles whole.
-            backend = "reference"
+        if backend == "cpu_packed" and torch.compiler.is_compiling():
+            # The layout cache is keyed on data_ptr(), which compiled code cannot read:
+            # traced, the layout made at load is used as it is (a compiled step's guards
+            # already pin the layer's buffers), the reference if there is none.
+            if self._cpu_cache is None or self._cpu_cache[0][0] != COMPUTE_DTYPE:
+                backend = "reference"
+            else:
+                _, cpu_weight, scales_and_zeros = self._cpu_cache
+                return w4a16_matmul_cpu(x, cpu_weight, scales_and_zeros, gs, self.in_features)
         if backend == "cpu_packed":
             cpu_weight, scales_and_zeros = self._cpu_operands(COMPUTE_DTYPE)
             y = w4a16_matmul_cpu(x, cpu_weight, scales_and_zeros, gs, self.in_features)

@@ -9,7 +9,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ds_quant.config import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
-from ds_quant.kernels.cpu import COMPUTE_DTYPE, int8_cpu_supported, int8_weight_matmul_cpu
+from ds_quant.kernels.cpu import (
+    COMPUTE_DTYPE,
+    CPU_DTYPES,
+    HAS_INT8_CPU,
+    int8_cpu_supported,
+    int8_weight_matmul_cpu,
+    int8_weight_matmul_traced,
+)
 from ds_quant.kernels.reference import int8_weight_matmul_reference
 from ds_quant.kernels.select import GEMV_MAX_ROWS, HAS_TRITON
 from ds_quant.linear import QuantizedLinear
@@ -72,9 +79,13 @@ class Int8WeightOnlyLinear(_Int8Base):
                 raise ValueError(f"backend must be one of {INT8_BACKENDS}, got {self.backend!r}")
             return int8_weight_matmul_reference(x, self.weight, self.weight_scale)
         if x.device.type == "cpu" and torch.compiler.is_compiling():
-            # The CPU op's guards read data_ptr() (alignment), which breaks a compiled
-            # graph at every layer and recompiles per weight shape, past dynamo's limit
-            # in a compiled decode step: traced, the reference compiles whole.
+            # The eager checks read data_ptr() (alignment), which breaks a compiled graph
+            # at every layer: traced code calls the op through a custom op that checks
+            # alignment itself (``kernels.cpu``).
+            if HAS_INT8_CPU and x.dtype in CPU_DTYPES and self.weight.device.type == "cpu":
+                return int8_weight_matmul_traced(
+                    x, self.weight, self.weight_scale, self._cpu_unit_scale()
+                )
             return int8_weight_matmul_reference(x, self.weight, self.weight_scale)
         if int8_cpu_supported(x, self.weight):
             return int8_weight_matmul_cpu(x, self.weight, self.weight_scale, self._cpu_unit_scale())

@@ -20,6 +20,7 @@ quantized dot products.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ds_quant.primitives import unpack_int4
 
@@ -138,3 +139,51 @@ def int8_weight_matmul_cpu(
     if x.dtype != y.dtype:
         y = y.to(x.dtype)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+# Compiled code (``torch.compile``) cannot read ``data_ptr()``, so it cannot check the
+# alignment ``_weight_int8pack_mm`` needs (an unaligned input segfaults it, measured
+# with torch 2.15, and inside a compiled graph an input may be a view at any offset).
+# Traced code therefore calls the op through ``ds_quant::int8pack_mm_cpu``, which checks
+# at run time. It is a ``torch.library.Library`` op with a CPU kernel rather than a
+# ``torch.library.custom_op``: one call costs about 5 us over the aten op's own, against
+# 10 us for ``custom_op`` (a (64, 512) layer at batch 1 on the AVX-512 host).
+_LIB = torch.library.Library("ds_quant", "FRAGMENT")
+_LIB.define("int8pack_mm_cpu(Tensor x, Tensor q, Tensor unit) -> Tensor")
+
+
+def int8pack_mm_cpu_reference(x: torch.Tensor, q: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """``ds_quant::int8pack_mm_cpu``'s plain-torch ground truth: ``x`` (rows, in) @ ``q``
+    (out, in) int8 ^T scaled by ``unit`` (out,), in ``x.dtype``."""
+    return (F.linear(x.float(), q.float()) * unit.float()).to(x.dtype)
+
+
+def _int8pack_mm_cpu(x: torch.Tensor, q: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    if not (aligned(q) and q.shape[-1] % 16 == 0):  # see int8_cpu_supported
+        return int8pack_mm_cpu_reference(x, q, unit)
+    if not (x.is_contiguous() and aligned(x)):
+        x = x.clone(memory_format=torch.contiguous_format)
+    return _ops._weight_int8pack_mm(x, q, unit)
+
+
+def _int8pack_mm_cpu_fake(x: torch.Tensor, q: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    torch._check(x.dim() == 2 and q.dim() == 2, lambda: "x and q must be 2-D")
+    torch._check(x.shape[1] == q.shape[1], lambda: "x and q must have the same in_features")
+    torch._check(q.dtype == torch.int8, lambda: f"q must be int8, got {q.dtype}")
+    return x.new_empty(x.shape[0], q.shape[0])
+
+
+if HAS_INT8_CPU:
+    _LIB.impl("int8pack_mm_cpu", _int8pack_mm_cpu, "CPU")
+    torch.library.register_fake("ds_quant::int8pack_mm_cpu", _int8pack_mm_cpu_fake, lib=_LIB)
+
+
+def int8_weight_matmul_traced(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, unit: torch.Tensor
+) -> torch.Tensor:
+    """``int8_weight_matmul_cpu`` for code ``torch.compile`` traces: the same math, with
+    the op behind ``ds_quant::int8pack_mm_cpu`` and the casts and scaling left in the
+    graph, where they fuse with the step's neighbouring element-wise ops."""
+    x2 = x.reshape(-1, x.shape[-1]).to(COMPUTE_DTYPE)
+    y = torch.ops.ds_quant.int8pack_mm_cpu(x2, q, unit) * scale
+    return y.to(x.dtype).reshape(*x.shape[:-1], q.shape[0])
