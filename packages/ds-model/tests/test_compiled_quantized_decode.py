@@ -5,6 +5,7 @@ cache equals SDPA's."""
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -105,6 +106,23 @@ def test_routed_experts_op_equals_the_loop_and_passes_opcheck(name, tokens):
     torch.library.opcheck(
         torch.ops.ds_model.routed_experts.default, (x, weights, idx, moe.experts._op_key)
     )
+
+
+def test_a_deep_copy_runs_its_own_experts_through_the_op():
+    model = ds_model.from_config(ModelConfig.from_preset("tiny"), seed=0)
+    twin = copy.deepcopy(model)
+    moe, twin_moe = (
+        next(m for m in net.modules() if isinstance(m, ds_model.moe.MoE)) for net in (model, twin)
+    )
+    with torch.no_grad():
+        for p in twin_moe.experts.parameters():
+            p.mul_(2)
+    x = torch.randn(2, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        weights, idx = moe.gate(x)
+        got = torch.ops.ds_model.routed_experts(x, weights, idx, twin_moe.experts._op_key)
+        assert torch.equal(got, twin_moe.experts._per_expert(x, weights, idx))
+        assert not torch.equal(got, moe.experts._per_expert(x, weights, idx))
 
 
 @settings(max_examples=20, deadline=None)

@@ -118,8 +118,17 @@ class RoutedExperts(nn.ModuleList):
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
         super().__init__(MLP(hidden, intermediate) for _ in range(num_experts))
+        self._register_op_key()
+
+    def _register_op_key(self) -> None:
         self._op_key = next(_OP_KEYS)
         _BY_OP_KEY[self._op_key] = self
+
+    def __setstate__(self, state: dict) -> None:
+        # copy.deepcopy restores through here: the copy takes a key of its own, or the
+        # compiled step of the copy would run the original's experts.
+        super().__setstate__(state)
+        self._register_op_key()
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         if device_side(x):
