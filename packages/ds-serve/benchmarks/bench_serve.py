@@ -63,7 +63,6 @@ SHAPE = {  # ~6M parameters, V3-shaped (MLA + DeepSeekMoE)
 def build_checkpoint(path: Path) -> None:
     """Random V3 weights via transformers, saved; a SentencePiece BPE trained on local
     standard-library source (nothing downloaded)."""
-    import sentencepiece as spm
     import transformers
 
     torch.manual_seed(0)
@@ -72,6 +71,14 @@ def build_checkpoint(path: Path) -> None:
     )
     model = transformers.DeepseekV3ForCausalLM(config).eval()
     model.save_pretrained(path)
+    write_stdlib_tokenizer(path, SHAPE["vocab_size"])
+
+
+def write_stdlib_tokenizer(path: Path, vocab_size: int) -> None:
+    """A SentencePiece BPE of ``vocab_size`` pieces trained on local standard-library
+    source (nothing downloaded), written beside a checkpoint."""
+    import sentencepiece as spm
+
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     lines = []
     for name in ["argparse.py", "json/decoder.py", "textwrap.py", "difflib.py", "ast.py"]:
@@ -80,7 +87,7 @@ def build_checkpoint(path: Path) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines),
         model_writer=buffer,
-        vocab_size=SHAPE["vocab_size"],
+        vocab_size=vocab_size,
         model_type="bpe",
         byte_fallback=True,
         bos_id=1,

@@ -35,20 +35,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from bench_serve import free_port, write_stdlib_tokenizer
+from bench_serve import prompts as prompt_texts
 
 SHAPES = {
     # ~85M parameters: DeepSeek-LLM's layout (llama, GQA 3:1) at GPT-2-small width.
@@ -74,7 +73,6 @@ MAX_NUM_SEQS, MAX_BATCHED_TOKENS, BLOCK_SIZE, KV_MEMORY = 64, 2048, 16, 256 << 2
 
 def build_checkpoint(path: Path, shape: dict) -> int:
     """Random llama weights saved by transformers; returns the parameter count."""
-    import sentencepiece as spm
     import transformers
 
     torch.manual_seed(0)
@@ -88,36 +86,8 @@ def build_checkpoint(path: Path, shape: dict) -> int:
     )
     model = transformers.LlamaForCausalLM(config).eval()
     model.save_pretrained(path)
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    lines = []
-    for name in ["argparse.py", "json/decoder.py", "textwrap.py", "difflib.py", "ast.py"]:
-        lines += (stdlib / name).read_text().splitlines()
-    buffer = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_writer=buffer,
-        vocab_size=VOCAB,
-        model_type="bpe",
-        byte_fallback=True,
-        bos_id=1,
-        eos_id=2,
-        unk_id=0,
-        pad_id=-1,
-        minloglevel=2,
-        num_threads=1,
-    )
-    (path / "tokenizer.model").write_bytes(buffer.getvalue())
-    (path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True}))
+    write_stdlib_tokenizer(path, VOCAB)
     return sum(p.numel() for p in model.parameters())
-
-
-def prompt_texts(tokenizer, count: int, length: int) -> list[str]:
-    words = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text().split()
-    out = []
-    for i in range(count):
-        ids = tokenizer.encode(" ".join(words[i * 7 : i * 7 + length]))[:length]
-        out.append(tokenizer.decode(ids))
-    return out
 
 
 # ---- transformers' continuous batching ---------------------------------------------------
@@ -198,12 +168,6 @@ async def engine_run(engine, prompts: list[list[int]], max_tokens: int):
     ids = [engine.submit(prompt, params) for prompt in prompts]
     outputs = await asyncio.gather(*(one(i) for i in ids))
     return sum(map(len, outputs)) / (time.perf_counter() - start), list(outputs)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(path: Path, port: int, threads: int) -> subprocess.Popen:
