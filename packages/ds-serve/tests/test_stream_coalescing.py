@@ -20,6 +20,7 @@ from conftest import forbid_eos
 
 MAX_TOKENS = 24
 STALL_SECONDS = 0.3
+STEP_SPACING = 0.1
 
 
 @pytest.fixture
@@ -156,6 +157,16 @@ def test_stream_interval_sends_the_first_token_then_groups_of_k(checkpoint):
         stream_interval=4,
     )
     forbid_eos(app.engine)
+    # Steps spaced well apart, so the idle loop sees each token before the next one and
+    # the grouping comes from the interval alone (a loop that falls behind joins tokens
+    # whatever the interval, which would make the first event's size a matter of timing).
+    runner, step = app.engine.runner, app.engine.runner.step
+
+    def spaced_step(*args, **kwargs):
+        time.sleep(STEP_SPACING)
+        return step(*args, **kwargs)
+
+    runner.step = spaced_step
     body = {"prompt": "class Stack:", "max_tokens": MAX_TOKENS, "temperature": 0, "logprobs": 0}
     streamed, whole = _served(app, "/v1/completions", body, stall=False)
     chunks = [msgspec.json.decode(e, type=CompletionChunk) for e in _events(streamed)]
