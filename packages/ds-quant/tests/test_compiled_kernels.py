@@ -1,7 +1,8 @@
 """The quantized layers inside ``torch.compile``: traced whole (no graph break) onto the
 packed CPU kernels, equal to the eager layers, and the custom op traced code calls
 (``ds_quant::int8pack_mm_cpu``) checked with ``torch.library.opcheck`` and against its
-plain-torch reference."""
+plain-torch reference. One-row INT8 products take a multiply-and-sum form in traced
+code, checked against the dequantize-then-matmul reference, compiled by inductor."""
 
 import pytest
 import torch
@@ -11,8 +12,10 @@ from ds_quant.kernels.cpu import (
     HAS_INT8_CPU,
     int8_weight_matmul_cpu,
     int8_weight_matmul_traced,
+    int8_weight_matvec_traced,
     int8pack_mm_cpu_reference,
 )
+from ds_quant.kernels.reference import int8_weight_matmul_reference
 from ds_quant.primitives import quantize_int8_per_channel
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -72,7 +75,7 @@ def test_int8pack_op_registration_passes_opcheck(rows, k, n, x_offset, q_offset)
 
 @settings(max_examples=15, deadline=None)
 @given(
-    rows=st.integers(1, 5),
+    rows=st.integers(2, 5),
     k16=st.integers(1, 12),
     n=st.integers(1, 40),
     dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
@@ -85,6 +88,46 @@ def test_int8_traced_matmul_equals_the_eager_kernel(rows, k16, n, dtype, seed):
     unit = torch.ones(n, dtype=torch.bfloat16)
     got = int8_weight_matmul_traced(x, q, scale, unit)
     assert torch.equal(got, int8_weight_matmul_cpu(x, q, scale, unit))
+
+
+def assert_matches_int8_reference(got, x, q, scale):
+    """Within float32 roundoff of the dequantize-then-matmul reference (activations are
+    not rounded to bfloat16 as the packed op's are), plus the output's cast."""
+    want = int8_weight_matmul_reference(x.float(), q, scale)
+    bound = (x.float().abs() @ (q.float().abs() * scale[:, None]).t()) * 1e-5 + 1e-6
+    cast = want.abs() * (2**-7 if x.dtype != torch.float32 else 0)
+    assert got.shape == want.shape and got.dtype == x.dtype
+    assert ((got.float() - want).abs() <= bound + cast).all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    lead=st.sampled_from([(1,), (1, 1)]),
+    k=st.integers(1, 200),
+    n=st.integers(1, 40),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    seed=st.integers(0, 2**16),
+)
+def test_int8_one_row_traced_form_matches_the_reference(lead, k, n, dtype, seed):
+    """Any in_features (no alignment or multiple of 16 needed) and leading shape."""
+    g = torch.Generator().manual_seed(seed)
+    q, scale = quantize_int8_per_channel(torch.randn(n, k, generator=g))
+    x = torch.randn(*lead, k, generator=g).to(dtype)
+    unit = torch.ones(n, dtype=torch.bfloat16)
+    got = int8_weight_matmul_traced(x, q, scale, unit)
+    assert_matches_int8_reference(got, x, q, scale)
+
+
+@pytest.mark.parametrize("n,k", [(48, 64), (40, 200), (3, 7)])
+def test_int8_one_row_form_compiled_by_inductor_matches_the_reference(n, k):
+    """What a compiled batch-1 decode step runs: inductor's loop over the int8 weight."""
+    torch.manual_seed(n + k)
+    q, scale = quantize_int8_per_channel(torch.randn(n, k))
+    x = torch.randn(1, 1, k)
+    with torch.inference_mode():
+        compiled = torch.compile(int8_weight_matvec_traced, dynamic=False, fullgraph=True)
+        got = compiled(x, q, scale)
+    assert_matches_int8_reference(got, x, q, scale)
 
 
 @pytest.mark.parametrize(
@@ -110,3 +153,16 @@ def test_compiled_layer_traces_whole_and_equals_eager(config, in_features):
         eager = model(x)
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
     assert torch.equal(compiled, eager)
+
+
+def test_compiled_int8_layer_at_one_row_traces_whole():
+    """A batch-1 step: the one-row form inside a whole graph, close to the eager layer
+    (which rounds activations to bfloat16 for the packed op)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48), nn.SiLU(), nn.Linear(48, 32))
+    quantize_(model, Int8WeightOnlyConfig())
+    x = torch.randn(1, 64)
+    with torch.inference_mode():
+        eager = model(x)
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2)

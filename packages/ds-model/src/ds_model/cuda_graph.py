@@ -30,6 +30,7 @@ import torch
 
 from ds_model.cache import StaticKVCache
 from ds_model.layout import input_major_weights
+from ds_model.matvec import MatVecLinears
 from ds_model.moe import RoutedExperts
 
 # Compiled steps after a generation's first skip torch.compile's guards: without that,
@@ -105,7 +106,7 @@ class GraphedDecoder:
         if capture is None:
             capture = model.device.type == "cuda"
         self.compiled = compile
-        self._run = torch.compile(self._forward, dynamic=False) if compile else self._forward
+        self._run = torch.compile(self._matvec_forward, dynamic=False) if compile else self._forward
         # A weak reference: generation keeps decoders in a WeakKeyDictionary keyed by
         # the model, which a strong one would keep alive forever.
         self._model = weakref.ref(model)
@@ -165,6 +166,10 @@ class GraphedDecoder:
             history=True,
         )
         return self.model.lm_head(hidden[:, -1])
+
+    def _matvec_forward(self) -> torch.Tensor:
+        with MatVecLinears():  # one-row 16-bit float linears as multiply-and-sum
+            return self._forward()
 
     def step(self, token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if self.cache.length >= self.capacity:

@@ -27,6 +27,7 @@ import torch
 
 from ds_model.cache import PagedKVCache, PagedWriter
 from ds_model.layout import input_major_weights
+from ds_model.matvec import MatVecLinears
 from ds_model.moe import RoutedExperts
 
 __all__ = ["DECODE_BUCKETS", "DecodeBuckets", "pick_bucket"]
@@ -88,7 +89,7 @@ class DecodeBuckets:
             )
         if self.device.type == "cpu" and mode == "compile":
             input_major_weights(model)  # faster few-row matmuls; see ds_model.layout
-        self._compiled = torch.compile(self._forward) if mode == "compile" else None
+        self._compiled = torch.compile(self._matvec_forward) if mode == "compile" else None
         self._graphs: dict[int, _Graph] = {}
         self._pool = None  # the captured graphs' shared memory pool (replays never overlap)
         # The captured steps' table spans the model's whole context.
@@ -167,6 +168,10 @@ class DecodeBuckets:
                 for t in inputs:
                     torch._dynamo.mark_dynamic(t, 0)
             return self._compiled(*inputs)
+
+    def _matvec_forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        with MatVecLinears():  # one-row 16-bit float linears as multiply-and-sum
+            return self._forward(*inputs)
 
     def _forward(self, ids, positions, slots, tables, context_lens) -> torch.Tensor:
         writer = PagedWriter(
