@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import ds_model
@@ -25,7 +22,7 @@ from hypothesis import strategies as st
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "ds-tiny-coder"
 sys.path.insert(0, str(MODEL / "recipe"))
-import evaluate_model  # noqa: E402  (the recipe's scorer: the model card's figures)
+import evaluate_model  # noqa: E402  (the recipe's scorer and ds-serve launcher)
 
 # The recipe measured 2.7379 nats/token on this sample (models/ds-tiny-coder/README.md);
 # a few percent of slack absorbs kernel and thread-count differences, not damage.
@@ -46,45 +43,13 @@ def test_heldout_loss_is_below_the_recipe_threshold():
     assert loss < HELDOUT_LOSS_LIMIT, f"held-out loss {loss:.4f} >= {HELDOUT_LOSS_LIMIT}"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def readme_server():
     """`ds-serve` with no model argument, from the repository root, as the README runs it."""
-    port = free_port()
-    command = [str(Path(sys.executable).parent / "ds-serve"), "--port", str(port)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("DS_SERVE_DEFAULT_MODEL", None)
-    proc = subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        import httpx
-
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"ds-serve exited with {proc.returncode}:\n{proc.stdout.read()}")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("ds-serve did not become healthy within 120 s")
-            time.sleep(0.5)
+    with evaluate_model.running_server([], cwd=ROOT, env=env) as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_ds_serve_serves_the_shipped_model_to_the_openai_client(readme_server):

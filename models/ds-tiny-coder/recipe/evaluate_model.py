@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -30,6 +31,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -100,14 +102,29 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(response.read())
 
 
-def serve(model: Path):
-    """Start `ds-serve MODEL` on a free port; returns (process, base URL) once healthy."""
+@contextlib.contextmanager
+def running_server(args: list[str], **popen_options) -> Iterator[str]:
+    """`ds-serve ARGS` on a free local port: yields its base URL once /health answers and
+    stops it on exit (SIGTERM, then SIGKILL after 30 s). ``popen_options`` (``cwd``,
+    ``env``) go to ``subprocess.Popen``."""
     port = _free_port()
-    command = [str(Path(sys.executable).parent / "ds-serve"), str(model), "--port", str(port)]
+    command = [str(Path(sys.executable).parent / "ds-serve"), *args, "--port", str(port)]
     # The server's log goes to a file: an unread pipe would fill and stall the server.
-    log = tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True)
-    base = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=log, text=True, **popen_options
+        )
+        try:
+            yield _wait_healthy(proc, f"http://127.0.0.1:{port}", log)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _wait_healthy(proc: subprocess.Popen, base: str, log) -> str:
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -115,17 +132,15 @@ def serve(model: Path):
             raise RuntimeError(f"ds-serve exited with {proc.returncode}: {log.read()}")
         try:
             with urllib.request.urlopen(f"{base}/health", timeout=2):
-                return proc, base
+                return base
         except (urllib.error.URLError, ConnectionError):
             time.sleep(0.5)
-    proc.kill()
     raise RuntimeError("ds-serve did not become healthy within 180 s")
 
 
 def pass_at_1(model: Path) -> list[dict]:
     """One greedy completion per problem through ds-serve, scored by its asserts."""
-    proc, base = serve(model)
-    try:
+    with running_server([str(model)]) as base:
         [served] = _get(f"{base}/v1/models")["data"]
 
         def complete(problem: dict) -> dict:
@@ -143,14 +158,7 @@ def pass_at_1(model: Path) -> list[dict]:
         # Concurrent requests: the server batches them; greedy decoding makes each
         # completion independent of what it is batched with.
         with ThreadPoolExecutor(CONCURRENT_REQUESTS) as pool:
-            results = list(pool.map(complete, PROBLEMS))
-        return results
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            return list(pool.map(complete, PROBLEMS))
 
 
 def _get(url: str) -> dict:

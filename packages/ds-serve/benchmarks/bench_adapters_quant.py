@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_serve import (
+from common import (
     SHAPE,
     build_checkpoint,
     free_port,

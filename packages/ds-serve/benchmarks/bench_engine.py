@@ -32,7 +32,8 @@ import time
 
 import ds_model
 import torch
-from ds_serve import SamplingParams, build_engine
+from common import stream_all
+from ds_serve import build_engine
 
 
 class TimedRunner:
@@ -52,19 +53,8 @@ class TimedRunner:
 async def engine_run(engine, prompts: list[list[int]], max_tokens: int):
     """All ``prompts`` at once: (total tokens/s, share of the wall time in runner.step,
     each request's tokens)."""
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     engine.runner.seconds = 0.0
-
-    async def one(request_id: str) -> list[int]:
-        tokens: list[int] = []
-        async for delta in engine.stream(request_id):
-            tokens.extend(delta.token_ids)
-        return tokens
-
-    start = time.perf_counter()
-    ids = [engine.submit(prompt, params) for prompt in prompts]
-    outputs = await asyncio.gather(*(one(i) for i in ids))
-    wall = time.perf_counter() - start
+    outputs, wall = await stream_all(engine, prompts, max_tokens)
     return sum(map(len, outputs)) / wall, engine.runner.seconds / wall, outputs
 
 

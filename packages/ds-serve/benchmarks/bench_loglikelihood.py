@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_serve import build_checkpoint, free_port, prompts, start_server
+from common import build_checkpoint, free_port, prompts, start_server
 
 MODES = {
     "plain completion (max_tokens 1)": {"max_tokens": 1},

@@ -21,10 +21,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from bench_serve import (
+from common import (
     build_checkpoint,
     engine_level,
     free_port,
+    in_process_engine,
     pct,
     prompts,
     run_level,
@@ -60,7 +61,6 @@ def main() -> None:
     torch.set_num_threads(1)
     intervals = [int(k) for k in args.intervals.split(",")]
     from ds_model import Tokenizer
-    from ds_serve import build_engine
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench-v3"
@@ -76,16 +76,7 @@ def main() -> None:
                 extra = (*compiled, "--stream-interval", str(k))
                 servers.append(start_server(path, port, 1, "cpu", extra))
                 urls[k] = f"http://127.0.0.1:{port}"
-            engine = build_engine(
-                path,
-                max_num_seqs=64,
-                max_num_batched_tokens=2048,
-                max_waiting=512,
-                kv_cache_memory=256 << 20,
-                dtype="float32",
-                device="cpu",
-                decode_steps="compile" if args.compile else None,
-            )
+            engine = in_process_engine(path, "cpu", args.compile)
             try:
                 rates, gaps = asyncio.run(measure(args, urls, engine, prompt_list, prompt_ids))
             finally:

@@ -39,15 +39,21 @@ import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from bench_serve import free_port, write_stdlib_tokenizer
-from bench_serve import prompts as prompt_texts
+from common import (
+    MAX_NUM_BATCHED_TOKENS,
+    MAX_NUM_SEQS,
+    free_port,
+    in_process_engine,
+    start_server,
+    stream_all,
+    write_stdlib_tokenizer,
+)
+from common import prompts as prompt_texts
 
 SHAPES = {
     # ~85M parameters: DeepSeek-LLM's layout (llama, GQA 3:1) at GPT-2-small width.
@@ -68,7 +74,7 @@ SHAPES = {
     },
 }
 VOCAB = 4096
-MAX_NUM_SEQS, MAX_BATCHED_TOKENS, BLOCK_SIZE, KV_MEMORY = 64, 2048, 16, 256 << 20
+BLOCK_SIZE = 16
 
 
 def build_checkpoint(path: Path, shape: dict) -> int:
@@ -106,7 +112,7 @@ def start_transformers(path: Path, num_blocks: int, max_tokens: int):
     batching = ContinuousBatchingConfig(
         page_size=BLOCK_SIZE,
         num_blocks=num_blocks,
-        max_batch_tokens=MAX_BATCHED_TOKENS,
+        max_batch_tokens=MAX_NUM_BATCHED_TOKENS,
         max_requests_per_batch=MAX_NUM_SEQS,
     )
     manager = model.init_continuous_batching(
@@ -137,57 +143,10 @@ def transformers_run(manager, prompts: list[list[int]], max_tokens: int):
 # ---- ds-serve: in-process engine and HTTP server -------------------------------------------
 
 
-def build_ds_engine(path: Path, compiled: bool):
-    from ds_serve import build_engine
-
-    return build_engine(
-        path,
-        max_num_seqs=MAX_NUM_SEQS,
-        max_num_batched_tokens=MAX_BATCHED_TOKENS,
-        max_waiting=512,
-        block_size=BLOCK_SIZE,
-        kv_cache_memory=KV_MEMORY,
-        dtype="float32",
-        device="cpu",
-        decode_steps="compile" if compiled else None,
-    )
-
-
 async def engine_run(engine, prompts: list[list[int]], max_tokens: int):
-    from ds_serve import SamplingParams
-
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-
-    async def one(request_id: str) -> list[int]:
-        tokens: list[int] = []
-        async for delta in engine.stream(request_id):
-            tokens.extend(delta.token_ids)
-        return tokens
-
-    start = time.perf_counter()
-    ids = [engine.submit(prompt, params) for prompt in prompts]
-    outputs = await asyncio.gather(*(one(i) for i in ids))
-    return sum(map(len, outputs)) / (time.perf_counter() - start), list(outputs)
-
-
-def start_server(path: Path, port: int, threads: int) -> subprocess.Popen:
-    import httpx
-
-    cmd = [sys.executable, "-m", "ds_serve.cli", str(path), "--port", str(port)]
-    cmd += ["--max-num-seqs", str(MAX_NUM_SEQS), "--max-num-batched-tokens"]
-    cmd += [str(MAX_BATCHED_TOKENS), "--max-waiting", "512", "--block-size", str(BLOCK_SIZE)]
-    cmd += ["--kv-cache-memory", f"{KV_MEMORY >> 20}MiB", "--dtype", "float32"]
-    cmd += ["--device", "cpu", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("ds-serve did not come up")
+    """(output tokens/s, generated ids per prompt) of all ``prompts`` at once."""
+    outputs, wall = await stream_all(engine, prompts, max_tokens)
+    return sum(map(len, outputs)) / wall, outputs
 
 
 async def server_run(url: str, prompts: list[str], max_tokens: int) -> float:
@@ -224,7 +183,7 @@ def transformers_on_deepseek_v3() -> str:
     """Whether transformers' continuous batching runs the DeepSeek-V3 shape of the other
     ds-serve tables (MLA) on this device: its two greedy requests' outcome, or the error."""
     import transformers
-    from bench_serve import SHAPE
+    from common import SHAPE
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
     torch.manual_seed(0)
@@ -258,15 +217,18 @@ async def measure(args, path: Path, levels: list[int]) -> tuple[dict, dict, int]
     texts = prompt_texts(tokenizer, max(levels), args.prompt_len)
     prompts = [tokenizer.encode(t) for t in texts]
     loop = asyncio.get_running_loop()
-    engines = {"eager": build_ds_engine(path, compiled=False)}
+    engines = {"eager": in_process_engine(path, "cpu", compiled=False, block_size=BLOCK_SIZE)}
     if not args.no_compile:
-        engines["compiled"] = build_ds_engine(path, compiled=True)
+        engines["compiled"] = in_process_engine(path, "cpu", compiled=True, block_size=BLOCK_SIZE)
     for engine in engines.values():
         engine.start(loop)
     num_blocks = engines["eager"].runner.num_blocks
     manager = start_transformers(path, num_blocks, args.max_tokens)
     port = free_port()
-    server = start_server(path, port, args.threads)
+    # A longer wait than start_server's default: the 100m shape's checkpoint loads slower.
+    server = start_server(
+        path, port, args.threads, "cpu", ("--block-size", str(BLOCK_SIZE)), ready_timeout=300
+    )
     url = f"http://127.0.0.1:{port}"
     rates: dict[tuple[str, int], list[float]] = {}
     same: dict[tuple[str, int], float] = {}
@@ -350,7 +312,7 @@ def main() -> None:
         f"median of {args.repeats}"
     )
     print(
-        f"batching, both sides: {MAX_NUM_SEQS} sequences and {MAX_BATCHED_TOKENS} tokens per "
+        f"batching, both sides: {MAX_NUM_SEQS} sequences and {MAX_NUM_BATCHED_TOKENS} tokens per "
         f"step, {BLOCK_SIZE}-token blocks, {num_blocks} blocks; transformers: "
         f"init_continuous_batching, attn_implementation='sdpa'"
     )
