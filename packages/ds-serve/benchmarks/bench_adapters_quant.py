@@ -7,7 +7,11 @@ DeepSeek-V3-shaped checkpoint as bench_serve.py, in one run:
   model (each step still names a ``None`` adapter per row: the mixed-adapter path);
 - ``lora, mixed``: requests round-robin over the base model and the 4 adapters, so every
   batch mixes five models;
+- ``bf16``: no adapters, ``--dtype bfloat16``;
 - ``int8`` / ``int4``: no adapters, ``--quantization int8`` / ``int4``.
+
+``--compile`` starts every server with ``--compile`` (decode steps through
+``torch.compile``, built before the server listens).
 
 Adapters: rank 16, random non-zero B, on every linear layer but kv_b_proj (the numbers
 in docs/benchmarks.md were taken that way, when ds-model's runner could not yet mix
@@ -90,6 +94,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--modes", default=None, help="comma-separated subset, plain first")
+    parser.add_argument("--compile", action="store_true", help="serve with --compile")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     levels = [int(x) for x in args.levels.split(",")]
@@ -104,13 +109,17 @@ def main() -> None:
             "plain": ([], (None,)),
             "lora, base only": (lora_flags, (None,)),
             "lora, mixed": (lora_flags, (None, *ADAPTERS)),
+            "bf16": (["--dtype", "bfloat16"], (None,)),
             "int8": (["--quantization", "int8"], (None,)),
             "int4": (["--quantization", "int4"], (None,)),
         }
         if args.modes:
             modes = {mode: modes[mode] for mode in ["plain", *args.modes.split(",")]}
+        compile_flag = ["--compile"] if args.compile else []
         results = {
-            mode: measure(path, free_port(), args, extra, models, prompt_list, levels)
+            mode: measure(
+                path, free_port(), args, [*extra, *compile_flag], models, prompt_list, levels
+            )
             for mode, (extra, models) in modes.items()
         }
 
@@ -121,7 +130,8 @@ def main() -> None:
     print(
         f"model: random DeepSeek-V3-shaped ({SHAPE['hidden_size']} hidden, "
         f"{SHAPE['num_hidden_layers']} layers), fp32 activations; prompts ~{args.prompt_len} "
-        f"tokens, {args.max_tokens} output tokens, greedy; median of {args.repeats}\n"
+        f"tokens, {args.max_tokens} output tokens, greedy; median of {args.repeats}; "
+        f"decode steps {'compiled' if args.compile else 'eager'}\n"
     )
     print("| mode | clients | output tok/s | vs plain | ITL p50 (ms) |")
     print("|---|---|---|---|---|")

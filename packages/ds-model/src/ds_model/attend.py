@@ -135,7 +135,7 @@ def attend(
     # it has no varlen form and ds-attention (causal / window / block / varlen masks
     # only) cannot express it: torch's SDPA runs it, with causality and any window
     # already folded in by the caller (``window`` is ignored here).
-    if q.shape[1] == 1 and q.is_cpu and q.dtype in (torch.bfloat16, torch.float16):
+    if q.shape[1] == 1 and q.is_cpu and _products_beat_sdpa(q.dtype):
         return _one_query_float32(q, k, v, mask, softmax_scale)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
@@ -148,11 +148,21 @@ def attend(
     return out.transpose(1, 2)
 
 
+def _products_beat_sdpa(dtype: torch.dtype) -> bool:
+    # One query on CPU (one thread, AVX-512 host, 12 heads of 64 over 256 keys): bf16 /
+    # fp16 SDPA 3.2 ms against 0.5 ms for the products, eager or compiled; float32 SDPA
+    # 90 us against 60 us compiled (1.1-1.8x at batch 8), but 71 against 90 us eagerly
+    # (0.17x at batch 8), so float32 takes the products only where a compiled step fuses
+    # them.
+    if dtype in (torch.bfloat16, torch.float16):
+        return True
+    return dtype == torch.float32 and torch.compiler.is_compiling()
+
+
 def _one_query_float32(q, k, v, mask: torch.Tensor, softmax_scale: float) -> torch.Tensor:
-    """One query per row over a masked cache (the fixed-shape decode step) in bf16/fp16
-    on CPU, as two float32 products: torch's CPU SDPA took 3.2 ms for one bf16 query
-    over 256 keys (12 heads of 64, one thread, AVX-512 host), this form 0.5 ms eagerly,
-    and a compiled step fuses its casts, mask and softmax. ``q`` (batch, 1, heads, d),
+    """One query per row over a masked cache (the fixed-shape decode step) on CPU, as two
+    float32 products (``_products_beat_sdpa`` says when); a compiled step fuses their
+    casts, mask and softmax. ``q`` (batch, 1, heads, d),
     ``k`` / ``v`` (batch, keys, kv_heads, d), ``mask`` bool broadcastable to (batch, 1,
     1, keys); returns (batch, 1, heads, dv) in ``q.dtype``."""
     batch, _, heads, dim = q.shape

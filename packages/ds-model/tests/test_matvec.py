@@ -1,0 +1,91 @@
+"""One-row 16-bit float linears as multiply-and-sum inside compiled CPU steps
+(``ds_model.matvec``): equal to ``F.linear`` within the output's rounding, only where
+they apply, and traced whole."""
+
+import ds_model.matvec
+import pytest
+import torch
+import torch.nn.functional as F
+from ds_model.matvec import MatVecLinears, matvec_linear
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+
+def within_output_rounding(got: torch.Tensor, x, weight, bias) -> None:
+    want = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    bound = x.float().abs() @ weight.float().abs().t() * 1e-5 + want.abs() * 2**-7 + 1e-6
+    assert got.dtype == x.dtype and got.shape == want.shape
+    assert ((got.float() - want).abs() <= bound).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    lead=st.sampled_from([(1,), (1, 1), (1, 1, 1)]),
+    in_features=st.integers(1, 70),
+    out_features=st.integers(1, 40),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
+    with_bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_matvec_linear_equals_linear(lead, in_features, out_features, dtype, with_bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, in_features, generator=g).to(dtype)
+    weight = torch.randn(out_features, in_features, generator=g).to(dtype)
+    bias = torch.randn(out_features, generator=g).to(dtype) if with_bias else None
+    within_output_rounding(matvec_linear(x, weight, bias), x, weight, bias)
+
+
+@pytest.mark.parametrize(
+    "rows,dtype,row_major,rewritten",
+    [
+        (1, torch.bfloat16, True, True),
+        (1, torch.float16, True, True),
+        (1, torch.float32, True, False),  # float32 keeps the matmul
+        (3, torch.bfloat16, True, False),  # more rows keep it
+        (1, torch.bfloat16, False, False),  # an input-major weight keeps it
+    ],
+)
+def test_mode_rewrites_only_one_row_of_row_major_16_bit_weights(
+    rows, dtype, row_major, rewritten, monkeypatch
+):
+    torch.manual_seed(0)
+    layer = nn.Linear(32, 24).to(dtype)
+    if not row_major:
+        layer.weight.data = layer.weight.data.t().contiguous().t()
+    x = torch.randn(rows, 32).to(dtype)
+    calls = []
+
+    def spy(*args):
+        calls.append(args)
+        return matvec_linear(*args)
+
+    monkeypatch.setattr(ds_model.matvec, "matvec_linear", spy)
+    with torch.no_grad(), MatVecLinears():
+        got = layer(x)
+    assert bool(calls) == rewritten
+    with torch.no_grad():
+        if rewritten:
+            within_output_rounding(got, x, layer.weight, layer.bias)
+        else:
+            assert torch.equal(got, layer(x))
+
+
+def test_compiled_step_traces_whole_with_the_mode_and_keeps_dynamic_batches():
+    """Inside torch.compile (fullgraph: a graph break is an error) at one row, and at a
+    dynamic batch size, where the mode must not specialise on the symbolic size."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(48, 64), nn.SiLU(), nn.Linear(64, 16)).bfloat16()
+
+    def step(x):
+        with MatVecLinears():
+            return model(x)
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    with torch.inference_mode():
+        one = torch.randn(1, 1, 48).bfloat16()
+        torch.testing.assert_close(compiled(one), model(one), rtol=2e-2, atol=2e-2)
+        dynamic = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=True)
+        for rows in (2, 5):
+            x = torch.randn(rows, 1, 48).bfloat16()
+            assert torch.equal(dynamic(x), model(x))
