@@ -129,7 +129,7 @@ def main() -> None:
     )
     print(
         f"model: random DeepSeek-V3-shaped ({SHAPE['hidden_size']} hidden, "
-        f"{SHAPE['num_hidden_layers']} layers), fp32 activations; prompts ~{args.prompt_len} "
+        f"{SHAPE['num_hidden_layers']} layers), activations in each mode's dtype; prompts ~{args.prompt_len} "
         f"tokens, {args.max_tokens} output tokens, greedy; median of {args.repeats}; "
         f"decode steps {'compiled' if args.compile else 'eager'}\n"
     )
