@@ -142,9 +142,9 @@ def paged_decode_torch(
     q, k_cache, v_cache, block_table, context_lens, scale: float, lens_range, v_head_dim=None
 ):
     """The block-table-aware torch path (the CPU default): each sequence's live pages,
-    and only those (the table is cut at the longest context), are copied once into
-    (batch, pages * block_size) keys, with a key-padding mask only when some sequence
-    is shorter than the copied span. Float32 with a ``v_cache`` (MHA/GQA), outside
+    and only those (the table is cut at the longest context), are copied once; the
+    keys are cut at the longest context, with a key-padding mask only when some
+    sequence is shorter (a batch of equal contexts, one client, needs none). Float32 with a ``v_cache`` (MHA/GQA), outside
     ``torch.compile``: one SDPA call reads the copied pages through strides, query heads
     grouped over their kv head (``enable_gqa``), with no per-head copy of K/V. Otherwise
     the query heads of each kv head are the rows of one batched matmul over per-head
@@ -172,14 +172,17 @@ def paged_decode_torch(
     groups = heads // kv_heads
     # (batch * kv_heads, groups, d) query rows against (batch * kv_heads, span, d) keys:
     # views when kv_heads is 1 (MLA), one copy of the gathered pages otherwise.
-    k = _gather_pages(k_cache, blocks).view(batch, pages * page, kv_heads, d_qk)[:, :span]
+    # narrow rather than [] indexing: a few microseconds less per call, once per layer.
+    k = _gather_pages(k_cache, blocks).view(batch, pages * page, kv_heads, d_qk)
+    k = k.narrow(1, 0, span)
     if kv_heads > 1:
         k = k.transpose(1, 2)
     k = k.reshape(batch * kv_heads, span, d_qk)
     if v_cache is None:
-        v = k[..., :d_v]
+        v = k.narrow(2, 0, d_v)
     else:
-        v = _gather_pages(v_cache, blocks).view(batch, pages * page, kv_heads, d_v)[:, :span]
+        v = _gather_pages(v_cache, blocks).view(batch, pages * page, kv_heads, d_v)
+        v = v.narrow(1, 0, span)
         v = (v.transpose(1, 2) if kv_heads > 1 else v).reshape(batch * kv_heads, span, d_v)
     q = (q * scale).view(batch * kv_heads, groups, d_qk)
     scores = torch.bmm(q, k.transpose(1, 2)).view(batch, kv_heads, groups, span)
@@ -205,8 +208,8 @@ def _paged_decode_sdpa(q, k_cache, v_cache, blocks, context_lens, scale, span, s
     batch, heads, d_qk = q.shape
     kv_heads, d_v = k_cache.shape[2], v_cache.shape[3]
     width = blocks.shape[0] // batch * k_cache.shape[1]
-    k = _gather_pages(k_cache, blocks).view(batch, width, kv_heads, d_qk)[:, :span]
-    v = _gather_pages(v_cache, blocks).view(batch, width, kv_heads, d_v)[:, :span]
+    k = _gather_pages(k_cache, blocks).view(batch, width, kv_heads, d_qk).narrow(1, 0, span)
+    v = _gather_pages(v_cache, blocks).view(batch, width, kv_heads, d_v).narrow(1, 0, span)
     k, v = k.transpose(1, 2), v.transpose(1, 2)
     mask = None
     if shortest < span:
