@@ -261,8 +261,9 @@ class ModelRunner:
         Sequences ``[0, num_decode)`` are decode rows.
 
         Every index tensor of the step is a view of one of two tensors (int64 and int32)
-        built from one flat list each: a ``torch.tensor`` call per index costs more than
-        the batch-1 attention it feeds (and one host-to-device copy each on CUDA)."""
+        built from one flat list each: two ``torch.tensor`` calls (two host-to-device
+        copies on CUDA) per step instead of one per index. The decode rows' shortest and
+        longest context go to the writer as ints, so no layer reads them back."""
         dev, bs = self.device, self.block_size
         flat_tokens: list[int] = []
         flat_pos: list[int] = []

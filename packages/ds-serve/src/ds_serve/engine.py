@@ -461,7 +461,7 @@ class Engine:
             sampling = [self._tracked[batch.scheduled[i].request_id] for i in rows]
             params = [t.params for t in sampling]
             repetition = any(p.repetition_penalty != 1.0 for p in params)
-            # Every row samples in a decode-only step: no copy of the logits then.
+            # When every row samples (a decode-only step), the logits need no copy.
             picked = logits if len(rows) == logits.shape[0] else logits[rows]
             result = sample(
                 picked,
