@@ -190,3 +190,44 @@ def test_float32_grouped_decode_on_cpu_matches_the_reference(lens, kv_heads, gro
     want = paged_decode_attention(q, kc, vc, table, lens_t, softmax_scale=0.3, backend="reference")
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert torch.all(got[lens_t == 0] == 0)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    lens=st.lists(st.integers(0, 50), min_size=1, max_size=4),
+    equal=st.booleans(),
+    shared=st.booleans(),
+    page=st.sampled_from([4, 16]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_host_context_range_gives_the_same_attention(lens, equal, shared, page, dtype, seed):
+    """``context_range`` (the lengths' bounds from the caller, no read of context_lens)
+    gives what reading ``context_lens`` gives, equal to the reference, for batches of
+    equal contexts (no key mask) and mixed ones, GQA and MLA's shared latent."""
+    if equal:
+        lens = [lens[0]] * len(lens)
+    if shared:
+        q, kc, table, lens_t, _ = shared_latent_problem(lens, 4, 16, 8, page, dtype, seed)
+        vc, extra = None, {"v_head_dim": 16}
+    else:
+        q, kc, vc, table, lens_t, _ = paged_problem(
+            lens, 4, 2, 16, 16, page, dtype, seed=seed, device="cpu"
+        )
+        extra = {}
+    args = (q.cpu(), kc.cpu(), None if vc is None else vc.cpu(), table.cpu(), lens_t.cpu())
+    read = paged_decode_attention(*args, softmax_scale=0.3, backend="torch", **extra)
+    ranged = paged_decode_attention(
+        *args, softmax_scale=0.3, backend="torch", context_range=(min(lens), max(lens)), **extra
+    )
+    want = paged_decode_attention(*args, softmax_scale=0.3, backend="reference", **extra)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(ranged, read, atol=0, rtol=0)
+    torch.testing.assert_close(ranged.float(), want.float(), atol=tol, rtol=0)
+
+
+def test_context_range_bad_input():
+    q, kc, vc, table, lens_t, _ = paged_problem([5, 20], 4, 2, 16, 16, 16, torch.float32)
+    for bad in [(5,), (5.0, 20), (20, 5), (-1, 20), (5, 33), [5, 20], (True, 20)]:
+        with pytest.raises(ValueError, match=r"context_range must be a tuple of two ints"):
+            paged_decode_attention(q, kc, vc, table, lens_t, context_range=bad)

@@ -71,11 +71,14 @@ def paged_decode(
     softmax_scale: float,
     v_head_dim: int | None = None,
     backend: str | None = None,
+    context_range: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """One query token per sequence over the paged pool, read in place through the block
     table: ds-attention's ``paged_decode_attention``. ``q``: (batch, heads, d_qk);
     ``k_pages``/``v_pages``: (num_blocks, block_size, kv_heads, d) -> (batch, heads, d_v).
-    ``v_pages=None``: values are the first ``v_head_dim`` channels of the keys (MLA)."""
+    ``v_pages=None``: values are the first ``v_head_dim`` channels of the keys (MLA).
+    ``context_range``: the step's (shortest, longest) context on the host, so no layer
+    reads ``context_lens`` back."""
     return ds_attention.paged_decode_attention(
         q,
         k_pages,
@@ -85,6 +88,7 @@ def paged_decode(
         softmax_scale=softmax_scale,
         backend=_PAGED_BACKENDS[backend],
         v_head_dim=v_head_dim,
+        context_range=context_range,
     )
 
 

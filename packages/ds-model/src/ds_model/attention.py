@@ -92,6 +92,7 @@ class Attention(nn.Module):
                 cache.block_tables,
                 cache.context_lens,
                 softmax_scale=self.softmax_scale,
+                context_range=cache.context_range,
                 backend=ctx.backend,
             )
             outs.append(out.to(q.dtype).unsqueeze(1))

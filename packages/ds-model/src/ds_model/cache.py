@@ -134,6 +134,9 @@ class PagedWriter:
     sequence's context, sequence after sequence; ``prefill_cu_seqlens`` (cu_q, cu_k):
     the prefill rows' varlen boundaries; ``prefill_history``: whether any prefill
     sequence has cached tokens before its new ones (a chunked prefill).
+    ``context_range``: the decode rows' (shortest, longest) context as Python ints, when
+    the step was built from host values: every layer's paged decode uses it instead of
+    reading ``context_lens`` back (``None`` in a compiled or captured step).
     """
 
     def __init__(
@@ -146,12 +149,14 @@ class PagedWriter:
         context_lens: torch.Tensor | None = None,
         prefill_cu_seqlens: tuple[torch.Tensor, torch.Tensor] | None = None,
         prefill_history: bool = False,
+        context_range: tuple[int, int] | None = None,
     ) -> None:
         self.cache, self.write_slots, self.read_slots = cache, write_slots, read_slots
         self.block_tables, self.context_lens = block_tables, context_lens
         self.num_decode = 0 if context_lens is None else int(context_lens.shape[0])
         self.prefill_cu_seqlens = prefill_cu_seqlens
         self.prefill_history = prefill_history
+        self.context_range = context_range
 
     def write(self, layer_idx: int, new: list[torch.Tensor]) -> None:
         """Store the new rows' entries (N, 1, ...) each in their slots."""

@@ -166,6 +166,7 @@ class MLAttention(nn.Module):
             cache.block_tables,
             cache.context_lens,
             softmax_scale=self.softmax_scale,
+            context_range=cache.context_range,
             v_head_dim=self.kv_lora_rank,
             backend=backend,
         )  # (n, h, r)

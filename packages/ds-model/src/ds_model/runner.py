@@ -24,6 +24,7 @@ the sequences were given.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -191,14 +192,10 @@ class ModelRunner:
             block_tables = [block_tables[s] for s in order]
             if adapters is not None and len(adapters) == n_seqs:
                 adapters = [adapters[s] for s in order]
-        writer, flat_tokens, flat_pos, new_lens, ctx_lens = self._writer(
+        writer, ids, pos, (cu_q, cu_k), new_lens, ctx_lens = self._writer(
             token_ids, positions, block_tables, len(decode)
         )
         dev = self.device
-        cu_q = torch.tensor([0, *_cumsum(new_lens)], dtype=torch.int32, device=dev)
-        cu_k = torch.tensor([0, *_cumsum(ctx_lens)], dtype=torch.int32, device=dev)
-        ids = torch.tensor(flat_tokens, dtype=torch.long, device=dev)[:, None]
-        pos = torch.tensor(flat_pos, dtype=torch.long, device=dev)[:, None]
         # kv_b_proj's context rows are the gathered contexts: the prefill sequences'.
         token_rows, seq_rows, context_rows = self._adapter_rows(
             adapters, new_lens, ctx_lens[len(decode) :], len(decode)
@@ -259,8 +256,14 @@ class ModelRunner:
         return list(self.model.model.layers) if self.config.is_mla else []
 
     def _writer(self, token_ids, positions, block_tables, num_decode: int):
-        """The step's ``PagedWriter`` and its packed rows: tokens, positions, new and
-        context lengths per sequence. Sequences ``[0, num_decode)`` are decode rows."""
+        """The step's ``PagedWriter`` and its packed rows: token ids and positions (N, 1),
+        the varlen boundaries (cu_q, cu_k), new and context lengths per sequence.
+        Sequences ``[0, num_decode)`` are decode rows.
+
+        Every index tensor of the step is a view of one of two tensors (int64 and int32)
+        built from one flat list each: two ``torch.tensor`` calls (two host-to-device
+        copies on CUDA) per step instead of one per index. The decode rows' shortest and
+        longest context go to the writer as ints, so no layer reads them back."""
         dev, bs = self.device, self.block_size
         flat_tokens: list[int] = []
         flat_pos: list[int] = []
@@ -275,37 +278,53 @@ class ModelRunner:
             p, table = positions[s], block_tables[s]
             decode_slots.append(table[p // bs] * bs + p % bs)
             widths.append(-(-ctx_lens[s] // bs))
-        write = [torch.tensor(decode_slots, dtype=torch.long, device=dev)]
+        width = max(widths, default=0)
+        table_rows: list[int] = []
+        for s, w in enumerate(widths):
+            table_rows.extend(block_tables[s][:w])
+            table_rows.extend([0] * (width - w))
+        # int32 block tables for the Triton kernel; the CPU torch path indexes with
+        # int64, so it gets int64 here rather than converting once per layer.
+        tables_int32 = dev.type == "cuda"
+        prefill_new, prefill_ctx = new_lens[num_decode:], ctx_lens[num_decode:]
+        longs = [flat_tokens, flat_pos, decode_slots, [] if tables_int32 else table_rows]
+        ints = [
+            [0, *_cumsum(new_lens)],
+            [0, *_cumsum(ctx_lens)],
+            ctx_lens[:num_decode],
+            [0, *_cumsum(prefill_new)] if prefill_new else [],
+            [0, *_cumsum(prefill_ctx)] if prefill_ctx else [],
+            table_rows if tables_int32 else [],
+        ]
+        ids, pos, decode_write, cpu_tables = _views(longs, torch.long, dev)
+        cu_q, cu_k, decode_lens, prefill_cu_q, prefill_cu_k, cuda_tables = _views(
+            ints, torch.int32, dev
+        )
+        write = [decode_write]
         read = []
         for s in range(num_decode, len(token_ids)):
             blocks = torch.as_tensor(list(block_tables[s]), dtype=torch.long, device=dev)
             slots = (blocks[:, None] * bs + self._offsets).reshape(-1)
             read.append(slots[: ctx_lens[s]])
             write.append(slots[positions[s] : ctx_lens[s]])
-        decode_tables = decode_lens = prefill_cu = None
+        decode_tables = context_lens = prefill_cu = context_range = None
         if num_decode:
-            width = max(widths)
-            rows = [list(block_tables[s][:w]) + [0] * (width - w) for s, w in enumerate(widths)]
-            # int32 for the Triton kernel; the CPU torch path indexes with int64, so it
-            # gets int64 here rather than converting once per layer.
-            index = torch.int32 if dev.type == "cuda" else torch.long
-            decode_tables = torch.tensor(rows, dtype=index, device=dev)
-            decode_lens = torch.tensor(ctx_lens[:num_decode], dtype=torch.int32, device=dev)
+            decode_tables = (cuda_tables if tables_int32 else cpu_tables).view(num_decode, width)
+            context_lens = decode_lens
+            context_range = (min(ctx_lens[:num_decode]), max(ctx_lens[:num_decode]))
         if num_decode < len(token_ids):
-            prefill_cu = (
-                torch.tensor([0, *_cumsum(new_lens[num_decode:])], dtype=torch.int32, device=dev),
-                torch.tensor([0, *_cumsum(ctx_lens[num_decode:])], dtype=torch.int32, device=dev),
-            )
+            prefill_cu = (prefill_cu_q, prefill_cu_k)
         writer = PagedWriter(
             self.cache,
             torch.cat(write) if len(write) > 1 else write[0],
             torch.cat(read) if read else write[0][:0],
             block_tables=decode_tables,
-            context_lens=decode_lens,
+            context_lens=context_lens,
             prefill_cu_seqlens=prefill_cu,
             prefill_history=any(p > 0 for p in positions[num_decode:]),
+            context_range=context_range,
         )
-        return writer, flat_tokens, flat_pos, new_lens, ctx_lens
+        return writer, ids[:, None], pos[:, None], (cu_q, cu_k), new_lens, ctx_lens
 
     def _adapter_rows(self, adapters, new_lens: list[int], ctx_lens: list[int], skip: int):
         """Context managers giving each new-token row, each sequence row, and each context
@@ -365,6 +384,12 @@ class ModelRunner:
         vocab = self.config.vocab_size
         if any(not 0 <= t < vocab for t in toks):
             raise ValueError(f"sequence {s}: token ids must be in [0, {vocab})")
+
+
+def _views(parts: list[list[int]], dtype: torch.dtype, device: torch.device):
+    """One tensor of ``dtype`` from the concatenated ``parts``; a view per part."""
+    flat = list(itertools.chain.from_iterable(parts))
+    return torch.tensor(flat, dtype=dtype, device=device).split_with_sizes([len(p) for p in parts])
 
 
 def _cumsum(values: list[int]) -> list[int]:

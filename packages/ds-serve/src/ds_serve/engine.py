@@ -461,8 +461,10 @@ class Engine:
             sampling = [self._tracked[batch.scheduled[i].request_id] for i in rows]
             params = [t.params for t in sampling]
             repetition = any(p.repetition_penalty != 1.0 for p in params)
+            # When every row samples (a decode-only step), the logits need no copy.
+            picked = logits if len(rows) == logits.shape[0] else logits[rows]
             result = sample(
-                logits[rows],
+                picked,
                 params,
                 output_ids=[t.output_ids for t in sampling],
                 prompt_ids=[t.prompt_ids for t in sampling] if repetition else None,
