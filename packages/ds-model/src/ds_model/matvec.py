@@ -32,7 +32,11 @@ def matvec_linear(
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for one row ``x`` (..., in), as a multiply and a sum
     in float32, returned in ``x.dtype``."""
-    y = (x.reshape(1, weight.shape[1]).float() * weight.float()).sum(-1)
+    # as_strided needs a buffer, so inductor stores the row once instead of inlining its
+    # producer (an RMSNorm's square root) into every weight row's loop: 2.5x slower.
+    row = x.reshape(1, weight.shape[1]).float()
+    row = torch.as_strided(row, row.shape, row.stride())
+    y = (row * weight.float()).sum(-1)
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
