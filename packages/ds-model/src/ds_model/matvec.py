@@ -5,11 +5,12 @@ weights' bytes. torch's CPU matmul for a bfloat16 weight (oneDNN) reads them wel
 the memory bandwidth at one row; written as ``(x * w).sum(-1)``, inductor compiles the
 product into one vectorized loop that widens each weight element to float32 as it reads
 it and accumulates in float32. Measured on the AVX-512 host (one thread, compiled
-steps of 20-40 distinct layers, weights out of cache, other work on the cores): bfloat16
-(768..32000, 768..2048) weights 1.2-2.1x faster than the matmul. float32 weights keep
-the matmul (MKL reads them as fast, and the compiled CPU step stores them input-major,
-where a per-row sum is slower); more rows keep it too (it reads the weight once for
-all rows). ds-quant's INT8 layers make the same choice for their int8 weights.
+steps of 20-40 distinct layers, weights out of cache): bfloat16 (768..32000, 768..2048)
+weights 1.2-2.1x faster than the matmul; whole compiled bf16 steps at batch 1 1.4-1.9x
+faster (docs/benchmarks.md, "CPU decode by weight format"). float32 weights keep the
+matmul (MKL reads them as fast, and the compiled CPU step stores them input-major, where
+a per-row sum is slower); more rows keep it too (it reads the weight once for all
+rows). ds-quant's INT8 layers make the same choice for their int8 weights.
 
 ``MatVecLinears`` is a ``TorchFunctionMode`` entered inside the compiled step: it
 rewrites ``F.linear`` while torch.compile traces and costs nothing at run time (eagerly,
