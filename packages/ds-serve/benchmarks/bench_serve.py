@@ -6,7 +6,9 @@ The server runs as a subprocess (``python -m ds_serve.cli``) so that clients and
 do not share a GIL; clients are asyncio + httpx streams. Per level: output tokens/s
 (completion tokens from ``usage`` over wall time), time to first token p50/p99 and
 inter-token latency p50/p99 (gaps between streamed chunks). Greedy decoding everywhere,
-so every mode does the same work. Each figure is the median of ``--repeats`` runs.
+so every mode does the same work. Each figure is the median of ``--repeats`` runs; the
+sequential baselines run ``--repeats`` times before the servers and again after them,
+and the ratios are against the median of all those runs.
 
     OMP_NUM_THREADS=1 uv run --frozen python packages/ds-serve/benchmarks/bench_serve.py
 
@@ -74,6 +76,27 @@ def sequential_transformers(path, prompt_list, max_tokens, tokenizer, device):
     return tokens / (time.perf_counter() - start)
 
 
+def sequential_baselines(args, path, base, tokenizer) -> tuple[list[float], ...]:
+    """``--repeats`` runs of each sequential baseline (output tokens/s): ds_model
+    ``generate``, ``generate(compile=True)`` with ``--compile``, and transformers unless
+    ``--no-transformers``; an empty list for a baseline not run."""
+    repeats = range(args.repeats)
+    ds = [sequential_ds_model(path, base, args.max_tokens, args.device) for _ in repeats]
+    compiled = []
+    if args.compile:
+        compiled = [
+            sequential_ds_model(path, base, args.max_tokens, args.device, compile=True)
+            for _ in repeats
+        ]
+    hf = []
+    if not args.no_transformers:
+        hf = [
+            sequential_transformers(path, base, args.max_tokens, tokenizer, args.device)
+            for _ in repeats
+        ]
+    return ds, compiled, hf
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--levels", default="1,8,32,64")
@@ -112,22 +135,7 @@ def main() -> None:
         prompt_list = prompts(tokenizer, 128, args.prompt_len)
         prompt_ids = [tokenizer.encode(p) for p in prompt_list]
         base = prompt_list[: args.baseline_requests]
-        ds_tps = statistics.median(
-            sequential_ds_model(path, base, args.max_tokens, args.device)
-            for _ in range(args.repeats)
-        )
-        compiled_tps = None
-        if args.compile:
-            compiled_tps = statistics.median(
-                sequential_ds_model(path, base, args.max_tokens, args.device, compile=True)
-                for _ in range(args.repeats)
-            )
-        hf_tps = None
-        if not args.no_transformers:
-            hf_tps = statistics.median(
-                sequential_transformers(path, base, args.max_tokens, tokenizer, args.device)
-                for _ in range(args.repeats)
-            )
+        before = sequential_baselines(args, path, base, tokenizer)
         engine = None
         if args.in_process:
             engine = in_process_engine(path, args.device, args.compile)
@@ -143,6 +151,13 @@ def main() -> None:
             server.wait(timeout=60)
             if engine is not None:
                 engine.shutdown()
+        # The same baselines again after the servers: on a shared host the machine's speed
+        # drifts over a run (a 1.7x swing of the sequential baseline between two runs of
+        # this script 20 minutes apart), so each ratio is against the median of both.
+        after = sequential_baselines(args, path, base, tokenizer)
+    ds_tps, compiled_tps, hf_tps = (
+        statistics.median(b + a) if b else None for b, a in zip(before, after)
+    )
 
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(
@@ -155,11 +170,14 @@ def main() -> None:
         f"prompts ~{args.prompt_len} tokens, {args.max_tokens} output tokens, greedy; "
         f"decode steps {'compiled' if args.compile else 'eager'}; median of {args.repeats}\n"
     )
-    print(f"sequential ds_model.generate: {ds_tps:.1f} output tokens/s")
-    if compiled_tps is not None:
-        print(f"sequential ds_model.generate(compile=True): {compiled_tps:.1f} output tokens/s")
-    if hf_tps is not None:
-        print(f"sequential transformers generate: {hf_tps:.1f} output tokens/s")
+    names = ("ds_model.generate", "ds_model.generate(compile=True)", "transformers generate")
+    for name, runs_before, runs_after in zip(names, before, after):
+        if runs_before:
+            print(
+                f"sequential {name}: {statistics.median(runs_before + runs_after):.1f} output "
+                f"tokens/s (before the servers {statistics.median(runs_before):.1f}, after "
+                f"{statistics.median(runs_after):.1f})"
+            )
     print(
         "\n| clients | output tok/s | vs ds-model seq | vs generate(compile=True) seq "
         "| vs transformers seq | in-process engine tok/s | HTTP overhead | TTFT p50 (ms) "
