@@ -125,6 +125,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     levels = [int(x) for x in args.levels.split(",")]
+    if args.compile:
+        # Each compiled baseline run loads a new model, whose step compiles anew: past
+        # dynamo's default of 8 per function the later runs would decode eagerly.
+        torch._dynamo.config.recompile_limit = 64
 
     import ds_model
 
