@@ -6,7 +6,7 @@ the memory bandwidth at one row; written as ``(x * w).sum(-1)``, inductor compil
 product into one vectorized loop that widens each weight element to float32 as it reads
 it and accumulates in float32. Measured on the AVX-512 host (one thread, compiled
 steps of 20-40 distinct layers, weights out of cache): bfloat16 (768..32000, 768..2048)
-weights 1.2-2.1x faster than the matmul; whole compiled bf16 steps at batch 1 1.4-1.9x
+weights 1.2-2.1x faster than the matmul; whole compiled bf16 steps at batch 1 1.35-1.8x
 faster (docs/benchmarks.md, "CPU decode by weight format"). float32 weights keep the
 matmul (MKL reads them as fast, and the compiled CPU step stores them input-major, where
 a per-row sum is slower); more rows keep it too (it reads the weight once for all
@@ -34,7 +34,7 @@ def matvec_linear(
     """``F.linear(x, weight, bias)`` for one row ``x`` (..., in), as a multiply and a sum
     in float32, returned in ``x.dtype``."""
     # as_strided needs a buffer, so inductor stores the row once instead of inlining its
-    # producer (an RMSNorm's square root) into every weight row's loop: 2.5x slower.
+    # producer (an RMSNorm's square root) into every weight row's loop: 2.5x slower, measured on int8 weights.
     row = x.reshape(1, weight.shape[1]).float()
     row = torch.as_strided(row, row.shape, row.stride())
     y = (row * weight.float()).sum(-1)
