@@ -265,6 +265,30 @@ def test_a_model_re_laid_for_decoding_still_quantizes_saves_and_trains(tmp_path)
         assert b.grad.stride() == b.stride(), name  # gradients follow the layout
 
 
+def test_int8_experts_stacked_for_decoding_still_decode_and_save(tmp_path):
+    """What a compiled CPU generate leaves on an INT8 model: the experts' int8 weights
+    and scales as views of stacked buffers. Eager steps, saving and loading give what
+    they give on the model as quantized."""
+    from ds_model.moe import RoutedExperts
+    from ds_quant import Int8WeightOnlyConfig, quantize_
+
+    config = ModelConfig.from_preset("tiny")
+    ids = torch.randint(0, config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
+    model = quantize_(ds_model.from_config(config, seed=2), Int8WeightOnlyConfig())
+    with torch.no_grad():
+        expected = model(ids).logits
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    experts = [m for m in model.modules() if isinstance(m, RoutedExperts)]
+    assert experts and not any(m.stack_weights() for m in experts)
+    assert all(m._stacked_int8() is not None for m in experts)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected)
+    model.save_pretrained(tmp_path)
+    loaded = ds_model.from_pretrained(tmp_path)
+    for key, value in state.items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
 def test_decode_layouts_made_under_inference_mode_leave_the_model_trainable():
     """A compiled generate inside ``torch.inference_mode()`` stacks the experts and
     re-lays the Linear weights there; neither may leave inference tensors behind."""
@@ -306,6 +330,62 @@ def test_one_token_expert_decode_equals_the_sorted_loop(k, seed, quantized):
         # The same token as row 0 of a two-token batch takes the sorted loop.
         pair = experts(torch.cat((x, x)), weights.repeat(2, 1), idx.repeat(2, 1))
     torch.testing.assert_close(one, pair[:1], atol=1e-5, rtol=1e-4)  # summation order
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "int8"])
+def test_compiled_one_token_experts_equal_the_eager_loop(dtype):
+    # A compiled CPU step sums one token's k experts as products over the stacked
+    # weights (ds-quant's int8 weights and scales for INT8 experts) indexed by the
+    # routing; the eager loop is the ground truth, for every routing (a new routing
+    # must not recompile: the index is data, not a guard).
+    from ds_model.moe import RoutedExperts
+    from torch._inductor.compile_fx import compile_fx
+
+    ops: set[str] = set()
+
+    def inductor_recording_ops(graph, example_inputs):
+        ops.update(str(node.target) for node in graph.graph.nodes)
+        return compile_fx(graph, example_inputs)
+
+    gen = torch.Generator().manual_seed(0)
+    experts = RoutedExperts(6, 32, 48)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    quantized = dtype == "int8"
+    if quantized:
+        quant = pytest.importorskip("ds_quant")
+        quant.quantize_(experts, quant.Int8WeightOnlyConfig())
+        assert not experts.stack_weights()  # no grouped form; stacked for this one
+        dtype = torch.float32
+    else:
+        experts.to(dtype)
+        assert experts.stack_weights()
+    torch._dynamo.reset()
+    compiled = torch.compile(experts, backend=inductor_recording_ops, fullgraph=True, dynamic=False)
+    cases = []
+    for k, seed in [(2, 1), (2, 2), (2, 3)]:
+        gen.manual_seed(seed)
+        x = torch.randn(1, 32, generator=gen).to(dtype)
+        cases.append(
+            (x, torch.rand(1, k, generator=gen), torch.randperm(6, generator=gen)[:k][None])
+        )
+    with torch.inference_mode(), torch._dynamo.config.patch(error_on_recompile=True):
+        got = [compiled(*case) for case in cases]
+    if quantized:  # the ground truth: dequantized weights, float32 activations
+        for layer in experts.modules():
+            if isinstance(layer, quant.Int8WeightOnlyLinear):
+                layer.backend = "reference"
+    # bfloat16: the products accumulate in float32 where oneDNN's may round sooner, so
+    # the two may differ by a unit in the last place of a bfloat16 value (2^-7 relative).
+    exact = dtype == torch.float32
+    tolerance = {"atol": 1e-5, "rtol": 1e-4} if exact else {"atol": 2e-2, "rtol": 2e-2}
+    with torch.inference_mode():
+        for case, out in zip(cases, got):
+            torch.testing.assert_close(out, experts._per_expert(*case), **tolerance)
+    # The gathered products, not the eager loop as an opaque op.
+    assert ops and not any("routed_experts" in op for op in ops), ops
 
 
 def test_bf16_absorbed_decode_matches_float32():

@@ -149,6 +149,20 @@ def test_tied_weights_are_refused_with_a_clear_error(tmp_path):
     assert all(isinstance(m, QuantizedLinear) for m in (model.fc1, model.fc2))
 
 
+def test_distinct_views_of_one_buffer_are_saved_as_their_own_tensors(tmp_path):
+    # Layers whose int8 weights were re-laid as views of one stacked buffer (as a
+    # decoder stacks MoE experts) save and load like separately allocated ones.
+    model = quantize_(Net(dim=48), Int8WeightOnlyConfig())
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    stacked = torch.cat((model.fc1.weight.flatten(), model.fc2.weight.flatten()))
+    model.fc1.weight = stacked[: model.fc1.weight.numel()].view_as(model.fc1.weight)
+    model.fc2.weight = stacked[model.fc1.weight.numel() :].view_as(model.fc2.weight)
+    save_quantized(model, tmp_path / "v.safetensors")
+    loaded = load_quantized(Net(dim=48), tmp_path / "v.safetensors")
+    for key, value in expected.items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
 def _with_recipe(src, dst, edit):
     """Copy checkpoint ``src`` to ``dst`` with its recipe changed by ``edit(recipe)``."""
     with safe_open(str(src), framework="pt") as f:

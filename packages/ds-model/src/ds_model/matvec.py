@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["MatVecLinears", "matvec_linear"]
+__all__ = ["MatVecLinears", "matvec_linear", "one_static_row", "stored"]
 
 MATVEC_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -33,18 +33,24 @@ def matvec_linear(
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for one row ``x`` (..., in), as a multiply and a sum
     in float32, returned in ``x.dtype``."""
-    # as_strided needs a buffer, so inductor stores the row once instead of inlining its
-    # producer (an RMSNorm's square root) into every weight row's loop: 2.5x slower, measured on int8 weights.
-    row = x.reshape(1, weight.shape[1]).float()
-    row = torch.as_strided(row, row.shape, row.stride())
+    row = stored(x.reshape(1, weight.shape[1]).float())
     y = (row * weight.float()).sum(-1)
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
-def _one_row(x: torch.Tensor) -> bool:
-    # Static sizes only: a symbolic (dynamic) batch size must not be specialised on.
+def stored(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, written so that inductor stores it once before its consumers. An
+    ``as_strided`` view needs a buffer; without one inductor inlines ``t``'s producer (an
+    RMSNorm's square root) into every weight row's loop of the product that reads it:
+    2.5x slower, measured on int8 weights."""
+    return torch.as_strided(t, t.shape, t.stride())
+
+
+def one_static_row(x: torch.Tensor) -> bool:
+    """Whether ``x`` (..., features) is one row by static sizes: a symbolic (dynamic)
+    batch size must not be specialised on."""
     lead = x.shape[:-1]
     return all(type(size) is int for size in lead) and lead.numel() == 1
 
@@ -64,7 +70,7 @@ class MatVecLinears(TorchFunctionMode):
                 and weight.dtype in MATVEC_DTYPES
                 and weight.dim() == 2
                 and weight.stride(1) == 1
-                and _one_row(x)
+                and one_static_row(x)
             ):
                 return matvec_linear(x, weight, bias)
         return func(*args, **kwargs)

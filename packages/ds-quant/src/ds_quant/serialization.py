@@ -53,19 +53,30 @@ def save_quantized(
     if not recipe:
         raise ValueError("model has no quantized layers: run quantize_ or calibrate first")
     tensors: dict[str, torch.Tensor] = {}
-    seen: dict[int, str] = {}
+    seen: dict[tuple, str] = {}
     for key, value in model.state_dict().items():
         if value.device.type == "meta":
             raise ValueError(f"tensor {key!r} is on the meta device: nothing to save")
-        ptr = value.untyped_storage().data_ptr() if value.numel() else None
-        if ptr is not None and ptr in seen:
+        # Tied weights are one tensor under two names: refused, since a load could not
+        # tie them again. Distinct views of one buffer (experts stacked for decoding)
+        # are saved as copies of their own.
+        view = (
+            value.untyped_storage().data_ptr(),
+            value.storage_offset(),
+            value.shape,
+            value.stride(),
+        )
+        if value.numel() and view in seen:
             raise ValueError(
-                f"tensor {key!r} shares memory with {seen[ptr]!r} (tied weights); "
+                f"tensor {key!r} shares memory with {seen[view]!r} (tied weights); "
                 "safetensors cannot store shared tensors: untie them before saving"
             )
-        if ptr is not None:
-            seen[ptr] = key
-        tensors[key] = value.detach().contiguous().cpu()
+        if value.numel():
+            seen[view] = key
+        value = value.detach().contiguous().cpu()
+        if value.untyped_storage().nbytes() != value.numel() * value.element_size():
+            value = value.clone()
+        tensors[key] = value
     meta = dict(metadata or {})
     meta[FORMAT_KEY] = FORMAT_VERSION
     meta[RECIPE_KEY] = json.dumps(recipe, sort_keys=True)
