@@ -1,14 +1,14 @@
-"""The HTTP/SSE overhead against ``--stream-interval``, in one run.
+"""The HTTP/SSE overhead against ``--stream-interval`` and the HTTP stack, in one run.
 
-One server per interval (``python -m ds_serve.cli ... --stream-interval k``, each a
-subprocess) on ``bench_serve.py``'s random DeepSeek-V3-shaped checkpoint, and the same
+One server per interval and stack (``python -m ds_serve.cli ... --stream-interval k
+--http H --loop L``, each a subprocess; ``--stacks h11/asyncio,httptools/uvloop``) on ``bench_serve.py``'s random DeepSeek-V3-shaped checkpoint, and the same
 engine in this process without HTTP; per round, every server and then the in-process
 engine serve the same load (``clients`` concurrent streams, 2 requests each, 64 output
 tokens, greedy). Overhead = 1 - server / in-process; ITL is the gap between streamed
 events at the client (an event carries up to k tokens). Medians of ``--repeats`` rounds.
 
     OMP_NUM_THREADS=1 uv run --frozen python packages/ds-serve/benchmarks/bench_stream_interval.py \
-        [--intervals 1,2,4] [--clients 32] [--compile]
+        [--intervals 1,2,4] [--stacks auto/auto] [--clients 32] [--compile]
 """
 
 from __future__ import annotations
@@ -53,6 +53,9 @@ async def measure(args, urls, engine, prompt_list, prompt_ids):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--intervals", default="1,2,4")
+    parser.add_argument(
+        "--stacks", default="auto/auto", help="HTTP/loop pairs, e.g. h11/asyncio,httptools/uvloop"
+    )
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
@@ -60,6 +63,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     intervals = [int(k) for k in args.intervals.split(",")]
+    stacks = args.stacks.split(",")
     from ds_model import Tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,10 +76,12 @@ def main() -> None:
         servers, urls = [], {}
         try:
             for k in intervals:
-                port = free_port()
-                extra = (*compiled, "--stream-interval", str(k))
-                servers.append(start_server(path, port, 1, "cpu", extra))
-                urls[k] = f"http://127.0.0.1:{port}"
+                for stack in stacks:
+                    http, loop = stack.split("/")
+                    port = free_port()
+                    extra = (*compiled, "--stream-interval", str(k), "--http", http, "--loop", loop)
+                    servers.append(start_server(path, port, 1, "cpu", extra))
+                    urls[k, stack] = f"http://127.0.0.1:{port}"
             engine = in_process_engine(path, "cpu", args.compile)
             try:
                 rates, gaps = asyncio.run(measure(args, urls, engine, prompt_list, prompt_ids))
@@ -93,14 +99,15 @@ def main() -> None:
         f"steps, median of {args.repeats}, load average {os.getloadavg()[0]:.1f}\n"
     )
     print(
-        "| stream interval | server tok/s | in-process engine tok/s | HTTP/SSE overhead "
-        "| ITL p50 between events (ms) |"
+        "| stream interval | HTTP / loop | server tok/s | in-process engine tok/s "
+        "| HTTP/SSE overhead | ITL p50 between events (ms) |"
     )
-    print("|---:|---:|---:|---:|---:|")
-    for k in intervals:
+    print("|---:|---|---:|---:|---:|---:|")
+    for k, stack in urls:
+        rate = median[k, stack]
         print(
-            f"| {k} | {median[k]:.1f} | {inproc:.1f} | {1 - median[k] / inproc:.0%} "
-            f"| {pct(gaps[k], 50) * 1e3:.1f} |"
+            f"| {k} | {stack} | {rate:.1f} | {inproc:.1f} | {1 - rate / inproc:.0%} "
+            f"| {pct(gaps[k, stack], 50) * 1e3:.1f} |"
         )
 
 

@@ -8,7 +8,7 @@ import time
 
 
 class LiveServer:
-    def __init__(self, app, *, graceful_timeout: float = 5.0) -> None:
+    def __init__(self, app, *, graceful_timeout: float = 5.0, **uvicorn_options) -> None:
         self.app = app
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -22,6 +22,7 @@ class LiveServer:
             log_level="warning",
             lifespan="on",
             backlog=512,
+            **uvicorn_options,
         )
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True

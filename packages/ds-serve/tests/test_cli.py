@@ -63,6 +63,8 @@ def test_bad_sizes_are_refused(text):
         ["--max-num-seqs", "0"],
         ["--quantization", "fp3"],
         ["--stream-interval", "0"],
+        ["--http", "h2"],
+        ["--loop", "trio"],
     ],
 )
 def test_bad_options_exit_with_usage(argv, capsys):

@@ -190,6 +190,36 @@ def test_a_non_streaming_client_that_disconnects_is_aborted(server):
     assert finished.get(key, 0) == 1 or sum(finished.values()) == 1
 
 
+@pytest.mark.parametrize(("http_impl", "loop"), [("h11", "asyncio"), ("httptools", "uvloop")])
+def test_each_http_stack_streams_and_aborts_a_stream_that_hangs_up(checkpoint, http_impl, loop):
+    # --http / --loop pick uvicorn's implementations; the streamed text and the
+    # disconnect that aborts a request must not depend on which.
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
+    app = create_app(checkpoint, num_blocks=64, max_num_seqs=8, max_model_len=64, dtype="float32")
+    with LiveServer(app, http=http_impl, loop=loop) as live:
+        url = f"{live.url}/v1/completions"
+        body = {"prompt": "import os", "max_tokens": 8, "temperature": 0}
+        plain = httpx.post(url, json=body, timeout=60).json()["choices"][0]["text"]
+        streamed = []
+        with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    streamed += [c["text"] for c in json.loads(line[6:])["choices"]]
+        assert "".join(streamed) == plain
+        before = scrape(live.url)
+        sock = raw_request(live.port, {"prompt": "x", "max_tokens": 60, "stream": True})
+        deadline = time.monotonic() + 10
+        while scrape(live.url)["vllm:num_requests_running"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        sock.close()
+        after = wait_idle(live.url)
+    assert after["vllm:kv_cache_usage_perc"] == 0
+    finished = {k: after[k] - before.get(k, 0) for k in after if "request_success" in k}
+    aborted = finished.get('vllm:request_success_total{finished_reason="abort"}', 0)
+    assert aborted == 1 or sum(finished.values()) == 1
+
+
 def test_graceful_shutdown_finishes_or_aborts_in_flight_requests(checkpoint):
     app = create_app(checkpoint, num_blocks=128, max_num_seqs=4, dtype="float32")
     forbid_eos(app.engine)  # 480 tokens cannot finish within the 0.3 s grace

@@ -162,6 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds in-flight requests get to finish on SIGTERM before they are aborted",
     )
+    parser.add_argument(
+        "--http",
+        choices=("auto", "h11", "httptools"),
+        default="auto",
+        help="HTTP/1.1 implementation, as uvicorn's --http (auto: httptools when installed)",
+    )
+    parser.add_argument(
+        "--loop",
+        choices=("auto", "asyncio", "uvloop"),
+        default="auto",
+        help="event loop, as uvicorn's --loop (auto: uvloop when installed)",
+    )
     parser.add_argument("--log-level", default="info")
     return parser
 
@@ -220,7 +232,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ds-serve: error: {exc}", file=sys.stderr)
         return 2
     app.run(
-        host=args.host, port=args.port, shutdown_grace=args.shutdown_grace, log_level=args.log_level
+        host=args.host,
+        port=args.port,
+        shutdown_grace=args.shutdown_grace,
+        log_level=args.log_level,
+        http=args.http,
+        loop=args.loop,
     )
     return 0
 
