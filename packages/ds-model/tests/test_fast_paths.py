@@ -265,22 +265,24 @@ def test_a_model_re_laid_for_decoding_still_quantizes_saves_and_trains(tmp_path)
         assert b.grad.stride() == b.stride(), name  # gradients follow the layout
 
 
-def test_int8_experts_stacked_for_decoding_still_decode_and_save(tmp_path):
-    """What a compiled CPU generate leaves on an INT8 model: the experts' int8 weights
-    and scales as views of stacked buffers. Eager steps, saving and loading give what
-    they give on the model as quantized."""
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_experts_stacked_for_decoding_still_decode_and_save(tmp_path, bits):
+    """What a compiled CPU generate leaves on an INT8 / INT4 model: the experts'
+    quantized buffers as views of stacked ones. Eager steps, saving and loading give
+    what they give on the model as quantized."""
     from ds_model.moe import RoutedExperts
-    from ds_quant import Int8WeightOnlyConfig, quantize_
+    from ds_quant import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
     config = ModelConfig.from_preset("tiny")
     ids = torch.randint(0, config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
-    model = quantize_(ds_model.from_config(config, seed=2), Int8WeightOnlyConfig())
+    quant = Int8WeightOnlyConfig() if bits == 8 else Int4WeightOnlyConfig(group_size=32)
+    model = quantize_(ds_model.from_config(config, seed=2), quant)
     with torch.no_grad():
         expected = model(ids).logits
     state = {k: v.clone() for k, v in model.state_dict().items()}
     experts = [m for m in model.modules() if isinstance(m, RoutedExperts)]
     assert experts and not any(m.stack_weights() for m in experts)
-    assert all(m._stacked_int8() is not None for m in experts)
+    assert all(m._stacked_quantized() is not None for m in experts)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, expected)
     model.save_pretrained(tmp_path)
@@ -333,10 +335,10 @@ def test_one_token_expert_decode_equals_the_sorted_loop(k, seed, quantized):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "int8", "int4"])
 def test_compiled_one_token_experts_equal_the_eager_loop(dtype):
     # A compiled CPU step sums one token's k experts as products over the stacked
-    # weights (ds-quant's int8 weights and scales for INT8 experts) indexed by the
+    # weights (ds-quant's packed weights, scales and zero points for INT8 / INT4 experts) indexed by the
     # routing; the eager loop is the ground truth, for every routing (a new routing
     # must not recompile: the index is data, not a guard).
     from ds_model.moe import RoutedExperts
@@ -353,10 +355,15 @@ def test_compiled_one_token_experts_equal_the_eager_loop(dtype):
     with torch.no_grad():
         for p in experts.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    quantized = dtype == "int8"
+    quantized = dtype in ("int8", "int4")
     if quantized:
         quant = pytest.importorskip("ds_quant")
-        quant.quantize_(experts, quant.Int8WeightOnlyConfig())
+        config = (
+            quant.Int8WeightOnlyConfig()
+            if dtype == "int8"
+            else quant.Int4WeightOnlyConfig(group_size=16)
+        )
+        quant.quantize_(experts, config)
         assert not experts.stack_weights()  # no grouped form; stacked for this one
         dtype = torch.float32
     else:
@@ -375,7 +382,7 @@ def test_compiled_one_token_experts_equal_the_eager_loop(dtype):
         got = [compiled(*case) for case in cases]
     if quantized:  # the ground truth: dequantized weights, float32 activations
         for layer in experts.modules():
-            if isinstance(layer, quant.Int8WeightOnlyLinear):
+            if isinstance(layer, quant.QuantizedLinear):
                 layer.backend = "reference"
     # bfloat16: the products accumulate in float32 where oneDNN's may round sooner, so
     # the two may differ by a unit in the last place of a bfloat16 value (2^-7 relative).

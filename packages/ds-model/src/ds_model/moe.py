@@ -32,8 +32,8 @@ The routed sum (``RoutedExperts.forward``) has these forms, picked by what is ru
   one graph; a training step runs the loop outside the compiled graph.
 - compiled CPU inference: one token (a batch-1 decode step) over plain stacked experts
   takes its k experts' rows of the stacked weights by index inside multiply-and-sum
-  products (``_one_token_gathered``), and so do INT8 weight-only experts (ds-quant's
-  int8 weights and scales stacked the same way); other CPU inference steps run the opaque op, since
+  products (``ds_model.expert_products``), and so do ds-quant INT8 / INT4 weight-only
+  experts (their buffers stacked the same way); other CPU inference steps run the opaque op, since
   CPU ``grouped_mm`` multiplies every expert, idle ones included.
 """
 
@@ -43,14 +43,20 @@ import itertools
 import weakref
 
 import ds_lora
-import ds_quant
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ds_model import lean_backward
 from ds_model.config import ModelConfig
-from ds_model.matvec import one_static_row, stored
+from ds_model.expert_products import (
+    Stacked,
+    layer_tensors,
+    one_token_experts,
+    quantized_expert_layers,
+    stack_quantized,
+)
+from ds_model.matvec import one_static_row
 from ds_model.mlp import MLP, plain_linear_weights
 
 __all__ = ["MoE", "RoutedExperts", "Router", "device_side"]
@@ -142,12 +148,9 @@ class RoutedExperts(nn.ModuleList):
             inference = torch.compiler.is_compiling() and not torch.is_grad_enabled()
             if inference and x.device.type == "cpu":
                 if one_static_row(x):
-                    stacked = self._stacked_plain()
+                    stacked = self._stacked_plain() or self._stacked_quantized()
                     if stacked is not None:
-                        return _one_token_gathered(x, weights, idx, *stacked)
-                    stacked = self._stacked_int8()
-                    if stacked is not None:
-                        return _one_token_gathered(x, weights, idx, *stacked)
+                        return one_token_experts(x, weights, idx, *stacked)
                 # CPU grouped_mm runs a matmul per expert, idle ones included: about
                 # 3 ms a call at batch 1 in the compiled 110M V3 step, a third of it.
                 return torch.ops.ds_model.routed_experts(x, weights, idx, self._op_key)
@@ -228,77 +231,41 @@ class RoutedExperts(nn.ModuleList):
         y = y.to(x.dtype) * weights.reshape(-1)[order].to(x.dtype)[:, None]
         return torch.zeros_like(x).index_add(0, token_of, y)
 
-    def _int8_layers(self) -> list[tuple[nn.Module, ...]] | None:
-        """Every expert's (gate, up, down) if all are bias-free, unhooked ds-quant
-        ``Int8WeightOnlyLinear`` layers on the CPU on their default kernels, else None."""
-        layers = []
-        for expert in self:
-            triple = (expert.gate_proj, expert.up_proj, expert.down_proj)
-            for module in (expert, *triple):
-                if module._forward_hooks or module._forward_pre_hooks:
-                    return None
-            for layer in triple:
-                if not (
-                    type(layer) is ds_quant.Int8WeightOnlyLinear
-                    and layer.bias is None
-                    and layer.backend == "auto"
-                    # No tensor is touched while compiling (see _stacked_int8).
-                    and (torch.compiler.is_compiling() or layer.weight.device.type == "cpu")
-                ):
-                    return None
-            layers.append(triple)
-        return layers
-
-    def _stack_int8(self) -> bool:
-        """``stack_weights`` for INT8 weight-only experts: their int8 weights and scales
-        become views of gate/up (experts, 2 * intermediate, hidden) int8 and (experts,
-        2 * intermediate) scales, and down (experts, hidden, intermediate) and (experts,
-        hidden). Values, names and state-dict entries are unchanged."""
-        layers = self._int8_layers()
+    def _stack_quantized(self) -> bool:
+        """``stack_weights`` for ds-quant INT8 / INT4 weight-only experts (see
+        ``ds_model.expert_products``)."""
+        layers = quantized_expert_layers(self)
         if layers is None:
             return False
-        if self._stacked_int8() is not None:
+        if self._stacked_quantized() is not None:
             return True
-        inter, hidden = layers[0][0].out_features, layers[0][0].in_features
-        if (inter * hidden) % 64:
-            # Each view must start 64-byte aligned, or the eager int8 kernel refuses it.
+        stacked = stack_quantized(layers)
+        if stacked is None:
             return False
-        with torch.inference_mode(False), torch.no_grad():
-            gate_up = torch.stack([torch.cat((g.weight, u.weight)) for g, u, _ in layers])
-            gate_up_scale = torch.stack(
-                [torch.cat((g.weight_scale, u.weight_scale)) for g, u, _ in layers]
-            )
-            down = torch.stack([d.weight for _, _, d in layers])
-            down_scale = torch.stack([d.weight_scale for _, _, d in layers])
-        for e, (gate, up, d) in enumerate(layers):
-            gate.weight, gate.weight_scale = gate_up[e, :inter], gate_up_scale[e, :inter]
-            up.weight, up.weight_scale = gate_up[e, inter:], gate_up_scale[e, inter:]
-            d.weight, d.weight_scale = down[e], down_scale[e]
-        stacked = (gate_up, down, gate_up_scale, down_scale)
-        self._stacked_int8_weights = (stacked, _int8_tensors(layers))
+        self._stacked_quantized_weights = (stacked, layer_tensors(layers))
         return True
 
-    def _stacked_int8(self) -> tuple[torch.Tensor, ...] | None:
-        """gate/up, down and their scales, stacked, if the experts are still INT8 layers
-        whose tensors are the views ``_stack_int8`` made. Compiled code checks the layers'
-        types, not their tensors: touching a thousand aliasing buffers made dynamo's
-        guards cost 2.8-5.8 ms a step (the 110M V3 INT8 step, against 0.5 ms), so a
-        weight tensor replaced by assignment after ``stack_weights`` goes unseen there
-        until the next ``stack_weights`` (``load_state_dict`` copies into the views)."""
-        record = getattr(self, "_stacked_int8_weights", None)
-        layers = self._int8_layers() if record is not None else None
+    def _stacked_quantized(self) -> tuple[Stacked, Stacked] | None:
+        """The quantized experts' stacked buffers, if the experts are still the layers
+        whose buffers are the views ``_stack_quantized`` made. Compiled code checks the
+        layers' types, not their tensors (``quantized_expert_layers``), so a buffer
+        replaced by assignment after ``stack_weights`` goes unseen there until the next
+        ``stack_weights`` (``load_state_dict`` copies into the views)."""
+        record = getattr(self, "_stacked_quantized_weights", None)
+        layers = quantized_expert_layers(self) if record is not None else None
         if layers is None:
             return None
         stacked, tensors = record
         if torch.compiler.is_compiling():
             return stacked
-        if any(a is not b for a, b in zip(_int8_tensors(layers), tensors)):
+        if any(a is not b for a, b in zip(layer_tensors(layers), tensors)):
             return None
         return stacked
 
-    def _stacked_plain(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _stacked_plain(self) -> tuple[Stacked, Stacked] | None:
         plain = self._plain_weights()
-        return None if plain is None else self._stacked(plain)
+        stacked = None if plain is None else self._stacked(plain)
+        return None if stacked is None else (Stacked(stacked[0]), Stacked(stacked[1]))
 
     def _plain_weights(self) -> list[tuple[torch.Tensor, ...]] | None:
         """Every expert's (gate, up, down) weights if all are plain (``plain_linear_weights``
@@ -320,12 +287,13 @@ class RoutedExperts(nn.ModuleList):
         state-dict keys and memory use are unchanged, but the weights become new
         ``Parameter`` objects (an optimizer built before holds the old ones). Returns
         False if any expert is wrapped, quantized or hooked: nothing changes, except
-        that ds-quant INT8 weight-only experts are stacked the same way (``_stack_int8``)
-        for the compiled one-token CPU form; the grouped form needs float weights.
+        that ds-quant INT8 / INT4 weight-only experts are stacked the same way
+        (``_stack_quantized``) for the compiled one-token CPU form; the grouped form
+        needs float weights.
         Idempotent while the weights are still views of the stacked tensors."""
         plain = self._plain_weights()
         if plain is None:
-            self._stack_int8()
+            self._stack_quantized()
             return False
         if self._stacked(plain) is not None:
             return True
@@ -360,38 +328,8 @@ class RoutedExperts(nn.ModuleList):
         return gate_up, down
 
     def _apply(self, fn, recurse=True):
-        self._stacked_weights = self._stacked_int8_weights = None
+        self._stacked_weights = self._stacked_quantized_weights = None
         return super()._apply(fn, recurse)
-
-
-def _int8_tensors(layers) -> tuple[torch.Tensor, ...]:
-    return tuple(
-        t for triple in layers for layer in triple for t in (layer.weight, layer.weight_scale)
-    )
-
-
-def _one_token_gathered(
-    x, weights, idx, gate_up, down, gate_up_scale=None, down_scale=None
-) -> torch.Tensor:
-    """The compiled CPU step's routed sum for one token: its k experts' rows of the
-    stacked weights, indexed inside the products (inductor reads the chosen experts'
-    bytes in place, no copy, no host read of the routing, every product a vectorized
-    multiply-and-sum accumulated in float32; see ``ds_model.matvec``). Results are
-    rounded to ``x.dtype`` where the eager experts round them. Against the eager loop as
-    an opaque op (its one-row matmuls and ~100 us of Python per layer), measured in the
-    compiled 110M V3 bf16 step: docs/benchmarks.md, "CPU decode by weight format"."""
-    chosen = idx[0]
-    row = stored(x.float())  # (1, hidden)
-    gate_up_rows = (row * gate_up[chosen].float()).sum(-1)
-    if gate_up_scale is not None:  # int8 weights: per-output-channel scales
-        gate_up_rows = gate_up_rows * gate_up_scale[chosen]
-    gate, up = gate_up_rows.to(x.dtype).chunk(2, -1)
-    act = stored((F.silu(gate) * up).float())  # (k, intermediate)
-    y = (act[:, None, :] * down[chosen].float()).sum(-1)  # (k, hidden)
-    if down_scale is not None:
-        y = y * down_scale[chosen]
-    y = y.to(x.dtype)
-    return (y * weights[0, :, None].to(x.dtype)).sum(0, keepdim=True)
 
 
 def _layer_weights(expert: MLP) -> tuple[torch.Tensor, ...]:
