@@ -283,12 +283,49 @@ def test_quantized_experts_stacked_for_decoding_still_decode_and_save(tmp_path, 
     experts = [m for m in model.modules() if isinstance(m, RoutedExperts)]
     assert experts and not any(m.stack_weights() for m in experts)
     assert all(m._stacked_quantized() is not None for m in experts)
+    first, second = experts[0][0].gate_proj.weight, experts[0][1].down_proj.weight
+    assert first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()
+    assert (
+        first.untyped_storage().data_ptr()
+        == experts[0][1].up_proj.weight.untyped_storage().data_ptr()
+    )
     with torch.no_grad():
         assert torch.equal(model(ids).logits, expected)
     model.save_pretrained(tmp_path)
     loaded = ds_model.from_pretrained(tmp_path)
     for key, value in state.items():
         assert torch.equal(loaded.state_dict()[key], value), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change", ["layer", "buffer", "to"])
+def test_compiled_one_token_experts_see_a_replaced_layer(change):
+    # Compiled one-token steps read the stacked weights without checking each expert;
+    # replacing an expert's layer or buffer, or moving the experts, must still reach
+    # the next compiled step.
+    from ds_model.moe import RoutedExperts
+    from ds_quant import Int8WeightOnlyConfig, quantize_
+
+    gen = torch.Generator().manual_seed(0)
+    experts = RoutedExperts(4, 32, 48)
+    if change == "buffer":
+        quantize_(experts, Int8WeightOnlyConfig())
+    experts.stack_weights()
+    assert experts._one_token_stacked is not None
+    compiled = torch.compile(experts, dynamic=False)
+    x = torch.randn(1, 32, generator=gen)
+    weights, idx = torch.rand(1, 2, generator=gen), torch.tensor([[0, 2]])
+    with torch.inference_mode():
+        compiled(x, weights, idx)
+    if change == "layer":
+        experts[0].gate_proj = torch.nn.Linear(32, 48, bias=False)
+    elif change == "buffer":
+        experts[2].down_proj.weight = experts[2].down_proj.weight.clone().neg_()
+    else:
+        experts.to(torch.float64).to(torch.float32)
+    assert experts._one_token_stacked is None
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x, weights, idx), experts._per_expert(x, weights, idx))
 
 
 def test_decode_layouts_made_under_inference_mode_leave_the_model_trainable():

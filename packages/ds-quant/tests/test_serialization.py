@@ -163,6 +163,20 @@ def test_distinct_views_of_one_buffer_are_saved_as_their_own_tensors(tmp_path):
         assert torch.equal(loaded.state_dict()[key], value), key
 
 
+@pytest.mark.parametrize("tie", ["transpose", "slice"])
+def test_weights_tied_through_a_view_are_refused(tmp_path, tie):
+    model = quantize_(Net(), Int8WeightOnlyConfig())
+    model.a = nn.Linear(80, 48, bias=False)
+    model.b = nn.Linear(48, 80, bias=False)
+    if tie == "transpose":
+        model.b.weight = nn.Parameter(model.a.weight.t())
+    else:
+        model.b = nn.Linear(80, 24, bias=False)
+        model.b.weight = nn.Parameter(model.a.weight[:24])
+    with pytest.raises(ValueError, match=r"shares memory"):
+        save_quantized(model, tmp_path / "t.safetensors")
+
+
 def _with_recipe(src, dst, edit):
     """Copy checkpoint ``src`` to ``dst`` with its recipe changed by ``edit(recipe)``."""
     with safe_open(str(src), framework="pt") as f:

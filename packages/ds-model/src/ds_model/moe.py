@@ -128,6 +128,8 @@ class RoutedExperts(nn.ModuleList):
     (the same sum, fewer saved activations)."""
 
     lean_backward = False
+    # The stacked weights a compiled one-token CPU step reads (``stack_weights``), or None.
+    _one_token_stacked: tuple[Stacked, Stacked] | None = None
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
         super().__init__(MLP(hidden, intermediate) for _ in range(num_experts))
@@ -142,15 +144,18 @@ class RoutedExperts(nn.ModuleList):
         # compiled step of the copy would run the original's experts.
         super().__setstate__(state)
         self._register_op_key()
+        if self._one_token_stacked is not None:
+            _watch_layers(self)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         if device_side(x):
             inference = torch.compiler.is_compiling() and not torch.is_grad_enabled()
             if inference and x.device.type == "cpu":
-                if one_static_row(x):
-                    stacked = self._stacked_plain() or self._stacked_quantized()
-                    if stacked is not None:
-                        return one_token_experts(x, weights, idx, *stacked)
+                # Only the record is read here: checking the experts themselves added
+                # guards per expert (2.8 ms against 22 us per layer at 256 INT8 experts).
+                stacked = self._one_token_stacked if one_static_row(x) else None
+                if stacked is not None:
+                    return one_token_experts(x, weights, idx, *stacked)
                 # CPU grouped_mm runs a matmul per expert, idle ones included: about
                 # 3 ms a call at batch 1 in the compiled 110M V3 step, a third of it.
                 return torch.ops.ds_model.routed_experts(x, weights, idx, self._op_key)
@@ -247,18 +252,17 @@ class RoutedExperts(nn.ModuleList):
 
     def _stacked_quantized(self) -> tuple[Stacked, Stacked] | None:
         """The quantized experts' stacked buffers, if the experts are still the layers
-        whose buffers are the views ``_stack_quantized`` made. Compiled code checks the
-        layers' types, not their tensors (``quantized_expert_layers``), so a buffer
-        replaced by assignment after ``stack_weights`` goes unseen there until the next
-        ``stack_weights`` (``load_state_dict`` copies into the views)."""
+        whose buffers are the views ``_stack_quantized`` made."""
         record = getattr(self, "_stacked_quantized_weights", None)
         layers = quantized_expert_layers(self) if record is not None else None
         if layers is None:
             return None
         stacked, tensors = record
-        if torch.compiler.is_compiling():
-            return stacked
         if any(a is not b for a, b in zip(layer_tensors(layers), tensors)):
+            return None
+        # ``.data`` assignment keeps the tensor objects and swaps their storage.
+        storages = {t.untyped_storage().data_ptr() for t in _views(stacked)}
+        if any(t.untyped_storage().data_ptr() not in storages for t in tensors):
             return None
         return stacked
 
@@ -286,16 +290,19 @@ class RoutedExperts(nn.ModuleList):
         that an inference step's grouped form reads them without copying. Values, names,
         state-dict keys and memory use are unchanged, but the weights become new
         ``Parameter`` objects (an optimizer built before holds the old ones). Returns
-        False if any expert is wrapped, quantized or hooked: nothing changes, except
-        that ds-quant INT8 / INT4 weight-only experts are stacked the same way
-        (``_stack_quantized``) for the compiled one-token CPU form; the grouped form
-        needs float weights.
+        False if any expert is wrapped, quantized or hooked, changing nothing, except
+        for ds-quant INT8 / INT4 weight-only experts: those are stacked the same way
+        (``_stack_quantized``) for the compiled one-token CPU form, and False says that
+        the grouped form, which needs float weights, cannot run.
         Idempotent while the weights are still views of the stacked tensors."""
+        self._one_token_stacked = None
         plain = self._plain_weights()
         if plain is None:
-            self._stack_quantized()
+            if self._stack_quantized():
+                self._watch(self._stacked_quantized())
             return False
         if self._stacked(plain) is not None:
+            self._watch(self._stacked_plain())
             return True
         inter = plain[0][0].shape[0]
         # Not inference tensors even when called under inference_mode (a generate inside
@@ -309,7 +316,18 @@ class RoutedExperts(nn.ModuleList):
             expert.down_proj.weight = nn.Parameter(down[e], requires_grad=grad)
         params = tuple(w for e in self for w in _layer_weights(e))
         self._stacked_weights = (gate_up, down, params)
+        self._watch(self._stacked_plain())
         return True
+
+    def _watch(self, stacked: tuple[Stacked, Stacked] | None) -> None:
+        """Record what compiled one-token steps read; it is forgotten when an expert's
+        module, parameter or buffer is replaced (``_forget_stacking``) or the experts
+        move (``_apply``). Compiled code trusts it: a forward hook added to an expert
+        afterwards is seen at the next ``stack_weights`` (ds-model's decoders call it
+        whenever a module's hooks change)."""
+        self._one_token_stacked = stacked
+        if stacked is not None:
+            _watch_layers(self)
 
     def _stacked(self, plain) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The stacked tensors, if the experts' weights are still the ``Parameter``
@@ -328,8 +346,39 @@ class RoutedExperts(nn.ModuleList):
         return gate_up, down
 
     def _apply(self, fn, recurse=True):
-        self._stacked_weights = self._stacked_quantized_weights = None
+        self._stacked_weights = self._stacked_quantized_weights = self._one_token_stacked = None
         return super()._apply(fn, recurse)
+
+
+# Experts' modules and layers -> the RoutedExperts whose ``_one_token_stacked`` record reads
+# their weights. torch's global registration hooks see every module, parameter and
+# buffer assignment (one dictionary lookup each), so a record never outlives the
+# tensors it stacked, without per-expert checks in compiled code.
+_WATCHED: weakref.WeakKeyDictionary[nn.Module, RoutedExperts] = weakref.WeakKeyDictionary()
+
+
+def _watch_layers(experts: RoutedExperts) -> None:
+    for expert in experts:
+        for module in expert.modules():
+            _WATCHED[module] = experts
+
+
+def _forget_stacking(module: nn.Module, name: str, value) -> None:
+    experts = _WATCHED.get(module)
+    if experts is not None:
+        experts._one_token_stacked = None
+
+
+for _register in (
+    torch.nn.modules.module.register_module_module_registration_hook,
+    torch.nn.modules.module.register_module_parameter_registration_hook,
+    torch.nn.modules.module.register_module_buffer_registration_hook,
+):
+    _register(_forget_stacking)
+
+
+def _views(stacked: tuple[Stacked, Stacked]) -> tuple[torch.Tensor, ...]:
+    return tuple(t for s in stacked for t in (s.weight, s.scale, s.zero) if t is not None)
 
 
 def _layer_weights(expert: MLP) -> tuple[torch.Tensor, ...]:

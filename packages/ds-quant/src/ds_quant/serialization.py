@@ -53,26 +53,28 @@ def save_quantized(
     if not recipe:
         raise ValueError("model has no quantized layers: run quantize_ or calibrate first")
     tensors: dict[str, torch.Tensor] = {}
-    seen: dict[tuple, str] = {}
+    # (storage address) -> [(first byte, end byte, key)] of the tensors saved from it
+    spans: dict[int, list[tuple[int, int, str]]] = {}
     for key, value in model.state_dict().items():
         if value.device.type == "meta":
             raise ValueError(f"tensor {key!r} is on the meta device: nothing to save")
-        # Tied weights are one tensor under two names: refused, since a load could not
-        # tie them again. Distinct views of one buffer (experts stacked for decoding)
-        # are saved as copies of their own.
-        view = (
-            value.untyped_storage().data_ptr(),
-            value.storage_offset(),
-            value.shape,
-            value.stride(),
-        )
-        if value.numel() and view in seen:
-            raise ValueError(
-                f"tensor {key!r} shares memory with {seen[view]!r} (tied weights); "
-                "safetensors cannot store shared tensors: untie them before saving"
-            )
+        # Tensors whose bytes overlap (tied weights, also through a transpose or a
+        # slice) are refused: a load could not tie them again. Disjoint views of one
+        # buffer (experts stacked for decoding) are saved as copies of their own.
         if value.numel():
-            seen[view] = key
+            size = value.element_size()
+            first = value.storage_offset() * size
+            end = first + size * (
+                1 + sum((n - 1) * st for n, st in zip(value.shape, value.stride()))
+            )
+            taken = spans.setdefault(value.untyped_storage().data_ptr(), [])
+            for a, b, other in taken:
+                if first < b and a < end:
+                    raise ValueError(
+                        f"tensor {key!r} shares memory with {other!r} (tied weights); "
+                        "safetensors cannot store shared tensors: untie them before saving"
+                    )
+            taken.append((first, end, key))
         value = value.detach().contiguous().cpu()
         if value.untyped_storage().nbytes() != value.numel() * value.element_size():
             value = value.clone()
