@@ -175,19 +175,25 @@ def raw_request(port: int, body: dict) -> socket.socket:
 
 
 def test_a_non_streaming_client_that_disconnects_is_aborted(server):
-    before = scrape(server.url)
     key = 'vllm:request_success_total{finished_reason="abort"}'
     # 40 tokens at max_model_len 64: long enough to still be running when we hang up.
-    sock = raw_request(server.port, {"prompt": "x", "max_tokens": 60, "temperature": 0.7})
-    deadline = time.monotonic() + 10
-    while scrape(server.url)["vllm:num_requests_running"] == 0 and time.monotonic() < deadline:
-        time.sleep(0.005)
-    sock.close()
-    after = wait_idle(server.url)
-    assert after["vllm:kv_cache_usage_perc"] == 0
-    finished = {k: after[k] - before.get(k, 0) for k in after if "request_success" in k}
+    finished = hang_up_while_running(server, {"prompt": "x", "max_tokens": 60, "temperature": 0.7})
     # The request either was aborted or (on a very fast machine) had already finished.
     assert finished.get(key, 0) == 1 or sum(finished.values()) == 1
+
+
+def hang_up_while_running(live, body: dict) -> dict[str, float]:
+    """Send ``body``, close the connection once the request runs, wait for the server
+    to go idle with its KV pool empty; the finished-request counters' increments."""
+    before = scrape(live.url)
+    sock = raw_request(live.port, body)
+    deadline = time.monotonic() + 10
+    while scrape(live.url)["vllm:num_requests_running"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    sock.close()
+    after = wait_idle(live.url)
+    assert after["vllm:kv_cache_usage_perc"] == 0
+    return {k: after[k] - before.get(k, 0) for k in after if "request_success" in k}
 
 
 @pytest.mark.parametrize(("http_impl", "loop"), [("h11", "asyncio"), ("httptools", "uvloop")])
@@ -208,15 +214,7 @@ def test_each_http_stack_streams_and_aborts_a_stream_that_hangs_up(checkpoint, h
                 if line.startswith("data: {"):
                     streamed += [c["text"] for c in json.loads(line[6:])["choices"]]
         assert "".join(streamed) == plain
-        before = scrape(live.url)
-        sock = raw_request(live.port, {"prompt": "x", "max_tokens": 60, "stream": True})
-        deadline = time.monotonic() + 10
-        while scrape(live.url)["vllm:num_requests_running"] == 0 and time.monotonic() < deadline:
-            time.sleep(0.005)
-        sock.close()
-        after = wait_idle(live.url)
-    assert after["vllm:kv_cache_usage_perc"] == 0
-    finished = {k: after[k] - before.get(k, 0) for k in after if "request_success" in k}
+        finished = hang_up_while_running(live, {"prompt": "x", "max_tokens": 60, "stream": True})
     assert finished.get('vllm:request_success_total{finished_reason="abort"}', 0) == 1
 
 
