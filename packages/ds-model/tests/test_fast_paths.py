@@ -328,6 +328,22 @@ def test_compiled_one_token_experts_see_a_replaced_layer(change):
         torch.testing.assert_close(compiled(x, weights, idx), experts._per_expert(x, weights, idx))
 
 
+def test_modules_without_a_hash_still_register_layers():
+    # The stacking watch sees every module assignment in the process; a module class
+    # that is unhashable (``__eq__`` without ``__hash__``) must still work.
+    import ds_model.moe  # noqa: F401  (installs the watch)
+
+    class Unhashable(torch.nn.Module):
+        def __eq__(self, other):
+            return self is other
+
+    module = Unhashable()
+    module.layer = torch.nn.Linear(2, 2)
+    module.register_buffer("scale", torch.ones(2))
+    module.weight = torch.nn.Parameter(torch.zeros(2))
+    assert module.layer.in_features == 2 and module.scale.sum() == 2
+
+
 def test_decode_layouts_made_under_inference_mode_leave_the_model_trainable():
     """A compiled generate inside ``torch.inference_mode()`` stacks the experts and
     re-lays the Linear weights there; neither may leave inference tensors behind."""

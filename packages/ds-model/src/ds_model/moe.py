@@ -364,7 +364,10 @@ def _watch_layers(experts: RoutedExperts) -> None:
 
 
 def _forget_stacking(module: nn.Module, name: str, value) -> None:
-    experts = _WATCHED.get(module)
+    try:
+        experts = _WATCHED.get(module)
+    except TypeError:  # a module class that defines __eq__ without __hash__: never watched
+        return
     if experts is not None:
         experts._one_token_stacked = None
 
