@@ -5,6 +5,9 @@ reference backend."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import ds_model
 import pytest
@@ -297,9 +300,33 @@ def test_quantized_experts_stacked_for_decoding_still_decode_and_save(tmp_path, 
         assert torch.equal(loaded.state_dict()[key], value), key
 
 
+def _in_child(call: str) -> None:
+    """Run ``call`` (a function of this module) in a child process: compiling starts
+    threads and worker processes, after which this process's fork-based tests (the
+    slow run's distributed ones) cannot fork safely."""
+    done = subprocess.run(
+        [sys.executable, "-c", f"import test_fast_paths as t; t.{call}"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=os.path.dirname(__file__),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("change", ["layer", "buffer", "to"])
 def test_compiled_one_token_experts_see_a_replaced_layer(change):
+    _in_child(f"compiled_one_token_experts_see_a_replaced_layer({change!r})")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "int4"])
+def test_compiled_one_token_experts_equal_the_eager_loop(dtype):
+    _in_child(f"compiled_one_token_experts_equal_the_eager_loop({dtype!r})")
+
+
+def compiled_one_token_experts_see_a_replaced_layer(change):
     # Compiled one-token steps read the stacked weights without checking each expert;
     # replacing an expert's layer or buffer, or moving the experts, must still reach
     # the next compiled step.
@@ -387,9 +414,7 @@ def test_one_token_expert_decode_equals_the_sorted_loop(k, seed, quantized):
     torch.testing.assert_close(one, pair[:1], atol=1e-5, rtol=1e-4)  # summation order
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "int8", "int4"])
-def test_compiled_one_token_experts_equal_the_eager_loop(dtype):
+def compiled_one_token_experts_equal_the_eager_loop(dtype):
     # A compiled CPU step sums one token's k experts as products over the stacked
     # weights (ds-quant's packed weights, scales and zero points for INT8 / INT4 experts) indexed by the
     # routing; the eager loop is the ground truth, for every routing (a new routing
@@ -410,7 +435,8 @@ def test_compiled_one_token_experts_equal_the_eager_loop(dtype):
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
     quantized = dtype in ("int8", "int4")
     if quantized:
-        quant = pytest.importorskip("ds_quant")
+        import ds_quant as quant
+
         config = (
             quant.Int8WeightOnlyConfig()
             if dtype == "int8"
@@ -420,6 +446,7 @@ def test_compiled_one_token_experts_equal_the_eager_loop(dtype):
         assert not experts.stack_weights()  # no grouped form; stacked for this one
         dtype = torch.float32
     else:
+        dtype = getattr(torch, dtype)
         experts.to(dtype)
         assert experts.stack_weights()
     torch._dynamo.reset()
