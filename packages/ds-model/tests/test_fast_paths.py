@@ -315,7 +315,7 @@ def _in_child(call: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("change", ["layer", "buffer", "to"])
+@pytest.mark.parametrize("change", ["layer", "expert", "buffer", "to"])
 def test_compiled_one_token_experts_see_a_replaced_layer(change):
     _in_child(f"compiled_one_token_experts_see_a_replaced_layer({change!r})")
 
@@ -346,6 +346,8 @@ def compiled_one_token_experts_see_a_replaced_layer(change):
         compiled(x, weights, idx)
     if change == "layer":
         experts[0].gate_proj = torch.nn.Linear(32, 48, bias=False)
+    elif change == "expert":
+        experts[2] = type(experts[2])(32, 48)
     elif change == "buffer":
         experts[2].down_proj.weight = experts[2].down_proj.weight.clone().neg_()
     else:

@@ -358,9 +358,8 @@ _WATCHED: weakref.WeakKeyDictionary[nn.Module, RoutedExperts] = weakref.WeakKeyD
 
 
 def _watch_layers(experts: RoutedExperts) -> None:
-    for expert in experts:
-        for module in expert.modules():
-            _WATCHED[module] = experts
+    for module in experts.modules():  # the list itself too: a replaced expert
+        _WATCHED[module] = experts
 
 
 def _forget_stacking(module: nn.Module, name: str, value) -> None:
