@@ -231,3 +231,29 @@ def test_int4_cpu_layout_is_made_at_quantize_and_load_not_per_call(monkeypatch):
     torch.testing.assert_close(layer(x), other(x))
     assert not torch.equal(layer(x), first)
     assert len(made) == 1
+
+
+@pytest.mark.skipif(not HAS_INT4_CPU, reason="torch has no packed INT4 CPU op")
+def test_int4_prepack_after_buffers_are_re_laid_by_hand(monkeypatch):
+    """Buffers replaced by views of another storage (as ds-model stacks MoE experts):
+    ``prepack()`` builds the layout for them at once, and calls then reuse it."""
+    import ds_quant.linear_int4 as linear_int4
+
+    torch.manual_seed(0)
+    layer = quantize_(nn.Linear(256, 64), Int4WeightOnlyConfig(group_size=128))
+    x = torch.randn(1, 256)
+    expected = layer(x)
+    stacked = {
+        n: torch.stack([getattr(layer, n)] * 2) for n in ("weight", "weight_scale", "weight_zero")
+    }
+    for name, t in stacked.items():
+        setattr(layer, name, t[1])
+    made: list[int] = []
+    prepack = linear_int4.prepack_int4_cpu
+    monkeypatch.setattr(
+        linear_int4, "prepack_int4_cpu", lambda *a, **k: made.append(1) or prepack(*a, **k)
+    )
+    layer.prepack()
+    assert len(made) == 1
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+    assert len(made) == 1  # the call used the layout prepack() made

@@ -115,9 +115,9 @@ def stack_quantized(layers) -> tuple[Stacked, Stacked] | None:
             setattr(d, n, dn[e])
     if int4:
         for layer in (layer for triple in layers for layer in triple):
-            # The layer's CPU op layout is keyed on its buffers' addresses: rebuilt here
-            # (its load hook), not on the first decode step that meets the expert.
-            layer.load_state_dict(layer.state_dict())
+            # The layer's CPU op layout is keyed on its buffers' addresses: rebuilt here,
+            # not on the first decode step that meets the expert.
+            layer.prepack()
     return (
         Stacked(*gate_up, group_size=_shape(gate0)[2]),
         Stacked(*down, group_size=_shape(down0)[2]),

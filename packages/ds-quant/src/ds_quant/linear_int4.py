@@ -84,7 +84,7 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         layer.register_buffer("weight", pack_int4(q))
         layer.register_buffer("weight_scale", scale)
         layer.register_buffer("weight_zero", zero)
-        layer._prepack_cpu()
+        layer.prepack()
         return layer
 
     def _allocate(self, device: torch.device | str | None) -> None:
@@ -115,9 +115,12 @@ class Int4WeightOnlyLinear(QuantizedLinear):
             w = w / self.input_scale.to(torch.float32)
         return w.to(dtype or self.orig_dtype)
 
-    def _prepack_cpu(self) -> None:
-        """Build the CPU op's layout now if the layer's buffers are on the CPU in a
-        shape the op takes (``int4_cpu_supported``)."""
+    def prepack(self) -> None:
+        """Build the CPU op's weight layout for the current buffers now, if they are on
+        the CPU in a shape the op takes (``int4_cpu_supported``). Quantizing and
+        ``load_state_dict`` call it; call it after replacing or re-laying ``weight``,
+        ``weight_scale`` or ``weight_zero`` by hand, or the next CPU call rebuilds the
+        layout (about 1 ms per layer) inside whatever step makes it."""
         weight = self.weight
         if weight.device.type != "cpu" or weight.numel() == 0:
             return
@@ -171,4 +174,4 @@ class Int4WeightOnlyLinear(QuantizedLinear):
 
 def _prepack_after_load(layer: Int4WeightOnlyLinear, incompatible_keys: Any) -> None:
     """``load_state_dict`` post-hook: the loaded buffers' CPU layout, made once here."""
-    layer._prepack_cpu()
+    layer.prepack()
