@@ -1,6 +1,6 @@
 """Decoding with ds-quant weights on CPU: the packed kernels against the dequantized
 reference, the MoE reading only its routed experts, and the built-in model's greedy
-output under INT8."""
+output under INT8 against float32."""
 
 from pathlib import Path
 
@@ -67,14 +67,41 @@ def test_moe_decode_runs_only_the_routed_experts(tiny_path):
     assert 0 < len(calls) <= top_k * len(moe_layers)
 
 
+# INT8 weight-only rounding moves the built-in model's logits by up to ~0.2: a greedy
+# choice that leads the runner-up by less is a near-tie that any rounding (bf16's too)
+# may flip, after which the two texts part for a reason that is not a fault.
+NEAR_TIE = 0.25
+
+
 @pytest.mark.skipif(not BUILT_IN.is_dir(), reason="the built-in model is not in this checkout")
-def test_built_in_model_greedy_output_under_int8_equals_float32():
-    prompts = ["def fibonacci(n):", "import os\n", "class Stack:\n    def"]
+def test_built_in_model_greedy_output_under_int8_follows_float32():
+    """INT8 decoding of the built-in model picks fp32's greedy token wherever fp32 is
+    not at a near-tie: generated text equal up to the first near-tie (the one-row decode
+    kernels), and the same choice at every clear position of fp32's continuation (the
+    whole-sequence kernels)."""
     full = ds_model.from_pretrained(BUILT_IN, dtype="float32")
     int8 = ds_model.from_pretrained(BUILT_IN, dtype="float32", quantization="int8")
     assert isinstance(int8.lm_head, quant.Int8WeightOnlyLinear)
-    for prompt in prompts:
-        assert int8.generate(prompt, 32) == full.generate(prompt, 32)
+    tokenizer = ds_model.load_tokenizer(BUILT_IN)
+    clear = total = 0
+    for prompt in ["def fibonacci(n):", "import os\n", "class Stack:\n    def"]:
+        prompt_ids = tokenizer.encode(prompt)
+        new_ids = full.generate(prompt_ids, 32)
+        got = int8.generate(prompt_ids, 32)
+        ids, start = torch.tensor([prompt_ids + new_ids]), len(prompt_ids) - 1
+        with torch.inference_mode():
+            logits = full(ids).logits[0, start:-1].float()
+            chosen = int8(ids).logits[0, start:-1].argmax(-1)
+        top2 = logits.topk(2, dim=-1).values
+        lead = top2[:, 0] - top2[:, 1]
+        apart = next((i for i, (a, b) in enumerate(zip(got, new_ids)) if a != b), None)
+        if apart is not None:  # the texts may part only where fp32 itself nearly tied
+            assert lead[apart] < NEAR_TIE, (prompt, apart, lead.tolist())
+        new_ids = torch.tensor(new_ids)
+        sure = lead >= NEAR_TIE
+        assert torch.equal(chosen[sure], new_ids[sure]), prompt
+        clear, total = clear + int(sure.sum()), total + len(lead)
+    assert clear >= 0.75 * total, f"only {clear} of {total} positions are clear choices"
 
 
 @pytest.mark.parametrize("native", [True, False])
