@@ -24,9 +24,9 @@ MODEL = ROOT / "models" / "ds-tiny-coder"
 sys.path.insert(0, str(MODEL / "recipe"))
 import evaluate_model  # noqa: E402  (the recipe's scorer and ds-serve launcher)
 
-# The recipe measured 2.7379 nats/token on this sample (models/ds-tiny-coder/README.md);
+# The recipe measured 2.6757 nats/token on this sample (models/ds-tiny-coder/README.md);
 # a few percent of slack absorbs kernel and thread-count differences, not damage.
-HELDOUT_LOSS_LIMIT = 2.85
+HELDOUT_LOSS_LIMIT = 2.80
 
 
 def test_shipped_model_fits_the_repo_budget():

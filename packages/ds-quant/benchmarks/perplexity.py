@@ -4,7 +4,7 @@ on a held-out text, plus per-layer output SQNR of the trained weights.
 Two modes:
   --model PATH --text HELD_OUT.txt [--calib-text CALIB.txt]
       a ds-model checkpoint (``ds_model.from_pretrained`` / ``load_tokenizer``); this is
-      the project's default-model table, which awaits the default model's weights.
+      the default-model table of docs/benchmarks.md ("Perplexity on the default model").
   --toy [--steps N]
       trains the tiny byte-level ToyLM of ``toy_lm.py`` on the local Python stdlib
       sources and evaluates on held-out stdlib files. Labelled "toy" in the output.
