@@ -21,31 +21,11 @@ from pathlib import Path
 
 import ds_model
 import torch
+from evaluate_model import heldout_bits_per_byte  # this directory, as the script runs
 from safetensors.torch import load_file
 
 MODEL_DIR = Path(__file__).resolve().parents[1]
 SAMPLE_FILES = 4  # held-out files shipped for the regression test
-
-
-@torch.inference_mode()
-def heldout_loss(model, tokenizer, texts: list[str], seq_len: int = 256) -> tuple[float, int]:
-    """Mean next-token loss (nats) over the texts, each tokenized with BOS and cut into
-    non-overlapping windows of seq_len tokens, as training saw them."""
-    total, count = 0.0, 0
-    for text in texts:
-        ids = tokenizer.encode(text)
-        for start in range(0, len(ids) - 1, seq_len):
-            window = torch.tensor([ids[start : start + seq_len + 1]])
-            if window.shape[1] < 2:
-                continue
-            out = model(window[:, :-1])
-            logits = out.logits.float()
-            loss = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), window[0, 1:], reduction="sum"
-            )
-            total += loss.item()
-            count += window.shape[1] - 1
-    return total / count, count
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,9 +58,10 @@ def main(argv: list[str] | None = None) -> None:
         ("sample", [r["text"] for r in sample]),
         ("heldout", [r["text"] for r in records]),
     ):
-        loss, tokens = heldout_loss(shipped, tokenizer, texts)
+        loss, bits_per_byte, tokens = heldout_bits_per_byte(shipped, tokenizer, texts)
         print(
-            f"{name}: {tokens} tokens, loss {loss:.4f} nats/token, perplexity {math.exp(loss):.2f}"
+            f"{name}: {tokens} tokens, loss {loss:.4f} nats/token, perplexity "
+            f"{math.exp(loss):.2f}, {bits_per_byte:.4f} bits/byte"
         )
     for path in args.out.iterdir():
         if path.is_file():
