@@ -50,7 +50,6 @@ CONCURRENT_REQUESTS = 8
 
 
 @torch.inference_mode()
-@torch.inference_mode()
 def heldout_bits_per_byte(model, tokenizer, texts: list[str], seq_len: int = 256):
     """(nats per token, bits per byte, tokens): every token after BOS is scored once, in
     non-overlapping windows of seq_len as training saw them."""

@@ -208,8 +208,8 @@ def test_int4_layer_with_a_partial_last_group(groups, partial, group_size, n16, 
     assert ((got.float() - exact).abs() <= bound + 1e-30).all()
 
 
-@pytest.mark.skipif(not HAS_INT4_CPU, reason="torch has no packed INT4 CPU op")
-def test_int4_cpu_layout_is_made_at_quantize_and_load_not_per_call(monkeypatch):
+def count_int4_layouts(monkeypatch) -> list[int]:
+    """A list that grows by one each time an INT4 layer builds its CPU op layout."""
     import ds_quant.linear_int4 as linear_int4
 
     made: list[int] = []
@@ -217,6 +217,12 @@ def test_int4_cpu_layout_is_made_at_quantize_and_load_not_per_call(monkeypatch):
     monkeypatch.setattr(
         linear_int4, "prepack_int4_cpu", lambda *a, **k: made.append(1) or prepack(*a, **k)
     )
+    return made
+
+
+@pytest.mark.skipif(not HAS_INT4_CPU, reason="torch has no packed INT4 CPU op")
+def test_int4_cpu_layout_is_made_at_quantize_and_load_not_per_call(monkeypatch):
+    made = count_int4_layouts(monkeypatch)
     torch.manual_seed(0)
     layer = quantize_(nn.Linear(256, 64), Int4WeightOnlyConfig(group_size=128))
     assert len(made) == 1  # at quantize time
@@ -237,8 +243,6 @@ def test_int4_cpu_layout_is_made_at_quantize_and_load_not_per_call(monkeypatch):
 def test_int4_prepack_after_buffers_are_re_laid_by_hand(monkeypatch):
     """Buffers replaced by views of another storage (as ds-model stacks MoE experts):
     ``prepack()`` builds the layout for them at once, and calls then reuse it."""
-    import ds_quant.linear_int4 as linear_int4
-
     torch.manual_seed(0)
     layer = quantize_(nn.Linear(256, 64), Int4WeightOnlyConfig(group_size=128))
     x = torch.randn(1, 256)
@@ -248,11 +252,7 @@ def test_int4_prepack_after_buffers_are_re_laid_by_hand(monkeypatch):
     }
     for name, t in stacked.items():
         setattr(layer, name, t[1])
-    made: list[int] = []
-    prepack = linear_int4.prepack_int4_cpu
-    monkeypatch.setattr(
-        linear_int4, "prepack_int4_cpu", lambda *a, **k: made.append(1) or prepack(*a, **k)
-    )
+    made = count_int4_layouts(monkeypatch)
     layer.prepack()
     assert len(made) == 1
     torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
