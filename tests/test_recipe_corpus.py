@@ -20,6 +20,7 @@ sys.path.insert(0, str(RECIPE))
 import dedup  # noqa: E402
 import eval_problems  # noqa: E402
 import evaluate_model  # noqa: E402
+import functions  # noqa: E402
 import prepare  # noqa: E402
 import privacy  # noqa: E402
 import quality  # noqa: E402
@@ -229,6 +230,55 @@ def test_evaluation_problems_have_passing_reference_solutions_and_failing_wrong_
         assert not evaluate_model.passes(candidate(eval_problems.PROBLEMS[0], "while True: pass"))
     finally:
         evaluate_model.RUN_TIMEOUT_S = limit
+
+
+# -- second-stage functions ----------------------------------------------------------------
+
+SHORT = 'def area(w, h):\n    """Return the area of a w by h rectangle."""\n    return w * h\n'
+LONG_BODY = 'def long(x):\n    """Return x, slowly."""\n' + "    x = x\n" * 4 + "    return x\n"
+UNDOCUMENTED = "def bare(x):\n    return x + 1\n"
+DECORATED = '@cache\ndef cached(x):\n    """Return x."""\n    return x\n'
+METHOD = (
+    "class Box:\n    def size(self):\n"
+    '        """Return how many items the box holds."""\n        return len(self.items)\n'
+)
+
+
+def test_second_stage_takes_short_documented_functions_from_training_files_only(tmp_path):
+    """Short documented functions (methods dedented) come out on their own, once each;
+    long, undocumented, decorated and evaluation-problem functions, and anything in the
+    held-out split, do not; whole training files make up about the asked share."""
+    leaked = eval_problems.PROBLEMS[0]["prompt"] + "    return a + b\n"
+    heldout_only = 'def secret(x):\n    """Return x held out."""\n    return x\n'
+    train = [SHORT + LONG_BODY, UNDOCUMENTED + DECORATED + METHOD + SHORT, leaked, "x = (\n"]
+    train += [program(i) for i in range(20)]
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in train))
+    (data / "heldout.jsonl").write_text(json.dumps({"text": heldout_only}) + "\n")
+    (data / "tokenizer.model").write_bytes(b"model")
+    counts = functions.build(data, out, file_share=0.5)
+    records = [json.loads(line)["text"] for line in (out / "train.jsonl").open()]
+    picked = [r for r in records if r not in train]
+    # the 20 programs' 12 handlers each are five-line bodies: too long
+    assert sorted(picked) == sorted(
+        [
+            SHORT,
+            'def size(self):\n    """Return how many items the box holds."""\n'
+            "    return len(self.items)\n",
+        ]
+    )
+    assert counts == {"functions": 2, "files": len(records) - 2, "records": len(records)}
+    whole = [r for r in records if r in train]
+    assert whole and sum(map(len, whole)) >= sum(map(len, picked))
+    assert not any(heldout_only in r for r in records)
+    assert (out / "heldout.jsonl").read_text() == (data / "heldout.jsonl").read_text()
+    assert (out / "tokenizer.model").read_bytes() == b"model"
+    again = tmp_path / "again"
+    functions.build(data, again, file_share=0.5)
+    assert (again / "train.jsonl").read_text() == (out / "train.jsonl").read_text()
+    none = tmp_path / "none"
+    assert functions.build(data, none, file_share=0.0)["files"] == 0
 
 
 # -- split and manifest -------------------------------------------------------------------
