@@ -113,16 +113,37 @@ compiled = ModelRunner(model, num_blocks=40, block_size=4, decode_steps="compile
                        decode_buckets=(2, 4))
 compiled.decode_steps.warm_up()
 graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+skipped = []
+set_stance = torch.compiler.set_stance
+def counting_set_stance(*args, **kwargs):
+    skipped.append(kwargs.get("skip_guard_eval_unsafe", False))
+    return set_stance(*args, **kwargs)
+torch.compiler.set_stance = counting_set_stance
 # Batches of 3, 1, 2 pad to buckets 4, 2, 2; 5 rows run eagerly.
 steps = [[0, 2, 4], [1], [0, 1, 2, 3, 4], [3, 4, 0], [2, 1], [0, 1]] * 3
 want = _serve(eager, model, steps, 4, seed=1)
 got = _serve(compiled, model, steps, 4, seed=1)
+torch.compiler.set_stance = set_stance
 for g, w in zip(got, want):
     torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
     assert g.argmax(-1).tolist() == w.argmax(-1).tolist()
 # One graph for both buckets, built by the warm-up; growing contexts compile nothing.
 assert graphs == 1, graphs
 assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs, "recompiled after warm-up"
+# A bucket's first call after an eager step (the prefill, the 5-row batches) checks the
+# guards; its later calls skip them: [0, 1] in the first round, then [0, 2, 4], [1]
+# and [0, 1] in each of the two others.
+assert skipped == [True] * 7, skipped
+# A model changed between requests: the next request's prefill makes the compiled steps
+# check their guards, which recompile for the new attention scale.
+before = _serve(eager, model, steps, 4, seed=2)
+for layer in model.model.layers:
+    layer.self_attn.softmax_scale *= 20
+want = _serve(eager, model, steps, 4, seed=2)
+assert any(not torch.allclose(b, w) for b, w in zip(before, want)), "the scale changed nothing"
+got = _serve(compiled, model, steps, 4, seed=2)
+for g, w in zip(got, want):
+    torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
 """
 
 

@@ -35,9 +35,10 @@ from ds_model.moe import RoutedExperts
 
 # Compiled steps after a generation's first skip torch.compile's guards: without that,
 # bench_decode_cpu_time.py's compiled/eager ratio drops 4-12% (docs/benchmarks.md,
-# "Decode paths"). torch's stance is process-wide, so compiled code in other threads
-# skips its guards meanwhile too: set False in a process where such code may need to
-# recompile.
+# "Decode paths"). The serving runner's compiled decode steps skip them after each
+# request's first (ds_model.decode_buckets). torch's stance is process-wide, so compiled
+# code in other threads skips its guards meanwhile too: set False in a process where
+# such code may need to recompile.
 SKIP_GUARDS = True
 _STANCE_LOCK = threading.Lock()
 
@@ -192,20 +193,9 @@ class GraphedDecoder:
         # 4-layer V3: every module attribute and weight the step reads), recompiling if
         # anything changed; later steps of the same generation skip them, as replaying a
         # CUDA graph does (see SKIP_GUARDS). Changing the model while a generation is
-        # under way is unsupported on either path. The lock keeps two threads from
-        # nesting the process-wide stance (one leaving would restore the other's).
-        if (
-            SKIP_GUARDS
-            and self.compiled
-            and self._guards_checked
-            and _default_stance()
-            and _STANCE_LOCK.acquire(blocking=False)
-        ):
-            try:
-                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                    return self._run()
-            finally:
-                _STANCE_LOCK.release()
+        # under way is unsupported on either path.
+        if self.compiled and self._guards_checked:
+            return run_skipping_guards(self._run)
         logits = self._run()
         self._guards_checked = True
         return logits
@@ -225,6 +215,21 @@ class GraphedDecoder:
         with torch.cuda.graph(self.graph):
             self.logits = self._run()
         self.visible.copy_(visible)
+
+
+def run_skipping_guards(compiled, *args):
+    """``compiled(*args)`` without evaluating torch.compile's guards, for a caller that
+    has checked them on an earlier call and knows nothing they cover changed since
+    (``SKIP_GUARDS``). Runs with the guards where the skip cannot be taken: turned off,
+    a stance the caller set, or another thread inside the process-wide stance (the lock
+    keeps two threads from nesting it: one leaving would restore the other's)."""
+    if SKIP_GUARDS and _default_stance() and _STANCE_LOCK.acquire(blocking=False):
+        try:
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                return compiled(*args)
+        finally:
+            _STANCE_LOCK.release()
+    return compiled(*args)
 
 
 def _default_stance() -> bool:

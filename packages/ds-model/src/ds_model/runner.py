@@ -78,7 +78,10 @@ class ModelRunner:
     adapters, no prompt scoring) padded to the smallest of ``decode_buckets`` that
     holds them, through ``torch.compile`` or one CUDA graph per bucket (see
     ``ds_model.decode_buckets``); other steps, and batches beyond the largest bucket,
-    run eagerly. The pool then keeps one extra scratch block for the padding rows."""
+    run eagerly. The pool then keeps one extra scratch block for the padding rows.
+    Compiled decode steps check torch.compile's guards on their first call after any
+    other step (a new request's prefill) and skip them until the next: changing the
+    model while requests decode is unsupported."""
 
     def __init__(
         self,
@@ -182,6 +185,8 @@ class ModelRunner:
             logits = self.decode_steps.run([t[0] for t in token_ids], positions, block_tables)
             if logits is not None:
                 return logits
+        if self.decode_steps is not None:
+            self.decode_steps.recheck()  # a prefill: the model may have changed before it
         decode = [s for s in range(n_seqs) if in_place and len(token_ids[s]) == 1]
         prefill = [s for s in range(n_seqs) if not (in_place and len(token_ids[s]) == 1)]
         order = decode + prefill
