@@ -166,3 +166,22 @@ def test_compiled_int8_layer_at_one_row_traces_whole():
         eager = model(x)
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
     torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2)
+
+
+def test_compiled_int8_layer_compiles_once_per_shape():
+    """The first compiled call leaves nothing behind that fails its own graph's guards:
+    one graph for one row and one for four, and later calls reuse them (a serving step
+    built before the server starts must not recompile on its first request)."""
+    import torch._dynamo.utils as dynamo_utils
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32, bias=False))
+    quantize_(model, Int8WeightOnlyConfig())
+    compiled = torch.compile(model, backend="aot_eager", dynamic=False)
+    graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+    with torch.inference_mode():
+        for rows, built in ((1, 1), (4, 2)):
+            x = torch.randn(rows, 64)
+            for _ in range(3):
+                torch.testing.assert_close(compiled(x), model(x), rtol=2e-2, atol=2e-2)
+            assert dynamo_utils.counters["stats"]["unique_graphs"] - graphs == built

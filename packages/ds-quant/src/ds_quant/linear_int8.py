@@ -82,10 +82,11 @@ class Int8WeightOnlyLinear(_Int8Base):
             # The eager checks read data_ptr() (alignment), which breaks a compiled graph
             # at every layer: traced code calls the op through a custom op that checks
             # alignment itself (``kernels.cpu``).
+            # No module state is set while tracing: the unit scales made here on the
+            # first call would fail the guards of the graph that made them (one more
+            # compile on the next call); the graph makes its own.
             if HAS_INT8_CPU and x.dtype in CPU_DTYPES and self.weight.device.type == "cpu":
-                return int8_weight_matmul_traced(
-                    x, self.weight, self.weight_scale, self._cpu_unit_scale()
-                )
+                return int8_weight_matmul_traced(x, self.weight, self.weight_scale)
             return int8_weight_matmul_reference(x, self.weight, self.weight_scale)
         if int8_cpu_supported(x, self.weight):
             return int8_weight_matmul_cpu(x, self.weight, self.weight_scale, self._cpu_unit_scale())

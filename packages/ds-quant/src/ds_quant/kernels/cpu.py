@@ -179,14 +179,17 @@ if HAS_INT8_CPU:
 
 
 def int8_weight_matmul_traced(
-    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, unit: torch.Tensor
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, unit: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``int8_weight_matmul_cpu`` for code ``torch.compile`` traces: the same math, with
     the op behind ``ds_quant::int8pack_mm_cpu`` and the casts and scaling left in the
-    graph, where they fuse with the step's neighbouring element-wise ops. One row (a
-    batch-1 decode step) takes ``int8_weight_matvec_traced`` instead."""
+    graph, where they fuse with the step's neighbouring element-wise ops (``unit``: the
+    op's ones, made in the graph when not given). One row (a batch-1 decode step) takes
+    ``int8_weight_matvec_traced`` instead."""
     if _one_static_row(x):
         return int8_weight_matvec_traced(x, q, scale)
+    if unit is None:
+        unit = torch.ones(q.shape[0], dtype=COMPUTE_DTYPE, device=x.device)
     x2 = x.reshape(-1, x.shape[-1]).to(COMPUTE_DTYPE)
     y = torch.ops.ds_quant.int8pack_mm_cpu(x2, q, unit) * scale
     return y.to(x.dtype).reshape(*x.shape[:-1], q.shape[0])
