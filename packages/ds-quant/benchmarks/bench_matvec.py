@@ -1,0 +1,136 @@
+"""One-row products on the CPU against the memory's read stream: GB/s of weight per format.
+
+A batch-1 decode step multiplies one row by every weight, so each layer's time is at
+best its weight bytes over the memory bandwidth. For each shape, ``--megabytes`` of
+distinct layers (so the weights come from memory, not cache) of every format run one
+row eagerly and, where marked, compiled (``torch.compile`` of one module running the
+row through every layer, so per-call costs are spread over them: ds-quant's INT8 layers
+then take their one-row multiply-and-sum); the figure is weight bytes
+(scales included) per second, and its share of a read stream timed in the same repeat
+(a compiled sum over a 256 MiB float32 tensor: what one core reads when reading is all
+it does; this host's stream moves by a third from one minute to the next). The formats
+and the stream interleave in every repeat; medians of ``--repeats`` (the share: of the
+per-repeat shares). Run:
+
+    OMP_NUM_THREADS=1 uv run --frozen python packages/ds-quant/benchmarks/bench_matvec.py \
+        [--shapes 2048x512 768x2048 32000x768] [--megabytes 64] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+from common import machine
+from ds_quant import (
+    Int4WeightOnlyConfig,
+    Int8DynamicActivationInt8WeightConfig,
+    Int8WeightOnlyConfig,
+    quantize_,
+)
+from torch import nn
+
+# (label, dtype of the float layer, ds-quant config or None, compiled)
+FORMATS = [
+    ("fp32", torch.float32, None, False),
+    ("bf16", torch.bfloat16, None, False),
+    ("INT8 weight-only", torch.float32, Int8WeightOnlyConfig(), False),
+    ("INT8 weight-only, compiled", torch.float32, Int8WeightOnlyConfig(), True),
+    ("INT8 W8A8 dynamic", torch.float32, Int8DynamicActivationInt8WeightConfig(), False),
+    ("INT4 g128", torch.float32, Int4WeightOnlyConfig(group_size=128), False),
+    ("INT4 g128, compiled", torch.float32, Int4WeightOnlyConfig(group_size=128), True),
+]
+
+
+class ReadStream:
+    """A compiled sum over 256 MiB of float32: one call, one pass of reading."""
+
+    def __init__(self) -> None:
+        self.data = torch.randn(64 * 2**20)
+        self.total = torch.compile(torch.sum)
+        self.total(self.data)
+
+    def gbps(self) -> float:
+        start = time.perf_counter()
+        self.total(self.data)
+        return self.data.numel() * 4 / (time.perf_counter() - start) / 1e9
+
+
+class Bank(nn.Module):
+    """Distinct layers fed the same row: one call reads every weight once."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, row: torch.Tensor) -> list[torch.Tensor]:
+        return [layer(row) for layer in self.layers]
+
+
+def bank_of(fmt, out_features: int, in_features: int, count: int):
+    """A ``Bank`` of ``count`` layers of one format (compiled where marked), and the
+    bytes of one layer's state (weights and scales)."""
+    _, dtype, config, compiled = fmt
+    base = [nn.Linear(in_features, out_features, bias=False) for _ in range(count)]
+    layers = []
+    for layer in base:
+        layer = copy.deepcopy(layer).to(dtype)
+        if config is not None:
+            holder = nn.Sequential(layer)
+            quantize_(holder, config)
+            layer = holder[0]
+        layers.append(layer.eval())
+    bank = Bank(layers)
+    nbytes = sum(t.numel() * t.element_size() for t in layers[0].state_dict().values())
+    # Static shapes, as in a compiled decode step: otherwise the banks of later shapes
+    # (the same forward's code) compile with symbolic sizes, into slower loops.
+    return (torch.compile(bank, dynamic=False) if compiled else bank), nbytes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=["2048x512", "768x2048", "32000x768"])
+    parser.add_argument("--megabytes", type=float, default=64.0, help="fp32 weight per format")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(machine() + "\n")
+    print("| weight (out x in) | format | weight bytes per layer | GB/s | of the read stream |")
+    print("|---|---|---:|---:|---:|")
+    streams: list[float] = []
+    for shape in args.shapes:
+        out_features, in_features = map(int, shape.split("x"))
+        count = max(2, round(args.megabytes * 2**20 / (out_features * in_features * 4)))
+        # Every bank's forward is one code object: without a reset, the compiled banks
+        # of earlier shapes count toward dynamo's recompile limit (then it runs eagerly).
+        torch.compiler.reset()
+        built = {fmt[0]: bank_of(fmt, out_features, in_features, count) for fmt in FORMATS}
+        rates: dict[str, list[float]] = {name: [] for name in built}
+        shares: dict[str, list[float]] = {name: [] for name in built}
+        with torch.inference_mode():
+            stream = ReadStream()  # compiled in the mode it is timed in
+            rows = {dtype: torch.randn(1, in_features, dtype=dtype) for _, dtype, _, _ in FORMATS}
+            for name, dtype, _, _ in FORMATS:  # warm up: compile, prepack, caches
+                built[name][0](rows[dtype])
+            for _ in range(args.repeats):
+                streams.append(stream.gbps())
+                for name, dtype, _, _ in FORMATS:
+                    bank, nbytes = built[name]
+                    start = time.perf_counter()
+                    bank(rows[dtype])
+                    rates[name].append(nbytes * count / (time.perf_counter() - start) / 1e9)
+                    shares[name].append(rates[name][-1] / streams[-1])
+        for name, _, _, _ in FORMATS:
+            gbps, share = statistics.median(rates[name]), statistics.median(shares[name])
+            print(f"| {shape} | {name} | {built[name][1]:,} | {gbps:.1f} | {share:.0%} |")
+    print(
+        f"\nread stream: {min(streams):.1f}-{max(streams):.1f} GB/s, median "
+        f"{statistics.median(streams):.1f} (compiled sum over 256 MiB of float32)"
+    )
+
+
+if __name__ == "__main__":
+    main()
