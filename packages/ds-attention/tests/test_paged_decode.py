@@ -192,6 +192,22 @@ def test_float32_grouped_decode_on_cpu_matches_the_reference(lens, kv_heads, gro
     assert torch.all(got[lens_t == 0] == 0)
 
 
+def cpu_problem(lens, shared: bool, page: int, dtype, seed: int):
+    """On the CPU: (q, k_cache, v_cache, block_table, context_lens) and the extra keyword
+    arguments, for 4 query heads over MLA's shared latent (latent 16 + rope 8) or over 2
+    kv heads of 16 channels."""
+    if shared:
+        q, kc, table, lens_t, _ = shared_latent_problem(lens, 4, 16, 8, page, dtype, seed)
+        vc, extra = None, {"v_head_dim": 16}
+    else:
+        q, kc, vc, table, lens_t, _ = paged_problem(
+            lens, 4, 2, 16, 16, page, dtype, seed=seed, device="cpu"
+        )
+        extra = {}
+    vc = None if vc is None else vc.cpu()
+    return (q.cpu(), kc.cpu(), vc, table.cpu(), lens_t.cpu()), extra
+
+
 @settings(max_examples=15, deadline=None)
 @given(
     lens=st.lists(st.integers(0, 50), min_size=1, max_size=4),
@@ -207,15 +223,7 @@ def test_host_context_range_gives_the_same_attention(lens, equal, shared, page, 
     equal contexts (no key mask) and mixed ones, GQA and MLA's shared latent."""
     if equal:
         lens = [lens[0]] * len(lens)
-    if shared:
-        q, kc, table, lens_t, _ = shared_latent_problem(lens, 4, 16, 8, page, dtype, seed)
-        vc, extra = None, {"v_head_dim": 16}
-    else:
-        q, kc, vc, table, lens_t, _ = paged_problem(
-            lens, 4, 2, 16, 16, page, dtype, seed=seed, device="cpu"
-        )
-        extra = {}
-    args = (q.cpu(), kc.cpu(), None if vc is None else vc.cpu(), table.cpu(), lens_t.cpu())
+    args, extra = cpu_problem(lens, shared, page, dtype, seed)
     read = paged_decode_attention(*args, softmax_scale=0.3, backend="torch", **extra)
     ranged = paged_decode_attention(
         *args, softmax_scale=0.3, backend="torch", context_range=(min(lens), max(lens)), **extra
@@ -244,16 +252,7 @@ def test_context_range_bad_input():
 def test_cpu_16bit_decode_is_the_float32_decode_rounded_once(lens, shared, dtype, page, seed):
     """On the CPU, 16-bit q and pages give exactly the float32 path's attention over the
     same (upcast) values, rounded once to the input dtype: no 16-bit products."""
-    if shared:
-        q, kc, table, lens_t, _ = shared_latent_problem(lens, 4, 16, 8, page, dtype, seed)
-        vc, extra = None, {"v_head_dim": 16}
-    else:
-        q, kc, vc, table, lens_t, _ = paged_problem(
-            lens, 4, 2, 16, 16, page, dtype, seed=seed, device="cpu"
-        )
-        extra = {}
-    q, kc, table, lens_t = q.cpu(), kc.cpu(), table.cpu(), lens_t.cpu()
-    vc = None if vc is None else vc.cpu()
+    (q, kc, vc, table, lens_t), extra = cpu_problem(lens, shared, page, dtype, seed)
     got = paged_decode_attention(q, kc, vc, table, lens_t, softmax_scale=0.3, **extra)
     upcast = (q.float(), kc.float(), None if vc is None else vc.float())
     # the float32 reference of the batched-matmul path: the float32 MHA/GQA default
