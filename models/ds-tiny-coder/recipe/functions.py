@@ -10,9 +10,10 @@ is what a user prompts with. This step takes every such function from the traini
 as a function on its own, dedented: a docstring and at most ``MAX_BODY_LINES`` lines of
 body, no decorators, the whole within ``MAX_CHARS``. Exact copies are dropped. Ordinary
 training files, drawn at random until they are ``--file-share`` of the characters, are
-mixed in, so the second stage keeps seeing whole files. Writes ``train.jsonl`` (shuffled, seeded),
-``heldout.jsonl`` (a copy of the first stage's) and ``tokenizer.model`` into ``--out``,
-the layout ``train.py --data`` reads, and prints the counts.
+mixed in, so the second stage keeps seeing whole files. Writes ``train.jsonl``
+(shuffled, seeded), ``heldout.jsonl`` (a copy of the first stage's) and
+``tokenizer.model`` into ``--out``, the layout ``train.py --data`` reads, and prints the
+counts. The model card records what a second stage on it measured.
 """
 
 from __future__ import annotations

@@ -19,7 +19,6 @@ per-repeat shares). Run:
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 
@@ -74,10 +73,9 @@ def bank_of(fmt, out_features: int, in_features: int, count: int):
     """A ``Bank`` of ``count`` layers of one format (compiled where marked), and the
     bytes of one layer's state (weights and scales)."""
     _, dtype, config, compiled = fmt
-    base = [nn.Linear(in_features, out_features, bias=False) for _ in range(count)]
     layers = []
-    for layer in base:
-        layer = copy.deepcopy(layer).to(dtype)
+    for _ in range(count):
+        layer = nn.Linear(in_features, out_features, bias=False).to(dtype)
         if config is not None:
             holder = nn.Sequential(layer)
             quantize_(holder, config)
@@ -85,8 +83,7 @@ def bank_of(fmt, out_features: int, in_features: int, count: int):
         layers.append(layer.eval())
     bank = Bank(layers)
     nbytes = sum(t.numel() * t.element_size() for t in layers[0].state_dict().values())
-    # Static shapes, as in a compiled decode step: otherwise the banks of later shapes
-    # (the same forward's code) compile with symbolic sizes, into slower loops.
+    # Static shapes, as a compiled decode step's layers have.
     return (torch.compile(bank, dynamic=False) if compiled else bank), nbytes
 
 
