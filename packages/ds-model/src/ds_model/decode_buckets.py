@@ -12,7 +12,7 @@ shapes cover every batch size, the way vLLM and nano-vllm capture their decode g
   input buffers whose block table spans the model's whole context; a replay is one
   launch. Larger batches than the largest bucket run eagerly.
 
-In ``"compile"`` mode a bucket's graph checks torch.compile's guards (about 1,000 for
+In ``"compile"`` mode a bucket's graph checks torch.compile's guards (about 1,400 for
 the built-in model: every module attribute and weight the step reads, 0.2-0.3 ms a
 step) on its first call after ``recheck()``, and skips them on later calls, as
 ``generate`` skips them after a generation's first step
