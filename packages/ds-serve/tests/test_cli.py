@@ -78,6 +78,11 @@ def test_stream_interval_defaults_to_one_token_per_event():
     assert parse_args(["--stream-interval", "4"]).stream_interval == 4
 
 
+def test_the_engine_runs_in_its_own_process_unless_told_otherwise():
+    assert parse_args([]).engine_process is True
+    assert parse_args(["--no-engine-process"]).engine_process is False
+
+
 def test_repeated_lora_names_are_refused(capsys):
     with pytest.raises(SystemExit) as info:
         parse_args(["--lora", "a=/x", "--lora", "a=/y"])

@@ -157,3 +157,30 @@ def test_two_ranks_of_a_v3_model_serve_http_and_a_killed_rank_gives_503(
         assert again.status_code == 503
         assert "tensor-parallel rank 1" in again.json()["error"]["message"]
         assert "signal 9" in again.json()["error"]["message"]
+
+
+@pytest.mark.slow
+def test_two_ranks_behind_an_engine_process_serve_and_report_a_killed_rank(
+    checkpoint, reference_model
+):
+    app = create_app(
+        checkpoint, engine_process=True, num_blocks=64, dtype="float32", tensor_parallel_size=2
+    )
+    engine_pid = app.engine.process.pid
+    children = f"/proc/{engine_pid}/task/{engine_pid}/children"
+    with open(children) as f:  # the rank-1 worker the engine process started
+        (worker,) = (int(pid) for pid in f.read().split())
+    with LiveServer(app) as live:
+        for prompt in PROMPTS[:3]:
+            body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}
+            response = httpx.post(live.url + "/v1/completions", json=body, timeout=120)
+            want, _ = greedy_reference(reference_model, prompt, MAX_TOKENS)
+            assert response.json()["choices"][0]["text"] == want
+        os.kill(worker, signal.SIGKILL)
+        deadline = time.monotonic() + FAILURE_SECONDS
+        while httpx.get(live.url + "/health", timeout=10).status_code != 503:
+            assert time.monotonic() < deadline, "a killed rank was not reported"
+            time.sleep(0.2)
+        again = httpx.post(live.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        assert again.status_code == 503
+        assert "tensor-parallel rank 1" in again.json()["error"]["message"]

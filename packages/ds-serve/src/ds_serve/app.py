@@ -277,7 +277,7 @@ class App:
         unknown = sorted(k for k in keys if k not in kind.__struct_fields__)
         if unknown:
             log.warning("ignoring unknown request fields: %s", ", ".join(unknown))
-            self.engine.metrics.on_unknown_fields(len(unknown))
+            self.engine.count_unknown_fields(len(unknown))
 
     async def _off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run tokenizing / template rendering on the worker threads, so a long prompt
@@ -294,7 +294,7 @@ class App:
     # ---- endpoints ---------------------------------------------------------------------
 
     async def health(self, request: Request) -> Response:
-        stats = self.engine.stats()
+        stats = await self.engine.current_stats()
         healthy = self.engine.error is None and not self.engine.closing
         body = HealthResponse(
             status="ok" if healthy else "unavailable",
@@ -306,7 +306,7 @@ class App:
         return _json(body, 200 if healthy else 503)
 
     async def metrics(self, request: Request) -> Response:
-        text = self.engine.metrics.render(self.engine.stats())
+        text = await self.engine.metrics_text()
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def models(self, request: Request) -> Response:
@@ -378,6 +378,7 @@ class App:
         check_prompt_chars(req, self.info)
         prepared = await self._off_loop(prepare_completion, req, self.info, self.engine.tokenizer)
         choices = Choices(self.engine, prepared, self.stream_interval if req.stream else 1)
+        await choices.submit()
         echo = [self.engine.tokenizer.decode(p) if req.echo else "" for p in prepared.prompts]
         if req.stream:
             return SSEResponse(completion_events(req, prepared, choices, echo), choices.abort)
@@ -389,6 +390,7 @@ class App:
         check_prompt_chars(req, self.info)
         prepared = await self._off_loop(prepare_chat, req, self.info, self.engine.tokenizer)
         choices = Choices(self.engine, prepared, self.stream_interval if req.stream else 1)
+        await choices.submit()
         if req.stream:
             return SSEResponse(chat_events(req, prepared, choices), choices.abort)
         results = await choices.collect(request.receive)

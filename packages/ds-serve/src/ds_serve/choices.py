@@ -77,34 +77,34 @@ class Choices:
         self.streamed: set[int] = set()  # choices that have sent an event
         self.prompts = prepared.prompts
         self.queue: asyncio.Queue[Delta] = asyncio.Queue()
-        self.index: dict[str, int] = {}
         self.prompt_tokens = sum(len(p) for p in prepared.prompts)
         self.completion_tokens = 0
+        self.prepared = prepared
+        self.index: dict[str, int] = {}
+        self.unfinished: set[str] = set()
+
+    async def submit(self) -> None:
+        """Queue every choice in the engine (all or none; errors as the HTTP answer)."""
+        prepared = self.prepared
         n = len(prepared.params)
-        grammar = None
-        if prepared.grammar is not None:
-            try:
-                grammar = engine.grammar_compiler.compile(prepared.grammar)
-            except GrammarError as exc:
-                raise APIError(
-                    400,
-                    f"The grammar engine cannot compile this: {exc}",
-                    param=prepared.grammar.param,
-                ) from exc
         sequences = [(prompt, params) for prompt in prepared.prompts for params in prepared.params]
-        # Each choice advances its own copy of the grammar.
-        grammars = [grammar.fork() for _ in sequences] if grammar is not None else None
         # DeepSeek-format tool calls are special tokens: keep them in the text to parse.
         deepseek_tools = prepared.tools is not None and prepared.tools[0].kind == "deepseek"
         try:
-            ids = engine.submit_all(
+            ids = await self.engine.submit_request(
                 sequences,
-                adapter=prepared.adapter,
                 queue=self.queue,
-                grammars=grammars,
+                grammar=prepared.grammar,
+                adapter=prepared.adapter,
                 skip_special_tokens=prepared.skip_special_tokens and not deepseek_tools,
                 include_stop_str=prepared.include_stop_str_in_output,
             )
+        except GrammarError as exc:
+            raise APIError(
+                400,
+                f"The grammar engine cannot compile this: {exc}",
+                param=prepared.grammar.param,
+            ) from exc
         except RequestTooLarge as exc:
             raise APIError(
                 400,

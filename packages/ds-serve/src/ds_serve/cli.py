@@ -174,6 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="event loop, as uvicorn's --loop (auto: uvloop when installed)",
     )
+    parser.add_argument(
+        "--engine-process",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the engine (scheduler, model steps, sampling) in a process of its own, "
+        "so HTTP and the model steps use two cores and do not share a GIL (default); "
+        "--no-engine-process runs it in a thread of the server's process",
+    )
     parser.add_argument("--log-level", default="info")
     return parser
 
@@ -226,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             api_key=args.api_key,
             max_body_bytes=args.max_body_bytes,
             stream_interval=args.stream_interval,
+            engine_process=args.engine_process,
             **engine_options,
         )
     except (DefaultModelNotFound, FileNotFoundError, ValueError, RankFailed) as exc:

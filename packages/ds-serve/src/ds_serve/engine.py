@@ -31,7 +31,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +41,7 @@ from ds_batching import QueueFull, Request, Scheduler
 from ds_serve.detokenizer import IncrementalDetokenizer, StopMatcher
 from ds_serve.metrics import Metrics
 from ds_serve.sampling import Sampled, SamplingParams, sample
-from ds_serve.structured import Grammar, GrammarCompiler
+from ds_serve.structured import Grammar, GrammarCompiler, GrammarSpec
 
 __all__ = ["Delta", "Engine", "EngineClosed", "RequestTooLarge", "TokenLogprob"]
 
@@ -153,19 +153,29 @@ class Engine:
         self.aborted_total = 0
         self.error: BaseException | None = None
         self._grammar_compiler: GrammarCompiler | None = None
+        self._sink: Callable[[list[Delta]], None] | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------
 
-    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        """Start the engine thread; deltas are delivered on ``loop`` (default: the running one)."""
+    def start(
+        self,
+        loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        sink: Callable[[list[Delta]], None] | None = None,
+    ) -> None:
+        """Start the engine thread; deltas are delivered on ``loop`` (default: the running
+        one) into each request's queue, or, with ``sink``, handed to ``sink`` on the
+        engine thread once per step (an engine process writes them to its pipe)."""
         if self._thread is not None:
             return
-        # The engine thread and the event loop share the GIL; at Python's default 5 ms
-        # switch interval the loop waits up to 5 ms per wake-up behind the model step
-        # (measured: half the streamed tokens/s). This is process-wide, hence only lowered.
-        if sys.getswitchinterval() > GIL_SWITCH_INTERVAL:
-            sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-        self._loop = loop or asyncio.get_running_loop()
+        if sink is None:
+            # The engine thread and the event loop share the GIL; at Python's default 5
+            # ms switch interval the loop waits up to 5 ms per wake-up behind the model
+            # step (measured: half the streamed tokens/s). Process-wide, hence only lowered.
+            if sys.getswitchinterval() > GIL_SWITCH_INTERVAL:
+                sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+            self._loop = loop or asyncio.get_running_loop()
+        self._sink = sink
         self._thread = threading.Thread(target=self._run, name="ds-serve-engine", daemon=True)
         self._thread.start()
 
@@ -279,7 +289,7 @@ class Engine:
         ``grammars`` holds one grammar state (or None) per sequence;
         ``skip_special_tokens=False`` keeps special tokens in the text and
         ``include_stop_str`` the matched stop string."""
-        if self._loop is None:
+        if self._loop is None and self._sink is None:
             raise EngineClosed("the engine has not been started")
         if adapter is not None and adapter not in self.adapters:
             # Checked here, not in the loop: an unknown name there would fail the whole step.
@@ -323,6 +333,46 @@ class Engine:
         for t in tracked:
             self.metrics.on_prompt(len(t.prompt_ids))
         return [t.request_id for t in tracked]
+
+    async def submit_request(
+        self,
+        sequences: list[tuple[list[int], SamplingParams]],
+        *,
+        queue: asyncio.Queue,
+        grammar: GrammarSpec | None = None,
+        adapter: str | None = None,
+        skip_special_tokens: bool = True,
+        include_stop_str: bool = False,
+    ) -> list[str]:
+        """``submit_all`` as the HTTP layer calls it (``EngineClient`` has the same):
+        ``grammar`` is compiled here (``GrammarError`` for one that does not compile)
+        and every sequence advances its own copy."""
+        return self.submit_all(
+            sequences,
+            adapter=adapter,
+            queue=queue,
+            grammars=self.compile_grammars(grammar, len(sequences)),
+            skip_special_tokens=skip_special_tokens,
+            include_stop_str=include_stop_str,
+        )
+
+    def compile_grammars(self, spec: GrammarSpec | None, n: int) -> list[Grammar] | None:
+        """``n`` copies of ``spec``'s grammar in its start state (None without a spec)."""
+        if spec is None:
+            return None
+        grammar = self.grammar_compiler.compile(spec)
+        return [grammar.fork() for _ in range(n)]
+
+    async def current_stats(self) -> dict[str, float]:
+        """``stats()`` as the HTTP layer reads it (``EngineClient`` asks its process)."""
+        return self.stats()
+
+    async def metrics_text(self) -> str:
+        """The Prometheus exposition of ``metrics`` with the live gauges."""
+        return self.metrics.render(self.stats())
+
+    def count_unknown_fields(self, count: int) -> None:
+        self.metrics.on_unknown_fields(count)
 
     def _track(
         self,
@@ -626,7 +676,12 @@ class Engine:
         writes to its self-pipe, and the loop's thread then competes for the GIL) is the
         costly part, so it happens only when the outbox was empty: while a delivery is
         still pending, later steps' deltas join it and go out in the same callback."""
-        if not posts or self._loop is None or self._loop.is_closed():
+        if not posts:
+            return
+        if self._sink is not None:
+            self._sink([delta for _, delta in posts])
+            return
+        if self._loop is None or self._loop.is_closed():
             return
         with self._outbox_lock:
             pending = bool(self._outbox)

@@ -399,12 +399,23 @@ def create_app(
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     stream_interval: int = 1,
+    engine_process: bool = False,
     **engine_options: Any,
 ) -> App:
     """The server for ``model_path``: ``create_app(path).run(host="127.0.0.1", port=8000)``,
     or hand the returned object to any ASGI server. ``engine_options``: see ``ENGINE_OPTIONS``.
     ``stream_interval``: the tokens a streamed choice sends per event (see ``App``).
+    ``engine_process``: run the engine in a process of its own (``ds_serve.engine_process``;
+    what the ``ds-serve`` command does) rather than in a thread of this one.
     """
+    if engine_process:
+        from ds_serve.engine_process import EngineClient
+
+        _options(engine_options)  # unknown options fail here, before a process starts
+        engine = EngineClient(model_path, engine_options)
+        return App(
+            engine, api_key=api_key, max_body_bytes=max_body_bytes, stream_interval=stream_interval
+        )
     engine = build_engine(model_path, **engine_options)
     return App(
         engine, api_key=api_key, max_body_bytes=max_body_bytes, stream_interval=stream_interval
