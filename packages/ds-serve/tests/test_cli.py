@@ -177,3 +177,14 @@ def test_auto_dtype_serves_a_bf16_checkpoint_in_float32_on_cpu(checkpoint, tmp_p
     assert build_engine(bf16, **small).runner.model.dtype == torch.float32
     kept = build_engine(bf16, dtype="bfloat16", **small)
     assert kept.runner.model.dtype == torch.bfloat16
+
+
+def test_ctrl_c_after_the_graceful_shutdown_exits_130_without_a_traceback(monkeypatch):
+    import ds_serve.server
+
+    class Interrupted:
+        def run(self, **options):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ds_serve.server, "create_app", lambda *a, **k: Interrupted())
+    assert main([]) == 130

@@ -113,6 +113,11 @@ class PagedKVCache:
             ]
             for _ in range(config.num_hidden_layers)
         ]
+        # The same storage as (num_blocks * block_size, ...) slots, made once: a serving
+        # step writes and reads slots in every layer.
+        self.flat = [
+            [pool.view(-1, *s) for pool, s in zip(layer, self.shapes)] for layer in self.layers
+        ]
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -128,8 +133,8 @@ class PagedWriter:
     belong to prefill (or chunked-prefill) sequences, which read their gathered context.
 
     ``write_slots`` (N,): pool slot of each new token. ``block_tables`` (num_decode,
-    max_blocks) int32 and ``context_lens`` (num_decode,) int32: the decode rows' blocks
-    and context lengths (their new token included), as ds-attention's
+    max_blocks) and ``context_lens`` (num_decode,), int32 on CUDA and int64 on the CPU:
+    the decode rows' blocks and context lengths (their new token included), as ds-attention's
     ``paged_decode_attention`` takes them. ``read_slots``: pool slots of every prefill
     sequence's context, sequence after sequence; ``prefill_cu_seqlens`` (cu_q, cu_k):
     the prefill rows' varlen boundaries; ``prefill_history``: whether any prefill
@@ -160,9 +165,10 @@ class PagedWriter:
 
     def write(self, layer_idx: int, new: list[torch.Tensor]) -> None:
         """Store the new rows' entries (N, 1, ...) each in their slots."""
-        for pool, t, shape in zip(self.cache.layers[layer_idx], new, self.cache.shapes):
-            flat = pool.view(-1, *shape)
-            flat.index_copy_(0, self.write_slots, t.reshape(-1, *shape).to(pool.dtype))
+        for flat, t, shape in zip(self.cache.flat[layer_idx], new, self.cache.shapes):
+            if t.dtype != flat.dtype:
+                t = t.to(flat.dtype)
+            flat.index_copy_(0, self.write_slots, t.reshape(-1, *shape))
 
     def pages(self, layer_idx: int) -> list[torch.Tensor]:
         """The layer's pool tensors, (num_blocks, block_size, ...) each: read in place."""
@@ -171,8 +177,8 @@ class PagedWriter:
     def context(self, layer_idx: int) -> list[torch.Tensor]:
         """The prefill sequences' packed contexts, (1, sum(context_lens), ...) each."""
         return [
-            pool.view(-1, *shape).index_select(0, self.read_slots).unsqueeze(0)
-            for pool, shape in zip(self.cache.layers[layer_idx], self.cache.shapes)
+            flat.index_select(0, self.read_slots).unsqueeze(0)
+            for flat in self.cache.flat[layer_idx]
         ]
 
     def update(self, layer_idx: int, new: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -159,8 +159,10 @@ class MLAttention(nn.Module):
         q_latent = torch.bmm(q_nope.view(n, h, -1).transpose(0, 1), w_uk)
         q = torch.cat((q_latent.transpose(0, 1), q_pe.view(n, h, -1)), dim=-1)
         (pages,) = cache.pages(self.layer_idx)
+        if q.dtype != pages.dtype:  # skipped casts: this runs per layer per decode step
+            q = q.to(pages.dtype)
         out = paged_decode(
-            q.to(pages.dtype),
+            q,
             pages.unsqueeze(2),
             None,
             cache.block_tables,
@@ -170,8 +172,10 @@ class MLAttention(nn.Module):
             v_head_dim=self.kv_lora_rank,
             backend=backend,
         )  # (n, h, r)
+        if out.dtype != w_uv.dtype:
+            out = out.to(w_uv.dtype)
         # (h, n, r) @ (h, r, v) -> (h, n, v): the value half of kv_b_proj absorbed.
-        out = torch.bmm(out.transpose(0, 1).to(w_uv.dtype), w_uv.transpose(1, 2))
+        out = torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2))
         return out.transpose(0, 1).unsqueeze(1)
 
     def _naive(self, q_nope, q_pe, kv, ctx: ForwardContext, x=None) -> torch.Tensor:

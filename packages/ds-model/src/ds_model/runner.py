@@ -265,10 +265,11 @@ class ModelRunner:
         the varlen boundaries (cu_q, cu_k), new and context lengths per sequence.
         Sequences ``[0, num_decode)`` are decode rows.
 
-        Every index tensor of the step is a view of one of two tensors (int64 and int32)
-        built from one flat list each: two ``torch.tensor`` calls (two host-to-device
-        copies on CUDA) per step instead of one per index. The decode rows' shortest and
-        longest context go to the writer as ints, so no layer reads them back."""
+        Every index tensor of the step is a view of one tensor built from one flat list
+        (int64, on the CPU) or of two (int64, and int32 for the Triton kernels, on CUDA):
+        one or two ``torch.tensor`` calls (host-to-device copies on CUDA) per step instead
+        of one per index. The decode rows' shortest and longest context go to the writer
+        as ints, so no layer reads them back."""
         dev, bs = self.device, self.block_size
         flat_tokens: list[int] = []
         flat_pos: list[int] = []
@@ -288,23 +289,25 @@ class ModelRunner:
         for s, w in enumerate(widths):
             table_rows.extend(block_tables[s][:w])
             table_rows.extend([0] * (width - w))
-        # int32 block tables for the Triton kernel; the CPU torch path indexes with
-        # int64, so it gets int64 here rather than converting once per layer.
-        tables_int32 = dev.type == "cuda"
         prefill_new, prefill_ctx = new_lens[num_decode:], ctx_lens[num_decode:]
-        longs = [flat_tokens, flat_pos, decode_slots, [] if tables_int32 else table_rows]
+        longs = [flat_tokens, flat_pos, decode_slots]
         ints = [
             [0, *_cumsum(new_lens)],
             [0, *_cumsum(ctx_lens)],
             ctx_lens[:num_decode],
             [0, *_cumsum(prefill_new)] if prefill_new else [],
             [0, *_cumsum(prefill_ctx)] if prefill_ctx else [],
-            table_rows if tables_int32 else [],
+            table_rows,
         ]
-        ids, pos, decode_write, cpu_tables = _views(longs, torch.long, dev)
-        cu_q, cu_k, decode_lens, prefill_cu_q, prefill_cu_k, cuda_tables = _views(
-            ints, torch.int32, dev
-        )
+        if dev.type == "cuda":
+            # int32 block tables, lengths and boundaries for the Triton kernels.
+            ids, pos, decode_write = _views(longs, torch.long, dev)
+            index = _views(ints, torch.int32, dev)
+        else:
+            # The CPU paths take int64 indices (ds-attention's torch path indexes with
+            # them): one tensor holds the step's every index, one host copy per step.
+            ids, pos, decode_write, *index = _views(longs + ints, torch.long, dev)
+        cu_q, cu_k, decode_lens, prefill_cu_q, prefill_cu_k, tables = index
         write = [decode_write]
         read = []
         for s in range(num_decode, len(token_ids)):
@@ -314,7 +317,7 @@ class ModelRunner:
             write.append(slots[positions[s] : ctx_lens[s]])
         decode_tables = context_lens = prefill_cu = context_range = None
         if num_decode:
-            decode_tables = (cuda_tables if tables_int32 else cpu_tables).view(num_decode, width)
+            decode_tables = tables.view(num_decode, width)
             context_lens = decode_lens
             context_range = (min(ctx_lens[:num_decode]), max(ctx_lens[:num_decode]))
         if num_decode < len(token_ids):

@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from ds_batching import QueueFull
@@ -59,6 +59,9 @@ from ds_serve.validation import (
     tokenize_ids,
 )
 
+if TYPE_CHECKING:
+    from ds_serve.engine_process import EngineClient
+
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "App"]
 
 log = logging.getLogger("ds_serve.app")
@@ -84,7 +87,7 @@ class App:
 
     def __init__(
         self,
-        engine: Engine,
+        engine: Engine | EngineClient,
         *,
         api_key: str | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,

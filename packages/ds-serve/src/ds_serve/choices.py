@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -40,6 +40,9 @@ from ds_serve.logprobs import chat_logprobs, completion_logprobs
 from ds_serve.sse import watch_disconnect
 from ds_serve.structured import GrammarError
 from ds_serve.validation import Prepared
+
+if TYPE_CHECKING:
+    from ds_serve.engine_process import EngineClient
 
 __all__ = ["Choices", "chat_body", "chat_events", "completion_body", "completion_events"]
 
@@ -71,7 +74,9 @@ class ChoiceResult:
 class Choices:
     """The n choices of one HTTP request: engine ids, shared output queue, running totals."""
 
-    def __init__(self, engine: Engine, prepared: Prepared, stream_interval: int = 1) -> None:
+    def __init__(
+        self, engine: Engine | EngineClient, prepared: Prepared, stream_interval: int = 1
+    ) -> None:
         self.engine = engine
         self.stream_interval = stream_interval
         self.streamed: set[int] = set()  # choices that have sent an event

@@ -240,14 +240,19 @@ def main(argv: list[str] | None = None) -> int:
     except (DefaultModelNotFound, FileNotFoundError, ValueError, RankFailed) as exc:
         print(f"ds-serve: error: {exc}", file=sys.stderr)
         return 2
-    app.run(
-        host=args.host,
-        port=args.port,
-        shutdown_grace=args.shutdown_grace,
-        log_level=args.log_level,
-        http=args.http,
-        loop=args.loop,
-    )
+    try:
+        app.run(
+            host=args.host,
+            port=args.port,
+            shutdown_grace=args.shutdown_grace,
+            log_level=args.log_level,
+            http=args.http,
+            loop=args.loop,
+        )
+    except KeyboardInterrupt:
+        # uvicorn raises Ctrl-C again once its graceful shutdown is done: the exit
+        # status says so, without a traceback.
+        return 130
     return 0
 
 
