@@ -124,6 +124,7 @@ def test_json_output_health_and_metrics(live):
     assert "vllm:prompt_tokens_total" in metrics
 
 
+@pytest.mark.slow  # a server and engine process of its own
 def test_a_full_waiting_queue_is_a_429(checkpoint):
     app = create_app(
         checkpoint,
@@ -145,6 +146,7 @@ def test_a_full_waiting_queue_is_a_429(checkpoint):
     assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
 
 
+@pytest.mark.slow  # a server and engine process of its own
 def test_a_dead_engine_process_ends_requests_and_turns_health_unavailable(checkpoint):
     app = create_app(checkpoint, engine_process=True, num_blocks=32, dtype="float32")
     with LiveServer(app) as server:
@@ -165,6 +167,7 @@ def test_a_dead_engine_process_ends_requests_and_turns_health_unavailable(checkp
         assert again.status_code == 503
 
 
+@pytest.mark.slow  # a server and engine process of its own
 def test_the_engine_process_stops_with_the_server_and_without_it(checkpoint):
     app = create_app(checkpoint, engine_process=True, num_blocks=8, dtype="float32")
     with LiveServer(app) as server:
@@ -186,6 +189,7 @@ def test_the_engine_process_stops_with_the_server_and_without_it(checkpoint):
     assert orphan.engine.process.returncode == 0
 
 
+@pytest.mark.slow  # a server and engine process of its own
 def test_a_request_whose_submitter_stops_waiting_is_aborted(checkpoint):
     from ds_serve.engine_process import EngineClient
 
