@@ -177,10 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--engine-process",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        # The pipes to the engine process are inherited file descriptors (POSIX).
+        default=os.name == "posix",
         help="run the engine (scheduler, model steps, sampling) in a process of its own, "
-        "so HTTP and the model steps use two cores and do not share a GIL (default); "
-        "--no-engine-process runs it in a thread of the server's process",
+        "so HTTP and the model steps use two cores and do not share a GIL (default on "
+        "POSIX systems); --no-engine-process runs it in a thread of the server's process",
     )
     parser.add_argument("--log-level", default="info")
     return parser

@@ -178,6 +178,11 @@ class EngineClient:
     def __init__(
         self, model_path: str | os.PathLike | None, engine_options: dict[str, Any]
     ) -> None:
+        if os.name != "posix":
+            raise ValueError(
+                "engine_process=True needs a POSIX system (its pipes are inherited file "
+                "descriptors); use engine_process=False (ds-serve --no-engine-process)"
+            )
         quantization = engine_options.get("quantization")
         if quantization is not None and not isinstance(quantization, str):
             raise ValueError(
