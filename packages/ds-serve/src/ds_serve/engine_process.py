@@ -121,7 +121,10 @@ def _start_errors() -> dict[str, type[Exception]]:
     return {cls.__name__: cls for cls in kinds}
 
 
-_SUBMIT_ERRORS = {cls.__name__: cls for cls in (GrammarError, RequestTooLarge, ValueError)}
+# A submission's refusals, raised again in the server (RuntimeError: a fault, a 500).
+_SUBMIT_ERRORS = {
+    cls.__name__: cls for cls in (GrammarError, RequestTooLarge, ValueError, RuntimeError)
+}
 
 
 def _wire_params(params: SamplingParams) -> dict[str, Any]:
@@ -371,6 +374,8 @@ class EngineClient:
     async def _call(self, command: Submit | Query) -> Reply:
         if self.error is not None:
             raise EngineClosed(f"the engine failed ({self.error}); restart the server")
+        if self._commands < 0:  # shut down: nothing would ever answer
+            raise EngineClosed("the engine has stopped")
         command.call = next(self._call_ids)
         future = asyncio.get_running_loop().create_future()
         self._calls[command.call] = future
@@ -516,7 +521,10 @@ def serve(commands: int, events: int) -> int:
                 break
             reply = _run_command(engine, command)
             if reply is not None:
-                send(reply)
+                try:
+                    send(reply)
+                except OSError:
+                    break  # the server is gone
     finally:
         engine.shutdown()
     return 0
@@ -540,6 +548,9 @@ def _run_command(engine: Any, command: Any) -> Reply | None:
             )
         except (ValueError, EngineClosed) as exc:
             return Reply(command.call, None, type(exc).__name__, str(exc))
+        except Exception as exc:  # a fault here fails this request, not the server
+            log.exception("submitting a request failed")
+            return Reply(command.call, None, "RuntimeError", f"{type(exc).__name__}: {exc}")
         return Reply(command.call, ids)
     if isinstance(command, Query):
         stats = engine.stats()
