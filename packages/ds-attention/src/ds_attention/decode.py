@@ -180,8 +180,8 @@ def paged_decode_torch(
     # views when kv_heads is 1 (MLA), one copy of the gathered pages otherwise. Each
     # call below that would be a no-op (a view to the same shape, a cast to the same
     # dtype) is skipped: this runs once per layer per decode step, where a few
-    # microseconds a call add up (an eager batch-1 step of a 4-layer MLA model ran 8-11%
-    # slower than generate's before).
+    # microseconds a call are a visible share of an eager batch-1 step of a small model
+    # (docs/ds-attention.md, "Paged decode").
     width = pages * page
     k = _gather_pages(k_cache, blocks)
     k = k.view(batch, width, d_qk) if kv_heads == 1 else k.view(batch, width, kv_heads, d_qk)
