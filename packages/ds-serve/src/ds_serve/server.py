@@ -232,14 +232,20 @@ def _probe_adapters(runner, adapters: tuple[str, ...]) -> None:
             ) from exc
 
 
+def _model_dir(model_path: str | os.PathLike | None) -> Path:
+    """The directory to serve: ``model_path``, or the built-in model's."""
+    path = Path(model_path) if model_path is not None else find_default_model()
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
+    return path
+
+
 def build_engine(model_path: str | os.PathLike | None = None, **engine_options: Any) -> Engine:
     """The engine for ``model_path`` (None: the built-in model, see ``default_model``)."""
     import ds_model
 
     options = _options(engine_options)
-    path = Path(model_path) if model_path is not None else find_default_model()
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
+    path = _model_dir(model_path)
     device = torch.device(options["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _serving_dtype(options["dtype"], device)
     checkpoint = _newest_checkpoint(path)
@@ -411,8 +417,9 @@ def create_app(
     if engine_process:
         from ds_serve.engine_process import EngineClient
 
-        _options(engine_options)  # unknown options fail here, before a process starts
-        engine = EngineClient(model_path, engine_options)
+        # A missing model or an unknown option fails here, before a process starts.
+        _options(engine_options)
+        engine = EngineClient(_model_dir(model_path), engine_options)
         return App(
             engine, api_key=api_key, max_body_bytes=max_body_bytes, stream_interval=stream_interval
         )
