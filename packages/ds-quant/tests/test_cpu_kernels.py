@@ -18,6 +18,7 @@ from ds_quant.kernels.cpu import (
     prepack_int4_cpu,
     w4a16_matmul_cpu,
 )
+from ds_quant.kernels.cpu_gemv import MAX_ROWS
 from ds_quant.kernels.reference import int8_weight_matmul_reference, w4a16_matmul_reference
 from ds_quant.primitives import (
     dequantize_int4,
@@ -121,10 +122,11 @@ def test_int4_cpu_kernel_matches_reference(
 @given(k=st.integers(1, 80), rows=st.integers(1, 5), dtype=st.sampled_from(DTYPES))
 def test_int8_layer_takes_the_reference_where_the_op_does_not_apply(k, rows, dtype):
     # in_features % 16 != 0: torch's op crashes on such bfloat16 inputs.
+    # More rows than the decode kernel (test_cpu_gemv.py) takes.
     k = k if k % 16 else k + 1
     torch.manual_seed(k)
     layer = quantize_(nn.Linear(k, 24, bias=False).to(dtype), Int8WeightOnlyConfig())
-    x = torch.randn(rows, k, dtype=dtype)
+    x = torch.randn(MAX_ROWS + rows, k, dtype=dtype)
     want = int8_weight_matmul_reference(x, layer.weight, layer.weight_scale)
     assert torch.equal(layer(x), want)
 
@@ -143,7 +145,7 @@ def test_int4_layer_takes_the_reference_where_the_op_does_not_apply(k, n, group_
     layer = quantize_(
         nn.Linear(k, n, bias=False).to(dtype), Int4WeightOnlyConfig(group_size=group_size)
     )
-    x = torch.randn(3, k, dtype=dtype)
+    x = torch.randn(MAX_ROWS + 3, k, dtype=dtype)
     w = dequantize_int4(layer.weight, layer.weight_scale, layer.weight_zero, group_size, k)
     assert torch.equal(layer(x), torch.nn.functional.linear(x, w.to(dtype)))
 
@@ -184,7 +186,9 @@ def test_state_dict_keeps_the_canonical_format_after_cpu_calls():
 )
 def test_int4_layer_with_a_partial_last_group(groups, partial, group_size, n16, rows, dtype, seed):
     # A partial last group of at least 32 values takes the op (MLA's 192-wide input in
-    # groups of 128) within its bounds; fewer take the reference, exactly.
+    # groups of 128) within its bounds; fewer take the reference, exactly. (More rows than
+    # the decode kernel takes.)
+    rows += MAX_ROWS
     partial = partial % group_size or 1
     k, n = groups * group_size + partial, 16 * n16
     torch.manual_seed(seed)

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import ds_quant
 import torch
 import torch.nn.functional as F
+from ds_quant.kernels import experts_gemv, experts_gemv_takes
 from torch import nn
 
 from ds_model.matvec import stored
@@ -127,6 +128,12 @@ def stack_quantized(layers) -> tuple[Stacked, Stacked] | None:
 def _products(row: torch.Tensor, stacked: Stacked, chosen: torch.Tensor) -> torch.Tensor:
     """(k, in) float32 rows (or (1, in), shared) by the chosen experts' weights -> (k, out)
     float32."""
+    if stacked.scale is not None and experts_gemv_takes(row, stacked.weight, stacked.group_size):
+        # ds-quant's CPU decode kernel on the chosen experts' stored bytes: 1.3-1.6x the
+        # bytes per second of the loops below (docs/benchmarks.md).
+        return experts_gemv(
+            row, stacked.weight, stacked.scale, stacked.zero, chosen, stacked.group_size
+        )
     w = stacked.weight[chosen]
     if stacked.zero is None:
         y = (row[:, None, :] * w.float()).sum(-1)

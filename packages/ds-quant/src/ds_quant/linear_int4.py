@@ -25,6 +25,7 @@ from ds_quant.kernels.cpu import (
     prepack_int4_cpu,
     w4a16_matmul_cpu,
 )
+from ds_quant.kernels.cpu_gemv import int4_gemv, int4_takes, prepare
 from ds_quant.kernels.reference import w4a16_matmul_reference
 from ds_quant.kernels.select import choose_w4a16_backend
 from ds_quant.linear import QuantizedLinear
@@ -124,6 +125,7 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         weight = self.weight
         if weight.device.type != "cpu" or weight.numel() == 0:
             return
+        prepare(weight)  # the decode kernel (kernels.cpu_gemv)
         probe = torch.empty(0, self.in_features)
         if int4_cpu_supported(probe, self.out_features, self.config.group_size):
             self._cpu_operands(COMPUTE_DTYPE)
@@ -146,6 +148,17 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         if self.input_scale is not None:
             x = x / self.input_scale.to(x.dtype)
         gs = self.config.group_size
+        if self.backend == "auto" and int4_takes(x, self.weight, gs):
+            # Decode rows: ``kernels.cpu_gemv`` on the stored packed weight.
+            if torch.compiler.is_compiling():
+                y = torch.ops.ds_quant.int4_gemv_cpu(
+                    x.reshape(-1, self.in_features), self.weight, self.weight_scale,
+                    self.weight_zero, gs,
+                )  # fmt: skip
+                return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            return int4_gemv(
+                x, self.weight, self.weight_scale, self.weight_zero, gs, self.in_features
+            )
         backend = choose_w4a16_backend(x, self.out_features, gs, self.backend)
         if backend == "cpu_packed" and torch.compiler.is_compiling():
             # The layout cache is keyed on data_ptr(), which compiled code cannot read:

@@ -17,6 +17,7 @@ from ds_quant.kernels.cpu import (
     int8_weight_matmul_cpu,
     int8_weight_matmul_traced,
 )
+from ds_quant.kernels.cpu_gemv import int8_gemv, int8_takes, prepare
 from ds_quant.kernels.reference import int8_weight_matmul_reference
 from ds_quant.kernels.select import GEMV_MAX_ROWS, HAS_TRITON
 from ds_quant.linear import QuantizedLinear
@@ -55,8 +56,9 @@ INT8_BACKENDS = ("auto", "reference")
 
 
 class Int8WeightOnlyLinear(_Int8Base):
-    """W8A16: activations stay float; on CPU torch's ``_weight_int8pack_mm`` runs it on
-    the stored int8 weight as is, with bfloat16 activations (see ``kernels.cpu``).
+    """W8A16: activations stay float. On CPU, up to ``kernels.cpu_gemv.MAX_ROWS`` rows
+    (decode) run ``kernels.cpu_gemv``'s kernel on the stored int8 weight, more rows
+    torch's ``_weight_int8pack_mm`` with bfloat16 activations (see ``kernels.cpu``).
     ``backend`` "reference" forces dequantize-then-matmul (the ground truth)."""
 
     config_type = Int8WeightOnlyConfig
@@ -68,6 +70,16 @@ class Int8WeightOnlyLinear(_Int8Base):
         # of the state dict.
         self._cpu_unit: torch.Tensor | None = None
 
+    @classmethod
+    def _from_float(cls, linear: nn.Linear, config: Any) -> QuantizedLinear:
+        layer = super()._from_float(linear, config)
+        prepare(layer.weight)
+        return layer
+
+    def _allocate(self, device: torch.device | str | None) -> None:
+        super()._allocate(device)
+        prepare(self.weight)
+
     def _cpu_unit_scale(self) -> torch.Tensor:
         if self._cpu_unit is None or self._cpu_unit.shape[0] != self.out_features:
             self._cpu_unit = torch.ones(self.out_features, dtype=COMPUTE_DTYPE)
@@ -78,6 +90,13 @@ class Int8WeightOnlyLinear(_Int8Base):
             if self.backend != "reference":
                 raise ValueError(f"backend must be one of {INT8_BACKENDS}, got {self.backend!r}")
             return int8_weight_matmul_reference(x, self.weight, self.weight_scale)
+        if int8_takes(x, self.weight):
+            if torch.compiler.is_compiling():
+                y = torch.ops.ds_quant.int8_gemv_cpu(
+                    x.reshape(-1, self.in_features), self.weight, self.weight_scale
+                )
+                return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            return int8_gemv(x, self.weight, self.weight_scale)
         if x.device.type == "cpu" and torch.compiler.is_compiling():
             # The eager checks read data_ptr() (alignment), which breaks a compiled graph
             # at every layer: traced code calls the op through a custom op that checks

@@ -1,0 +1,282 @@
+/* INT8 and INT4 weight-only matrix products for a few rows, on x86 CPUs.
+ *
+ * Decode multiplies one or a few activation rows by every weight matrix, so its time is
+ * the weight bytes it reads. These kernels read the stored integer weights once for all
+ * rows and never make a float copy of them. The activation rows are quantized to int16
+ * with one scale per row (max |x| / 32767: finer than the bfloat16 rounding of torch's
+ * packed ops), so each weight chunk is widened to int16 once and multiplied with the
+ * rows by integer pair dot products (AVX512-VNNI vpdpwssd, or vpmaddwd + vpaddd on
+ * AVX512BW / AVX2), accumulated exactly in int32 over blocks of at most 4096 inputs, then
+ * in float32.
+ *
+ * Layouts are ds_quant's own (see ds_quant/primitives.py):
+ *   INT8: w int8 (N, K), row stride ldw; scale float32 (N,); y = (x @ w^T) * scale.
+ *   INT4: w uint8 (N, K_pad / 2), byte j holding values 2j (low nibble) and 2j + 1 (high);
+ *         scale, zero float32 (N, G) with K_pad = G * group; W = (q - zero) * scale.
+ * x float32 (M, K) with row stride ldx, y float32 (M, N) with row stride ldy.
+ * Every function returns 0, or a negative code for arguments it does not take (the
+ * Python side checks them first; the codes are a second line).
+ */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_ROWS 8
+#define BLOCK 4096 /* inputs per exact int32 block: 2 * 32767 * 128 * BLOCK / 32 < 2^31 */
+#define ROWS_PER_TASK 16
+
+#if defined(__AVX512BW__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#if defined(__AVX512BW__)
+#define STEP 32 /* int16 lanes per vector */
+typedef __m512i vi;
+typedef __m512 vf;
+static inline vi vzero(void) { return _mm512_setzero_si512(); }
+static inline vi load_i16(const int16_t *p) { return _mm512_loadu_si512((const void *)p); }
+static inline vi widen_i8(const int8_t *p) {
+  return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p));
+}
+static inline vi widen_u8(const uint8_t *p) {
+  return _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
+}
+static inline vi low_nibbles(vi v) { return _mm512_and_si512(v, _mm512_set1_epi16(15)); }
+static inline vi high_nibbles(vi v) { return _mm512_srli_epi16(v, 4); }
+#if defined(__AVX512VNNI__)
+static inline vi dot_acc(vi acc, vi a, vi b) { return _mm512_dpwssd_epi32(acc, a, b); }
+#define ISA 3
+#else
+static inline vi dot_acc(vi acc, vi a, vi b) { return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b)); }
+#define ISA 2
+#endif
+static inline vf fzero(void) { return _mm512_setzero_ps(); }
+static inline vf to_float(vi v) { return _mm512_cvtepi32_ps(v); }
+static inline vf fmadd_s(vf a, float s, vf acc) { return _mm512_fmadd_ps(a, _mm512_set1_ps(s), acc); }
+static inline vf fadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline float fsum(vf v) { return _mm512_reduce_add_ps(v); }
+#elif defined(__AVX2__)
+#define STEP 16
+#define ISA 1
+typedef __m256i vi;
+typedef __m256 vf;
+static inline vi vzero(void) { return _mm256_setzero_si256(); }
+static inline vi load_i16(const int16_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+static inline vi widen_i8(const int8_t *p) {
+  return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
+}
+static inline vi widen_u8(const uint8_t *p) {
+  return _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
+}
+static inline vi low_nibbles(vi v) { return _mm256_and_si256(v, _mm256_set1_epi16(15)); }
+static inline vi high_nibbles(vi v) { return _mm256_srli_epi16(v, 4); }
+static inline vi dot_acc(vi acc, vi a, vi b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
+static inline vf fzero(void) { return _mm256_setzero_ps(); }
+static inline vf to_float(vi v) { return _mm256_cvtepi32_ps(v); }
+static inline vf fmadd_s(vf a, float s, vf acc) { return _mm256_fmadd_ps(a, _mm256_set1_ps(s), acc); }
+static inline vf fadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline float fsum(vf v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#else
+#define ISA 0
+#endif
+
+/* 0: no vector path was compiled (the functions below refuse); 1: AVX2; 2: AVX512BW;
+ * 3: AVX512BW + VNNI. */
+int ds_gemv_isa(void) { return ISA; }
+
+#if ISA > 0
+
+/* Row m of x to int16 with one scale (returned), written to out[0, K) and zero-filled up
+ * to padded. A row with a non-finite value gets a NaN scale, so its outputs are NaN. */
+static float quantize_row(const float *x, int64_t K, int64_t padded, int16_t *out) {
+  float amax = 0.0f;
+  int finite = 1;
+  for (int64_t k = 0; k < K; k++) {
+    const float a = fabsf(x[k]);
+    finite &= a <= FLT_MAX; /* false for inf and NaN */
+    amax = a > amax ? a : amax;
+  }
+  if (!finite) {
+    memset(out, 0, (size_t)padded * sizeof(int16_t));
+    return NAN;
+  }
+  if (amax == 0.0f) {
+    memset(out, 0, (size_t)padded * sizeof(int16_t));
+    return 0.0f;
+  }
+  const float inv = 32767.0f / amax;
+  for (int64_t k = 0; k < K; k++) out[k] = (int16_t)lrintf(x[k] * inv);
+  for (int64_t k = K; k < padded; k++) out[k] = 0;
+  return amax / 32767.0f;
+}
+
+static int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
+
+/* Rows [n0, n1) of the INT8 product for M activation rows. Inlined into a copy per M
+ * (``SPECIALIZE``), so the accumulators live in registers. */
+static inline __attribute__((always_inline)) void int8_rows(const int M, int64_t n0, int64_t n1, int64_t K, const int16_t *xq,
+                      int64_t ldq, const float *xs, const int8_t *w, int64_t ldw,
+                      const float *scale, float *y, int64_t ldy) {
+  const int64_t whole = K / STEP * STEP;
+  for (int64_t n = n0; n < n1; n++) {
+    const int8_t *row = w + n * ldw;
+    vf total[MAX_ROWS];
+    for (int m = 0; m < M; m++) total[m] = fzero();
+    for (int64_t k0 = 0; k0 < whole; k0 += BLOCK) {
+      const int64_t k1 = k0 + BLOCK < whole ? k0 + BLOCK : whole;
+      vi acc[MAX_ROWS];
+      for (int m = 0; m < M; m++) acc[m] = vzero();
+      for (int64_t k = k0; k < k1; k += STEP) {
+        const vi wv = widen_i8(row + k);
+        for (int m = 0; m < M; m++) acc[m] = dot_acc(acc[m], wv, load_i16(xq + m * ldq + k));
+      }
+      for (int m = 0; m < M; m++) total[m] = fadd(total[m], to_float(acc[m]));
+    }
+    for (int m = 0; m < M; m++) {
+      const int16_t *q = xq + m * ldq;
+      int64_t tail = 0;
+      for (int64_t k = whole; k < K; k++) tail += (int64_t)row[k] * q[k];
+      y[m * ldy + n] = (fsum(total[m]) + (float)tail) * xs[m] * scale[n];
+    }
+  }
+}
+
+/* Rows [n0, n1) of the INT4 product: xe / xo hold each row's even / odd inputs. */
+static inline __attribute__((always_inline)) void int4_rows(const int M, int64_t n0, int64_t n1, int64_t groups, int64_t group,
+                      const int16_t *xe, const int16_t *xo, int64_t ldq, const float *xs,
+                      const int64_t *xsum, const uint8_t *w, int64_t ldw, const float *scale,
+                      const float *zero, int64_t lds, float *y, int64_t ldy) {
+  const int64_t half = group / 2; /* bytes, and int16 values of xe / xo, per group */
+  for (int64_t n = n0; n < n1; n++) {
+    const uint8_t *row = w + n * ldw;
+    const float *s = scale + n * lds, *z = zero + n * lds;
+    vf total[MAX_ROWS];
+    float offset[MAX_ROWS];
+    for (int m = 0; m < M; m++) {
+      total[m] = fzero();
+      offset[m] = 0.0f;
+    }
+    for (int64_t g = 0; g < groups; g++) {
+      vi acc[MAX_ROWS];
+      for (int m = 0; m < M; m++) acc[m] = vzero();
+      for (int64_t b = g * half; b < (g + 1) * half; b += STEP) {
+        const vi wv = widen_u8(row + b);
+        const vi lo = low_nibbles(wv), hi = high_nibbles(wv);
+        for (int m = 0; m < M; m++) {
+          acc[m] = dot_acc(acc[m], lo, load_i16(xe + m * ldq + b));
+          acc[m] = dot_acc(acc[m], hi, load_i16(xo + m * ldq + b));
+        }
+      }
+      for (int m = 0; m < M; m++) {
+        total[m] = fmadd_s(to_float(acc[m]), s[g], total[m]);
+        offset[m] += s[g] * z[g] * (float)xsum[m * groups + g];
+      }
+    }
+    for (int m = 0; m < M; m++) y[m * ldy + n] = (fsum(total[m]) - offset[m]) * xs[m];
+  }
+}
+
+#define SPECIALIZE(fn, M, ...)          \
+  switch (M) {                          \
+    case 1: fn(1, __VA_ARGS__); break;  \
+    case 2: fn(2, __VA_ARGS__); break;  \
+    case 3: fn(3, __VA_ARGS__); break;  \
+    case 4: fn(4, __VA_ARGS__); break;  \
+    case 5: fn(5, __VA_ARGS__); break;  \
+    case 6: fn(6, __VA_ARGS__); break;  \
+    case 7: fn(7, __VA_ARGS__); break;  \
+    default: fn(8, __VA_ARGS__); break; \
+  }
+
+static int threads_for(int64_t rows, int threads) {
+  const int64_t tasks = (rows + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+  return threads < 1 ? 1 : (tasks < threads ? (int)tasks : threads);
+}
+
+int ds_int8_gemv(int64_t M, int64_t N, int64_t K, const float *x, int64_t ldx,
+                 const int8_t *w, int64_t ldw, const float *scale, float *y, int64_t ldy,
+                 int threads) {
+  if (M < 1 || M > MAX_ROWS || N < 0 || K < 1 || ldw < K || ldx < K || ldy < N) return -1;
+  const int64_t ldq = round_up(K, STEP);
+  int16_t *xq = (int16_t *)malloc((size_t)(M * ldq) * sizeof(int16_t));
+  if (!xq) return -2;
+  float xs[MAX_ROWS];
+  for (int64_t m = 0; m < M; m++) xs[m] = quantize_row(x + m * ldx, K, ldq, xq + m * ldq);
+  const int nt = threads_for(N, threads);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+  for (int64_t n0 = 0; n0 < N; n0 += ROWS_PER_TASK) {
+    const int64_t n1 = n0 + ROWS_PER_TASK < N ? n0 + ROWS_PER_TASK : N;
+    SPECIALIZE(int8_rows, M, n0, n1, K, xq, ldq, xs, w, ldw, scale, y, ldy)
+  }
+  free(xq);
+  return 0;
+}
+
+int ds_int4_gemv(int64_t M, int64_t N, int64_t K, int64_t group, const float *x, int64_t ldx,
+                 const uint8_t *w, int64_t ldw, const float *scale, const float *zero,
+                 int64_t lds, float *y, int64_t ldy, int threads) {
+  if (M < 1 || M > MAX_ROWS || N < 0 || K < 1 || group < 2 * STEP || group % (2 * STEP) ||
+      ldx < K || ldy < N)
+    return -1;
+  const int64_t groups = (K + group - 1) / group, padded = groups * group;
+  if (ldw < padded / 2 || lds < groups) return -1;
+  const int64_t ldq = padded / 2;
+  int16_t *buf = (int16_t *)malloc((size_t)(M * padded) * sizeof(int16_t));
+  int16_t *xe = (int16_t *)malloc((size_t)(2 * M * ldq) * sizeof(int16_t));
+  int64_t *xsum = (int64_t *)malloc((size_t)(M * groups) * sizeof(int64_t));
+  if (!buf || !xe || !xsum) {
+    free(buf);
+    free(xe);
+    free(xsum);
+    return -2;
+  }
+  int16_t *xo = xe + M * ldq;
+  float xs[MAX_ROWS];
+  for (int64_t m = 0; m < M; m++) {
+    int16_t *q = buf + m * padded;
+    xs[m] = quantize_row(x + m * ldx, K, padded, q);
+    for (int64_t j = 0; j < ldq; j++) {
+      xe[m * ldq + j] = q[2 * j];
+      xo[m * ldq + j] = q[2 * j + 1];
+    }
+    for (int64_t g = 0; g < groups; g++) {
+      int64_t sum = 0;
+      for (int64_t k = g * group; k < (g + 1) * group; k++) sum += q[k];
+      xsum[m * groups + g] = sum;
+    }
+  }
+  const int nt = threads_for(N, threads);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+  for (int64_t n0 = 0; n0 < N; n0 += ROWS_PER_TASK) {
+    const int64_t n1 = n0 + ROWS_PER_TASK < N ? n0 + ROWS_PER_TASK : N;
+    SPECIALIZE(int4_rows, M, n0, n1, groups, group, xe, xo, ldq, xs, xsum, w, ldw, scale, zero,
+               lds, y, ldy)
+  }
+  free(buf);
+  free(xe);
+  free(xsum);
+  return 0;
+}
+
+#else /* no vector path: the Python side keeps torch's ops */
+
+int ds_int8_gemv(int64_t M, int64_t N, int64_t K, const float *x, int64_t ldx,
+                 const int8_t *w, int64_t ldw, const float *scale, float *y, int64_t ldy,
+                 int threads) {
+  return -3;
+}
+
+int ds_int4_gemv(int64_t M, int64_t N, int64_t K, int64_t group, const float *x, int64_t ldx,
+                 const uint8_t *w, int64_t ldw, const float *scale, const float *zero,
+                 int64_t lds, float *y, int64_t ldy, int threads) {
+  return -3;
+}
+
+#endif

@@ -1,0 +1,440 @@
+"""INT8 / INT4 weight-only products of a few rows (decode) on x86 CPUs: ``cpu_gemv.c``.
+
+torch's packed CPU ops read INT8 / INT4 weights at 5-9 GB/s at one to eight rows on the
+AVX-512 host (one thread), below what a float32 matmul reads, so quantized decode was no
+faster per byte. ``cpu_gemv.c`` reads the stored weights (ds-quant's own layouts, no
+prepacking) once for all rows: 16-20 GB/s INT8 and 9-16 GB/s INT4 at one row, against
+21 GB/s for a plain read of memory (``benchmarks/bench_matvec.py``). Activation rows are
+quantized to int16 with one scale per row inside the kernel, a finer rounding than the
+packed ops' bfloat16 (relative error 3e-5 against 3e-3 for both formats).
+
+The kernel is compiled on first use with the machine's C compiler (``$CC``, else
+``cc``), ``-O3 -march=native``, into ``$DS_QUANT_CACHE_DIR`` (default
+``~/.cache/ds-quant``) under a name that hashes the source, the compiler and the CPU, and
+loaded with ``ctypes`` from there. Where no compiler works, or the CPU has neither AVX2
+nor AVX512BW, ``available()`` is False and layers keep torch's ops;
+``DS_QUANT_CPU_GEMV=0`` keeps them too (to compare, or where nothing may be compiled).
+
+Traced code (``torch.compile``) calls the kernels through ``ds_quant::int8_gemv_cpu``,
+``ds_quant::int4_gemv_cpu`` and their ``*_experts_*`` forms, which take a stack of
+expert weights and the expert of each row (a routed MoE token reads only its experts'
+bytes).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "MAX_ROWS",
+    "available",
+    "experts_gemv",
+    "experts_gemv_takes",
+    "int4_gemv",
+    "int4_gemv_reference",
+    "int4_takes",
+    "int8_gemv",
+    "int8_gemv_reference",
+    "int8_takes",
+    "static_rows",
+]
+
+SOURCE = Path(__file__).with_name("cpu_gemv.c")
+MAX_ROWS = 8  # the kernel's row limit; more rows (prefill) take torch's ops
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
+_I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+
+
+_available: bool | None = None  # set by the first available() call
+
+
+def available() -> bool:
+    """Whether the kernels are built and loaded for this CPU (builds them on first call).
+
+    Traced code reads the answer of an earlier eager call (False if there was none):
+    ``torch.compile`` cannot trace a build, and layers made on the CPU call this when
+    they are quantized or allocated, so a compiled step finds it answered."""
+    global _available
+    if torch.compiler.is_compiling():
+        return _available is True
+    if _available is None:
+        _available = _library() is not None
+    return _available
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("DS_QUANT_CPU_GEMV", "1") == "0" or platform.machine().lower() not in (
+        "x86_64",
+        "amd64",
+    ):
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, subprocess.SubprocessError) as exc:
+        warnings.warn(
+            f"ds_quant: the CPU INT8/INT4 decode kernel could not be built ({exc}); "
+            "quantized layers use torch's packed ops",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    lib.ds_gemv_isa.restype = _INT
+    lib.ds_int8_gemv.restype = _INT
+    lib.ds_int8_gemv.argtypes = [_I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _INT]
+    lib.ds_int4_gemv.restype = _INT
+    lib.ds_int4_gemv.argtypes = [
+        *(_I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _INT)
+    ]
+    return lib if lib.ds_gemv_isa() > 0 else None
+
+
+def _build() -> Path:
+    """The shared library for this source, compiler and CPU: compiled once, then reused."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise OSError("no C compiler found (set CC)")
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    key = hashlib.sha256()
+    for part in (
+        SOURCE.read_bytes(),
+        compiler.encode(),
+        version.encode(),
+        " ".join(FLAGS).encode(),
+    ):
+        key.update(part)
+    key.update(_cpu_identity().encode())
+    cache = _cache_dir()
+    target = cache / f"cpu_gemv-{key.hexdigest()[:20]}.so"
+    if target.exists():
+        return target
+    # Compiled to a private name, then renamed: processes building at once (tensor-
+    # parallel ranks) never load a half-written file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+    os.close(fd)
+    try:
+        # OpenMP splits a layer's rows over torch's threads; compilers without it
+        # (Apple clang) build the single-threaded kernel.
+        for extra in (("-fopenmp",), ()):
+            done = subprocess.run(
+                [compiler, *FLAGS, *extra, str(SOURCE), "-o", tmp, "-lm"],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            if done.returncode == 0:
+                break
+        else:
+            raise OSError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _cpu_identity() -> str:
+    """What ``-march=native`` compiles for: a cache shared by machines must not hand one
+    CPU's build to another."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() + platform.machine()
+    lines = [line for line in text.splitlines() if line.startswith(("model name", "flags"))]
+    return "\n".join(dict.fromkeys(lines))
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("DS_QUANT_CACHE_DIR")
+    root = Path(base) if base else Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
+    path = root if base else root / "ds-quant"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    except OSError:  # a read-only home: the temporary directory instead
+        path = (
+            Path(tempfile.gettempdir()) / f"ds-quant-{os.getuid() if hasattr(os, 'getuid') else 0}"
+        )
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def static_rows(x: torch.Tensor) -> int | None:
+    """The rows of ``x`` (..., features) if its leading sizes are static ints (traced
+    code must not specialise a symbolic batch size), else None."""
+    lead = x.shape[:-1]
+    return lead.numel() if all(type(size) is int for size in lead) else None
+
+
+def int8_takes(x: torch.Tensor, q: torch.Tensor) -> bool:
+    """Whether ``int8_gemv`` runs ``x`` (..., in) by the int8 weight ``q`` (out, in)."""
+    rows = static_rows(x)
+    return (
+        rows is not None
+        and 0 < rows <= MAX_ROWS
+        and x.shape[-1] > 0
+        and x.device.type == "cpu"
+        and x.dtype.is_floating_point
+        and q.device.type == "cpu"
+        and q.dtype == torch.int8
+        and q.dim() == 2
+        and q.stride(-1) == 1
+        and available()
+    )
+
+
+def int4_takes(x: torch.Tensor, packed: torch.Tensor, group_size: int) -> bool:
+    """Whether ``int4_gemv`` runs ``x`` by the packed INT4 weight: a group size the
+    kernel's vector step divides (64 and up with AVX-512, 32 and up with AVX2)."""
+    rows = static_rows(x)
+    return (
+        rows is not None
+        and 0 < rows <= MAX_ROWS
+        and x.shape[-1] > 0
+        and available()
+        and x.device.type == "cpu"
+        and x.dtype.is_floating_point
+        and packed.device.type == "cpu"
+        and packed.dtype == torch.uint8
+        and packed.stride(-1) == 1
+        and group_size % _group_step() == 0
+    )
+
+
+def prepare(weight: torch.Tensor) -> None:
+    """Build (or load) the kernels now if ``weight`` is a CPU layer's: quantizing and
+    loading call this, so that the first decode step, eager or traced, finds them."""
+    if weight.device.type == "cpu":
+        available()
+
+
+_step: int = 64  # set with _available
+
+
+def _group_step() -> int:
+    """The INT4 group sizes the kernel takes are multiples of this: two vector steps of
+    int16 lanes (AVX-512 64, AVX2 32)."""
+    global _step
+    if not torch.compiler.is_compiling() and available():
+        _step = 64 if _library().ds_gemv_isa() >= 2 else 32
+    return _step
+
+
+def _rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    x2 = x.reshape(-1, in_features)
+    overlapping = x2.shape[0] > 1 and x2.stride(0) < in_features  # an expanded row
+    if x2.dtype != torch.float32 or x2.stride(-1) != 1 or overlapping:
+        x2 = x2.to(torch.float32).contiguous()
+    return x2
+
+
+def _row_stride(x2: torch.Tensor) -> int:
+    return x2.stride(0) if x2.shape[0] > 1 else x2.shape[1]
+
+
+def _int8_into(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, y: torch.Tensor) -> None:
+    """``y`` (rows, out) float32 rows, contiguous = ``x2`` (rows, in) float32 by ``q``."""
+    n, k = q.shape
+    code = _library().ds_int8_gemv(
+        x2.shape[0], n, k, x2.data_ptr(), _row_stride(x2), q.data_ptr(), q.stride(0),
+        scale.data_ptr(), y.data_ptr(), n, torch.get_num_threads(),
+    )  # fmt: skip
+    if code != 0:
+        raise RuntimeError(f"ds_quant: ds_int8_gemv refused its arguments (code {code})")
+
+
+def _int4_into(x2, packed, scale, zero, group_size: int, y: torch.Tensor) -> None:
+    n = packed.shape[0]
+    if zero.stride(0) != scale.stride(0):  # the kernel takes one row stride for both
+        scale, zero = scale.contiguous(), zero.contiguous()
+    code = _library().ds_int4_gemv(
+        x2.shape[0], n, x2.shape[1], group_size, x2.data_ptr(), _row_stride(x2),
+        packed.data_ptr(), packed.stride(0), scale.data_ptr(), zero.data_ptr(),
+        scale.stride(0), y.data_ptr(), n, torch.get_num_threads(),
+    )  # fmt: skip
+    if code != 0:
+        raise RuntimeError(f"ds_quant: ds_int4_gemv refused its arguments (code {code})")
+
+
+def _floats(t: torch.Tensor) -> torch.Tensor:
+    """float32 with unit stride along the last dimension (scales and zero points)."""
+    if t.dtype != torch.float32 or t.stride(-1) != 1:
+        t = t.to(torch.float32).contiguous()
+    return t
+
+
+def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x`` (..., in) @ (q * scale)^T -> (..., out) in ``x.dtype``, for at most
+    ``MAX_ROWS`` rows (``int8_takes``); ``q`` int8 (out, in), ``scale`` (out,)."""
+    n, k = q.shape
+    x2 = _rows(x, k)
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    _int8_into(x2, q, _floats(scale), y)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def int4_gemv(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group_size: int,
+    in_features: int,
+) -> torch.Tensor:
+    """``x`` (..., in_features) by ds-quant's INT4 weight (``packed`` (out, in_padded //
+    2), ``scale`` / ``zero`` (out, groups), W = (q - zero) * scale) -> (..., out) in
+    ``x.dtype``, for at most ``MAX_ROWS`` rows (``int4_takes``)."""
+    n = packed.shape[0]
+    x2 = _rows(x, in_features)
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    _int4_into(x2, packed, _floats(scale), _floats(zero), group_size, y)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def experts_gemv_takes(x: torch.Tensor, weight: torch.Tensor, group_size: int = 0) -> bool:
+    """Whether ``experts_gemv`` runs ``x`` by the stacked ``weight``: int8 (experts, out,
+    in), or uint8 packed INT4 (experts, out, in // 2) with a ``group_size`` the kernel
+    steps (``int4_takes``)."""
+    int4 = weight.dtype == torch.uint8
+    return (
+        x.device.type == "cpu"
+        and weight.device.type == "cpu"
+        and weight.dim() == 3
+        and weight.stride(-1) == 1
+        and weight.dtype in (torch.int8, torch.uint8)
+        and available()
+        and (not int4 or (group_size > 0 and group_size % _group_step() == 0))
+    )
+
+
+def experts_gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    experts: torch.Tensor,
+    group_size: int = 0,
+) -> torch.Tensor:
+    """Row r of ``x`` (rows, in) float, or its only row, by expert ``experts[r]`` of the
+    stack -> (len(experts), out) float32: INT8 when ``zero`` is None (``scale``
+    (experts, out)), else INT4 (``scale`` / ``zero`` (experts, out, groups)). Each
+    expert's weights are read where they lie; traced code calls the same ops."""
+    if zero is None:
+        return torch.ops.ds_quant.int8_experts_gemv_cpu(x, weight, scale, experts)
+    return torch.ops.ds_quant.int4_experts_gemv_cpu(x, weight, scale, zero, experts, group_size)
+
+
+def int8_gemv_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``int8_gemv``'s plain-torch ground truth, with its int16 activation rounding."""
+    x2 = _quantized_rows(x.reshape(-1, q.shape[1]))
+    y = (x2 @ q.double().t()) * scale.double()
+    return y.to(x.dtype).reshape(*x.shape[:-1], q.shape[0])
+
+
+def int4_gemv_reference(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group_size: int,
+    in_features: int,
+) -> torch.Tensor:
+    """``int4_gemv``'s plain-torch ground truth, with its int16 activation rounding."""
+    from ds_quant.primitives import dequantize_int4
+
+    w = dequantize_int4(packed, scale, zero, group_size, in_features, torch.float64)
+    x2 = _quantized_rows(x.reshape(-1, in_features))
+    return (x2 @ w.t()).to(x.dtype).reshape(*x.shape[:-1], packed.shape[0])
+
+
+def _quantized_rows(x: torch.Tensor) -> torch.Tensor:
+    """Each row rounded to int16 steps of max |row| / 32767 in float32 arithmetic, as
+    the kernel rounds it (``x * (32767 / max)``, to nearest even), returned in float64."""
+    x = x.float()
+    amax = x.abs().amax(-1, keepdim=True)
+    # A true division: ``32767 / amax`` is computed as 32767 * (1 / amax) by torch,
+    # which rounds differently from the kernel's.
+    inv = torch.where(amax > 0, torch.full_like(amax, 32767) / amax, torch.zeros_like(amax))
+    return torch.round(x * inv).double() * (amax.double() / 32767).float().double()
+
+
+# Traced code (torch.compile) cannot read data_ptr(): it calls the kernels as ops. They
+# are ``torch.library.Library`` ops with CPU kernels, not ``custom_op``s, for the lower
+# per-call cost (see ``kernels.cpu``). Each returns float32.
+_LIB = torch.library.Library("ds_quant", "FRAGMENT")
+_LIB.define("int8_gemv_cpu(Tensor x, Tensor q, Tensor scale) -> Tensor")
+_LIB.define(
+    "int4_gemv_cpu(Tensor x, Tensor packed, Tensor scale, Tensor zero, int group_size) -> Tensor"
+)
+# Stacked experts: row r of the result is row r of x (or its only row) by expert
+# experts[r] of the stack, q (experts, out, in) and its scales (experts, out, ...).
+_LIB.define("int8_experts_gemv_cpu(Tensor x, Tensor q, Tensor scale, Tensor experts) -> Tensor")
+_LIB.define(
+    "int4_experts_gemv_cpu(Tensor x, Tensor packed, Tensor scale, Tensor zero, "
+    "Tensor experts, int group_size) -> Tensor"
+)
+
+
+def _int8_op(x, q, scale):
+    y = torch.empty(x.shape[0], q.shape[0], dtype=torch.float32)
+    _int8_into(_rows(x, x.shape[1]), q, _floats(scale), y)
+    return y
+
+
+def _int4_op(x, packed, scale, zero, group_size):
+    y = torch.empty(x.shape[0], packed.shape[0], dtype=torch.float32)
+    _int4_into(_rows(x, x.shape[1]), packed, _floats(scale), _floats(zero), group_size, y)
+    return y
+
+
+def _int8_experts_op(x, q, scale, experts):
+    x2, scale = _rows(x, x.shape[1]), _floats(scale)
+    y = torch.empty(experts.shape[0], q.shape[1], dtype=torch.float32)
+    for r, e in enumerate(experts.tolist()):
+        _int8_into(x2[r : r + 1] if x2.shape[0] > 1 else x2, q[e], scale[e], y[r : r + 1])
+    return y
+
+
+def _int4_experts_op(x, packed, scale, zero, experts, group_size):
+    x2, scale, zero = _rows(x, x.shape[1]), _floats(scale), _floats(zero)
+    y = torch.empty(experts.shape[0], packed.shape[1], dtype=torch.float32)
+    for r, e in enumerate(experts.tolist()):
+        row = x2[r : r + 1] if x2.shape[0] > 1 else x2
+        _int4_into(row, packed[e], scale[e], zero[e], group_size, y[r : r + 1])
+    return y
+
+
+def _fake(x, weight, *rest):
+    torch._check(x.dim() == 2, lambda: "x must be 2-D (rows, in_features)")
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+
+
+def _int8_experts_fake(x, q, scale, experts):
+    return x.new_empty(experts.shape[0], q.shape[1], dtype=torch.float32)
+
+
+def _int4_experts_fake(x, packed, scale, zero, experts, group_size):
+    return x.new_empty(experts.shape[0], packed.shape[1], dtype=torch.float32)
+
+
+for _name, _impl, _fake_impl in (
+    ("int8_gemv_cpu", _int8_op, _fake),
+    ("int4_gemv_cpu", _int4_op, _fake),
+    ("int8_experts_gemv_cpu", _int8_experts_op, _int8_experts_fake),
+    ("int4_experts_gemv_cpu", _int4_experts_op, _int4_experts_fake),
+):
+    _LIB.impl(_name, _impl, "CPU")
+    torch.library.register_fake(f"ds_quant::{_name}", _fake_impl, lib=_LIB)

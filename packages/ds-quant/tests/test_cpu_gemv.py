@@ -1,0 +1,289 @@
+"""The CPU decode kernels (``ds_quant.kernels.cpu_gemv``) against their references.
+
+Two references: the kernel's own (``int*_gemv_reference``: the same int16 rounding of
+each activation row, then float64 products), which it must match to float32 summation
+roundoff; and ds-quant's dequantize-then-matmul, which it must match within that
+rounding's bound (half an int16 step of each row, max |x| / 65534, times the weights'
+absolute row sums). Then the layers' routing (decode rows to the kernel), the compiled
+ops, the stacked-experts form, and the build (cache, missing compiler, the switch).
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from ds_quant import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+from ds_quant.kernels import cpu_gemv
+from ds_quant.kernels.cpu_gemv import (
+    MAX_ROWS,
+    int4_gemv,
+    int4_gemv_reference,
+    int4_takes,
+    int8_gemv,
+    int8_gemv_reference,
+    int8_takes,
+)
+from ds_quant.kernels.reference import int8_weight_matmul_reference, w4a16_matmul_reference
+from ds_quant.primitives import dequantize_int4, pack_int4, quantize_int4, quantize_int8_per_channel
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+pytestmark = pytest.mark.skipif(
+    not cpu_gemv.available(), reason="no C compiler or no AVX2 / AVX512BW on this CPU"
+)
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+OUTPUT_ROUNDING = {torch.float32: 0.0, torch.bfloat16: 2**-8, torch.float16: 2**-11}
+SUM_ROUNDOFF = 1e-6  # float32 sums of a few thousand terms, relative to sum |terms|
+
+
+def laid_out(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values as ``x`` (rows, k) in another memory layout."""
+    if layout == "transposed":
+        return x.t().contiguous().t()
+    if layout == "strided":
+        return torch.stack((x, torch.zeros_like(x)), dim=-1)[..., 0]
+    if layout == "offset":  # 3 elements into its storage: no alignment
+        storage = torch.zeros(x.numel() + 3, dtype=x.dtype)
+        storage[3:] = x.flatten()
+        return storage[3:].view(x.shape)
+    return x
+
+
+def assert_within(got, exact, terms, x, dtype):
+    """``got`` within the output's rounding and float32 summation of ``exact``."""
+    bound = OUTPUT_ROUNDING[dtype] * 1.01 * exact.abs() + SUM_ROUNDOFF * terms + 1e-30
+    assert ((got.double() - exact).abs() <= bound).all()
+
+
+def int16_rounding(x: torch.Tensor) -> torch.Tensor:
+    """Half an int16 step of each row: the most the kernel moves any activation."""
+    return x.double().abs().amax(-1, keepdim=True) / 65534
+
+
+layouts = st.sampled_from(["contiguous", "transposed", "strided", "offset"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, MAX_ROWS),
+    k=st.integers(1, 300),
+    n=st.integers(1, 70),
+    dtype=st.sampled_from(DTYPES),
+    layout=layouts,
+    q_offset=st.integers(0, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_int8_kernel_matches_its_reference(rows, k, n, dtype, layout, q_offset, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, scale = quantize_int8_per_channel(torch.randn(n, k, generator=g))
+    q = torch.cat((torch.zeros(q_offset, dtype=torch.int8), q.flatten()))[q_offset:].view(n, k)
+    x = laid_out(torch.randn(rows, k, generator=g).to(dtype), layout)
+    got = int8_gemv(x, q, scale)
+    assert got.dtype == dtype and got.shape == (rows, n)
+    w_abs = q.double().abs() * scale.double()[:, None]
+    terms = x.double().abs() @ w_abs.t()
+    assert_within(got, int8_gemv_reference(x.double(), q, scale), terms, x, dtype)
+    # Against the dequantize-then-matmul ground truth: the int16 rounding's bound.
+    exact = int8_weight_matmul_reference(x.double(), q, scale)
+    bound = int16_rounding(x) * w_abs.sum(-1) + SUM_ROUNDOFF * terms
+    bound = bound + OUTPUT_ROUNDING[dtype] * 1.01 * exact.abs() + 1e-30
+    assert ((got.double() - exact).abs() <= bound).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, MAX_ROWS),
+    groups=st.integers(0, 3),
+    partial=st.integers(0, 255),
+    group_size=st.sampled_from([64, 128, 256]),
+    n=st.integers(1, 40),
+    symmetric=st.booleans(),
+    dtype=st.sampled_from(DTYPES),
+    layout=layouts,
+    seed=st.integers(0, 2**16),
+)
+def test_int4_kernel_matches_its_reference(
+    rows, groups, partial, group_size, n, symmetric, dtype, layout, seed
+):
+    """Whole groups and a partial last one (the padding meets no activation)."""
+    k = groups * group_size + partial % group_size or group_size
+    g = torch.Generator().manual_seed(seed)
+    q, scale, zero = quantize_int4(torch.randn(n, k, generator=g), group_size, symmetric)
+    packed = pack_int4(q)
+    x = laid_out(torch.randn(rows, k, generator=g).to(dtype), layout)
+    args = (packed, scale, zero, group_size, k)
+    got = int4_gemv(x, *args)
+    assert got.dtype == dtype and got.shape == (rows, n)
+    w_abs = dequantize_int4(*args, dtype=torch.float64).abs()
+    # The kernel sums (q - zero) per group as sum q x - zero sum x: its float32 roundoff
+    # scales with (|q| + |zero|) * scale per weight, not |q - zero| * scale.
+    per_input = lambda t: t.double().repeat_interleave(group_size, -1)[:, :k]  # noqa: E731
+    magnitudes = (q.double()[:, :k].abs() + per_input(zero).abs()) * per_input(scale).abs()
+    terms = x.double().abs() @ magnitudes.t()
+    assert_within(got, int4_gemv_reference(x.double(), *args), terms, x, dtype)
+    exact = w4a16_matmul_reference(x.double(), *args)
+    bound = int16_rounding(x) * w_abs.sum(-1) + SUM_ROUNDOFF * terms
+    bound = bound + OUTPUT_ROUNDING[dtype] * 1.01 * exact.abs() + 1e-30
+    assert ((got.double() - exact).abs() <= bound).all()
+
+
+def test_int8_kernel_over_long_rows():
+    """Past 4096 inputs the int32 sums are carried in float32 block by block: no
+    overflow at the largest products (|x| at its maximum, |q| = 127 everywhere)."""
+    k = 3 * 4096 + 40
+    q = torch.full((5, k), 127, dtype=torch.int8)
+    q[1] = -127
+    scale = torch.full((5,), 1e-3)
+    x = torch.full((2, k), 7.5)
+    exact = int8_weight_matmul_reference(x.double(), q, scale)
+    torch.testing.assert_close(int8_gemv(x, q, scale).double(), exact, rtol=1e-6, atol=0)
+
+
+def test_kernels_on_zero_and_non_finite_rows():
+    """A zero row gives zeros; a row holding inf or NaN gives NaN (not a finite guess)."""
+    q, scale = quantize_int8_per_channel(torch.randn(6, 64))
+    q4, s4, z4 = quantize_int4(torch.randn(6, 64), 64, False)
+    x = torch.randn(3, 64)
+    x[0] = 0
+    x[1, 5] = float("inf")
+    x[2, 7] = float("nan")
+    for got in (int8_gemv(x, q, scale), int4_gemv(x, pack_int4(q4), s4, z4, 64, 64)):
+        assert torch.equal(got[0], torch.zeros(6))
+        assert got[1:].isnan().all()
+
+
+@pytest.mark.parametrize("rows", [1, MAX_ROWS, MAX_ROWS + 1])
+def test_layers_run_decode_rows_on_the_kernel(rows):
+    torch.manual_seed(rows)
+    int8 = quantize_(nn.Linear(96, 40), Int8WeightOnlyConfig())
+    int4 = quantize_(nn.Linear(192, 40), Int4WeightOnlyConfig(group_size=64))
+    x8, x4 = torch.randn(rows, 96), torch.randn(rows, 192)
+    decode = rows <= MAX_ROWS
+    assert int8_takes(x8, int8.weight) == decode
+    assert int4_takes(x4, int4.weight, 64) == decode
+    kernel8 = int8_gemv(x8, int8.weight, int8.weight_scale) + int8.bias if decode else None
+    kernel4 = (
+        int4_gemv(x4, int4.weight, int4.weight_scale, int4.weight_zero, 64, 192) + int4.bias
+        if decode
+        else None
+    )
+    with torch.inference_mode():
+        y8, y4 = int8(x8), int4(x4)
+    if decode:
+        assert torch.equal(y8, kernel8) and torch.equal(y4, kernel4)
+    # Every path stays close to the float layer it quantized.
+    torch.testing.assert_close(
+        y8, nn.functional.linear(x8, int8.dequantize(), int8.bias), rtol=2e-2, atol=2e-2
+    )
+    torch.testing.assert_close(
+        y4, nn.functional.linear(x4, int4.dequantize(), int4.bias), rtol=2e-2, atol=2e-2
+    )
+
+
+def test_int4_group_sizes_the_kernel_does_not_step_keep_torchs_path():
+    layer = quantize_(nn.Linear(64, 32), Int4WeightOnlyConfig(group_size=16))
+    assert not int4_takes(torch.randn(1, 64), layer.weight, 16)
+
+
+def test_compiled_layers_call_the_kernel_ops_and_equal_eager():
+    """A compiled batch-1 step traces whole (``fullgraph``) through the ops and gives
+    the eager layers' results exactly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        quantize_(nn.Linear(128, 96), Int8WeightOnlyConfig()),
+        nn.SiLU(),
+        quantize_(
+            nn.Linear(96, 64),
+            Int4WeightOnlyConfig(group_size=32 if cpu_gemv._group_step() == 32 else 64),
+        ),
+    )
+    x = torch.randn(1, 128)
+    with torch.inference_mode():
+        eager = model(x)
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+    assert torch.equal(compiled, eager)
+
+
+@pytest.mark.parametrize(
+    "name", ["int8_gemv_cpu", "int4_gemv_cpu", "int8_experts_gemv_cpu", "int4_experts_gemv_cpu"]
+)
+def test_op_registrations_pass_opcheck(name):
+    torch.manual_seed(0)
+    q, scale = quantize_int8_per_channel(torch.randn(3, 24, 128))
+    q4, s4, z4 = quantize_int4(torch.randn(3 * 24, 128), 64, False)
+    packed, s4, z4 = pack_int4(q4).view(3, 24, 64), s4.view(3, 24, 2), z4.view(3, 24, 2)
+    x, experts = torch.randn(2, 128), torch.tensor([2, 0])
+    args = {
+        "int8_gemv_cpu": (x, q[0], scale[0]),
+        "int4_gemv_cpu": (x, packed[0], s4[0], z4[0], 64),
+        "int8_experts_gemv_cpu": (x, q, scale, experts),
+        "int4_experts_gemv_cpu": (x[:1], packed, s4, z4, experts, 64),
+    }[name]
+    torch.library.opcheck(getattr(torch.ops.ds_quant, name).default, args)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    experts=st.lists(st.integers(0, 3), min_size=1, max_size=4),
+    shared=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_experts_ops_equal_the_kernel_per_expert(experts, shared, seed):
+    """Row r by expert ``experts[r]`` of the stack (the one input row for all, or a row
+    each): what a routed MoE token runs, reading only its experts' weights."""
+    g = torch.Generator().manual_seed(seed)
+    q, scale = quantize_int8_per_channel(torch.randn(4 * 24, 128, generator=g))
+    q4, s4, z4 = quantize_int4(torch.randn(4 * 24, 128, generator=g), 64, False)
+    q, scale = q.view(4, 24, 128), scale.view(4, 24)
+    packed, s4, z4 = pack_int4(q4).view(4, 24, 64), s4.view(4, 24, 2), z4.view(4, 24, 2)
+    x = torch.randn(1 if shared else len(experts), 128, generator=g)
+    idx = torch.tensor(experts)
+    got8 = torch.ops.ds_quant.int8_experts_gemv_cpu(x, q, scale, idx)
+    got4 = torch.ops.ds_quant.int4_experts_gemv_cpu(x, packed, s4, z4, idx, 64)
+    for r, e in enumerate(experts):
+        row = x[0 if shared else r]
+        assert torch.equal(got8[r], int8_gemv(row, q[e], scale[e]))
+        assert torch.equal(got4[r], int4_gemv(row, packed[e], s4[e], z4[e], 64, 128))
+
+
+def run_python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+PROBE = """
+    import warnings
+    warnings.simplefilter("always")
+    from ds_quant.kernels import cpu_gemv
+    print(cpu_gemv.available())
+"""
+
+
+@pytest.mark.slow
+def test_build_is_cached_switch_and_missing_compiler(tmp_path):
+    """Built once into the cache directory and reused by a later process; with no
+    compiler, a warning and torch's ops; the switch turns the kernel off."""
+    env = {"DS_QUANT_CACHE_DIR": str(tmp_path)}
+    first = run_python(PROBE, env)
+    assert first.stdout.strip() == "True", first.stderr
+    built = list(tmp_path.glob("cpu_gemv-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    again = run_python(PROBE, env)
+    assert again.stdout.strip() == "True" and built[0].stat().st_mtime_ns == stamp
+    empty = tmp_path / "empty"
+    missing = run_python(PROBE, {"DS_QUANT_CACHE_DIR": str(empty), "CC": str(empty / "cc")})
+    assert missing.stdout.strip() == "False"
+    assert "could not be built" in missing.stderr
+    off = run_python(PROBE, {**env, "DS_QUANT_CPU_GEMV": "0"})
+    assert off.stdout.strip() == "False" and "could not be built" not in off.stderr
+    assert list(tmp_path.glob("cpu_gemv-*.so")) == built
