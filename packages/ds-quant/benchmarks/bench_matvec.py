@@ -1,11 +1,13 @@
-"""One-row products on the CPU against the memory's read stream: GB/s of weight per format.
+"""Decode products on the CPU against the memory's read stream: GB/s of weight per format.
 
 A batch-1 decode step multiplies one row by every weight, so each layer's time is at
 best its weight bytes over the memory bandwidth. For each shape, ``--megabytes`` of
 distinct layers (so the weights come from memory, not cache) of every format run one
-row eagerly and, where marked, compiled (``torch.compile`` of one module running the
-row through every layer, so per-call costs are spread over them: ds-quant's INT8 layers
-then take their one-row multiply-and-sum); the figure is weight bytes
+row (``--rows``) eagerly and, where marked, compiled (``torch.compile`` of one module running the
+row through every layer). ds-quant's INT8 / INT4 layers run their CPU decode kernel
+(``kernels.cpu_gemv``) and, as the baseline in the same run, torch's packed ops
+(``backend="cpu_packed"``: compiled one-row INT8 steps then take inductor's
+multiply-and-sum over the int8 weight). The figure is weight bytes
 (scales included) per second, and its share of a read stream timed in the same repeat
 (a compiled sum over a 256 MiB float32 tensor: what one core reads when reading is all
 it does; this host's stream moves by a third from one minute to the next). The formats
@@ -32,15 +34,22 @@ from ds_quant import (
 )
 from torch import nn
 
-# (label, dtype of the float layer, ds-quant config or None, compiled)
+INT8, INT4 = Int8WeightOnlyConfig(), Int4WeightOnlyConfig(group_size=128)
+# (label, dtype of the float layer, ds-quant config or None, compiled, layer backend).
+# "auto" runs the decode kernel (kernels.cpu_gemv) where it is built; "cpu_packed" is
+# torch's packed op, and in a compiled one-row INT8 step inductor's multiply-and-sum.
 FORMATS = [
-    ("fp32", torch.float32, None, False),
-    ("bf16", torch.bfloat16, None, False),
-    ("INT8 weight-only", torch.float32, Int8WeightOnlyConfig(), False),
-    ("INT8 weight-only, compiled", torch.float32, Int8WeightOnlyConfig(), True),
-    ("INT8 W8A8 dynamic", torch.float32, Int8DynamicActivationInt8WeightConfig(), False),
-    ("INT4 g128", torch.float32, Int4WeightOnlyConfig(group_size=128), False),
-    ("INT4 g128, compiled", torch.float32, Int4WeightOnlyConfig(group_size=128), True),
+    ("fp32", torch.float32, None, False, None),
+    ("bf16", torch.bfloat16, None, False, None),
+    ("INT8 weight-only", torch.float32, INT8, False, "auto"),
+    ("INT8 weight-only, compiled", torch.float32, INT8, True, "auto"),
+    ("INT8 weight-only, torch's op", torch.float32, INT8, False, "cpu_packed"),
+    ("INT8 weight-only, torch's op, compiled", torch.float32, INT8, True, "cpu_packed"),
+    ("INT8 W8A8 dynamic", torch.float32, Int8DynamicActivationInt8WeightConfig(), False, None),
+    ("INT4 g128", torch.float32, INT4, False, "auto"),
+    ("INT4 g128, compiled", torch.float32, INT4, True, "auto"),
+    ("INT4 g128, torch's op", torch.float32, INT4, False, "cpu_packed"),
+    ("INT4 g128, torch's op, compiled", torch.float32, INT4, True, "cpu_packed"),
 ]
 
 
@@ -72,7 +81,7 @@ class Bank(nn.Module):
 def bank_of(fmt, out_features: int, in_features: int, count: int):
     """A ``Bank`` of ``count`` layers of one format (compiled where marked), and the
     bytes of one layer's state (weights and scales)."""
-    _, dtype, config, compiled = fmt
+    _, dtype, config, compiled, backend = fmt
     layers = []
     for _ in range(count):
         layer = nn.Linear(in_features, out_features, bias=False).to(dtype)
@@ -80,6 +89,8 @@ def bank_of(fmt, out_features: int, in_features: int, count: int):
             holder = nn.Sequential(layer)
             quantize_(holder, config)
             layer = holder[0]
+            if backend is not None:
+                layer.backend = backend
         layers.append(layer.eval())
     bank = Bank(layers)
     nbytes = sum(t.numel() * t.element_size() for t in layers[0].state_dict().values())
@@ -92,9 +103,10 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["2048x512", "768x2048", "32000x768"])
     parser.add_argument("--megabytes", type=float, default=64.0, help="fp32 weight per format")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rows", type=int, default=1, help="activation rows (batch)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    print(machine() + "\n")
+    print(f"{machine()}; {args.rows} row(s)\n")
     print("| weight (out x in) | format | weight bytes per layer | GB/s | of the read stream |")
     print("|---|---|---:|---:|---:|")
     streams: list[float] = []
@@ -109,18 +121,21 @@ def main() -> None:
         shares: dict[str, list[float]] = {name: [] for name in built}
         with torch.inference_mode():
             stream = ReadStream()  # compiled in the mode it is timed in
-            rows = {dtype: torch.randn(1, in_features, dtype=dtype) for _, dtype, _, _ in FORMATS}
-            for name, dtype, _, _ in FORMATS:  # warm up: compile, prepack, caches
+            rows = {
+                dtype: torch.randn(args.rows, in_features, dtype=dtype)
+                for _, dtype, *_ in FORMATS
+            }
+            for name, dtype, *_ in FORMATS:  # warm up: compile, prepack, caches
                 built[name][0](rows[dtype])
             for _ in range(args.repeats):
                 streams.append(stream.gbps())
-                for name, dtype, _, _ in FORMATS:
+                for name, dtype, *_ in FORMATS:
                     bank, nbytes = built[name]
                     start = time.perf_counter()
                     bank(rows[dtype])
                     rates[name].append(nbytes * count / (time.perf_counter() - start) / 1e9)
                     shares[name].append(rates[name][-1] / streams[-1])
-        for name, _, _, _ in FORMATS:
+        for name, *_ in FORMATS:
             gbps, share = statistics.median(rates[name]), statistics.median(shares[name])
             print(f"| {shape} | {name} | {built[name][1]:,} | {gbps:.1f} | {share:.0%} |")
     print(

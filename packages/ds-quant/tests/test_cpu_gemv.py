@@ -17,6 +17,7 @@ import pytest
 import torch
 from ds_quant import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 from ds_quant.kernels import cpu_gemv
+from ds_quant.kernels.cpu import int8_weight_matmul_cpu, prepack_int4_cpu, w4a16_matmul_cpu
 from ds_quant.kernels.cpu_gemv import (
     MAX_ROWS,
     int4_gemv,
@@ -164,7 +165,7 @@ def test_layers_run_decode_rows_on_the_kernel(rows):
     x8, x4 = torch.randn(rows, 96), torch.randn(rows, 192)
     decode = rows <= MAX_ROWS
     assert int8_takes(x8, int8.weight) == decode
-    assert int4_takes(x4, int4.weight, 64) == decode
+    assert int4_takes(x4, 64) == decode
     kernel8 = int8_gemv(x8, int8.weight, int8.weight_scale) + int8.bias if decode else None
     kernel4 = (
         int4_gemv(x4, int4.weight, int4.weight_scale, int4.weight_zero, 64, 192) + int4.bias
@@ -185,8 +186,11 @@ def test_layers_run_decode_rows_on_the_kernel(rows):
 
 
 def test_int4_group_sizes_the_kernel_does_not_step_keep_torchs_path():
-    layer = quantize_(nn.Linear(64, 32), Int4WeightOnlyConfig(group_size=16))
-    assert not int4_takes(torch.randn(1, 64), layer.weight, 16)
+    """Groups of 16 (no vector step fits): the layer's other paths, here the reference."""
+    layer = quantize_(nn.Linear(64, 32, bias=False), Int4WeightOnlyConfig(group_size=16))
+    x = torch.randn(1, 64)
+    assert not int4_takes(x, 16)
+    assert torch.equal(layer(x), nn.functional.linear(x, layer.dequantize()))
 
 
 def test_compiled_layers_call_the_kernel_ops_and_equal_eager():
@@ -287,3 +291,23 @@ def test_build_is_cached_switch_and_missing_compiler(tmp_path):
     off = run_python(PROBE, {**env, "DS_QUANT_CPU_GEMV": "0"})
     assert off.stdout.strip() == "False" and "could not be built" not in off.stderr
     assert list(tmp_path.glob("cpu_gemv-*.so")) == built
+
+
+def test_backends_force_each_cpu_path_and_refuse_what_they_cannot_run():
+    """"cpu_gemv" forces the decode kernel (more rows than it takes: an error naming the
+    limit), "cpu_packed" torch's packed op (what "auto" ran before the kernel)."""
+    torch.manual_seed(0)
+    int8 = quantize_(nn.Linear(64, 32, bias=False), Int8WeightOnlyConfig())
+    int4 = quantize_(nn.Linear(128, 32, bias=False), Int4WeightOnlyConfig(group_size=64))
+    x8, x4 = torch.randn(1, 64), torch.randn(1, 128)
+    auto8, auto4 = int8(x8), int4(x4)
+    int8.backend = int4.backend = "cpu_gemv"
+    assert torch.equal(int8(x8), auto8) and torch.equal(int4(x4), auto4)
+    for layer, x in ((int8, torch.randn(MAX_ROWS + 1, 64)), (int4, torch.randn(MAX_ROWS + 1, 128))):
+        with pytest.raises(ValueError, match=f"backend 'cpu_gemv' needs 1 to {MAX_ROWS} CPU rows"):
+            layer(x)
+    int8.backend = int4.backend = "cpu_packed"
+    unit = torch.ones(32, dtype=torch.bfloat16)
+    assert torch.equal(int8(x8), int8_weight_matmul_cpu(x8, int8.weight, int8.weight_scale, unit))
+    weight, scales_and_zeros = prepack_int4_cpu(int4.weight, int4.weight_scale, int4.weight_zero)
+    assert torch.equal(int4(x4), w4a16_matmul_cpu(x4, weight, scales_and_zeros, 64, 128))

@@ -9,11 +9,12 @@ import importlib.util
 import pytest
 import torch
 from ds_quant import Int4WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig, quantize_
-from ds_quant.kernels import choose_w4a16_backend, w4a16_matmul_reference
+from ds_quant.kernels import choose_w4a16_backend, cpu_gemv_available, w4a16_matmul_reference
 from ds_quant.kernels.cpu import (
     HAS_INT4_CPU,
     int8_weight_matmul_cpu,
 )
+from ds_quant.kernels.cpu_gemv import MAX_ROWS
 from ds_quant.kernels.reference import int8_weight_matmul_reference
 from ds_quant.primitives import pack_int4, quantize_int4, quantize_int8_per_channel
 from hypothesis import given, settings
@@ -111,15 +112,19 @@ def test_int8_dynamic_integer_matmul_matches_float_reference():
 
 
 def test_auto_backend_selection():
-    x = torch.randn(2, 128)
+    # Decode rows take the C kernel where it is built (test_cpu_gemv.py); more rows:
+    packed = "cpu_packed" if HAS_INT4_CPU else "reference"
+    for rows in (1, MAX_ROWS):
+        want = "cpu_gemv" if cpu_gemv_available() else packed
+        assert choose_w4a16_backend(torch.randn(rows, 128), 64, 128) == want
+    x = torch.randn(MAX_ROWS + 2, 128)
     assert choose_w4a16_backend(x, 64, 128) == ("cpu_packed" if HAS_INT4_CPU else "reference")
     assert choose_w4a16_backend(x, 40, 128) == "reference"  # out_features % 16 != 0
     assert choose_w4a16_backend(x, 64, 16) == "reference"  # group size the op lacks
-    packed = "cpu_packed" if HAS_INT4_CPU else "reference"
     # A partial last group: the op takes it from 32 real values (MLA's 192 in groups of 128).
     assert choose_w4a16_backend(x[:, :80], 64, 64) == "reference"  # 16 values
     assert choose_w4a16_backend(x[:, :96], 64, 64) == packed  # 32 values
-    assert choose_w4a16_backend(torch.randn(1, 192), 64, 128) == packed
+    assert choose_w4a16_backend(torch.randn(MAX_ROWS + 1, 192), 64, 128) == packed
     assert choose_w4a16_backend(x.double(), 64, 128) == "reference"
     with pytest.raises(ValueError, match=r"backend must be one of"):
         choose_w4a16_backend(x, 64, 128, "fastest")

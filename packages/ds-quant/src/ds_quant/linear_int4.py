@@ -25,7 +25,7 @@ from ds_quant.kernels.cpu import (
     prepack_int4_cpu,
     w4a16_matmul_cpu,
 )
-from ds_quant.kernels.cpu_gemv import int4_gemv, int4_takes, prepare
+from ds_quant.kernels.cpu_gemv import int4_gemv, prepare
 from ds_quant.kernels.reference import w4a16_matmul_reference
 from ds_quant.kernels.select import choose_w4a16_backend
 from ds_quant.linear import QuantizedLinear
@@ -33,8 +33,9 @@ from ds_quant.primitives import dequantize_int4, pack_int4, padded_in_features, 
 
 
 class Int4WeightOnlyLinear(QuantizedLinear):
-    """See the module doc. ``backend`` ("auto", "triton", "cpu_packed", "reference")
-    picks the kernel; "auto" decides per call from the input's device and dtype."""
+    """See the module doc. ``backend`` ("auto", "triton", "cpu_gemv", "cpu_packed",
+    "reference") picks the kernel; "auto" decides per call from the input's device,
+    dtype and rows (``kernels.select``)."""
 
     config_type = Int4WeightOnlyConfig
     weight: torch.Tensor
@@ -148,8 +149,8 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         if self.input_scale is not None:
             x = x / self.input_scale.to(x.dtype)
         gs = self.config.group_size
-        if self.backend == "auto" and int4_takes(x, self.weight, gs):
-            # Decode rows: ``kernels.cpu_gemv`` on the stored packed weight.
+        backend = choose_w4a16_backend(x, self.out_features, gs, self.backend)
+        if backend == "cpu_gemv":  # decode rows, on the stored packed weight
             if torch.compiler.is_compiling():
                 y = torch.ops.ds_quant.int4_gemv_cpu(
                     x.reshape(-1, self.in_features), self.weight, self.weight_scale,
@@ -159,7 +160,6 @@ class Int4WeightOnlyLinear(QuantizedLinear):
             return int4_gemv(
                 x, self.weight, self.weight_scale, self.weight_zero, gs, self.in_features
             )
-        backend = choose_w4a16_backend(x, self.out_features, gs, self.backend)
         if backend == "cpu_packed" and torch.compiler.is_compiling():
             # The layout cache is keyed on data_ptr(), which compiled code cannot read:
             # traced, the layout made at load is used as it is (a compiled step's guards

@@ -17,7 +17,7 @@ from ds_quant.kernels.cpu import (
     int8_weight_matmul_cpu,
     int8_weight_matmul_traced,
 )
-from ds_quant.kernels.cpu_gemv import int8_gemv, int8_takes, prepare
+from ds_quant.kernels.cpu_gemv import MAX_ROWS, int8_gemv, int8_takes, prepare
 from ds_quant.kernels.reference import int8_weight_matmul_reference
 from ds_quant.kernels.select import GEMV_MAX_ROWS, HAS_TRITON
 from ds_quant.linear import QuantizedLinear
@@ -52,14 +52,19 @@ class _Int8Base(QuantizedLinear):
         return dequantize_int8(self.weight, self.weight_scale, dtype or self.orig_dtype)
 
 
-INT8_BACKENDS = ("auto", "reference")
+# "auto": the decode kernel (``kernels.cpu_gemv``) for a few CPU rows, torch's packed op
+# for more (compiled one-row steps without the kernel: inductor's multiply-and-sum),
+# triton's matrix-vector kernel for a few CUDA rows, else the reference; "cpu_gemv" and
+# "cpu_packed" force the two CPU paths, "reference" dequantize-then-matmul.
+INT8_BACKENDS = ("auto", "cpu_gemv", "cpu_packed", "reference")
 
 
 class Int8WeightOnlyLinear(_Int8Base):
     """W8A16: activations stay float. On CPU, up to ``kernels.cpu_gemv.MAX_ROWS`` rows
     (decode) run ``kernels.cpu_gemv``'s kernel on the stored int8 weight, more rows
     torch's ``_weight_int8pack_mm`` with bfloat16 activations (see ``kernels.cpu``).
-    ``backend`` "reference" forces dequantize-then-matmul (the ground truth)."""
+    ``backend`` picks the kernel (``INT8_BACKENDS``); "reference" forces
+    dequantize-then-matmul (the ground truth)."""
 
     config_type = Int8WeightOnlyConfig
 
@@ -86,17 +91,25 @@ class Int8WeightOnlyLinear(_Int8Base):
         return self._cpu_unit
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend != "auto":
-            if self.backend != "reference":
-                raise ValueError(f"backend must be one of {INT8_BACKENDS}, got {self.backend!r}")
+        backend = self.backend
+        if backend not in INT8_BACKENDS:
+            raise ValueError(f"backend must be one of {INT8_BACKENDS}, got {backend!r}")
+        if backend == "reference":
             return int8_weight_matmul_reference(x, self.weight, self.weight_scale)
-        if int8_takes(x, self.weight):
+        if backend == "cpu_gemv" or (backend == "auto" and int8_takes(x, self.weight)):
+            if not int8_takes(x, self.weight):
+                raise ValueError(
+                    f"backend 'cpu_gemv' needs 1 to {MAX_ROWS} CPU rows and a built kernel "
+                    f"(kernels.cpu_gemv.available()); got {tuple(x.shape)} on {x.device}"
+                )
             if torch.compiler.is_compiling():
                 y = torch.ops.ds_quant.int8_gemv_cpu(
                     x.reshape(-1, self.in_features), self.weight, self.weight_scale
                 )
                 return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
             return int8_gemv(x, self.weight, self.weight_scale)
+        if backend == "cpu_packed" and not (HAS_INT8_CPU and x.device.type == "cpu"):
+            raise ValueError(f"backend 'cpu_packed' needs torch's packed INT8 op and a CPU input, got {x.device}")
         if x.device.type == "cpu" and torch.compiler.is_compiling():
             # The eager checks read data_ptr() (alignment), which breaks a compiled graph
             # at every layer: traced code calls the op through a custom op that checks

@@ -210,10 +210,14 @@ int ds_int8_gemv(int64_t M, int64_t N, int64_t K, const float *x, int64_t ldx,
   float xs[MAX_ROWS];
   for (int64_t m = 0; m < M; m++) xs[m] = quantize_row(x + m * ldx, K, ldq, xq + m * ldq);
   const int nt = threads_for(N, threads);
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-  for (int64_t n0 = 0; n0 < N; n0 += ROWS_PER_TASK) {
-    const int64_t n1 = n0 + ROWS_PER_TASK < N ? n0 + ROWS_PER_TASK : N;
-    SPECIALIZE(int8_rows, M, n0, n1, K, xq, ldq, xs, w, ldw, scale, y, ldy)
+  if (nt == 1) { /* no OpenMP region: it costs about a microsecond per call */
+    SPECIALIZE(int8_rows, M, 0, N, K, xq, ldq, xs, w, ldw, scale, y, ldy)
+  } else {
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t n0 = 0; n0 < N; n0 += ROWS_PER_TASK) {
+      const int64_t n1 = n0 + ROWS_PER_TASK < N ? n0 + ROWS_PER_TASK : N;
+      SPECIALIZE(int8_rows, M, n0, n1, K, xq, ldq, xs, w, ldw, scale, y, ldy)
+    }
   }
   free(xq);
   return 0;
@@ -253,11 +257,16 @@ int ds_int4_gemv(int64_t M, int64_t N, int64_t K, int64_t group, const float *x,
     }
   }
   const int nt = threads_for(N, threads);
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-  for (int64_t n0 = 0; n0 < N; n0 += ROWS_PER_TASK) {
-    const int64_t n1 = n0 + ROWS_PER_TASK < N ? n0 + ROWS_PER_TASK : N;
-    SPECIALIZE(int4_rows, M, n0, n1, groups, group, xe, xo, ldq, xs, xsum, w, ldw, scale, zero,
+  if (nt == 1) {
+    SPECIALIZE(int4_rows, M, 0, N, groups, group, xe, xo, ldq, xs, xsum, w, ldw, scale, zero,
                lds, y, ldy)
+  } else {
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t n0 = 0; n0 < N; n0 += ROWS_PER_TASK) {
+      const int64_t n1 = n0 + ROWS_PER_TASK < N ? n0 + ROWS_PER_TASK : N;
+      SPECIALIZE(int4_rows, M, n0, n1, groups, group, xe, xo, ldq, xs, xsum, w, ldw, scale,
+                 zero, lds, y, ldy)
+    }
   }
   free(buf);
   free(xe);

@@ -52,6 +52,9 @@ __all__ = [
 
 SOURCE = Path(__file__).with_name("cpu_gemv.c")
 MAX_ROWS = 8  # the kernel's row limit; more rows (prefill) take torch's ops
+# Activation dtypes it takes (computed in float32, returned in the input's dtype);
+# float64 keeps the reference's precision.
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
 _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 
@@ -187,7 +190,7 @@ def int8_takes(x: torch.Tensor, q: torch.Tensor) -> bool:
         and 0 < rows <= MAX_ROWS
         and x.shape[-1] > 0
         and x.device.type == "cpu"
-        and x.dtype.is_floating_point
+        and x.dtype in DTYPES
         and q.device.type == "cpu"
         and q.dtype == torch.int8
         and q.dim() == 2
@@ -196,20 +199,18 @@ def int8_takes(x: torch.Tensor, q: torch.Tensor) -> bool:
     )
 
 
-def int4_takes(x: torch.Tensor, packed: torch.Tensor, group_size: int) -> bool:
-    """Whether ``int4_gemv`` runs ``x`` by the packed INT4 weight: a group size the
-    kernel's vector step divides (64 and up with AVX-512, 32 and up with AVX2)."""
+def int4_takes(x: torch.Tensor, group_size: int) -> bool:
+    """Whether ``int4_gemv`` runs ``x`` (..., in) by a packed INT4 weight of
+    ``group_size``: one the kernel's vector step divides (64 and up with AVX-512, 32 and
+    up with AVX2)."""
     rows = static_rows(x)
     return (
         rows is not None
         and 0 < rows <= MAX_ROWS
         and x.shape[-1] > 0
-        and available()
         and x.device.type == "cpu"
-        and x.dtype.is_floating_point
-        and packed.device.type == "cpu"
-        and packed.dtype == torch.uint8
-        and packed.stride(-1) == 1
+        and x.dtype in DTYPES
+        and available()
         and group_size % _group_step() == 0
     )
 
@@ -233,47 +234,46 @@ def _group_step() -> int:
     return _step
 
 
+# A decode layer's call is a few microseconds of Python around the kernel, as much as a
+# small layer's weight takes to read: the wrappers below do only the checks and casts
+# the kernel needs (contiguous float32 operands; ldx = in_features).
+
+
 def _rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
-    x2 = x.reshape(-1, in_features)
-    overlapping = x2.shape[0] > 1 and x2.stride(0) < in_features  # an expanded row
-    if x2.dtype != torch.float32 or x2.stride(-1) != 1 or overlapping:
+    x2 = x.reshape(-1, in_features) if x.dim() != 2 else x
+    if x2.dtype is not torch.float32 or not x2.is_contiguous():
         x2 = x2.to(torch.float32).contiguous()
     return x2
 
 
-def _row_stride(x2: torch.Tensor) -> int:
-    return x2.stride(0) if x2.shape[0] > 1 else x2.shape[1]
+def _floats(t: torch.Tensor) -> torch.Tensor:
+    """Scales and zero points as contiguous float32."""
+    if t.dtype is not torch.float32 or not t.is_contiguous():
+        t = t.to(torch.float32).contiguous()
+    return t
 
 
 def _int8_into(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, y: torch.Tensor) -> None:
-    """``y`` (rows, out) float32 rows, contiguous = ``x2`` (rows, in) float32 by ``q``."""
+    """``y`` (rows, out) contiguous float32 = ``x2`` (rows, in) contiguous float32 by
+    ``q`` (rows of unit stride) and ``scale`` (contiguous float32)."""
     n, k = q.shape
     code = _library().ds_int8_gemv(
-        x2.shape[0], n, k, x2.data_ptr(), _row_stride(x2), q.data_ptr(), q.stride(0),
-        scale.data_ptr(), y.data_ptr(), n, torch.get_num_threads(),
+        x2.shape[0], n, k, x2.data_ptr(), k, q.data_ptr(), q.stride(0), scale.data_ptr(),
+        y.data_ptr(), n, torch.get_num_threads(),
     )  # fmt: skip
-    if code != 0:
+    if code:
         raise RuntimeError(f"ds_quant: ds_int8_gemv refused its arguments (code {code})")
 
 
 def _int4_into(x2, packed, scale, zero, group_size: int, y: torch.Tensor) -> None:
-    n = packed.shape[0]
-    if zero.stride(0) != scale.stride(0):  # the kernel takes one row stride for both
-        scale, zero = scale.contiguous(), zero.contiguous()
+    n, k = packed.shape[0], x2.shape[1]
     code = _library().ds_int4_gemv(
-        x2.shape[0], n, x2.shape[1], group_size, x2.data_ptr(), _row_stride(x2),
-        packed.data_ptr(), packed.stride(0), scale.data_ptr(), zero.data_ptr(),
-        scale.stride(0), y.data_ptr(), n, torch.get_num_threads(),
+        x2.shape[0], n, k, group_size, x2.data_ptr(), k, packed.data_ptr(), packed.stride(0),
+        scale.data_ptr(), zero.data_ptr(), scale.shape[1], y.data_ptr(), n,
+        torch.get_num_threads(),
     )  # fmt: skip
-    if code != 0:
+    if code:
         raise RuntimeError(f"ds_quant: ds_int4_gemv refused its arguments (code {code})")
-
-
-def _floats(t: torch.Tensor) -> torch.Tensor:
-    """float32 with unit stride along the last dimension (scales and zero points)."""
-    if t.dtype != torch.float32 or t.stride(-1) != 1:
-        t = t.to(torch.float32).contiguous()
-    return t
 
 
 def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -283,7 +283,7 @@ def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Te
     x2 = _rows(x, k)
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)
     _int8_into(x2, q, _floats(scale), y)
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+    return _shaped(y, x)
 
 
 def int4_gemv(
@@ -297,11 +297,17 @@ def int4_gemv(
     """``x`` (..., in_features) by ds-quant's INT4 weight (``packed`` (out, in_padded //
     2), ``scale`` / ``zero`` (out, groups), W = (q - zero) * scale) -> (..., out) in
     ``x.dtype``, for at most ``MAX_ROWS`` rows (``int4_takes``)."""
-    n = packed.shape[0]
     x2 = _rows(x, in_features)
-    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    y = torch.empty(x2.shape[0], packed.shape[0], dtype=torch.float32)
     _int4_into(x2, packed, _floats(scale), _floats(zero), group_size, y)
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+    return _shaped(y, x)
+
+
+def _shaped(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The (rows, out) float32 result in ``x``'s dtype and leading shape."""
+    if x.dtype is not torch.float32:
+        y = y.to(x.dtype)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[1])
 
 
 def experts_gemv_takes(x: torch.Tensor, weight: torch.Tensor, group_size: int = 0) -> bool:
@@ -311,6 +317,7 @@ def experts_gemv_takes(x: torch.Tensor, weight: torch.Tensor, group_size: int = 
     int4 = weight.dtype == torch.uint8
     return (
         x.device.type == "cpu"
+        and x.dtype in DTYPES
         and weight.device.type == "cpu"
         and weight.dim() == 3
         and weight.stride(-1) == 1

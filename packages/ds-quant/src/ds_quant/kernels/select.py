@@ -1,6 +1,7 @@
 """Which W4A16 kernel a layer uses for an input: chosen per call from device and dtype.
 
-``auto``: CUDA input and triton importable -> ``triton``; CPU input the packed CPU op
+``auto``: CUDA input and triton importable -> ``triton``; a few CPU rows the decode
+kernel takes -> ``cpu_gemv`` (``kernels.cpu_gemv``); a CPU input the packed CPU op
 accepts -> ``cpu_packed``; otherwise ``reference`` (dequantize, then matmul).
 """
 
@@ -11,9 +12,10 @@ import importlib.util
 import torch
 
 from ds_quant.kernels.cpu import int4_cpu_supported
+from ds_quant.kernels.cpu_gemv import MAX_ROWS, int4_takes
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-W4A16_BACKENDS = ("auto", "triton", "cpu_packed", "reference")
+W4A16_BACKENDS = ("auto", "triton", "cpu_gemv", "cpu_packed", "reference")
 # Inputs with at most this many rows take triton_gemv's matrix-vector kernels on a GPU:
 # each row is its own program row re-reading the weight, which a tiled matmul beats past
 # a few. (Here, not there, so CPU users need not import triton to read it.)
@@ -36,10 +38,18 @@ def choose_w4a16_backend(
             f"{x.device}, dtype {x.dtype}, out_features {out_features}, group_size "
             f"{group_size}, in_features {x.shape[-1]}"
         )
+    if requested == "cpu_gemv" and not int4_takes(x, group_size):
+        raise ValueError(
+            f"backend 'cpu_gemv' needs 1 to {MAX_ROWS} CPU rows, a built kernel "
+            "(kernels.cpu_gemv.available()) and a group size it steps; got "
+            f"{tuple(x.shape)} on {x.device}, group_size {group_size}"
+        )
     if requested != "auto":
         return requested
     if x.is_cuda and HAS_TRITON:
         return "triton"
+    if int4_takes(x, group_size):
+        return "cpu_gemv"
     if int4_cpu_supported(x, out_features, group_size):
         return "cpu_packed"
     return "reference"
