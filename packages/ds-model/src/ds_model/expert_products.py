@@ -7,7 +7,9 @@ matmuls and about 100 us of Python per layer: 40% of the compiled 110M V3 step a
 gate/up (experts, 2 * intermediate, hidden) and down (experts, hidden, intermediate),
 and the token's k experts are indexed inside multiply-and-sum products accumulated in
 float32 (as ``ds_model.matvec`` does for dense layers): inductor reads the chosen
-experts' bytes in place, with no copy and no host read of the routing.
+experts' bytes in place, with no copy and no host read of the routing. INT8 / INT4
+experts run ds-quant's CPU decode kernel instead where it is built
+(``ds_quant.kernels.experts_gemv``: the chosen experts' stored bytes, read in place).
 
 ``Stacked`` holds one such weight with what dequantizes it: nothing (float weights),
 per-output-channel scales (ds-quant INT8 weight-only), or per-group scales and zero
@@ -129,8 +131,10 @@ def _products(row: torch.Tensor, stacked: Stacked, chosen: torch.Tensor) -> torc
     """(k, in) float32 rows (or (1, in), shared) by the chosen experts' weights -> (k, out)
     float32."""
     if stacked.scale is not None and experts_gemv_takes(row, stacked.weight, stacked.group_size):
-        # ds-quant's CPU decode kernel on the chosen experts' stored bytes: 1.3-1.6x the
-        # bytes per second of the loops below (docs/benchmarks.md).
+        # ds-quant's CPU decode kernel on the chosen experts' stored bytes. With it (here
+        # and in the dense layers) whole compiled 110M V3 steps ran at 2.44x fp32's,
+        # without it (these loops, inductor's for dense INT8) at 2.01-2.15x; INT4 2.06-
+        # 2.09x against 1.75-1.80x (DS_QUANT_CPU_GEMV=1 / 0 alternating, docs/ds-quant.md).
         return experts_gemv(
             row, stacked.weight, stacked.scale, stacked.zero, chosen, stacked.group_size
         )

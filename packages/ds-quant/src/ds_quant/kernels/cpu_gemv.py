@@ -182,8 +182,8 @@ def static_rows(x: torch.Tensor) -> int | None:
     return lead.numel() if all(type(size) is int for size in lead) else None
 
 
-def int8_takes(x: torch.Tensor, q: torch.Tensor) -> bool:
-    """Whether ``int8_gemv`` runs ``x`` (..., in) by the int8 weight ``q`` (out, in)."""
+def _decode_rows(x: torch.Tensor) -> bool:
+    """1 to ``MAX_ROWS`` static rows of a CPU float input, and the kernel built."""
     rows = static_rows(x)
     return (
         rows is not None
@@ -191,11 +191,18 @@ def int8_takes(x: torch.Tensor, q: torch.Tensor) -> bool:
         and x.shape[-1] > 0
         and x.device.type == "cpu"
         and x.dtype in DTYPES
+        and available()
+    )
+
+
+def int8_takes(x: torch.Tensor, q: torch.Tensor) -> bool:
+    """Whether ``int8_gemv`` runs ``x`` (..., in) by the int8 weight ``q`` (out, in)."""
+    return (
+        _decode_rows(x)
         and q.device.type == "cpu"
         and q.dtype == torch.int8
         and q.dim() == 2
         and q.stride(-1) == 1
-        and available()
     )
 
 
@@ -203,16 +210,7 @@ def int4_takes(x: torch.Tensor, group_size: int) -> bool:
     """Whether ``int4_gemv`` runs ``x`` (..., in) by a packed INT4 weight of
     ``group_size``: one the kernel's vector step divides (64 and up with AVX-512, 32 and
     up with AVX2)."""
-    rows = static_rows(x)
-    return (
-        rows is not None
-        and 0 < rows <= MAX_ROWS
-        and x.shape[-1] > 0
-        and x.device.type == "cpu"
-        and x.dtype in DTYPES
-        and available()
-        and group_size % _group_step() == 0
-    )
+    return _decode_rows(x) and group_size % _group_step() == 0
 
 
 def prepare(weight: torch.Tensor) -> None:
