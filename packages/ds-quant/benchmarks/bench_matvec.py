@@ -122,8 +122,7 @@ def main() -> None:
         with torch.inference_mode():
             stream = ReadStream()  # compiled in the mode it is timed in
             rows = {
-                dtype: torch.randn(args.rows, in_features, dtype=dtype)
-                for _, dtype, *_ in FORMATS
+                dtype: torch.randn(args.rows, in_features, dtype=dtype) for _, dtype, *_ in FORMATS
             }
             for name, dtype, *_ in FORMATS:  # warm up: compile, prepack, caches
                 built[name][0](rows[dtype])

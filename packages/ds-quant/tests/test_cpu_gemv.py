@@ -294,8 +294,8 @@ def test_build_is_cached_switch_and_missing_compiler(tmp_path):
 
 
 def test_backends_force_each_cpu_path_and_refuse_what_they_cannot_run():
-    """"cpu_gemv" forces the decode kernel (more rows than it takes: an error naming the
-    limit), "cpu_packed" torch's packed op (what "auto" ran before the kernel)."""
+    """Backend "cpu_gemv" forces the decode kernel (more rows than it takes: an error
+    naming the limit), "cpu_packed" torch's packed op (what "auto" ran before it)."""
     torch.manual_seed(0)
     int8 = quantize_(nn.Linear(64, 32, bias=False), Int8WeightOnlyConfig())
     int4 = quantize_(nn.Linear(128, 32, bias=False), Int4WeightOnlyConfig(group_size=64))

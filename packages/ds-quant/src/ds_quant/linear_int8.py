@@ -109,7 +109,9 @@ class Int8WeightOnlyLinear(_Int8Base):
                 return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
             return int8_gemv(x, self.weight, self.weight_scale)
         if backend == "cpu_packed" and not (HAS_INT8_CPU and x.device.type == "cpu"):
-            raise ValueError(f"backend 'cpu_packed' needs torch's packed INT8 op and a CPU input, got {x.device}")
+            raise ValueError(
+                f"backend 'cpu_packed' needs torch's packed INT8 op and a CPU input, got {x.device}"
+            )
         if x.device.type == "cpu" and torch.compiler.is_compiling():
             # The eager checks read data_ptr() (alignment), which breaks a compiled graph
             # at every layer: traced code calls the op through a custom op that checks
