@@ -9,6 +9,7 @@ ops, the stacked-experts form, and the build (cache, missing compiler, the switc
 """
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -120,16 +121,20 @@ def test_int4_kernel_matches_its_reference(
     got = int4_gemv(x, *args)
     assert got.dtype == dtype and got.shape == (rows, n)
     w_abs = dequantize_int4(*args, dtype=torch.float64).abs()
-    # The kernel sums (q - zero) per group as sum q x - zero sum x: its float32 roundoff
-    # scales with (|q| + |zero|) * scale per weight, not |q - zero| * scale.
-    per_input = lambda t: t.double().repeat_interleave(group_size, -1)[:, :k]  # noqa: E731
-    magnitudes = (q.double()[:, :k].abs() + per_input(zero).abs()) * per_input(scale).abs()
-    terms = x.double().abs() @ magnitudes.t()
+    terms = int4_terms(x, q, scale, zero, group_size, k)
     assert_within(got, int4_gemv_reference(x.double(), *args), terms, x, dtype)
     exact = w4a16_matmul_reference(x.double(), *args)
     bound = int16_rounding(x) * w_abs.sum(-1) + SUM_ROUNDOFF * terms
     bound = bound + OUTPUT_ROUNDING[dtype] * 1.01 * exact.abs() + 1e-30
     assert ((got.double() - exact).abs() <= bound).all()
+
+
+def int4_terms(x, q, scale, zero, group_size, k):
+    """What the kernel's float32 roundoff scales with: it sums (q - zero) per group as
+    sum q x - zero sum x, so (|q| + |zero|) * scale per weight, not |q - zero| * scale."""
+    per_input = lambda t: t.double().repeat_interleave(group_size, -1)[:, :k]  # noqa: E731
+    magnitudes = (q.double()[:, :k].abs() + per_input(zero).abs()) * per_input(scale).abs()
+    return x.double().abs() @ magnitudes.t()
 
 
 def test_int8_kernel_over_long_rows():
@@ -190,6 +195,7 @@ def test_int4_group_sizes_the_kernel_does_not_step_keep_torchs_path():
     layer = quantize_(nn.Linear(64, 32, bias=False), Int4WeightOnlyConfig(group_size=16))
     x = torch.randn(1, 64)
     assert not int4_takes(x, 16)
+    assert not int4_takes(x, 65536)  # past MAX_GROUP: its int32 group sums could overflow
     assert torch.equal(layer(x), nn.functional.linear(x, layer.dequantize()))
 
 
@@ -311,3 +317,49 @@ def test_backends_force_each_cpu_path_and_refuse_what_they_cannot_run():
     assert torch.equal(int8(x8), int8_weight_matmul_cpu(x8, int8.weight, int8.weight_scale, unit))
     weight, scales_and_zeros = prepack_int4_cpu(int4.weight, int4.weight_scale, int4.weight_zero)
     assert torch.equal(int4(x4), w4a16_matmul_cpu(x4, weight, scales_and_zeros, 64, 128))
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("flags", "isa"),
+    [(("-march=haswell",), 1), (("-march=native", "-mno-avx512vnni"), 2)],
+    ids=["avx2", "avx512bw-without-vnni"],
+)
+def test_other_instruction_sets_match_the_reference(flags, isa, tmp_path, monkeypatch):
+    """The kernel's AVX2 and AVX512BW (no VNNI) paths, built here where the CPU runs
+    them, against the same references as the default build."""
+    needed = {1: {"avx2", "fma"}, 2: {"avx512bw", "avx512f"}}[isa]
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None or not needed <= cpu_flags():
+        pytest.skip(f"needs a C compiler and a CPU with {sorted(needed)}")
+    built = tmp_path / "cpu_gemv.so"
+    cmd = [compiler, "-O3", *flags, "-shared", "-fPIC", str(cpu_gemv.SOURCE), "-o", str(built)]
+    subprocess.run(cmd, check=True, capture_output=True)
+    monkeypatch.setattr(cpu_gemv, "_build", lambda: built)
+    cpu_gemv._library.cache_clear()
+    try:
+        assert cpu_gemv._library().ds_gemv_isa() == isa
+        g = torch.Generator().manual_seed(isa)
+        for rows, k, n in [(1, 700, 33), (3, 96, 17), (8, 4100, 5)]:
+            q, scale = quantize_int8_per_channel(torch.randn(n, k, generator=g))
+            x = torch.randn(rows, k, generator=g)
+            terms = x.double().abs() @ (q.double().abs() * scale.double()[:, None]).t()
+            exact = int8_gemv_reference(x.double(), q, scale)
+            assert_within(int8_gemv(x, q, scale), exact, terms, x, torch.float32)
+            q4, s4, z4 = quantize_int4(torch.randn(n, k, generator=g), 64, False)
+            args = (pack_int4(q4), s4, z4, 64, k)
+            terms = int4_terms(x, q4, s4, z4, 64, k)
+            exact = int4_gemv_reference(x.double(), *args)
+            assert_within(int4_gemv(x, *args), exact, terms, x, torch.float32)
+    finally:
+        cpu_gemv._library.cache_clear()

@@ -24,7 +24,11 @@
 #include <string.h>
 
 #define MAX_ROWS 8
-#define BLOCK 4096 /* inputs per exact int32 block: 2 * 32767 * 128 * BLOCK / 32 < 2^31 */
+/* Inputs per exact int32 block: an AVX2 lane sums 2 * BLOCK / 16 products of at most
+ * 32767 * 128 (512 * 4194176 < 2^31), an AVX-512 lane half as many. */
+#define BLOCK 4096
+/* The largest INT4 group: a lane sums group / 16 products of at most 15 * 32767. */
+#define MAX_GROUP 32768
 #define ROWS_PER_TASK 16
 
 #if defined(__AVX512BW__) || defined(__AVX2__)
@@ -49,12 +53,16 @@ static inline vi high_nibbles(vi v) { return _mm512_srli_epi16(v, 4); }
 static inline vi dot_acc(vi acc, vi a, vi b) { return _mm512_dpwssd_epi32(acc, a, b); }
 #define ISA 3
 #else
-static inline vi dot_acc(vi acc, vi a, vi b) { return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b)); }
+static inline vi dot_acc(vi acc, vi a, vi b) {
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
+}
 #define ISA 2
 #endif
 static inline vf fzero(void) { return _mm512_setzero_ps(); }
 static inline vf to_float(vi v) { return _mm512_cvtepi32_ps(v); }
-static inline vf fmadd_s(vf a, float s, vf acc) { return _mm512_fmadd_ps(a, _mm512_set1_ps(s), acc); }
+static inline vf fmadd_s(vf a, float s, vf acc) {
+  return _mm512_fmadd_ps(a, _mm512_set1_ps(s), acc);
+}
 static inline vf fadd(vf a, vf b) { return _mm512_add_ps(a, b); }
 static inline float fsum(vf v) { return _mm512_reduce_add_ps(v); }
 #elif defined(__AVX2__)
@@ -72,10 +80,14 @@ static inline vi widen_u8(const uint8_t *p) {
 }
 static inline vi low_nibbles(vi v) { return _mm256_and_si256(v, _mm256_set1_epi16(15)); }
 static inline vi high_nibbles(vi v) { return _mm256_srli_epi16(v, 4); }
-static inline vi dot_acc(vi acc, vi a, vi b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
+static inline vi dot_acc(vi acc, vi a, vi b) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+}
 static inline vf fzero(void) { return _mm256_setzero_ps(); }
 static inline vf to_float(vi v) { return _mm256_cvtepi32_ps(v); }
-static inline vf fmadd_s(vf a, float s, vf acc) { return _mm256_fmadd_ps(a, _mm256_set1_ps(s), acc); }
+static inline vf fmadd_s(vf a, float s, vf acc) {
+  return _mm256_fmadd_ps(a, _mm256_set1_ps(s), acc);
+}
 static inline vf fadd(vf a, vf b) { return _mm256_add_ps(a, b); }
 static inline float fsum(vf v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -121,9 +133,9 @@ static int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; 
 
 /* Rows [n0, n1) of the INT8 product for M activation rows. Inlined into a copy per M
  * (``SPECIALIZE``), so the accumulators live in registers. */
-static inline __attribute__((always_inline)) void int8_rows(const int M, int64_t n0, int64_t n1, int64_t K, const int16_t *xq,
-                      int64_t ldq, const float *xs, const int8_t *w, int64_t ldw,
-                      const float *scale, float *y, int64_t ldy) {
+static inline __attribute__((always_inline)) void int8_rows(
+    const int M, int64_t n0, int64_t n1, int64_t K, const int16_t *xq, int64_t ldq,
+    const float *xs, const int8_t *w, int64_t ldw, const float *scale, float *y, int64_t ldy) {
   const int64_t whole = K / STEP * STEP;
   for (int64_t n = n0; n < n1; n++) {
     const int8_t *row = w + n * ldw;
@@ -149,10 +161,10 @@ static inline __attribute__((always_inline)) void int8_rows(const int M, int64_t
 }
 
 /* Rows [n0, n1) of the INT4 product: xe / xo hold each row's even / odd inputs. */
-static inline __attribute__((always_inline)) void int4_rows(const int M, int64_t n0, int64_t n1, int64_t groups, int64_t group,
-                      const int16_t *xe, const int16_t *xo, int64_t ldq, const float *xs,
-                      const int64_t *xsum, const uint8_t *w, int64_t ldw, const float *scale,
-                      const float *zero, int64_t lds, float *y, int64_t ldy) {
+static inline __attribute__((always_inline)) void int4_rows(
+    const int M, int64_t n0, int64_t n1, int64_t groups, int64_t group, const int16_t *xe,
+    const int16_t *xo, int64_t ldq, const float *xs, const int64_t *xsum, const uint8_t *w,
+    int64_t ldw, const float *scale, const float *zero, int64_t lds, float *y, int64_t ldy) {
   const int64_t half = group / 2; /* bytes, and int16 values of xe / xo, per group */
   for (int64_t n = n0; n < n1; n++) {
     const uint8_t *row = w + n * ldw;
@@ -227,7 +239,7 @@ int ds_int4_gemv(int64_t M, int64_t N, int64_t K, int64_t group, const float *x,
                  const uint8_t *w, int64_t ldw, const float *scale, const float *zero,
                  int64_t lds, float *y, int64_t ldy, int threads) {
   if (M < 1 || M > MAX_ROWS || N < 0 || K < 1 || group < 2 * STEP || group % (2 * STEP) ||
-      ldx < K || ldy < N)
+      group > MAX_GROUP || ldx < K || ldy < N)
     return -1;
   const int64_t groups = (K + group - 1) / group, padded = groups * group;
   if (ldw < padded / 2 || lds < groups) return -1;

@@ -55,6 +55,7 @@ MAX_ROWS = 8  # the kernel's row limit; more rows (prefill) take torch's ops
 # Activation dtypes it takes (computed in float32, returned in the input's dtype);
 # float64 keeps the reference's precision.
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_GROUP = 32768  # INT4 groups past this could overflow the kernel's int32 group sums
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
 _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 
@@ -209,8 +210,8 @@ def int8_takes(x: torch.Tensor, q: torch.Tensor) -> bool:
 def int4_takes(x: torch.Tensor, group_size: int) -> bool:
     """Whether ``int4_gemv`` runs ``x`` (..., in) by a packed INT4 weight of
     ``group_size``: one the kernel's vector step divides (64 and up with AVX-512, 32 and
-    up with AVX2)."""
-    return _decode_rows(x) and group_size % _group_step() == 0
+    up with AVX2), at most ``MAX_GROUP``."""
+    return _decode_rows(x) and group_size % _group_step() == 0 and group_size <= MAX_GROUP
 
 
 def prepare(weight: torch.Tensor) -> None:
@@ -321,7 +322,7 @@ def experts_gemv_takes(x: torch.Tensor, weight: torch.Tensor, group_size: int = 
         and weight.stride(-1) == 1
         and weight.dtype in (torch.int8, torch.uint8)
         and available()
-        and (not int4 or (group_size > 0 and group_size % _group_step() == 0))
+        and (not int4 or (0 < group_size <= MAX_GROUP and group_size % _group_step() == 0))
     )
 
 
