@@ -1,10 +1,11 @@
 """INT8 / INT4 weight-only products of a few rows (decode) on x86 CPUs: ``cpu_gemv.c``.
 
-torch's packed CPU ops read INT8 / INT4 weights at 5-9 GB/s at one to eight rows on the
+torch's packed CPU ops read INT8 / INT4 weights at 3-9 GB/s at one row on the
 AVX-512 host (one thread), below what a float32 matmul reads, so quantized decode was no
 faster per byte. ``cpu_gemv.c`` reads the stored weights (ds-quant's own layouts, no
-prepacking) once for all rows: 16-20 GB/s INT8 and 9-16 GB/s INT4 at one row, against
-21 GB/s for a plain read of memory (``benchmarks/bench_matvec.py``). Activation rows are
+prepacking) once for all rows: 7-19 GB/s INT8 and 4.5-12 GB/s INT4 at one row (small
+layers to a 32000-row LM head), against a 15-24 GB/s read stream
+(``benchmarks/bench_matvec.py``). Activation rows are
 quantized to int16 with one scale per row inside the kernel, a finer rounding than the
 packed ops' bfloat16 (relative error 3e-5 against 3e-3 for both formats).
 
