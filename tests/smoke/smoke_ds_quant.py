@@ -2,6 +2,8 @@
 quantize a small model three ways, save it, load it into a meta skeleton, compare."""
 
 import importlib.metadata
+import platform
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -37,4 +39,7 @@ for config in (
             skeleton = make()
         loaded = ds_quant.load_quantized(skeleton, path)
         assert torch.equal(loaded(x), model(x))
+if platform.machine() == "x86_64" and shutil.which("c++"):
+    # The CPU decode kernel builds from the sources the wheel ships.
+    assert ds_quant.kernels.cpu_gemv_available(), "the CPU decode kernel did not build"
 print("ds-quant wheel works alone:", ds_quant.__version__)

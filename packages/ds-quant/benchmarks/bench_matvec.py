@@ -10,7 +10,9 @@ row through every layer). ds-quant's INT8 / INT4 layers run their CPU decode ker
 multiply-and-sum over the int8 weight). The figure is weight bytes
 (scales included) per second, and its share of a read stream timed in the same repeat
 (a compiled sum over a 256 MiB float32 tensor: what one core reads when reading is all
-it does; this host's stream moves by a third from one minute to the next). The formats
+it does; this host's stream moves by a third from one minute to the next). "us per layer"
+is the time of one layer's call: with small shapes (``--shapes 64x64``) the fixed cost
+of a call, as a decode step pays it for each layer. The formats
 and the stream interleave in every repeat; medians of ``--repeats`` (the share: of the
 per-repeat shares). Run:
 
@@ -107,8 +109,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"{machine()}; {args.rows} row(s)\n")
-    print("| weight (out x in) | format | weight bytes per layer | GB/s | of the read stream |")
-    print("|---|---|---:|---:|---:|")
+    print(
+        "| weight (out x in) | format | weight bytes per layer | us per layer | GB/s "
+        "| of the read stream |"
+    )
+    print("|---|---|---:|---:|---:|---:|")
     streams: list[float] = []
     for shape in args.shapes:
         out_features, in_features = map(int, shape.split("x"))
@@ -119,6 +124,7 @@ def main() -> None:
         built = {fmt[0]: bank_of(fmt, out_features, in_features, count) for fmt in FORMATS}
         rates: dict[str, list[float]] = {name: [] for name in built}
         shares: dict[str, list[float]] = {name: [] for name in built}
+        calls: dict[str, list[float]] = {name: [] for name in built}
         with torch.inference_mode():
             stream = ReadStream()  # compiled in the mode it is timed in
             rows = {
@@ -132,11 +138,17 @@ def main() -> None:
                     bank, nbytes = built[name]
                     start = time.perf_counter()
                     bank(rows[dtype])
-                    rates[name].append(nbytes * count / (time.perf_counter() - start) / 1e9)
+                    seconds = time.perf_counter() - start
+                    calls[name].append(seconds / count * 1e6)
+                    rates[name].append(nbytes * count / seconds / 1e9)
                     shares[name].append(rates[name][-1] / streams[-1])
         for name, *_ in FORMATS:
             gbps, share = statistics.median(rates[name]), statistics.median(shares[name])
-            print(f"| {shape} | {name} | {built[name][1]:,} | {gbps:.1f} | {share:.0%} |")
+            micros = statistics.median(calls[name])
+            print(
+                f"| {shape} | {name} | {built[name][1]:,} | {micros:.1f} | {gbps:.1f} "
+                f"| {share:.0%} |"
+            )
     print(
         f"\nread stream: {min(streams):.1f}-{max(streams):.1f} GB/s, median "
         f"{statistics.median(streams):.1f} (compiled sum over 256 MiB of float32)"

@@ -151,12 +151,6 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         gs = self.config.group_size
         backend = choose_w4a16_backend(x, self.out_features, gs, self.backend)
         if backend == "cpu_gemv":  # decode rows, on the stored packed weight
-            if torch.compiler.is_compiling():
-                y = torch.ops.ds_quant.int4_gemv_cpu(
-                    x.reshape(-1, self.in_features), self.weight, self.weight_scale,
-                    self.weight_zero, gs,
-                )  # fmt: skip
-                return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
             return int4_gemv(
                 x, self.weight, self.weight_scale, self.weight_zero, gs, self.in_features
             )

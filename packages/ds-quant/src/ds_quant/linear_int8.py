@@ -96,18 +96,15 @@ class Int8WeightOnlyLinear(_Int8Base):
             raise ValueError(f"backend must be one of {INT8_BACKENDS}, got {backend!r}")
         if backend == "reference":
             return int8_weight_matmul_reference(x, self.weight, self.weight_scale)
-        if backend == "cpu_gemv" or (backend == "auto" and int8_takes(x, self.weight)):
-            if not int8_takes(x, self.weight):
+        if backend in ("auto", "cpu_gemv"):
+            if int8_takes(x, self.weight):
+                return int8_gemv(x, self.weight, self.weight_scale)
+            if backend == "cpu_gemv":
                 raise ValueError(
-                    f"backend 'cpu_gemv' needs 1 to {MAX_ROWS} CPU rows and a built kernel "
-                    f"(kernels.cpu_gemv.available()); got {tuple(x.shape)} on {x.device}"
+                    f"backend 'cpu_gemv' needs 1 to {MAX_ROWS} CPU rows outside autograd and "
+                    "a built kernel (kernels.cpu_gemv.available()); got "
+                    f"{tuple(x.shape)} on {x.device}"
                 )
-            if torch.compiler.is_compiling():
-                y = torch.ops.ds_quant.int8_gemv_cpu(
-                    x.reshape(-1, self.in_features), self.weight, self.weight_scale
-                )
-                return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-            return int8_gemv(x, self.weight, self.weight_scale)
         if backend == "cpu_packed" and not (HAS_INT8_CPU and x.device.type == "cpu"):
             raise ValueError(
                 f"backend 'cpu_packed' needs torch's packed INT8 op and a CPU input, got {x.device}"

@@ -7,24 +7,22 @@ prepacking) once for all rows: 7-19 GB/s INT8 and 4.5-12 GB/s INT4 at one row (s
 layers to a 32000-row LM head), against a 15-24 GB/s read stream
 (``benchmarks/bench_matvec.py``). Activation rows are
 quantized to int16 with one scale per row inside the kernel, a finer rounding than the
-packed ops' bfloat16 (relative error 3e-5 against 3e-3 for both formats).
+packed ops' bfloat16.
 
-The kernel is compiled on first use with the machine's C compiler (``$CC``, else
-``cc``), ``-O3 -march=native``, into ``$DS_QUANT_CACHE_DIR`` (default
-``~/.cache/ds-quant``) under a name that hashes the source, the compiler and the CPU, and
-loaded with ``ctypes`` from there. Where no compiler works, or the CPU has neither AVX2
-nor AVX512BW, ``available()`` is False and layers keep torch's ops;
+The kernels are torch ops (``ds_quant::int8_gemv_cpu``, ``ds_quant::int4_gemv_cpu`` and
+their ``*_experts_*`` forms, which take a stack of expert weights and the expert of each
+row, so a routed MoE token reads only its experts' bytes), registered from C++
+(``cpu_gemv_ops.cpp``) so that eager and compiled code call them at the dispatcher's
+cost. The library is compiled on first use with the machine's C++ compiler (``$CXX``,
+else ``c++``), ``-O3 -march=native``, against the installed torch's headers, into
+``$DS_QUANT_CACHE_DIR`` (default ``~/.cache/ds-quant``) under a name that hashes the
+sources, the compiler, torch and the CPU. Where no compiler works, or the CPU has neither
+AVX2 nor AVX512BW, ``available()`` is False and layers keep torch's ops;
 ``DS_QUANT_CPU_GEMV=0`` keeps them too (to compare, or where nothing may be compiled).
-
-Traced code (``torch.compile``) calls the kernels through ``ds_quant::int8_gemv_cpu``,
-``ds_quant::int4_gemv_cpu`` and their ``*_experts_*`` forms, which take a stack of
-expert weights and the expert of each row (a routed MoE token reads only its experts'
-bytes).
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import hashlib
 import os
@@ -51,17 +49,17 @@ __all__ = [
     "static_rows",
 ]
 
-SOURCE = Path(__file__).with_name("cpu_gemv.c")
-MAX_ROWS = 8  # the kernel's row limit; more rows (prefill) take torch's ops
+SOURCES = (Path(__file__).with_name("cpu_gemv.c"), Path(__file__).with_name("cpu_gemv_ops.cpp"))
+MAX_ROWS = 8  # the rows a decode call takes; more rows (prefill) take torch's ops
 # Activation dtypes it takes (computed in float32, returned in the input's dtype);
 # float64 keeps the reference's precision.
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_GROUP = 32768  # INT4 groups past this could overflow the kernel's int32 group sums
-FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
-_I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++20")
 
 
 _available: bool | None = None  # set by the first available() call
+_step: int = 64  # the INT4 group step, set with _available
 
 
 def available() -> bool:
@@ -70,58 +68,52 @@ def available() -> bool:
     Traced code reads the answer of an earlier eager call (False if there was none):
     ``torch.compile`` cannot trace a build, and layers made on the CPU call this when
     they are quantized or allocated, so a compiled step finds it answered."""
-    global _available
+    global _available, _step
     if torch.compiler.is_compiling():
         return _available is True
     if _available is None:
-        _available = _library() is not None
+        isa = _load()
+        # INT4 groups must hold two vector steps of int16 lanes: AVX-512 64, AVX2 32.
+        _available, _step = isa > 0, 64 if isa >= 2 else 32
     return _available
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
+def _load() -> int:
+    """The loaded library's instruction set (1 AVX2, 2 AVX512BW, 3 with VNNI), 0 if none."""
     if os.environ.get("DS_QUANT_CPU_GEMV", "1") == "0" or platform.machine().lower() not in (
         "x86_64",
         "amd64",
     ):
-        return None
+        return 0
     try:
-        lib = ctypes.CDLL(str(_build()))
-    except (OSError, subprocess.SubprocessError) as exc:
+        torch.ops.load_library(str(_build()))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         warnings.warn(
             f"ds_quant: the CPU INT8/INT4 decode kernel could not be built ({exc}); "
             "quantized layers use torch's packed ops",
             RuntimeWarning,
             stacklevel=3,
         )
-        return None
-    lib.ds_gemv_isa.restype = _INT
-    lib.ds_int8_gemv.restype = _INT
-    lib.ds_int8_gemv.argtypes = [_I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _INT]
-    lib.ds_int4_gemv.restype = _INT
-    lib.ds_int4_gemv.argtypes = [
-        *(_I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _INT)
-    ]
-    return lib if lib.ds_gemv_isa() > 0 else None
+        return 0
+    return torch.ops.ds_quant.cpu_gemv_isa()
 
 
 def _build() -> Path:
-    """The shared library for this source, compiler and CPU: compiled once, then reused."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    """The op library for these sources, compiler, torch and CPU: compiled once, then
+    reused."""
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:
-        raise OSError("no C compiler found (set CC)")
+        raise OSError("no C++ compiler found (set CXX)")
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, timeout=60, check=True
     ).stdout
+    torch_dir = Path(torch.__file__).parent
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"
     key = hashlib.sha256()
-    for part in (
-        SOURCE.read_bytes(),
-        compiler.encode(),
-        version.encode(),
-        " ".join(FLAGS).encode(),
-    ):
-        key.update(part)
-    key.update(_cpu_identity().encode())
+    for part in (*(path.read_bytes() for path in SOURCES), compiler, version, *FLAGS, abi):
+        key.update(part if isinstance(part, bytes) else part.encode())
+    key.update(f"{torch.__version__} {torch_dir}\n{_cpu_identity()}".encode())
     cache = _cache_dir()
     target = cache / f"cpu_gemv-{key.hexdigest()[:20]}.so"
     if target.exists():
@@ -130,16 +122,16 @@ def _build() -> Path:
     # parallel ranks) never load a half-written file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
+    lib = torch_dir / "lib"
+    command = [
+        compiler, *FLAGS, abi, "-I", str(torch_dir / "include"), str(SOURCES[1]), "-o", tmp,
+        "-L", str(lib), "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}",
+    ]  # fmt: skip
     try:
         # OpenMP splits a layer's rows over torch's threads; compilers without it
         # (Apple clang) build the single-threaded kernel.
         for extra in (("-fopenmp",), ()):
-            done = subprocess.run(
-                [compiler, *FLAGS, *extra, str(SOURCE), "-o", tmp, "-lm"],
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
+            done = subprocess.run([*command, *extra], capture_output=True, text=True, timeout=600)
             if done.returncode == 0:
                 break
         else:
@@ -184,11 +176,18 @@ def static_rows(x: torch.Tensor) -> int | None:
     return lead.numel() if all(type(size) is int for size in lead) else None
 
 
+def _no_grad(x: torch.Tensor) -> bool:
+    """The kernels have no backward: an input that autograd tracks takes torch's ops."""
+    return not (x.requires_grad and torch.is_grad_enabled())
+
+
 def _decode_rows(x: torch.Tensor) -> bool:
-    """1 to ``MAX_ROWS`` static rows of a CPU float input, and the kernel built."""
+    """1 to ``MAX_ROWS`` static rows of a CPU float input outside autograd, and the
+    kernel built."""
     rows = static_rows(x)
     return (
         rows is not None
+        and _no_grad(x)
         and 0 < rows <= MAX_ROWS
         and x.shape[-1] > 0
         and x.device.type == "cpu"
@@ -222,68 +221,19 @@ def prepare(weight: torch.Tensor) -> None:
         available()
 
 
-_step: int = 64  # set with _available
-
-
 def _group_step() -> int:
-    """The INT4 group sizes the kernel takes are multiples of this: two vector steps of
-    int16 lanes (AVX-512 64, AVX2 32)."""
-    global _step
-    if not torch.compiler.is_compiling() and available():
-        _step = 64 if _library().ds_gemv_isa() >= 2 else 32
+    """The INT4 group sizes the kernel takes are multiples of this."""
+    available()
     return _step
 
 
-# A decode layer's call is a few microseconds of Python around the kernel, as much as a
-# small layer's weight takes to read: the wrappers below do only the checks and casts
-# the kernel needs (contiguous float32 operands; ldx = in_features).
-
-
-def _rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
-    x2 = x.reshape(-1, in_features) if x.dim() != 2 else x
-    if x2.dtype is not torch.float32 or not x2.is_contiguous():
-        x2 = x2.to(torch.float32).contiguous()
-    return x2
-
-
-def _floats(t: torch.Tensor) -> torch.Tensor:
-    """Scales and zero points as contiguous float32."""
-    if t.dtype is not torch.float32 or not t.is_contiguous():
-        t = t.to(torch.float32).contiguous()
-    return t
-
-
-def _int8_into(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, y: torch.Tensor) -> None:
-    """``y`` (rows, out) contiguous float32 = ``x2`` (rows, in) contiguous float32 by
-    ``q`` (rows of unit stride) and ``scale`` (contiguous float32)."""
-    n, k = q.shape
-    code = _library().ds_int8_gemv(
-        x2.shape[0], n, k, x2.data_ptr(), k, q.data_ptr(), q.stride(0), scale.data_ptr(),
-        y.data_ptr(), n, torch.get_num_threads(),
-    )  # fmt: skip
-    if code:
-        raise RuntimeError(f"ds_quant: ds_int8_gemv refused its arguments (code {code})")
-
-
-def _int4_into(x2, packed, scale, zero, group_size: int, y: torch.Tensor) -> None:
-    n, k = packed.shape[0], x2.shape[1]
-    code = _library().ds_int4_gemv(
-        x2.shape[0], n, k, group_size, x2.data_ptr(), k, packed.data_ptr(), packed.stride(0),
-        scale.data_ptr(), zero.data_ptr(), scale.shape[1], y.data_ptr(), n,
-        torch.get_num_threads(),
-    )  # fmt: skip
-    if code:
-        raise RuntimeError(f"ds_quant: ds_int4_gemv refused its arguments (code {code})")
-
-
 def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x`` (..., in) @ (q * scale)^T -> (..., out) in ``x.dtype``, for at most
-    ``MAX_ROWS`` rows (``int8_takes``); ``q`` int8 (out, in), ``scale`` (out,)."""
+    """``x`` (..., in) @ (q * scale)^T -> (..., out) in ``x.dtype``; ``q`` int8 (out,
+    in) with unit inner stride, ``scale`` (out,). Made for at most ``MAX_ROWS`` rows
+    (``int8_takes``); more run in slices of that many."""
     n, k = q.shape
-    x2 = _rows(x, k)
-    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
-    _int8_into(x2, q, _floats(scale), y)
-    return _shaped(y, x)
+    y = torch.ops.ds_quant.int8_gemv_cpu.default(x.reshape(-1, k), q, scale)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
 
 
 def int4_gemv(
@@ -296,18 +246,11 @@ def int4_gemv(
 ) -> torch.Tensor:
     """``x`` (..., in_features) by ds-quant's INT4 weight (``packed`` (out, in_padded //
     2), ``scale`` / ``zero`` (out, groups), W = (q - zero) * scale) -> (..., out) in
-    ``x.dtype``, for at most ``MAX_ROWS`` rows (``int4_takes``)."""
-    x2 = _rows(x, in_features)
-    y = torch.empty(x2.shape[0], packed.shape[0], dtype=torch.float32)
-    _int4_into(x2, packed, _floats(scale), _floats(zero), group_size, y)
-    return _shaped(y, x)
-
-
-def _shaped(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The (rows, out) float32 result in ``x``'s dtype and leading shape."""
-    if x.dtype is not torch.float32:
-        y = y.to(x.dtype)
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[1])
+    ``x.dtype``. Made for at most ``MAX_ROWS`` rows (``int4_takes``)."""
+    y = torch.ops.ds_quant.int4_gemv_cpu.default(
+        x.reshape(-1, in_features), packed, scale, zero, group_size
+    )
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], packed.shape[0])
 
 
 def experts_gemv_takes(x: torch.Tensor, weight: torch.Tensor, group_size: int = 0) -> bool:
@@ -318,6 +261,7 @@ def experts_gemv_takes(x: torch.Tensor, weight: torch.Tensor, group_size: int = 
     return (
         x.device.type == "cpu"
         and x.dtype in DTYPES
+        and _no_grad(x)
         and weight.device.type == "cpu"
         and weight.dim() == 3
         and weight.stride(-1) == 1
@@ -336,7 +280,7 @@ def experts_gemv(
     group_size: int = 0,
 ) -> torch.Tensor:
     """Row r of ``x`` (rows, in) float, or its only row, by expert ``experts[r]`` of the
-    stack -> (len(experts), out) float32: INT8 when ``zero`` is None (``scale``
+    stack -> (len(experts), out) in ``x.dtype``: INT8 when ``zero`` is None (``scale``
     (experts, out)), else INT4 (``scale`` / ``zero`` (experts, out, groups)). Each
     expert's weights are read where they lie; traced code calls the same ops."""
     if zero is None:
@@ -378,9 +322,8 @@ def _quantized_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.round(x * inv).double() * (amax.double() / 32767).float().double()
 
 
-# Traced code (torch.compile) cannot read data_ptr(): it calls the kernels as ops. They
-# are ``torch.library.Library`` ops with CPU kernels, not ``custom_op``s, for the lower
-# per-call cost (see ``kernels.cpu``). Each returns float32.
+# The ops' schemas and fake kernels (what traced code sees); their CPU kernels come from
+# ``cpu_gemv_ops.cpp`` when ``available()`` loads it. Each result is in x's dtype.
 _LIB = torch.library.Library("ds_quant", "FRAGMENT")
 _LIB.define("int8_gemv_cpu(Tensor x, Tensor q, Tensor scale) -> Tensor")
 _LIB.define(
@@ -395,53 +338,23 @@ _LIB.define(
 )
 
 
-def _int8_op(x, q, scale):
-    y = torch.empty(x.shape[0], q.shape[0], dtype=torch.float32)
-    _int8_into(_rows(x, x.shape[1]), q, _floats(scale), y)
-    return y
-
-
-def _int4_op(x, packed, scale, zero, group_size):
-    y = torch.empty(x.shape[0], packed.shape[0], dtype=torch.float32)
-    _int4_into(_rows(x, x.shape[1]), packed, _floats(scale), _floats(zero), group_size, y)
-    return y
-
-
-def _int8_experts_op(x, q, scale, experts):
-    x2, scale = _rows(x, x.shape[1]), _floats(scale)
-    y = torch.empty(experts.shape[0], q.shape[1], dtype=torch.float32)
-    for r, e in enumerate(experts.tolist()):
-        _int8_into(x2[r : r + 1] if x2.shape[0] > 1 else x2, q[e], scale[e], y[r : r + 1])
-    return y
-
-
-def _int4_experts_op(x, packed, scale, zero, experts, group_size):
-    x2, scale, zero = _rows(x, x.shape[1]), _floats(scale), _floats(zero)
-    y = torch.empty(experts.shape[0], packed.shape[1], dtype=torch.float32)
-    for r, e in enumerate(experts.tolist()):
-        row = x2[r : r + 1] if x2.shape[0] > 1 else x2
-        _int4_into(row, packed[e], scale[e], zero[e], group_size, y[r : r + 1])
-    return y
-
-
 def _fake(x, weight, *rest):
     torch._check(x.dim() == 2, lambda: "x must be 2-D (rows, in_features)")
-    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+    return x.new_empty(x.shape[0], weight.shape[0])
 
 
 def _int8_experts_fake(x, q, scale, experts):
-    return x.new_empty(experts.shape[0], q.shape[1], dtype=torch.float32)
+    return x.new_empty(experts.shape[0], q.shape[1])
 
 
 def _int4_experts_fake(x, packed, scale, zero, experts, group_size):
-    return x.new_empty(experts.shape[0], packed.shape[1], dtype=torch.float32)
+    return x.new_empty(experts.shape[0], packed.shape[1])
 
 
-for _name, _impl, _fake_impl in (
-    ("int8_gemv_cpu", _int8_op, _fake),
-    ("int4_gemv_cpu", _int4_op, _fake),
-    ("int8_experts_gemv_cpu", _int8_experts_op, _int8_experts_fake),
-    ("int4_experts_gemv_cpu", _int4_experts_op, _int4_experts_fake),
+for _name, _fake_impl in (
+    ("int8_gemv_cpu", _fake),
+    ("int4_gemv_cpu", _fake),
+    ("int8_experts_gemv_cpu", _int8_experts_fake),
+    ("int4_experts_gemv_cpu", _int4_experts_fake),
 ):
-    _LIB.impl(_name, _impl, "CPU")
     torch.library.register_fake(f"ds_quant::{_name}", _fake_impl, lib=_LIB)

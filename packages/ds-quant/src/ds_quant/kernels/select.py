@@ -40,7 +40,7 @@ def choose_w4a16_backend(
         )
     if requested == "cpu_gemv" and not int4_takes(x, group_size):
         raise ValueError(
-            f"backend 'cpu_gemv' needs 1 to {MAX_ROWS} CPU rows, a built kernel "
+            f"backend 'cpu_gemv' needs 1 to {MAX_ROWS} CPU rows outside autograd, a built kernel "
             "(kernels.cpu_gemv.available()) and a group size it steps; got "
             f"{tuple(x.shape)} on {x.device}, group_size {group_size}"
         )
