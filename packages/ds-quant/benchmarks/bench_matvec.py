@@ -11,8 +11,9 @@ multiply-and-sum over the int8 weight). The figure is weight bytes
 (scales included) per second, and its share of a read stream timed in the same repeat
 (a compiled sum over a 256 MiB float32 tensor: what one core reads when reading is all
 it does; this host's stream moves by a third from one minute to the next). "us per layer"
-is the time of one layer's call: with small shapes (``--shapes 64x64``) the fixed cost
-of a call, as a decode step pays it for each layer. The formats
+is the time of one layer's call: with small shapes (``--shapes 64x64 --megabytes 1
+--calls 50``) the fixed cost of a call, as a decode step pays it for each layer (a
+compiled bank's own entry cost is shared by its layers). The formats
 and the stream interleave in every repeat; medians of ``--repeats`` (the share: of the
 per-repeat shares). Run:
 
@@ -106,6 +107,9 @@ def main() -> None:
     parser.add_argument("--megabytes", type=float, default=64.0, help="fp32 weight per format")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rows", type=int, default=1, help="activation rows (batch)")
+    parser.add_argument(
+        "--calls", type=int, default=1, help="bank calls per timing (small shapes: 20 or more)"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"{machine()}; {args.rows} row(s)\n")
@@ -137,8 +141,9 @@ def main() -> None:
                 for name, dtype, *_ in FORMATS:
                     bank, nbytes = built[name]
                     start = time.perf_counter()
-                    bank(rows[dtype])
-                    seconds = time.perf_counter() - start
+                    for _ in range(args.calls):
+                        bank(rows[dtype])
+                    seconds = (time.perf_counter() - start) / args.calls
                     calls[name].append(seconds / count * 1e6)
                     rates[name].append(nbytes * count / seconds / 1e9)
                     shares[name].append(rates[name][-1] / streams[-1])

@@ -196,18 +196,22 @@ def test_layers_run_decode_rows_on_the_kernel(rows):
     )
 
 
-def test_inputs_autograd_tracks_take_torchs_ops_and_get_their_gradients():
-    """The kernels have no backward: a decode-sized input that needs a gradient (a LoRA
-    over a quantized base, trained a token at a time) takes torch's ops, and its gradient
-    is the dequantized weight's."""
+def test_decode_rows_that_need_gradients_get_the_dequantized_weights_gradient():
+    """A decode-sized input that needs a gradient (a LoRA over a quantized base, trained a
+    token at a time): the layer's forward may run the kernel, its backward is the
+    dequantized weight's. Called outside a layer, the ``*_takes`` checks refuse such an
+    input: the ops have no backward and would drop its gradient."""
     torch.manual_seed(0)
     int8 = quantize_(nn.Linear(64, 32), Int8WeightOnlyConfig())
     int4 = quantize_(nn.Linear(128, 32), Int4WeightOnlyConfig(group_size=64))
+    stack = torch.zeros(2, 4, 128, dtype=torch.int8)
     for layer in (int8, int4):
         x = torch.randn(1, layer.in_features, requires_grad=True)
         assert not int8_takes(x, int8.weight) and not int4_takes(x, 64)
+        assert not cpu_gemv.experts_gemv_takes(x, stack)
         with torch.no_grad():
             assert int8_takes(x, int8.weight) and int4_takes(x, 64)
+            assert cpu_gemv.experts_gemv_takes(x, stack)
         layer(x).sum().backward()
         expected = layer.dequantize().float().sum(0, keepdim=True)
         torch.testing.assert_close(x.grad, expected, rtol=2e-2, atol=2e-2)
@@ -362,6 +366,19 @@ def test_build_is_cached_switch_and_missing_compiler(tmp_path):
     off = run_python(PROBE, {**env, "DS_QUANT_CPU_GEMV": "0"})
     assert off.stdout.strip() == "False" and "could not be built" not in off.stderr
     assert list(tmp_path.glob("cpu_gemv-*.so")) == built
+    # A direct call loads the kernels itself, or names why they are missing.
+    direct = run_python(DIRECT, env)
+    assert direct.stdout.strip() == "[[4.0, 4.0]]", direct.stderr[-2000:]
+    direct_off = run_python(DIRECT, {**env, "DS_QUANT_CPU_GEMV": "0"})
+    assert "the CPU decode kernel is not available" in direct_off.stderr
+
+
+DIRECT = """
+    import torch
+    from ds_quant.kernels import cpu_gemv
+    q = torch.ones(2, 4, dtype=torch.int8)
+    print(cpu_gemv.int8_gemv(torch.ones(1, 4), q, torch.ones(2)).tolist())
+"""
 
 
 def test_backends_force_each_cpu_path_and_refuse_what_they_cannot_run():

@@ -173,6 +173,8 @@ def static_rows(x: torch.Tensor) -> int | None:
     """The rows of ``x`` (..., features) if its leading sizes are static ints (traced
     code must not specialise a symbolic batch size), else None."""
     lead = x.shape[:-1]
+    if not torch.compiler.is_compiling():  # eager sizes are ints
+        return lead.numel()
     return lead.numel() if all(type(size) is int for size in lead) else None
 
 
@@ -184,23 +186,19 @@ def _no_grad(x: torch.Tensor) -> bool:
 def _decode_rows(x: torch.Tensor) -> bool:
     """1 to ``MAX_ROWS`` static rows of a CPU float input outside autograd, and the
     kernel built."""
+    # A decode layer's call is a few microseconds of Python around the kernel, as much
+    # as a small layer's weight takes to read: the cheapest refusals come first.
+    if not (x.is_cpu and x.dtype in DTYPES and x.shape[-1] > 0 and available()):
+        return False
     rows = static_rows(x)
-    return (
-        rows is not None
-        and _no_grad(x)
-        and 0 < rows <= MAX_ROWS
-        and x.shape[-1] > 0
-        and x.device.type == "cpu"
-        and x.dtype in DTYPES
-        and available()
-    )
+    return rows is not None and 0 < rows <= MAX_ROWS and _no_grad(x)
 
 
 def int8_takes(x: torch.Tensor, q: torch.Tensor) -> bool:
     """Whether ``int8_gemv`` runs ``x`` (..., in) by the int8 weight ``q`` (out, in)."""
     return (
         _decode_rows(x)
-        and q.device.type == "cpu"
+        and q.is_cpu
         and q.dtype == torch.int8
         and q.dim() == 2
         and q.stride(-1) == 1
@@ -227,13 +225,27 @@ def _group_step() -> int:
     return _step
 
 
+def _require() -> None:
+    """The ops' CPU kernels are loaded by ``available()``: a direct call before it, or
+    where the build failed, gets this error rather than the dispatcher's."""
+    if not available():
+        raise RuntimeError(
+            "ds_quant: the CPU decode kernel is not available on this machine "
+            "(kernels.cpu_gemv.available() is False: see its RuntimeWarning, or "
+            "DS_QUANT_CPU_GEMV=0); use the layers' other backends"
+        )
+
+
 def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x`` (..., in) @ (q * scale)^T -> (..., out) in ``x.dtype``; ``q`` int8 (out,
     in) with unit inner stride, ``scale`` (out,). Made for at most ``MAX_ROWS`` rows
     (``int8_takes``); more run in slices of that many."""
-    n, k = q.shape
-    y = torch.ops.ds_quant.int8_gemv_cpu.default(x.reshape(-1, k), q, scale)
-    return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
+    if _available is not True:
+        _require()
+    if x.dim() == 2:
+        return torch.ops.ds_quant.int8_gemv_cpu.default(x, q, scale)
+    y = torch.ops.ds_quant.int8_gemv_cpu.default(x.reshape(-1, q.shape[1]), q, scale)
+    return y.view(*x.shape[:-1], q.shape[0])
 
 
 def int4_gemv(
@@ -247,10 +259,14 @@ def int4_gemv(
     """``x`` (..., in_features) by ds-quant's INT4 weight (``packed`` (out, in_padded //
     2), ``scale`` / ``zero`` (out, groups), W = (q - zero) * scale) -> (..., out) in
     ``x.dtype``. Made for at most ``MAX_ROWS`` rows (``int4_takes``)."""
+    if _available is not True:
+        _require()
+    if x.dim() == 2:
+        return torch.ops.ds_quant.int4_gemv_cpu.default(x, packed, scale, zero, group_size)
     y = torch.ops.ds_quant.int4_gemv_cpu.default(
         x.reshape(-1, in_features), packed, scale, zero, group_size
     )
-    return y if x.dim() == 2 else y.view(*x.shape[:-1], packed.shape[0])
+    return y.view(*x.shape[:-1], packed.shape[0])
 
 
 def experts_gemv_takes(x: torch.Tensor, weight: torch.Tensor, group_size: int = 0) -> bool:
@@ -283,6 +299,7 @@ def experts_gemv(
     stack -> (len(experts), out) in ``x.dtype``: INT8 when ``zero`` is None (``scale``
     (experts, out)), else INT4 (``scale`` / ``zero`` (experts, out, groups)). Each
     expert's weights are read where they lie; traced code calls the same ops."""
+    _require()
     if zero is None:
         return torch.ops.ds_quant.int8_experts_gemv_cpu(x, weight, scale, experts)
     return torch.ops.ds_quant.int4_experts_gemv_cpu(x, weight, scale, zero, experts, group_size)
