@@ -15,7 +15,8 @@ is the time of one layer's call: with small shapes (``--shapes 64x64 --megabytes
 --calls 50``) the fixed cost of a call, as a decode step pays it for each layer (a
 compiled bank's own entry cost is shared by its layers). The formats
 and the stream interleave in every repeat; medians of ``--repeats`` (the share: of the
-per-repeat shares). Run:
+per-repeat shares). Last, each eager quantized path's relative error against the
+product with its own dequantized weight in float64 (the rounding a kernel adds). Run:
 
     OMP_NUM_THREADS=1 uv run --frozen python packages/ds-quant/benchmarks/bench_matvec.py \
         [--shapes 2048x512 768x2048 32000x768] [--megabytes 64] [--repeats 5]
@@ -81,6 +82,14 @@ class Bank(nn.Module):
         return [layer(row) for layer in self.layers]
 
 
+def relative_error(layer: nn.Module, row: torch.Tensor) -> float:
+    """|y - y_exact| / |y_exact| of one quantized layer's output, y_exact the product in
+    float64 with its own dequantized weight: what the kernel's rounding of the
+    activations (and its sums) adds to the weight quantization."""
+    exact = row.double() @ layer.dequantize(torch.float64).t()
+    return float((layer(row).double() - exact).norm() / exact.norm())
+
+
 def bank_of(fmt, out_features: int, in_features: int, count: int):
     """A ``Bank`` of ``count`` layers of one format (compiled where marked), and the
     bytes of one layer's state (weights and scales)."""
@@ -119,6 +128,7 @@ def main() -> None:
     )
     print("|---|---|---:|---:|---:|---:|")
     streams: list[float] = []
+    errors: dict[str, list[float]] = {}
     for shape in args.shapes:
         out_features, in_features = map(int, shape.split("x"))
         count = max(2, round(args.megabytes * 2**20 / (out_features * in_features * 4)))
@@ -147,6 +157,11 @@ def main() -> None:
                     calls[name].append(seconds / count * 1e6)
                     rates[name].append(nbytes * count / seconds / 1e9)
                     shares[name].append(rates[name][-1] / streams[-1])
+            for name, dtype, config, compiled, _ in FORMATS:
+                if config is not None and not compiled:
+                    errors.setdefault(name, []).append(
+                        relative_error(built[name][0].layers[0], rows[dtype])
+                    )
         for name, *_ in FORMATS:
             gbps, share = statistics.median(rates[name]), statistics.median(shares[name])
             micros = statistics.median(calls[name])
@@ -158,6 +173,10 @@ def main() -> None:
         f"\nread stream: {min(streams):.1f}-{max(streams):.1f} GB/s, median "
         f"{statistics.median(streams):.1f} (compiled sum over 256 MiB of float32)"
     )
+    print("\n| format | relative error against its dequantized weight (per shape) |")
+    print("|---|---|")
+    for name, values in errors.items():
+        print(f"| {name} | {' / '.join(f'{v:.1e}' for v in values)} |")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """INT8 / INT4 weight-only products of a few rows (decode) on x86 CPUs: ``cpu_gemv.c``.
 
-torch's packed CPU ops read INT8 / INT4 weights at 3-9 GB/s at one row on the
+torch's packed CPU ops read INT8 / INT4 weights at 5-10 GB/s at one row on the
 AVX-512 host (one thread), below what a float32 matmul reads, so quantized decode was no
 faster per byte. ``cpu_gemv.c`` reads the stored weights (ds-quant's own layouts, no
-prepacking) once for all rows: 7-19 GB/s INT8 and 4.5-12 GB/s INT4 at one row (small
-layers to a 32000-row LM head), against a 15-24 GB/s read stream
+prepacking) once for all rows: 12-18 GB/s INT8 and 10-13 GB/s INT4 at one row (small
+layers to a 32000-row LM head), against a 22-29 GB/s read stream
 (``benchmarks/bench_matvec.py``). Activation rows are
 quantized to int16 with one scale per row inside the kernel, a finer rounding than the
 packed ops' bfloat16.

@@ -1,8 +1,8 @@
 // The CPU kernels of the ds_quant::*_gemv_cpu ops (schemas and fake kernels in
-// cpu_gemv.py), registered with torch's dispatcher from C++: a call costs about 5 us
-// from Python and inside compiled graphs, against 10 us through ctypes and 17 us for a
-// Python kernel behind the dispatcher, when a small decode layer's weights take 4-20 us
-// to read.
+// cpu_gemv.py), registered with torch's dispatcher from C++: a small decode layer's
+// call costs about 5.5 us inside a compiled graph and 10 us eagerly, when its weights
+// take 4-20 us to read; the same kernel through ctypes, its ops' kernels in Python, made
+// compiled V3 INT8 / INT4 decode 1.1-1.4x slower (docs/benchmarks.md).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
