@@ -366,6 +366,18 @@ def test_build_is_cached_switch_and_missing_compiler(tmp_path):
     off = run_python(PROBE, {**env, "DS_QUANT_CPU_GEMV": "0"})
     assert off.stdout.strip() == "False" and "could not be built" not in off.stderr
     assert list(tmp_path.glob("cpu_gemv-*.so")) == built
+    # No writable home cache: the temporary directory's, only if it is this user's own.
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    shared = tmp_path / "tmp" / f"ds-quant-{os.getuid()}"
+    shared.mkdir(parents=True)
+    shared.chmod(0o777)
+    unsafe = run_python(
+        PROBE,
+        {"DS_QUANT_CACHE_DIR": "", "XDG_CACHE_HOME": str(not_a_dir), "TMPDIR": str(shared.parent)},
+    )
+    assert unsafe.stdout.strip() == "False"
+    assert "is not this user's own directory" in unsafe.stderr
     # A direct call loads the kernels itself, or names why they are missing.
     direct = run_python(DIRECT, env)
     assert direct.stdout.strip() == "[[4.0, 4.0]]", direct.stderr[-2000:]

@@ -165,7 +165,14 @@ def _cache_dir() -> Path:
         path = (
             Path(tempfile.gettempdir()) / f"ds-quant-{os.getuid() if hasattr(os, 'getuid') else 0}"
         )
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, exist_ok=True)
+        # The library is loaded from here: a directory another user made or can write
+        # to could hand this process their code.
+        info = path.stat()
+        if hasattr(os, "getuid") and (info.st_uid != os.getuid() or info.st_mode & 0o022):
+            raise OSError(
+                f"{path} is not this user's own directory; set DS_QUANT_CACHE_DIR"
+            ) from None
         return path
 
 
