@@ -234,6 +234,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
+        "--min-capacity",
+        type=int,
+        default=None,
+        help="the compiled step's smallest cache (ds_model.cuda_graph.MIN_CAPACITY)",
+    )
+    parser.add_argument(
         "--compile", action="store_true", help="add generate(compile=True) rows per format"
     )
     args = parser.parse_args()
@@ -249,6 +255,10 @@ def main() -> None:
         # One compiled step per model and batch size, all of GraphedDecoder._forward:
         # more than dynamo's default of 8 per function in this one process.
         torch._dynamo.config.recompile_limit = 64
+    if args.min_capacity is not None:
+        import ds_model.cuda_graph
+
+        ds_model.cuda_graph.MIN_CAPACITY = args.min_capacity
     import ds_model
 
     print(f"machine: {machine()}")

@@ -17,7 +17,13 @@ import ds_model
 import ds_model.generation as generation
 import pytest
 import torch
-from ds_model.cuda_graph import GraphedDecoder, graphable
+from ds_model.cuda_graph import (
+    CAPACITY_STEP,
+    MIN_CAPACITY,
+    GraphedDecoder,
+    decode_capacity,
+    graphable,
+)
 from ds_model.moe import RoutedExperts
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -167,6 +173,27 @@ def test_decoder_is_reused_until_the_model_changes(graphable_everywhere):
     model.generate([[4, 5], [6]], 6)
     assert generation._DECODERS[model] is not second  # a hook the graph lacks
     handle.remove()
+
+
+@settings(max_examples=200, deadline=None)
+@given(needed=st.integers(1, 5000), limit=st.integers(1, 5000))
+def test_decode_capacity_holds_the_generation_and_bounds_the_spare_slots(needed, limit):
+    """The fixed-shape step reads every slot of its cache: enough for the generation
+    (up to the model's limit), at most twice what a short one fills, one of few sizes
+    (powers of two to CAPACITY_STEP, then its multiples) so nearby lengths share a step."""
+    capacity = decode_capacity(needed, limit)
+    assert capacity == min(limit, capacity) and capacity >= min(needed, limit)
+    if capacity < limit:
+        assert capacity <= max(2 * needed, MIN_CAPACITY, needed + CAPACITY_STEP - 1)
+        small = capacity <= CAPACITY_STEP
+        assert (small and capacity & (capacity - 1) == 0) or capacity % CAPACITY_STEP == 0
+        assert capacity >= MIN_CAPACITY
+
+
+def test_a_short_generation_gets_a_small_cache(graphable_everywhere):
+    model = v3()
+    model.generate([1, 2, 3], 4)
+    assert generation._DECODERS[model].capacity == MIN_CAPACITY
 
 
 @pytest.mark.parametrize("graphed", [False, True])
