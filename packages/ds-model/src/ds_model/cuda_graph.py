@@ -139,11 +139,11 @@ class GraphedDecoder:
             # Few-row matmuls read (in, out) weights faster: without it, batch-8
             # compiled/eager drops 7-17% (measured in docs/benchmarks.md, "Decode paths").
             input_major_weights(model)
-        self.cache = StaticKVCache(model.config, batch, capacity, model.dtype, device)
+        self.cache = StaticKVCache(model.config, batch, self.capacity, model.dtype, device)
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
-        self.visible = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.visible = torch.zeros(batch, self.capacity, dtype=torch.bool, device=device)
         self.logits: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
         self._guards_checked = False
