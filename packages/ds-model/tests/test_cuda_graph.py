@@ -192,16 +192,19 @@ def test_decode_capacity_holds_the_generation_and_bounds_the_spare_slots(needed,
 
 @pytest.mark.parametrize("make", [v3, llama], ids=["v3", "llama"])
 def test_a_longer_generation_reuses_a_short_ones_step_to_its_capacity(graphable_everywhere, make):
-    """The first generation's step holds MIN_CAPACITY slots; a later one needing more
-    than the first but no more than that reuses it and decodes what eager decoding does."""
+    """A short generation's step holds the smallest capacity (MLA: CAPACITY_STEP, its
+    latent slots are cheap); a later one needing more, but no more than that, reuses it
+    and decodes what eager decoding does."""
     model = make()
     model.generate([1, 2, 3], 2)
     first = generation._DECODERS[model]
-    assert first.capacity == first.cache.max_len == MIN_CAPACITY
-    prompt = list(range(5, 5 + MIN_CAPACITY // 2))
-    longer = model.generate(prompt, MIN_CAPACITY - len(prompt))
+    smallest = CAPACITY_STEP if model.config.is_mla else MIN_CAPACITY
+    expected = min(smallest, model.config.max_position_embeddings)
+    assert first.capacity == first.cache.max_len == expected
+    prompt = list(range(5, 5 + expected // 2))
+    longer = model.generate(prompt, expected - len(prompt))
     assert generation._DECODERS[model] is first
-    assert longer == model.generate(prompt, MIN_CAPACITY - len(prompt), cuda_graph=False)
+    assert longer == model.generate(prompt, expected - len(prompt), cuda_graph=False)
 
 
 @pytest.mark.parametrize("graphed", [False, True])

@@ -45,21 +45,26 @@ _STANCE_LOCK = threading.Lock()
 __all__ = ["GraphedDecoder", "graphable", "static_step_supported"]
 
 # The fixed-shape step attends over every slot of its cache, masked or not, so each
-# spare slot is read at every step: for MLA one cached latent, for a llama-type model its
-# K and V per layer (18.9 MB a row for a 134M llama at 256 slots, more than its INT8
-# weights). Capacities are powers of two from MIN_CAPACITY up to CAPACITY_STEP, then
-# multiples of it: a short generation reads at most twice the slots it fills, and
-# nearby lengths share one compiled or captured step. Against a fixed 256-slot step a
-# 33-token llama generation decoded 1.27x (INT8, batch 1) and 1.43x (INT8, batch 8)
-# faster (docs/benchmarks.md, "CPU decode by weight format").
+# spare slot is read at every step: for a llama-type model its K and V per layer (18.9 MB
+# a row for a 134M llama at 256 slots, more than its INT8 weights). Capacities are
+# powers of two from MIN_CAPACITY up to CAPACITY_STEP, then multiples of it: a short
+# generation reads at most twice the slots it fills, and nearby lengths share one
+# compiled or captured step. Against 256 slots, a 33-token llama generation decoded
+# 1.03-1.15x (INT8) and 1.10-1.11x (INT4) faster at batch 1, 1.23-1.43x at batch 8.
+# MLA caches one small latent a slot (640 bytes a layer for a 110M V3) and start at
+# CAPACITY_STEP: the compiled V3 batch-1 step ran 0.83-0.89x as fast at 64 slots as at
+# 256 (INT8; why is not known). Both measured with bench_cpu_decode.py --min-capacity
+# 64 / 256, alternating, when MLA took MIN_CAPACITY too (commit 50b7978;
+# docs/benchmarks.md, "CPU decode by weight format").
 MIN_CAPACITY = 64
 CAPACITY_STEP = 256
 
 
-def decode_capacity(needed: int, limit: int) -> int:
-    """The cache slots of a fixed-shape step for a generation needing ``needed`` (see
-    ``CAPACITY_STEP``), at most ``limit``."""
-    capacity = MIN_CAPACITY
+def decode_capacity(needed: int, limit: int, smallest: int = MIN_CAPACITY) -> int:
+    """The cache slots of a fixed-shape step for a generation needing ``needed``, at
+    most ``limit``: powers of two from ``smallest`` to ``CAPACITY_STEP``, then its
+    multiples."""
+    capacity = smallest
     while capacity < needed and capacity < CAPACITY_STEP:
         capacity *= 2
     if capacity < needed:
@@ -130,7 +135,9 @@ class GraphedDecoder:
         # the model, which a strong one would keep alive forever.
         self._model = weakref.ref(model)
         self.batch, self.capture = batch, capture
-        self.capacity = decode_capacity(capacity, model.config.max_position_embeddings)
+        config = model.config
+        smallest = max(CAPACITY_STEP, MIN_CAPACITY) if config.is_mla else MIN_CAPACITY
+        self.capacity = decode_capacity(capacity, config.max_position_embeddings, smallest)
         device = model.device
         for module in model.modules():
             if isinstance(module, RoutedExperts):
