@@ -132,9 +132,9 @@ def _products(row: torch.Tensor, stacked: Stacked, chosen: torch.Tensor) -> torc
     float32."""
     if stacked.scale is not None and experts_gemv_takes(row, stacked.weight, stacked.group_size):
         # ds-quant's CPU decode kernel on the chosen experts' stored bytes. With it (here
-        # and in the dense layers) whole compiled 110M V3 steps ran at 2.44x fp32's,
-        # without it (these loops, inductor's for dense INT8) at 2.01-2.15x; INT4 2.06-
-        # 2.09x against 1.75-1.80x (DS_QUANT_CPU_GEMV=1 / 0 alternating, docs/ds-quant.md).
+        # and in the dense layers) whole compiled 110M V3 INT4 steps ran at 2.60-2.72x
+        # fp32's, without it (these loops) at 2.28-2.36x; INT8 2.24-2.71x against
+        # 2.53-2.56x (DS_QUANT_CPU_GEMV=1 / 0 alternating, docs/benchmarks.md).
         return experts_gemv(
             row, stacked.weight, stacked.scale, stacked.zero, chosen, stacked.group_size
         )
