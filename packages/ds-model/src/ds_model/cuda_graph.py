@@ -52,10 +52,12 @@ __all__ = ["GraphedDecoder", "graphable", "static_step_supported"]
 # compiled or captured step. Against 256 slots, a 33-token llama generation decoded
 # 1.03-1.15x (INT8) and 1.10-1.11x (INT4) faster at batch 1, 1.23-1.43x at batch 8.
 # MLA caches one small latent a slot (640 bytes a layer for a 110M V3) and start at
-# CAPACITY_STEP: the compiled V3 batch-1 step ran 0.83-0.85x as fast at 64 slots as at
-# 256 (INT8; why is not known). Both measured with bench_cpu_decode.py --min-capacity
-# 64 / 256, alternating, when MLA took MIN_CAPACITY too (commit 50b7978;
-# docs/benchmarks.md, "CPU decode by weight format").
+# CAPACITY_STEP, as before: in bench_cpu_decode.py's processes (12 models each) the
+# compiled V3 batch-1 INT8 step ran 0.83-0.85x as fast at 64 slots as at 256, while
+# with --formats int8 alone its compiled step made 1.96-2.02x its eager one at 64 and
+# 1.73-1.95x at 256; unresolved. Measured with --min-capacity 64 / 256, alternating,
+# when MLA took MIN_CAPACITY too (commit 50b7978; docs/benchmarks.md, "CPU decode by
+# weight format").
 MIN_CAPACITY = 64
 CAPACITY_STEP = 256
 
