@@ -246,8 +246,10 @@ def test_ops_run_any_number_of_rows_and_refuse_bad_arguments_by_name():
         ops.int4_gemv_cpu(one_row, one_packed, s4[:1], z4[:1], 64),
         ops.int4_gemv_cpu(one_row.contiguous(), packed[:1], s4[:1], z4[:1], 64),
     )
-    with pytest.raises(RuntimeError, match="scale must hold one value per weight row"):
+    with pytest.raises(RuntimeError, match=r"scale must be \[24\] \(one value per weight row\)"):
         ops.int8_gemv_cpu(x, q[:24], scale)
+    with pytest.raises(RuntimeError, match="q must have at least one input column"):
+        ops.int8_gemv_cpu(x[:, :0], q[:24, :0], scale[:24])
     with pytest.raises(RuntimeError, match="group_size must be a multiple of"):
         ops.int4_gemv_cpu(x, packed, s4, z4, 48)
     stack, stack_scale = q.view(2, 24, 128), scale.view(2, 24)

@@ -74,8 +74,10 @@ void check_int8(const at::Tensor& q, const at::Tensor& scale, int64_t dims, cons
                   q.stride(-1) == 1,
               op, ": q must be a ", dims, "-D int8 CPU tensor with unit inner stride, got ",
               q.scalar_type(), " ", q.sizes(), " on ", q.device());
-  TORCH_CHECK(scale.numel() == q.numel() / q.size(-1), op, ": scale must hold one value per ",
-              "weight row (", q.numel() / q.size(-1), "), got ", scale.sizes());
+  TORCH_CHECK(q.size(-1) > 0, op, ": q must have at least one input column, got ", q.sizes());
+  const auto rows = q.sizes().slice(0, dims - 1);
+  TORCH_CHECK(scale.sizes() == rows, op, ": scale must be ", rows,
+              " (one value per weight row), got ", scale.sizes());
 }
 
 // Packed INT4 (..., N, padded / 2) with scale and zero (..., N, groups).
