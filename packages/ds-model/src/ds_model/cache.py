@@ -114,16 +114,6 @@ class PagedKVCache:
             for _ in range(config.num_hidden_layers)
         ]
 
-    def slots(self, layer_idx: int) -> list[torch.Tensor]:
-        """The layer's pool tensors as (num_blocks * block_size, ...) slots.
-
-        Views made per call, not once: views kept on the cache would enter a compiled
-        step as inputs of their own aliasing the pool, and torch.compile's
-        functionalization then copies the whole pool at every step that writes to it
-        (ds-serve's compiled decode step took 154 ms instead of 1.8 ms with its default
-        8,192-block pool, built-in model, EPYC-512)."""
-        return [pool.view(-1, *s) for pool, s in zip(self.layers[layer_idx], self.shapes)]
-
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
         per_token = sum(int(torch.Size(s).numel()) for s in cache_entry_shapes(config))
@@ -168,9 +158,21 @@ class PagedWriter:
         self.prefill_history = prefill_history
         self.context_range = context_range
 
+    def _slots(self, layer_idx: int) -> list[torch.Tensor]:
+        """The layer's pool tensors as (num_blocks * block_size, ...) slots.
+
+        Views made per call, not once: views kept on the cache would enter a compiled
+        step as inputs of their own aliasing the pool, and torch.compile's
+        functionalization then copies the whole pool at every step that writes to it
+        (ds-serve's compiled decode step took 154 ms instead of 1.8 ms with its default
+        8,192-block pool, built-in model, EPYC-512)."""
+        return [
+            pool.view(-1, *s) for pool, s in zip(self.cache.layers[layer_idx], self.cache.shapes)
+        ]
+
     def write(self, layer_idx: int, new: list[torch.Tensor]) -> None:
         """Store the new rows' entries (N, 1, ...) each in their slots."""
-        for flat, t, shape in zip(self.cache.slots(layer_idx), new, self.cache.shapes):
+        for flat, t, shape in zip(self._slots(layer_idx), new, self.cache.shapes):
             if t.dtype != flat.dtype:
                 t = t.to(flat.dtype)
             flat.index_copy_(0, self.write_slots, t.reshape(-1, *shape))
@@ -182,8 +184,7 @@ class PagedWriter:
     def context(self, layer_idx: int) -> list[torch.Tensor]:
         """The prefill sequences' packed contexts, (1, sum(context_lens), ...) each."""
         return [
-            flat.index_select(0, self.read_slots).unsqueeze(0)
-            for flat in self.cache.slots(layer_idx)
+            flat.index_select(0, self.read_slots).unsqueeze(0) for flat in self._slots(layer_idx)
         ]
 
     def update(self, layer_idx: int, new: list[torch.Tensor]) -> list[torch.Tensor]:
