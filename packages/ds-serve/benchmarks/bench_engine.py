@@ -15,10 +15,17 @@ modes run interleaved; figures are medians of ``--repeats`` rounds:
   (``decode_steps="compile"``, on its own copy of the model, compiled before timing)
   against ``generate(compile=True)`` on that copy.
 
+``--shape NAME`` serves a random checkpoint of one of ds-model's CPU decode benchmark
+shapes (``bench_cpu_decode.SHAPES``: ``v3-110M``, ``llama-134M``; the prompts are token
+ids, so its tokenizer is one word per id) instead of the built-in model, and ``--quantization`` /
+``--dtype`` go to ``build_engine`` as ds-serve's options of those names: ``generate``
+then runs on the engine's own (quantized) model, so both sides read the same weights.
+
 Greedy outputs of the engine and ``generate`` are checked equal. Run:
 
     OMP_NUM_THREADS=1 uv run --frozen python packages/ds-serve/benchmarks/bench_engine.py \
-        [--model PATH] [--max-tokens 128] [--prompt-len 32] [--clients 8,32] [--compile]
+        [--model PATH | --shape v3-110M] [--quantization int8] [--dtype bfloat16] \
+        [--max-tokens 128] [--prompt-len 32] [--clients 8,32] [--compile]
 """
 
 from __future__ import annotations
@@ -26,14 +33,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import platform
 import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import ds_model
 import torch
 from common import stream_all
 from ds_serve import build_engine
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "ds-model" / "benchmarks"))
+from bench_cpu_decode import SHAPES
 
 
 class TimedRunner:
@@ -70,8 +84,24 @@ def generate_run(model, prompt: list[int], max_tokens: int, compile: bool = Fals
         model.config, model.tokenizer = config, tokenizer
 
 
-def start_engine(path, compiled: bool):
-    options = {"decode_steps": "compile"} if compiled else {}
+def random_checkpoint(shape: str, path: Path) -> None:
+    """A random ``shape`` checkpoint (seed 0) and a tokenizer with one word per id."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    config = dict(SHAPES[shape], bos_token_id=1, eos_token_id=2)
+    ds_model.from_config(config, dtype=torch.float32, seed=0).save_pretrained(path)
+    words = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    words.update({f"t{i}": i for i in range(3, config["vocab_size"])})
+    tokenizer = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(path / "tokenizer.json"))
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    (path / "tokenizer_config.json").write_text(json.dumps(special))
+
+
+def start_engine(path, compiled: bool, **options):
+    if compiled:
+        options["decode_steps"] = "compile"
     engine = build_engine(path, device="cpu", **options)
     engine.runner = TimedRunner(engine.runner)
     engine.start(asyncio.get_running_loop())
@@ -80,7 +110,13 @@ def start_engine(path, compiled: bool):
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="a model directory; default: built-in")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", default=None, help="a model directory; default: built-in")
+    source.add_argument("--shape", choices=list(SHAPES), help="a random checkpoint of this shape")
+    parser.add_argument("--quantization", choices=["int8", "int4"], default=None)
+    parser.add_argument(
+        "--dtype", default=None, help="ds-serve's --dtype (default: float32 on CPU)"
+    )
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
@@ -90,9 +126,15 @@ async def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     levels = [int(c) for c in args.clients.split(",") if c]
-    engines = {"eager": start_engine(args.model, compiled=False)}
-    if args.compile:
-        engines["compiled"] = start_engine(args.model, compiled=True)
+    options = {"quantization": args.quantization, "dtype": args.dtype}
+    with tempfile.TemporaryDirectory() as scratch:
+        path = args.model
+        if args.shape:
+            path = Path(scratch)
+            random_checkpoint(args.shape, path)
+        engines = {"eager": start_engine(path, compiled=False, **options)}
+        if args.compile:
+            engines["compiled"] = start_engine(path, compiled=True, **options)
     models = {name: e.runner.runner.model for name, e in engines.items()}
     gen = torch.Generator().manual_seed(0)
     vocab = models["eager"].config.vocab_size
@@ -122,7 +164,8 @@ async def main() -> None:
     median = {key: statistics.median(values) for key, values in rates.items()}
     eager, compiled = median[("generate", "eager", 1)], median.get(("generate", "compiled", 1))
     print(
-        f"\n{args.prompt_len}-token prompts, {args.max_tokens} new tokens each, "
+        f"\n{args.shape or args.model or 'built-in model'}, {args.quantization or 'no'} "
+        f"quantization, {args.prompt_len}-token prompts, {args.max_tokens} new tokens each, "
         f"{models['eager'].dtype}, {args.threads} thread(s), torch {torch.__version__}, "
         f"{platform.processor() or platform.machine()}, median of {args.repeats}\n"
     )
