@@ -168,26 +168,25 @@ def test_kernels_on_zero_and_non_finite_rows():
         assert got[1:].isnan().all()
 
 
-@pytest.mark.parametrize("rows", [1, MAX_ROWS, MAX_ROWS + 1])
-def test_layers_run_decode_rows_on_the_kernel(rows):
+@pytest.mark.parametrize("rows", [1, MAX_ROWS, MAX_ROWS + 1, 3 * MAX_ROWS + 5])
+def test_layers_run_every_cpu_row_count_on_the_kernel(rows):
+    """Decode rows and prefill alike; a row's result does not depend on the rows that
+    share its call (torch's packed ops rounded activations to bfloat16, so a token's
+    logits changed with the size of the step that carried it)."""
     torch.manual_seed(rows)
     int8 = quantize_(nn.Linear(96, 40), Int8WeightOnlyConfig())
     int4 = quantize_(nn.Linear(192, 40), Int4WeightOnlyConfig(group_size=64))
     x8, x4 = torch.randn(rows, 96), torch.randn(rows, 192)
-    decode = rows <= MAX_ROWS
-    assert int8_takes(x8, int8.weight) == decode
-    assert int4_takes(x4, 64) == decode
-    kernel8 = int8_gemv(x8, int8.weight, int8.weight_scale) + int8.bias if decode else None
-    kernel4 = (
-        int4_gemv(x4, int4.weight, int4.weight_scale, int4.weight_zero, 64, 192) + int4.bias
-        if decode
-        else None
-    )
+    assert int8_takes(x8, int8.weight) and int4_takes(x4, 64)
+    kernel8 = int8_gemv(x8, int8.weight, int8.weight_scale) + int8.bias
+    kernel4 = int4_gemv(x4, int4.weight, int4.weight_scale, int4.weight_zero, 64, 192) + int4.bias
     with torch.inference_mode():
         y8, y4 = int8(x8), int4(x4)
-    if decode:
         assert torch.equal(y8, kernel8) and torch.equal(y4, kernel4)
-    # Every path stays close to the float layer it quantized.
+        for r in range(rows):
+            assert torch.equal(int8(x8[r : r + 1]), y8[r : r + 1])
+            assert torch.equal(int4(x4[r : r + 1]), y4[r : r + 1])
+    # Close to the float layer each quantized.
     torch.testing.assert_close(
         y8, nn.functional.linear(x8, int8.dequantize(), int8.bias), rtol=2e-2, atol=2e-2
     )
@@ -396,8 +395,8 @@ DIRECT = """
 
 
 def test_backends_force_each_cpu_path_and_refuse_what_they_cannot_run():
-    """Backend "cpu_gemv" forces the decode kernel (more rows than it takes: an error
-    naming the limit), "cpu_packed" torch's packed op (what "auto" ran before it)."""
+    """Backend "cpu_gemv" forces the CPU kernel (any number of rows; an input it cannot
+    take, float64 here: an error saying what it needs), "cpu_packed" torch's packed op."""
     torch.manual_seed(0)
     int8 = quantize_(nn.Linear(64, 32, bias=False), Int8WeightOnlyConfig())
     int4 = quantize_(nn.Linear(128, 32, bias=False), Int4WeightOnlyConfig(group_size=64))
@@ -405,8 +404,10 @@ def test_backends_force_each_cpu_path_and_refuse_what_they_cannot_run():
     auto8, auto4 = int8(x8), int4(x4)
     int8.backend = int4.backend = "cpu_gemv"
     assert torch.equal(int8(x8), auto8) and torch.equal(int4(x4), auto4)
-    for layer, x in ((int8, torch.randn(MAX_ROWS + 1, 64)), (int4, torch.randn(MAX_ROWS + 1, 128))):
-        with pytest.raises(ValueError, match=f"backend 'cpu_gemv' needs 1 to {MAX_ROWS} CPU rows"):
+    many = torch.randn(MAX_ROWS + 1, 64)
+    assert torch.equal(int8(many), int8_gemv(many, int8.weight, int8.weight_scale))
+    for layer, x in ((int8, x8.double()), (int4, x4.double())):
+        with pytest.raises(ValueError, match="backend 'cpu_gemv' needs CPU float rows"):
             layer(x)
     int8.backend = int4.backend = "cpu_packed"
     unit = torch.ones(32, dtype=torch.bfloat16)

@@ -5,11 +5,17 @@ TRITON_INTERPRET=1), at small shapes; the GPU test runs it at larger shapes.
 """
 
 import importlib.util
+from unittest import mock
 
 import pytest
 import torch
 from ds_quant import Int4WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig, quantize_
-from ds_quant.kernels import choose_w4a16_backend, cpu_gemv_available, w4a16_matmul_reference
+from ds_quant.kernels import (
+    choose_w4a16_backend,
+    cpu_gemv,
+    cpu_gemv_available,
+    w4a16_matmul_reference,
+)
 from ds_quant.kernels.cpu import (
     HAS_INT4_CPU,
     int8_weight_matmul_cpu,
@@ -112,19 +118,22 @@ def test_int8_dynamic_integer_matmul_matches_float_reference():
 
 
 def test_auto_backend_selection():
-    # Decode rows take the C kernel where it is built (test_cpu_gemv.py); more rows:
+    # CPU rows take the C kernel where it is built (test_cpu_gemv.py), however many;
+    # without it, torch's packed op where that applies, else the reference:
     packed = "cpu_packed" if HAS_INT4_CPU else "reference"
-    for rows in (1, MAX_ROWS):
+    for rows in (1, MAX_ROWS, MAX_ROWS + 2, 100):
         want = "cpu_gemv" if cpu_gemv_available() else packed
         assert choose_w4a16_backend(torch.randn(rows, 128), 64, 128) == want
     x = torch.randn(MAX_ROWS + 2, 128)
-    assert choose_w4a16_backend(x, 64, 128) == ("cpu_packed" if HAS_INT4_CPU else "reference")
-    assert choose_w4a16_backend(x, 40, 128) == "reference"  # out_features % 16 != 0
-    assert choose_w4a16_backend(x, 64, 16) == "reference"  # group size the op lacks
-    # A partial last group: the op takes it from 32 real values (MLA's 192 in groups of 128).
-    assert choose_w4a16_backend(x[:, :80], 64, 64) == "reference"  # 16 values
-    assert choose_w4a16_backend(x[:, :96], 64, 64) == packed  # 32 values
-    assert choose_w4a16_backend(torch.randn(MAX_ROWS + 1, 192), 64, 128) == packed
+    assert choose_w4a16_backend(x, 64, 16) == "reference"  # a group size neither steps
+    with mock.patch.object(cpu_gemv, "_available", False):  # torch's ops only
+        assert choose_w4a16_backend(x, 64, 128) == packed
+        assert choose_w4a16_backend(x, 40, 128) == "reference"  # out_features % 16 != 0
+        # A partial last group: the op takes it from 32 real values (MLA's 192 in groups
+        # of 128).
+        assert choose_w4a16_backend(x[:, :80], 64, 64) == "reference"  # 16 values
+        assert choose_w4a16_backend(x[:, :96], 64, 64) == packed  # 32 values
+        assert choose_w4a16_backend(torch.randn(MAX_ROWS + 1, 192), 64, 128) == packed
     assert choose_w4a16_backend(x.double(), 64, 128) == "reference"
     with pytest.raises(ValueError, match=r"backend must be one of"):
         choose_w4a16_backend(x, 64, 128, "fastest")

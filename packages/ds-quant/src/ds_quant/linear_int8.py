@@ -17,7 +17,7 @@ from ds_quant.kernels.cpu import (
     int8_weight_matmul_cpu,
     int8_weight_matmul_traced,
 )
-from ds_quant.kernels.cpu_gemv import MAX_ROWS, int8_gemv, int8_takes, prepare
+from ds_quant.kernels.cpu_gemv import int8_gemv, int8_takes, prepare
 from ds_quant.kernels.reference import int8_weight_matmul_reference
 from ds_quant.kernels.select import GEMV_MAX_ROWS, HAS_TRITON
 from ds_quant.linear import QuantizedLinear
@@ -52,16 +52,16 @@ class _Int8Base(QuantizedLinear):
         return dequantize_int8(self.weight, self.weight_scale, dtype or self.orig_dtype)
 
 
-# "auto": the decode kernel (``kernels.cpu_gemv``) for a few CPU rows, torch's packed op
-# for more (compiled one-row steps without the kernel: inductor's multiply-and-sum),
+# "auto": the CPU kernel (``kernels.cpu_gemv``) for CPU rows where it is built, else
+# torch's packed op (compiled one-row steps without the kernel: inductor's multiply-and-sum),
 # triton's matrix-vector kernel for a few CUDA rows, else the reference; "cpu_gemv" and
 # "cpu_packed" force the two CPU paths, "reference" dequantize-then-matmul.
 INT8_BACKENDS = ("auto", "cpu_gemv", "cpu_packed", "reference")
 
 
 class Int8WeightOnlyLinear(_Int8Base):
-    """W8A16: activations stay float. On CPU, up to ``kernels.cpu_gemv.MAX_ROWS`` rows
-    (decode) run ``kernels.cpu_gemv``'s kernel on the stored int8 weight, more rows
+    """W8A16: activations stay float. On CPU, rows outside autograd run
+    ``kernels.cpu_gemv``'s kernel on the stored int8 weight where it is built, others
     torch's ``_weight_int8pack_mm`` with bfloat16 activations (see ``kernels.cpu``).
     ``backend`` picks the kernel (``INT8_BACKENDS``); "reference" forces
     dequantize-then-matmul (the ground truth)."""
@@ -101,8 +101,8 @@ class Int8WeightOnlyLinear(_Int8Base):
                 return int8_gemv(x, self.weight, self.weight_scale)
             if backend == "cpu_gemv":
                 raise ValueError(
-                    f"backend 'cpu_gemv' needs 1 to {MAX_ROWS} CPU rows outside autograd and "
-                    "a built kernel (kernels.cpu_gemv.available()); got "
+                    "backend 'cpu_gemv' needs CPU float rows outside autograd and a built "
+                    "kernel (kernels.cpu_gemv.available()); got "
                     f"{tuple(x.shape)} on {x.device}"
                 )
         if backend == "cpu_packed" and not (HAS_INT8_CPU and x.device.type == "cpu"):

@@ -1,13 +1,14 @@
-"""INT8 / INT4 weight-only products of a few rows (decode) on x86 CPUs: ``cpu_gemv.c``.
+"""INT8 / INT4 weight-only products on x86 CPUs (decode rows and prefill): ``cpu_gemv.c``.
 
 torch's packed CPU ops read INT8 / INT4 weights at 5-10 GB/s at one row on the
 AVX-512 host (one thread), below what a float32 matmul reads, so quantized decode was no
 faster per byte. ``cpu_gemv.c`` reads the stored weights (ds-quant's own layouts, no
-prepacking) once for all rows: 12-18 GB/s INT8 and 10-13 GB/s INT4 at one row (small
-layers to a 32000-row LM head), against a 22-29 GB/s read stream
-(``benchmarks/bench_matvec.py``). Activation rows are
-quantized to int16 with one scale per row inside the kernel, a finer rounding than the
-packed ops' bfloat16.
+prepacking) once for up to ``MAX_ROWS`` rows: 12-18 GB/s INT8 and 10-13 GB/s INT4 at
+one row (small layers to a 32000-row LM head), against a 22-29 GB/s read stream
+(``benchmarks/bench_matvec.py``); more rows run in passes of ``MAX_ROWS``, still faster
+per row than the packed ops. Activation rows are quantized to int16 with one scale per
+row inside the kernel, a finer rounding than the packed ops' bfloat16, and each row's
+result is the same whatever rows share its call.
 
 The kernels are torch ops (``ds_quant::int8_gemv_cpu``, ``ds_quant::int4_gemv_cpu`` and
 their ``*_experts_*`` forms, which take a stack of expert weights and the expert of each
@@ -50,7 +51,13 @@ __all__ = [
 ]
 
 SOURCES = (Path(__file__).with_name("cpu_gemv.c"), Path(__file__).with_name("cpu_gemv_ops.cpp"))
-MAX_ROWS = 8  # the rows a decode call takes; more rows (prefill) take torch's ops
+# The rows one kernel pass takes (one copy of the inner loop per row count); more rows
+# run in passes of this many. Every CPU row count runs here: at 16-512 rows (prefill,
+# batched decode) a pass took 0.73-0.82x the time per row of torch's packed INT8 op and
+# 0.83-0.95x of its INT4 op (V3 110M layer shapes, one thread, EPYC-512), and torch's
+# ops round activations to bfloat16 (relative error 2.4e-3 against 3e-5 here), so a
+# token's logits would depend on how many rows shared its step.
+MAX_ROWS = 8
 # Activation dtypes it takes (computed in float32, returned in the input's dtype);
 # float64 keeps the reference's precision.
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -190,21 +197,20 @@ def _no_grad(x: torch.Tensor) -> bool:
     return not (x.requires_grad and torch.is_grad_enabled())
 
 
-def _decode_rows(x: torch.Tensor) -> bool:
-    """1 to ``MAX_ROWS`` static rows of a CPU float input outside autograd, and the
-    kernel built."""
+def _kernel_rows(x: torch.Tensor) -> bool:
+    """A CPU float input with rows (a traced batch size may be symbolic) outside
+    autograd, and the kernel built."""
     # A decode layer's call is a few microseconds of Python around the kernel, as much
     # as a small layer's weight takes to read: the cheapest refusals come first.
     if not (x.is_cpu and x.dtype in DTYPES and x.shape[-1] > 0 and available()):
         return False
-    rows = static_rows(x)
-    return rows is not None and 0 < rows <= MAX_ROWS and _no_grad(x)
+    return static_rows(x) != 0 and _no_grad(x)
 
 
 def int8_takes(x: torch.Tensor, q: torch.Tensor) -> bool:
     """Whether ``int8_gemv`` runs ``x`` (..., in) by the int8 weight ``q`` (out, in)."""
     return (
-        _decode_rows(x)
+        _kernel_rows(x)
         and q.is_cpu
         and q.dtype == torch.int8
         and q.dim() == 2
@@ -216,7 +222,7 @@ def int4_takes(x: torch.Tensor, group_size: int) -> bool:
     """Whether ``int4_gemv`` runs ``x`` (..., in) by a packed INT4 weight of
     ``group_size``: one the kernel's vector step divides (64 and up with AVX-512, 32 and
     up with AVX2), at most ``MAX_GROUP``."""
-    return _decode_rows(x) and group_size % _group_step() == 0 and group_size <= MAX_GROUP
+    return _kernel_rows(x) and group_size % _group_step() == 0 and group_size <= MAX_GROUP
 
 
 def prepare(weight: torch.Tensor) -> None:
@@ -245,8 +251,8 @@ def _require() -> None:
 
 def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x`` (..., in) @ (q * scale)^T -> (..., out) in ``x.dtype``; ``q`` int8 (out,
-    in) with unit inner stride, ``scale`` (out,). Made for at most ``MAX_ROWS`` rows
-    (``int8_takes``); more run in slices of that many."""
+    in) with unit inner stride, ``scale`` (out,). Any number of rows, in passes of
+    ``MAX_ROWS``."""
     if _available is not True:
         _require()
     if x.dim() == 2:
@@ -265,7 +271,7 @@ def int4_gemv(
 ) -> torch.Tensor:
     """``x`` (..., in_features) by ds-quant's INT4 weight (``packed`` (out, in_padded //
     2), ``scale`` / ``zero`` (out, groups), W = (q - zero) * scale) -> (..., out) in
-    ``x.dtype``. Made for at most ``MAX_ROWS`` rows (``int4_takes``)."""
+    ``x.dtype``. Any number of rows, in passes of ``MAX_ROWS``."""
     if _available is not True:
         _require()
     if x.dim() == 2:

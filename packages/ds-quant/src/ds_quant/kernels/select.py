@@ -1,8 +1,9 @@
 """Which W4A16 kernel a layer uses for an input: chosen per call from device and dtype.
 
-``auto``: CUDA input and triton importable -> ``triton``; a few CPU rows the decode
-kernel takes -> ``cpu_gemv`` (``kernels.cpu_gemv``); a CPU input the packed CPU op
-accepts -> ``cpu_packed``; otherwise ``reference`` (dequantize, then matmul).
+``auto``: CUDA input and triton importable -> ``triton``; CPU rows the kernel takes
+(outside autograd, where it is built) -> ``cpu_gemv`` (``kernels.cpu_gemv``); a CPU input
+the packed CPU op accepts -> ``cpu_packed``; otherwise ``reference`` (dequantize, then
+matmul).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import importlib.util
 import torch
 
 from ds_quant.kernels.cpu import int4_cpu_supported
-from ds_quant.kernels.cpu_gemv import MAX_ROWS, int4_takes
+from ds_quant.kernels.cpu_gemv import int4_takes
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 W4A16_BACKENDS = ("auto", "triton", "cpu_gemv", "cpu_packed", "reference")
@@ -40,7 +41,7 @@ def choose_w4a16_backend(
         )
     if requested == "cpu_gemv" and not int4_takes(x, group_size):
         raise ValueError(
-            f"backend 'cpu_gemv' needs 1 to {MAX_ROWS} CPU rows outside autograd, a built kernel "
+            "backend 'cpu_gemv' needs CPU float rows outside autograd, a built kernel "
             "(kernels.cpu_gemv.available()) and a group size it steps; got "
             f"{tuple(x.shape)} on {x.device}, group_size {group_size}"
         )
