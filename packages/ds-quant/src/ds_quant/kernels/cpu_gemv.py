@@ -52,9 +52,10 @@ __all__ = [
 
 SOURCES = (Path(__file__).with_name("cpu_gemv.c"), Path(__file__).with_name("cpu_gemv_ops.cpp"))
 # The rows one kernel pass takes (one copy of the inner loop per row count); more rows
-# run in passes of this many. Every CPU row count runs here: at 16-512 rows (prefill,
-# batched decode) a pass took 0.73-0.82x the time per row of torch's packed INT8 op and
-# 0.83-0.95x of its INT4 op (V3 110M layer shapes, one thread, EPYC-512), and torch's
+# run in passes of this many. Every CPU row count runs here: at 32 and 256 rows
+# (prefill, batched decode) the passes took 0.74-0.81x the time of torch's packed INT8
+# op and 0.82-0.99x of its INT4 op (docs/benchmarks.md, "Decode products against the
+# read stream": V3 110M layer shapes, one thread, EPYC-512), and torch's
 # ops round activations to bfloat16 (relative error 2.4e-3 against 3e-5 here), so a
 # token's logits would depend on how many rows shared its step.
 MAX_ROWS = 8
