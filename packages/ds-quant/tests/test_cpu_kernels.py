@@ -236,7 +236,30 @@ def count_int4_layouts(monkeypatch) -> list[int]:
 
 
 @pytest.mark.skipif(not HAS_INT4_CPU, reason="torch has no packed INT4 CPU op")
+def test_int4_cpu_layout_is_made_only_for_torchs_op_where_the_kernel_runs(monkeypatch):
+    """Every CPU call runs ds-quant's kernel on the stored weight (training inputs too:
+    the layer's backward uses the dequantized weight), so torch's layout, as large as
+    the weight, is made only when something forces its op, once."""
+    if not cpu_gemv.available():
+        pytest.skip("no CPU kernel on this machine")
+    made = count_int4_layouts(monkeypatch)
+    torch.manual_seed(0)
+    layer = quantize_(nn.Linear(256, 64), Int4WeightOnlyConfig(group_size=128))
+    with torch.inference_mode():
+        for rows in (1, 9, 40):
+            layer(torch.randn(rows, 256))
+    x = torch.randn(3, 256, requires_grad=True)
+    layer(x).sum().backward()
+    assert made == [] and x.grad is not None
+    layer.backend = "cpu_packed"
+    layer(x), layer(x)
+    assert len(made) == 1
+
+
+@pytest.mark.skipif(not HAS_INT4_CPU, reason="torch has no packed INT4 CPU op")
+@torch_ops_only()
 def test_int4_cpu_layout_is_made_at_quantize_and_load_not_per_call(monkeypatch):
+    """Without the kernel (torch's ops serve inference too)."""
     made = count_int4_layouts(monkeypatch)
     torch.manual_seed(0)
     layer = quantize_(nn.Linear(256, 64), Int4WeightOnlyConfig(group_size=128))
@@ -255,6 +278,7 @@ def test_int4_cpu_layout_is_made_at_quantize_and_load_not_per_call(monkeypatch):
 
 
 @pytest.mark.skipif(not HAS_INT4_CPU, reason="torch has no packed INT4 CPU op")
+@torch_ops_only()
 def test_int4_prepack_after_buffers_are_re_laid_by_hand(monkeypatch):
     """Buffers replaced by views of another storage (as ds-model stacks MoE experts):
     ``prepack()`` builds the layout for them at once, and calls then reuse it."""

@@ -25,7 +25,7 @@ from ds_quant.kernels.cpu import (
     prepack_int4_cpu,
     w4a16_matmul_cpu,
 )
-from ds_quant.kernels.cpu_gemv import int4_gemv, prepare
+from ds_quant.kernels.cpu_gemv import int4_gemv, int4_takes, prepare
 from ds_quant.kernels.reference import w4a16_matmul_reference
 from ds_quant.kernels.select import choose_w4a16_backend
 from ds_quant.linear import QuantizedLinear
@@ -47,13 +47,15 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         super().__init__(*args, **kwargs)
         self.backend = "auto"
         self.register_buffer("input_scale", None)
-        # torch's CPU op wants its own weight layout: built once when the layer is made
-        # by quantizing or loaded (a state dict's buffers), kept out of the state dict
-        # (which holds the canonical tensors), rebuilt if the buffers change (keyed on
-        # their versions) and dropped when the layer moves (``_apply``). Made at load,
-        # not on a first call: a decode step that meets an expert for the first time
-        # would otherwise pay the conversion (about 1 ms per expert layer: measured in
-        # docs/benchmarks.md, "CPU decode by weight format").
+        # torch's CPU op wants its own weight layout, as large as the weight again: kept
+        # out of the state dict (which holds the canonical tensors), rebuilt if the
+        # buffers change (keyed on their versions) and dropped when the layer moves
+        # (``_apply``). Where ds-quant's CPU kernel takes the layer's inference rows
+        # (``kernels.cpu_gemv``), only inputs that autograd tracks use the op, and the
+        # layout is built on the first of them. Elsewhere it is built when the layer is
+        # made by quantizing or loaded, not on a first call: a decode step that meets an
+        # expert for the first time would otherwise pay the conversion (about 1 ms per
+        # expert layer: measured in docs/benchmarks.md, "CPU decode by weight format").
         self._cpu_cache: tuple[Any, ...] | None = None
         self.register_load_state_dict_post_hook(_prepack_after_load)
 
@@ -119,14 +121,18 @@ class Int4WeightOnlyLinear(QuantizedLinear):
 
     def prepack(self) -> None:
         """Build the CPU op's weight layout for the current buffers now, if they are on
-        the CPU in a shape the op takes (``int4_cpu_supported``). Quantizing and
-        ``load_state_dict`` call it; call it after replacing or re-laying ``weight``,
-        ``weight_scale`` or ``weight_zero`` by hand, or the next CPU call rebuilds the
-        layout (about 1 ms per layer) inside whatever step makes it."""
+        the CPU in a shape the op takes (``int4_cpu_supported``) and ds-quant's CPU
+        kernel does not take the layer's inference rows (then the layout waits for an
+        input that autograd tracks). Quantizing and ``load_state_dict`` call it; call it
+        after replacing or re-laying ``weight``, ``weight_scale`` or ``weight_zero`` by
+        hand, or the next call that needs the layout rebuilds it (about 1 ms per layer)
+        inside whatever step makes it."""
         weight = self.weight
         if weight.device.type != "cpu" or weight.numel() == 0:
             return
-        prepare(weight)  # the decode kernel (kernels.cpu_gemv)
+        prepare(weight)  # the CPU kernel (kernels.cpu_gemv)
+        if int4_takes(torch.empty(1, self.in_features), self.config.group_size):
+            return
         probe = torch.empty(0, self.in_features)
         if int4_cpu_supported(probe, self.out_features, self.config.group_size):
             self._cpu_operands(COMPUTE_DTYPE)
