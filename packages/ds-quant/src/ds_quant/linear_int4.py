@@ -50,9 +50,10 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         # torch's CPU op wants its own weight layout, as large as the weight again: kept
         # out of the state dict (which holds the canonical tensors), rebuilt if the
         # buffers change (keyed on their versions) and dropped when the layer moves
-        # (``_apply``). Where ds-quant's CPU kernel takes the layer's inference rows
-        # (``kernels.cpu_gemv``), only inputs that autograd tracks use the op, and the
-        # layout is built on the first of them. Elsewhere it is built when the layer is
+        # (``_apply``). Where ds-quant's CPU kernel takes the layer's rows
+        # (``kernels.cpu_gemv``; training inputs too, the forward running without
+        # autograd), nothing runs the op unless ``backend="cpu_packed"`` forces it, and
+        # the layout is built on that first call. Elsewhere it is built when the layer is
         # made by quantizing or loaded, not on a first call: a decode step that meets an
         # expert for the first time would otherwise pay the conversion (about 1 ms per
         # expert layer: measured in docs/benchmarks.md, "CPU decode by weight format").
@@ -122,11 +123,11 @@ class Int4WeightOnlyLinear(QuantizedLinear):
     def prepack(self) -> None:
         """Build the CPU op's weight layout for the current buffers now, if they are on
         the CPU in a shape the op takes (``int4_cpu_supported``) and ds-quant's CPU
-        kernel does not take the layer's inference rows (then the layout waits for an
-        input that autograd tracks). Quantizing and ``load_state_dict`` call it; call it
-        after replacing or re-laying ``weight``, ``weight_scale`` or ``weight_zero`` by
-        hand, or the next call that needs the layout rebuilds it (about 1 ms per layer)
-        inside whatever step makes it."""
+        kernel does not take the layer's rows (where it does, only a forced
+        ``"cpu_packed"`` backend reads the layout). Quantizing and ``load_state_dict``
+        call it; call it after replacing or re-laying ``weight``, ``weight_scale`` or
+        ``weight_zero`` by hand, or the next call that needs the layout rebuilds it
+        (about 1 ms per layer) inside whatever step makes it."""
         weight = self.weight
         if weight.device.type != "cpu" or weight.numel() == 0:
             return
