@@ -17,9 +17,10 @@ modes run interleaved; figures are medians of ``--repeats`` rounds:
 
 ``--shape NAME`` serves a random checkpoint of one of ds-model's CPU decode benchmark
 shapes (``bench_cpu_decode.SHAPES``: ``v3-110M``, ``llama-134M``; the prompts are token
-ids, so its tokenizer is one word per id) instead of the built-in model, and ``--quantization`` /
-``--dtype`` go to ``build_engine`` as ds-serve's options of those names: ``generate``
-then runs on the engine's own (quantized) model, so both sides read the same weights.
+ids, so its tokenizer is one word per id) instead of the built-in model, and
+``--quantization`` / ``--dtype`` go to ``build_engine`` as ds-serve's options of those
+names: ``generate`` then runs on the engine's own (quantized) model, so both sides read
+the same weights.
 
 Greedy outputs of the engine and ``generate`` are checked equal. Run:
 
