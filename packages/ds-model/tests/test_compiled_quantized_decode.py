@@ -25,7 +25,7 @@ import sys, tempfile, dataclasses
 import torch, ds_model
 import torch._dynamo.utils as dynamo_utils
 from ds_model import ModelConfig
-shape, dtype, quantization = sys.argv[1], sys.argv[2], sys.argv[3] or None
+shape, cases = sys.argv[1], sys.argv[2:]
 torch.set_num_threads(1)
 if shape == "v3":
     config = ModelConfig.from_preset("tiny")
@@ -35,12 +35,8 @@ else:
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "max_position_embeddings": 512,
     })
-with tempfile.TemporaryDirectory() as path:
-    ds_model.from_config(config, seed=0).save_pretrained(path)
-    eager_model = ds_model.from_pretrained(path, dtype=dtype, quantization=quantization)
-    compiled_model = ds_model.from_pretrained(path, dtype=dtype, quantization=quantization)
-for model in (eager_model, compiled_model):
-    model.config = dataclasses.replace(model.config, eos_token_id=None)
+checkpoint = tempfile.TemporaryDirectory()
+ds_model.from_config(config, seed=0).save_pretrained(checkpoint.name)
 
 # bf16: the compiled step's fused kernels round differently from eager bf16 ops (float32
 # inside a fused kernel), so a near-tie may break the other way; each token must still be
@@ -55,35 +51,43 @@ def check_greedy_choices(prompt, tokens):
             ids.append(token)
 
 
-for prompts in ([[5, 6, 7, 8]], [[5, 6, 7, 8], [9, 10]]):
-    eager = eager_model.generate(prompts, 6)
-    compiled = compiled_model.generate(prompts, 6, compile=True)
-    if dtype == "bfloat16":
-        assert [row[0] for row in compiled] == [row[0] for row in eager]
-        for prompt, row in zip(prompts, compiled):
-            check_greedy_choices(prompt, row)
-    else:
-        assert compiled == eager, (prompts, compiled, eager)
-assert not dynamo_utils.counters["graph_break"], dict(dynamo_utils.counters["graph_break"])
-# One graph per batch size: the whole step, routed experts included.
-assert dynamo_utils.counters["stats"]["unique_graphs"] == 2, dict(dynamo_utils.counters["stats"])
+# Every case in this one process: a child spends ~15 s importing and warming up inductor.
+for case in cases:
+    dtype, quantization = case.split(":")
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    eager_model, compiled_model = (
+        ds_model.from_pretrained(checkpoint.name, dtype=dtype, quantization=quantization or None)
+        for _ in range(2)
+    )
+    for model in (eager_model, compiled_model):
+        model.config = dataclasses.replace(model.config, eos_token_id=None)
+    for prompts in ([[5, 6, 7, 8]], [[5, 6, 7, 8], [9, 10]]):
+        eager = eager_model.generate(prompts, 6)
+        compiled = compiled_model.generate(prompts, 6, compile=True)
+        if dtype == "bfloat16":
+            assert [row[0] for row in compiled] == [row[0] for row in eager], case
+            for prompt, row in zip(prompts, compiled):
+                check_greedy_choices(prompt, row)
+        else:
+            assert compiled == eager, (case, prompts, compiled, eager)
+    breaks, stats = dynamo_utils.counters["graph_break"], dynamo_utils.counters["stats"]
+    assert not breaks, (case, dict(breaks))
+    # One graph per batch size: the whole step, routed experts included.
+    assert stats["unique_graphs"] == 2, (case, dict(stats))
 """
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("shape", ["v3", "llama"])
-@pytest.mark.parametrize(
-    ("dtype", "quantization"),
-    [("bfloat16", ""), ("float32", "int8"), ("float32", "int4")],
-    ids=["bf16", "int8", "int4"],
-)
-def test_compiled_decode_equals_eager(shape, dtype, quantization):
-    """Greedy tokens at batch 1 and 2 (ragged prompts): equal for INT8 / INT4 (the
-    same kernels run), greedy choices of the eager model up to rounding for bf16. In a
-    child process: compiling starts threads and worker processes, after which
-    fork-based tests cannot fork safely."""
+def test_compiled_decode_equals_eager(shape):
+    """Greedy tokens at batch 1 and 2 (ragged prompts) with bf16, INT8 and INT4 weights:
+    equal for INT8 / INT4 (the same kernels run), greedy choices of the eager model up to
+    rounding for bf16. In a child process: compiling starts threads and worker
+    processes, after which fork-based tests cannot fork safely."""
+    cases = ["bfloat16:", "float32:int8", "float32:int4"]
     done = subprocess.run(
-        [sys.executable, "-c", COMPILED_CHECK, shape, dtype, quantization],
+        [sys.executable, "-c", COMPILED_CHECK, shape, *cases],
         capture_output=True,
         text=True,
         timeout=1800,
