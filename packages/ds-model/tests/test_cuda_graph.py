@@ -192,14 +192,12 @@ def test_decode_capacity_holds_the_generation_and_bounds_the_spare_slots(needed,
 
 @pytest.mark.parametrize("make", [v3, llama], ids=["v3", "llama"])
 def test_a_longer_generation_reuses_a_short_ones_step_to_its_capacity(graphable_everywhere, make):
-    """A short generation's step holds the smallest capacity (MLA: CAPACITY_STEP, its
-    latent slots are cheap); a later one needing more, but no more than that, reuses it
-    and decodes what eager decoding does."""
+    """A short generation's step holds the smallest capacity; a later one needing more,
+    but no more than that, reuses it and decodes what eager decoding does."""
     model = make()
     model.generate([1, 2, 3], 2)
     first = generation._DECODERS[model]
-    smallest = CAPACITY_STEP if model.config.is_mla else MIN_CAPACITY
-    expected = min(smallest, model.config.max_position_embeddings)
+    expected = min(MIN_CAPACITY, model.config.max_position_embeddings)
     assert first.capacity == first.cache.max_len == expected
     prompt = list(range(5, 5 + expected // 2))
     longer = model.generate(prompt, expected - len(prompt))

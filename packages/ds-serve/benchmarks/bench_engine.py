@@ -22,7 +22,8 @@ ids, so its tokenizer is one word per id) instead of the built-in model, and
 names: ``generate`` then runs on the engine's own (quantized) model, so both sides read
 the same weights.
 
-Greedy outputs of the engine and ``generate`` are checked equal. Run:
+Greedy outputs of the engine and ``generate`` are checked equal up to a near-tie
+(``check_same_greedy``). Run:
 
     OMP_NUM_THREADS=1 uv run --frozen python packages/ds-serve/benchmarks/bench_engine.py \
         [--model PATH | --shape v3-110M] [--quantization int8] [--dtype bfloat16] \
@@ -83,6 +84,30 @@ def generate_run(model, prompt: list[int], max_tokens: int, compile: bool = Fals
         return len(tokens) / (time.perf_counter() - start), list(tokens)
     finally:
         model.config, model.tokenizer = config, tokenizer
+
+
+def check_same_greedy(model, prompt: list[int], served: list[int], plain: list[int], name: str):
+    """The engine's greedy tokens equal ``generate``'s, or part from them only at a
+    near-tie: where they first differ, the model's logits for the two choices (over the
+    prompt and the common prefix) are within rounding of each other (1e-4 of the largest
+    logit in float32, 2^-7 in 16-bit floats). The paged and the contiguous attention sum
+    in different orders, and random weights make such ties common."""
+    if served == plain:
+        return
+    if len(served) != len(plain):
+        raise SystemExit(f"the {name} engine gave {len(served)} tokens, generate {len(plain)}")
+    i = next(k for k, (a, b) in enumerate(zip(served, plain)) if a != b)
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt + served[:i]])).logits[0, -1].float()
+    gap = (logits[served[i]] - logits[plain[i]]).abs().item()
+    rounding = 2**-7 if model.dtype in (torch.bfloat16, torch.float16) else 1e-4
+    allowed = rounding * logits.abs().max().item()
+    if gap > allowed:
+        raise SystemExit(
+            f"greedy outputs of the {name} engine and generate differ at token {i}: "
+            f"{served[i]} against {plain[i]}, logits {gap:.3g} apart (a tie is within {allowed:.3g})"
+        )
+    print(f"note: the {name} engine and generate part at token {i} on a tie ({gap:.2g} apart)")
 
 
 def random_checkpoint(shape: str, path: Path) -> None:
@@ -155,8 +180,7 @@ async def main() -> None:
             shares.setdefault(name, []).append(share)
             rate, plain = generate_run(models[name], prompts[0], args.max_tokens, name != "eager")
             rates.setdefault(("generate", name, 1), []).append(rate)
-            if served != plain:
-                raise SystemExit(f"greedy outputs differ between the {name} engine and generate")
+            check_same_greedy(models[name], prompts[0], served, plain, name)
             for clients in levels:
                 rate, _, _ = await engine_run(engine, prompts[:clients], args.max_tokens)
                 rates.setdefault(("engine", name, clients), []).append(rate)

@@ -50,23 +50,19 @@ __all__ = ["GraphedDecoder", "graphable", "static_step_supported"]
 # powers of two from MIN_CAPACITY up to CAPACITY_STEP, then multiples of it: a short
 # generation reads at most twice the slots it fills, and nearby lengths share one
 # compiled or captured step. Against 256 slots, a 33-token llama generation decoded
-# 1.03-1.15x (INT8) and 1.10-1.11x (INT4) faster at batch 1, 1.23-1.43x at batch 8.
-# MLA caches one small latent a slot (640 bytes a layer for a 110M V3) and start at
-# CAPACITY_STEP, as before: in bench_cpu_decode.py's processes (12 models each) the
-# compiled V3 batch-1 INT8 step ran 0.83-0.85x as fast at 64 slots as at 256, while
-# with --formats int8 alone its compiled step made 1.96-2.02x its eager one at 64 and
-# 1.73-1.95x at 256; unresolved. Measured with --min-capacity 64 / 256, alternating,
-# when MLA took MIN_CAPACITY too (commit 50b7978; docs/benchmarks.md, "CPU decode by
-# weight format").
+# 1.03-1.15x (INT8) and 1.10-1.11x (INT4) faster at batch 1, 1.23-1.43x at batch 8; the
+# 110M V3 (MLA) model's compiled step, against its eager one in the same process,
+# 1.05-1.10x (INT8) and 1.08x (fp32) faster at batch 1, 1.08-1.18x at batch 8
+# (docs/benchmarks.md, "CPU decode by weight format").
 MIN_CAPACITY = 64
 CAPACITY_STEP = 256
 
 
-def decode_capacity(needed: int, limit: int, smallest: int = MIN_CAPACITY) -> int:
+def decode_capacity(needed: int, limit: int) -> int:
     """The cache slots of a fixed-shape step for a generation needing ``needed``, at
-    most ``limit``: powers of two from ``smallest`` to ``CAPACITY_STEP``, then its
+    most ``limit``: powers of two from ``MIN_CAPACITY`` to ``CAPACITY_STEP``, then its
     multiples."""
-    capacity = smallest
+    capacity = MIN_CAPACITY
     while capacity < needed and capacity < CAPACITY_STEP:
         capacity *= 2
     if capacity < needed:
@@ -138,8 +134,7 @@ class GraphedDecoder:
         self._model = weakref.ref(model)
         self.batch, self.capture = batch, capture
         config = model.config
-        smallest = max(CAPACITY_STEP, MIN_CAPACITY) if config.is_mla else MIN_CAPACITY
-        self.capacity = decode_capacity(capacity, config.max_position_embeddings, smallest)
+        self.capacity = decode_capacity(capacity, config.max_position_embeddings)
         device = model.device
         for module in model.modules():
             if isinstance(module, RoutedExperts):
