@@ -507,3 +507,77 @@ def test_bf16_absorbed_decode_matches_float32():
     model = model.to(torch.bfloat16)
     got = _decode_logits(model, prompt, steps, fast=True, dtype=torch.bfloat16).float()
     assert (got - want).abs().max() <= 0.05 * want.abs().max()
+
+
+def _llama_tiny():
+    return ModelConfig.from_dict(
+        {
+            "model_type": "llama",
+            "vocab_size": 256,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 128,
+        }
+    )
+
+
+@pytest.mark.parametrize("config", ["v3", "llama"])
+def test_bf16_eager_decode_reads_plain_layers_with_the_cpu_kernel(config, monkeypatch):
+    """Eagerly, a bfloat16 model's decode rows run every plain linear layer (attention
+    projections, MLPs and experts, the LM head) through ds-quant's bfloat16 kernel; its
+    logits are oneDNN's matmul's up to bfloat16 rounding, and more than ``bf16_rows()``
+    rows (a prefill) keep the matmul."""
+    from ds_quant.kernels import cpu_gemv
+
+    if not cpu_gemv.available():
+        pytest.skip("no C++ compiler or no AVX2 / AVX512BW on this CPU")
+    config = ModelConfig.from_preset("tiny") if config == "v3" else _llama_tiny()
+    model = ds_model.from_config(config, seed=0, dtype=torch.bfloat16)
+    prompt, steps = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14]]), torch.tensor([[3, 4]])
+    rows_seen, weights_seen = set(), set()
+    kernel = cpu_gemv.bf16_gemv
+
+    def recording(x, weight):
+        rows_seen.add(x.shape[:-1].numel())
+        weights_seen.add(weight.data_ptr())
+        return kernel(x, weight)
+
+    monkeypatch.setattr(cpu_gemv, "bf16_gemv", recording)
+    with_kernel = _decode_logits(model, prompt, steps, fast=True, dtype=torch.bfloat16)
+    # The 10-row prefill's layers kept the matmul (a routed expert's few prefill rows
+    # may not); decode rows did not.
+    assert 1 in rows_seen and max(rows_seen) <= cpu_gemv.bf16_rows()
+    # Every plain layer a decode step runs (routed experts: the chosen ones; MLA's
+    # kv_b_proj is absorbed into the attention products, not called).
+    every_step = {
+        m.weight.data_ptr()
+        for name, m in model.named_modules()
+        if type(m) is torch.nn.Linear and ".experts." not in name and "kv_b_proj" not in name
+    }
+    assert every_step <= weights_seen and model.lm_head.weight.data_ptr() in every_step
+    experts = [
+        m for name, m in model.named_modules() if ".experts." in name and hasattr(m, "weight")
+    ]
+    assert not experts or any(m.weight.data_ptr() in weights_seen for m in experts)
+    monkeypatch.setattr(cpu_gemv, "bf16_takes", lambda x, weight: False)
+    with_matmul = _decode_logits(model, prompt, steps, fast=True, dtype=torch.bfloat16)
+    scale = with_matmul.float().abs().max()
+    torch.testing.assert_close(with_kernel.float(), with_matmul.float(), atol=0.03 * scale, rtol=0)
+
+
+def test_bf16_kernel_path_keeps_hooks_and_gradients():
+    """A hooked layer still runs its module (the hook sees the call); with gradients on,
+    the layers keep the matmul, which has a backward."""
+    model = ds_model.from_config(_llama_tiny(), seed=0, dtype=torch.bfloat16)
+    seen = []
+    handle = model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with torch.inference_mode():
+        model(torch.tensor([[5]]))
+    handle.remove()
+    assert seen == [(1, 1, 256)]
+    model(torch.tensor([[5]])).logits.float().sum().backward()
+    assert model.lm_head.weight.grad is not None
+    assert model.model.layers[0].mlp.gate_proj.weight.grad is not None

@@ -20,6 +20,9 @@ from ds_quant.kernels import cpu_gemv
 from ds_quant.kernels.cpu import int8_weight_matmul_cpu, prepack_int4_cpu, w4a16_matmul_cpu
 from ds_quant.kernels.cpu_gemv import (
     MAX_ROWS,
+    bf16_gemv,
+    bf16_gemv_reference,
+    bf16_takes,
     int4_gemv,
     int4_gemv_reference,
     int4_takes,
@@ -141,6 +144,76 @@ def int4_terms(x, q, scale, zero, group_size, k):
     per_input = lambda t: t.double().repeat_interleave(group_size, -1)[:, :k]  # noqa: E731
     magnitudes = (q.double()[:, :k].abs() + per_input(zero).abs()) * per_input(scale).abs()
     return x.double().abs() @ magnitudes.t()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 2 * MAX_ROWS + 3),
+    k=st.integers(1, 300),
+    n=st.integers(1, 70),
+    layout=layouts,
+    w_offset=st.integers(0, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_bf16_kernel_matches_its_reference(rows, k, n, layout, w_offset, seed):
+    """bfloat16 rows by a bfloat16 weight: the exact product rounded once to bfloat16,
+    up to float32 summation; rows past ``MAX_ROWS`` run in passes, and every row's
+    result is what it gets alone."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g).bfloat16()
+    w = torch.cat((torch.zeros(w_offset, dtype=w.dtype), w.flatten()))[w_offset:].view(n, k)
+    x = laid_out(torch.randn(rows, k, generator=g).bfloat16(), layout)
+    got = bf16_gemv(x, w)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+    terms = x.double().abs() @ w.double().abs().t()
+    assert_within(got, x.double() @ w.double().t(), terms, x, torch.bfloat16)
+    # Against the reference, itself rounded to bfloat16: a unit in the last place apart
+    # at most (both round the same sum, one after float32 summation).
+    reference = bf16_gemv_reference(x, w).double()
+    bound = 2**-7 * reference.abs() + SUM_ROUNDOFF * terms + 1e-30
+    assert ((got.double() - reference).abs() <= bound).all()
+    for r in range(rows):
+        assert torch.equal(got[r : r + 1], bf16_gemv(x[r : r + 1], w))
+
+
+def test_bf16_kernel_on_long_rows_special_values_and_bad_arguments():
+    """Thousands of inputs (float32 sums), a NaN or inf row, and arguments the op
+    refuses by name."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(33, 5000, generator=g).bfloat16()
+    x = torch.randn(3, 5000, generator=g).bfloat16()
+    x[1, 7] = float("nan")
+    x[2, 9] = float("inf")
+    got = bf16_gemv(x, w)
+    terms = x[:1].double().abs() @ w.double().abs().t()
+    assert_within(got[:1], x[:1].double() @ w.double().t(), terms, x, torch.bfloat16)
+    assert got[1].isnan().all()
+    assert torch.equal(got[2].double(), x[2].double() @ w.double().t())  # inf, signed by w
+    ops = torch.ops.ds_quant
+    with pytest.raises(RuntimeError, match="w must be a 2-D bfloat16 CPU tensor"):
+        ops.bf16_gemv_cpu(x, w.float())
+    with pytest.raises(RuntimeError, match=r"x must be a 2-D bfloat16 CPU tensor \(rows, 5000\)"):
+        ops.bf16_gemv_cpu(x[:, :64], w)
+    torch.library.opcheck(ops.bf16_gemv_cpu.default, (x[:1, :64].clone(), w[:, :64].clone()))
+
+
+def test_bf16_takes_a_few_bf16_rows_outside_autograd():
+    w = torch.randn(16, 32).bfloat16()
+    assert bf16_takes(torch.randn(1, 1, 32).bfloat16(), w)
+    rows = cpu_gemv.bf16_rows()
+    # 4 with AVX512-BF16 dot products; the re-runs below build without them.
+    dot_products = "avx512_bf16" in cpu_flags() and not os.environ.get("DS_QUANT_TEST_FLAGS")
+    assert rows == (4 if dot_products else 1)
+    assert bf16_takes(torch.randn(rows, 32).bfloat16(), w)
+    assert not bf16_takes(torch.randn(rows + 1, 32).bfloat16(), w)  # oneDNN's
+    assert not bf16_takes(torch.randn(0, 32).bfloat16(), w)
+    assert not bf16_takes(torch.randn(1, 32), w)
+    assert not bf16_takes(torch.randn(1, 32).bfloat16(), w.float())
+    assert not bf16_takes(torch.randn(1, 32).bfloat16(), w.t().contiguous().t())
+    assert not bf16_takes(torch.randn(1, 32).bfloat16().requires_grad_(), w)
+    assert not bf16_takes(torch.randn(1, 32).bfloat16(), w.clone().requires_grad_())
+    with torch.no_grad():  # a model's weights require grad; inference does not track it
+        assert bf16_takes(torch.randn(1, 32).bfloat16().requires_grad_(), w.requires_grad_())
 
 
 def test_int8_kernel_over_long_rows():
@@ -436,12 +509,12 @@ def cpu_flags() -> set[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("flags", "isa"),
-    [("-march=haswell", 1), ("-march=native -mno-avx512vnni", 2)],
+    [("-march=haswell", 1), ("-march=native -mno-avx512vnni -mno-avx512bf16", 2)],
     ids=["avx2", "avx512bw-without-vnni"],
 )
 def test_other_instruction_sets_match_the_reference(flags, isa, tmp_path):
-    """The kernel's AVX2 and AVX512BW (no VNNI) paths, built where the CPU runs them:
-    this module's other tests, in a process that loads that build."""
+    """The kernel's AVX2 and AVX512BW (no VNNI, no BF16 dot products) paths, built where
+    the CPU runs them: this module's other tests, in a process that loads that build."""
     needed = {1: {"avx2", "fma"}, 2: {"avx512bw", "avx512f"}}[isa]
     if not needed <= cpu_flags():
         pytest.skip(f"needs a CPU with {sorted(needed)}")

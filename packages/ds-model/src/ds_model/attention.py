@@ -9,6 +9,7 @@ from ds_model.attend import attend, paged_decode
 from ds_model.cache import PagedWriter
 from ds_model.config import ModelConfig
 from ds_model.context import ForwardContext
+from ds_model.mlp import project
 from ds_model.patterns import PatternAttention
 from ds_model.rope import apply_rotary
 
@@ -42,21 +43,21 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        q = project(self.q_proj, x).view(b, t, self.num_heads, self.head_dim)
+        k = project(self.k_proj, x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = project(self.v_proj, x).view(b, t, self.num_kv_heads, self.head_dim)
         q = apply_rotary(q, ctx.cos, ctx.sin, interleaved=False)
         k = apply_rotary(k, ctx.cos, ctx.sin, interleaved=False)
         if isinstance(ctx.cache, PagedWriter):
             out = self._paged(q, k, v, ctx)
-            return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+            return project(self.o_proj, out.reshape(b, t, self.num_heads * self.head_dim))
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer_idx, [k, v])
         if ctx.cu_seqlens is not None:  # packed tokens arrive as (tokens, 1, ...) rows
             q = q.reshape(1, b * t, *q.shape[2:])
         if self.pattern is not None:
             out = self.pattern(q, k, v, x, ctx, self.softmax_scale)
-            return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+            return project(self.o_proj, out.reshape(b, t, self.num_heads * self.head_dim))
         out = attend(
             q,
             k,
@@ -68,7 +69,7 @@ class Attention(nn.Module):
             window=ctx.window,
             backend=ctx.backend,
         )
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+        return project(self.o_proj, out.reshape(b, t, self.num_heads * self.head_dim))
 
     def _paged(self, q, k, v, ctx: ForwardContext) -> torch.Tensor:
         """A serving step over the paged pool; rows are packed new tokens (N, 1, ...).

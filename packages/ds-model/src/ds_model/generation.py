@@ -27,6 +27,7 @@ import torch
 from ds_model.cache import StaticKVCache
 from ds_model.cuda_graph import GraphedDecoder, graphable, static_step_supported
 from ds_model.generation_config import KEYWORDS, resolve
+from ds_model.mlp import project
 from ds_model.sampling import SamplingParams, sample
 
 __all__ = ["generate", "stream"]
@@ -207,7 +208,7 @@ def _next_logits(model, decoder, cache, token, positions, key_valid, padded) -> 
         history=True,
     )
     cache.length += 1
-    return model.lm_head(hidden[:, -1])
+    return project(model.lm_head, hidden[:, -1])
 
 
 # One fixed-shape decode step per model (the latest batch size), dropped with the model.

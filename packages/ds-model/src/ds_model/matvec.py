@@ -14,16 +14,22 @@ rows). ds-quant's INT8 layers make the same choice for their int8 weights.
 
 ``MatVecLinears`` is a ``TorchFunctionMode`` entered inside the compiled step: it
 rewrites ``F.linear`` while torch.compile traces and costs nothing at run time (eagerly,
-a mode would add Python to every op, so eager steps do not enter it).
+a mode would add Python to every op, so eager steps do not enter it). Eager steps call
+``linear`` instead where a layer is plain (``ds_model.mlp.project``): up to
+``MAX_ROWS`` CPU bfloat16 rows by a bfloat16 weight run ds-quant's decode kernel
+(``ds_quant.kernels.cpu_gemv.bf16_gemv``: each weight widened to float32 as it is read,
+float32 sums), which reads the weights faster than oneDNN's bfloat16 matmul at a few
+rows (docs/benchmarks.md, "CPU decode by weight format").
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from ds_quant.kernels import cpu_gemv
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["MatVecLinears", "matvec_linear", "one_static_row", "stored"]
+__all__ = ["MatVecLinears", "linear", "matvec_linear", "one_static_row", "stored"]
 
 MATVEC_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -38,6 +44,19 @@ def matvec_linear(
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)``, bias-free; eagerly, a few CPU bfloat16 rows by a bfloat16
+    weight through ds-quant's decode kernel (see above). Traced code keeps ``F.linear``,
+    which ``MatVecLinears`` rewrites."""
+    if (
+        weight.dtype is torch.bfloat16
+        and not torch.compiler.is_compiling()
+        and cpu_gemv.bf16_takes(x, weight)
+    ):
+        return cpu_gemv.bf16_gemv(x, weight)
+    return F.linear(x, weight)
 
 
 def stored(t: torch.Tensor) -> torch.Tensor:

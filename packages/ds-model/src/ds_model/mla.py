@@ -28,6 +28,7 @@ from ds_model.attend import attend, paged_decode
 from ds_model.cache import PagedWriter
 from ds_model.config import ModelConfig
 from ds_model.context import ForwardContext
+from ds_model.mlp import project
 from ds_model.norm import RMSNorm
 from ds_model.patterns import PatternAttention
 from ds_model.rope import apply_rotary
@@ -80,12 +81,13 @@ class MLAttention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         b, t, _ = x.shape
         if self.q_lora_rank is None:
-            q = self.q_proj(x)
+            q = project(self.q_proj, x)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q = project(self.q_b_proj, self.q_a_layernorm(project(self.q_a_proj, x)))
         q = q.view(b, t, self.num_heads, self.qk_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], -1)
+        kv_a = project(self.kv_a_proj_with_mqa, x)
+        latent, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], -1)
         # Rotate the query heads and the shared key together: one call instead of two.
         pe = apply_rotary(
             torch.cat((q_pe, k_pe.unsqueeze(2)), dim=2), ctx.cos, ctx.sin, self.interleaved
@@ -100,7 +102,7 @@ class MLAttention(nn.Module):
                     f"attention kind={self.pattern.pattern.kind!r} cannot run over a paged cache"
                 )
             out = self._paged(q_nope, q_pe, kv, ctx)
-            return self.o_proj(out.reshape(b, t, self.num_heads * self.v_dim))
+            return project(self.o_proj, out.reshape(b, t, self.num_heads * self.v_dim))
         if ctx.cache is not None:
             (kv,) = ctx.cache.update(self.layer_idx, [kv])
         if ctx.cu_seqlens is not None:  # packed tokens arrive as (tokens, 1, ...) rows
@@ -110,7 +112,7 @@ class MLAttention(nn.Module):
             out = self._absorbed(q_nope, q_pe, kv, ctx)
         else:
             out = self._naive(q_nope, q_pe, kv, ctx, x)
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.v_dim))
+        return project(self.o_proj, out.reshape(b, t, self.num_heads * self.v_dim))
 
     def can_absorb(self) -> bool:
         """Whether the absorbed form may run: not forced naive, and ``kv_b_proj`` a plain

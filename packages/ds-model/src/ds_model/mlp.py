@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ds_model import lean_backward
+from ds_model.matvec import linear
 
-__all__ = ["MLP", "plain_linear_weights"]
+__all__ = ["MLP", "plain_linear_weights", "project"]
 
 
 class MLP(nn.Module):
@@ -34,7 +35,7 @@ class MLP(nn.Module):
         if self.lean_backward and lean_backward.applies(x, *weights):
             return lean_backward.swiglu(x, *weights)
         gate, up, down = weights
-        return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+        return linear(F.silu(linear(x, gate)) * linear(x, up), down)
 
 
 def plain_linear_weights(*layers: nn.Module) -> tuple[torch.Tensor, ...] | None:
@@ -50,6 +51,18 @@ def plain_linear_weights(*layers: nn.Module) -> tuple[torch.Tensor, ...] | None:
     if _global_hooks():
         return None
     return tuple(m.weight for m in layers)
+
+
+def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)``; a plain layer (``plain_linear_weights``) with bfloat16 weights runs
+    ``ds_model.matvec.linear``, whose eager form reads the weight with ds-quant's decode
+    kernel at a few CPU rows."""
+    weight = getattr(layer, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dtype is torch.bfloat16:
+        weights = plain_linear_weights(layer)
+        if weights is not None:
+            return linear(x, weights[0])
+    return layer(x)
 
 
 def _global_hooks() -> bool:

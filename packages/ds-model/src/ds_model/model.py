@@ -18,7 +18,7 @@ from ds_model.attention import Attention
 from ds_model.config import ModelConfig
 from ds_model.context import ForwardContext
 from ds_model.mla import MLAttention
-from ds_model.mlp import MLP
+from ds_model.mlp import MLP, project
 from ds_model.moe import MoE
 from ds_model.norm import RMSNorm
 from ds_model.rope import rope_tables
@@ -265,7 +265,7 @@ class DeepSeekForCausalLM(nn.Module):
             cache.length += t
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)
+        logits = project(self.lm_head, hidden)
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels)

@@ -34,6 +34,7 @@ import torch
 from ds_model.cache import PagedKVCache, PagedWriter
 from ds_model.config import ModelConfig
 from ds_model.decode_buckets import DECODE_BUCKETS, DecodeBuckets
+from ds_model.mlp import project
 
 __all__ = ["ModelRunner", "SequenceBatch", "num_blocks_for_memory"]
 
@@ -217,7 +218,7 @@ class ModelRunner:
             # Each sequence's last row; a decode-only step's rows are exactly those.
             last = hidden[:, 0] if len(decode) == n_seqs else hidden[cu_q[1:].long() - 1, 0]
             with seq_rows:
-                logits = self.model.lm_head(last)
+                logits = project(self.model.lm_head, last)
             if permuted:
                 logits = logits[torch.tensor(order, device=dev).argsort()]
             if all_positions is None:

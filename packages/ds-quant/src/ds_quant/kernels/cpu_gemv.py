@@ -1,4 +1,5 @@
-"""INT8 / INT4 weight-only products on x86 CPUs (decode rows and prefill): ``cpu_gemv.c``.
+"""INT8 / INT4 weight-only products on x86 CPUs (decode rows and prefill), and bfloat16
+products of a few rows: ``cpu_gemv.c``.
 
 torch's packed CPU ops read INT8 / INT4 weights at 5-10 GB/s at one row on the
 AVX-512 host (one thread), below what a float32 matmul reads, so quantized decode was no
@@ -9,6 +10,12 @@ one row (small layers to a 32000-row LM head), against a 22-29 GB/s read stream
 per row than the packed ops. Activation rows are quantized to int16 with one scale per
 row inside the kernel, a finer rounding than the packed ops' bfloat16, and each row's
 result is the same whatever rows share its call.
+
+``bf16_gemv`` multiplies up to ``bf16_rows()`` bfloat16 rows by a bfloat16 weight with
+AVX512-BF16 dot products (or by widening each weight to float32 where the CPU has none),
+summing in float32: at one row it reads the weight 1.3-2.9x as fast as oneDNN's bfloat16
+matmul, whose per-call cost at a few rows is above its weight's reading time. ds-model's
+eager decode calls it for plain bfloat16 layers.
 
 The kernels are torch ops (``ds_quant::int8_gemv_cpu``, ``ds_quant::int4_gemv_cpu`` and
 their ``*_experts_*`` forms, which take a stack of expert weights and the expert of each
@@ -39,6 +46,10 @@ import torch
 __all__ = [
     "MAX_ROWS",
     "available",
+    "bf16_gemv",
+    "bf16_gemv_reference",
+    "bf16_rows",
+    "bf16_takes",
     "experts_gemv",
     "experts_gemv_takes",
     "int4_gemv",
@@ -68,6 +79,7 @@ FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++20")
 
 _available: bool | None = None  # set by the first available() call
 _step: int = 64  # the INT4 group step, set with _available
+_bf16_rows: int = 0  # the most rows bf16_takes accepts, set with _available
 
 
 def available() -> bool:
@@ -76,13 +88,14 @@ def available() -> bool:
     Traced code reads the answer of an earlier eager call (False if there was none):
     ``torch.compile`` cannot trace a build, and layers made on the CPU call this when
     they are quantized or allocated, so a compiled step finds it answered."""
-    global _available, _step
+    global _available, _step, _bf16_rows
     if torch.compiler.is_compiling():
         return _available is True
     if _available is None:
         isa = _load()
         # INT4 groups must hold two vector steps of int16 lanes: AVX-512 64, AVX2 32.
         _available, _step = isa > 0, 64 if isa >= 2 else 32
+        _bf16_rows = torch.ops.ds_quant.cpu_gemv_bf16_rows() if isa > 0 else 0
     return _available
 
 
@@ -226,6 +239,51 @@ def int4_takes(x: torch.Tensor, group_size: int) -> bool:
     return _kernel_rows(x) and group_size % _group_step() == 0 and group_size <= MAX_GROUP
 
 
+def bf16_rows() -> int:
+    """The most rows of a layer's input ``bf16_takes`` accepts: 4 where the CPU has
+    AVX512-BF16 dot products, 1 with the widening form, 0 without the kernel. More rows
+    are bound by arithmetic, where oneDNN's bfloat16 matmul is as fast or faster
+    (``cpu_gemv.c``)."""
+    available()
+    return _bf16_rows
+
+
+def bf16_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``bf16_gemv`` runs ``x`` (..., in) by ``weight`` (out, in): both bfloat16
+    on the CPU, at most ``bf16_rows()`` rows of ``x``, outside autograd."""
+    return (
+        x.dtype == torch.bfloat16
+        and weight.dtype == torch.bfloat16
+        and x.is_cpu
+        and weight.is_cpu
+        and weight.dim() == 2
+        and weight.stride(-1) == 1
+        and weight.shape[-1] > 0
+        and _no_grad(x)
+        and _no_grad(weight)
+        and available()
+        and 0 < (static_rows(x) or 0) <= _bf16_rows
+    )
+
+
+def bf16_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x`` (..., in) @ ``weight``^T -> (..., out), bfloat16 in and out, summed in
+    float32 (each weight widened as it is read; no float copy of it). Any number of
+    rows, in passes of ``MAX_ROWS``."""
+    if _available is not True:
+        _require()
+    if x.dim() == 2:
+        return torch.ops.ds_quant.bf16_gemv_cpu.default(x, weight)
+    y = torch.ops.ds_quant.bf16_gemv_cpu.default(x.reshape(-1, weight.shape[1]), weight)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def bf16_gemv_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``bf16_gemv``'s plain-torch ground truth: the product in float64, rounded to
+    bfloat16 once."""
+    return (x.double() @ weight.double().t()).to(torch.bfloat16)
+
+
 def prepare(weight: torch.Tensor) -> None:
     """Build (or load) the kernels now if ``weight`` is a CPU layer's: quantizing and
     loading call this, so that the first decode step, eager or traced, finds them."""
@@ -367,6 +425,8 @@ _LIB.define(
     "int4_experts_gemv_cpu(Tensor x, Tensor packed, Tensor scale, Tensor zero, "
     "Tensor experts, int group_size) -> Tensor"
 )
+# bfloat16 x (rows, in) by a bfloat16 weight (out, in), summed in float32.
+_LIB.define("bf16_gemv_cpu(Tensor x, Tensor w) -> Tensor")
 
 
 def _fake(x, weight, *rest):
@@ -387,5 +447,6 @@ for _name, _fake_impl in (
     ("int4_gemv_cpu", _fake),
     ("int8_experts_gemv_cpu", _int8_experts_fake),
     ("int4_experts_gemv_cpu", _int4_experts_fake),
+    ("bf16_gemv_cpu", _fake),
 ):
     torch.library.register_fake(f"ds_quant::{_name}", _fake_impl, lib=_LIB)

@@ -188,13 +188,44 @@ at::Tensor int4_experts_gemv_cpu(const at::Tensor& x, const at::Tensor& packed,
   return in_dtype(y, x);
 }
 
+// y (rows, N) bfloat16 = x (rows, K) bfloat16 by the bfloat16 weight w (N, K), summed in
+// float32.
+at::Tensor bf16_gemv_cpu(const at::Tensor& x, const at::Tensor& w) {
+  const char* op = "ds_quant::bf16_gemv_cpu";
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kBFloat16 && w.dim() == 2 &&
+                  w.stride(1) == 1 && w.size(1) > 0,
+              op, ": w must be a 2-D bfloat16 CPU tensor with unit inner stride and at least ",
+              "one input column, got ", w.scalar_type(), " ", w.sizes(), " on ", w.device());
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 2 &&
+                  x.size(1) == w.size(1),
+              op, ": x must be a 2-D bfloat16 CPU tensor (rows, ", w.size(1), "), got ",
+              x.scalar_type(), " ", x.sizes(), " on ", x.device());
+  const auto xc = x.stride(1) == 1 && row_stride(x) >= x.size(1) ? x : x.contiguous();
+  const int64_t N = w.size(0), K = w.size(1);
+  auto y = at::empty({x.size(0), N}, x.options());
+  if (y.numel() == 0) return y;
+  const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  for (int64_t m0 = 0; m0 < x.size(0); m0 += MAX_ROWS) {
+    const int64_t rows = std::min<int64_t>(MAX_ROWS, x.size(0) - m0);
+    check_code(ds_bf16_gemv(rows, N, K, xp + m0 * row_stride(xc), row_stride(xc), wp,
+                            row_stride(w), yp + m0 * N, N, at::get_num_threads()),
+               op);
+  }
+  return y;
+}
+
 int64_t cpu_gemv_isa() { return ISA; }
+int64_t cpu_gemv_bf16_rows() { return ds_bf16_max_rows(); }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(ds_quant, m) {
   // 0: built without a vector path (the ops refuse); 1: AVX2; 2: AVX512BW; 3: + VNNI.
   m.def("cpu_gemv_isa() -> int", &cpu_gemv_isa);
+  // The most rows layers hand bf16_gemv_cpu (4 with AVX512-BF16, else 1).
+  m.def("cpu_gemv_bf16_rows() -> int", &cpu_gemv_bf16_rows);
 }
 
 TORCH_LIBRARY_IMPL(ds_quant, CPU, m) {
@@ -202,4 +233,5 @@ TORCH_LIBRARY_IMPL(ds_quant, CPU, m) {
   m.impl("int4_gemv_cpu", &int4_gemv_cpu);
   m.impl("int8_experts_gemv_cpu", &int8_experts_gemv_cpu);
   m.impl("int4_experts_gemv_cpu", &int4_experts_gemv_cpu);
+  m.impl("bf16_gemv_cpu", &bf16_gemv_cpu);
 }
