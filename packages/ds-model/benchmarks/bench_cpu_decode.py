@@ -154,12 +154,15 @@ def active_linears(model: nn.Module) -> list[nn.Module]:
 
 def linears_seconds(layers: list[nn.Module], dtype: torch.dtype, batch: int) -> float:
     """One pass over ``layers`` with fresh (batch, in_features) inputs: the weight-reading
-    part of a decode step without its glue (attention, routing, norms, Python)."""
+    part of a decode step without its glue (attention, routing, norms, Python), each
+    layer called as the eager step calls it (``ds_model.mlp.project``)."""
+    from ds_model.mlp import project
+
     inputs = [torch.randn(batch, m.in_features, dtype=dtype) for m in layers]
     with torch.inference_mode():
         start = time.perf_counter()
         for module, x in zip(layers, inputs, strict=True):
-            module(x)
+            project(module, x)
         return time.perf_counter() - start
 
 
