@@ -16,10 +16,10 @@ rows). ds-quant's INT8 layers make the same choice for their int8 weights.
 rewrites ``F.linear`` while torch.compile traces and costs nothing at run time (eagerly,
 a mode would add Python to every op, so eager steps do not enter it). Eager steps call
 ``linear`` instead where a layer is plain (``ds_model.mlp.project``): up to
-``MAX_ROWS`` CPU bfloat16 rows by a bfloat16 weight run ds-quant's decode kernel
-(``ds_quant.kernels.cpu_gemv.bf16_gemv``: each weight widened to float32 as it is read,
-float32 sums), which reads the weights faster than oneDNN's bfloat16 matmul at a few
-rows (docs/benchmarks.md, "CPU decode by weight format").
+``cpu_gemv.bf16_rows()`` CPU bfloat16 rows by a bfloat16 weight (4 with AVX512-BF16)
+run ds-quant's ``bf16_gemv`` (float32 sums, one rounding to bfloat16), which reads the
+weights 1.4-2.4x as fast as oneDNN's bfloat16 matmul at one row (docs/benchmarks.md,
+"bfloat16 layers through bf16_gemv").
 """
 
 from __future__ import annotations

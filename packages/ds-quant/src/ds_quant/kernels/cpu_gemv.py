@@ -13,7 +13,7 @@ result is the same whatever rows share its call.
 
 ``bf16_gemv`` multiplies up to ``bf16_rows()`` bfloat16 rows by a bfloat16 weight with
 AVX512-BF16 dot products (or by widening each weight to float32 where the CPU has none),
-summing in float32: at one row it reads the weight 1.3-2.9x as fast as oneDNN's bfloat16
+summing in float32: at one row it reads the weight 1.4-2.4x as fast as oneDNN's bfloat16
 matmul, whose per-call cost at a few rows is above its weight's reading time. ds-model's
 eager decode calls it for plain bfloat16 layers.
 
@@ -111,8 +111,8 @@ def _load() -> int:
         torch.ops.load_library(str(_build()))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         warnings.warn(
-            f"ds_quant: the CPU INT8/INT4 decode kernel could not be built ({exc}); "
-            "quantized layers use torch's packed ops",
+            f"ds_quant: the CPU decode kernel could not be built ({exc}); "
+            "quantized layers use torch's packed ops, bfloat16 layers oneDNN's matmul",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -268,8 +268,8 @@ def bf16_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def bf16_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x`` (..., in) @ ``weight``^T -> (..., out), bfloat16 in and out, summed in
-    float32 (each weight widened as it is read; no float copy of it). Any number of
-    rows, in passes of ``MAX_ROWS``."""
+    float32 (AVX512-BF16 dot products, or each weight widened to float32 as it is read;
+    no float copy of the weight). Any number of rows, in passes of ``MAX_ROWS``."""
     if _available is not True:
         _require()
     if x.dim() == 2:
