@@ -51,9 +51,9 @@ __all__ = ["GraphedDecoder", "graphable", "static_step_supported"]
 # generation reads at most twice the slots it fills, and nearby lengths share one
 # compiled or captured step. Against 256 slots, a 33-token llama generation decoded
 # 1.03-1.15x (INT8) and 1.10-1.11x (INT4) faster at batch 1, 1.23-1.43x at batch 8; the
-# 110M V3 (MLA) model's compiled step, against its eager one in the same process,
-# 1.05-1.10x (INT8) and 1.08x (fp32) faster at batch 1, 1.08-1.18x at batch 8
-# (docs/benchmarks.md, "CPU decode by weight format").
+# 110M V3 (MLA) model's compiled step, against its eager one in the same process with
+# eager and compiled interleaved, 1.05x (INT8) and 1.08x (fp32) faster at batch 1,
+# 1.18x and 1.08x at batch 8 (docs/benchmarks.md, "CPU decode by weight format").
 MIN_CAPACITY = 64
 CAPACITY_STEP = 256
 

@@ -325,9 +325,10 @@ static inline uint16_t float_to_bf16(float f) {
 #if defined(__AVX512BF16__)
 /* AVX512-BF16: vdpbf16ps multiplies 32 bfloat16 pairs a vector straight from memory
  * and adds them into 16 float32 sums, where widening and multiply-adding takes four
- * instructions: 2 rows then cost what 1 does. Against oneDNN's bfloat16 matmul (V3 and
- * llama layer shapes, one thread, EPYC-512): 1.3-2.9x as fast at 1-2 rows, 1.0-2.9x
- * at 4, 0.7-1.6x at 8; the widening form 1.1-2.2x at 1 row, 0.8-2.4x at 2. */
+ * instructions: 2 rows then cost what 1 does. Against oneDNN's bfloat16 matmul (a
+ * one-off timing loop over seven V3 and llama layer shapes, one thread, EPYC-512;
+ * bench_matvec.py measures 1 and 4 rows): 1.3-2.9x as fast at 1-2 rows, 1.0-2.9x at
+ * 4, 0.7-1.6x at 8; the widening form 1.05-2.2x at 1 row, 0.8-2.4x at 2. */
 #define BF16_MAX_ROWS 4
 #define BSTEP 32
 static inline vf dot_bf16(vf acc, const uint16_t *w, const uint16_t *x) {
