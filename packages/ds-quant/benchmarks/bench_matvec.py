@@ -8,7 +8,8 @@ row through every layer). ds-quant's INT8 / INT4 layers run their CPU decode ker
 (``kernels.cpu_gemv``) and, as the baseline in the same run, torch's packed ops
 (``backend="cpu_packed"``: compiled one-row INT8 steps then take inductor's
 multiply-and-sum over the int8 weight); bfloat16 layers run oneDNN's matmul and
-ds-quant's ``bf16_gemv``. The figure is weight bytes
+ds-quant's ``bf16_gemv``, float32 layers torch's matmul (MKL) and ds-quant's
+``fp32_gemv``. The figure is weight bytes
 (scales included) per second, and its share of a read stream timed in the same repeat
 (a compiled sum over a 256 MiB float32 tensor: what one core reads when reading is all
 it does; this host's stream moves by a third from one minute to the next). "us per layer"
@@ -46,6 +47,7 @@ INT8, INT4 = Int8WeightOnlyConfig(), Int4WeightOnlyConfig(group_size=128)
 # torch's packed op, and in a compiled one-row INT8 step inductor's multiply-and-sum.
 FORMATS = [
     ("fp32", torch.float32, None, False, None),
+    ("fp32, ds-quant's fp32_gemv", torch.float32, None, False, "fp32_gemv"),
     ("bf16", torch.bfloat16, None, False, None),
     ("bf16, ds-quant's bf16_gemv", torch.bfloat16, None, False, "bf16_gemv"),
     ("INT8 weight-only", torch.float32, INT8, False, "auto"),
@@ -74,16 +76,16 @@ class ReadStream:
         return self.data.numel() * 4 / (time.perf_counter() - start) / 1e9
 
 
-class Bf16Gemv(nn.Module):
-    """A bfloat16 layer through ``kernels.cpu_gemv.bf16_gemv``, as ds-model's eager
-    decode runs plain bfloat16 layers of a few rows."""
+class KernelGemv(nn.Module):
+    """A float layer through ``kernels.cpu_gemv.bf16_gemv`` or ``fp32_gemv``, as
+    ds-model's eager decode runs plain layers of a few rows."""
 
-    def __init__(self, layer: nn.Linear) -> None:
+    def __init__(self, layer: nn.Linear, kernel) -> None:
         super().__init__()
-        self.weight = layer.weight
+        self.weight, self.kernel = layer.weight, kernel
 
     def forward(self, row: torch.Tensor) -> torch.Tensor:
-        return cpu_gemv.bf16_gemv(row, self.weight)
+        return self.kernel(row, self.weight)
 
 
 class Bank(nn.Module):
@@ -118,8 +120,8 @@ def bank_of(fmt, out_features: int, in_features: int, count: int):
             layer = holder[0]
             if backend is not None:
                 layer.backend = backend
-        elif backend == "bf16_gemv":
-            layer = Bf16Gemv(layer)
+        elif backend in ("bf16_gemv", "fp32_gemv"):
+            layer = KernelGemv(layer, getattr(cpu_gemv, backend))
         layers.append(layer.eval())
     bank = Bank(layers)
     nbytes = sum(t.numel() * t.element_size() for t in layers[0].state_dict().values())

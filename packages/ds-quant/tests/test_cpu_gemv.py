@@ -23,6 +23,9 @@ from ds_quant.kernels.cpu_gemv import (
     bf16_gemv,
     bf16_gemv_reference,
     bf16_takes,
+    fp32_gemv,
+    fp32_gemv_reference,
+    fp32_takes,
     int4_gemv,
     int4_gemv_reference,
     int4_takes,
@@ -174,6 +177,7 @@ def test_bf16_kernel_matches_its_reference(rows, k, n, layout, w_offset, seed):
     assert ((got.double() - reference).abs() <= bound).all()
     for r in range(rows):
         assert torch.equal(got[r : r + 1], bf16_gemv(x[r : r + 1], w))
+    assert torch.equal(bf16_gemv(x.reshape(rows, 1, k), w), got.view(rows, 1, n))
 
 
 def test_bf16_kernel_on_long_rows_special_values_and_bad_arguments():
@@ -192,7 +196,7 @@ def test_bf16_kernel_on_long_rows_special_values_and_bad_arguments():
     ops = torch.ops.ds_quant
     with pytest.raises(RuntimeError, match="w must be a 2-D bfloat16 CPU tensor"):
         ops.bf16_gemv_cpu(x, w.float())
-    with pytest.raises(RuntimeError, match=r"x must be a 2-D bfloat16 CPU tensor \(rows, 5000\)"):
+    with pytest.raises(RuntimeError, match=r"x must be a bfloat16 CPU tensor \(\.\.\., 5000\)"):
         ops.bf16_gemv_cpu(x[:, :64], w)
     torch.library.opcheck(ops.bf16_gemv_cpu.default, (x[:1, :64].clone(), w[:, :64].clone()))
 
@@ -214,6 +218,74 @@ def test_bf16_takes_a_few_bf16_rows_outside_autograd():
     assert not bf16_takes(torch.randn(1, 32).bfloat16(), w.clone().requires_grad_())
     with torch.no_grad():  # a model's weights require grad; inference does not track it
         assert bf16_takes(torch.randn(1, 32).bfloat16().requires_grad_(), w.requires_grad_())
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 2 * MAX_ROWS + 3),
+    k=st.integers(1, 300),
+    n=st.integers(1, 70),
+    layout=layouts,
+    w_offset=st.integers(0, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_fp32_kernel_matches_its_reference(rows, k, n, layout, w_offset, seed):
+    """float32 rows by a float32 weight: the exact product up to float32 summation;
+    rows past ``MAX_ROWS`` run in passes, every row's result is what it gets alone, and
+    leading dimensions are kept."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    w = torch.cat((torch.zeros(w_offset), w.flatten()))[w_offset:].view(n, k)
+    x = laid_out(torch.randn(rows, k, generator=g), layout)
+    got = fp32_gemv(x, w)
+    assert got.dtype == torch.float32 and got.shape == (rows, n)
+    terms = x.double().abs() @ w.double().abs().t()
+    assert_within(got, fp32_gemv_reference(x, w).double(), terms, x, torch.float32)
+    for r in range(rows):
+        assert torch.equal(got[r : r + 1], fp32_gemv(x[r : r + 1], w))
+    assert torch.equal(fp32_gemv(x.reshape(rows, 1, k), w), got.view(rows, 1, n))
+
+
+def test_fp32_kernel_on_long_rows_special_values_and_bad_arguments():
+    """Thousands of inputs, a NaN or inf row, and arguments the op refuses by name."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(33, 5000, generator=g)
+    x = torch.randn(3, 5000, generator=g)
+    x[1, 7] = float("nan")
+    x[2, 9] = float("inf")
+    got = fp32_gemv(x, w)
+    terms = x[:1].double().abs() @ w.double().abs().t()
+    assert_within(got[:1], x[:1].double() @ w.double().t(), terms, x, torch.float32)
+    assert got[1].isnan().all()
+    assert torch.equal(got[2].double(), x[2].double() @ w.double().t())  # inf, signed by w
+    ops = torch.ops.ds_quant
+    with pytest.raises(RuntimeError, match="w must be a 2-D float32 CPU tensor"):
+        ops.fp32_gemv_cpu(x, w.bfloat16())
+    with pytest.raises(RuntimeError, match=r"x must be a float32 CPU tensor \(\.\.\., 5000\)"):
+        ops.fp32_gemv_cpu(x[:, :64], w)
+    torch.library.opcheck(ops.fp32_gemv_cpu.default, (x[:1, :64].clone(), w[:, :64].clone()))
+    clean = torch.randn(2, 1, 64, generator=g)
+    torch.library.opcheck(ops.fp32_gemv_cpu.default, (clean, w[:, :64].clone()))
+
+
+def test_fp32_takes_a_few_fp32_rows_outside_autograd():
+    w = torch.randn(16, 32)
+    assert fp32_takes(torch.randn(1, 1, 32), w)
+    rows = cpu_gemv.fp32_rows()
+    assert rows == 4
+    assert fp32_takes(torch.randn(rows, 32), w)
+    assert not fp32_takes(torch.randn(rows + 1, 32), w)  # torch's matmul
+    assert not fp32_takes(torch.randn(0, 32), w)
+    assert not fp32_takes(torch.randn(1, 32).bfloat16(), w)
+    assert not fp32_takes(torch.randn(1, 32), w.double())
+    assert not fp32_takes(torch.randn(1, 32), w.t().contiguous().t())
+    assert not fp32_takes(torch.randn(1, 32).requires_grad_(), w)
+    assert not fp32_takes(torch.randn(1, 32), w.clone().requires_grad_())
+    with torch.no_grad():
+        assert fp32_takes(torch.randn(1, 32).requires_grad_(), w.requires_grad_())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # F.linear would run in bfloat16
+        assert not fp32_takes(torch.randn(1, 32), w)
+        assert not bf16_takes(torch.randn(1, 32).bfloat16(), w.bfloat16())
 
 
 def test_int8_kernel_over_long_rows():

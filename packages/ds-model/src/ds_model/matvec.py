@@ -19,7 +19,9 @@ a mode would add Python to every op, so eager steps do not enter it). Eager step
 ``cpu_gemv.bf16_rows()`` CPU bfloat16 rows by a bfloat16 weight (4 with AVX512-BF16)
 run ds-quant's ``bf16_gemv`` (float32 sums, one rounding to bfloat16), which reads the
 weights 1.4-2.4x as fast as oneDNN's bfloat16 matmul at one row (docs/benchmarks.md,
-"bfloat16 layers through bf16_gemv").
+"bfloat16 layers through bf16_gemv"); up to ``cpu_gemv.fp32_rows()`` float32 rows run
+its ``fp32_gemv``, the same loop over float32 weights, 1.5-2.4x as fast as torch's
+float32 matmul at one row ("float32 layers through fp32_gemv").
 """
 
 from __future__ import annotations
@@ -47,15 +49,15 @@ def matvec_linear(
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight)``, bias-free; eagerly, a few CPU bfloat16 rows by a bfloat16
-    weight through ds-quant's decode kernel (see above). Traced code keeps ``F.linear``,
-    which ``MatVecLinears`` rewrites."""
-    if (
-        weight.dtype is torch.bfloat16
-        and not torch.compiler.is_compiling()
-        and cpu_gemv.bf16_takes(x, weight)
-    ):
-        return cpu_gemv.bf16_gemv(x, weight)
+    """``F.linear(x, weight)``, bias-free; eagerly, a few CPU bfloat16 or float32 rows by
+    a weight of their dtype through ds-quant's decode kernels (see above). Traced code
+    keeps ``F.linear``, which ``MatVecLinears`` rewrites."""
+    if not torch.compiler.is_compiling():
+        if weight.dtype is torch.float32:
+            if cpu_gemv.fp32_takes(x, weight):
+                return cpu_gemv.fp32_gemv(x, weight)
+        elif weight.dtype is torch.bfloat16 and cpu_gemv.bf16_takes(x, weight):
+            return cpu_gemv.bf16_gemv(x, weight)
     return F.linear(x, weight)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
 from ds_model import lean_backward
 from ds_model.matvec import linear
@@ -54,18 +55,14 @@ def plain_linear_weights(*layers: nn.Module) -> tuple[torch.Tensor, ...] | None:
 
 
 def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)``; a plain layer (``plain_linear_weights``) with bfloat16 weights runs
-    ``ds_model.matvec.linear``, whose eager form reads the weight with ds-quant's decode
-    kernel at a few CPU rows."""
-    weight = getattr(layer, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.dtype is torch.bfloat16:
-        weights = plain_linear_weights(layer)
-        if weights is not None:
-            return linear(x, weights[0])
+    """``layer(x)``; a plain layer (``plain_linear_weights``) runs
+    ``ds_model.matvec.linear``, whose eager form reads a bfloat16 or float32 weight with
+    ds-quant's decode kernels at a few CPU rows."""
+    # Runs for every projection of an eager decode step: the exact-type test first.
+    if type(layer) is nn.Linear and plain_linear_weights(layer) is not None:
+        return linear(x, layer.weight)
     return layer(x)
 
 
 def _global_hooks() -> bool:
-    from torch.nn.modules import module
-
-    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
+    return bool(_torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks)

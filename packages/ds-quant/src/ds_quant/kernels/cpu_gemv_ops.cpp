@@ -190,19 +190,24 @@ at::Tensor int4_experts_gemv_cpu(const at::Tensor& x, const at::Tensor& packed,
 
 // y (rows, N) bfloat16 = x (rows, K) bfloat16 by the bfloat16 weight w (N, K), summed in
 // float32.
-at::Tensor bf16_gemv_cpu(const at::Tensor& x, const at::Tensor& w) {
+at::Tensor bf16_gemv_cpu(const at::Tensor& x_in, const at::Tensor& w) {
   const char* op = "ds_quant::bf16_gemv_cpu";
   TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kBFloat16 && w.dim() == 2 &&
                   w.stride(1) == 1 && w.size(1) > 0,
               op, ": w must be a 2-D bfloat16 CPU tensor with unit inner stride and at least ",
               "one input column, got ", w.scalar_type(), " ", w.sizes(), " on ", w.device());
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 2 &&
-                  x.size(1) == w.size(1),
-              op, ": x must be a 2-D bfloat16 CPU tensor (rows, ", w.size(1), "), got ",
-              x.scalar_type(), " ", x.sizes(), " on ", x.device());
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kBFloat16 &&
+                  x_in.dim() >= 1 && x_in.size(-1) == w.size(1),
+              op, ": x must be a bfloat16 CPU tensor (..., ", w.size(1), "), got ",
+              x_in.scalar_type(), " ", x_in.sizes(), " on ", x_in.device());
+  // Leading dimensions are flattened here rather than by the caller: an eager decode
+  // layer's (batch, 1, in) input would otherwise pay two Python-side views a call.
+  const auto x = x_in.dim() == 2 ? x_in : x_in.reshape({-1, w.size(1)});
   const auto xc = x.stride(1) == 1 && row_stride(x) >= x.size(1) ? x : x.contiguous();
   const int64_t N = w.size(0), K = w.size(1);
-  auto y = at::empty({x.size(0), N}, x.options());
+  auto out_sizes = x_in.sizes().vec();
+  out_sizes.back() = N;
+  auto y = at::empty(out_sizes, x_in.options());
   if (y.numel() == 0) return y;
   const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
@@ -216,8 +221,37 @@ at::Tensor bf16_gemv_cpu(const at::Tensor& x, const at::Tensor& w) {
   return y;
 }
 
+at::Tensor fp32_gemv_cpu(const at::Tensor& x_in, const at::Tensor& w) {
+  const char* op = "ds_quant::fp32_gemv_cpu";
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.dim() == 2 &&
+                  w.stride(1) == 1 && w.size(1) > 0,
+              op, ": w must be a 2-D float32 CPU tensor with unit inner stride and at least ",
+              "one input column, got ", w.scalar_type(), " ", w.sizes(), " on ", w.device());
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() >= 1 &&
+                  x_in.size(-1) == w.size(1),
+              op, ": x must be a float32 CPU tensor (..., ", w.size(1), "), got ",
+              x_in.scalar_type(), " ", x_in.sizes(), " on ", x_in.device());
+  const auto x = float_rows(x_in.dim() == 2 ? x_in : x_in.reshape({-1, w.size(1)}));
+  const int64_t N = w.size(0), K = w.size(1);
+  auto out_sizes = x_in.sizes().vec();
+  out_sizes.back() = N;
+  auto y = at::empty(out_sizes, x_in.options());
+  if (y.numel() == 0) return y;
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t m0 = 0; m0 < x.size(0); m0 += MAX_ROWS) {
+    const int64_t rows = std::min<int64_t>(MAX_ROWS, x.size(0) - m0);
+    check_code(ds_fp32_gemv(rows, N, K, xp + m0 * row_stride(x), row_stride(x),
+                            w.data_ptr<float>(), row_stride(w), yp + m0 * N, N,
+                            at::get_num_threads()),
+               op);
+  }
+  return y;
+}
+
 int64_t cpu_gemv_isa() { return ISA; }
 int64_t cpu_gemv_bf16_rows() { return ds_bf16_max_rows(); }
+int64_t cpu_gemv_fp32_rows() { return ds_fp32_max_rows(); }
 
 }  // namespace
 
@@ -226,6 +260,8 @@ TORCH_LIBRARY_FRAGMENT(ds_quant, m) {
   m.def("cpu_gemv_isa() -> int", &cpu_gemv_isa);
   // The most rows layers hand bf16_gemv_cpu (4 with AVX512-BF16, else 1).
   m.def("cpu_gemv_bf16_rows() -> int", &cpu_gemv_bf16_rows);
+  // The most rows layers hand fp32_gemv_cpu (0 without a vector path).
+  m.def("cpu_gemv_fp32_rows() -> int", &cpu_gemv_fp32_rows);
 }
 
 TORCH_LIBRARY_IMPL(ds_quant, CPU, m) {
@@ -234,4 +270,5 @@ TORCH_LIBRARY_IMPL(ds_quant, CPU, m) {
   m.impl("int8_experts_gemv_cpu", &int8_experts_gemv_cpu);
   m.impl("int4_experts_gemv_cpu", &int4_experts_gemv_cpu);
   m.impl("bf16_gemv_cpu", &bf16_gemv_cpu);
+  m.impl("fp32_gemv_cpu", &fp32_gemv_cpu);
 }
