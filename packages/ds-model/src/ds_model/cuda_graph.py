@@ -27,6 +27,7 @@ import threading
 import weakref
 
 import torch
+from ds_quant.kernels import cpu_gemv
 
 from ds_model.cache import StaticKVCache
 from ds_model.layout import input_major_weights
@@ -139,9 +140,11 @@ class GraphedDecoder:
         for module in model.modules():
             if isinstance(module, RoutedExperts):
                 module.stack_weights()
-        if device.type == "cpu":
+        if device.type == "cpu" and not (batch == 1 and cpu_gemv.fp32_rows()):
             # Few-row matmuls read (in, out) weights faster: without it, batch-8
             # compiled/eager drops 7-17% (measured in docs/benchmarks.md, "Decode paths").
+            # One row reads row-major float32 weights faster still, on ds-quant's
+            # fp32_gemv (MatVecLinears).
             input_major_weights(model)
         self.cache = StaticKVCache(model.config, batch, self.capacity, model.dtype, device)
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)

@@ -78,7 +78,8 @@ def one_static_row(x: torch.Tensor) -> bool:
 
 class MatVecLinears(TorchFunctionMode):
     """Routes ``F.linear`` of one CPU row by a row-major 16-bit float weight through
-    ``matvec_linear``; every other call runs as it is."""
+    ``matvec_linear``, and by a row-major float32 weight through ds-quant's
+    ``fp32_gemv`` op where it is built; every other call runs as it is."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -88,10 +89,13 @@ class MatVecLinears(TorchFunctionMode):
             if (
                 x.device.type == "cpu"
                 and type(weight) in (torch.Tensor, torch.nn.Parameter)
-                and weight.dtype in MATVEC_DTYPES
                 and weight.dim() == 2
                 and weight.stride(1) == 1
                 and one_static_row(x)
             ):
-                return matvec_linear(x, weight, bias)
+                if weight.dtype in MATVEC_DTYPES:
+                    return matvec_linear(x, weight, bias)
+                if cpu_gemv.fp32_takes(x, weight):
+                    y = torch.ops.ds_quant.fp32_gemv_cpu.default(x, weight)
+                    return y if bias is None else y + bias
         return func(*args, **kwargs)
