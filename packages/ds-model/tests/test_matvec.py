@@ -1,12 +1,13 @@
-"""One-row 16-bit float linears as multiply-and-sum inside compiled CPU steps
-(``ds_model.matvec``): equal to ``F.linear`` within the output's rounding, only where
-they apply, and traced whole."""
+"""One-row linears inside compiled CPU steps (``ds_model.matvec``): 16-bit float
+weights as multiply-and-sum, float32 weights on ds-quant's ``fp32_gemv`` op; equal to
+``F.linear`` within the output's rounding, only where they apply, and traced whole."""
 
 import ds_model.matvec
 import pytest
 import torch
 import torch.nn.functional as F
 from ds_model.matvec import MatVecLinears, matvec_linear
+from ds_quant.kernels import cpu_gemv
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -41,7 +42,6 @@ def test_matvec_linear_equals_linear(lead, in_features, out_features, dtype, wit
     [
         (1, torch.bfloat16, True, True),
         (1, torch.float16, True, True),
-        (1, torch.float32, True, False),  # float32 keeps the matmul
         (3, torch.bfloat16, True, False),  # more rows keep it
         (1, torch.bfloat16, False, False),  # an input-major weight keeps it
     ],
@@ -71,6 +71,29 @@ def test_mode_rewrites_only_one_row_of_row_major_16_bit_weights(
             assert torch.equal(got, layer(x))
 
 
+@pytest.mark.skipif(not cpu_gemv.available(), reason="ds-quant's CPU kernel is not built")
+@pytest.mark.parametrize(
+    "rows,row_major,on_kernel", [(1, True, True), (2, True, False), (1, False, False)]
+)
+def test_mode_runs_one_row_of_row_major_float32_weights_on_fp32_gemv(rows, row_major, on_kernel):
+    """A float32 row by a row-major weight takes ds-quant's ``fp32_gemv`` op (bias added
+    after it); more rows, or an input-major weight (the layout a compiled step of more
+    rows gives), keep the matmul."""
+    torch.manual_seed(0)
+    layer = nn.Linear(32, 24)
+    if not row_major:
+        layer.weight.data = layer.weight.data.t().contiguous().t()
+    x = torch.randn(rows, 32)
+    with torch.no_grad(), MatVecLinears():
+        got = layer(x)
+    with torch.no_grad():
+        if on_kernel:
+            assert torch.equal(got, cpu_gemv.fp32_gemv(x, layer.weight) + layer.bias)
+            torch.testing.assert_close(got, layer(x))
+        else:
+            assert torch.equal(got, layer(x))
+
+
 def test_compiled_step_traces_whole_with_the_mode_and_keeps_dynamic_batches():
     """Inside torch.compile (fullgraph: a graph break is an error) at one row, and at a
     dynamic batch size, where rows keep the matmul (bit-equal to eager) and one graph
@@ -93,3 +116,27 @@ def test_compiled_step_traces_whole_with_the_mode_and_keeps_dynamic_batches():
         with torch.compiler.set_stance("fail_on_recompile"):
             x = torch.randn(5, 1, 48).bfloat16()
             assert torch.equal(dynamic(x), model(x))
+
+
+@pytest.mark.skipif(not cpu_gemv.available(), reason="ds-quant's CPU kernel is not built")
+def test_compiled_float32_row_calls_the_fp32_gemv_op():
+    """Traced whole (fullgraph) with the op in the graph, equal to the eager kernel."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(48, 64), nn.SiLU(), nn.Linear(64, 16))
+    ops = set()
+
+    def recording(graph, example_inputs):
+        ops.update(str(node.target) for node in graph.graph.nodes)
+        return graph.forward
+
+    def step(x):
+        with MatVecLinears():
+            return model(x)
+
+    compiled = torch.compile(step, backend=recording, fullgraph=True)
+    with torch.inference_mode():
+        one = torch.randn(1, 1, 48)
+        got = compiled(one)
+        with MatVecLinears():
+            assert torch.equal(got, model(one))
+    assert "ds_quant.fp32_gemv_cpu.default" in ops, ops
