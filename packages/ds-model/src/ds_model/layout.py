@@ -4,9 +4,11 @@
 ``F.linear(x, w)`` multiplies by a transposed operand. For the few rows of a decode
 step, MKL's float32 matrix multiply on x86 CPUs reads a weight stored input-major,
 (in_features, out_features) row-major, faster. The fixed-shape CPU decode step
-(``generate(compile=True)``, ``ds_model.cuda_graph``) calls ``input_major_weights``;
-the eager serving runner keeps row-major weights (no gain measured there). Figures:
-docs/benchmarks.md, "Decode paths".
+(``generate(compile=True)``, ``ds_model.cuda_graph``) of more than one row calls
+``input_major_weights``, and so does a batch-1 step where ds-quant's CPU kernel is not
+built (where it is, its ``fp32_gemv`` reads row-major weights faster still); the eager
+serving runner keeps row-major weights (no gain measured there). Figures:
+docs/benchmarks.md, "Decode paths" and "CPU decode by weight format".
 
 ``input_major_weights`` re-lays weights in place: same Parameter objects, shapes, values
 and state-dict entries, only the strides change (``weight.stride() == (1,

@@ -1,4 +1,5 @@
-"""One-row linear layers of 16-bit float weights as multiply-and-sum, for compiled CPU steps.
+"""One-row linear layers on the CPU: 16-bit float weights as multiply-and-sum in
+compiled steps, and the few-row products ds-quant's decode kernels run.
 
 A batch-1 decode step multiplies one row by every weight matrix, so its time is the
 weights' bytes. torch's CPU matmul for a bfloat16 weight (oneDNN) reads them well below
@@ -7,10 +8,10 @@ product into one vectorized loop that widens each weight element to float32 as i
 it and accumulates in float32. Measured on the AVX-512 host (one thread, compiled
 steps of 20-40 distinct layers, weights out of cache): bfloat16 (768..32000, 768..2048)
 weights 1.2-2.1x faster than the matmul; whole compiled bf16 steps at batch 1 1.35-1.8x
-faster (docs/benchmarks.md, "CPU decode by weight format"). float32 weights keep the
-matmul (MKL reads them as fast, and the compiled CPU step stores them input-major, where
-a per-row sum is slower); more rows keep it too (it reads the weight once for all
-rows). ds-quant's INT8 layers make the same choice for their int8 weights.
+faster (docs/benchmarks.md, "CPU decode by weight format"). A row-major float32 weight
+calls ds-quant's ``fp32_gemv_cpu`` op instead (a per-row sum in inductor's loop was
+no faster than MKL's matmul there); more rows keep the matmul (it reads the weight once for
+all rows). ds-quant's INT8 layers make the same choice for their int8 weights.
 
 ``MatVecLinears`` is a ``TorchFunctionMode`` entered inside the compiled step: it
 rewrites ``F.linear`` while torch.compile traces and costs nothing at run time (eagerly,
@@ -18,10 +19,10 @@ a mode would add Python to every op, so eager steps do not enter it). Eager step
 ``linear`` instead where a layer is plain (``ds_model.mlp.project``): up to
 ``cpu_gemv.bf16_rows()`` CPU bfloat16 rows by a bfloat16 weight (4 with AVX512-BF16)
 run ds-quant's ``bf16_gemv`` (float32 sums, one rounding to bfloat16), which reads the
-weights 1.4-2.4x as fast as oneDNN's bfloat16 matmul at one row (docs/benchmarks.md,
-"bfloat16 layers through bf16_gemv"); up to ``cpu_gemv.fp32_rows()`` float32 rows run
-its ``fp32_gemv``, the same loop over float32 weights, 1.5-2.4x as fast as torch's
-float32 matmul at one row ("float32 layers through fp32_gemv").
+weights 1.4-2.6x as fast as oneDNN's bfloat16 matmul at one row; up to
+``cpu_gemv.fp32_rows()`` float32 rows run its ``fp32_gemv``, the same loop over float32
+weights, 1.5-2.5x as fast as torch's float32 matmul (docs/benchmarks.md, "float32 and
+bfloat16 layers through fp32_gemv / bf16_gemv").
 """
 
 from __future__ import annotations

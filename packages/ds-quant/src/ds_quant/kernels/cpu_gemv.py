@@ -13,10 +13,10 @@ result is the same whatever rows share its call.
 
 ``bf16_gemv`` multiplies up to ``bf16_rows()`` bfloat16 rows by a bfloat16 weight with
 AVX512-BF16 dot products (or by widening each weight to float32 where the CPU has none),
-summing in float32: at one row it reads the weight 1.4-2.4x as fast as oneDNN's bfloat16
+summing in float32: at one row it reads the weight 1.4-2.6x as fast as oneDNN's bfloat16
 matmul, whose per-call cost at a few rows is above its weight's reading time.
 ``fp32_gemv`` does the same for up to ``fp32_rows()`` float32 rows by a float32 weight:
-at one row it reads the weight 1.5-2.4x as fast as torch's float32 matmul (MKL). ds-model's
+at one row it reads the weight 1.5-2.5x as fast as torch's float32 matmul (MKL). ds-model's
 eager decode calls both for plain layers.
 
 The kernels are torch ops (``ds_quant::int8_gemv_cpu``, ``ds_quant::int4_gemv_cpu`` and
@@ -120,7 +120,7 @@ def _load() -> int:
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         warnings.warn(
             f"ds_quant: the CPU decode kernel could not be built ({exc}); "
-            "quantized layers use torch's packed ops, bfloat16 layers oneDNN's matmul",
+            "quantized layers use torch's packed ops, float layers torch's matmul",
             RuntimeWarning,
             stacklevel=3,
         )
