@@ -140,9 +140,7 @@ async def main() -> None:
     source.add_argument("--model", default=None, help="a model directory; default: built-in")
     source.add_argument("--shape", choices=list(SHAPES), help="a random checkpoint of this shape")
     parser.add_argument("--quantization", choices=["int8", "int4"], default=None)
-    parser.add_argument(
-        "--dtype", default=None, help="ds-serve's --dtype (default: float32 on CPU)"
-    )
+    parser.add_argument("--dtype", default="auto", help="ds-serve's --dtype (auto: float32 on CPU)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
