@@ -149,8 +149,9 @@ def int4_terms(x, q, scale, zero, group_size, k):
     return x.double().abs() @ magnitudes.t()
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
+    dtype=st.sampled_from([torch.bfloat16, torch.float32]),
     rows=st.integers(1, 2 * MAX_ROWS + 3),
     k=st.integers(1, 300),
     n=st.integers(1, 70),
@@ -158,47 +159,32 @@ def int4_terms(x, q, scale, zero, group_size, k):
     w_offset=st.integers(0, 3),
     seed=st.integers(0, 2**16),
 )
-def test_bf16_kernel_matches_its_reference(rows, k, n, layout, w_offset, seed):
-    """bfloat16 rows by a bfloat16 weight: the exact product rounded once to bfloat16,
-    up to float32 summation; rows past ``MAX_ROWS`` run in passes, and every row's
-    result is what it gets alone."""
+def test_float_kernels_match_their_references(dtype, rows, k, n, layout, w_offset, seed):
+    """bfloat16 / float32 rows by a weight of their dtype: the exact product (rounded
+    once to bfloat16 for bf16_gemv), up to float32 summation; rows past ``MAX_ROWS`` run
+    in passes, every row's result is what it gets alone, and leading dimensions are
+    kept."""
+    gemv = bf16_gemv if dtype == torch.bfloat16 else fp32_gemv
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g).bfloat16()
+    w = torch.randn(n, k, generator=g).to(dtype)
     w = torch.cat((torch.zeros(w_offset, dtype=w.dtype), w.flatten()))[w_offset:].view(n, k)
-    x = laid_out(torch.randn(rows, k, generator=g).bfloat16(), layout)
-    got = bf16_gemv(x, w)
-    assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+    x = laid_out(torch.randn(rows, k, generator=g).to(dtype), layout)
+    got = gemv(x, w)
+    assert got.dtype == dtype and got.shape == (rows, n)
     terms = x.double().abs() @ w.double().abs().t()
-    assert_within(got, x.double() @ w.double().t(), terms, x, torch.bfloat16)
-    # Against the reference, itself rounded to bfloat16: a unit in the last place apart
-    # at most (both round the same sum, one after float32 summation).
-    reference = bf16_gemv_reference(x, w).double()
-    bound = 2**-7 * reference.abs() + SUM_ROUNDOFF * terms + 1e-30
+    assert_within(got, x.double() @ w.double().t(), terms, x, dtype)
+    if dtype == torch.bfloat16:
+        # Against the reference, itself rounded to bfloat16: a unit in the last place
+        # apart at most (both round the same sum, one after float32 summation).
+        reference = bf16_gemv_reference(x, w).double()
+        bound = 2**-7 * reference.abs() + SUM_ROUNDOFF * terms + 1e-30
+    else:  # the reference is the float64 product rounded to float32 once
+        reference = fp32_gemv_reference(x, w).double()
+        bound = 2**-23 * reference.abs() + SUM_ROUNDOFF * terms + 1e-30
     assert ((got.double() - reference).abs() <= bound).all()
     for r in range(rows):
-        assert torch.equal(got[r : r + 1], bf16_gemv(x[r : r + 1], w))
-    assert torch.equal(bf16_gemv(x.reshape(rows, 1, k), w), got.view(rows, 1, n))
-
-
-def test_bf16_kernel_on_long_rows_special_values_and_bad_arguments():
-    """Thousands of inputs (float32 sums), a NaN or inf row, and arguments the op
-    refuses by name."""
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(33, 5000, generator=g).bfloat16()
-    x = torch.randn(3, 5000, generator=g).bfloat16()
-    x[1, 7] = float("nan")
-    x[2, 9] = float("inf")
-    got = bf16_gemv(x, w)
-    terms = x[:1].double().abs() @ w.double().abs().t()
-    assert_within(got[:1], x[:1].double() @ w.double().t(), terms, x, torch.bfloat16)
-    assert got[1].isnan().all()
-    assert torch.equal(got[2].double(), x[2].double() @ w.double().t())  # inf, signed by w
-    ops = torch.ops.ds_quant
-    with pytest.raises(RuntimeError, match="w must be a 2-D bfloat16 CPU tensor"):
-        ops.bf16_gemv_cpu(x, w.float())
-    with pytest.raises(RuntimeError, match=r"x must be a bfloat16 CPU tensor \(\.\.\., 5000\)"):
-        ops.bf16_gemv_cpu(x[:, :64], w)
-    torch.library.opcheck(ops.bf16_gemv_cpu.default, (x[:1, :64].clone(), w[:, :64].clone()))
+        assert torch.equal(got[r : r + 1], gemv(x[r : r + 1], w))
+    assert torch.equal(gemv(x.reshape(rows, 1, k), w), got.view(rows, 1, n))
 
 
 def test_bf16_takes_a_few_bf16_rows_outside_autograd():
@@ -220,52 +206,36 @@ def test_bf16_takes_a_few_bf16_rows_outside_autograd():
         assert bf16_takes(torch.randn(1, 32).bfloat16().requires_grad_(), w.requires_grad_())
 
 
-@settings(max_examples=40, deadline=None)
-@given(
-    rows=st.integers(1, 2 * MAX_ROWS + 3),
-    k=st.integers(1, 300),
-    n=st.integers(1, 70),
-    layout=layouts,
-    w_offset=st.integers(0, 3),
-    seed=st.integers(0, 2**16),
+@pytest.mark.parametrize(
+    ("dtype", "name"),
+    [(torch.bfloat16, "bfloat16"), (torch.float32, "float32")],
+    ids=["bf16", "fp32"],
 )
-def test_fp32_kernel_matches_its_reference(rows, k, n, layout, w_offset, seed):
-    """float32 rows by a float32 weight: the exact product up to float32 summation;
-    rows past ``MAX_ROWS`` run in passes, every row's result is what it gets alone, and
-    leading dimensions are kept."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g)
-    w = torch.cat((torch.zeros(w_offset), w.flatten()))[w_offset:].view(n, k)
-    x = laid_out(torch.randn(rows, k, generator=g), layout)
-    got = fp32_gemv(x, w)
-    assert got.dtype == torch.float32 and got.shape == (rows, n)
-    terms = x.double().abs() @ w.double().abs().t()
-    assert_within(got, fp32_gemv_reference(x, w).double(), terms, x, torch.float32)
-    for r in range(rows):
-        assert torch.equal(got[r : r + 1], fp32_gemv(x[r : r + 1], w))
-    assert torch.equal(fp32_gemv(x.reshape(rows, 1, k), w), got.view(rows, 1, n))
-
-
-def test_fp32_kernel_on_long_rows_special_values_and_bad_arguments():
-    """Thousands of inputs, a NaN or inf row, and arguments the op refuses by name."""
+def test_float_kernels_on_long_rows_special_values_and_bad_arguments(dtype, name):
+    """Thousands of inputs (float32 sums), a NaN or inf row, leading dimensions, and
+    arguments the ops refuse by name."""
+    gemv = bf16_gemv if dtype == torch.bfloat16 else fp32_gemv
+    op = getattr(
+        torch.ops.ds_quant, "bf16_gemv_cpu" if dtype == torch.bfloat16 else "fp32_gemv_cpu"
+    )
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(33, 5000, generator=g)
-    x = torch.randn(3, 5000, generator=g)
+    w = torch.randn(33, 5000, generator=g).to(dtype)
+    x = torch.randn(3, 5000, generator=g).to(dtype)
     x[1, 7] = float("nan")
     x[2, 9] = float("inf")
-    got = fp32_gemv(x, w)
+    got = gemv(x, w)
     terms = x[:1].double().abs() @ w.double().abs().t()
-    assert_within(got[:1], x[:1].double() @ w.double().t(), terms, x, torch.float32)
+    assert_within(got[:1], x[:1].double() @ w.double().t(), terms, x, dtype)
     assert got[1].isnan().all()
     assert torch.equal(got[2].double(), x[2].double() @ w.double().t())  # inf, signed by w
-    ops = torch.ops.ds_quant
-    with pytest.raises(RuntimeError, match="w must be a 2-D float32 CPU tensor"):
-        ops.fp32_gemv_cpu(x, w.bfloat16())
-    with pytest.raises(RuntimeError, match=r"x must be a float32 CPU tensor \(\.\.\., 5000\)"):
-        ops.fp32_gemv_cpu(x[:, :64], w)
-    torch.library.opcheck(ops.fp32_gemv_cpu.default, (x[:1, :64].clone(), w[:, :64].clone()))
-    clean = torch.randn(2, 1, 64, generator=g)
-    torch.library.opcheck(ops.fp32_gemv_cpu.default, (clean, w[:, :64].clone()))
+    other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
+    with pytest.raises(RuntimeError, match=f"w must be a 2-D {name} CPU tensor"):
+        op(x, w.to(other))
+    with pytest.raises(RuntimeError, match=rf"x must be a {name} CPU tensor \(\.\.\., 5000\)"):
+        op(x[:, :64], w)
+    torch.library.opcheck(op.default, (x[:1, :64].clone(), w[:, :64].clone()))
+    clean = torch.randn(2, 1, 64, generator=g).to(dtype)
+    torch.library.opcheck(op.default, (clean, w[:, :64].clone()))
 
 
 def test_fp32_takes_a_few_fp32_rows_outside_autograd():

@@ -190,15 +190,18 @@ at::Tensor int4_experts_gemv_cpu(const at::Tensor& x, const at::Tensor& packed,
 
 // y (rows, N) bfloat16 = x (rows, K) bfloat16 by the bfloat16 weight w (N, K), summed in
 // float32.
-at::Tensor bf16_gemv_cpu(const at::Tensor& x_in, const at::Tensor& w) {
-  const char* op = "ds_quant::bf16_gemv_cpu";
-  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kBFloat16 && w.dim() == 2 &&
+// x (..., K) by w (N, K), both of dtype (bits type Bits), through kernel(rows, N, K, x,
+// ldx, w, ldw, y, ldy, threads) in passes of MAX_ROWS rows -> (..., N) of that dtype.
+template <typename Bits, typename Kernel>
+at::Tensor float_gemv(const at::Tensor& x_in, const at::Tensor& w, at::ScalarType dtype,
+                      const char* name, const char* op, Kernel kernel) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == dtype && w.dim() == 2 &&
                   w.stride(1) == 1 && w.size(1) > 0,
-              op, ": w must be a 2-D bfloat16 CPU tensor with unit inner stride and at least ",
+              op, ": w must be a 2-D ", name, " CPU tensor with unit inner stride and at least ",
               "one input column, got ", w.scalar_type(), " ", w.sizes(), " on ", w.device());
-  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kBFloat16 &&
-                  x_in.dim() >= 1 && x_in.size(-1) == w.size(1),
-              op, ": x must be a bfloat16 CPU tensor (..., ", w.size(1), "), got ",
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == dtype && x_in.dim() >= 1 &&
+                  x_in.size(-1) == w.size(1),
+              op, ": x must be a ", name, " CPU tensor (..., ", w.size(1), "), got ",
               x_in.scalar_type(), " ", x_in.sizes(), " on ", x_in.device());
   // Leading dimensions are flattened here rather than by the caller: an eager decode
   // layer's (batch, 1, in) input would otherwise pay two Python-side views a call.
@@ -209,44 +212,25 @@ at::Tensor bf16_gemv_cpu(const at::Tensor& x_in, const at::Tensor& w) {
   out_sizes.back() = N;
   auto y = at::empty(out_sizes, x_in.options());
   if (y.numel() == 0) return y;
-  const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
-  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  const auto* xp = static_cast<const Bits*>(xc.data_ptr());
+  const auto* wp = static_cast<const Bits*>(w.data_ptr());
+  auto* yp = static_cast<Bits*>(y.data_ptr());
   for (int64_t m0 = 0; m0 < x.size(0); m0 += MAX_ROWS) {
     const int64_t rows = std::min<int64_t>(MAX_ROWS, x.size(0) - m0);
-    check_code(ds_bf16_gemv(rows, N, K, xp + m0 * row_stride(xc), row_stride(xc), wp,
-                            row_stride(w), yp + m0 * N, N, at::get_num_threads()),
+    check_code(kernel(rows, N, K, xp + m0 * row_stride(xc), row_stride(xc), wp, row_stride(w),
+                      yp + m0 * N, N, at::get_num_threads()),
                op);
   }
   return y;
 }
 
-at::Tensor fp32_gemv_cpu(const at::Tensor& x_in, const at::Tensor& w) {
-  const char* op = "ds_quant::fp32_gemv_cpu";
-  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.dim() == 2 &&
-                  w.stride(1) == 1 && w.size(1) > 0,
-              op, ": w must be a 2-D float32 CPU tensor with unit inner stride and at least ",
-              "one input column, got ", w.scalar_type(), " ", w.sizes(), " on ", w.device());
-  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() >= 1 &&
-                  x_in.size(-1) == w.size(1),
-              op, ": x must be a float32 CPU tensor (..., ", w.size(1), "), got ",
-              x_in.scalar_type(), " ", x_in.sizes(), " on ", x_in.device());
-  const auto x = float_rows(x_in.dim() == 2 ? x_in : x_in.reshape({-1, w.size(1)}));
-  const int64_t N = w.size(0), K = w.size(1);
-  auto out_sizes = x_in.sizes().vec();
-  out_sizes.back() = N;
-  auto y = at::empty(out_sizes, x_in.options());
-  if (y.numel() == 0) return y;
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  for (int64_t m0 = 0; m0 < x.size(0); m0 += MAX_ROWS) {
-    const int64_t rows = std::min<int64_t>(MAX_ROWS, x.size(0) - m0);
-    check_code(ds_fp32_gemv(rows, N, K, xp + m0 * row_stride(x), row_stride(x),
-                            w.data_ptr<float>(), row_stride(w), yp + m0 * N, N,
-                            at::get_num_threads()),
-               op);
-  }
-  return y;
+at::Tensor bf16_gemv_cpu(const at::Tensor& x, const at::Tensor& w) {
+  return float_gemv<uint16_t>(x, w, at::kBFloat16, "bfloat16", "ds_quant::bf16_gemv_cpu",
+                              ds_bf16_gemv);
+}
+
+at::Tensor fp32_gemv_cpu(const at::Tensor& x, const at::Tensor& w) {
+  return float_gemv<float>(x, w, at::kFloat, "float32", "ds_quant::fp32_gemv_cpu", ds_fp32_gemv);
 }
 
 int64_t cpu_gemv_isa() { return ISA; }
