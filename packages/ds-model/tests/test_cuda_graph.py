@@ -175,6 +175,24 @@ def test_decoder_is_reused_until_the_model_changes(graphable_everywhere):
     handle.remove()
 
 
+@pytest.mark.parametrize("make", [v3, llama], ids=["v3", "llama"])
+def test_a_batch_1_cpu_step_keeps_row_major_weights_where_fp32_gemv_is_built(make):
+    """The fixed-shape CPU step re-lays float32 Linear weights input-major (MKL reads
+    them faster at a few rows), except at batch 1 where ds-quant's ``fp32_gemv`` is
+    built: its one-row products read row-major weights faster still (MatVecLinears)."""
+    from ds_quant.kernels import cpu_gemv
+
+    def row_major(model):
+        layers = [m for m in model.modules() if type(m) is torch.nn.Linear]
+        return all(m.weight.stride(-1) == 1 for m in layers)
+
+    one, two = make(), make()
+    GraphedDecoder(one, batch=1, capacity=64, capture=False, compile=True)
+    GraphedDecoder(two, batch=2, capacity=64, capture=False, compile=True)
+    assert row_major(one) == bool(cpu_gemv.fp32_rows())
+    assert not row_major(two)
+
+
 @settings(max_examples=200, deadline=None)
 @given(needed=st.integers(1, 5000), limit=st.integers(1, 5000))
 def test_decode_capacity_holds_the_generation_and_bounds_the_spare_slots(needed, limit):
