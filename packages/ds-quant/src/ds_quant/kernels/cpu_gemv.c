@@ -433,9 +433,9 @@ int ds_bf16_gemv(int64_t M, int64_t N, int64_t K, const uint16_t *x, int64_t ldx
 }
 
 /* The most rows a float32 layer should hand ds_fp32_gemv: at 1-4 rows it read weights
- * 1.5-3x as fast as torch's float32 matmul (MKL) in a one-off timing loop over V3 and
- * llama layer shapes, weights from memory, one thread, EPYC-512 (bench_matvec.py
- * measures 1 and 4 rows); at 4 rows of 2048 inputs the two were even. */
+ * 1.3-3.1x as fast as torch's float32 matmul (MKL) in a one-off timing loop over six V3
+ * and llama layer shapes, weights from memory, one thread, EPYC-512 (bench_matvec.py
+ * measures 1 and 4 rows), except 4 rows of 2048 inputs: 0.95-0.98x, even. */
 #define FP32_MAX_ROWS 4
 int ds_fp32_max_rows(void) { return FP32_MAX_ROWS; }
 
