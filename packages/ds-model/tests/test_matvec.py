@@ -6,6 +6,7 @@ import ds_model.matvec
 import pytest
 import torch
 import torch.nn.functional as F
+from ds_model.layout import input_major_weights
 from ds_model.matvec import MatVecLinears, matvec_linear
 from ds_quant.kernels import cpu_gemv
 from hypothesis import given, settings
@@ -73,12 +74,12 @@ def test_mode_rewrites_only_one_row_of_row_major_16_bit_weights(
 
 @pytest.mark.skipif(not cpu_gemv.available(), reason="ds-quant's CPU kernel is not built")
 @pytest.mark.parametrize(
-    "rows,row_major,on_kernel", [(1, True, True), (2, True, False), (1, False, False)]
+    "rows,row_major,on_kernel", [(1, True, True), (2, True, False), (1, False, True)]
 )
-def test_mode_runs_one_row_of_row_major_float32_weights_on_fp32_gemv(rows, row_major, on_kernel):
-    """A float32 row by a row-major weight takes ds-quant's ``fp32_gemv`` op (bias added
-    after it); more rows, or an input-major weight (the layout a compiled step of more
-    rows gives), keep the matmul."""
+def test_mode_runs_one_row_of_float32_weights_on_fp32_gemv(rows, row_major, on_kernel):
+    """A float32 row takes ds-quant's ``fp32_gemv`` op (bias added after it) by a
+    row-major weight and by an input-major one (the layout the serving runner's compiled
+    steps give), read in place; more rows keep the matmul."""
     torch.manual_seed(0)
     layer = nn.Linear(32, 24)
     if not row_major:
@@ -89,6 +90,7 @@ def test_mode_runs_one_row_of_row_major_float32_weights_on_fp32_gemv(rows, row_m
     with torch.no_grad():
         if on_kernel:
             assert torch.equal(got, cpu_gemv.fp32_gemv(x, layer.weight) + layer.bias)
+            assert layer.weight.stride() == ((32, 1) if row_major else (1, 24))  # as laid
             torch.testing.assert_close(got, layer(x))
         else:
             assert torch.equal(got, layer(x))
@@ -119,10 +121,15 @@ def test_compiled_step_traces_whole_with_the_mode_and_keeps_dynamic_batches():
 
 
 @pytest.mark.skipif(not cpu_gemv.available(), reason="ds-quant's CPU kernel is not built")
-def test_compiled_float32_row_calls_the_fp32_gemv_op():
-    """Traced whole (fullgraph) with the op in the graph, equal to the eager kernel."""
+@pytest.mark.parametrize("input_major", [False, True])
+def test_compiled_float32_row_calls_the_fp32_gemv_op(input_major):
+    """Traced whole (fullgraph) with the op in the graph, equal to the eager kernel, for
+    row-major and input-major weights."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(48, 64), nn.SiLU(), nn.Linear(64, 16))
+    if input_major:
+        input_major_weights(model)
+        assert model[0].weight.stride() == (1, 64)
     ops = set()
 
     def recording(graph, example_inputs):

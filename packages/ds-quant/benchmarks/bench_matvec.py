@@ -21,7 +21,8 @@ per-repeat shares). Last, each eager quantized path's relative error against the
 product with its own dequantized weight in float64 (the rounding a kernel adds). Run:
 
     OMP_NUM_THREADS=1 uv run --frozen python packages/ds-quant/benchmarks/bench_matvec.py \
-        [--shapes 2048x512 768x2048 32000x768] [--megabytes 64] [--repeats 5]
+        [--shapes 2048x512 768x2048 32000x768] [--megabytes 64] [--repeats 5] \
+        [--rows 1] [--formats fp32 bf16 ...]
 """
 
 from __future__ import annotations
@@ -45,9 +46,13 @@ INT8, INT4 = Int8WeightOnlyConfig(), Int4WeightOnlyConfig(group_size=128)
 # (label, dtype of the float layer, ds-quant config or None, compiled, layer backend).
 # "auto" runs the decode kernel (kernels.cpu_gemv) where it is built; "cpu_packed" is
 # torch's packed op, and in a compiled one-row INT8 step inductor's multiply-and-sum.
+# "input-major": the weight re-laid as ds_model.layout lays float32 layers for torch's
+# few-row matmul (the serving runner's compiled steps), read in that layout.
 FORMATS = [
     ("fp32", torch.float32, None, False, None),
     ("fp32, ds-quant's fp32_gemv", torch.float32, None, False, "fp32_gemv"),
+    ("fp32 input-major", torch.float32, None, False, "input-major"),
+    ("fp32 input-major, ds-quant's fp32_gemv", torch.float32, None, False, "fp32_gemv input-major"),
     ("bf16", torch.bfloat16, None, False, None),
     ("bf16, ds-quant's bf16_gemv", torch.bfloat16, None, False, "bf16_gemv"),
     ("INT8 weight-only", torch.float32, INT8, False, "auto"),
@@ -111,9 +116,14 @@ def bank_of(fmt, out_features: int, in_features: int, count: int):
     """A ``Bank`` of ``count`` layers of one format (compiled where marked), and the
     bytes of one layer's state (weights and scales)."""
     _, dtype, config, compiled, backend = fmt
+    input_major = backend is not None and backend.endswith("input-major")
+    if input_major:
+        backend = backend.removesuffix("input-major").strip() or None
     layers = []
     for _ in range(count):
         layer = nn.Linear(in_features, out_features, bias=False).to(dtype)
+        if input_major:
+            layer.weight.data = layer.weight.data.t().contiguous().t()
         if config is not None:
             holder = nn.Sequential(layer)
             quantize_(holder, config)
@@ -136,9 +146,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rows", type=int, default=1, help="activation rows (batch)")
     parser.add_argument(
+        "--formats", nargs="+", default=None, help="only the formats whose label starts so"
+    )
+    parser.add_argument(
         "--calls", type=int, default=1, help="bank calls per timing (small shapes: 20 or more)"
     )
     args = parser.parse_args()
+    formats = [f for f in FORMATS if not args.formats or f[0].startswith(tuple(args.formats))]
     torch.manual_seed(0)
     print(f"{machine()}; {args.rows} row(s)\n")
     print(
@@ -154,20 +168,20 @@ def main() -> None:
         # Every bank's forward is one code object: without a reset, the compiled banks
         # of earlier shapes count toward dynamo's recompile limit (then it runs eagerly).
         torch.compiler.reset()
-        built = {fmt[0]: bank_of(fmt, out_features, in_features, count) for fmt in FORMATS}
+        built = {fmt[0]: bank_of(fmt, out_features, in_features, count) for fmt in formats}
         rates: dict[str, list[float]] = {name: [] for name in built}
         shares: dict[str, list[float]] = {name: [] for name in built}
         calls: dict[str, list[float]] = {name: [] for name in built}
         with torch.inference_mode():
             stream = ReadStream()  # compiled in the mode it is timed in
             rows = {
-                dtype: torch.randn(args.rows, in_features, dtype=dtype) for _, dtype, *_ in FORMATS
+                dtype: torch.randn(args.rows, in_features, dtype=dtype) for _, dtype, *_ in formats
             }
-            for name, dtype, *_ in FORMATS:  # warm up: compile, prepack, caches
+            for name, dtype, *_ in formats:  # warm up: compile, prepack, caches
                 built[name][0](rows[dtype])
             for _ in range(args.repeats):
                 streams.append(stream.gbps())
-                for name, dtype, *_ in FORMATS:
+                for name, dtype, *_ in formats:
                     bank, nbytes = built[name]
                     start = time.perf_counter()
                     for _ in range(args.calls):
@@ -176,12 +190,12 @@ def main() -> None:
                     calls[name].append(seconds / count * 1e6)
                     rates[name].append(nbytes * count / seconds / 1e9)
                     shares[name].append(rates[name][-1] / streams[-1])
-            for name, dtype, config, compiled, _ in FORMATS:
+            for name, dtype, config, compiled, _ in formats:
                 if config is not None and not compiled:
                     errors.setdefault(name, []).append(
                         relative_error(built[name][0].layers[0], rows[dtype])
                     )
-        for name, *_ in FORMATS:
+        for name, *_ in formats:
             gbps, share = statistics.median(rates[name]), statistics.median(shares[name])
             micros = statistics.median(calls[name])
             print(

@@ -157,17 +157,24 @@ def int4_terms(x, q, scale, zero, group_size, k):
     n=st.integers(1, 70),
     layout=layouts,
     w_offset=st.integers(0, 3),
+    input_major=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_float_kernels_match_their_references(dtype, rows, k, n, layout, w_offset, seed):
+def test_float_kernels_match_their_references(
+    dtype, rows, k, n, layout, w_offset, input_major, seed
+):
     """bfloat16 / float32 rows by a weight of their dtype: the exact product (rounded
     once to bfloat16 for bf16_gemv), up to float32 summation; rows past ``MAX_ROWS`` run
     in passes, every row's result is what it gets alone, and leading dimensions are
-    kept."""
+    kept. A float32 weight may also be laid input-major (unit stride along its outputs)."""
     gemv = bf16_gemv if dtype == torch.bfloat16 else fp32_gemv
+    input_major = input_major and dtype == torch.float32 and n > 1 and k > 1
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g).to(dtype)
-    w = torch.cat((torch.zeros(w_offset, dtype=w.dtype), w.flatten()))[w_offset:].view(n, k)
+    stored = w.t() if input_major else w  # the matrix as memory holds it, at an offset
+    flat = torch.cat((torch.zeros(w_offset, dtype=w.dtype), stored.flatten()))[w_offset:]
+    w = flat.view(k, n).t() if input_major else flat.view(n, k)
+    assert (w.stride(1) != 1) == input_major
     x = laid_out(torch.randn(rows, k, generator=g).to(dtype), layout)
     got = gemv(x, w)
     assert got.dtype == dtype and got.shape == (rows, n)
@@ -236,6 +243,19 @@ def test_float_kernels_on_long_rows_special_values_and_bad_arguments(dtype, name
     torch.library.opcheck(op.default, (x[:1, :64].clone(), w[:, :64].clone()))
     clean = torch.randn(2, 1, 64, generator=g).to(dtype)
     torch.library.opcheck(op.default, (clean, w[:, :64].clone()))
+    input_major = w.t().contiguous().t()
+    with pytest.raises(RuntimeError, match=f"w must be a 2-D {name} CPU tensor"):
+        op(x[:, ::2], w[:, ::2])  # unit stride along neither dimension
+    if dtype == torch.bfloat16:
+        with pytest.raises(RuntimeError, match="with unit inner stride and"):
+            op(x, input_major)
+        return
+    # float32 weights laid input-major, read in place: sums in input order.
+    got = op(x, input_major)
+    assert_within(got[:1], x[:1].double() @ w.double().t(), terms, x, dtype)
+    assert got[1].isnan().all()
+    assert torch.equal(got[2].double(), x[2].double() @ w.double().t())
+    torch.library.opcheck(op.default, (clean, input_major[:, :64]))
 
 
 def test_fp32_takes_a_few_fp32_rows_outside_autograd():
@@ -248,7 +268,8 @@ def test_fp32_takes_a_few_fp32_rows_outside_autograd():
     assert not fp32_takes(torch.randn(0, 32), w)
     assert not fp32_takes(torch.randn(1, 32).bfloat16(), w)
     assert not fp32_takes(torch.randn(1, 32), w.double())
-    assert not fp32_takes(torch.randn(1, 32), w.t().contiguous().t())
+    assert fp32_takes(torch.randn(1, 32), w.t().contiguous().t())  # input-major
+    assert not fp32_takes(torch.randn(1, 16), w[:, ::2])  # unit stride along neither
     assert not fp32_takes(torch.randn(1, 32).requires_grad_(), w)
     assert not fp32_takes(torch.randn(1, 32), w.clone().requires_grad_())
     with torch.no_grad():

@@ -20,7 +20,7 @@
  *   INT4: w uint8 (N, K_pad / 2), byte j holding values 2j (low nibble) and 2j + 1 (high);
  *         scale, zero float32 (N, G) with K_pad = G * group; W = (q - zero) * scale.
  *   BF16: w bfloat16 bits (N, K), row stride ldw; x and y bfloat16 bits too.
- *   FP32: w float32 (N, K), row stride ldw.
+ *   FP32: w float32 (N, K), row stride ldw; or input-major (ds_fp32_gemv_t): wt (K, N).
  * x float32 (M, K) with row stride ldx, y float32 (M, N) with row stride ldy.
  * Every function returns 0, or a negative code for arguments it does not take (the
  * Python side checks them first; the codes are a second line).
@@ -75,6 +75,7 @@ static inline vf fadd(vf a, vf b) { return _mm512_add_ps(a, b); }
 static inline float fsum(vf v) { return _mm512_reduce_add_ps(v); }
 #define FSTEP 16 /* float32 lanes per vector */
 static inline vf load_f(const float *p) { return _mm512_loadu_ps(p); }
+static inline void store_f(float *p, vf v) { _mm512_storeu_ps(p, v); }
 static inline vf fma_v(vf a, vf b, vf acc) { return _mm512_fmadd_ps(a, b, acc); }
 static inline vf widen_bf16(const uint16_t *p) {
   const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
@@ -112,6 +113,7 @@ static inline float fsum(vf v) {
 }
 #define FSTEP 8
 static inline vf load_f(const float *p) { return _mm256_loadu_ps(p); }
+static inline void store_f(float *p, vf v) { _mm256_storeu_ps(p, v); }
 static inline vf fma_v(vf a, vf b, vf acc) { return _mm256_fmadd_ps(a, b, acc); }
 static inline vf widen_bf16(const uint16_t *p) {
   const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
@@ -455,6 +457,63 @@ int ds_fp32_gemv(int64_t M, int64_t N, int64_t K, const float *x, int64_t ldx, c
   return 0;
 }
 
+/* Columns [n0, n1) of y (M, N) = x (M, K) by an input-major float32 weight wt (K, N) of
+ * row stride ldw: each input's N weights lie together, the transposed layout torch's
+ * matmul reads faster at a few rows (ds_model.layout). KB inputs' weight rows are read at
+ * once, KB streams, so each output vector is loaded and stored once per KB inputs
+ * instead of once per input: 16 read 20-25 GB/s in a one-off C timing loop over V3 and
+ * llama layer shapes (EPYC-512, weights from memory), one stream at a time 9-13. Each
+ * output sums its inputs in order, whatever rows share the call. */
+#define KB 16
+#define COLS_PER_TASK 256
+static inline __attribute__((always_inline)) void fma_cols(
+    const int M, int64_t n0, int64_t n1, int64_t K, const float *x, int64_t ldx,
+    const float *wt, int64_t ldw, float *y, int64_t ldy) {
+  const int64_t whole = n0 + (n1 - n0) / FSTEP * FSTEP;
+  for (int m = 0; m < M; m++)
+    for (int64_t n = n0; n < n1; n++) y[m * ldy + n] = 0.0f;
+  int64_t k0 = 0;
+  for (; k0 + KB <= K; k0 += KB) {
+    const float *rows = wt + k0 * ldw;
+    for (int64_t n = n0; n < whole; n += FSTEP) {
+      vf w[KB];
+      for (int j = 0; j < KB; j++) w[j] = load_f(rows + j * ldw + n);
+      for (int m = 0; m < M; m++) {
+        const float *xm = x + m * ldx + k0;
+        vf acc = load_f(y + m * ldy + n);
+        for (int j = 0; j < KB; j++) acc = fmadd_s(w[j], xm[j], acc);
+        store_f(y + m * ldy + n, acc);
+      }
+    }
+    for (int64_t n = whole; n < n1; n++)
+      for (int m = 0; m < M; m++) {
+        float sum = y[m * ldy + n];
+        for (int j = 0; j < KB; j++) sum += rows[j * ldw + n] * x[m * ldx + k0 + j];
+        y[m * ldy + n] = sum;
+      }
+  }
+  for (; k0 < K; k0++)
+    for (int m = 0; m < M; m++)
+      for (int64_t n = n0; n < n1; n++) y[m * ldy + n] += wt[k0 * ldw + n] * x[m * ldx + k0];
+}
+
+int ds_fp32_gemv_t(int64_t M, int64_t N, int64_t K, const float *x, int64_t ldx,
+                   const float *wt, int64_t ldw, float *y, int64_t ldy, int threads) {
+  if (M < 1 || M > MAX_ROWS || N < 0 || K < 1 || ldw < N || ldx < K || ldy < N) return -1;
+  const int64_t tasks = (N + COLS_PER_TASK - 1) / COLS_PER_TASK;
+  const int nt = threads < 1 ? 1 : (tasks < threads ? (int)tasks : threads);
+  if (nt <= 1) {
+    SPECIALIZE(fma_cols, M, 0, N, K, x, ldx, wt, ldw, y, ldy)
+  } else {
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t n0 = 0; n0 < N; n0 += COLS_PER_TASK) {
+      const int64_t n1 = n0 + COLS_PER_TASK < N ? n0 + COLS_PER_TASK : N;
+      SPECIALIZE(fma_cols, M, n0, n1, K, x, ldx, wt, ldw, y, ldy)
+    }
+  }
+  return 0;
+}
+
 #else /* no vector path: the Python side keeps torch's ops */
 
 int ds_bf16_gemv(int64_t M, int64_t N, int64_t K, const uint16_t *x, int64_t ldx,
@@ -470,6 +529,11 @@ int ds_fp32_gemv(int64_t M, int64_t N, int64_t K, const float *x, int64_t ldx, c
 }
 
 int ds_fp32_max_rows(void) { return 0; }
+
+int ds_fp32_gemv_t(int64_t M, int64_t N, int64_t K, const float *x, int64_t ldx,
+                   const float *wt, int64_t ldw, float *y, int64_t ldy, int threads) {
+  return -3;
+}
 
 int ds_int8_gemv(int64_t M, int64_t N, int64_t K, const float *x, int64_t ldx,
                  const int8_t *w, int64_t ldw, const float *scale, float *y, int64_t ldy,

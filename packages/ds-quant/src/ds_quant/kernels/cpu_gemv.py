@@ -272,7 +272,8 @@ def fp32_rows() -> int:
 
 def fp32_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``fp32_gemv`` runs ``x`` (..., in) by ``weight`` (out, in): both float32
-    on the CPU, at most ``fp32_rows()`` rows of ``x``, outside autograd and CPU autocast."""
+    on the CPU, ``weight`` row-major or input-major (the view of an (in, out) matrix), at
+    most ``fp32_rows()`` rows of ``x``, outside autograd and CPU autocast."""
     return _float_takes(x, weight, torch.float32) and 0 < (static_rows(x) or 0) <= _fp32_rows
 
 
@@ -281,7 +282,9 @@ def _float_takes(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> b
     # and an answered available() is read without calling it.
     if x.dtype is not dtype or weight.dtype is not dtype:
         return False
-    if not (x.is_cpu and weight.is_cpu and weight.dim() == 2 and weight.stride(-1) == 1):
+    if not (x.is_cpu and weight.is_cpu and weight.dim() == 2):
+        return False
+    if weight.stride(-1) != 1 and not (dtype is torch.float32 and weight.stride(0) == 1):
         return False
     if weight.shape[-1] == 0:
         return False
@@ -304,7 +307,9 @@ def bf16_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def fp32_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x`` (..., in) @ ``weight``^T -> (..., out), float32, summed in float32 by
     multiply-adds over the weight as it is read. Any number of rows, in passes of
-    ``MAX_ROWS``."""
+    ``MAX_ROWS``. ``weight`` row-major (unit stride along ``in``), or input-major (unit
+    stride along ``out``: ``w.t().contiguous().t()``, what ``ds_model.layout`` makes),
+    read in its own layout; each output then sums its inputs in order."""
     if _available is not True:
         _require()
     return torch.ops.ds_quant.fp32_gemv_cpu.default(x, weight)

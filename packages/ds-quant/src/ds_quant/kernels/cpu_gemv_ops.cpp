@@ -192,13 +192,17 @@ at::Tensor int4_experts_gemv_cpu(const at::Tensor& x, const at::Tensor& packed,
 // float32.
 // x (..., K) by w (N, K), both of dtype (bits type Bits), through kernel(rows, N, K, x,
 // ldx, w, ldw, y, ldy, threads) in passes of MAX_ROWS rows -> (..., N) of that dtype.
+// ``input_major``: w is the (N, K) view of a (K, N) matrix (strides (1, ldw)), and
+// kernel takes that matrix, its row stride ldw.
 template <typename Bits, typename Kernel>
 at::Tensor float_gemv(const at::Tensor& x_in, const at::Tensor& w, at::ScalarType dtype,
-                      const char* name, const char* op, Kernel kernel) {
+                      const char* name, const char* op, Kernel kernel, bool input_major = false) {
   TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == dtype && w.dim() == 2 &&
-                  w.stride(1) == 1 && w.size(1) > 0,
-              op, ": w must be a 2-D ", name, " CPU tensor with unit inner stride and at least ",
-              "one input column, got ", w.scalar_type(), " ", w.sizes(), " on ", w.device());
+                  w.stride(input_major ? 0 : 1) == 1 && w.size(1) > 0,
+              op, ": w must be a 2-D ", name, " CPU tensor with unit inner stride",
+              dtype == at::kFloat ? " (or unit stride along its outputs)" : "",
+              " and at least one input column, got ", w.scalar_type(), " ", w.sizes(),
+              " with strides ", w.strides(), " on ", w.device());
   TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == dtype && x_in.dim() >= 1 &&
                   x_in.size(-1) == w.size(1),
               op, ": x must be a ", name, " CPU tensor (..., ", w.size(1), "), got ",
@@ -217,8 +221,9 @@ at::Tensor float_gemv(const at::Tensor& x_in, const at::Tensor& w, at::ScalarTyp
   auto* yp = static_cast<Bits*>(y.data_ptr());
   for (int64_t m0 = 0; m0 < x.size(0); m0 += MAX_ROWS) {
     const int64_t rows = std::min<int64_t>(MAX_ROWS, x.size(0) - m0);
-    check_code(kernel(rows, N, K, xp + m0 * row_stride(xc), row_stride(xc), wp, row_stride(w),
-                      yp + m0 * N, N, at::get_num_threads()),
+    check_code(kernel(rows, N, K, xp + m0 * row_stride(xc), row_stride(xc), wp,
+                      input_major ? w.stride(1) : row_stride(w), yp + m0 * N, N,
+                      at::get_num_threads()),
                op);
   }
   return y;
@@ -230,6 +235,13 @@ at::Tensor bf16_gemv_cpu(const at::Tensor& x, const at::Tensor& w) {
 }
 
 at::Tensor fp32_gemv_cpu(const at::Tensor& x, const at::Tensor& w) {
+  // A weight laid input-major (ds_model.layout re-lays float32 layers so for torch's
+  // few-row matmul) is read in that layout rather than copied back.
+  const bool input_major = w.dim() == 2 && w.size(0) > 1 && w.size(1) > 1 &&
+                           w.stride(1) != 1 && w.stride(0) == 1;
+  if (input_major)
+    return float_gemv<float>(x, w, at::kFloat, "float32", "ds_quant::fp32_gemv_cpu",
+                             ds_fp32_gemv_t, true);
   return float_gemv<float>(x, w, at::kFloat, "float32", "ds_quant::fp32_gemv_cpu", ds_fp32_gemv);
 }
 
