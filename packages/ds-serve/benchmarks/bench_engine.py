@@ -13,7 +13,9 @@ modes run interleaved; figures are medians of ``--repeats`` rounds:
 - ``--clients 8,32``: total output tokens/s of that many concurrent requests;
 - ``--compile``: a second engine whose decode steps run compiled per batch-size bucket
   (``decode_steps="compile"``, on its own copy of the model, compiled before timing)
-  against ``generate(compile=True)`` on that copy.
+  against ``generate(compile=True)`` on a copy of that model with its weights laid
+  row-major again (the compiled steps re-lay float32 weights input-major; a user's
+  model, and generate's batch-1 compiled step, keep row-major).
 
 ``--shape NAME`` serves a random checkpoint of one of ds-model's CPU decode benchmark
 shapes (``bench_cpu_decode.SHAPES``: ``v3-110M``, ``llama-134M``; the prompts are token
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import dataclasses
 import json
 import platform
@@ -46,6 +49,7 @@ from pathlib import Path
 import ds_model
 import torch
 from common import stream_all
+from ds_model.layout import row_major_weights
 from ds_serve import build_engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "ds-model" / "benchmarks"))
@@ -160,6 +164,13 @@ async def main() -> None:
         if args.compile:
             engines["compiled"] = start_engine(path, compiled=True, **options)
     models = {name: e.runner.runner.model for name, e in engines.items()}
+    # generate's model for each engine: the eager engine's own; for the compiled one a
+    # copy laid row-major again, as a user's model is (the engine's compiled steps re-lay
+    # its float32 weights input-major, a layout batch-1 generate(compile=True) avoids).
+    baselines = dict(models)
+    if "compiled" in models:
+        baselines["compiled"] = copy.deepcopy(models["compiled"])
+        row_major_weights(baselines["compiled"])
     gen = torch.Generator().manual_seed(0)
     vocab = models["eager"].config.vocab_size
     prompts = [
@@ -168,7 +179,7 @@ async def main() -> None:
     ]
     for name, engine in engines.items():  # warm-up (and generate's compile)
         await engine_run(engine, prompts[:1], 8)
-        generate_run(models[name], prompts[0], 8, compile=name == "compiled")
+        generate_run(baselines[name], prompts[0], 8, compile=name == "compiled")
     rates: dict[tuple[str, str, int], list[float]] = {}
     shares: dict[str, list[float]] = {}
     for _ in range(args.repeats):
@@ -176,7 +187,9 @@ async def main() -> None:
             rate, share, (served,) = await engine_run(engine, prompts[:1], args.max_tokens)
             rates.setdefault(("engine", name, 1), []).append(rate)
             shares.setdefault(name, []).append(share)
-            rate, plain = generate_run(models[name], prompts[0], args.max_tokens, name != "eager")
+            rate, plain = generate_run(
+                baselines[name], prompts[0], args.max_tokens, name != "eager"
+            )
             rates.setdefault(("generate", name, 1), []).append(rate)
             check_same_greedy(models[name], prompts[0], served, plain, name)
             for clients in levels:
