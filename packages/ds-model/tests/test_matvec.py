@@ -74,18 +74,19 @@ def test_mode_rewrites_only_one_row_of_row_major_16_bit_weights(
 
 @pytest.mark.skipif(not cpu_gemv.available(), reason="ds-quant's CPU kernel is not built")
 @pytest.mark.parametrize(
-    "rows,row_major,on_kernel", [(1, True, True), (2, True, False), (1, False, True)]
+    "rows,row_major,on_kernel",
+    [(1, True, True), (4, True, True), (5, True, False), (1, False, True), (3, False, True)],
 )
-def test_mode_runs_one_row_of_float32_weights_on_fp32_gemv(rows, row_major, on_kernel):
-    """A float32 row takes ds-quant's ``fp32_gemv`` op (bias added after it) by a
-    row-major weight and by an input-major one (the layout the serving runner's compiled
-    steps give), read in place; more rows keep the matmul."""
+def test_mode_runs_a_few_float32_rows_on_fp32_gemv(rows, row_major, on_kernel):
+    """Up to ``fp32_rows()`` float32 rows take ds-quant's ``fp32_gemv`` op (bias added
+    after it) by a row-major weight and by an input-major one (the layout compiled
+    steps of more rows give), read in place; more rows keep the matmul."""
     torch.manual_seed(0)
     layer = nn.Linear(32, 24)
     if not row_major:
         layer.weight.data = layer.weight.data.t().contiguous().t()
     x = torch.randn(rows, 32)
-    with torch.no_grad(), MatVecLinears():
+    with torch.no_grad(), MatVecLinears(few_rows=True):
         got = layer(x)
     with torch.no_grad():
         if on_kernel:
@@ -121,10 +122,11 @@ def test_compiled_step_traces_whole_with_the_mode_and_keeps_dynamic_batches():
 
 
 @pytest.mark.skipif(not cpu_gemv.available(), reason="ds-quant's CPU kernel is not built")
-@pytest.mark.parametrize("input_major", [False, True])
-def test_compiled_float32_row_calls_the_fp32_gemv_op(input_major):
+@pytest.mark.parametrize(("rows", "input_major"), [(1, False), (1, True), (3, True)])
+def test_compiled_float32_rows_call_the_fp32_gemv_op(rows, input_major):
     """Traced whole (fullgraph) with the op in the graph, equal to the eager kernel, for
-    row-major and input-major weights."""
+    row-major and input-major weights and up to ``fp32_rows()`` static rows (a step of
+    static sizes); a dynamic row count keeps the matmul."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(48, 64), nn.SiLU(), nn.Linear(64, 16))
     if input_major:
@@ -136,14 +138,25 @@ def test_compiled_float32_row_calls_the_fp32_gemv_op(input_major):
         ops.update(str(node.target) for node in graph.graph.nodes)
         return graph.forward
 
-    def step(x):
-        with MatVecLinears():
+    def step(x, few_rows=True):
+        with MatVecLinears(few_rows=few_rows):
             return model(x)
 
-    compiled = torch.compile(step, backend=recording, fullgraph=True)
+    compiled = torch.compile(step, backend=recording, fullgraph=True, dynamic=False)
     with torch.inference_mode():
-        one = torch.randn(1, 1, 48)
-        got = compiled(one)
-        with MatVecLinears():
-            assert torch.equal(got, model(one))
+        x = torch.randn(rows, 1, 48)
+        got = compiled(x)
+        with MatVecLinears(few_rows=True):
+            assert torch.equal(got, model(x))
     assert "ds_quant.fp32_gemv_cpu.default" in ops, ops
+    # A dynamic batch (few_rows=False, as the serving runner's graph of larger buckets
+    # enters it) keeps the matmul for more than one row, with no guard on the count.
+    ops.clear()
+    dynamic = torch.compile(step, backend=recording, fullgraph=True, dynamic=True)
+    with torch.inference_mode():
+        x = torch.randn(2, 1, 48)
+        torch.testing.assert_close(dynamic(x, False), model(x))
+        with torch.compiler.set_stance("fail_on_recompile"):
+            x = torch.randn(7, 1, 48)
+            torch.testing.assert_close(dynamic(x, False), model(x))
+    assert ops and "ds_quant.fp32_gemv_cpu.default" not in ops, ops

@@ -192,7 +192,9 @@ class GraphedDecoder:
         return self.model.lm_head(hidden[:, -1])
 
     def _matvec_forward(self) -> torch.Tensor:
-        with MatVecLinears():  # one-row 16-bit float linears as multiply-and-sum
+        # One-row 16-bit float linears as multiply-and-sum, float32 ones of up to
+        # fp32_rows() rows on ds-quant's fp32_gemv (the step's sizes are static).
+        with MatVecLinears(few_rows=True):
             return self._forward()
 
     def step(self, token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

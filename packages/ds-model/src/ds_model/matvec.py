@@ -8,12 +8,14 @@ product into one vectorized loop that widens each weight element to float32 as i
 it and accumulates in float32. Measured on the AVX-512 host (one thread, compiled
 steps of 20-40 distinct layers, weights out of cache): bfloat16 (768..32000, 768..2048)
 weights 1.2-2.1x faster than the matmul; whole compiled bf16 steps at batch 1 1.35-1.8x
-faster (docs/benchmarks.md, "CPU decode by weight format"). A float32 weight calls
-ds-quant's ``fp32_gemv_cpu`` op instead (a per-row sum in inductor's loop was no faster
-than MKL's matmul there), in the layout it has: row-major, or input-major where
-``ds_model.layout`` re-laid it for the matmul's sake (the serving runner's compiled
-steps, which share one layout across batch sizes); more rows keep the matmul (it reads
-the weight once for all rows). ds-quant's INT8 layers make the same choice for their int8 weights.
+faster (docs/benchmarks.md, "CPU decode by weight format"). Up to ``fp32_rows()`` (4)
+rows by a float32 weight call ds-quant's ``fp32_gemv_cpu`` op instead (a per-row sum in
+inductor's loop was no faster than MKL's matmul there), in the layout the weight has:
+row-major, or input-major where ``ds_model.layout`` re-laid it for the matmul's sake
+(``generate(compile=True)`` above batch 1, the serving runner's compiled steps); compiled
+fp32 steps at batch 2 and 4 made 1.2-1.8x the tokens/s they made on MKL's matmul (110M V3
+and 134M llama shapes). More rows, and the serving runner's dynamic-batch graph (one
+row only there: see ``MatVecLinears``), keep the matmul. ds-quant's INT8 layers make the same choice for their int8 weights.
 
 ``MatVecLinears`` is a ``TorchFunctionMode`` entered inside the compiled step: it
 rewrites ``F.linear`` while torch.compile traces and costs nothing at run time (eagerly,
@@ -82,7 +84,16 @@ def one_static_row(x: torch.Tensor) -> bool:
 class MatVecLinears(TorchFunctionMode):
     """Routes ``F.linear`` of one CPU row by a row-major 16-bit float weight through
     ``matvec_linear``, and by a float32 weight, row-major or input-major, through
-    ds-quant's ``fp32_gemv`` op where it is built; every other call runs as it is."""
+    ds-quant's ``fp32_gemv`` op where it is built; every other call runs as it is.
+
+    ``few_rows=True``, for a step compiled with static sizes (``dynamic=False``): up to
+    ``cpu_gemv.fp32_rows()`` float32 rows take the op. Otherwise one row only: while
+    dynamo traces, a symbolic row count reads as an int, so a dynamic batch's graph
+    would be specialised on it (a guard on the row count, and a second graph)."""
+
+    def __init__(self, few_rows: bool = False) -> None:
+        super().__init__()
+        self.few_rows = few_rows
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -93,12 +104,12 @@ class MatVecLinears(TorchFunctionMode):
                 x.device.type == "cpu"
                 and type(weight) in (torch.Tensor, torch.nn.Parameter)
                 and weight.dim() == 2
-                and one_static_row(x)
             ):
-                if weight.dtype in MATVEC_DTYPES and weight.stride(1) == 1:
+                if weight.dtype in MATVEC_DTYPES and weight.stride(1) == 1 and one_static_row(x):
                     return matvec_linear(x, weight, bias)
-                # Row-major or input-major (ds_model.layout): the op reads either.
-                if cpu_gemv.fp32_takes(x, weight):
+                # The weight row-major or input-major (ds_model.layout): the op reads
+                # either layout.
+                if (self.few_rows or one_static_row(x)) and cpu_gemv.fp32_takes(x, weight):
                     y = torch.ops.ds_quant.fp32_gemv_cpu.default(x, weight)
                     return y if bias is None else y + bias
         return func(*args, **kwargs)
