@@ -258,6 +258,30 @@ def test_float_kernels_on_long_rows_special_values_and_bad_arguments(dtype, name
     torch.library.opcheck(op.default, (clean, input_major[:, :64]))
 
 
+@pytest.mark.parametrize(
+    ("dtype", "input_major"),
+    [(torch.bfloat16, False), (torch.float32, False), (torch.float32, True)],
+    ids=["bf16", "fp32", "fp32-input-major"],
+)
+def test_float_kernels_split_over_threads_give_the_one_thread_result(dtype, input_major):
+    """Over two threads a layer's outputs are split between them (rows of the weight, or
+    column blocks of an input-major one): each output is summed as one thread sums it."""
+    gemv = bf16_gemv if dtype == torch.bfloat16 else fp32_gemv
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1000, 300, generator=g).to(dtype)
+    if input_major:
+        w = w.t().contiguous().t()
+    x = torch.randn(3, 300, generator=g).to(dtype)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = gemv(x, w)
+        torch.set_num_threads(2)
+        assert torch.equal(gemv(x, w), one)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_fp32_takes_a_few_fp32_rows_outside_autograd():
     w = torch.randn(16, 32)
     assert fp32_takes(torch.randn(1, 1, 32), w)
