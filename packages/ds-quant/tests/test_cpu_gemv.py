@@ -256,6 +256,11 @@ def test_float_kernels_on_long_rows_special_values_and_bad_arguments(dtype, name
     assert got[1].isnan().all()
     assert torch.equal(got[2].double(), x[2].double() @ w.double().t())
     torch.library.opcheck(op.default, (clean, input_major[:, :64]))
+    # One input: any stride on the size-1 dimension, either layout.
+    for strides in ((1, 3), (1, 1), (5, 1)):
+        column = torch.randn(30, generator=g).as_strided((6, 1), strides)
+        one = torch.randn(2, 1, generator=g)
+        torch.testing.assert_close(op(one, column), one @ column.t(), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize(

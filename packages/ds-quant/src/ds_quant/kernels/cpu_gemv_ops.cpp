@@ -221,9 +221,11 @@ at::Tensor float_gemv(const at::Tensor& x_in, const at::Tensor& w, at::ScalarTyp
   auto* yp = static_cast<Bits*>(y.data_ptr());
   for (int64_t m0 = 0; m0 < x.size(0); m0 += MAX_ROWS) {
     const int64_t rows = std::min<int64_t>(MAX_ROWS, x.size(0) - m0);
-    check_code(kernel(rows, N, K, xp + m0 * row_stride(xc), row_stride(xc), wp,
-                      input_major ? w.stride(1) : row_stride(w), yp + m0 * N, N,
-                      at::get_num_threads()),
+    // An input-major weight's (K, N) matrix: its row stride is w.stride(1), or N for a
+    // single input (a size-1 dimension's stride can be anything).
+    const int64_t ldw = !input_major ? row_stride(w) : K == 1 ? N : w.stride(1);
+    check_code(kernel(rows, N, K, xp + m0 * row_stride(xc), row_stride(xc), wp, ldw,
+                      yp + m0 * N, N, at::get_num_threads()),
                op);
   }
   return y;
@@ -237,8 +239,7 @@ at::Tensor bf16_gemv_cpu(const at::Tensor& x, const at::Tensor& w) {
 at::Tensor fp32_gemv_cpu(const at::Tensor& x, const at::Tensor& w) {
   // A weight laid input-major (ds_model.layout re-lays float32 layers so for torch's
   // few-row matmul) is read in that layout rather than copied back.
-  const bool input_major = w.dim() == 2 && w.size(0) > 1 && w.size(1) > 1 &&
-                           w.stride(1) != 1 && w.stride(0) == 1;
+  const bool input_major = w.dim() == 2 && w.stride(1) != 1 && w.stride(0) == 1;
   if (input_major)
     return float_gemv<float>(x, w, at::kFloat, "float32", "ds_quant::fp32_gemv_cpu",
                              ds_fp32_gemv_t, true);
