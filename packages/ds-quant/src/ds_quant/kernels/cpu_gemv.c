@@ -460,10 +460,11 @@ int ds_fp32_gemv(int64_t M, int64_t N, int64_t K, const float *x, int64_t ldx, c
 /* Columns [n0, n1) of y (M, N) = x (M, K) by an input-major float32 weight wt (K, N) of
  * row stride ldw: each input's N weights lie together, the transposed layout torch's
  * matmul reads faster at a few rows (ds_model.layout). KB inputs' weight rows are read at
- * once, KB streams, so each output vector is loaded and stored once per KB inputs
- * instead of once per input: 16 read 20-25 GB/s in a one-off C timing loop over V3 and
- * llama layer shapes (EPYC-512, weights from memory), one stream at a time 9-13. Each
- * output sums its inputs in order, whatever rows share the call. */
+ * once, KB streams, so each output vector is loaded and stored once per KB inputs: in a
+ * one-off C timing loop over V3 and llama layer shapes (EPYC-512, one row, weights from
+ * memory) KB = 16 read 17-25 GB/s, 8 15-23, and 256 outputs at a time down every input
+ * (the outputs kept in registers, the weight read in strided blocks) 9-13. Each output
+ * sums its inputs in order, whatever rows share the call. */
 #define KB 16
 #define COLS_PER_TASK 256
 static inline __attribute__((always_inline)) void fma_cols(
