@@ -207,7 +207,10 @@ def _cache_dir() -> Path:
 
 def static_rows(x: torch.Tensor) -> int | None:
     """The rows of ``x`` (..., features) if its leading sizes are static ints (traced
-    code must not specialise a symbolic batch size), else None."""
+    code must not specialise a symbolic batch size), else None. While dynamo traces, a
+    symbolic size reads as an int here: a dynamic batch's row count is then compared,
+    and the graph guarded on the comparison (a caller tracing a dynamic batch decides by
+    what it knows instead, as ``ds_model.matvec.MatVecLinears(few_rows=...)`` does)."""
     lead = x.shape[:-1]
     if not torch.compiler.is_compiling():  # eager sizes are ints
         return lead.numel()
