@@ -131,6 +131,40 @@ def test_the_compiled_step_takes_each_pool_tensor_once(kind, monkeypatch):
         assert sorted(on_pool) == sorted(pools)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_few_row_buckets_of_a_float32_model_run_fp32_gemv(dtype, monkeypatch):
+    """A float32 CPU model's buckets of 2-4 rows trace a graph of their own whose float32
+    layers call ds-quant's ``fp32_gemv`` op (on the input-major weights); the larger
+    buckets' graph keeps the matmul. A bfloat16 model has no such graph. Traced by dynamo
+    with a recording backend, so no compiler runs."""
+    from ds_quant.kernels import cpu_gemv
+
+    if not cpu_gemv.fp32_rows():
+        pytest.skip("ds-quant's CPU kernel is not built")
+    traced = []
+
+    def recording(gm, example_inputs):
+        traced.append({str(node.target) for node in gm.graph.nodes})
+        return gm.forward
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend=recording, **kw))
+    model = ds_model.from_config(LLAMA, seed=0).to(dtype)
+    runner = ModelRunner(
+        model, num_blocks=12, block_size=4, decode_steps="compile", decode_buckets=(2, 4, 8)
+    )
+    steps = runner.decode_steps
+    op = "ds_quant.fp32_gemv_cpu.default"
+    with torch.inference_mode():
+        for bucket in (8, 4, 2):  # largest first, as warm_up builds them
+            steps._call(steps.inputs([], [], [], bucket, 2), bucket)
+    if dtype == torch.float32:
+        assert len(traced) == 2, [len(t) for t in traced]
+        assert op not in traced[0] and op in traced[1]
+    else:
+        assert len(traced) == 1 and op not in traced[0]
+
+
 COMPILED_CHECK = """
 import random, torch
 import torch._dynamo.utils as dynamo_utils
