@@ -14,8 +14,8 @@ inductor's loop was no faster than MKL's matmul there), in the layout the weight
 row-major, or input-major where ``ds_model.layout`` re-laid it for the matmul's sake
 (``generate(compile=True)`` above batch 1, the serving runner's compiled steps); compiled
 fp32 steps at batch 2 and 4 made 1.2-1.8x the tokens/s they made on MKL's matmul (110M V3
-and 134M llama shapes). More rows, and the serving runner's dynamic-batch graph (one
-row only there: see ``MatVecLinears``), keep the matmul. ds-quant's INT8 layers make the same choice for their int8 weights.
+and 134M llama shapes). More rows, and the serving runner's graph of its larger buckets
+(one row only there: see ``MatVecLinears``), keep the matmul. ds-quant's INT8 layers make the same choice for their int8 weights.
 
 ``MatVecLinears`` is a ``TorchFunctionMode`` entered inside the compiled step: it
 rewrites ``F.linear`` while torch.compile traces and costs nothing at run time (eagerly,
@@ -86,10 +86,12 @@ class MatVecLinears(TorchFunctionMode):
     ``matvec_linear``, and by a float32 weight, row-major or input-major, through
     ds-quant's ``fp32_gemv`` op where it is built; every other call runs as it is.
 
-    ``few_rows=True``, for a step compiled with static sizes (``dynamic=False``): up to
-    ``cpu_gemv.fp32_rows()`` float32 rows take the op. Otherwise one row only: while
-    dynamo traces, a symbolic row count reads as an int, so a dynamic batch's graph
-    would be specialised on it (a guard on the row count, and a second graph)."""
+    ``few_rows=True``, for a step whose row count is known to be small (static sizes, as
+    ``generate(compile=True)``'s step has, or a graph that only batches of at most
+    ``cpu_gemv.fp32_rows()`` rows enter, as the serving runner's few-row buckets'): up
+    to ``fp32_rows()`` float32 rows take the op. Otherwise one row only: while dynamo
+    traces, a symbolic row count reads as an int, so a dynamic batch's graph would be
+    guarded on the count (and a larger batch would recompile it)."""
 
     def __init__(self, few_rows: bool = False) -> None:
         super().__init__()
