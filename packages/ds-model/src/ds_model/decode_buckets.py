@@ -112,10 +112,8 @@ class DecodeBuckets:
         # is built, share a graph of their own whose float32 layers run the kernel on the
         # input-major weights (MatVecLinears(few_rows=True)); the larger buckets' graph
         # keeps MKL's matmul, faster at many rows.
-        self._few_rows = 0
-        if self._compiled is not None and self.device.type == "cpu":
-            if model.dtype == torch.float32:
-                self._few_rows = cpu_gemv.fp32_rows()
+        float32_cpu = self.device.type == "cpu" and model.dtype == torch.float32
+        self._few_rows = cpu_gemv.fp32_rows() if self._compiled is not None and float32_cpu else 0
         self._compiled_few = torch.compile(self._few_rows_forward) if self._few_rows > 1 else None
         self._checked: set[int] = set()  # buckets whose guards passed since recheck()
         self._graphs: dict[int, _Graph] = {}
