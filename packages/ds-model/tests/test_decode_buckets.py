@@ -209,6 +209,18 @@ assert any(not torch.allclose(b, w) for b, w in zip(before, want)), "the scale c
 got = _serve(compiled, model, steps, 4, seed=2)
 for g, w in zip(got, want):
     torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+# A change between requests that rules out the absorbed form (MLA forced naive): the
+# next prefill sees it, and no later decode takes a compiled step.
+for layer in model.model.layers:
+    layer.self_attn.impl = "naive"
+bucketed = []
+run = compiled.decode_steps.run
+compiled.decode_steps.run = lambda *args: bucketed.append(args) or run(*args)
+want = _serve(eager, model, steps, 4, seed=3)
+got = _serve(compiled, model, steps, 4, seed=3)
+assert not bucketed, f"{len(bucketed)} compiled steps ran after the model ruled them out"
+for g, w in zip(got, want):
+    torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
 """
 
 

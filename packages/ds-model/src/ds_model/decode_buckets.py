@@ -131,22 +131,37 @@ class DecodeBuckets:
         width: int,
     ) -> tuple[torch.Tensor, ...]:
         """The padded step inputs on the host: ids (bucket, 1), positions (bucket, 1),
-        write slots (bucket,), block tables (bucket, width), context lengths (bucket,)."""
-        bs, n = self.cache.block_size, len(token_ids)
-        pad = bucket - n
-        slots = [table[p // bs] * bs + p % bs for p, table in zip(positions, block_tables)]
-        index = torch.int32 if self.device.type == "cuda" else torch.long
-        tables = torch.full((bucket, width), self.scratch, dtype=index)
-        for row, (p, table) in enumerate(zip(positions, block_tables)):
+        write slots (bucket,), block tables (bucket, width), context lengths (bucket,).
+
+        All are views of one int64 tensor made from one flat list (tables and lengths
+        int32 on CUDA, for the Triton kernel): one tensor a step, not one per input."""
+        bs, scratch = self.cache.block_size, self.scratch
+        pad = bucket - len(token_ids)
+        slots, tables = [], []
+        for p, table in zip(positions, block_tables):
             used = p // bs + 1
-            tables[row, :used] = torch.tensor(table[:used], dtype=index)
-        return (
-            torch.tensor([*token_ids, *[0] * pad], dtype=torch.long)[:, None],
-            torch.tensor([*positions, *[0] * pad], dtype=torch.long)[:, None],
-            torch.tensor([*slots, *[self.scratch * bs] * pad], dtype=torch.long),
-            tables,
-            torch.tensor([p + 1 for p in positions] + [1] * pad, dtype=torch.int32),
+            slots.append(table[used - 1] * bs + p % bs)
+            tables += table[:used]
+            tables += [scratch] * (width - used)
+        flat = [
+            *token_ids,
+            *[0] * pad,
+            *positions,
+            *[0] * pad,
+            *slots,
+            *[scratch * bs] * pad,
+            *[p + 1 for p in positions],
+            *[1] * pad,
+            *tables,
+            *[scratch] * (width * pad),
+        ]
+        ids, pos, slot, lens, table = torch.tensor(flat, dtype=torch.long).split_with_sizes(
+            [bucket, bucket, bucket, bucket, bucket * width]
         )
+        table = table.view(bucket, width)
+        if self.device.type == "cuda":
+            table, lens = table.to(torch.int32), lens.to(torch.int32)
+        return ids[:, None], pos[:, None], slot, table, lens
 
     def warm_up(self) -> None:
         """Compile (or capture) the step of every bucket now, on padding rows only (they
@@ -188,19 +203,21 @@ class DecodeBuckets:
                         self._pool = torch.cuda.graph_pool_handle()
                     graph = self._graphs[bucket] = _Graph(self._forward, inputs, self._pool)
                 return graph.replay(inputs).clone()
-            inputs = [t.to(self.device) for t in inputs]
+            if self.device.type != "cpu":
+                inputs = [t.to(self.device) for t in inputs]
+            compiled = self._compiled_few if 1 < bucket <= self._few_rows else self._compiled
+            if bucket in self._checked:
+                return run_skipping_guards(compiled, *inputs)
             # One graph for every context length, and one for every bucket above 1
             # (torch.compile specialises a size of 1, so batch 1 gets its own).
             # mark_dynamic is torch's documented way to say so up front (under torch._dynamo):
             # without it the first new width or bucket recompiles, mid-request. With it the
-            # warm-up builds every graph (tests/test_decode_buckets.py counts them).
+            # warm-up builds every graph (tests/test_decode_buckets.py counts them). Only a
+            # call that checks the guards can compile; the others need no marks.
             torch._dynamo.mark_dynamic(inputs[3], 1)
             if bucket > 1:
                 for t in inputs:
                     torch._dynamo.mark_dynamic(t, 0)
-            compiled = self._compiled_few if 1 < bucket <= self._few_rows else self._compiled
-            if bucket in self._checked:
-                return run_skipping_guards(compiled, *inputs)
             logits = compiled(*inputs)
             self._checked.add(bucket)
             return logits

@@ -121,6 +121,7 @@ class ModelRunner:
         self.cache = PagedKVCache(self.config, num_blocks + scratch, block_size, dtype, self.device)
         self._offsets = torch.arange(block_size, device=self.device)
         self.decode_steps: DecodeBuckets | None = None
+        self._in_place: bool | None = None  # _decodes_in_place(), kept between bucketed decodes
         if decode_steps is not None:
             if not self._decodes_in_place():
                 raise ValueError(
@@ -175,7 +176,7 @@ class ModelRunner:
             self._check(s, toks, start, table)
         # Decode rows (one token each) go first: they read the pool in place through
         # their block tables; the prefill rows after them read gathered contexts.
-        in_place = self._decodes_in_place()
+        in_place = self._in_place if self._in_place is not None else self._decodes_in_place()
         if (
             self.decode_steps is not None
             and in_place
@@ -185,9 +186,13 @@ class ModelRunner:
         ):
             logits = self.decode_steps.run([t[0] for t in token_ids], positions, block_tables)
             if logits is not None:
+                # Bucketed decodes skip the model's checks until the next other step, as
+                # their compiled steps skip torch.compile's guards (see DecodeBuckets).
+                self._in_place = in_place
                 return logits
         if self.decode_steps is not None:
             self.decode_steps.recheck()  # a prefill: the model may have changed before it
+            self._in_place = None
         decode = [s for s in range(n_seqs) if in_place and len(token_ids[s]) == 1]
         prefill = [s for s in range(n_seqs) if not (in_place and len(token_ids[s]) == 1)]
         order = decode + prefill
