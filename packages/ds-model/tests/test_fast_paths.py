@@ -587,3 +587,40 @@ def test_kernel_path_keeps_hooks_and_gradients(dtype):
     model(torch.tensor([[5]])).logits.float().sum().backward()
     assert model.lm_head.weight.grad is not None
     assert model.model.layers[0].mlp.gate_proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_eager_steps_run_every_norm_on_the_cpu_kernel(dtype, monkeypatch):
+    """Eagerly, every RMSNorm of a prefill and its decode steps runs ds-quant's one-pass
+    kernel; the logits are torch's norms' up to rounding, and with gradients on the norms
+    keep torch's ops (which have a backward)."""
+    from ds_model.norm import RMSNorm
+    from ds_quant.kernels import cpu_gemv
+
+    if not cpu_gemv.available():
+        pytest.skip("no C++ compiler or no AVX2 / AVX512BW on this CPU")
+    model = ds_model.from_config(ModelConfig.from_preset("tiny"), seed=0, dtype=dtype)
+    prompt, steps = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14]]), torch.tensor([[3, 4]])
+    seen = set()
+    kernel = cpu_gemv.rms_norm
+
+    def recording(x, weight, eps):
+        seen.add(weight.data_ptr())
+        return kernel(x, weight, eps)
+
+    monkeypatch.setattr(cpu_gemv, "rms_norm", recording)
+    with_kernel = _decode_logits(model, prompt, steps, fast=True, dtype=dtype)
+    norms = {m.weight.data_ptr() for m in model.modules() if isinstance(m, RMSNorm)}
+    assert norms and seen == norms
+    seen.clear()
+    monkeypatch.setattr(RMSNorm, "cpu_kernel", False)
+    with_torch = _decode_logits(model, prompt, steps, fast=True, dtype=dtype)
+    assert not seen
+    scale = with_torch.float().abs().max()
+    atol = (0.03 if dtype == torch.bfloat16 else 1e-5) * scale
+    torch.testing.assert_close(with_kernel.float(), with_torch.float(), atol=atol, rtol=0)
+    monkeypatch.undo()
+    seen.clear()
+    monkeypatch.setattr(cpu_gemv, "rms_norm", recording)
+    model(torch.tensor([[5]])).logits.float().sum().backward()
+    assert not seen and model.model.norm.weight.grad is not None

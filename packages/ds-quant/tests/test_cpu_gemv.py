@@ -20,6 +20,7 @@ from ds_quant.kernels import cpu_gemv
 from ds_quant.kernels.cpu import int8_weight_matmul_cpu, prepack_int4_cpu, w4a16_matmul_cpu
 from ds_quant.kernels.cpu_gemv import (
     MAX_ROWS,
+    NORM_ROWS,
     bf16_gemv,
     bf16_gemv_reference,
     bf16_takes,
@@ -32,6 +33,9 @@ from ds_quant.kernels.cpu_gemv import (
     int8_gemv,
     int8_gemv_reference,
     int8_takes,
+    rms_norm,
+    rms_norm_reference,
+    rms_norm_takes,
 )
 from ds_quant.kernels.reference import int8_weight_matmul_reference, w4a16_matmul_reference
 from ds_quant.primitives import dequantize_int4, pack_int4, quantize_int4, quantize_int8_per_channel
@@ -287,6 +291,96 @@ def test_float_kernels_split_over_threads_give_the_one_thread_result(dtype, inpu
         torch.set_num_threads(threads)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    lead=st.lists(st.integers(1, 5), min_size=0, max_size=2),
+    dim=st.integers(1, 600),
+    layout=st.sampled_from(["contiguous", "strided", "offset"]),
+    eps=st.sampled_from([1e-6, 1e-5, 0.0, 0.5]),
+    scale=st.sampled_from([1e-3, 1.0, 300.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_rms_norm_matches_its_reference(dtype, lead, dim, layout, eps, scale, seed):
+    """Any leading dimensions, widths on and off the sixteen-lane step, rows laid with a
+    stride or at an odd offset: RMSNorm's float32 arithmetic, to the rounding of the sum
+    of squares' order (the output's last place: float32 a few units, bfloat16 one)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randn(*lead, dim, generator=g) * scale
+    x = laid_out(rows.reshape(-1, dim).to(dtype), layout).view(*lead, dim)
+    w = (torch.randn(dim, generator=g) + 1).to(dtype)
+    got = rms_norm(x, w, eps)
+    want = rms_norm_reference(x, w, eps)
+    assert got.dtype == dtype and got.shape == x.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=4 * 2**-23, atol=1e-30)
+    else:
+        ulp = 2.0 ** (torch.frexp(want.float()).exponent.float() - 8)
+        assert ((got.float() - want.float()).abs() <= ulp).all()
+    flat = x.reshape(-1, dim)
+    for r in range(flat.shape[0]):  # a row's result is what it gets alone
+        assert torch.equal(got.reshape(-1, dim)[r : r + 1], rms_norm(flat[r : r + 1], w, eps))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rms_norm_on_special_values_and_bad_arguments(dtype):
+    """Rows with a NaN, an inf, or all zeros (eps 0: 0 / 0) give what torch's ops give
+    (a NaN row; zeros but NaN where the inf was; a NaN row), a zero row with eps > 0
+    zeros, and the op refuses what it cannot take by argument name."""
+    op = torch.ops.ds_quant.rms_norm_cpu
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 70, generator=g).to(dtype)
+    w = torch.randn(70, generator=g).to(dtype)
+    x[1, 3], x[2, 5] = float("nan"), float("inf")
+    x[3] = 0
+    got = rms_norm(x, w, 0.0)
+    want = rms_norm_reference(x, w, 0.0)
+    last_place = 4 * 2**-23 if dtype == torch.float32 else 2**-8
+    torch.testing.assert_close(got, want, rtol=last_place, atol=0, equal_nan=True)
+    assert got[1].isnan().all() and got[3].isnan().all()
+    assert got[2, 5].isnan() and (got[2, :5] == 0).all()
+    assert torch.equal(rms_norm(x[3:], w, 1e-6), torch.zeros(1, 70, dtype=dtype))
+    with pytest.raises(RuntimeError, match="x must be a float32 or bfloat16 CPU tensor"):
+        op(x.half(), w.half(), 1e-6)
+    with pytest.raises(RuntimeError, match="weight must be a contiguous 1-D"):
+        op(x, w[:64], 1e-6)
+    with pytest.raises(RuntimeError, match="weight must be a contiguous 1-D"):
+        op(x, w.double(), 1e-6)
+    with pytest.raises(RuntimeError, match="weight must be a contiguous 1-D"):
+        op(x[:, ::2], w[::2], 1e-6)
+    with pytest.raises(RuntimeError, match="eps must be >= 0"):
+        op(x, w, -1.0)
+    torch.library.opcheck(op.default, (torch.randn(2, 1, 70).to(dtype), w, 1e-6))
+    torch.library.opcheck(op.default, (torch.randn(3, 70).to(dtype), w, 1e-6))
+
+
+def test_rms_norm_takes_decode_rows_outside_autograd_autocast_and_tracing():
+    w = torch.randn(32)
+    assert rms_norm_takes(torch.randn(1, 1, 32), w)
+    assert rms_norm_takes(torch.randn(2, 32).bfloat16(), w.bfloat16())
+    assert rms_norm_takes(torch.randn(NORM_ROWS, 32), w)
+    assert not rms_norm_takes(torch.randn(NORM_ROWS + 1, 32), w)  # torch's, over threads
+    assert not rms_norm_takes(torch.randn(0, 32), w)
+    assert not rms_norm_takes(torch.randn(1, 32).bfloat16(), w)  # autocast's float weight
+    assert not rms_norm_takes(torch.randn(1, 32).half(), w.half())
+    assert not rms_norm_takes(torch.randn(1, 16), w[::2])
+    assert not rms_norm_takes(torch.randn(1, 31), w)
+    assert not rms_norm_takes(torch.randn(1, 32).requires_grad_(), w)
+    assert not rms_norm_takes(torch.randn(1, 32), w.clone().requires_grad_())
+    with torch.no_grad():
+        assert rms_norm_takes(torch.randn(1, 32).requires_grad_(), w.requires_grad_())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not rms_norm_takes(torch.randn(1, 32), w)
+    seen = []
+
+    def traced(x):
+        seen.append(rms_norm_takes(x, w))
+        return x
+
+    torch.compile(traced, backend="eager", fullgraph=True)(torch.randn(1, 32))
+    assert seen == [False]
+
+
 def test_fp32_takes_a_few_fp32_rows_outside_autograd():
     w = torch.randn(16, 32)
     assert fp32_takes(torch.randn(1, 1, 32), w)
@@ -453,7 +547,14 @@ def test_compiled_layers_call_the_kernel_ops_and_equal_eager():
 
 
 @pytest.mark.parametrize(
-    "name", ["int8_gemv_cpu", "int4_gemv_cpu", "int8_experts_gemv_cpu", "int4_experts_gemv_cpu"]
+    "name",
+    [
+        "int8_gemv_cpu",
+        "int4_gemv_cpu",
+        "int8_experts_gemv_cpu",
+        "int4_experts_gemv_cpu",
+        "rms_norm_cpu",
+    ],
 )
 def test_op_registrations_pass_opcheck(name):
     torch.manual_seed(0)
@@ -467,6 +568,7 @@ def test_op_registrations_pass_opcheck(name):
         "int4_gemv_cpu": (x, packed[0], s4[0], z4[0], 64),
         "int8_experts_gemv_cpu": (x, q, scale, experts),
         "int4_experts_gemv_cpu": (x[:1], packed, s4, z4, experts, 64),
+        "rms_norm_cpu": (x, torch.randn(128), 1e-6),
     }[name]
     torch.library.opcheck(getattr(torch.ops.ds_quant, name).default, args)
 

@@ -47,6 +47,7 @@ import torch
 
 __all__ = [
     "MAX_ROWS",
+    "NORM_ROWS",
     "available",
     "bf16_gemv",
     "bf16_gemv_reference",
@@ -64,6 +65,9 @@ __all__ = [
     "int8_gemv",
     "int8_gemv_reference",
     "int8_takes",
+    "rms_norm",
+    "rms_norm_reference",
+    "rms_norm_takes",
     "static_rows",
 ]
 
@@ -79,6 +83,9 @@ MAX_ROWS = 8
 # Activation dtypes it takes (computed in float32, returned in the input's dtype);
 # float64 keeps the reference's precision.
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The most rows rms_norm_takes accepts: a decode step's (one pass over each row, on one
+# thread; torch's norm splits a prefill's many rows over its threads).
+NORM_ROWS = 64
 MAX_GROUP = 32768  # INT4 groups past this could overflow the kernel's int32 group sums
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++20")
 
@@ -330,6 +337,45 @@ def bf16_gemv_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (x.double() @ weight.double().t()).to(torch.bfloat16)
 
 
+def rms_norm_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``rms_norm`` runs ``x`` (..., dim) with ``weight`` (dim,): eager (a traced
+    step keeps torch's norm, which inductor fuses with its neighbours), both float32 or
+    both bfloat16 on the CPU, at most ``NORM_ROWS`` rows, outside autograd and CPU
+    autocast."""
+    if x.dtype is not weight.dtype or x.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if not (x.is_cpu and weight.is_cpu) or torch.compiler.is_compiling():
+        return False
+    if weight.dim() != 1 or not weight.is_contiguous() or weight.shape[0] != x.shape[-1]:
+        return False
+    if x.dim() == 0 or not 0 < x.numel() <= NORM_ROWS * x.shape[-1]:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        return False
+    return _available is True or available()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x`` (..., dim) / rms(x) * ``weight`` (dim,) in ``x``'s dtype (float32 or
+    bfloat16, ``weight`` the same): the mean of squares in float32, each row read once.
+    ``ds_model.norm.RMSNorm``'s arithmetic, to rounding (the sum's order differs)."""
+    if _available is not True:
+        _require()
+    return torch.ops.ds_quant.rms_norm_cpu.default(x, weight, eps)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``rms_norm``'s plain-torch ground truth: ``RMSNorm``'s float32 arithmetic (the
+    torch ops that ``rms_norm`` replaces)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if x.dtype == torch.float32:
+        return h * weight
+    return weight * h.to(x.dtype)
+
+
 def prepare(weight: torch.Tensor) -> None:
     """Build (or load) the kernels now if ``weight`` is a CPU layer's: quantizing and
     loading call this, so that the first decode step, eager or traced, finds them."""
@@ -475,6 +521,8 @@ _LIB.define(
 _LIB.define("bf16_gemv_cpu(Tensor x, Tensor w) -> Tensor")
 # float32 x (..., in) by a float32 weight (out, in) -> (..., out).
 _LIB.define("fp32_gemv_cpu(Tensor x, Tensor w) -> Tensor")
+# x (..., dim) / rms(x) * weight (dim,), float32 or bfloat16 -> (..., dim).
+_LIB.define("rms_norm_cpu(Tensor x, Tensor weight, float eps) -> Tensor")
 
 
 def _fake(x, weight, *rest):
@@ -485,6 +533,10 @@ def _fake(x, weight, *rest):
 def _float_fake(x, weight):
     torch._check(x.dim() >= 1, lambda: "x must be (..., in_features)")
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _rms_norm_fake(x, weight, eps):
+    return x.new_empty(x.shape)
 
 
 def _int8_experts_fake(x, q, scale, experts):
@@ -502,5 +554,6 @@ for _name, _fake_impl in (
     ("int4_experts_gemv_cpu", _int4_experts_fake),
     ("bf16_gemv_cpu", _float_fake),
     ("fp32_gemv_cpu", _float_fake),
+    ("rms_norm_cpu", _rms_norm_fake),
 ):
     torch.library.register_fake(f"ds_quant::{_name}", _fake_impl, lib=_LIB)
