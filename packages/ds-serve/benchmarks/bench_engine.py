@@ -5,7 +5,8 @@ object serves both: greedy requests stream through ``Engine.submit`` /
 ``Engine.stream`` (scheduler, paged runner, sampler, detokenizer; no HTTP), and
 ``ds_model.generate`` decodes the same prompts one at a time (sequential generate).
 Nothing stops at EOS, so every request produces ``--max-tokens`` tokens. Per round, the
-modes run interleaved; figures are medians of ``--repeats`` rounds:
+modes run interleaved; tokens/s are medians of ``--repeats`` rounds, and each ratio
+the median of the rounds' own ratios:
 
 - one client: tokens/s per request (prefill included), and the share of the engine's
   wall time spent inside ``runner.step`` (the rest is scheduling, sampling,
@@ -198,7 +199,14 @@ async def main() -> None:
     for engine in engines.values():
         engine.shutdown()
     median = {key: statistics.median(values) for key, values in rates.items()}
-    eager, compiled = median[("generate", "eager", 1)], median.get(("generate", "compiled", 1))
+
+    def vs(key, base) -> str:
+        # The median of the rounds' own ratios: the host's drift between rounds (this
+        # one's speed moves by up to 40% within minutes) falls on both sides of each.
+        if base not in rates:
+            return ""
+        return f"{statistics.median(a / b for a, b in zip(rates[key], rates[base])):.2f}x"
+
     print(
         f"\n{args.shape or args.model or 'built-in model'}, {args.quantization or 'no'} "
         f"quantization, {args.prompt_len}-token prompts, {args.max_tokens} new tokens each, "
@@ -211,13 +219,13 @@ async def main() -> None:
     print("|---|---|---:|---:|---:|---:|---:|")
     for (kind, name, clients), rate in median.items():
         label = "ds_model.generate" if kind == "generate" else "Engine, in-process"
-        vs_compiled = f"{rate / compiled:.2f}x" if compiled else ""
+        key = (kind, name, clients)
         share = (
             f"{statistics.median(shares[name]):.0%}" if kind == "engine" and clients == 1 else ""
         )
         print(
-            f"| {label} | {name} | {clients} | {rate:.1f} | {rate / eager:.2f}x | "
-            f"{vs_compiled} | {share} |"
+            f"| {label} | {name} | {clients} | {rate:.1f} | {vs(key, ('generate', 'eager', 1))} | "
+            f"{vs(key, ('generate', 'compiled', 1))} | {share} |"
         )
 
 
