@@ -379,3 +379,71 @@ def test_attention_backend_is_chosen_by_config():
     )
     with pytest.raises(ds_model.ConfigError, match="attention_backend='flash'"):
         ModelConfig.from_preset("tiny", attention_backend="flash")
+
+
+def _deepseek_gate(router, x: torch.Tensor):
+    """DeepSeek's gate as its reference inference code writes it: every group scored and
+    masked, whether or not the top groups are all of them."""
+    scores = torch.nn.functional.linear(x.float(), router.weight.float())
+    scores = scores.softmax(-1) if router.scoring == "softmax" else scores.sigmoid()
+    original = scores
+    if router.method == "noaux_tc":
+        scores = scores + router.e_score_correction_bias
+    if router.method != "greedy":
+        grouped = scores.view(x.shape[0], router.n_group, -1)
+        if router.method == "noaux_tc":
+            group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+        else:
+            group_scores = grouped.amax(dim=-1)
+        top = group_scores.topk(router.topk_group, dim=-1)[1]
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top, True)
+        fill = float("-inf") if router.method == "noaux_tc" else 0.0
+        scores = grouped.masked_fill(~keep.unsqueeze(-1), fill).flatten(1)
+    idx = scores.topk(router.top_k, dim=-1)[1]
+    weights = original.gather(1, idx)
+    if router.norm_topk_prob and router.top_k > 1:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * router.scaling, idx
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    method=st.sampled_from(["greedy", "group_limited_greedy", "noaux_tc"]),
+    groups=st.sampled_from([(1, 1), (4, 4), (4, 2), (8, 3)]),
+    top_k=st.integers(1, 4),
+    norm=st.booleans(),
+    scaling=st.sampled_from([1.0, 2.5]),
+    tokens=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
+)
+def test_router_picks_deepseeks_experts_and_weights(
+    method, groups, top_k, norm, scaling, tokens, seed
+):
+    """Greedy, group-limited and bias-corrected (noaux_tc) routing against DeepSeek's gate,
+    with some or all groups kept: the same experts and weights per token."""
+    n_group, topk_group = groups
+    config = ModelConfig.from_preset(
+        "tiny",
+        n_routed_experts=16,
+        num_experts_per_tok=top_k,
+        topk_method=method,
+        scoring_func="sigmoid" if method == "noaux_tc" else "softmax",
+        n_group=n_group,
+        topk_group=topk_group,
+        norm_topk_prob=norm,
+        routed_scaling_factor=scaling,
+    )
+    router = ds_model.moe.Router(config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        router.weight.normal_(generator=g)
+        if method == "noaux_tc":
+            router.e_score_correction_bias.normal_(generator=g)
+    x = torch.randn(tokens, config.hidden_size, generator=g)
+    weights, idx = router(x)
+    want_weights, want_idx = _deepseek_gate(router, x)
+    got_order, want_order = idx.sort(dim=-1), want_idx.sort(dim=-1)
+    assert torch.equal(got_order.values, want_order.values)
+    torch.testing.assert_close(
+        weights.gather(1, got_order.indices), want_weights.gather(1, want_order.indices)
+    )
