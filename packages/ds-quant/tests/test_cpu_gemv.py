@@ -365,6 +365,7 @@ def test_rms_norm_takes_decode_rows_outside_autograd_autocast_and_tracing():
     assert not rms_norm_takes(torch.randn(1, 32).half(), w.half())
     assert not rms_norm_takes(torch.randn(1, 16), w[::2])
     assert not rms_norm_takes(torch.randn(1, 31), w)
+    assert not rms_norm_takes(torch.tensor(1.0), w[:1])
     assert not rms_norm_takes(torch.randn(1, 32).requires_grad_(), w)
     assert not rms_norm_takes(torch.randn(1, 32), w.clone().requires_grad_())
     with torch.no_grad():

@@ -344,11 +344,11 @@ def rms_norm_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
     autocast."""
     if x.dtype is not weight.dtype or x.dtype not in (torch.float32, torch.bfloat16):
         return False
-    if not (x.is_cpu and weight.is_cpu) or torch.compiler.is_compiling():
+    if not (x.is_cpu and weight.is_cpu) or torch.compiler.is_compiling() or x.dim() == 0:
         return False
     if weight.dim() != 1 or not weight.is_contiguous() or weight.shape[0] != x.shape[-1]:
         return False
-    if x.dim() == 0 or not 0 < x.numel() <= NORM_ROWS * x.shape[-1]:
+    if not 0 < x.numel() <= NORM_ROWS * x.shape[-1]:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False
