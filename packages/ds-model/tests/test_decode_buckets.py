@@ -211,6 +211,7 @@ for g, w in zip(got, want):
     torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
 # A change between requests that rules out the absorbed form (MLA forced naive): the
 # next prefill sees it, and no later decode takes a compiled step.
+impls = [layer.self_attn.impl for layer in model.model.layers]
 for layer in model.model.layers:
     layer.self_attn.impl = "naive"
 bucketed = []
@@ -221,6 +222,34 @@ got = _serve(compiled, model, steps, 4, seed=3)
 assert not bucketed, f"{len(bucketed)} compiled steps ran after the model ruled them out"
 for g, w in zip(got, want):
     torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+compiled.decode_steps.run = run
+for layer, impl in zip(model.model.layers, impls):
+    layer.self_attn.impl = impl
+# Two models' compiled runners in one process, their steps interleaved: their graphs
+# share the bucketed step's code, and skipping guards must never run the other's.
+other = ds_model.from_config(ModelConfig.from_preset("tiny", hidden_size=48), seed=3)
+other_eager = ModelRunner(other, num_blocks=40, block_size=4)
+other_compiled = ModelRunner(other, num_blocks=40, block_size=4, decode_steps="compile",
+                             decode_buckets=(2, 4))
+other_compiled.decode_steps.warm_up()
+pairs = [(eager, compiled), (other_eager, other_compiled)]
+tables = [[4 * s + b for b in range(4)] for s in range(3)]  # 3 sequences, 16 slots each
+for plain, bucketed in pairs:
+    for runner in (plain, bucketed):
+        runner.step([[5, 6, 7], [8, 9], [10, 11, 12, 13]], [0, 0, 0], tables)
+lengths = [3, 2, 4]
+rng = random.Random(4)
+skipped.clear()
+torch.compiler.set_stance = counting_set_stance
+for _ in range(6):
+    tokens = [[rng.randrange(model.config.vocab_size)] for _ in lengths]
+    for plain, bucketed in pairs:
+        want = plain.step(tokens, lengths, tables)
+        got = bucketed.step(tokens, lengths, tables)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    lengths = [n + 1 for n in lengths]
+torch.compiler.set_stance = set_stance
+assert skipped == [True] * 10, skipped  # each runner's steps after its first skipped guards
 """
 
 
