@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
 import statistics
 import time
 
 import ds_model
 import torch
+from bench_cpu_decode import machine
 from ds_model.norm import RMSNorm
 from ds_quant.kernels import cpu_gemv
 
@@ -56,11 +56,7 @@ def main() -> None:
     if not cpu_gemv.available():
         raise SystemExit("ds-quant's CPU kernel is not built on this machine: nothing to compare")
     path = args.model or ds_model.find_default_model()
-    print(
-        f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, torch "
-        f"{torch.__version__}, {torch.get_num_threads()} thread(s); model {path}; "
-        f"median of {args.repeats}"
-    )
+    print(f"machine: {machine()}; model {path}; median of {args.repeats}")
     print("\n| dtype | what | kernel | torch's ops | speedup |")
     print("|---|---|---:|---:|---:|")
     for name in args.dtypes:

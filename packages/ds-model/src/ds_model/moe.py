@@ -96,14 +96,14 @@ class Router(nn.Module):
         # nothing: the group scores, their top-k and the mask are skipped (six ops a
         # layer; the built-in model's eager decode 1.03-1.04x the tokens/s, EPYC-512).
         limited = self.method != "greedy" and self.topk_group < self.n_group
-        if self.method == "greedy" or (self.method == "group_limited_greedy" and not limited):
-            weights, idx = torch.topk(scores, self.top_k, dim=-1, sorted=False)
-        elif self.method == "group_limited_greedy":
+        if self.method == "group_limited_greedy" and limited:
             grouped = scores.view(-1, self.n_group, self.num_experts // self.n_group)
             drop = self._dropped_groups(grouped.amax(dim=-1))
             masked = grouped.masked_fill(drop, 0.0).view(-1, self.num_experts)
             weights, idx = torch.topk(masked, self.top_k, dim=-1, sorted=False)
-        else:  # noaux_tc
+        elif self.method != "noaux_tc":  # greedy, or every group kept
+            weights, idx = torch.topk(scores, self.top_k, dim=-1, sorted=False)
+        else:
             biased = scores + self.e_score_correction_bias.float()
             if limited:
                 grouped = biased.view(-1, self.n_group, self.num_experts // self.n_group)

@@ -18,6 +18,8 @@ matmul, whose per-call cost at a few rows is above its weight's reading time.
 ``fp32_gemv`` does the same for up to ``fp32_rows()`` float32 rows by a float32 weight:
 at one row it reads the weight 1.5-2.5x as fast as torch's float32 matmul (MKL). ds-model's
 eager decode calls both for plain layers.
+``rms_norm`` normalises a decode step's float32 or bfloat16 rows in one pass over each
+(torch's CPU norm is six ops), for ds-model's eager ``RMSNorm``.
 
 The kernels are torch ops (``ds_quant::int8_gemv_cpu``, ``ds_quant::int4_gemv_cpu`` and
 their ``*_experts_*`` forms, which take a stack of expert weights and the expert of each
